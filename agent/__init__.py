@@ -1,0 +1,1 @@
+"""migctl agent: one per node; checkpoints, archives volumes, serves files, runs migrations."""

@@ -1,0 +1,1 @@
+"""The wire contract (migctl.proto) and its generated stubs."""

@@ -1,0 +1,330 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PHASE_UNSPECIFIED: _ClassVar[Phase]
+    REQUEST: _ClassVar[Phase]
+    PRE_COPY: _ClassVar[Phase]
+    FREEZE: _ClassVar[Phase]
+    FINAL_SYNC: _ClassVar[Phase]
+    RESTORE: _ClassVar[Phase]
+    ROLLBACK: _ClassVar[Phase]
+PHASE_UNSPECIFIED: Phase
+REQUEST: Phase
+PRE_COPY: Phase
+FREEZE: Phase
+FINAL_SYNC: Phase
+RESTORE: Phase
+ROLLBACK: Phase
+
+class GetNodeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("node", "engine_version", "criu_version", "docker_root_dir")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CRIU_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DOCKER_ROOT_DIR_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    engine_version: str
+    criu_version: str
+    docker_root_dir: str
+    def __init__(self, node: _Optional[str] = ..., engine_version: _Optional[str] = ..., criu_version: _Optional[str] = ..., docker_root_dir: _Optional[str] = ...) -> None: ...
+
+class ContainerRef(_message.Message):
+    __slots__ = ("container",)
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    container: str
+    def __init__(self, container: _Optional[str] = ...) -> None: ...
+
+class PortBinding(_message.Message):
+    __slots__ = ("container_port", "host_ip", "host_port")
+    CONTAINER_PORT_FIELD_NUMBER: _ClassVar[int]
+    HOST_IP_FIELD_NUMBER: _ClassVar[int]
+    HOST_PORT_FIELD_NUMBER: _ClassVar[int]
+    container_port: str
+    host_ip: str
+    host_port: str
+    def __init__(self, container_port: _Optional[str] = ..., host_ip: _Optional[str] = ..., host_port: _Optional[str] = ...) -> None: ...
+
+class VolumeSpec(_message.Message):
+    __slots__ = ("name", "destination", "read_only", "driver", "labels", "driver_options")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class DriverOptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    DRIVER_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    DRIVER_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    destination: str
+    read_only: bool
+    driver: str
+    labels: _containers.ScalarMap[str, str]
+    driver_options: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., destination: _Optional[str] = ..., read_only: _Optional[bool] = ..., driver: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., driver_options: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ContainerSpec(_message.Message):
+    __slots__ = ("id", "name", "image", "image_id", "image_tags", "diff_ids", "command", "entrypoint", "env", "labels", "working_dir", "user", "hostname", "restart_policy", "ports", "volumes", "networks", "running", "engine_config_json")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_TAGS_FIELD_NUMBER: _ClassVar[int]
+    DIFF_IDS_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    ENTRYPOINT_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    WORKING_DIR_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    RESTART_POLICY_FIELD_NUMBER: _ClassVar[int]
+    PORTS_FIELD_NUMBER: _ClassVar[int]
+    VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    NETWORKS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    image: str
+    image_id: str
+    image_tags: _containers.RepeatedScalarFieldContainer[str]
+    diff_ids: _containers.RepeatedScalarFieldContainer[str]
+    command: _containers.RepeatedScalarFieldContainer[str]
+    entrypoint: _containers.RepeatedScalarFieldContainer[str]
+    env: _containers.RepeatedScalarFieldContainer[str]
+    labels: _containers.ScalarMap[str, str]
+    working_dir: str
+    user: str
+    hostname: str
+    restart_policy: str
+    ports: _containers.RepeatedCompositeFieldContainer[PortBinding]
+    volumes: _containers.RepeatedCompositeFieldContainer[VolumeSpec]
+    networks: _containers.RepeatedScalarFieldContainer[str]
+    running: bool
+    engine_config_json: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., image: _Optional[str] = ..., image_id: _Optional[str] = ..., image_tags: _Optional[_Iterable[str]] = ..., diff_ids: _Optional[_Iterable[str]] = ..., command: _Optional[_Iterable[str]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., user: _Optional[str] = ..., hostname: _Optional[str] = ..., restart_policy: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[PortBinding, _Mapping]]] = ..., volumes: _Optional[_Iterable[_Union[VolumeSpec, _Mapping]]] = ..., networks: _Optional[_Iterable[str]] = ..., running: _Optional[bool] = ..., engine_config_json: _Optional[str] = ...) -> None: ...
+
+class MissingLayersRequest(_message.Message):
+    __slots__ = ("diff_ids",)
+    DIFF_IDS_FIELD_NUMBER: _ClassVar[int]
+    diff_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, diff_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MissingLayersReply(_message.Message):
+    __slots__ = ("missing",)
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, missing: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ExportImageRequest(_message.Message):
+    __slots__ = ("image", "skip_diff_ids")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    SKIP_DIFF_IDS_FIELD_NUMBER: _ClassVar[int]
+    image: str
+    skip_diff_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, image: _Optional[str] = ..., skip_diff_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class SnapshotVolumeRequest(_message.Message):
+    __slots__ = ("migration_id", "volume", "name")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    volume: str
+    name: str
+    def __init__(self, migration_id: _Optional[str] = ..., volume: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class FileInfo(_message.Message):
+    __slots__ = ("path", "size", "digest")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size: int
+    digest: str
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ("migration_id", "container", "name", "leave_running")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LEAVE_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    container: str
+    name: str
+    leave_running: bool
+    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., name: _Optional[str] = ..., leave_running: _Optional[bool] = ...) -> None: ...
+
+class CheckpointReply(_message.Message):
+    __slots__ = ("files", "seconds")
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedCompositeFieldContainer[FileInfo]
+    seconds: float
+    def __init__(self, files: _Optional[_Iterable[_Union[FileInfo, _Mapping]]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class FileRef(_message.Message):
+    __slots__ = ("migration_id", "path")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    path: str
+    def __init__(self, migration_id: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class DeltaRequest(_message.Message):
+    __slots__ = ("target", "signature")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    target: FileRef
+    signature: bytes
+    def __init__(self, target: _Optional[_Union[FileRef, _Mapping]] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class ResumeRequest(_message.Message):
+    __slots__ = ("migration_id", "container", "checkpoint")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    container: str
+    checkpoint: str
+    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., checkpoint: _Optional[str] = ...) -> None: ...
+
+class ResumeReply(_message.Message):
+    __slots__ = ("restored", "detail")
+    RESTORED_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    restored: bool
+    detail: str
+    def __init__(self, restored: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("migration_id", "container", "remove_container")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    container: str
+    remove_container: bool
+    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., remove_container: _Optional[bool] = ...) -> None: ...
+
+class ReleaseReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MigrateRequest(_message.Message):
+    __slots__ = ("container", "source_node", "source_address", "remove_source")
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    container: str
+    source_node: str
+    source_address: str
+    remove_source: bool
+    def __init__(self, container: _Optional[str] = ..., source_node: _Optional[str] = ..., source_address: _Optional[str] = ..., remove_source: _Optional[bool] = ...) -> None: ...
+
+class PhaseReport(_message.Message):
+    __slots__ = ("phase", "seconds", "bytes", "literal_bytes", "matched_bytes")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    LITERAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    phase: Phase
+    seconds: float
+    bytes: int
+    literal_bytes: int
+    matched_bytes: int
+    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., seconds: _Optional[float] = ..., bytes: _Optional[int] = ..., literal_bytes: _Optional[int] = ..., matched_bytes: _Optional[int] = ...) -> None: ...
+
+class TransferReport(_message.Message):
+    __slots__ = ("kind", "item", "origin", "phase", "bytes", "seconds", "method")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    item: str
+    origin: str
+    phase: Phase
+    bytes: int
+    seconds: float
+    method: str
+    def __init__(self, kind: _Optional[str] = ..., item: _Optional[str] = ..., origin: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., method: _Optional[str] = ...) -> None: ...
+
+class MigrationReport(_message.Message):
+    __slots__ = ("migration_id", "container", "source_node", "destination_node", "new_container_id", "total_seconds", "downtime_seconds", "phases", "transfers")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_NODE_FIELD_NUMBER: _ClassVar[int]
+    NEW_CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DOWNTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PHASES_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    container: str
+    source_node: str
+    destination_node: str
+    new_container_id: str
+    total_seconds: float
+    downtime_seconds: float
+    phases: _containers.RepeatedCompositeFieldContainer[PhaseReport]
+    transfers: _containers.RepeatedCompositeFieldContainer[TransferReport]
+    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., source_node: _Optional[str] = ..., destination_node: _Optional[str] = ..., new_container_id: _Optional[str] = ..., total_seconds: _Optional[float] = ..., downtime_seconds: _Optional[float] = ..., phases: _Optional[_Iterable[_Union[PhaseReport, _Mapping]]] = ..., transfers: _Optional[_Iterable[_Union[TransferReport, _Mapping]]] = ...) -> None: ...
+
+class MigrationEvent(_message.Message):
+    __slots__ = ("phase_started", "phase_done", "transfer", "done", "log")
+    PHASE_STARTED_FIELD_NUMBER: _ClassVar[int]
+    PHASE_DONE_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
+    phase_started: PhaseReport
+    phase_done: PhaseReport
+    transfer: TransferReport
+    done: MigrationReport
+    log: str
+    def __init__(self, phase_started: _Optional[_Union[PhaseReport, _Mapping]] = ..., phase_done: _Optional[_Union[PhaseReport, _Mapping]] = ..., transfer: _Optional[_Union[TransferReport, _Mapping]] = ..., done: _Optional[_Union[MigrationReport, _Mapping]] = ..., log: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,22 @@
+"""The committed stubs must be exactly what grpcio-tools makes from proto/migctl.proto."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STUBS = ["migctl_pb2.py", "migctl_pb2_grpc.py", "migctl_pb2.pyi"]
+
+
+def test_generated_stubs_are_current(tmp_path: Path) -> None:
+    (tmp_path / "proto").mkdir()
+    (tmp_path / "proto" / "migctl.proto").write_bytes((ROOT / "proto" / "migctl.proto").read_bytes())
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.",
+         "--grpc_python_out=.", "--pyi_out=.", "proto/migctl.proto"],
+        cwd=tmp_path, check=True,
+    )
+    for name in STUBS:
+        fresh = (tmp_path / "proto" / name).read_text()
+        committed = (ROOT / "proto" / name).read_text()
+        assert fresh == committed, f"proto/{name} is stale: run scripts/gen-proto.sh"
