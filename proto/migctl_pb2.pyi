@@ -236,14 +236,16 @@ class ResumeReply(_message.Message):
     def __init__(self, restored: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("migration_id", "container", "remove_container")
+    __slots__ = ("migration_id", "container", "remove_container", "completed")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     REMOVE_CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     container: str
     remove_container: bool
-    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., remove_container: _Optional[bool] = ...) -> None: ...
+    completed: bool
+    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., remove_container: _Optional[bool] = ..., completed: _Optional[bool] = ...) -> None: ...
 
 class ReleaseReply(_message.Message):
     __slots__ = ()

@@ -10,7 +10,8 @@ STUBS = ["migctl_pb2.py", "migctl_pb2_grpc.py", "migctl_pb2.pyi"]
 
 def test_generated_stubs_are_current(tmp_path: Path) -> None:
     (tmp_path / "proto").mkdir()
-    (tmp_path / "proto" / "migctl.proto").write_bytes((ROOT / "proto" / "migctl.proto").read_bytes())
+    source = (ROOT / "proto" / "migctl.proto").read_bytes()
+    (tmp_path / "proto" / "migctl.proto").write_bytes(source)
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.",
          "--grpc_python_out=.", "--pyi_out=.", "proto/migctl.proto"],

@@ -1,0 +1,1 @@
+"""The data plane: staging areas, file and delta streams, volume archives."""

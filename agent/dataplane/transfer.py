@@ -1,0 +1,41 @@
+"""The destination's side of the data plane: pulling whole files and deltas from a peer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from agent.dataplane.files import digest, write_stream
+from agent.delta import DeltaStats, Signature, patch_stream
+from agent.errors import DeltaError
+from proto import migctl_pb2 as pb
+from proto import migctl_pb2_grpc as rpc
+
+
+def fetch_whole(peer: rpc.AgentStub, migration_id: str, path: str, dest: Path,
+                expect_digest: str = "") -> int:
+    """Pull a staged file whole; verify it against EXPECT_DIGEST when the peer gave one."""
+    ref = pb.FileRef(migration_id=migration_id, path=path)
+    size = write_stream((c.data for c in peer.FetchFile(ref)), dest)
+    if expect_digest and digest(dest) != expect_digest:
+        dest.unlink(missing_ok=True)
+        raise DeltaError(f"{path}: received content does not match the source's digest")
+    return size
+
+
+def fetch_delta(peer: rpc.AgentStub, migration_id: str, path: str, basis: Path,
+                signature: Signature, dest: Path) -> DeltaStats:
+    """Pull a staged file as a delta against BASIS, whose SIGNATURE was computed beforehand.
+
+    The patch step verifies the rebuilt file against the sender's whole-file hash, so a wrong
+    basis or a corrupted stream raises instead of writing DEST.
+    """
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+
+    def requests() -> Iterator[pb.DeltaRequest]:
+        yield pb.DeltaRequest(target=pb.FileRef(migration_id=migration_id, path=path))
+        for part in signature.to_chunks():
+            yield pb.DeltaRequest(signature=part)
+
+    return patch_stream(basis, (c.data for c in peer.FetchDelta(requests())), dest)

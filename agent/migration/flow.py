@@ -1,0 +1,289 @@
+"""The migration, run by the destination agent: the seed's one-iteration pre-copy.
+
+REQUEST -> PRE_COPY (layers, volume snapshots, checkpoint while running) -> FREEZE (final
+checkpoint, the source stops) -> FINAL_SYNC (deltas of what changed) -> RESTORE (create and
+start from the checkpoint). Until RESTORE confirms the new container runs, the source keeps its
+final checkpoint; any failure after FREEZE ends with the source resumed from it (ROLLBACK).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from agent.dataplane import archive
+from agent.dataplane.channel import open_channel
+from agent.dataplane.files import digest, write_stream
+from agent.dataplane.transfer import fetch_delta, fetch_whole
+from agent.delta import DeltaStats, Signature, make_signature
+from agent.errors import AlreadyExists, FailedPrecondition, MigctlError, Unavailable
+from agent.migration.report import Report
+from proto import migctl_pb2 as pb
+from proto import migctl_pb2_grpc as rpc
+
+log = logging.getLogger(__name__)
+
+UNARY_TIMEOUT = 300.0  # a checkpoint of a large container can take minutes
+PRE_CHECKPOINT = "pre"
+FINAL_CHECKPOINT = "final"
+
+
+def peer_error(node: str, address: str, err: grpc.RpcError) -> MigctlError:
+    """Turn a peer's gRPC status into our error, naming the peer."""
+    if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return Unavailable(f"cannot reach the agent of {node} at {address}: {err.details()}")
+    mapped = MigctlError(f"{node}: {err.details()}")
+    mapped.code = err.code()
+    return mapped
+
+
+@dataclass
+class Basis:
+    """A file the destination already holds, and its signature computed before the freeze."""
+
+    path: Path
+    signature: Signature
+
+
+@dataclass
+class Migration:
+    node: str
+    runtime: object  # agent.runtime.docker.DockerRuntime (duck-typed: another runtime fits)
+    staging_root: Path
+    request: pb.MigrateRequest
+    emit: Callable[[pb.MigrationEvent], None]
+    is_migrated_away: Callable[[str], bool]
+    migration_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+
+    def __post_init__(self) -> None:
+        self.report = Report(self.migration_id, self.request.container, self.request.source_node,
+                             self.node, self.emit)
+        self.area = self.staging_root / self.migration_id
+        self.area.mkdir(parents=True, exist_ok=True)
+        self.source_name = self.request.source_node or self.request.source_address
+        self.channel = open_channel(self.request.source_address)
+        self.source = rpc.AgentStub(self.channel)
+        self.created_volumes: list[str] = []
+        self.new_container: str = ""
+        self.frozen = False
+
+    # -- calls to the source, with its errors named -----------------------------------------
+
+    def call(self, method: Callable, request: object, timeout: float = UNARY_TIMEOUT) -> object:
+        try:
+            return method(request, timeout=timeout)
+        except grpc.RpcError as err:
+            raise peer_error(self.source_name, self.request.source_address, err) from err
+
+    def pull(self, kind: str, item: str, phase: int, fetch: Callable[[], int | DeltaStats],
+             method: str) -> None:
+        start = time.monotonic()
+        try:
+            result = fetch()
+        except grpc.RpcError as err:
+            raise peer_error(self.source_name, self.request.source_address, err) from err
+        self.report.transfer(kind, item, self.source_name, phase, result,
+                             time.monotonic() - start, method)
+
+    # -- the phases -------------------------------------------------------------------------
+
+    def run(self) -> pb.MigrationReport:
+        try:
+            return self._run()
+        finally:
+            self.channel.close()
+            shutil.rmtree(self.area, ignore_errors=True)
+
+    def _run(self) -> pb.MigrationReport:
+        try:
+            with self.report.phase(pb.REQUEST):
+                spec = self.request_phase()
+            with self.report.phase(pb.PRE_COPY):
+                bases = self.pre_copy(spec)
+            with self.report.phase(pb.FREEZE):
+                self.report.freeze_started()
+                self.frozen = True
+                final = self.call(self.source.Checkpoint, pb.CheckpointRequest(
+                    migration_id=self.migration_id, container=spec.id, name=FINAL_CHECKPOINT,
+                    leave_running=False))
+            with self.report.phase(pb.FINAL_SYNC):
+                self.final_sync(spec, final, bases)
+            with self.report.phase(pb.RESTORE):
+                self.restore(spec)
+        except BaseException as err:
+            self.fail(err)
+            raise
+        try:
+            self.call(self.source.Release, pb.ReleaseRequest(
+                migration_id=self.migration_id, container=spec.id, completed=True,
+                remove_container=self.request.remove_source), timeout=60)
+        except MigctlError as err:  # the container runs here; the source keeps a stopped copy
+            self.report.log(f"warning: could not release the source: {err}")
+        return self.report.done(self.new_container)
+
+    def request_phase(self) -> pb.ContainerSpec:
+        spec = self.call(self.source.DescribeContainer,
+                         pb.ContainerRef(container=self.request.container), timeout=30)
+        if not spec.running:
+            raise FailedPrecondition(
+                f"container {spec.name!r} on {self.source_name} is not running; migctl moves "
+                "running containers (start it, or move a stopped one with docker save/load)")
+        existing = self.existing_container(spec.name)
+        if existing and not self.is_migrated_away(existing["Id"]):
+            raise AlreadyExists(
+                f"{self.node} already has a container named {spec.name!r} "
+                f"({existing['Id'][:12]}); remove or rename it first")
+        for vol in spec.volumes:
+            self.check_volume_free(vol.name)
+        return spec
+
+    def existing_container(self, name: str) -> dict | None:
+        try:
+            return self.runtime.inspect(name)
+        except MigctlError:
+            return None
+
+    def check_volume_free(self, name: str) -> None:
+        """A volume of the same name may only be reused when it belongs to the stale copy this
+        node left when the container migrated away from it; anything else could be lost."""
+        if not self.runtime.volume_exists(name):
+            return
+        users = self.runtime.volume_users(name)
+        if users and all(self.is_migrated_away(u["Id"]) for u in users):
+            return
+        who = ", ".join(u["Names"][0].lstrip("/") for u in users) or "no container"
+        raise AlreadyExists(
+            f"{self.node} already has a volume named {name!r} (used by {who}); migrating would "
+            "overwrite it: remove it first")
+
+    def pre_copy(self, spec: pb.ContainerSpec) -> dict[str, Basis]:
+        """Everything while the container runs; returns the bases for the final deltas, with
+        their signatures already computed so the downtime path only does delta + patch."""
+        # Layers: only those missing here travel.
+        missing = self.runtime.missing_layers(list(spec.diff_ids))
+        if missing or not self.runtime.has_image(spec.image_id):
+            held = [d for d in spec.diff_ids if d not in set(missing)]
+            dest = self.area / "image.tar"
+
+            def fetch_image() -> int:
+                size = write_stream((c.data for c in self.source.ExportImage(
+                    pb.ExportImageRequest(image=spec.image_id, skip_diff_ids=held),
+                    timeout=UNARY_TIMEOUT)), dest)
+                self.runtime.load_image(dest)
+                return size
+
+            self.pull("layer", ", ".join(d[7:19] for d in missing) or spec.image_id[7:19],
+                      pb.PRE_COPY, fetch_image, "whole")
+        for diff_id in spec.diff_ids:
+            if diff_id not in missing:
+                self.report.transfer("layer", diff_id, self.node, pb.PRE_COPY, 0, 0.0, "skipped")
+
+        bases: dict[str, Basis] = {}
+        for vol in spec.volumes:
+            rel = f"volumes/{vol.name}.tar"
+            info = self.call(self.source.SnapshotVolume, pb.SnapshotVolumeRequest(
+                migration_id=self.migration_id, volume=vol.name, name=rel))
+            local = self.area / rel
+            self.fetch(rel, local, info.digest, self.local_volume_basis(vol.name),
+                       "volume snapshot", vol.name, pb.PRE_COPY)
+            if not self.runtime.volume_exists(vol.name):
+                self.created_volumes.append(vol.name)
+            archive.restore(local, self.runtime.ensure_volume(vol))
+            if not vol.read_only:
+                bases[rel] = Basis(local, make_signature(local))
+
+        ckpt = self.call(self.source.Checkpoint, pb.CheckpointRequest(
+            migration_id=self.migration_id, container=spec.id, name=PRE_CHECKPOINT,
+            leave_running=True))
+        for f in ckpt.files:
+            local = self.area / f.path
+            self.fetch(f.path, local, f.digest, None, "checkpoint", Path(f.path).name,
+                       pb.PRE_COPY)
+            final_rel = f.path.replace(f"/{PRE_CHECKPOINT}/", f"/{FINAL_CHECKPOINT}/", 1)
+            bases[final_rel] = Basis(local, make_signature(local))
+        return bases
+
+    def local_volume_basis(self, name: str) -> Basis | None:
+        """A volume this node already holds (a stale copy) is a good basis for its snapshot."""
+        if not self.runtime.volume_exists(name):
+            return None
+        path = self.area / "basis" / f"{name}.tar"
+        archive.snapshot(self.runtime.volume_path(name), path)
+        return Basis(path, make_signature(path))
+
+    def fetch(self, rel: str, dest: Path, expect: str, basis: Basis | None, kind: str,
+              item: str, phase: int) -> None:
+        if basis is None:
+            self.pull(kind, item, phase,
+                      lambda: fetch_whole(self.source, self.migration_id, rel, dest, expect),
+                      "whole")
+        else:
+            self.pull(kind, item, phase,
+                      lambda: fetch_delta(self.source, self.migration_id, rel, basis.path,
+                                          basis.signature, dest), "delta")
+
+    def final_sync(self, spec: pb.ContainerSpec, final: pb.CheckpointReply,
+                   bases: dict[str, Basis]) -> None:
+        for f in final.files:
+            self.fetch(f.path, self.area / f.path, f.digest, bases.get(f.path), "checkpoint",
+                       Path(f.path).name, pb.FINAL_SYNC)
+        for vol in spec.volumes:
+            if vol.read_only:
+                continue
+            rel = f"volumes/{vol.name}.final.tar"
+            info = self.call(self.source.SnapshotVolume, pb.SnapshotVolumeRequest(
+                migration_id=self.migration_id, volume=vol.name, name=rel))
+            pre = bases[f"volumes/{vol.name}.tar"]
+            local = self.area / rel
+            self.fetch(rel, local, info.digest, pre, "volume snapshot", vol.name,
+                       pb.FINAL_SYNC)
+            if digest(local) != digest(pre.path):  # only changed volumes are re-extracted
+                archive.restore(local, self.runtime.volume_path(vol.name))
+
+    def restore(self, spec: pb.ContainerSpec) -> None:
+        stale = self.existing_container(spec.name)
+        if stale:
+            self.runtime.remove(stale["Id"])
+        self.new_container = self.runtime.create_like(spec)
+        self.runtime.start_from_checkpoint(
+            self.new_container, self.area / "checkpoints" / FINAL_CHECKPOINT,
+            f"migctl-{self.migration_id}")
+        self.runtime.wait_running(self.new_container, on_running=self.report.running)
+
+    # -- failure ----------------------------------------------------------------------------
+
+    def fail(self, err: BaseException) -> None:
+        """Leave exactly one copy running: before the freeze the source was never touched;
+        after it, the source resumes from its final checkpoint."""
+        log.warning("migration %s failed: %s", self.migration_id, err)
+        if self.new_container:
+            with contextlib.suppress(MigctlError):
+                self.runtime.remove(self.new_container)
+        for name in self.created_volumes:
+            with contextlib.suppress(MigctlError):
+                self.runtime.remove_volume(name)
+        if self.frozen:
+            with self.report.phase(pb.ROLLBACK):
+                try:
+                    reply = self.call(self.source.Resume, pb.ResumeRequest(
+                        migration_id=self.migration_id, container=self.request.container,
+                        checkpoint=FINAL_CHECKPOINT))
+                except MigctlError as resume_err:
+                    # The source keeps its final checkpoint in its staging area for a retry.
+                    self.report.log(f"ROLLBACK FAILED: {self.request.container} is stopped on "
+                                    f"{self.source_name}: {resume_err}")
+                    return
+                self.report.log(f"rollback: {self.request.container} runs again on "
+                                f"{self.source_name} ({reply.detail})")
+        with contextlib.suppress(MigctlError):
+            self.call(self.source.Release, pb.ReleaseRequest(
+                migration_id=self.migration_id, container=self.request.container,
+                completed=False), timeout=30)

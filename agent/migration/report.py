@@ -1,0 +1,68 @@
+"""Statistics of one migration: phase times, bytes by phase and origin, downtime."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from agent.delta import DeltaStats
+from proto import migctl_pb2 as pb
+
+
+class Report:
+    """Collects the report while emitting it as live events."""
+
+    def __init__(self, migration_id: str, container: str, source: str, destination: str,
+                 emit: Callable[[pb.MigrationEvent], None]) -> None:
+        self.emit = emit
+        self.started = time.monotonic()
+        self.freeze_at: float | None = None
+        self.running_at: float | None = None
+        self.msg = pb.MigrationReport(migration_id=migration_id, container=container,
+                                      source_node=source, destination_node=destination)
+        self.current: pb.PhaseReport | None = None
+
+    @contextmanager
+    def phase(self, phase: int) -> Iterator[pb.PhaseReport]:
+        rep = self.msg.phases.add(phase=phase)
+        self.current = rep
+        self.emit(pb.MigrationEvent(phase_started=pb.PhaseReport(phase=phase)))
+        start = time.monotonic()
+        try:
+            yield rep
+        finally:
+            rep.seconds = time.monotonic() - start
+            self.emit(pb.MigrationEvent(phase_done=rep))
+
+    def transfer(self, kind: str, item: str, origin: str, phase: int,
+                 result: int | DeltaStats, seconds: float, method: str) -> None:
+        t = self.msg.transfers.add(kind=kind, item=item, origin=origin, phase=phase,
+                                   seconds=seconds, method=method)
+        if isinstance(result, DeltaStats):
+            t.bytes = result.wire_bytes
+            if self.current is not None:
+                self.current.literal_bytes += result.literal_bytes
+                self.current.matched_bytes += result.matched_bytes
+        else:
+            t.bytes = result
+        if self.current is not None:
+            self.current.bytes += t.bytes
+        self.emit(pb.MigrationEvent(transfer=t))
+
+    def log(self, text: str) -> None:
+        self.emit(pb.MigrationEvent(log=text))
+
+    def freeze_started(self) -> None:
+        self.freeze_at = time.monotonic()
+
+    def running(self) -> None:
+        self.running_at = time.monotonic()
+
+    def done(self, container_id: str) -> pb.MigrationReport:
+        self.msg.new_container_id = container_id
+        self.msg.total_seconds = time.monotonic() - self.started
+        if self.freeze_at is not None and self.running_at is not None:
+            self.msg.downtime_seconds = self.running_at - self.freeze_at
+        self.emit(pb.MigrationEvent(done=self.msg))
+        return self.msg

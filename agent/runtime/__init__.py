@@ -1,0 +1,1 @@
+"""Container runtimes: everything Docker and CRIU lives here."""

@@ -1,0 +1,346 @@
+"""Docker + CRIU behind one class, so the migration flow never speaks the Engine API itself.
+
+docker-py has no checkpoint calls, so those use its low-level `_post`/`_url` helpers against the
+Engine API directly: `POST /containers/{id}/checkpoints` and
+`POST /containers/{id}/start?checkpoint=NAME`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+
+from agent.errors import FailedPrecondition, MigctlError, NotFound, RuntimeFailure, Unavailable
+from proto import migctl_pb2 as pb
+
+# What the engine creates on its own or ties to one node: not copied to the new container.
+_NODE_BOUND_CONFIG = ("HostnamePath", "HostsPath", "ResolvConfPath")
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """The engine identifies a layer by its chain id: the layer plus every layer below it."""
+    out: list[str] = []
+    for diff_id in diff_ids:
+        if not out:
+            out.append(diff_id)
+        else:
+            out.append("sha256:" + hashlib.sha256(f"{out[-1]} {diff_id}".encode()).hexdigest())
+    return out
+
+
+def _engine_error(action: str, err: Exception) -> MigctlError:
+    if isinstance(err, docker.errors.NotFound):
+        return NotFound(f"{action}: {err.explanation or err}")
+    if isinstance(err, docker.errors.APIError):
+        return RuntimeFailure(f"{action}: {err.explanation or err}")
+    return Unavailable(f"{action}: the Docker engine did not answer ({err})")
+
+
+class DockerRuntime:
+    """One node's Docker engine (with CRIU through runc) and its files on disk."""
+
+    def __init__(self, docker_host: str, engine_tmp: Path = Path("/tmp")) -> None:
+        self.docker_host = docker_host
+        self.engine_tmp = engine_tmp
+        self.client = docker.DockerClient(base_url=docker_host, timeout=300)
+        self.api = self.client.api
+        self._root_dir: Path | None = None
+
+    # -- facts -------------------------------------------------------------------------------
+
+    def root_dir(self) -> Path:
+        if self._root_dir is None:
+            self._root_dir = Path(self._call("read engine info", self.api.info)["DockerRootDir"])
+        return self._root_dir
+
+    def versions(self) -> tuple[str, str]:
+        """Engine version and the CRIU version runc would use (as the engine reports it)."""
+        info = self._call("read engine info", self.api.info)
+        engine = self._call("read engine version", self.api.version).get("Version", "")
+        criu = ""
+        for warning in info.get("Warnings") or []:
+            if "criu" in warning.lower():
+                criu = warning
+        if not info.get("ExperimentalBuild"):
+            criu = "unavailable: the engine is not in experimental mode (checkpoints need it)"
+        return engine, criu
+
+    def _call(self, action: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (docker.errors.DockerException, OSError) as err:
+            raise _engine_error(action, err) from err
+
+    # -- describe ----------------------------------------------------------------------------
+
+    def inspect(self, container: str) -> dict[str, Any]:
+        try:
+            return self.api.inspect_container(container)
+        except docker.errors.NotFound as err:
+            raise NotFound(f"no container named {container!r} on this node") from err
+        except (docker.errors.DockerException, OSError) as err:
+            raise _engine_error(f"inspect container {container!r}", err) from err
+
+    def describe(self, container: str) -> pb.ContainerSpec:
+        c = self.inspect(container)
+        cfg, host = c["Config"], c["HostConfig"]
+        image = self._call("inspect image", self.api.inspect_image, c["Image"])
+        spec = pb.ContainerSpec(
+            id=c["Id"],
+            name=c["Name"].lstrip("/"),
+            image=cfg.get("Image") or c["Image"],
+            image_id=c["Image"],
+            image_tags=image.get("RepoTags") or [],
+            diff_ids=image["RootFS"].get("Layers") or [],
+            command=cfg.get("Cmd") or [],
+            entrypoint=cfg.get("Entrypoint") or [],
+            env=cfg.get("Env") or [],
+            labels=cfg.get("Labels") or {},
+            working_dir=cfg.get("WorkingDir") or "",
+            user=cfg.get("User") or "",
+            hostname=cfg.get("Hostname") or "",
+            restart_policy=(host.get("RestartPolicy") or {}).get("Name") or "no",
+            networks=sorted((c.get("NetworkSettings") or {}).get("Networks") or {}),
+            running=bool(c["State"].get("Running")),
+            engine_config_json=json.dumps({"Config": cfg, "HostConfig": host}),
+        )
+        for port, bindings in (host.get("PortBindings") or {}).items():
+            for b in bindings or [{}]:
+                spec.ports.add(container_port=port, host_ip=b.get("HostIp", ""),
+                               host_port=b.get("HostPort", ""))
+        for m in c.get("Mounts") or []:
+            if m.get("Type") != "volume":
+                continue
+            vol = self._call("inspect volume", self.api.inspect_volume, m["Name"])
+            spec.volumes.add(
+                name=m["Name"], destination=m["Destination"], read_only=not m.get("RW", True),
+                driver=vol.get("Driver") or "local", labels=vol.get("Labels") or {},
+                driver_options=vol.get("Options") or {},
+            )
+        return spec
+
+    def unsupported_mounts(self, container: str) -> list[str]:
+        """Mounts a migration cannot carry: bind mounts name paths of this node's filesystem."""
+        c = self.inspect(container)
+        return [f"{m['Source']} -> {m['Destination']}" for m in c.get("Mounts") or []
+                if m.get("Type") == "bind"]
+
+    # -- image layers ------------------------------------------------------------------------
+
+    def local_chain_ids(self) -> set[str]:
+        held: set[str] = set()
+        for img in self._call("list images", self.api.images, all=True):
+            layers = self._call("inspect image", self.api.inspect_image, img["Id"])["RootFS"]
+            held.update(chain_ids(layers.get("Layers") or []))
+        return held
+
+    def has_image(self, image_id: str) -> bool:
+        try:
+            self.api.inspect_image(image_id)
+            return True
+        except docker.errors.ImageNotFound:
+            return False
+        except (docker.errors.DockerException, OSError) as err:
+            raise _engine_error("inspect image", err) from err
+
+    def missing_layers(self, diff_ids: list[str]) -> list[str]:
+        held = self.local_chain_ids()
+        return [d for d, chain in zip(diff_ids, chain_ids(list(diff_ids)), strict=True)
+                if chain not in held]
+
+    def export_image(self, image: str, skip_diff_ids: set[str], work: Path) -> Path:
+        """A `docker save` archive without the layers the receiver holds.
+
+        `docker load` looks each layer up by chain id and only opens a layer's file when the
+        engine lacks it, so an archive whose manifest names layers it does not carry loads.
+        """
+        work.mkdir(parents=True, exist_ok=True)
+        full = work / "image-full.tar"
+        tags = self._call("inspect image", self.api.inspect_image, image).get("RepoTags") or []
+        ref = tags[0] if tags else image
+        with full.open("wb") as out:
+            for chunk in self._call("save image", self.api.get_image, ref, chunk_size=1 << 20):
+                out.write(chunk)
+        skip_paths: set[str] = set()
+        with tarfile.open(full) as tar:
+            manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
+            for entry in manifest:
+                config = json.load(tar.extractfile(entry["Config"]))  # type: ignore[arg-type]
+                for path, diff_id in zip(entry["Layers"], config["rootfs"]["diff_ids"],
+                                         strict=True):
+                    if diff_id in skip_diff_ids:
+                        skip_paths.add(path)
+        filtered = work / "image.tar"
+        with tarfile.open(full) as src, \
+                tarfile.open(filtered, "w", format=tarfile.PAX_FORMAT) as dst:
+            for member in src:
+                if member.name in skip_paths:
+                    continue
+                dst.addfile(member, src.extractfile(member) if member.isfile() else None)
+        full.unlink()
+        return filtered
+
+    def load_image(self, archive: Path) -> None:
+        with archive.open("rb") as f:
+            for _ in self._call("load image", self.api.load_image, f):
+                pass
+
+    # -- volumes -----------------------------------------------------------------------------
+
+    def volume_path(self, name: str) -> Path:
+        vol = self._call(f"inspect volume {name!r}", self.api.inspect_volume, name)
+        if (vol.get("Driver") or "local") != "local":
+            raise FailedPrecondition(f"volume {name!r} uses driver {vol['Driver']!r}; only "
+                                     "the local driver can be migrated")
+        return Path(vol["Mountpoint"])
+
+    def volume_exists(self, name: str) -> bool:
+        try:
+            self.api.inspect_volume(name)
+            return True
+        except docker.errors.NotFound:
+            return False
+
+    def remove_volume(self, name: str) -> None:
+        self._call(f"remove volume {name!r}", self.api.remove_volume, name, force=True)
+
+    def volume_users(self, name: str) -> list[dict[str, Any]]:
+        return self._call("list containers", self.api.containers, all=True,
+                          filters={"volume": name})
+
+    def ensure_volume(self, spec: pb.VolumeSpec) -> Path:
+        if not self.volume_exists(spec.name):
+            self._call(f"create volume {spec.name!r}", self.api.create_volume, name=spec.name,
+                       driver=spec.driver or "local", driver_opts=dict(spec.driver_options) or None,
+                       labels=dict(spec.labels) or None)
+        return self.volume_path(spec.name)
+
+    # -- networks ----------------------------------------------------------------------------
+
+    def ensure_networks(self, names: list[str]) -> None:
+        for name in names:
+            if name in ("bridge", "host", "none"):
+                continue
+            if not self._call("list networks", self.api.networks, names=[name]):
+                self._call(f"create network {name!r}", self.api.create_network, name,
+                           driver="bridge")
+
+    # -- checkpoint / restore ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _engine_leftovers(self) -> Iterator[None]:
+        """containerd copies checkpoint images into `ctrd-checkpoint*` folders in its TMPDIR
+        (seen on restore) and never removes them; a node that migrates often fills its disk.
+        Remove the ones created while this block ran."""
+        before = set(self.engine_tmp.glob("ctrd-checkpoint*"))
+        try:
+            yield
+        finally:
+            for leftover in set(self.engine_tmp.glob("ctrd-checkpoint*")) - before:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    def checkpoint(self, container: str, name: str, directory: Path, leave_running: bool) -> Path:
+        """Checkpoint into DIRECTORY/NAME and return that folder."""
+        cid = self.inspect(container)["Id"]
+        directory.mkdir(parents=True, exist_ok=True)
+        with self._engine_leftovers():
+            res = self.api._post_json(
+                self.api._url("/containers/{0}/checkpoints", cid),
+                data={"CheckpointID": name, "CheckpointDir": str(directory),
+                      "Exit": not leave_running},
+            )
+        try:
+            self.api._raise_for_status(res)
+        except docker.errors.APIError as err:
+            raise RuntimeFailure(f"checkpoint of {container!r} failed (CRIU): "
+                                 f"{err.explanation or err}") from err
+        return directory / name
+
+    def create_like(self, spec: pb.ContainerSpec) -> str:
+        """Create (not start) a container with SPEC's configuration, name and volumes."""
+        engine = json.loads(spec.engine_config_json)
+        config: dict[str, Any] = dict(engine["Config"])
+        host: dict[str, Any] = dict(engine["HostConfig"])
+        for key in _NODE_BOUND_CONFIG:
+            host.pop(key, None)
+        # Volumes are attached by name, so that anonymous ones keep the name they were given.
+        mounted = {v.destination for v in spec.volumes}
+        config["Volumes"] = {d: {} for d in (config.get("Volumes") or {}) if d not in mounted}
+        host["Mounts"] = [m for m in host.get("Mounts") or [] if m.get("Type") != "volume"]
+        host["Binds"] = [b for b in host.get("Binds") or []
+                         if b.split(":")[1] not in mounted] + [
+            f"{v.name}:{v.destination}:{'ro' if v.read_only else 'rw'}" for v in spec.volumes]
+        networks = list(spec.networks) or ["bridge"]
+        host["NetworkMode"] = networks[0]
+        self.ensure_networks(networks)
+        config["HostConfig"] = host
+        try:
+            res = self.api._post_json(self.api._url("/containers/create"), data=config,
+                                      params={"name": spec.name})
+            cid = self.api._result(res, True)["Id"]
+        except docker.errors.APIError as err:
+            raise RuntimeFailure(f"cannot create container {spec.name!r}: "
+                                 f"{err.explanation or err}") from err
+        for net in networks[1:]:
+            self._call(f"connect to network {net!r}", self.api.connect_container_to_network,
+                       cid, net)
+        return cid
+
+    def start_from_checkpoint(self, cid: str, checkpoint_dir: Path, name: str) -> None:
+        """Start CID from the checkpoint files in CHECKPOINT_DIR.
+
+        The engine refuses a custom checkpoint dir on start, so the files go where it looks
+        for its own checkpoints: <DockerRootDir>/containers/<id>/checkpoints/<name>/.
+        """
+        target = self.root_dir() / "containers" / cid / "checkpoints" / name
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(checkpoint_dir, target)
+        try:
+            with self._engine_leftovers():
+                res = self.api._post(self.api._url("/containers/{0}/start", cid),
+                                     params={"checkpoint": name})
+            self.api._raise_for_status(res)
+        except docker.errors.APIError as err:
+            raise RuntimeFailure(f"restore of container {cid[:12]} from checkpoint failed "
+                                 f"(CRIU): {err.explanation or err}") from err
+
+    def start(self, container: str) -> None:
+        self._call(f"start {container!r}", self.api.start, container)
+
+    def wait_running(self, cid: str, on_running: Callable[[], None] = lambda: None,
+                     settle: float = 1.0, timeout: float = 30.0) -> None:
+        """Confirm the container runs and is still running SETTLE seconds later; ON_RUNNING
+        marks the moment it was first seen running (the end of the downtime)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.inspect(cid)["State"]
+            if state.get("Running"):
+                on_running()
+                time.sleep(settle)
+                state = self.inspect(cid)["State"]
+                if state.get("Running"):
+                    return
+            if time.monotonic() > deadline or state.get("Status") in ("exited", "dead"):
+                raise RuntimeFailure(
+                    f"container {cid[:12]} is not running after restore "
+                    f"(status {state.get('Status')}, exit code {state.get('ExitCode')}, "
+                    f"error {state.get('Error') or '-'})")
+            time.sleep(0.1)
+
+    def remove(self, container: str) -> None:
+        with contextlib.suppress(NotFound):
+            self._call(f"remove {container!r}", self.api.remove_container, container, force=True)
+
+    def logs(self, container: str) -> Iterator[str]:
+        yield from self._call("read logs", self.api.logs, container).decode().splitlines()

@@ -1,0 +1,53 @@
+"""`migagent`: one gRPC server per node."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from agent.dataplane.channel import OPTIONS
+from agent.runtime.docker import DockerRuntime
+from agent.service import AgentService
+from proto import migctl_pb2_grpc as rpc
+
+
+def serve(node: str, listen: str, docker_host: str, state_dir: Path, engine_tmp: Path) -> None:
+    runtime = DockerRuntime(docker_host, engine_tmp=engine_tmp)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=OPTIONS)
+    rpc.add_AgentServicer_to_server(AgentService(node, runtime, state_dir), server)
+    if server.add_insecure_port(listen) == 0:
+        sys.exit(f"migagent: cannot listen on {listen}")
+    server.start()
+    logging.info("agent of %s listening on %s (engine %s)", node, listen, docker_host)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=5).wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="migagent", description=__doc__)
+    p.add_argument("--node", required=True, help="this node's name (e.g. nodeA)")
+    p.add_argument("--listen", default="0.0.0.0:50051", help="host:port to serve gRPC on")
+    p.add_argument("--docker-host", default="unix:///var/run/docker.sock",
+                   help="URL of this node's Docker engine")
+    p.add_argument("--state-dir", type=Path, default=Path("/var/lib/migctl/agent"),
+                   help="staging area and catalog database")
+    p.add_argument("--engine-tmp", type=Path, default=Path("/tmp"),
+                   help="the engine's TMPDIR, where containerd leaves checkpoint copies")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s {args.node} %(levelname)s %(name)s: %(message)s")
+    serve(args.node, args.listen, args.docker_host, args.state_dir, args.engine_tmp)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The façade other services use too: nodes by name, and the Agent API without gRPC noise."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from agent.dataplane.channel import open_channel
+from proto import migctl_pb2 as pb
+from proto import migctl_pb2_grpc as rpc
+
+MIGCTL_HOME = Path(os.environ.get("MIGCTL_HOME", "/var/lib/migctl"))
+
+
+def default_inventory() -> Path:
+    return Path(os.environ.get("MIGCTL_INVENTORY", MIGCTL_HOME / "inventory.json"))
+
+
+class ClientError(Exception):
+    """An error for the operator: what went wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    address: str
+    docker_host: str = ""
+
+
+class Inventory:
+    """Node name -> agent address, from a JSON file (`migctl lab up` writes one)."""
+
+    def __init__(self, nodes: dict[str, Node], path: Path | None = None) -> None:
+        self.nodes = nodes
+        self.path = path
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> Inventory:
+        path = path or default_inventory()
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ClientError(f"no inventory at {path}: start a lab with `migctl lab up`, or "
+                              "write one (see README, 'Real machines')") from None
+        except json.JSONDecodeError as err:
+            raise ClientError(f"inventory {path} is not valid JSON: {err}") from None
+        nodes = {name: Node(name, n["address"], n.get("docker_host", ""))
+                 for name, n in data.get("nodes", {}).items()}
+        return cls(nodes, path)
+
+    def node(self, name: str) -> Node:
+        if name not in self.nodes:
+            known = ", ".join(sorted(self.nodes)) or "none"
+            raise ClientError(f"unknown node {name!r} (inventory {self.path} knows: {known})")
+        return self.nodes[name]
+
+
+class AgentClient:
+    def __init__(self, node: Node, timeout: float = 10.0) -> None:
+        self.node = node
+        self.timeout = timeout
+        self.channel = open_channel(node.address)
+        self.stub = rpc.AgentStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _error(self, err: grpc.RpcError) -> ClientError:
+        if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return ClientError(f"cannot reach the agent of {self.node.name} at "
+                               f"{self.node.address}: {err.details()}")
+        return ClientError(err.details() or str(err.code()))
+
+    def info(self) -> pb.NodeInfo:
+        try:
+            return self.stub.GetNode(pb.GetNodeRequest(), timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise self._error(err) from None
+
+    def migrate(self, container: str, source: Node, remove_source: bool = False
+                ) -> Iterator[pb.MigrationEvent]:
+        """Run a migration with this node as destination; yields its events as they happen."""
+        request = pb.MigrateRequest(container=container, source_node=source.name,
+                                    source_address=source.address, remove_source=remove_source)
+        try:
+            yield from self.stub.Migrate(request, wait_for_ready=False)
+        except grpc.RpcError as err:
+            raise self._error(err) from None

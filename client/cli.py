@@ -1,0 +1,144 @@
+"""`migctl`: start migrations, look at nodes, run a lab."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from google.protobuf.json_format import MessageToDict
+
+from client.api import AgentClient, ClientError, Inventory
+from proto import migctl_pb2 as pb
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 10_000 else f"{n} B"
+
+
+def _phase(p: int) -> str:
+    return pb.Phase.Name(p).lower().replace("_", "-")
+
+
+def render_event(ev: pb.MigrationEvent, out=sys.stderr) -> None:
+    kind = ev.WhichOneof("event")
+    if kind == "phase_started":
+        print(f"▶ {_phase(ev.phase_started.phase)}", file=out, flush=True)
+    elif kind == "phase_done":
+        p = ev.phase_done
+        extra = (f", delta: {_mb(p.literal_bytes)} literal / {_mb(p.matched_bytes)} matched"
+                 if p.literal_bytes or p.matched_bytes else "")
+        print(f"✓ {_phase(p.phase)} {p.seconds:.2f} s, {_mb(p.bytes)}{extra}", file=out,
+              flush=True)
+    elif kind == "transfer":
+        t = ev.transfer
+        if t.method == "skipped":
+            print(f"  {t.kind} {t.item[:19]}: already on the destination", file=out, flush=True)
+        else:
+            print(f"  {t.kind} {t.item} from {t.origin}: {_mb(t.bytes)} in {t.seconds:.2f} s "
+                  f"({t.method})", file=out, flush=True)
+    elif kind == "log":
+        print(f"  {ev.log}", file=out, flush=True)
+
+
+def render_report(r: pb.MigrationReport, out=sys.stdout) -> None:
+    print(f"{r.container} migrated {r.source_node} -> {r.destination_node}", file=out)
+    print(f"new container: {r.new_container_id}", file=out)
+    print(f"total {r.total_seconds:.2f} s, downtime {r.downtime_seconds:.2f} s", file=out)
+    for p in r.phases:
+        print(f"  {_phase(p.phase):<11} {p.seconds:7.2f} s  {_mb(p.bytes):>12}", file=out)
+
+
+def report_dict(report: pb.MigrationReport) -> dict:
+    """The report as plain JSON: protobuf's mapping writes int64 as strings, byte counts here
+    are numbers."""
+
+    def numbers(obj: object) -> object:
+        if isinstance(obj, dict):
+            return {k: int(v) if k.endswith("bytes") else numbers(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [numbers(v) for v in obj]
+        return obj
+
+    return numbers(MessageToDict(report, preserving_proto_field_name=True,  # type: ignore
+                                 always_print_fields_with_no_presence=True))
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    inv = Inventory.load(args.inventory)
+    source, dest = inv.node(args.source), inv.node(args.dest)
+    if source == dest:
+        raise ClientError(f"--from and --to are both {source.name}: nothing to migrate")
+    report = None
+    with AgentClient(dest) as client:
+        client.info()  # a clear error now if the destination's agent is unreachable
+        for ev in client.migrate(args.container, source, remove_source=args.remove_source):
+            if ev.HasField("done"):
+                report = ev.done
+            elif not args.quiet:
+                render_event(ev)
+    if report is None:
+        raise ClientError("the destination ended the migration without a report")
+    if args.json:
+        print(json.dumps(report_dict(report)))
+    else:
+        render_report(report)
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    inv = Inventory.load(args.inventory)
+    for node in inv.nodes.values():
+        try:
+            with AgentClient(node, timeout=3) as c:
+                info = c.info()
+            state = f"up, engine {info.engine_version}"
+        except ClientError as err:
+            state = f"DOWN: {err}"
+        print(f"{node.name:<8} {node.address:<22} {state}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="migctl", description="Live migration of stateful "
+                                "containers between nodes (CRIU + gRPC + delta transfer).")
+    p.add_argument("--inventory", type=Path, default=None,
+                   help="node inventory (default: $MIGCTL_INVENTORY or "
+                        "$MIGCTL_HOME/inventory.json)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("migrate", help="move a running container to another node")
+    m.add_argument("--from", dest="source", required=True, metavar="NODE")
+    m.add_argument("--to", dest="dest", required=True, metavar="NODE")
+    m.add_argument("--remove-source", action="store_true",
+                   help="remove the stopped source container after success")
+    m.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    m.add_argument("-q", "--quiet", action="store_true", help="no live progress")
+    m.add_argument("container")
+    m.set_defaults(func=cmd_migrate)
+
+    n = sub.add_parser("nodes", help="list the inventory's nodes and whether their agents answer")
+    n.set_defaults(func=cmd_nodes)
+
+    from client import lab
+
+    lab.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        sys.exit(args.func(args))
+    except ClientError as err:
+        print(f"migctl: error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("migctl: interrupted (a migration already started goes on in the destination "
+              "agent)", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

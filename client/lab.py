@@ -1,0 +1,328 @@
+"""`migctl lab`: several nodes on one machine, each a network namespace with its own Docker
+engine and agent, joined by a bridge that lives in a lab namespace of its own.
+
+Layout (all names are the lab's own, so `down` removes exactly them):
+  namespace migctl-sw        bridge br0; veth end `host` to the host's `migctl-host`
+  namespace migctl-nodeX     eth0 (LAB.1x), lo; dockerd + containerd + agent run here
+  host                       migctl-host (LAB.1), the only address the lab adds to the host
+The host's only new route is the lab subnet, chosen so that it overlaps no existing route.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import string
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from client.api import MIGCTL_HOME, AgentClient, ClientError, Node, default_inventory
+
+LAB_DIR = MIGCTL_HOME / "lab"
+RUN_DIR = Path("/run/migctl")  # exec roots: socket paths must stay short
+SWITCH_NS = "migctl-sw"
+HOST_IF = "migctl-host"
+AGENT_PORT = 50051
+CRIU_BIN = Path("/opt/migctl/bin")
+CANDIDATE_SUBNETS = ["10.213.77.0/24", "10.231.19.0/24", "172.29.213.0/24", "192.168.213.0/24"]
+
+
+def node_names(n: int) -> list[str]:
+    if not 1 <= n <= 26:
+        raise ClientError(f"--nodes must be between 1 and 26, not {n}")
+    return [f"node{c}" for c in string.ascii_uppercase[:n]]
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise ClientError(f"`{' '.join(cmd)}` failed: {res.stderr.strip() or res.stdout.strip()}")
+    return res
+
+
+def netns_exists(name: str) -> bool:
+    return Path(f"/run/netns/{name}").exists()
+
+
+def in_ns(ns: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return sh("ip", "netns", "exec", ns, *cmd, check=check)
+
+
+def pick_subnet() -> ipaddress.IPv4Network:
+    """A subnet that overlaps no route of the host (shadowing the host's own subnet once cut a
+    machine off its mirrors), unless it is the lab's own route from an earlier `up`."""
+    routes = []
+    for line in sh("ip", "-4", "route", "show", "table", "all").stdout.splitlines():
+        dest = line.split()[0]
+        if dest == "default" or HOST_IF in line.split():
+            continue
+        with contextlib.suppress(ValueError):
+            routes.append(ipaddress.ip_network(dest if "/" in dest else f"{dest}/32", False))
+    for cand in map(ipaddress.ip_network, CANDIDATE_SUBNETS):
+        if not any(cand.overlaps(r) for r in routes):
+            return cand  # type: ignore[return-value]
+    raise ClientError(f"every lab subnet candidate overlaps a host route: {CANDIDATE_SUBNETS}")
+
+
+class Lab:
+    def __init__(self, home: Path = LAB_DIR) -> None:
+        self.home = home
+        self.state_file = home / "lab.json"
+
+    # -- state ------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def save(self, state: dict) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.state_file.write_text(json.dumps(state, indent=2))
+        inventory = {"nodes": {name: {"address": n.get("address", ""),
+                                      "docker_host": n.get("docker_host", "")}
+                               for name, n in state.get("nodes", {}).items()}}
+        path = default_inventory()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(inventory, indent=2))
+
+    # -- network ----------------------------------------------------------------------------
+
+    def ensure_switch(self, state: dict) -> ipaddress.IPv4Network:
+        if "subnet" in state and netns_exists(SWITCH_NS) and \
+                sh("ip", "link", "show", HOST_IF, check=False).returncode == 0:
+            return ipaddress.ip_network(state["subnet"])  # type: ignore[return-value]
+        subnet = pick_subnet()
+        if not netns_exists(SWITCH_NS):
+            sh("ip", "netns", "add", SWITCH_NS)
+        in_ns(SWITCH_NS, "ip", "link", "set", "lo", "up")
+        if in_ns(SWITCH_NS, "ip", "link", "show", "br0", check=False).returncode != 0:
+            in_ns(SWITCH_NS, "ip", "link", "add", "br0", "type", "bridge")
+        in_ns(SWITCH_NS, "ip", "link", "set", "br0", "up")
+        sh("ip", "link", "del", HOST_IF, check=False)
+        sh("ip", "link", "add", HOST_IF, "type", "veth", "peer", "name", "host",
+           "netns", SWITCH_NS)
+        in_ns(SWITCH_NS, "ip", "link", "set", "host", "master", "br0", "up")
+        sh("ip", "addr", "add", f"{subnet[1]}/{subnet.prefixlen}", "dev", HOST_IF)
+        sh("ip", "link", "set", HOST_IF, "up")
+        state["subnet"] = str(subnet)
+        return subnet
+
+    def ensure_node_ns(self, name: str, index: int, subnet: ipaddress.IPv4Network) -> str:
+        ns, port = f"migctl-{name}", f"p-{name}"
+        address = str(subnet[11 + index])
+        if not netns_exists(ns):
+            sh("ip", "netns", "add", ns)
+        in_ns(ns, "ip", "link", "set", "lo", "up")  # CRIU's restore needs lo up
+        if in_ns(ns, "ip", "link", "show", "eth0", check=False).returncode != 0:
+            in_ns(SWITCH_NS, "ip", "link", "del", port, check=False)
+            in_ns(SWITCH_NS, "ip", "link", "add", port, "type", "veth", "peer", "name", "eth0",
+                  "netns", ns)
+            in_ns(SWITCH_NS, "ip", "link", "set", port, "master", "br0", "up")
+            in_ns(ns, "ip", "addr", "add", f"{address}/{subnet.prefixlen}", "dev", "eth0")
+            in_ns(ns, "ip", "link", "set", "eth0", "up")
+        return address
+
+    # -- processes --------------------------------------------------------------------------
+
+    def node_dir(self, name: str) -> Path:
+        return self.home / name
+
+    @staticmethod
+    def alive(pid: int | None, marker: str) -> bool:
+        """PID runs and is ours: its command line names MARKER (a path only we use)."""
+        if not pid:
+            return False
+        try:
+            return marker in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+        except OSError:
+            return False
+
+    def spawn(self, ns: str, cmd: list[str], log: Path, env: dict[str, str]) -> int:
+        with log.open("ab") as out:
+            proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", *cmd], stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, start_new_session=True)
+        return proc.pid
+
+    def ensure_dockerd(self, name: str, node: dict) -> None:
+        d = self.node_dir(name)
+        config = d / "daemon.json"
+        if self.alive(node.get("dockerd_pid"), str(config)) and self.engine_answers(node):
+            return
+        exec_root = RUN_DIR / name
+        for sub in ("data", "tmp"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        exec_root.mkdir(parents=True, exist_ok=True)
+        sock = d / "docker.sock"
+        config.write_text(json.dumps({
+            "data-root": str(d / "data"), "exec-root": str(exec_root),
+            "hosts": [f"unix://{sock}"], "pidfile": str(d / "docker.pid"),
+            "experimental": True, "storage-driver": "overlay2",
+        }, indent=2))
+        env = dict(os.environ, TMPDIR=str(d / "tmp"),
+                   PATH=f"{CRIU_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        node["dockerd_pid"] = self.spawn(f"migctl-{name}",
+                                         ["dockerd", "--config-file", str(config)],
+                                         d / "dockerd.log", env)
+        node["docker_host"] = f"unix://{sock}"
+        deadline = time.monotonic() + 60
+        while not self.engine_answers(node):
+            if time.monotonic() > deadline or not self.alive(node["dockerd_pid"], str(config)):
+                tail = (d / "dockerd.log").read_text()[-2000:]
+                raise ClientError(f"the Docker engine of {name} did not start:\n{tail}")
+            time.sleep(0.3)
+
+    @staticmethod
+    def engine_answers(node: dict) -> bool:
+        if not node.get("docker_host"):
+            return False
+        sock = node["docker_host"].removeprefix("unix://")
+        res = subprocess.run(["docker", "-H", f"unix://{sock}", "version", "--format",
+                              "{{.Server.Version}}"], capture_output=True, text=True)
+        return res.returncode == 0
+
+    def start_agent(self, name: str, node: dict) -> None:
+        """(Re)start the agent, so a lab always runs the agent code of this checkout."""
+        d = self.node_dir(name)
+        self.stop_pid(node.get("agent_pid"), str(d / "agent"))
+        cmd = [sys.executable, "-m", "agent.server", "--node", name,
+               "--listen", node["address"], "--docker-host", node["docker_host"],
+               "--state-dir", str(d / "agent"), "--engine-tmp", str(d / "tmp")]
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+        node["agent_pid"] = self.spawn(f"migctl-{name}", cmd, d / "agent.log", env)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with AgentClient(Node(name, node["address"]), timeout=2) as c:
+                    c.info()
+                return
+            except ClientError:
+                if time.monotonic() > deadline or not self.alive(node["agent_pid"], str(d)):
+                    tail = (d / "agent.log").read_text()[-2000:]
+                    raise ClientError(f"the agent of {name} did not start:\n{tail}") from None
+                time.sleep(0.3)
+
+    @staticmethod
+    def stop_pid(pid: int | None, marker: str, timeout: float = 30) -> None:
+        if not Lab.alive(pid, marker):
+            return
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while Lab.alive(pid, marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if Lab.alive(pid, marker):
+            os.kill(pid, signal.SIGKILL)
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def up(self, n: int) -> dict:
+        names = node_names(n)
+        if not shutil.which("dockerd") or not (CRIU_BIN / "criu").exists():
+            raise ClientError("dockerd or the probed CRIU is missing: run scripts/setup.sh")
+        state = self.state()
+        subnet = self.ensure_switch(state)
+        nodes = state.setdefault("nodes", {})
+        self.save(state)  # record what exists so far: `down` must find it even if we fail
+        for i, name in enumerate(names):
+            node = nodes.setdefault(name, {})
+            node["netns"] = f"migctl-{name}"
+            node["address"] = f"{self.ensure_node_ns(name, i, subnet)}:{AGENT_PORT}"
+            self.save(state)
+            self.ensure_dockerd(name, node)
+            self.save(state)
+            self.start_agent(name, node)
+            self.save(state)
+        return state
+
+    def down(self) -> list[str]:
+        state = self.state()
+        removed = []
+        for name, node in state.get("nodes", {}).items():
+            d = self.node_dir(name)
+            self.stop_pid(node.get("agent_pid"), str(d / "agent"))
+            self._remove_containers(node)
+            self.stop_pid(node.get("dockerd_pid"), str(d / "daemon.json"), timeout=60)
+            ns = node.get("netns", f"migctl-{name}")
+            if netns_exists(ns):
+                # whatever still runs in the node's namespace was started there by this lab
+                for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+                sh("ip", "netns", "del", ns, check=False)
+            self._unmount_below(d)
+            self._unmount_below(RUN_DIR / name)
+            shutil.rmtree(d, ignore_errors=True)
+            shutil.rmtree(RUN_DIR / name, ignore_errors=True)
+            removed.append(name)
+        sh("ip", "link", "del", HOST_IF, check=False)
+        if netns_exists(SWITCH_NS):
+            sh("ip", "netns", "del", SWITCH_NS, check=False)
+        inv = default_inventory()
+        if state and inv.exists():
+            inv.unlink()
+        shutil.rmtree(self.home, ignore_errors=True)
+        return removed
+
+    def _remove_containers(self, node: dict) -> None:
+        """Container processes live in namespaces of their own, outside the node's, and their
+        shims outlive the engine: remove the containers while the engine still runs."""
+        if not self.engine_answers(node):
+            return
+        host = ["docker", "-H", node["docker_host"]]
+        ids = sh(*host, "ps", "-aq", check=False).stdout.split()
+        if ids:
+            sh(*host, "rm", "-f", *ids, check=False)
+
+    @staticmethod
+    def _unmount_below(path: Path) -> None:
+        prefix = str(path.resolve()) + "/"
+        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+        for m in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+            sh("umount", "-l", m, check=False)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    lab = sub.add_parser("lab", help="a multi-node lab on this machine (namespaces + daemons)")
+    lsub = lab.add_subparsers(dest="lab_command", required=True)
+    up = lsub.add_parser("up", help="start (or reuse) N nodes: nodeA, nodeB, ...")
+    up.add_argument("--nodes", type=int, default=2)
+    up.set_defaults(func=cmd_up)
+    down = lsub.add_parser("down", help="remove everything `up` created")
+    down.set_defaults(func=cmd_down)
+    env = lsub.add_parser("env", help="print the shell line pointing `docker` at NODE's engine")
+    env.add_argument("node")
+    env.set_defaults(func=cmd_env)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    state = Lab().up(args.nodes)
+    for name in node_names(args.nodes):
+        n = state["nodes"][name]
+        print(f"{name}: agent {n['address']}, engine {n['docker_host']}")
+    print(f"inventory: {default_inventory()}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    removed = Lab().down()
+    print(f"removed: {', '.join(removed) or 'nothing (no lab was up)'}")
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    nodes = Lab().state().get("nodes", {})
+    if args.node not in nodes:
+        raise ClientError(f"no lab node {args.node!r} (lab nodes: {', '.join(nodes) or 'none'})")
+    print(f"export DOCKER_HOST={nodes[args.node]['docker_host']}")
+    print(f"# run: eval $(migctl lab env {args.node})")
+    return 0

@@ -1,0 +1,103 @@
+"""Test workloads built locally (no registry): a busybox base image and the seed's toys.
+
+The base image's tar is deterministic, so importing it on two nodes yields the same layer and
+the "already there" path of layer transfer can be exercised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import docker
+
+BASE = "migctl-busybox:1"
+TOY_IMAGE = "toytsm:1"
+COUNTER = ("i=0; while true; do echo $i | tee -a /testrw/counter; i=$((i+1)); sleep 1; done")
+# A server holding its state in memory (the shell variable): every connection gets the next hit.
+SERVER = ("i=0; while true; do i=$((i+1)); printf 'hits=%d\\n' $i | nc -l -p 8080; done")
+
+
+def busybox_rootfs(cache: Path) -> Path:
+    out = cache / "busybox-rootfs.tar"
+    if out.exists():
+        return out
+    busybox = shutil.which("busybox")
+    assert busybox, "busybox-static is missing: run scripts/setup.sh"
+    cache.mkdir(parents=True, exist_ok=True)
+    import subprocess
+
+    applets = subprocess.run([busybox, "--list"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    tmp = out.with_suffix(".part")
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        def add_dir(name: str) -> None:
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 0
+            tar.addfile(ti)
+
+        for d in ("bin", "tmp", "etc", "proc", "sys", "dev"):
+            add_dir(d)
+        data = Path(busybox).read_bytes()
+        ti = tarfile.TarInfo("bin/busybox")
+        ti.size, ti.mode, ti.mtime = len(data), 0o755, 0
+        tar.addfile(ti, io.BytesIO(data))
+        for applet in sorted(set(applets) - {"busybox"}):
+            ti = tarfile.TarInfo(f"bin/{applet}")
+            ti.type, ti.linkname, ti.mtime = tarfile.SYMTYPE, "busybox", 0
+            tar.addfile(ti)
+    tmp.rename(out)
+    return out
+
+
+def ensure_base(client: docker.DockerClient, cache: Path) -> None:
+    try:
+        client.images.get(BASE)
+    except docker.errors.ImageNotFound:
+        client.api.import_image_from_file(str(busybox_rootfs(cache)), repository=BASE.split(":")[0],
+                                          tag=BASE.split(":")[1])
+
+
+def ensure_toy_image(client: docker.DockerClient, cache: Path) -> None:
+    """The seed's toy image: the base plus a layer holding a 1000-line text file."""
+    ensure_base(client, cache)
+    try:
+        client.images.get(TOY_IMAGE)
+        return
+    except docker.errors.ImageNotFound:
+        pass
+    with tempfile.TemporaryDirectory() as ctx:
+        Path(ctx, "lines.txt").write_text("".join(f"line {i}\n" for i in range(1000)))
+        Path(ctx, "Dockerfile").write_text(f"FROM {BASE}\nCOPY lines.txt /lines.txt\n")
+        client.images.build(path=ctx, tag=TOY_IMAGE, rm=True)
+
+
+def remove_everywhere(clients: dict[str, docker.DockerClient], containers: list[str],
+                      volumes: list[str]) -> None:
+    for client in clients.values():
+        for name in containers:
+            with contextlib.suppress(docker.errors.NotFound):
+                client.containers.get(name).remove(force=True)
+        for name in volumes:
+            with contextlib.suppress(docker.errors.NotFound):
+                client.volumes.get(name).remove(force=True)
+
+
+def run_toy(client: docker.DockerClient, name: str = "toytsm", rw: str = "testrw",
+            ro: str = "testro") -> docker.models.containers.Container:
+    client.volumes.create(rw, labels={"rw-guid": f"guid-{rw}-{time.time_ns()}"})
+    client.volumes.create(ro)
+    client.containers.run(BASE, ["sh", "-c", "echo read-only content > /v/file"], remove=True,
+                          volumes={ro: {"bind": "/v", "mode": "rw"}})
+    return client.containers.run(TOY_IMAGE, ["sh", "-c", COUNTER], name=name, detach=True,
+                                 volumes={rw: {"bind": "/testrw", "mode": "rw"},
+                                          ro: {"bind": "/testro", "mode": "ro"}})
+
+
+def numbers(text: str) -> list[int]:
+    return [int(x) for x in text.split() if x.isdigit()]
