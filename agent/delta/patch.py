@@ -1,0 +1,239 @@
+"""Rebuilding (rsync's receiver role): basis + delta -> new file, verified before it appears.
+
+The output is assembled in a temporary file beside ``out_path`` and renamed over it only
+after its length and xxh3_128 match the END token and the basis matches the hash the sender
+worked from.  Any failure raises :class:`DeltaError` and removes the temporary file, so a
+reader of ``out_path`` sees either the old file or the complete new one.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import secrets
+import threading
+from collections.abc import Iterable
+
+import xxhash
+
+from agent.delta.checksum import hash_mapped, release
+from agent.delta.signature import EMPTY_HASH
+from agent.delta.stats import DeltaStats
+from agent.delta.wire import Copy, End, Header, Literal, WireReader
+from agent.errors import DeltaError
+
+_HASH_STEP = 8 << 20
+_NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
+
+
+class _BasisCheck(threading.Thread):
+    """Hashes the basis beside the rebuild (xxhash drops the GIL), so checking it is ~free."""
+
+    def __init__(self, mm: mmap.mmap) -> None:
+        super().__init__(name="delta-basis-check", daemon=True)
+        self._mm = mm
+        self._digest: bytes | None = None
+        self._error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._digest = hash_mapped(self._mm).digest()
+        except BaseException as exc:  # re-raised by digest()
+            self._error = exc
+
+    def digest(self) -> bytes:
+        self.join()
+        if self._error is not None:
+            raise self._error
+        assert self._digest is not None
+        return self._digest
+
+
+class _Rebuild:
+    def __init__(self, header: Header, basis_fd: int | None, out_fd: int) -> None:
+        self.header = header
+        self.basis_fd = basis_fd
+        self.out_fd = out_fd
+        self.size = header.basis_length
+        self.mm: mmap.mmap | None = None
+        self.view: memoryview | None = None
+        if basis_fd is not None and self.size:
+            self.mm = mmap.mmap(basis_fd, self.size, prot=mmap.PROT_READ)
+            self.view = memoryview(self.mm)
+        self.blocks = -(-self.size // header.block_size)
+        self.hasher = xxhash.xxh3_128()
+        self.written = 0
+        self.pending: tuple[int, int] | None = None  # basis prefix copied but not yet hashed
+        self.use_copy_file_range = hasattr(os, "copy_file_range")
+
+    def close(self) -> None:
+        if self.view is not None:
+            self.view.release()
+        if self.mm is not None:
+            self.mm.close()
+
+    def copy(self, token: Copy) -> int:
+        bs = self.header.block_size
+        if token.index >= self.blocks or token.count > self.blocks - token.index:
+            raise DeltaError(
+                f"delta copies basis blocks {token.index}..{token.index + token.count - 1} "
+                f"but the basis has {self.blocks}"
+            )
+        start = token.index * bs
+        stop = min(self.size, (token.index + token.count) * bs)
+        self._copy_range(start, stop - start)
+        if self.pending is not None and self.pending[1] == start:
+            self.pending = (self.pending[0], stop)
+        elif self.written == 0 and start == 0:
+            self.pending = (0, stop)
+        else:
+            self.flush_hash()
+            self._hash_basis(start, stop)
+        self.written += stop - start
+        return stop - start
+
+    def literal(self, token: Literal) -> int:
+        self.flush_hash()
+        data = memoryview(token.data)
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.out_fd, data[done:], self.written + done)
+        self.hasher.update(data)
+        self.written += len(data)
+        return len(data)
+
+    def flush_hash(self) -> None:
+        if self.pending is not None:
+            self._hash_basis(*self.pending)
+            self.pending = None
+
+    def identity(self) -> bool:
+        """True while the output so far is exactly the whole basis, unhashed."""
+        return self.pending == (0, self.size) and self.written == self.size
+
+    def _hash_basis(self, start: int, stop: int) -> None:
+        assert self.view is not None and self.mm is not None
+        for off in range(start, stop, _HASH_STEP):
+            end = min(stop, off + _HASH_STEP)
+            self.hasher.update(self.view[off:end])
+            release(self.mm, off, end)
+
+    def _copy_range(self, start: int, length: int) -> None:
+        assert self.basis_fd is not None and self.view is not None
+        src, dst, left = start, self.written, length
+        while left and self.use_copy_file_range:
+            try:
+                done = os.copy_file_range(self.basis_fd, self.out_fd, left, src, dst)
+            except OSError as exc:
+                if exc.errno not in _NO_COPY_FILE_RANGE:
+                    raise
+                self.use_copy_file_range = False
+                break
+            if done == 0:
+                raise DeltaError("basis file shrank while the delta was being applied")
+            src, dst, left = src + done, dst + done, left - done
+        while left:
+            done = os.pwrite(self.out_fd, self.view[src : src + min(left, _HASH_STEP)], dst)
+            src, dst, left = src + done, dst + done, left - done
+
+
+def patch_stream(
+    basis_path: str | os.PathLike[str] | None,
+    chunks: Iterable[bytes],
+    out_path: str | os.PathLike[str],
+    *,
+    verify_basis: bool = True,
+    fsync: bool = False,
+) -> DeltaStats:
+    """Apply a delta to ``basis_path`` (None: no basis) and atomically create ``out_path``.
+
+    ``verify_basis`` hashes the basis alongside the rebuild and rejects a basis that is not
+    the one the sender's signature described; ``fsync`` makes the result durable before the
+    rename (off by default, like rsync, since migration verifies end to end anyway).
+    """
+    reader = WireReader(chunks)
+    header = reader.header
+    out_path = os.fspath(out_path)
+    directory, name = os.path.split(os.path.abspath(out_path))
+    basis_fd: int | None = None
+    if basis_path is not None:
+        try:
+            basis_fd = os.open(basis_path, os.O_RDONLY)
+        except FileNotFoundError as exc:
+            raise DeltaError(f"basis file {os.fspath(basis_path)!r} does not exist") from exc
+    tmp_path = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.delta-tmp")
+    out_fd = -1
+    rebuild: _Rebuild | None = None
+    check: _BasisCheck | None = None
+    try:
+        basis_size = os.fstat(basis_fd).st_size if basis_fd is not None else 0
+        if basis_size != header.basis_length:
+            raise DeltaError(
+                f"wrong basis: it has {basis_size} bytes but the delta was made against "
+                f"{header.basis_length} bytes"
+            )
+        if header.basis_length == 0 and header.basis_hash != EMPTY_HASH:
+            raise DeltaError("delta header is corrupted (empty basis with a non-empty hash)")
+        out_fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        rebuild = _Rebuild(header, basis_fd, out_fd)
+        if verify_basis and rebuild.mm is not None:
+            check = _BasisCheck(rebuild.mm)
+        stats = DeltaStats()
+        end: End | None = None
+        for token in reader.tokens():
+            if isinstance(token, Copy):
+                stats.matched_bytes += rebuild.copy(token)
+            elif isinstance(token, Literal):
+                stats.literal_bytes += rebuild.literal(token)
+            else:
+                end = token
+        assert end is not None  # the reader raises on a stream without END
+        if check is not None and check.digest() != header.basis_hash:
+            raise DeltaError(
+                "wrong basis: its contents differ from the file the delta was made against"
+            )
+        if end.length != rebuild.written:
+            raise DeltaError(
+                f"rebuilt file has {rebuild.written} bytes but the delta promised {end.length}"
+            )
+        if check is not None and rebuild.identity():
+            digest = header.basis_hash  # output == verified basis, byte for byte
+        else:
+            rebuild.flush_hash()
+            digest = rebuild.hasher.digest()
+        if digest != end.digest:
+            raise DeltaError("rebuilt file does not match the delta's checksum")
+        if fsync:
+            os.fsync(out_fd)
+        _copy_mode(out_path, out_fd)
+        os.close(out_fd)
+        out_fd = -1
+        os.replace(tmp_path, out_path)
+        stats.wire_bytes = reader.wire_bytes
+        stats.new_size = rebuild.written
+        return stats
+    except BaseException:
+        if out_fd >= 0:
+            os.close(out_fd)
+            out_fd = -1
+        if os.path.lexists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+    finally:
+        if check is not None:
+            check.join()
+        if rebuild is not None:
+            rebuild.close()
+        if basis_fd is not None:
+            os.close(basis_fd)
+
+
+def _copy_mode(out_path: str, out_fd: int) -> None:
+    """Keep the permissions of the file being replaced (new files get 0666 & ~umask)."""
+    try:
+        mode = os.stat(out_path).st_mode & 0o7777
+    except FileNotFoundError:
+        return
+    os.fchmod(out_fd, mode)

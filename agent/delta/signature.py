@@ -1,0 +1,199 @@
+"""Signatures (rsync's generator role): what the receiver knows about its basis file.
+
+Binary format, version 1, little-endian::
+
+    "MGSG" u8 version u8 flags(0) u16 reserved(0) u32 block_size u64 basis_length
+    u64 block_count 16s basis_hash            -- 44-byte header
+    block_count x u32 weak sums
+    block_count x 16s strong hashes (xxh3_128)
+    u64 xxh3_64 of everything above            -- catches corruption in transit
+
+The last block may be shorter than ``block_size``; its sums cover only its own bytes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from agent.delta.checksum import (
+    STRONG_SIZE,
+    block_weak,
+    release,
+    strong_digest,
+    strong_hashes,
+    weak_of,
+)
+from agent.errors import DeltaError
+
+MAGIC = b"MGSG"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHIQQ16s")
+TRAILER = struct.Struct("<Q")
+CHUNK_MAX = 1 << 20
+DEFAULT_BLOCK_SIZE = 4096
+MIN_BLOCK_SIZE = 8
+MAX_BLOCK_SIZE = 1 << 20
+_READ_STEP = 8 << 20
+EMPTY_HASH = strong_digest(b"")
+
+
+def check_block_size(block_size: int) -> None:
+    if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
+        raise ValueError(
+            f"block size {block_size} is outside {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE} bytes"
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Signature:
+    """Per-block weak/strong sums of a basis plus its whole-file hash.
+
+    ``weak`` is ``(n,)`` uint32, ``strong`` is ``(n, 16)`` uint8; numpy so the sender can
+    compare thousands of blocks per call.
+    """
+
+    block_size: int
+    basis_length: int
+    weak: np.ndarray
+    strong: np.ndarray
+    basis_hash: bytes
+
+    @classmethod
+    def empty(cls, block_size: int = DEFAULT_BLOCK_SIZE) -> Signature:
+        """Signature of "no basis": every delta against it is all literal."""
+        check_block_size(block_size)
+        return cls(
+            block_size,
+            0,
+            np.empty(0, dtype=np.uint32),
+            np.empty((0, STRONG_SIZE), dtype=np.uint8),
+            EMPTY_HASH,
+        )
+
+    @property
+    def block_count(self) -> int:
+        return int(self.weak.shape[0])
+
+    def to_chunks(self) -> Iterator[bytes]:
+        """Serialise as chunks of at most 1 MiB (one gRPC message each)."""
+        n = self.block_count
+        header = HEADER.pack(
+            MAGIC, VERSION, 0, 0, self.block_size, self.basis_length, n, self.basis_hash
+        )
+        body = (
+            header,
+            np.ascontiguousarray(self.weak, dtype="<u4").tobytes(),
+            np.ascontiguousarray(self.strong, dtype=np.uint8).tobytes(),
+        )
+        checksum = xxhash.xxh3_64()
+        pending = bytearray()
+        for part in body:
+            for off in range(0, len(part), CHUNK_MAX):
+                piece = part[off : off + CHUNK_MAX]
+                checksum.update(piece)
+                room = CHUNK_MAX - len(pending)
+                pending += piece[:room]
+                if len(pending) == CHUNK_MAX:
+                    yield bytes(pending)
+                    pending = bytearray(piece[room:])
+        pending += TRAILER.pack(checksum.intdigest())
+        if len(pending) > CHUNK_MAX:
+            yield bytes(pending[:CHUNK_MAX])
+            pending = pending[CHUNK_MAX:]
+        yield bytes(pending)
+
+    @classmethod
+    def from_chunks(cls, chunks: Iterable[bytes]) -> Signature:
+        """Parse and validate; any inconsistency is a :class:`DeltaError`."""
+        data = bytearray()
+        expected: int | None = None
+        header: tuple | None = None
+        for chunk in chunks:
+            if not isinstance(chunk, bytes | bytearray | memoryview):
+                raise DeltaError(f"signature chunk has type {type(chunk).__name__}")
+            data += chunk
+            if header is None and len(data) >= HEADER.size:
+                header = _parse_header(data)
+                expected = HEADER.size + header[2] * (4 + STRONG_SIZE) + TRAILER.size
+            if expected is not None and len(data) > expected:
+                raise DeltaError("signature has trailing data")
+        if expected is None or header is None or len(data) != expected:
+            raise DeltaError("signature is truncated")
+        block_size, basis_length, n, basis_hash = header
+        body = memoryview(data)[: expected - TRAILER.size]
+        (checksum,) = TRAILER.unpack_from(data, expected - TRAILER.size)
+        if xxhash.xxh3_64_intdigest(body) != checksum:
+            raise DeltaError("signature is corrupted (checksum mismatch)")
+        weak_end = HEADER.size + 4 * n
+        weak = np.frombuffer(data, dtype="<u4", count=n, offset=HEADER.size).astype(np.uint32)
+        strong = (
+            np.frombuffer(data, dtype=np.uint8, count=n * STRONG_SIZE, offset=weak_end)
+            .reshape(n, STRONG_SIZE)
+            .copy()
+        )
+        return cls(block_size, basis_length, weak, strong, basis_hash)
+
+
+def _parse_header(data: bytearray) -> tuple[int, int, int, bytes]:
+    magic, version, flags, reserved, block_size, basis_length, n, basis_hash = HEADER.unpack_from(
+        data
+    )
+    if magic != MAGIC:
+        raise DeltaError("not a migctl signature (bad magic)")
+    if version != VERSION:
+        raise DeltaError(f"unsupported signature version {version}; expected {VERSION}")
+    if flags or reserved or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
+        raise DeltaError("signature header is corrupted")
+    if n != -(-basis_length // block_size):
+        raise DeltaError("signature block count does not match its basis length")
+    return block_size, basis_length, n, bytes(basis_hash)
+
+
+def make_signature(
+    basis_path: str | os.PathLike[str], block_size: int = DEFAULT_BLOCK_SIZE
+) -> Signature:
+    """Compute the signature of a basis file, streaming it through a mapping.
+
+    Pages are dropped from the mapping as soon as they are summed, so a basis larger than
+    RAM costs only the signature itself (20 bytes per block) plus one read step.
+    """
+    check_block_size(block_size)
+    L = block_size
+    with open(basis_path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return Signature.empty(block_size)
+        n_full, tail = divmod(size, L)
+        n = n_full + (1 if tail else 0)
+        weak = np.empty(n, dtype=np.uint32)
+        strong: list[bytes] = []
+        whole = xxhash.xxh3_128()
+        step = max(1, _READ_STEP // L) * L
+        with mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mm:
+            view = memoryview(mm)
+            try:
+                for off in range(0, n_full * L, step):
+                    count = min(step, n_full * L - off) // L
+                    blocks = np.frombuffer(view[off : off + count * L], dtype=np.uint8)
+                    weak[off // L : off // L + count] = block_weak(blocks.reshape(count, L))
+                    del blocks
+                    strong.append(strong_hashes(view, off, count, L))
+                    whole.update(view[off : off + count * L])
+                    release(mm, off, off + count * L)
+                if tail:
+                    last = view[n_full * L :]
+                    weak[n_full] = weak_of(last)
+                    strong.append(strong_digest(last))
+                    whole.update(last)
+                    del last
+            finally:
+                view.release()
+    strong_arr = np.frombuffer(b"".join(strong), dtype=np.uint8).reshape(n, STRONG_SIZE)
+    return Signature(L, size, weak, strong_arr, whole.digest())

@@ -1,0 +1,253 @@
+"""Delta wire format (rsync's token.c role): what the sender emits and the receiver trusts.
+
+Layout, all integers little-endian, ``varint`` = unsigned LEB128::
+
+    header   "MGDL" u8 version u8 flags(0) u32 block_size u64 basis_length 16s basis_hash
+    COPY     b"C" varint first_block varint block_count     run of consecutive basis blocks
+    LITERAL  b"L" varint raw_length varint zstd_length zstd_frame
+    END      b"E" u64 new_length 16s new_hash (xxh3_128)    must be the last byte of the stream
+
+The stream is cut into chunks on token boundaries (<= 1 MiB each, ~256 KiB typical) so each
+chunk fits one gRPC message, but the decoder treats the chunks as one byte stream and does not
+depend on where they were cut.  Every length is bounded before anything is allocated, so a
+corrupted or hostile stream costs at most ~1 MiB and ends in :class:`DeltaError`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+import zstandard
+
+from agent.errors import DeltaError
+
+MAGIC = b"MGDL"
+VERSION = 1
+HEADER = struct.Struct("<4sBBIQ16s")
+END = struct.Struct("<Q16s")
+
+TAG_COPY = 0x43
+TAG_LITERAL = 0x4C
+TAG_END = 0x45
+
+CHUNK_TARGET = 256 << 10
+"""Chunks are emitted once they hold this much: big enough to amortise per-message costs."""
+CHUNK_MAX = 1 << 20
+"""Hard cap of one chunk (the gRPC message size the transport is configured for)."""
+LITERAL_MAX = CHUNK_MAX - (64 << 10)
+"""Largest raw literal in one token: its zstd frame plus token header still fits a chunk."""
+MAX_BLOCK_SIZE = 1 << 20
+ZSTD_LEVEL = 1
+"""Fast level: literals are mostly fresh memory pages or random data where ratio barely moves."""
+
+
+class Header(NamedTuple):
+    block_size: int
+    basis_length: int
+    basis_hash: bytes
+
+
+class Copy(NamedTuple):
+    index: int
+    count: int
+
+
+class Literal(NamedTuple):
+    data: bytes
+
+
+class End(NamedTuple):
+    length: int
+    digest: bytes
+
+
+Token = Copy | Literal | End
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+class WireWriter:
+    """Buffers tokens and hands out chunks; one instance per delta stream."""
+
+    def __init__(self, header: Header, *, level: int = ZSTD_LEVEL) -> None:
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._ready: list[bytes] = []
+        self._zstd = zstandard.ZstdCompressor(level=level, write_checksum=False)
+        self.wire_bytes = 0
+        self._add(
+            HEADER.pack(
+                MAGIC, VERSION, 0, header.block_size, header.basis_length, header.basis_hash
+            )
+        )
+
+    def copy(self, index: int, count: int) -> None:
+        self._add(bytes([TAG_COPY]) + _varint(index) + _varint(count))
+
+    def literal(self, raw: bytes | memoryview) -> None:
+        """Compress and append one literal of at most :data:`LITERAL_MAX` bytes."""
+        if len(raw) > LITERAL_MAX:
+            raise ValueError("literal too large for one token")
+        frame = self._zstd.compress(raw)
+        self.literal_frame(len(raw), frame)
+
+    def literal_frame(self, raw_length: int, frame: bytes) -> None:
+        """Append a literal compressed elsewhere (e.g. by a worker thread)."""
+        head = bytes([TAG_LITERAL]) + _varint(raw_length) + _varint(len(frame))
+        self._add(head, frame)
+
+    def end(self, length: int, digest: bytes) -> None:
+        self._add(bytes([TAG_END]) + END.pack(length, digest))
+        self._flush()
+
+    def drain(self) -> list[bytes]:
+        """Chunks completed so far (the caller yields them)."""
+        ready, self._ready = self._ready, []
+        return ready
+
+    def _add(self, *pieces: bytes) -> None:
+        size = sum(len(p) for p in pieces)
+        if self._size and self._size + size > CHUNK_MAX:
+            self._flush()
+        self._parts.extend(pieces)
+        self._size += size
+        if self._size >= CHUNK_TARGET:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._parts:
+            return
+        chunk = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        self._parts = []
+        self._size = 0
+        self.wire_bytes += len(chunk)
+        self._ready.append(chunk)
+
+
+class _ByteStream:
+    """Reads exact byte counts from a chunk iterator without joining the whole stream."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._buf: bytes | bytearray | memoryview = b""
+        self._pos = 0
+        self.consumed = 0
+
+    def _next_chunk(self) -> bool:
+        for chunk in self._chunks:
+            if not isinstance(chunk, bytes | bytearray | memoryview):
+                raise DeltaError(f"delta chunk has type {type(chunk).__name__}, expected bytes")
+            if len(chunk):
+                self._buf = chunk
+                self._pos = 0
+                return True
+        return False
+
+    def read(self, n: int) -> memoryview:
+        avail = len(self._buf) - self._pos
+        if avail >= n:
+            start = self._pos
+            self._pos += n
+            self.consumed += n
+            return memoryview(self._buf)[start : start + n]
+        out = bytearray(memoryview(self._buf)[self._pos :])
+        while len(out) < n:
+            if not self._next_chunk():
+                raise DeltaError("delta stream is truncated")
+            take = min(n - len(out), len(self._buf))
+            out += memoryview(self._buf)[:take]
+            self._pos = take
+        self.consumed += n
+        return memoryview(out)
+
+    def byte(self) -> int:
+        if self._pos >= len(self._buf) and not self._next_chunk():
+            raise DeltaError("delta stream is truncated")
+        value = self._buf[self._pos]
+        self._pos += 1
+        self.consumed += 1
+        return value
+
+    def varint(self) -> int:
+        value = 0
+        for shift in range(0, 63, 7):
+            byte = self.byte()
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+        raise DeltaError("delta stream has an over-long integer")
+
+    def at_end(self) -> bool:
+        return self._pos >= len(self._buf) and not self._next_chunk()
+
+
+class WireReader:
+    """Validating decoder: the header on construction, then tokens up to and including END."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._stream = _ByteStream(chunks)
+        self._zstd = zstandard.ZstdDecompressor()
+        raw = self._stream.read(HEADER.size)
+        magic, version, flags, block_size, basis_length, basis_hash = HEADER.unpack(raw)
+        if magic != MAGIC:
+            raise DeltaError("not a migctl delta stream (bad magic)")
+        if version != VERSION:
+            raise DeltaError(f"unsupported delta format version {version}; expected {VERSION}")
+        if flags != 0 or not 0 < block_size <= MAX_BLOCK_SIZE:
+            raise DeltaError("delta header is corrupted")
+        self.header = Header(block_size, basis_length, bytes(basis_hash))
+
+    @property
+    def wire_bytes(self) -> int:
+        return self._stream.consumed
+
+    def tokens(self) -> Iterator[Token]:
+        stream = self._stream
+        while True:
+            tag = stream.byte()
+            if tag == TAG_COPY:
+                index = stream.varint()
+                count = stream.varint()
+                if count == 0:
+                    raise DeltaError("delta has an empty copy instruction")
+                yield Copy(index, count)
+            elif tag == TAG_LITERAL:
+                yield Literal(self._literal())
+            elif tag == TAG_END:
+                length, digest = END.unpack(stream.read(END.size))
+                if not stream.at_end():
+                    raise DeltaError("delta stream has data after its end marker")
+                yield End(length, bytes(digest))
+                return
+            else:
+                raise DeltaError(f"delta stream has an unknown token 0x{tag:02x}")
+
+    def _literal(self) -> bytes:
+        stream = self._stream
+        raw_length = stream.varint()
+        frame_length = stream.varint()
+        if not 0 < raw_length <= LITERAL_MAX or not 0 < frame_length <= CHUNK_MAX:
+            raise DeltaError("delta literal has an impossible length")
+        frame = stream.read(frame_length)
+        try:
+            declared = zstandard.frame_content_size(frame)
+        except zstandard.ZstdError as exc:
+            raise DeltaError(f"delta literal is not a zstd frame: {exc}") from exc
+        if declared != raw_length:
+            raise DeltaError("delta literal has the wrong length")
+        try:
+            data = self._zstd.decompress(frame, max_output_size=raw_length)
+        except zstandard.ZstdError as exc:
+            raise DeltaError(f"delta literal does not decompress: {exc}") from exc
+        if len(data) != raw_length:
+            raise DeltaError("delta literal has the wrong length")
+        return data
