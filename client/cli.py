@@ -33,10 +33,11 @@ def render_event(ev: pb.MigrationEvent, out=sys.stderr) -> None:
               flush=True)
     elif kind == "transfer":
         t = ev.transfer
+        item = ", ".join(i[:19] if i.startswith("sha256:") else i for i in t.item.split(", "))
         if t.method == "skipped":
-            print(f"  {t.kind} {t.item[:19]}: already on the destination", file=out, flush=True)
+            print(f"  {t.kind} {item}: already on the destination", file=out, flush=True)
         else:
-            print(f"  {t.kind} {t.item} from {t.origin}: {_mb(t.bytes)} in {t.seconds:.2f} s "
+            print(f"  {t.kind} {item} from {t.origin}: {_mb(t.bytes)} in {t.seconds:.2f} s "
                   f"({t.method})", file=out, flush=True)
     elif kind == "log":
         print(f"  {ev.log}", file=out, flush=True)

@@ -302,6 +302,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     env = lsub.add_parser("env", help="print the shell line pointing `docker` at NODE's engine")
     env.add_argument("node")
     env.set_defaults(func=cmd_env)
+    toy = lsub.add_parser("toy", help="run the seed's toy container (toytsm) on NODE, "
+                          "replacing an earlier one there")
+    toy.add_argument("node")
+    toy.set_defaults(func=cmd_toy)
+
+
+def cmd_toy(args: argparse.Namespace) -> int:
+    import docker
+
+    from client import workloads
+
+    nodes = Lab().state().get("nodes", {})
+    if args.node not in nodes:
+        raise ClientError(f"no lab node {args.node!r} (lab nodes: {', '.join(nodes) or 'none'})")
+    client = docker.DockerClient(base_url=nodes[args.node]["docker_host"], timeout=120)
+    workloads.ensure_toy_image(client, MIGCTL_HOME / "cache")
+    workloads.remove_everywhere({args.node: client}, ["toytsm"], ["testrw", "testro"])
+    c = workloads.run_toy(client)
+    print(f"toytsm running on {args.node} ({c.id[:12]}): counting into volume testrw, "
+          "read-only volume testro")
+    return 0
 
 
 def cmd_up(args: argparse.Namespace) -> int:

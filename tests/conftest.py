@@ -12,8 +12,10 @@ from pathlib import Path
 import docker
 import pytest
 
+from client.api import MIGCTL_HOME
+
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("MIGCTL_HOME", "/var/lib/migctl")) / "cache"
+CACHE = MIGCTL_HOME / "cache"
 
 
 class LabHandle:

@@ -86,12 +86,15 @@ class Migration:
     def pull(self, kind: str, item: str, phase: int, fetch: Callable[[], int | DeltaStats],
              method: str) -> None:
         start = time.monotonic()
-        try:
-            result = fetch()
-        except grpc.RpcError as err:
-            raise peer_error(self.source_name, self.request.source_address, err) from err
+        result = self.guarded(fetch)
         self.report.transfer(kind, item, self.source_name, phase, result,
                              time.monotonic() - start, method)
+
+    def guarded(self, fn: Callable[[], object]) -> object:
+        try:
+            return fn()
+        except grpc.RpcError as err:
+            raise peer_error(self.source_name, self.request.source_address, err) from err
 
     # -- the phases -------------------------------------------------------------------------
 
@@ -180,8 +183,8 @@ class Migration:
                 self.runtime.load_image(dest)
                 return size
 
-            self.pull("layer", ", ".join(d[7:19] for d in missing) or spec.image_id[7:19],
-                      pb.PRE_COPY, fetch_image, "whole")
+            self.pull("layer", ", ".join(missing) or spec.image_id, pb.PRE_COPY, fetch_image,
+                      "whole")
         for diff_id in spec.diff_ids:
             if diff_id not in missing:
                 self.report.transfer("layer", diff_id, self.node, pb.PRE_COPY, 0, 0.0, "skipped")
@@ -203,13 +206,34 @@ class Migration:
         ckpt = self.call(self.source.Checkpoint, pb.CheckpointRequest(
             migration_id=self.migration_id, container=spec.id, name=PRE_CHECKPOINT,
             leave_running=True))
+        self.fetch_checkpoint(PRE_CHECKPOINT, ckpt, {}, pb.PRE_COPY)
         for f in ckpt.files:
-            local = self.area / f.path
-            self.fetch(f.path, local, f.digest, None, "checkpoint", Path(f.path).name,
-                       pb.PRE_COPY)
             final_rel = f.path.replace(f"/{PRE_CHECKPOINT}/", f"/{FINAL_CHECKPOINT}/", 1)
+            local = self.area / f.path
             bases[final_rel] = Basis(local, make_signature(local))
         return bases
+
+    def fetch_checkpoint(self, name: str, ckpt: pb.CheckpointReply, bases: dict[str, Basis],
+                         phase: int) -> None:
+        """All files of a checkpoint, reported as one transfer; files the destination holds an
+        older copy of travel as deltas."""
+        start = time.monotonic()
+        total = DeltaStats(literal_bytes=0, matched_bytes=0, wire_bytes=0, new_size=0)
+        for f in ckpt.files:
+            basis = bases.get(f.path)
+            got = self.guarded(lambda f=f, basis=basis: self.get(f.path, self.area / f.path,
+                                                                 f.digest, basis))
+            if isinstance(got, DeltaStats):
+                total.literal_bytes += got.literal_bytes
+                total.matched_bytes += got.matched_bytes
+                total.wire_bytes += got.wire_bytes
+            else:
+                total.literal_bytes += got
+                total.wire_bytes += got
+            total.new_size += f.size
+        self.report.transfer("checkpoint", f"{name} ({len(ckpt.files)} files)", self.source_name,
+                             phase, total, time.monotonic() - start,
+                             "delta" if bases else "whole")
 
     def local_volume_basis(self, name: str) -> Basis | None:
         """A volume this node already holds (a stale copy) is a good basis for its snapshot."""
@@ -219,22 +243,19 @@ class Migration:
         archive.snapshot(self.runtime.volume_path(name), path)
         return Basis(path, make_signature(path))
 
+    def get(self, rel: str, dest: Path, expect: str, basis: Basis | None) -> int | DeltaStats:
+        if basis is None:
+            return fetch_whole(self.source, self.migration_id, rel, dest, expect)
+        return fetch_delta(self.source, self.migration_id, rel, basis.path, basis.signature, dest)
+
     def fetch(self, rel: str, dest: Path, expect: str, basis: Basis | None, kind: str,
               item: str, phase: int) -> None:
-        if basis is None:
-            self.pull(kind, item, phase,
-                      lambda: fetch_whole(self.source, self.migration_id, rel, dest, expect),
-                      "whole")
-        else:
-            self.pull(kind, item, phase,
-                      lambda: fetch_delta(self.source, self.migration_id, rel, basis.path,
-                                          basis.signature, dest), "delta")
+        self.pull(kind, item, phase, lambda: self.get(rel, dest, expect, basis),
+                  "whole" if basis is None else "delta")
 
     def final_sync(self, spec: pb.ContainerSpec, final: pb.CheckpointReply,
                    bases: dict[str, Basis]) -> None:
-        for f in final.files:
-            self.fetch(f.path, self.area / f.path, f.digest, bases.get(f.path), "checkpoint",
-                       Path(f.path).name, pb.FINAL_SYNC)
+        self.fetch_checkpoint(FINAL_CHECKPOINT, final, bases, pb.FINAL_SYNC)
         for vol in spec.volumes:
             if vol.read_only:
                 continue

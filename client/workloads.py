@@ -1,4 +1,4 @@
-"""Test workloads built locally (no registry): a busybox base image and the seed's toys.
+"""Lab workloads built locally (no registry): a busybox base image and the seed's toys.
 
 The base image's tar is deterministic, so importing it on two nodes yields the same layer and
 the "already there" path of layer transfer can be exercised.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
+import subprocess
 import tarfile
 import tempfile
 import time
@@ -30,8 +31,6 @@ def busybox_rootfs(cache: Path) -> Path:
     busybox = shutil.which("busybox")
     assert busybox, "busybox-static is missing: run scripts/setup.sh"
     cache.mkdir(parents=True, exist_ok=True)
-    import subprocess
-
     applets = subprocess.run([busybox, "--list"], capture_output=True, text=True,
                              check=True).stdout.split()
     tmp = out.with_suffix(".part")
