@@ -1,0 +1,219 @@
+"""A small certificate authority for a lab or cluster: one CA, a certificate per node and client.
+
+Layout (what `agent.security.TLSFiles.from_dir` reads): `ca.crt`, `ca.key`, `<name>.crt`,
+`<name>.key`. Keys are EC P-256 (the curve every gRPC/BoringSSL build accepts) written 0600.
+
+Node certificates serve *and* call (agents pull from each other), so they carry serverAuth and
+clientAuth plus the DNS SANs `<node>` and `migctl` (the fixed name clients verify, see
+`agent.security`). Client certificates carry clientAuth and `<client>` only, so they cannot pose
+as an agent.
+
+`init` is idempotent so it can run on every `lab up` or deploy: the CA is reused, certificates
+that are still good are kept, only new names (or ones unusable with this CA) get issued. The CA
+key is read only when something must be signed, so it may live offline once all certs exist.
+
+CLI: `python -m agent.certs DIR NODE... [--client NAME]... [--days N] [--force]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import re
+import secrets
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from agent.errors import FailedPrecondition, InvalidArgument
+from agent.security import TARGET_NAME
+
+CA_DAYS = 3650  # the CA outlives the certificates it signs, or they would all expire with it
+_SKEW = dt.timedelta(minutes=5)  # tolerate nodes whose clocks lag the one that issued
+_RENEW_BEFORE = dt.timedelta(days=1)  # reissue a cert about to expire rather than keep it
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_NODE_EKU = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+_CLIENT_EKU = [ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+def init(directory: Path, nodes: Sequence[str], clients: Sequence[str] = ("client",),
+         days: int = 825, force: bool = False) -> None:
+    """Create or complete the CA in `directory` and a certificate for each node and client.
+
+    `force` regenerates the CA and every listed certificate (certificates of names not listed
+    keep the old CA and stop being trusted).
+    """
+    directory = Path(directory)
+    _check_names(nodes, clients)
+    if days < 1:
+        raise InvalidArgument(f"days must be at least 1, not {days}")
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_crt, ca_key_path = directory / "ca.crt", directory / "ca.key"
+
+    ca_key: ec.EllipticCurvePrivateKey | None = None
+    if force or not ca_crt.exists():
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_cert = _make_ca(ca_key, max(days, CA_DAYS))
+        _write(ca_key_path, _key_pem(ca_key), 0o600)  # key first: a cert never lacks its key
+        _write(ca_crt, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    else:
+        try:
+            ca_cert = x509.load_pem_x509_certificate(ca_crt.read_bytes())
+        except ValueError as e:
+            raise FailedPrecondition(f"{ca_crt} is not a PEM certificate ({e}); "
+                                     f"restore it or pass force=True (--force)") from e
+
+    roles = [(n, _NODE_EKU, [n, TARGET_NAME]) for n in nodes]
+    roles += [(c, _CLIENT_EKU, [c]) for c in clients]
+    for name, eku, sans in roles:
+        crt, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+        if not force and _usable(crt, key_path, ca_cert, eku):
+            continue
+        if ca_key is None:
+            ca_key = _load_ca_key(ca_key_path)
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _make_leaf(name, sans, eku, key, ca_cert, ca_key, days)
+        _write(key_path, _key_pem(key), 0o600)
+        _write(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def _check_names(nodes: Sequence[str], clients: Sequence[str]) -> None:
+    """Names become file names and DNS SANs: keep them to one safe path component."""
+    if isinstance(nodes, str) or isinstance(clients, str):
+        raise InvalidArgument("nodes and clients are lists of names, not a single string")
+    names = [*nodes, *clients]
+    for n in names:
+        if not _NAME.fullmatch(n) or n in ("ca", TARGET_NAME):
+            raise InvalidArgument(
+                f"invalid certificate name {n!r}: use letters, digits, '.', '_', '-' "
+                f"(max 63, not 'ca' or {TARGET_NAME!r})")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InvalidArgument(f"names listed twice (a node and a client share files): {dup}")
+
+
+def _usable(crt: Path, key_path: Path, ca_cert: x509.Certificate,
+            eku: list[x509.ObjectIdentifier]) -> bool:
+    """Keep an existing pair only if this CA signed it, it matches its key and role, and lasts."""
+    if not (crt.is_file() and key_path.is_file()):
+        return False
+    try:
+        cert = x509.load_pem_x509_certificate(crt.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        cert.verify_directly_issued_by(ca_cert)
+        roles = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except (ValueError, TypeError, UnsupportedAlgorithm, InvalidSignature,
+            x509.ExtensionNotFound):
+        return False
+    same_key = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) == cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    fresh = cert.not_valid_after_utc - _RENEW_BEFORE > _now()
+    return same_key and fresh and set(roles) == set(eku)
+
+
+def _load_ca_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    if not path.is_file():
+        raise FailedPrecondition(
+            f"{path} is missing but new certificates must be signed: put the CA key back, "
+            f"or pass force=True (--force) to start a new CA and reissue every certificate")
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise FailedPrecondition(f"{path} is not an EC private key")
+    return key
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _make_ca(key: ec.EllipticCurvePrivateKey, days: int) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "migctl CA")])
+    now = _now()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _SKEW).not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=False, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def _make_leaf(name: str, sans: list[str], eku: list[x509.ObjectIdentifier],
+               key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
+               ca_key: ec.EllipticCurvePrivateKey, days: int) -> x509.Certificate:
+    now = _now()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _SKEW).not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(s) for s in sans]),
+                       critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Atomic replace; the mode is set before any byte lands, so a key is never world-readable."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
+            os.fchmod(f.fileno(), mode)  # os.open's mode is filtered by the umask
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m agent.certs", description=__doc__.split("\n")[0])
+    p.add_argument("directory", type=Path, help="where ca.crt, <name>.crt and <name>.key go")
+    p.add_argument("nodes", nargs="+", help="node names (server+client certificates)")
+    p.add_argument("--client", action="append", dest="clients",
+                   help="client name (repeatable; default: client)")
+    p.add_argument("--days", type=int, default=825, help="validity of issued certificates")
+    p.add_argument("--force", action="store_true", help="new CA, reissue every listed cert")
+    args = p.parse_args(argv)
+    try:
+        init(args.directory, args.nodes, args.clients or ["client"], args.days, args.force)
+    except (InvalidArgument, FailedPrecondition) as e:
+        sys.exit(f"certs: {e}")
+
+
+if __name__ == "__main__":
+    main()
