@@ -9,6 +9,7 @@ loop per byte would be ~1000x slower than rsync's C loop.
 
 from __future__ import annotations
 
+import functools
 import mmap
 
 import numpy as np
@@ -95,11 +96,17 @@ def _block_weak(blocks: np.ndarray) -> np.ndarray:
 
 
 def weak_of(data: BytesLike) -> int:
-    """Weak sum of one buffer of any length (the basis's partial last block)."""
+    """Weak sum of one buffer of any length (one changed block, the basis's short tail)."""
     x = np.frombuffer(data, dtype=np.uint8)
-    if x.shape[0] == 0:
-        return 0
-    return int(block_weak(x.reshape(1, -1))[0])
+    n = x.shape[0]
+    a = int(x.sum(dtype=np.uint64))
+    b = int(x @ _descending(n))
+    return (a & 0xFFFF) | ((b & 0xFFFF) << 16)
+
+
+@functools.cache
+def _descending(n: int) -> np.ndarray:
+    return np.arange(n, 0, -1, dtype=np.int64)
 
 
 def strong_hashes(view: memoryview, start: int, count: int, block_size: int) -> bytes:

@@ -34,6 +34,7 @@ from agent.delta.checksum import (
     rolling_weak,
     strong_digest,
     strong_hashes,
+    weak_of,
 )
 from agent.delta.signature import EMPTY_HASH, Signature
 from agent.delta.stats import DeltaStats
@@ -64,10 +65,20 @@ class _BlockIndex:
         self._shift = np.uint32(32 - bits)
         self._table = np.zeros(1 << bits, dtype=bool)
         self._table[(weak * _MIX) >> self._shift] = True
-        self._order = np.argsort(weak, kind="stable")
-        self._sorted = weak[self._order]
+        keys = (weak.astype(np.uint64) << np.uint64(32)) | np.arange(n, dtype=np.uint64)
+        keys.sort()  # by weak sum, then block index: deterministic and faster than argsort
+        self._order = (keys & np.uint64(0xFFFFFFFF)).astype(np.intp)
+        self._sorted = (keys >> np.uint64(32)).astype(np.uint32)
         self._strong = sig.strong[:n].tobytes()
         self._by_strong: dict[bytes, int] | None = None
+
+    def lookup(self, weak: int) -> tuple[int, int]:
+        """Table range of the blocks with one weak sum (empty if none)."""
+        lo = int(np.searchsorted(self._sorted, np.uint32(weak), "left"))
+        hi = lo
+        while hi < self.n and self._sorted[hi] == weak:
+            hi += 1
+        return lo, hi
 
     def candidates(self, weak: np.ndarray) -> tuple[list[int], list[int], list[int]]:
         """Offsets (into ``weak``) whose sum occurs in the basis, with their table ranges."""
@@ -177,6 +188,12 @@ class _Matcher:
         strong = self.strong_bytes
         view = self.view
         prefer_ok = 0 <= prefer < self.basis_full
+        if limit - start == L:  # one offset (a single changed block): skip the prefix sums
+            digest = strong_digest(view[start:limit])
+            if prefer_ok and strong[prefer * STRONG_SIZE : (prefer + 1) * STRONG_SIZE] == digest:
+                return start, prefer
+            j = index.confirm(digest, *index.lookup(weak_of(view[start:limit])))
+            return None if j is None else (start, j)
         o = start
         window = FIRST_WINDOW
         while o + L <= limit:

@@ -24,6 +24,7 @@ from agent.delta.wire import Copy, End, Header, Literal, WireReader
 from agent.errors import DeltaError
 
 _HASH_STEP = 8 << 20
+_WRITE_STEP = 2 << 20
 _NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
 
 
@@ -52,10 +53,17 @@ class _BasisCheck(threading.Thread):
 
 
 class _Rebuild:
-    def __init__(self, header: Header, basis_fd: int | None, out_fd: int) -> None:
+    """Writes the output; opens the temporary file only once there is something to write.
+
+    When the basis *is* the output file and the delta turns out to be "all of the basis, in
+    order", nothing is written at all: the file already holds the result.
+    """
+
+    def __init__(self, header: Header, basis_fd: int | None, tmp_path: str, lazy: bool) -> None:
         self.header = header
         self.basis_fd = basis_fd
-        self.out_fd = out_fd
+        self.tmp_path = tmp_path
+        self.out_fd = -1
         self.size = header.basis_length
         self.mm: mmap.mmap | None = None
         self.view: memoryview | None = None
@@ -66,9 +74,23 @@ class _Rebuild:
         self.hasher = xxhash.xxh3_128()
         self.written = 0
         self.pending: tuple[int, int] | None = None  # basis prefix copied but not yet hashed
+        self.deferred = 0  # bytes of that prefix not copied yet either (lazy mode)
         self.use_copy_file_range = hasattr(os, "copy_file_range")
+        if not lazy:
+            self.open_output()
+
+    def open_output(self) -> int:
+        if self.out_fd < 0:
+            self.out_fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            if self.deferred:
+                self._copy_range(0, 0, self.deferred)
+                self.deferred = 0
+        return self.out_fd
 
     def close(self) -> None:
+        if self.out_fd >= 0:
+            os.close(self.out_fd)
+            self.out_fd = -1
         if self.view is not None:
             self.view.release()
         if self.mm is not None:
@@ -83,18 +105,27 @@ class _Rebuild:
             )
         start = token.index * bs
         stop = min(self.size, (token.index + token.count) * bs)
-        self._copy_range(start, stop - start)
         if self.pending is not None and self.pending[1] == start:
             self.pending = (self.pending[0], stop)
         elif self.written == 0 and start == 0:
             self.pending = (0, stop)
         else:
+            self.open_output()
             self.flush_hash()
-            self._hash_basis(start, stop)
+            self._hash_and_write(start, stop)
+            self.written += stop - start
+            return stop - start
+        # A prefix identical to the basis may never need hashing (see identity()): let the
+        # kernel copy it without it passing through user space, or not copy it at all yet.
+        if self.out_fd < 0:
+            self.deferred = stop
+        else:
+            self._copy_range(start, self.written, stop - start)
         self.written += stop - start
         return stop - start
 
     def literal(self, token: Literal) -> int:
+        self.open_output()
         self.flush_hash()
         data = memoryview(token.data)
         done = 0
@@ -120,9 +151,22 @@ class _Rebuild:
             self.hasher.update(self.view[off:end])
             release(self.mm, off, end)
 
-    def _copy_range(self, start: int, length: int) -> None:
+    def _hash_and_write(self, start: int, stop: int) -> None:
+        """Hash then write each piece while it is still in cache: one pass over the basis."""
+        assert self.view is not None and self.mm is not None
+        dst = self.written
+        for off in range(start, stop, _WRITE_STEP):
+            piece = self.view[off : min(stop, off + _WRITE_STEP)]
+            self.hasher.update(piece)
+            done = 0
+            while done < len(piece):
+                done += os.pwrite(self.out_fd, piece[done:], dst + done)
+            dst += len(piece)
+            release(self.mm, off, off + len(piece))
+
+    def _copy_range(self, start: int, dst: int, length: int) -> None:
         assert self.basis_fd is not None and self.view is not None
-        src, dst, left = start, self.written, length
+        src, left = start, length
         while left and self.use_copy_file_range:
             try:
                 done = os.copy_file_range(self.basis_fd, self.out_fd, left, src, dst)
@@ -164,11 +208,11 @@ def patch_stream(
         except FileNotFoundError as exc:
             raise DeltaError(f"basis file {os.fspath(basis_path)!r} does not exist") from exc
     tmp_path = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.delta-tmp")
-    out_fd = -1
     rebuild: _Rebuild | None = None
     check: _BasisCheck | None = None
     try:
-        basis_size = os.fstat(basis_fd).st_size if basis_fd is not None else 0
+        basis_stat = os.fstat(basis_fd) if basis_fd is not None else None
+        basis_size = basis_stat.st_size if basis_stat is not None else 0
         if basis_size != header.basis_length:
             raise DeltaError(
                 f"wrong basis: it has {basis_size} bytes but the delta was made against "
@@ -176,8 +220,8 @@ def patch_stream(
             )
         if header.basis_length == 0 and header.basis_hash != EMPTY_HASH:
             raise DeltaError("delta header is corrupted (empty basis with a non-empty hash)")
-        out_fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        rebuild = _Rebuild(header, basis_fd, out_fd)
+        in_place = basis_stat is not None and _same_file(basis_stat, out_path)
+        rebuild = _Rebuild(header, basis_fd, tmp_path, lazy=in_place and verify_basis)
         if verify_basis and rebuild.mm is not None:
             check = _BasisCheck(rebuild.mm)
         stats = DeltaStats()
@@ -205,20 +249,18 @@ def patch_stream(
             digest = rebuild.hasher.digest()
         if digest != end.digest:
             raise DeltaError("rebuilt file does not match the delta's checksum")
+        stats.wire_bytes = reader.wire_bytes
+        stats.new_size = rebuild.written
+        if in_place and rebuild.identity() and rebuild.out_fd < 0:
+            return stats  # out_path already is the verified result
+        out_fd = rebuild.open_output()
         if fsync:
             os.fsync(out_fd)
         _copy_mode(out_path, out_fd)
-        os.close(out_fd)
-        out_fd = -1
         os.replace(tmp_path, out_path)
-        stats.wire_bytes = reader.wire_bytes
-        stats.new_size = rebuild.written
         return stats
     except BaseException:
-        if out_fd >= 0:
-            os.close(out_fd)
-            out_fd = -1
-        if os.path.lexists(tmp_path):
+        if rebuild is not None and rebuild.out_fd >= 0 and os.path.lexists(tmp_path):
             os.unlink(tmp_path)
         raise
     finally:
@@ -228,6 +270,13 @@ def patch_stream(
             rebuild.close()
         if basis_fd is not None:
             os.close(basis_fd)
+
+
+def _same_file(basis_stat: os.stat_result, out_path: str) -> bool:
+    try:
+        return os.path.samestat(basis_stat, os.stat(out_path))
+    except FileNotFoundError:
+        return False
 
 
 def _copy_mode(out_path: str, out_fd: int) -> None:
