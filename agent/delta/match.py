@@ -307,9 +307,15 @@ class _Matcher:
                             if found is None:
                                 no_roll_until = p + PROBE_BYTES + skip
                                 skip = min(skip * 2, SKIP_MAX)
-                        if found is None:
-                            self.literal(p, pos + count * L)
-                            continue
+                        if found is None:  # literal up to the next probe, then re-batch
+                            stop = count
+                            if no_roll_until < pos + count * L:
+                                stop = max(k + 1, -(-(no_roll_until - pos) // L))
+                            self.literal(p, pos + stop * L)
+                            pos += stop * L
+                            jnext += stop
+                            advanced = True
+                            break
                     self.literal(p, found[0])
                     pos, jnext = found
                     skip = SKIP_MIN

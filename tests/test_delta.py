@@ -1,0 +1,420 @@
+"""The delta engine rebuilds files exactly, sends little for small edits, and rejects bad input."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.delta import (
+    DeltaStats,
+    Signature,
+    delta_stream,
+    local_delta,
+    make_signature,
+    patch_stream,
+)
+from agent.delta.checksum import block_weak, rolling_weak, weak_of
+from agent.delta.wire import CHUNK_MAX
+from agent.errors import DeltaError
+
+ROOT = Path(__file__).resolve().parents[1]
+KIB = 1024
+
+
+def rand(n: int, seed: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+def roundtrip(d: Path, basis: bytes | None, new: bytes, block_size: int = 4096) -> DeltaStats:
+    basis_path = None
+    if basis is not None:
+        basis_path = d / "basis"
+        basis_path.write_bytes(basis)
+    (d / "new").write_bytes(new)
+    stats = local_delta(basis_path, d / "new", d / "out", block_size=block_size)
+    assert (d / "out").read_bytes() == new
+    assert stats.new_size == len(new)
+    assert stats.literal_bytes + stats.matched_bytes == len(new)
+    assert [p.name for p in d.iterdir() if "tmp" in p.name] == []
+    return stats
+
+
+def delta_chunks(d: Path, basis: bytes, new: bytes, block_size: int = 4096) -> list[bytes]:
+    (d / "basis").write_bytes(basis)
+    (d / "new").write_bytes(new)
+    return list(delta_stream(make_signature(d / "basis", block_size), d / "new"))
+
+
+# -- property tests: exact reconstruction -------------------------------------------------------
+
+edit = st.one_of(
+    st.tuples(st.just("insert"), st.floats(0, 1), st.binary(min_size=1, max_size=300)),
+    st.tuples(st.just("delete"), st.floats(0, 1), st.integers(1, 300)),
+    st.tuples(st.just("replace"), st.floats(0, 1), st.binary(min_size=1, max_size=300)),
+    st.tuples(st.just("move"), st.floats(0, 1), st.floats(0, 1), st.integers(1, 500)),
+    st.tuples(st.just("repeat"), st.floats(0, 1), st.integers(1, 200), st.integers(2, 5)),
+)
+
+
+def apply_edits(data: bytes, edits: list[tuple]) -> bytes:
+    out = bytearray(data)
+    for e in edits:
+        at = int(e[1] * len(out))
+        if e[0] == "insert":
+            out[at:at] = e[2]
+        elif e[0] == "delete":
+            del out[at : at + e[2]]
+        elif e[0] == "replace":
+            out[at : at + len(e[2])] = e[2]
+        elif e[0] == "move":
+            piece = bytes(out[at : at + e[3]])
+            del out[at : at + e[3]]
+            to = int(e[2] * len(out))
+            out[to:to] = piece
+        else:
+            out[at:at] = bytes(out[at : at + e[2]]) * e[3]
+    return bytes(out)
+
+
+basis_data = st.one_of(
+    st.binary(max_size=3000),  # low entropy: lots of repeated content
+    st.builds(rand, st.integers(0, 5000), st.integers(0, 2**32 - 1)),
+)
+small_settings = settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@small_settings
+@given(basis=basis_data, edits=st.lists(edit, max_size=6), block_size=st.sampled_from([8, 16, 64]))
+def test_rebuilds_edited_file_exactly(basis: bytes, edits: list, block_size: int) -> None:
+    new = apply_edits(basis, edits)
+    with tempfile.TemporaryDirectory() as d:
+        roundtrip(Path(d), basis, new, block_size)
+
+
+@small_settings
+@given(
+    basis=st.one_of(st.none(), basis_data),
+    new=basis_data,
+    block_size=st.sampled_from([16, 64, 4096]),
+)
+def test_rebuilds_unrelated_file_exactly(basis: bytes | None, new: bytes, block_size: int) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        roundtrip(Path(d), basis, new, block_size)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), edits=st.lists(edit, min_size=1, max_size=8))
+def test_rebuilds_edited_large_file_with_4k_blocks(seed: int, edits: list) -> None:
+    basis = rand(300 * KIB + seed % 5000, seed)
+    new = apply_edits(basis, edits)
+    with tempfile.TemporaryDirectory() as d:
+        stats = roundtrip(Path(d), basis, new)
+    changed = sum(len(e[2]) if e[0] in ("insert", "replace") else 0 for e in edits)
+    assert stats.matched_bytes >= len(new) - changed - 2 * 4096 * (len(edits) + 1)
+
+
+@pytest.mark.parametrize(
+    ("basis", "new"),
+    [
+        (b"", b""),
+        (b"", b"abc"),
+        (b"abc", b""),
+        (b"x" * 4096, b"x" * 4096),
+        (b"x" * 4095, b"x" * 4097),
+        (b"x" * 4097, b"x" * 4095),
+        (rand(4096 * 3 + 1, 1), rand(4096 * 3 + 1, 1)[:-1]),
+        (rand(4096 * 3 + 1, 1), rand(4096 * 3 + 1, 1) + b"tail"),
+    ],
+)
+def test_edge_sizes(tmp_path: Path, basis: bytes, new: bytes) -> None:
+    roundtrip(tmp_path, basis, new)
+
+
+def test_no_basis_sends_compressed_whole_file(tmp_path: Path) -> None:
+    new = b"migctl checkpoint page " * 20000
+    stats = roundtrip(tmp_path, None, new)
+    assert stats.literal_bytes == len(new)
+    assert stats.wire_bytes < len(new) // 20
+
+
+# -- behaviour: what gets matched ---------------------------------------------------------------
+
+
+def test_changed_pages_are_the_only_literals(tmp_path: Path) -> None:
+    basis = rand(1024 * KIB, 7)
+    new = bytearray(basis)
+    for page in (3, 100, 101, 200):
+        new[page * 4096 : (page + 1) * 4096] = rand(4096, page)
+    stats = roundtrip(tmp_path, basis, bytes(new))
+    assert stats.literal_bytes == 4 * 4096
+    assert stats.matched_bytes == len(basis) - 4 * 4096
+    assert stats.wire_bytes < 4 * 4096 + 512
+
+
+def test_insertion_is_matched_at_unaligned_offsets(tmp_path: Path) -> None:
+    basis = rand(1024 * KIB, 8)
+    at = 512 * KIB + 1234
+    new = basis[:at] + rand(100, 9) + basis[at:]
+    stats = roundtrip(tmp_path, basis, new)
+    assert stats.matched_bytes >= len(basis) - 4096
+    assert stats.literal_bytes <= 4096 + 100
+    assert stats.wire_bytes < 8 * KIB
+
+
+def test_deletion_is_matched_at_unaligned_offsets(tmp_path: Path) -> None:
+    basis = rand(1024 * KIB, 10)
+    new = basis[:300_001] + basis[300_101:]
+    stats = roundtrip(tmp_path, basis, new)
+    assert stats.matched_bytes >= len(new) - 4096
+
+
+def test_match_found_after_a_long_unrelated_prefix(tmp_path: Path) -> None:
+    basis = rand(2048 * KIB, 11)
+    new = rand(700 * KIB + 17, 12) + basis
+    stats = roundtrip(tmp_path, basis, new)
+    assert stats.matched_bytes >= len(basis) * 3 // 4
+
+
+def test_repeated_blocks_batch_into_few_copy_runs(tmp_path: Path) -> None:
+    basis = bytes(1024 * KIB)
+    stats = roundtrip(tmp_path, basis, b"header" + basis)
+    assert stats.matched_bytes >= len(basis) - 4096
+    assert stats.wire_bytes < 200
+
+
+def test_unrelated_data_goes_out_as_literals(tmp_path: Path) -> None:
+    stats = roundtrip(tmp_path, rand(512 * KIB, 13), rand(512 * KIB, 14))
+    assert stats.matched_bytes == 0
+    assert stats.wire_bytes < 512 * KIB * 101 // 100
+
+
+def test_delta_chunks_are_bounded_and_the_receiver_ignores_chunk_boundaries(
+    tmp_path: Path,
+) -> None:
+    basis = rand(3 * 1024 * KIB, 15)
+    new = rand(3 * 1024 * KIB, 16)[:1_500_000] + basis[1_000_000:]
+    chunks = delta_chunks(tmp_path, basis, new)
+    assert len(chunks) > 1
+    assert all(0 < len(c) <= CHUNK_MAX for c in chunks)
+    stream = b"".join(chunks)
+    cuts = sorted(random.Random(1).sample(range(1, len(stream)), 300))
+    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    patch_stream(tmp_path / "basis", [b""] + pieces, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == new
+
+
+def test_in_place_patch_replaces_the_basis(tmp_path: Path) -> None:
+    basis = rand(200 * KIB, 17)
+    for new in (basis, basis[:1000] + b"!" + basis[1000:], basis[: 100 * KIB]):
+        (tmp_path / "f").write_bytes(basis)
+        (tmp_path / "n").write_bytes(new)
+        sig = make_signature(tmp_path / "f")
+        patch_stream(tmp_path / "f", delta_stream(sig, tmp_path / "n"), tmp_path / "f")
+        assert (tmp_path / "f").read_bytes() == new
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "n"]
+
+
+def test_patch_keeps_the_mode_of_the_replaced_file(tmp_path: Path) -> None:
+    chunks = delta_chunks(tmp_path, b"a" * 5000, b"b" * 5000)
+    (tmp_path / "out").write_bytes(b"old")
+    os.chmod(tmp_path / "out", 0o640)
+    patch_stream(tmp_path / "basis", chunks, tmp_path / "out")
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o640
+
+
+def test_sender_and_receiver_stats_agree(tmp_path: Path) -> None:
+    basis = rand(100 * KIB, 18)
+    new = basis[:5000] + rand(3000, 19) + basis[5000:]
+    (tmp_path / "basis").write_bytes(basis)
+    (tmp_path / "new").write_bytes(new)
+    sent = DeltaStats()
+    got = patch_stream(
+        tmp_path / "basis",
+        delta_stream(make_signature(tmp_path / "basis"), tmp_path / "new", stats=sent),
+        tmp_path / "out",
+    )
+    assert got == sent
+
+
+def test_abandoned_delta_generator_cleans_up(tmp_path: Path) -> None:
+    (tmp_path / "basis").write_bytes(rand(100 * KIB, 20))
+    (tmp_path / "new").write_bytes(rand(3 * 1024 * KIB, 21))
+    stream = delta_stream(make_signature(tmp_path / "basis"), tmp_path / "new")
+    next(stream)
+    stream.close()
+
+
+# -- checksums and signatures -------------------------------------------------------------------
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.binary(min_size=1, max_size=600), block_size=st.integers(1, 130))
+def test_rolling_weak_matches_the_per_block_definition(data: bytes, block_size: int) -> None:
+    x = np.frombuffer(data, dtype=np.uint8)
+    weak = rolling_weak(x, block_size)
+    assert len(weak) == max(0, len(data) - block_size + 1)
+    for k in range(len(weak)):
+        block = data[k : k + block_size]
+        a = sum(block) & 0xFFFF
+        b = sum((block_size - i) * v for i, v in enumerate(block)) & 0xFFFF
+        assert int(weak[k]) == a | (b << 16) == weak_of(block)
+    whole = len(data) // block_size
+    if whole:
+        aligned = block_weak(x[: whole * block_size].reshape(whole, block_size))
+        assert np.array_equal(aligned, weak[::block_size][:whole])
+
+
+def test_signature_round_trips_through_bounded_chunks(tmp_path: Path) -> None:
+    (tmp_path / "basis").write_bytes(rand(1024 * KIB + 5, 22))
+    sig = make_signature(tmp_path / "basis", 16)
+    chunks = list(sig.to_chunks())
+    assert len(chunks) > 1 and all(len(c) <= 1 << 20 for c in chunks)
+    stream = b"".join(chunks)
+    back = Signature.from_chunks(stream[i : i + 99991] for i in range(0, len(stream), 99991))
+    assert (back.block_size, back.basis_length, back.basis_hash) == (
+        sig.block_size,
+        sig.basis_length,
+        sig.basis_hash,
+    )
+    assert np.array_equal(back.weak, sig.weak) and np.array_equal(back.strong, sig.strong)
+    empty = Signature.from_chunks(Signature.empty().to_chunks())
+    assert empty.basis_length == 0 and empty.block_count == 0
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda s: s[:-1],
+        lambda s: s[:30],
+        lambda s: b"",
+        lambda s: s + b"\0",
+        lambda s: b"XXXX" + s[4:],
+        lambda s: s[:4] + b"\x09" + s[5:],
+        lambda s: s[:50] + bytes([s[50] ^ 1]) + s[51:],
+        lambda s: s[:-3] + bytes([s[-3] ^ 0x80]) + s[-2:],
+    ],
+)
+def test_damaged_signature_is_rejected(tmp_path: Path, damage) -> None:
+    (tmp_path / "basis").write_bytes(rand(20 * KIB, 23))
+    good = b"".join(make_signature(tmp_path / "basis").to_chunks())
+    with pytest.raises(DeltaError):
+        Signature.from_chunks([damage(good)])
+
+
+# -- corruption, truncation and the wrong basis -------------------------------------------------
+
+
+def corrupt_setup(d: Path) -> bytes:
+    basis = rand(64 * KIB, 24)
+    new = basis[:10_000] + b"inserted" * 100 + basis[10_000:50_000] + rand(5000, 25)
+    return b"".join(delta_chunks(d, basis, new))
+
+
+def assert_rejected(d: Path, chunks: list[bytes], basis: Path | None = None) -> None:
+    (d / "out").write_bytes(b"previous contents")
+    with pytest.raises(DeltaError):
+        patch_stream(d / "basis" if basis is None else basis, chunks, d / "out")
+    assert (d / "out").read_bytes() == b"previous contents"
+    assert sorted(p.name for p in d.iterdir()) == ["basis", "new", "out"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(position=st.floats(0, 1, exclude_max=True), xor=st.integers(1, 255))
+def test_any_flipped_byte_is_rejected(position: float, xor: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        stream = bytearray(corrupt_setup(d))
+        stream[int(position * len(stream))] ^= xor
+        assert_rejected(d, [bytes(stream)])
+
+
+def test_every_truncation_is_rejected(tmp_path: Path) -> None:
+    stream = corrupt_setup(tmp_path)
+    cuts = {0, 1, 33, 34, 35, len(stream) - 1, len(stream) - 17}
+    cuts |= set(random.Random(2).sample(range(len(stream)), 40))
+    for cut in sorted(cuts):
+        assert_rejected(tmp_path, [stream[:cut]])
+
+
+def test_trailing_garbage_and_junk_streams_are_rejected(tmp_path: Path) -> None:
+    stream = corrupt_setup(tmp_path)
+    assert_rejected(tmp_path, [stream, b"\0"])
+    assert_rejected(tmp_path, [os.urandom(5000)])
+    assert_rejected(tmp_path, [])
+    assert_rejected(tmp_path, [stream[:40], "not bytes"])  # type: ignore[list-item]
+
+
+def test_wrong_basis_is_rejected_before_anything_is_replaced(tmp_path: Path) -> None:
+    stream = corrupt_setup(tmp_path)
+    basis = (tmp_path / "basis").read_bytes()
+    other = tmp_path / "other"
+    for wrong in (basis[:-1], basis + b"x", bytes(len(basis)), basis[:-1] + b"\0"):
+        other.write_bytes(wrong)
+        (tmp_path / "out").write_bytes(b"previous contents")
+        with pytest.raises(DeltaError, match="wrong basis"):
+            patch_stream(other, [stream], tmp_path / "out")
+        assert (tmp_path / "out").read_bytes() == b"previous contents"
+    other.unlink()
+    with pytest.raises(DeltaError, match="wrong basis"):
+        patch_stream(None, [stream], tmp_path / "out")
+    with pytest.raises(DeltaError, match="does not exist"):
+        patch_stream(tmp_path / "missing", [stream], tmp_path / "out")
+
+
+def test_wrong_basis_is_caught_by_the_result_hash_without_basis_check(tmp_path: Path) -> None:
+    stream = corrupt_setup(tmp_path)
+    basis = bytearray((tmp_path / "basis").read_bytes())
+    basis[20_000] ^= 1
+    (tmp_path / "other").write_bytes(basis)
+    with pytest.raises(DeltaError, match="checksum"):
+        patch_stream(tmp_path / "other", [stream], tmp_path / "out", verify_basis=False)
+    assert not (tmp_path / "out").exists()
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.delta", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_cli_round_trip_and_errors(tmp_path: Path) -> None:
+    basis = rand(300 * KIB, 26)
+    new = basis[:123_457] + b"new bytes" + basis[123_457:]
+    (tmp_path / "basis").write_bytes(basis)
+    (tmp_path / "new").write_bytes(new)
+    r = cli("signature", tmp_path / "basis", tmp_path / "sig")
+    assert r.returncode == 0, r.stderr
+    r = cli("delta", tmp_path / "sig", tmp_path / "new", tmp_path / "delta")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "delta").stat().st_size < 10 * KIB
+    r = cli("patch", tmp_path / "basis", tmp_path / "delta", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out").read_bytes() == new
+
+    (tmp_path / "other").write_bytes(rand(300 * KIB, 27))
+    r = cli("patch", tmp_path / "other", tmp_path / "delta", tmp_path / "out2")
+    assert r.returncode == 1 and "wrong basis" in r.stderr
+    assert not (tmp_path / "out2").exists()
+    r = cli("delta", tmp_path / "missing.sig", tmp_path / "new", tmp_path / "d2")
+    assert r.returncode == 2 and "No such file" in r.stderr and "missing.sig" in r.stderr
+    r = cli("delta", tmp_path / "new", tmp_path / "new", tmp_path / "d2")
+    assert r.returncode == 1 and "signature" in r.stderr
+    assert not (tmp_path / "d2").exists()
