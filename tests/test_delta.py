@@ -186,6 +186,13 @@ def test_match_found_after_a_long_unrelated_prefix(tmp_path: Path) -> None:
     assert stats.matched_bytes >= len(basis) * 3 // 4
 
 
+def test_in_place_matches_resume_after_a_long_rewritten_region(tmp_path: Path) -> None:
+    basis = rand(8 * 1024 * KIB, 28)
+    new = rand(6 * 1024 * KIB, 29) + basis[6 * 1024 * KIB :]
+    stats = roundtrip(tmp_path, basis, new)
+    assert stats.matched_bytes >= 2 * 1024 * KIB - 16 * 4096
+
+
 def test_repeated_blocks_batch_into_few_copy_runs(tmp_path: Path) -> None:
     basis = bytes(1024 * KIB)
     stats = roundtrip(tmp_path, basis, b"header" + basis)
