@@ -18,13 +18,16 @@ from agent.service import AgentService
 from proto import migctl_pb2_grpc as rpc
 
 
-def serve(node: str, listen: str, docker_host: str, state_dir: Path, engine_tmp: Path) -> None:
-    runtime = DockerRuntime(docker_host, engine_tmp=engine_tmp)
+def serve(node: str, listen: str, docker_host: str, state_dir: Path, engine_tmp: Path,
+          containerd: Path, lease_seconds: float) -> None:
+    runtime = DockerRuntime(docker_host, engine_tmp=engine_tmp, containerd=containerd)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=OPTIONS)
-    rpc.add_AgentServicer_to_server(AgentService(node, runtime, state_dir), server)
+    service = AgentService(node, runtime, state_dir, lease_seconds=lease_seconds)
+    rpc.add_AgentServicer_to_server(service, server)
     if server.add_insecure_port(listen) == 0:
         sys.exit(f"migagent: cannot listen on {listen}")
     server.start()
+    service.start_background()
     logging.info("agent of %s listening on %s (engine %s)", node, listen, docker_host)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -43,10 +46,16 @@ def main(argv: list[str] | None = None) -> None:
                    help="staging area and catalog database")
     p.add_argument("--engine-tmp", type=Path, default=Path("/tmp"),
                    help="the engine's TMPDIR, where containerd leaves checkpoint copies")
+    p.add_argument("--containerd", type=Path, default=Path("/run/containerd/containerd.sock"),
+                   help="socket of the engine's containerd (to collect checkpoint leftovers)")
+    p.add_argument("--lease-seconds", type=float, default=60.0,
+                   help="as a source: resume a frozen container whose destination has been "
+                        "silent this long and has not committed")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s {args.node} %(levelname)s %(name)s: %(message)s")
-    serve(args.node, args.listen, args.docker_host, args.state_dir, args.engine_tmp)
+    serve(args.node, args.listen, args.docker_host, args.state_dir, args.engine_tmp,
+          args.containerd, args.lease_seconds)
 
 
 if __name__ == "__main__":

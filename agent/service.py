@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 
 from agent.catalog.store import Store
 from agent.dataplane import archive
@@ -20,7 +23,10 @@ from agent.dataplane.files import digest, iter_file
 from agent.dataplane.staging import Staging
 from agent.delta import Signature, delta_stream
 from agent.errors import InvalidArgument, MigctlError
+from agent.migration import journal as j
 from agent.migration.flow import Migration
+from agent.migration.recovery import settle
+from agent.migration.source import SourceSide
 from agent.runtime.docker import DockerRuntime
 from proto import migctl_pb2 as pb
 from proto import migctl_pb2_grpc as rpc
@@ -47,6 +53,16 @@ def handler(fn: Any) -> Any:
     return wrapped
 
 
+_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,254}$")  # the engine's rule for names and ids
+
+
+def valid_name(kind: str, name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise InvalidArgument(f"invalid {kind} name {name!r}: names are letters, digits and "
+                              "_ . - (not starting with a symbol)")
+    return name
+
+
 def _stream_guard(gen: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
     try:
         yield from gen
@@ -58,29 +74,70 @@ def _stream_guard(gen: Iterator[Any], context: grpc.ServicerContext) -> Iterator
 
 
 class AgentService(rpc.AgentServicer):
-    def __init__(self, node: str, runtime: DockerRuntime, state_dir: Path) -> None:
+    def __init__(self, node: str, runtime: DockerRuntime, state_dir: Path,
+                 lease_seconds: float = 60.0) -> None:
         self.node = node
         self.runtime = runtime
         self.state_dir = state_dir
         self.staging = Staging(state_dir)
         self.store = Store(state_dir)
-        self._migrating: set[str] = set()
+        self.journal = j.Journal(state_dir)
+        self.source = SourceSide(runtime, self.staging, self.journal, self.store, lease_seconds)
+        self._migrating: dict[str, str] = {}  # container -> migration id, at this destination
         self._lock = threading.Lock()
+
+    def start_background(self, interval: float = 2.0) -> None:
+        """Resolve what a previous run left in flight, then keep leases and rollbacks going."""
+        self.source.recover_on_start()
+
+        def loop() -> None:
+            while True:
+                try:
+                    self.source.expire_leases()
+                    self.settle_orphans()
+                except Exception:  # noqa: BLE001 - keep the loop alive, the log says why
+                    log.exception("background recovery failed")
+                time.sleep(interval)
+
+        threading.Thread(target=loop, name="recovery", daemon=True).start()
+
+    def settle_orphans(self) -> None:
+        """Destination entries in flight that no migration thread owns: the agent restarted,
+        or a rollback could not reach the source yet."""
+        with self._lock:
+            owned = set(self._migrating.values())
+        for entry in self.journal.in_flight(j.DESTINATION):
+            if entry.id not in owned:
+                settle(entry, self.runtime, self.journal, self.staging.root,
+                       lambda text, mid=entry.id: log.warning("migration %s: %s", mid, text))
 
     @handler
     def GetNode(self, request: pb.GetNodeRequest, context: Any) -> pb.NodeInfo:
-        engine, criu = self.runtime.versions()
-        return pb.NodeInfo(node=self.node, engine_version=engine, criu_version=criu,
-                           docker_root_dir=str(self.runtime.root_dir()))
+        return self.node_info()
+
+    def node_info(self) -> pb.NodeInfo:
+        engine, criu, checkpoints = self.runtime.versions()
+        return pb.NodeInfo(
+            node=self.node, engine_version=engine, criu_version=criu,
+            docker_root_dir=str(self.runtime.root_dir()), checkpoints_enabled=checkpoints,
+            staging_free_bytes=psutil.disk_usage(str(self.staging.root)).free,
+            engine_free_bytes=self.runtime.free_bytes(),
+            memory_available_bytes=psutil.virtual_memory().available)
 
     @handler
     def DescribeContainer(self, request: pb.ContainerRef, context: Any) -> pb.ContainerSpec:
-        bound = self.runtime.unsupported_mounts(request.container)
-        if bound:
-            raise InvalidArgument(
-                f"container {request.container!r} has bind mounts ({'; '.join(bound)}): host "
-                "paths do not exist on another node; use named volumes")
-        return self.runtime.describe(request.container)
+        return self.runtime.describe(valid_name("container", request.container))
+
+    @handler
+    def Begin(self, request: pb.BeginRequest, context: Any) -> pb.ContainerSpec:
+        self.staging.area(request.migration_id)  # validates the id
+        valid_name("container", request.container)
+        return self.source.begin(request)
+
+    @handler
+    def Commit(self, request: pb.CommitRequest, context: Any) -> pb.CommitReply:
+        self.source.commit(request.migration_id)
+        return pb.CommitReply()
 
     @handler
     def MissingLayers(self, request: pb.MissingLayersRequest, context: Any) -> Any:
@@ -98,18 +155,17 @@ class AgentService(rpc.AgentServicer):
 
     @handler
     def SnapshotVolume(self, request: pb.SnapshotVolumeRequest, context: Any) -> pb.FileInfo:
+        self.source.touch(request.migration_id)
+        valid_name("volume", request.volume)
         path = self.staging.resolve(request.migration_id, request.name)
         archive.snapshot(self.runtime.volume_path(request.volume), path)
         return pb.FileInfo(path=request.name, size=path.stat().st_size, digest=digest(path))
 
     @handler
     def Checkpoint(self, request: pb.CheckpointRequest, context: Any) -> pb.CheckpointReply:
-        import time
-
         start = time.monotonic()
         area = self.staging.area(request.migration_id)
-        folder = self.runtime.checkpoint(request.container, request.name, area / "checkpoints",
-                                         request.leave_running)
+        folder = self.source.checkpoint(request)
         seconds = time.monotonic() - start
         files = [pb.FileInfo(path=str(p.relative_to(area)), size=p.stat().st_size,
                              digest=digest(p))
@@ -120,6 +176,7 @@ class AgentService(rpc.AgentServicer):
     def FetchFile(self, request: pb.FileRef, context: Any) -> Iterator[pb.Chunk]:
         path = self.staging.resolve(request.migration_id, request.path)
         for data in iter_file(path):
+            self.source.touch(request.migration_id)
             yield pb.Chunk(data=data)
 
     @handler
@@ -127,57 +184,47 @@ class AgentService(rpc.AgentServicer):
         first = next(request_iterator, None)
         if first is None or not first.HasField("target"):
             raise InvalidArgument("FetchDelta: the first message must name the target file")
-        path = self.staging.resolve(first.target.migration_id, first.target.path)
+        mid = first.target.migration_id
+        path = self.staging.resolve(mid, first.target.path)
+        self.source.touch(mid)
         signature = Signature.from_chunks(r.signature for r in request_iterator)
         for data in delta_stream(signature, path):
+            self.source.touch(mid)
             yield pb.Chunk(data=data)
 
     @handler
     def Resume(self, request: pb.ResumeRequest, context: Any) -> pb.ResumeReply:
-        folder = self.staging.resolve(request.migration_id, f"checkpoints/{request.checkpoint}")
-        cid = self.runtime.inspect(request.container)["Id"]
-        if self.runtime.inspect(cid)["State"].get("Running"):
-            return pb.ResumeReply(restored=True, detail="it was still running")
-        try:
-            self.runtime.start_from_checkpoint(cid, folder, f"resume-{request.migration_id}")
-            self.runtime.wait_running(cid)
-            return pb.ResumeReply(restored=True, detail="restored from its final checkpoint")
-        except MigctlError as err:
-            log.warning("resume from checkpoint failed, restarting fresh: %s", err)
-            self.runtime.start(cid)
-            self.runtime.wait_running(cid)
-            return pb.ResumeReply(restored=False,
-                                  detail=f"restore failed ({err}); restarted without its memory")
+        return self.source.resume(request.migration_id)
 
     @handler
     def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseReply:
-        if request.completed:
-            cid = self.runtime.inspect(request.container)["Id"]
-            if request.remove_container:
-                self.runtime.remove(cid)
-            else:
-                self.store.mark_departed(cid, request.migration_id)
-        self.staging.drop(request.migration_id)
+        self.source.release(request)
         return pb.ReleaseReply()
 
     def Migrate(self, request: pb.MigrateRequest, context: Any) -> Iterator[pb.MigrationEvent]:
         """Runs the migration in its own thread: a client that goes away must not be able to
         stop it halfway (after the freeze only completion or rollback are safe)."""
-        if not request.container or not request.source_address:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          "Migrate needs a container and the source agent's address")
+        if not request.source_address:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Migrate needs the source's address")
+        try:
+            valid_name("container", request.container)
+        except InvalidArgument as err:
+            context.abort(err.code, str(err))
         with self._lock:
             if request.container in self._migrating:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS,
                               f"{request.container!r} is already being migrated to {self.node}")
-            self._migrating.add(request.container)
-        events: queue.Queue[pb.MigrationEvent | MigctlError | None] = queue.Queue()
+            events: queue.Queue[pb.MigrationEvent | MigctlError | None] = queue.Queue()
+            migration = Migration(node=self.node, runtime=self.runtime,
+                                  staging_root=self.staging.root, request=request,
+                                  emit=events.put, is_migrated_away=self.store.is_departed,
+                                  journal=self.journal,
+                                  local_info=self.node_info)
+            self._migrating[request.container] = migration.migration_id
 
         def work() -> None:
             try:
-                Migration(node=self.node, runtime=self.runtime,
-                          staging_root=self.staging.root, request=request, emit=events.put,
-                          is_migrated_away=self.store.is_departed).run()
+                migration.run()
                 events.put(None)
             except MigctlError as err:
                 events.put(err)
@@ -186,7 +233,7 @@ class AgentService(rpc.AgentServicer):
                 events.put(MigctlError(f"internal error: {err}"))
             finally:
                 with self._lock:
-                    self._migrating.discard(request.container)
+                    self._migrating.pop(request.container, None)
 
         threading.Thread(target=work, name=f"migrate-{request.container}", daemon=True).start()
         while (item := events.get()) is not None:

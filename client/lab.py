@@ -196,7 +196,8 @@ class Lab:
         self.stop_pid(node.get("agent_pid"), str(d / "agent"))
         cmd = [sys.executable, "-m", "agent.server", "--node", name,
                "--listen", node["address"], "--docker-host", node["docker_host"],
-               "--state-dir", str(d / "agent"), "--engine-tmp", str(d / "tmp")]
+               "--state-dir", str(d / "agent"), "--engine-tmp", str(d / "tmp"),
+               "--containerd", str(RUN_DIR / name / "containerd" / "containerd.sock")]
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
         node["agent_pid"] = self.spawn(f"migctl-{name}", cmd, d / "agent.log", env)
         deadline = time.monotonic() + 30

@@ -44,6 +44,16 @@ class AgentStub:
                 request_serializer=proto_dot_migctl__pb2.ContainerRef.SerializeToString,
                 response_deserializer=proto_dot_migctl__pb2.ContainerSpec.FromString,
                 _registered_method=True)
+        self.Begin = channel.unary_unary(
+                '/migctl.v1.Agent/Begin',
+                request_serializer=proto_dot_migctl__pb2.BeginRequest.SerializeToString,
+                response_deserializer=proto_dot_migctl__pb2.ContainerSpec.FromString,
+                _registered_method=True)
+        self.Commit = channel.unary_unary(
+                '/migctl.v1.Agent/Commit',
+                request_serializer=proto_dot_migctl__pb2.CommitRequest.SerializeToString,
+                response_deserializer=proto_dot_migctl__pb2.CommitReply.FromString,
+                _registered_method=True)
         self.MissingLayers = channel.unary_unary(
                 '/migctl.v1.Agent/MissingLayers',
                 request_serializer=proto_dot_migctl__pb2.MissingLayersRequest.SerializeToString,
@@ -103,6 +113,23 @@ class AgentServicer:
 
     def DescribeContainer(self, request, context):
         """Everything needed to recreate a container elsewhere.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Begin(self, request, context):
+        """Start a migration on the source: journals it and refuses a second one of the same
+        container. Returns the container's description.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Commit(self, request, context):
+        """The commit point, called by the destination after the final sync and before it starts
+        the container: from now on only the destination may ask the source to resume. Refused
+        when the source already resumed the container (its lease on the frozen container ran out).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -184,6 +211,16 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.DescribeContainer,
                     request_deserializer=proto_dot_migctl__pb2.ContainerRef.FromString,
                     response_serializer=proto_dot_migctl__pb2.ContainerSpec.SerializeToString,
+            ),
+            'Begin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Begin,
+                    request_deserializer=proto_dot_migctl__pb2.BeginRequest.FromString,
+                    response_serializer=proto_dot_migctl__pb2.ContainerSpec.SerializeToString,
+            ),
+            'Commit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Commit,
+                    request_deserializer=proto_dot_migctl__pb2.CommitRequest.FromString,
+                    response_serializer=proto_dot_migctl__pb2.CommitReply.SerializeToString,
             ),
             'MissingLayers': grpc.unary_unary_rpc_method_handler(
                     servicer.MissingLayers,
@@ -285,6 +322,60 @@ class Agent:
             '/migctl.v1.Agent/DescribeContainer',
             proto_dot_migctl__pb2.ContainerRef.SerializeToString,
             proto_dot_migctl__pb2.ContainerSpec.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Begin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migctl.v1.Agent/Begin',
+            proto_dot_migctl__pb2.BeginRequest.SerializeToString,
+            proto_dot_migctl__pb2.ContainerSpec.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Commit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migctl.v1.Agent/Commit',
+            proto_dot_migctl__pb2.CommitRequest.SerializeToString,
+            proto_dot_migctl__pb2.CommitReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,8 +8,8 @@ final checkpoint; any failure after FREEZE ends with the source resumed from it 
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -25,6 +25,8 @@ from agent.dataplane.files import digest, write_stream
 from agent.dataplane.transfer import fetch_delta, fetch_whole
 from agent.delta import DeltaStats, Signature, make_signature
 from agent.errors import AlreadyExists, FailedPrecondition, MigctlError, Unavailable
+from agent.migration import journal as j
+from agent.migration.recovery import settle
 from agent.migration.report import Report
 from proto import migctl_pb2 as pb
 from proto import migctl_pb2_grpc as rpc
@@ -61,6 +63,8 @@ class Migration:
     request: pb.MigrateRequest
     emit: Callable[[pb.MigrationEvent], None]
     is_migrated_away: Callable[[str], bool]
+    journal: j.Journal
+    local_info: Callable[[], pb.NodeInfo]
     migration_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
     def __post_init__(self) -> None:
@@ -71,9 +75,26 @@ class Migration:
         self.source_name = self.request.source_node or self.request.source_address
         self.channel = open_channel(self.request.source_address)
         self.source = rpc.AgentStub(self.channel)
-        self.created_volumes: list[str] = []
-        self.new_container: str = ""
-        self.frozen = False
+        self.entry = j.Entry(self.migration_id, j.DESTINATION, self.request.container,
+                             j.REQUESTED, peer=self.source_name,
+                             peer_address=self.request.source_address,
+                             data={"created_volumes": [], "new_container": "",
+                                   "remove_source": self.request.remove_source})
+        self.journal.record(self.entry)
+
+    def step(self, state: str, **data: object) -> None:
+        """Journal the step about to be taken, before taking it."""
+        self.entry.state = state
+        self.entry.data.update(data)
+        self.journal.record(self.entry)
+        pause = os.environ.get("MIGCTL_TEST_PAUSE", "")  # "state=seconds", for fault tests
+        if pause.partition("=")[0] == state:
+            self.report.log(f"paused before {state} (MIGCTL_TEST_PAUSE)")
+            time.sleep(float(pause.partition("=")[2]))
+
+    @property
+    def new_container(self) -> str:
+        return self.entry.data["new_container"]
 
     # -- calls to the source, with its errors named -----------------------------------------
 
@@ -109,21 +130,26 @@ class Migration:
         try:
             with self.report.phase(pb.REQUEST):
                 spec = self.request_phase()
+            self.step(j.PRE_COPY)
             with self.report.phase(pb.PRE_COPY):
                 bases = self.pre_copy(spec)
+            self.step(j.FROZEN)
             with self.report.phase(pb.FREEZE):
                 self.report.freeze_started()
-                self.frozen = True
                 final = self.call(self.source.Checkpoint, pb.CheckpointRequest(
                     migration_id=self.migration_id, container=spec.id, name=FINAL_CHECKPOINT,
                     leave_running=False))
+            self.step(j.TRANSFERRING_FINAL)
             with self.report.phase(pb.FINAL_SYNC):
                 self.final_sync(spec, final, bases)
             with self.report.phase(pb.RESTORE):
+                self.call(self.source.Commit, pb.CommitRequest(migration_id=self.migration_id))
+                self.step(j.RESTORING)
                 self.restore(spec)
         except BaseException as err:
             self.fail(err)
             raise
+        self.step(j.DONE)
         try:
             self.call(self.source.Release, pb.ReleaseRequest(
                 migration_id=self.migration_id, container=spec.id, completed=True,
@@ -133,12 +159,19 @@ class Migration:
         return self.report.done(self.new_container)
 
     def request_phase(self) -> pb.ContainerSpec:
-        spec = self.call(self.source.DescribeContainer,
-                         pb.ContainerRef(container=self.request.container), timeout=30)
+        source_info = self.call(self.source.GetNode, pb.GetNodeRequest(), timeout=30)
+        spec = self.call(self.source.Begin, pb.BeginRequest(
+            migration_id=self.migration_id, container=self.request.container,
+            destination_node=self.node), timeout=60)
+        self.entry.container = spec.id
         if not spec.running:
             raise FailedPrecondition(
                 f"container {spec.name!r} on {self.source_name} is not running; migctl moves "
                 "running containers (start it, or move a stopped one with docker save/load)")
+        if spec.unsupported:
+            raise FailedPrecondition(
+                f"container {spec.name!r} cannot be migrated: " + "; ".join(spec.unsupported))
+        preflight(source_info, self.local_info(), spec)
         existing = self.existing_container(spec.name)
         if existing and not self.is_migrated_away(existing["Id"]):
             raise AlreadyExists(
@@ -198,7 +231,8 @@ class Migration:
             self.fetch(rel, local, info.digest, self.local_volume_basis(vol.name),
                        "volume snapshot", vol.name, pb.PRE_COPY)
             if not self.runtime.volume_exists(vol.name):
-                self.created_volumes.append(vol.name)
+                self.entry.data["created_volumes"].append(vol.name)
+                self.journal.record(self.entry)
             archive.restore(local, self.runtime.ensure_volume(vol))
             if not vol.read_only:
                 bases[rel] = Basis(local, make_signature(local))
@@ -273,38 +307,52 @@ class Migration:
         stale = self.existing_container(spec.name)
         if stale:
             self.runtime.remove(stale["Id"])
-        self.new_container = self.runtime.create_like(spec)
+        cid = self.runtime.create_like(spec)
+        self.step(j.RESTORING, new_container=cid)
         self.runtime.start_from_checkpoint(
-            self.new_container, self.area / "checkpoints" / FINAL_CHECKPOINT,
-            f"migctl-{self.migration_id}")
-        self.runtime.wait_running(self.new_container, on_running=self.report.running)
-
-    # -- failure ----------------------------------------------------------------------------
+            cid, self.area / "checkpoints" / FINAL_CHECKPOINT, f"migctl-{self.migration_id}")
+        self.runtime.wait_running(cid, on_running=self.report.running)
 
     def fail(self, err: BaseException) -> None:
-        """Leave exactly one copy running: before the freeze the source was never touched;
-        after it, the source resumes from its final checkpoint."""
+        """Leave exactly one copy running (agent/migration/recovery.py)."""
         log.warning("migration %s failed: %s", self.migration_id, err)
-        if self.new_container:
-            with contextlib.suppress(MigctlError):
-                self.runtime.remove(self.new_container)
-        for name in self.created_volumes:
-            with contextlib.suppress(MigctlError):
-                self.runtime.remove_volume(name)
-        if self.frozen:
-            with self.report.phase(pb.ROLLBACK):
-                try:
-                    reply = self.call(self.source.Resume, pb.ResumeRequest(
-                        migration_id=self.migration_id, container=self.request.container,
-                        checkpoint=FINAL_CHECKPOINT))
-                except MigctlError as resume_err:
-                    # The source keeps its final checkpoint in its staging area for a retry.
-                    self.report.log(f"ROLLBACK FAILED: {self.request.container} is stopped on "
-                                    f"{self.source_name}: {resume_err}")
-                    return
-                self.report.log(f"rollback: {self.request.container} runs again on "
-                                f"{self.source_name} ({reply.detail})")
-        with contextlib.suppress(MigctlError):
-            self.call(self.source.Release, pb.ReleaseRequest(
-                migration_id=self.migration_id, container=self.request.container,
-                completed=False), timeout=30)
+        self.entry.data["error"] = str(err)
+        if self.entry.state in (j.REQUESTED, j.PRE_COPY):
+            settle(self.entry, self.runtime, self.journal, self.staging_root, self.report.log)
+            return
+        with self.report.phase(pb.ROLLBACK):
+            settle(self.entry, self.runtime, self.journal, self.staging_root, self.report.log)
+
+
+def preflight(source: pb.NodeInfo, here: pb.NodeInfo, spec: pb.ContainerSpec) -> None:
+    """Refuse before anything is frozen what would fail after: engines that cannot checkpoint,
+    CRIU versions that cannot read each other's images, too little disk or memory here."""
+    problems = []
+    for info in (source, here):
+        if not info.checkpoints_enabled:
+            problems.append(f"the engine of {info.node} is not in experimental mode "
+                            "(checkpoints need it)")
+        if not info.criu_version:
+            problems.append(f"{info.node} has no CRIU")
+    theirs, ours = _version(source.criu_version), _version(here.criu_version)
+    if theirs and ours and (ours[:1] != theirs[:1] or ours < theirs):
+        problems.append(f"CRIU {here.criu_version} on {here.node} cannot be trusted to restore "
+                        f"images of CRIU {source.criu_version} on {source.node}")
+    volumes = sum(v.size_bytes for v in spec.volumes)
+    # pre-copy and final copies of volume snapshots and checkpoints, plus a basis each
+    staging_need = 3 * volumes + 3 * spec.memory_bytes
+    if here.staging_free_bytes < staging_need:
+        problems.append(f"{here.node} has {here.staging_free_bytes / 1e6:.1f} MB free for "
+                        f"staging, the migration needs about {staging_need / 1e6:.1f} MB")
+    if here.engine_free_bytes < volumes:
+        problems.append(f"{here.node} has {here.engine_free_bytes / 1e6:.1f} MB free for "
+                        f"volumes, they need {volumes / 1e6:.1f} MB")
+    if here.memory_available_bytes < spec.memory_bytes:
+        problems.append(f"{here.node} has {here.memory_available_bytes / 1e6:.0f} MB of memory "
+                        f"available, the container uses {spec.memory_bytes / 1e6:.0f} MB")
+    if problems:
+        raise FailedPrecondition("pre-flight check failed: " + "; ".join(problems))
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split(".") if p.isdigit())

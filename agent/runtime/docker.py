@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import os
 import shutil
+import subprocess
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -19,9 +22,14 @@ from typing import Any
 
 import docker
 import docker.errors
+import psutil
 
 from agent.errors import FailedPrecondition, MigctlError, NotFound, RuntimeFailure, Unavailable
 from proto import migctl_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+CRIU_BIN = "/opt/migctl/bin"  # where scripts/setup.sh puts the CRIU it probed
 
 # What the engine creates on its own or ties to one node: not copied to the new container.
 _NODE_BOUND_CONFIG = ("HostnamePath", "HostsPath", "ResolvConfPath")
@@ -38,6 +46,15 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
     return out
 
 
+def tree_size(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
 def _engine_error(action: str, err: Exception) -> MigctlError:
     if isinstance(err, docker.errors.NotFound):
         return NotFound(f"{action}: {err.explanation or err}")
@@ -49,9 +66,11 @@ def _engine_error(action: str, err: Exception) -> MigctlError:
 class DockerRuntime:
     """One node's Docker engine (with CRIU through runc) and its files on disk."""
 
-    def __init__(self, docker_host: str, engine_tmp: Path = Path("/tmp")) -> None:
+    def __init__(self, docker_host: str, engine_tmp: Path = Path("/tmp"),
+                 containerd: Path = Path("/run/containerd/containerd.sock")) -> None:
         self.docker_host = docker_host
         self.engine_tmp = engine_tmp
+        self.containerd = containerd
         self.client = docker.DockerClient(base_url=docker_host, timeout=300)
         self.api = self.client.api
         self._root_dir: Path | None = None
@@ -63,17 +82,20 @@ class DockerRuntime:
             self._root_dir = Path(self._call("read engine info", self.api.info)["DockerRootDir"])
         return self._root_dir
 
-    def versions(self) -> tuple[str, str]:
-        """Engine version and the CRIU version runc would use (as the engine reports it)."""
+    def versions(self) -> tuple[str, str, bool]:
+        """Engine version, CRIU version, and whether the engine can checkpoint at all."""
         info = self._call("read engine info", self.api.info)
         engine = self._call("read engine version", self.api.version).get("Version", "")
-        criu = ""
-        for warning in info.get("Warnings") or []:
-            if "criu" in warning.lower():
-                criu = warning
-        if not info.get("ExperimentalBuild"):
-            criu = "unavailable: the engine is not in experimental mode (checkpoints need it)"
-        return engine, criu
+        criu = shutil.which("criu", path=f"{CRIU_BIN}:{os.environ.get('PATH', '')}")
+        version = ""
+        if criu:
+            out = subprocess.run([criu, "--version"], capture_output=True, text=True)
+            version = next((line.split()[-1] for line in out.stdout.splitlines()
+                            if line.startswith("Version")), "")
+        return engine, version, bool(info.get("ExperimentalBuild"))
+
+    def free_bytes(self) -> int:
+        return psutil.disk_usage(str(self.root_dir())).free
 
     def _call(self, action: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -113,7 +135,11 @@ class DockerRuntime:
             networks=sorted((c.get("NetworkSettings") or {}).get("Networks") or {}),
             running=bool(c["State"].get("Running")),
             engine_config_json=json.dumps({"Config": cfg, "HostConfig": host}),
+            unsupported=self.unsupported(c),
         )
+        if spec.running:
+            stats = self._call("read container stats", self.api.stats, c["Id"], stream=False)
+            spec.memory_bytes = int((stats.get("memory_stats") or {}).get("usage") or 0)
         for port, bindings in (host.get("PortBindings") or {}).items():
             for b in bindings or [{}]:
                 spec.ports.add(container_port=port, host_ip=b.get("HostIp", ""),
@@ -125,15 +151,26 @@ class DockerRuntime:
             spec.volumes.add(
                 name=m["Name"], destination=m["Destination"], read_only=not m.get("RW", True),
                 driver=vol.get("Driver") or "local", labels=vol.get("Labels") or {},
-                driver_options=vol.get("Options") or {},
+                driver_options=vol.get("Options") or {}, size_bytes=tree_size(m["Source"]),
             )
         return spec
 
-    def unsupported_mounts(self, container: str) -> list[str]:
-        """Mounts a migration cannot carry: bind mounts name paths of this node's filesystem."""
-        c = self.inspect(container)
-        return [f"{m['Source']} -> {m['Destination']}" for m in c.get("Mounts") or []
-                if m.get("Type") == "bind"]
+    @staticmethod
+    def unsupported(c: dict[str, Any]) -> list[str]:
+        """What a migration cannot carry, in words an operator can act on."""
+        host, cfg, out = c["HostConfig"], c["Config"], []
+        out += [f"bind mount {m['Source']} -> {m['Destination']} (a host path; use a named "
+                "volume)" for m in c.get("Mounts") or [] if m.get("Type") == "bind"]
+        out += [f"volume {m['Name']} uses driver {m['Driver']} (only local volumes move)"
+                for m in c.get("Mounts") or []
+                if m.get("Type") == "volume" and (m.get("Driver") or "local") != "local"]
+        if cfg.get("Tty"):
+            out.append("a terminal (-t): CRIU cannot checkpoint a container's TTY")
+        for mode in ("NetworkMode", "PidMode", "IpcMode"):
+            if host.get(mode) == "host" or str(host.get(mode, "")).startswith("container:"):
+                out.append(f"{mode} {host[mode]}: it shares namespaces of this node")
+        out += [f"device {d.get('PathOnHost')}" for d in host.get("Devices") or []]
+        return out
 
     # -- image layers ------------------------------------------------------------------------
 
@@ -237,33 +274,52 @@ class DockerRuntime:
 
     # -- checkpoint / restore ----------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _engine_leftovers(self) -> Iterator[None]:
-        """containerd copies checkpoint images into `ctrd-checkpoint*` folders in its TMPDIR
-        (seen on restore) and never removes them; a node that migrates often fills its disk.
-        Remove the ones created while this block ran."""
-        before = set(self.engine_tmp.glob("ctrd-checkpoint*"))
-        try:
-            yield
-        finally:
-            for leftover in set(self.engine_tmp.glob("ctrd-checkpoint*")) - before:
-                shutil.rmtree(leftover, ignore_errors=True)
+    def _engine_temp(self) -> set[Path]:
+        return set(self.engine_tmp.glob("ctrd-checkpoint*"))
+
+    def _drop_engine_temp(self, before: set[Path]) -> None:
+        """containerd dumps every checkpoint (and unpacks every restore) into a
+        `ctrd-checkpoint*` folder of its TMPDIR and never removes it: a node that migrates
+        often would fill its disk."""
+        for leftover in self._engine_temp() - before:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def collect_garbage(self) -> None:
+        """Make containerd drop what earlier checkpoints left in its content store, now.
+
+        containerd stores each checkpoint's container spec as content and collects it a little
+        later. A final checkpoint taken meanwhile stores the same spec again, which fails with
+        "content ... already exists" after CRIU has already dumped and killed the process:
+        the process state is lost. Deleting a lease synchronously runs the collector first.
+        """
+        if not self.containerd.exists() or not shutil.which("ctr"):
+            log.warning("cannot reach containerd at %s: checkpoints may collide with content "
+                        "of earlier ones", self.containerd)
+            return
+        ctr = ["ctr", "--address", str(self.containerd), "--namespace", "moby", "leases"]
+        lease = subprocess.run([*ctr, "create"], capture_output=True, text=True)
+        if lease.returncode == 0 and lease.stdout.split():
+            subprocess.run([*ctr, "delete", "--sync", lease.stdout.split()[0]],
+                           capture_output=True)
 
     def checkpoint(self, container: str, name: str, directory: Path, leave_running: bool) -> Path:
         """Checkpoint into DIRECTORY/NAME and return that folder."""
         cid = self.inspect(container)["Id"]
         directory.mkdir(parents=True, exist_ok=True)
-        with self._engine_leftovers():
+        self.collect_garbage()
+        before = self._engine_temp()
+        try:
             res = self.api._post_json(
                 self.api._url("/containers/{0}/checkpoints", cid),
                 data={"CheckpointID": name, "CheckpointDir": str(directory),
                       "Exit": not leave_running},
             )
-        try:
             self.api._raise_for_status(res)
         except docker.errors.APIError as err:
             raise RuntimeFailure(f"checkpoint of {container!r} failed (CRIU): "
                                  f"{err.explanation or err}") from err
+        finally:
+            self._drop_engine_temp(before)
         return directory / name
 
     def create_like(self, spec: pb.ContainerSpec) -> str:
@@ -306,14 +362,16 @@ class DockerRuntime:
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(checkpoint_dir, target)
+        before = self._engine_temp()
         try:
-            with self._engine_leftovers():
-                res = self.api._post(self.api._url("/containers/{0}/start", cid),
-                                     params={"checkpoint": name})
+            res = self.api._post(self.api._url("/containers/{0}/start", cid),
+                                 params={"checkpoint": name})
             self.api._raise_for_status(res)
         except docker.errors.APIError as err:
             raise RuntimeFailure(f"restore of container {cid[:12]} from checkpoint failed "
                                  f"(CRIU): {err.explanation or err}") from err
+        finally:
+            self._drop_engine_temp(before)
 
     def start(self, container: str) -> None:
         self._call(f"start {container!r}", self.api.start, container)
