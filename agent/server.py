@@ -13,18 +13,25 @@ from pathlib import Path
 import grpc
 
 from agent.dataplane.channel import OPTIONS
+from agent.errors import MigctlError
 from agent.runtime.docker import DockerRuntime
+from agent.security import TLSFiles, server_credentials
 from agent.service import AgentService
 from proto import migctl_pb2_grpc as rpc
 
 
 def serve(node: str, listen: str, docker_host: str, state_dir: Path, engine_tmp: Path,
-          containerd: Path, lease_seconds: float) -> None:
+          containerd: Path, lease_seconds: float, tls_dir: Path) -> None:
+    try:
+        tls = TLSFiles.from_dir(tls_dir, node)
+        credentials = server_credentials(tls)
+    except MigctlError as err:
+        sys.exit(f"migagent: {err} (make them with `migctl certs init`)")
     runtime = DockerRuntime(docker_host, engine_tmp=engine_tmp, containerd=containerd)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=OPTIONS)
-    service = AgentService(node, runtime, state_dir, lease_seconds=lease_seconds)
+    service = AgentService(node, runtime, state_dir, tls, lease_seconds=lease_seconds)
     rpc.add_AgentServicer_to_server(service, server)
-    if server.add_insecure_port(listen) == 0:
+    if server.add_secure_port(listen, credentials) == 0:
         sys.exit(f"migagent: cannot listen on {listen}")
     server.start()
     service.start_background()
@@ -48,6 +55,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="the engine's TMPDIR, where containerd leaves checkpoint copies")
     p.add_argument("--containerd", type=Path, default=Path("/run/containerd/containerd.sock"),
                    help="socket of the engine's containerd (to collect checkpoint leftovers)")
+    p.add_argument("--tls-dir", type=Path, default=Path("/var/lib/migctl/tls"),
+                   help="ca.crt, NODE.crt and NODE.key: agents and clients authenticate each "
+                        "other with mutual TLS, callers without a valid certificate are refused")
     p.add_argument("--lease-seconds", type=float, default=60.0,
                    help="as a source: resume a frozen container whose destination has been "
                         "silent this long and has not committed")
@@ -55,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s {args.node} %(levelname)s %(name)s: %(message)s")
     serve(args.node, args.listen, args.docker_host, args.state_dir, args.engine_tmp,
-          args.containerd, args.lease_seconds)
+          args.containerd, args.lease_seconds, args.tls_dir)
 
 
 if __name__ == "__main__":

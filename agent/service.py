@@ -28,6 +28,7 @@ from agent.migration.flow import Migration
 from agent.migration.recovery import settle
 from agent.migration.source import SourceSide
 from agent.runtime.docker import DockerRuntime
+from agent.security import TLSFiles
 from proto import migctl_pb2 as pb
 from proto import migctl_pb2_grpc as rpc
 
@@ -74,9 +75,10 @@ def _stream_guard(gen: Iterator[Any], context: grpc.ServicerContext) -> Iterator
 
 
 class AgentService(rpc.AgentServicer):
-    def __init__(self, node: str, runtime: DockerRuntime, state_dir: Path,
+    def __init__(self, node: str, runtime: DockerRuntime, state_dir: Path, tls: TLSFiles,
                  lease_seconds: float = 60.0) -> None:
         self.node = node
+        self.tls = tls  # our identity when we call other agents
         self.runtime = runtime
         self.state_dir = state_dir
         self.staging = Staging(state_dir)
@@ -108,7 +110,7 @@ class AgentService(rpc.AgentServicer):
             owned = set(self._migrating.values())
         for entry in self.journal.in_flight(j.DESTINATION):
             if entry.id not in owned:
-                settle(entry, self.runtime, self.journal, self.staging.root,
+                settle(entry, self.runtime, self.journal, self.staging.root, self.tls,
                        lambda text, mid=entry.id: log.warning("migration %s: %s", mid, text))
 
     @handler
@@ -219,7 +221,7 @@ class AgentService(rpc.AgentServicer):
                                   staging_root=self.staging.root, request=request,
                                   emit=events.put, is_migrated_away=self.store.is_departed,
                                   journal=self.journal,
-                                  local_info=self.node_info)
+                                  local_info=self.node_info, tls=self.tls)
             self._migrating[request.container] = migration.migration_id
 
         def work() -> None:

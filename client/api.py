@@ -11,10 +11,16 @@ from pathlib import Path
 import grpc
 
 from agent.dataplane.channel import open_channel
+from agent.errors import MigctlError
+from agent.security import TLSFiles
 from proto import migctl_pb2 as pb
 from proto import migctl_pb2_grpc as rpc
 
 MIGCTL_HOME = Path(os.environ.get("MIGCTL_HOME", "/var/lib/migctl"))
+
+
+def default_tls_dir() -> Path:
+    return Path(os.environ.get("MIGCTL_TLS_DIR", MIGCTL_HOME / "tls"))
 
 
 def default_inventory() -> Path:
@@ -35,9 +41,18 @@ class Node:
 class Inventory:
     """Node name -> agent address, from a JSON file (`migctl lab up` writes one)."""
 
-    def __init__(self, nodes: dict[str, Node], path: Path | None = None) -> None:
+    def __init__(self, nodes: dict[str, Node], path: Path | None = None,
+                 tls_dir: Path | None = None) -> None:
         self.nodes = nodes
         self.path = path
+        self.tls_dir = tls_dir or default_tls_dir()
+
+    def tls(self, identity: str = "client") -> TLSFiles:
+        """The client's certificate, which every agent asks for."""
+        try:
+            return TLSFiles.from_dir(self.tls_dir, identity)
+        except MigctlError as err:
+            raise ClientError(f"{err} (make them with `migctl certs init`)") from None
 
     @classmethod
     def load(cls, path: Path | None = None) -> Inventory:
@@ -51,7 +66,8 @@ class Inventory:
             raise ClientError(f"inventory {path} is not valid JSON: {err}") from None
         nodes = {name: Node(name, n["address"], n.get("docker_host", ""))
                  for name, n in data.get("nodes", {}).items()}
-        return cls(nodes, path)
+        tls_dir = Path(data["tls_dir"]) if data.get("tls_dir") else None
+        return cls(nodes, path, tls_dir)
 
     def node(self, name: str) -> Node:
         if name not in self.nodes:
@@ -61,10 +77,10 @@ class Inventory:
 
 
 class AgentClient:
-    def __init__(self, node: Node, timeout: float = 10.0) -> None:
+    def __init__(self, node: Node, tls: TLSFiles, timeout: float = 10.0) -> None:
         self.node = node
         self.timeout = timeout
-        self.channel = open_channel(node.address)
+        self.channel = open_channel(node.address, tls)
         self.stub = rpc.AgentStub(self.channel)
 
     def close(self) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
 
-from client.api import AgentClient, ClientError, Inventory
+from agent.errors import MigctlError
+from client.api import AgentClient, ClientError, Inventory, default_tls_dir
 from proto import migctl_pb2 as pb
 
 
@@ -72,7 +73,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if source == dest:
         raise ClientError(f"--from and --to are both {source.name}: nothing to migrate")
     report = None
-    with AgentClient(dest) as client:
+    with AgentClient(dest, inv.tls()) as client:
         client.info()  # a clear error now if the destination's agent is unreachable
         for ev in client.migrate(args.container, source, remove_source=args.remove_source):
             if ev.HasField("done"):
@@ -92,12 +93,26 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     inv = Inventory.load(args.inventory)
     for node in inv.nodes.values():
         try:
-            with AgentClient(node, timeout=3) as c:
+            with AgentClient(node, inv.tls(), timeout=3) as c:
                 info = c.info()
             state = f"up, engine {info.engine_version}"
         except ClientError as err:
             state = f"DOWN: {err}"
         print(f"{node.name:<8} {node.address:<22} {state}")
+    return 0
+
+
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    from agent import certs
+
+    directory = args.dir or default_tls_dir()
+    try:
+        certs.init(directory, args.nodes, args.client or ["client"])
+    except MigctlError as err:
+        raise ClientError(str(err)) from None
+    print(f"certificates in {directory}: ca.crt, " +
+          ", ".join(f"{n}.crt" for n in [*args.nodes, *(args.client or ["client"])]) +
+          "; copy ca.crt, NODE.crt and NODE.key to each node's --tls-dir")
     return 0
 
 
@@ -121,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     n = sub.add_parser("nodes", help="list the inventory's nodes and whether their agents answer")
     n.set_defaults(func=cmd_nodes)
+
+    c = sub.add_parser("certs", help="certificates for mutual TLS between agents and clients")
+    csub = c.add_subparsers(dest="certs_command", required=True)
+    ci = csub.add_parser("init", help="a CA (kept if present) and a certificate per node and "
+                         "client, in DIR (default $MIGCTL_TLS_DIR or $MIGCTL_HOME/tls)")
+    ci.add_argument("--dir", type=Path, default=None)
+    ci.add_argument("--client", action="append", default=None, metavar="NAME",
+                    help="client certificate names (default: client)")
+    ci.add_argument("nodes", nargs="+", metavar="NODE")
+    ci.set_defaults(func=cmd_certs_init)
 
     from client import lab
 

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from agent import certs
+from agent.security import TLSFiles
 from client.api import MIGCTL_HOME, AgentClient, ClientError, Node, default_inventory
 
 LAB_DIR = MIGCTL_HOME / "lab"
@@ -75,6 +77,7 @@ class Lab:
     def __init__(self, home: Path = LAB_DIR) -> None:
         self.home = home
         self.state_file = home / "lab.json"
+        self.tls_dir = home / "tls"
 
     # -- state ------------------------------------------------------------------------------
 
@@ -87,7 +90,8 @@ class Lab:
     def save(self, state: dict) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         self.state_file.write_text(json.dumps(state, indent=2))
-        inventory = {"nodes": {name: {"address": n.get("address", ""),
+        inventory = {"tls_dir": str(self.tls_dir),
+                     "nodes": {name: {"address": n.get("address", ""),
                                       "docker_host": n.get("docker_host", "")}
                                for name, n in state.get("nodes", {}).items()}}
         path = default_inventory()
@@ -197,13 +201,15 @@ class Lab:
         cmd = [sys.executable, "-m", "agent.server", "--node", name,
                "--listen", node["address"], "--docker-host", node["docker_host"],
                "--state-dir", str(d / "agent"), "--engine-tmp", str(d / "tmp"),
-               "--containerd", str(RUN_DIR / name / "containerd" / "containerd.sock")]
+               "--containerd", str(RUN_DIR / name / "containerd" / "containerd.sock"),
+               "--tls-dir", str(self.tls_dir)]
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
         node["agent_pid"] = self.spawn(f"migctl-{name}", cmd, d / "agent.log", env)
         deadline = time.monotonic() + 30
         while True:
             try:
-                with AgentClient(Node(name, node["address"]), timeout=2) as c:
+                with AgentClient(Node(name, node["address"]),
+                                 TLSFiles.from_dir(self.tls_dir, "client"), timeout=2) as c:
                     c.info()
                 return
             except ClientError:
@@ -231,6 +237,7 @@ class Lab:
         if not shutil.which("dockerd") or not (CRIU_BIN / "criu").exists():
             raise ClientError("dockerd or the probed CRIU is missing: run scripts/setup.sh")
         state = self.state()
+        certs.init(self.tls_dir, sorted({*state.get("nodes", {}), *names}))
         subnet = self.ensure_switch(state)
         nodes = state.setdefault("nodes", {})
         self.save(state)  # record what exists so far: `down` must find it even if we fail

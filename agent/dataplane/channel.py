@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import grpc
 
+from agent.security import TLSFiles, secure_channel
+
 MAX_MESSAGE = 16 << 20  # signature and delta messages stay near 1 MiB; this leaves headroom
 
 OPTIONS = [
@@ -16,5 +18,6 @@ OPTIONS = [
 ]
 
 
-def open_channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=OPTIONS)
+def open_channel(address: str, tls: TLSFiles) -> grpc.Channel:
+    """A channel to an agent: always mutual TLS, with our certificate as identity."""
+    return secure_channel(address, tls, OPTIONS)

@@ -28,6 +28,7 @@ from agent.errors import AlreadyExists, FailedPrecondition, MigctlError, Unavail
 from agent.migration import journal as j
 from agent.migration.recovery import settle
 from agent.migration.report import Report
+from agent.security import TLSFiles
 from proto import migctl_pb2 as pb
 from proto import migctl_pb2_grpc as rpc
 
@@ -65,6 +66,7 @@ class Migration:
     is_migrated_away: Callable[[str], bool]
     journal: j.Journal
     local_info: Callable[[], pb.NodeInfo]
+    tls: TLSFiles
     migration_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
     def __post_init__(self) -> None:
@@ -73,7 +75,7 @@ class Migration:
         self.area = self.staging_root / self.migration_id
         self.area.mkdir(parents=True, exist_ok=True)
         self.source_name = self.request.source_node or self.request.source_address
-        self.channel = open_channel(self.request.source_address)
+        self.channel = open_channel(self.request.source_address, self.tls)
         self.source = rpc.AgentStub(self.channel)
         self.entry = j.Entry(self.migration_id, j.DESTINATION, self.request.container,
                              j.REQUESTED, peer=self.source_name,
@@ -318,10 +320,12 @@ class Migration:
         log.warning("migration %s failed: %s", self.migration_id, err)
         self.entry.data["error"] = str(err)
         if self.entry.state in (j.REQUESTED, j.PRE_COPY):
-            settle(self.entry, self.runtime, self.journal, self.staging_root, self.report.log)
+            settle(self.entry, self.runtime, self.journal, self.staging_root, self.tls,
+                   self.report.log)
             return
         with self.report.phase(pb.ROLLBACK):
-            settle(self.entry, self.runtime, self.journal, self.staging_root, self.report.log)
+            settle(self.entry, self.runtime, self.journal, self.staging_root, self.tls,
+                   self.report.log)
 
 
 def preflight(source: pb.NodeInfo, here: pb.NodeInfo, spec: pb.ContainerSpec) -> None:

@@ -17,6 +17,7 @@ import grpc
 from agent.dataplane.channel import open_channel
 from agent.errors import MigctlError
 from agent.migration import journal as j
+from agent.security import TLSFiles
 from proto import migctl_pb2 as pb
 from proto import migctl_pb2_grpc as rpc
 
@@ -24,13 +25,13 @@ log = logging.getLogger(__name__)
 
 
 def settle(entry: j.Entry, runtime: object, journal: j.Journal, staging_root: Path,
-           say: Callable[[str], None] = lambda _: None) -> bool:
+           tls: TLSFiles, say: Callable[[str], None] = lambda _: None) -> bool:
     """Leave exactly one copy running. Returns False when the source could not be reached and
     the container runs nowhere yet: the caller tries again later."""
     new = entry.data.get("new_container", "")
     if entry.state == j.RESTORING and new and _running(runtime, new):
         # The restore went through (the agent stopped before it could say so): finish.
-        _release(entry, completed=True)
+        _release(entry, tls, completed=True)
         entry.state = j.DONE
         journal.record(entry)
         shutil.rmtree(staging_root / entry.id, ignore_errors=True)
@@ -43,11 +44,11 @@ def settle(entry: j.Entry, runtime: object, journal: j.Journal, staging_root: Pa
         with contextlib.suppress(MigctlError):
             runtime.remove_volume(name)
     if entry.state in (j.REQUESTED, j.PRE_COPY):
-        _release(entry, completed=False)  # best effort: the source only drops its files
+        _release(entry, tls, completed=False)  # best effort: the source only drops its files
         entry.state = j.FAILED
     else:
         try:
-            reply = _call(entry, "Resume", pb.ResumeRequest(
+            reply = _call(entry, tls, "Resume", pb.ResumeRequest(
                 migration_id=entry.id, container=entry.container, checkpoint="final"))
         except grpc.RpcError as err:
             why = (f"cannot reach the source {entry.peer}"
@@ -74,17 +75,17 @@ def _running(runtime: object, cid: str) -> bool:
         return False
 
 
-def _call(entry: j.Entry, method: str, request: object) -> object:
-    channel = open_channel(entry.peer_address)
+def _call(entry: j.Entry, tls: TLSFiles, method: str, request: object) -> object:
+    channel = open_channel(entry.peer_address, tls)
     try:
         return getattr(rpc.AgentStub(channel), method)(request, timeout=120)
     finally:
         channel.close()
 
 
-def _release(entry: j.Entry, completed: bool) -> None:
+def _release(entry: j.Entry, tls: TLSFiles, completed: bool) -> None:
     try:
-        _call(entry, "Release", pb.ReleaseRequest(
+        _call(entry, tls, "Release", pb.ReleaseRequest(
             migration_id=entry.id, completed=completed,
             remove_container=completed and entry.data.get("remove_source", False)))
     except grpc.RpcError as err:
