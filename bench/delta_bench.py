@@ -112,7 +112,9 @@ def run_rsync(new: Path, dest: Path) -> tuple[float, int, int]:
 # -- engine -------------------------------------------------------------------------------------
 
 
-def run_engine(new: Path, dest: Path) -> dict[str, float]:
+def run_engine(new: Path, dest: Path, basis: Path) -> dict[str, float]:
+    """Time each role alone, then delta -> patch pipelined through a generator (end to end)."""
+    fresh_dest(basis, dest)
     t0 = time.perf_counter()
     sig = make_signature(dest)
     t_sig = time.perf_counter() - t0
@@ -120,16 +122,34 @@ def run_engine(new: Path, dest: Path) -> dict[str, float]:
     os.sync()
     stats = DeltaStats()
     t0 = time.perf_counter()
-    chunks = list(delta_stream(sig, new, stats=stats))
+    for _chunk in delta_stream(sig, new, stats=stats):  # streamed and dropped, as over gRPC
+        pass
     t_delta = time.perf_counter() - t0
+    chunks = list(delta_stream(sig, new))
+    os.sync()
     t0 = time.perf_counter()
     patch_stream(dest, chunks, dest)
     t_patch = time.perf_counter() - t0
+
+    elsewhere = dest.with_name(dest.name + ".new")
+    fresh_dest(basis, dest)
+    t0 = time.perf_counter()
+    patch_stream(dest, chunks, elsewhere)  # basis kept: every byte of the result is written
+    t_patch_new = time.perf_counter() - t0
+    elsewhere.unlink()
+    del chunks
+
+    fresh_dest(basis, dest)
+    t0 = time.perf_counter()
+    patch_stream(dest, delta_stream(sig, new), dest)  # one thread: delta + patch
+    t_e2e = time.perf_counter() - t0
     return {
         "sig": t_sig,
         "sig_bytes": sig_bytes,
         "delta": t_delta,
         "patch": t_patch,
+        "patch_new": t_patch_new,
+        "e2e": t_e2e,
         "wire": stats.wire_bytes,
         "literal": stats.literal_bytes,
         "matched": stats.matched_bytes,
@@ -297,8 +317,7 @@ def report(workdir: Path, size: int, args: argparse.Namespace) -> int:
             return {"time": t, "sent": sent, "received": received}
 
         def one_engine(new: Path = new, dest: Path = dest_e, want: bytes = want) -> dict:
-            fresh_dest(basis, dest)
-            result = run_engine(new, dest)
+            result = run_engine(new, dest, basis)
             assert file_hash(dest) == want, "engine output differs"
             return result
 
@@ -316,9 +335,9 @@ def report(workdir: Path, size: int, args: argparse.Namespace) -> int:
     print()
     print(f"size {args.size_mib} MiB, {os.cpu_count()} CPUs, median of {args.repeat} runs")
     head = (
-        f"{'pair':10} {'rsync s':>8} {'sent B':>12} {'sig s':>6} {'delta s':>8} "
-        f"{'patch s':>8} {'d+p s':>6} {'wire B':>12} {'time x':>7} {'bytes x':>8} "
-        f"{'e2e GB/s':>8} {'rsync GB/s':>10} {'peak MiB':>8}"
+        f"{'pair':10} {'rsync s':>7} {'sent B':>12} {'sig s':>6} {'delta s':>7} "
+        f"{'patch s':>7} {'->new s':>7} {'e2e s':>6} {'wire B':>12} {'time x':>6} "
+        f"{'bytes x':>7} {'e2e GB/s':>8} {'->new GB/s':>10} {'rsync GB/s':>10} {'peak MiB':>8}"
     )
     print(head)
     print("-" * len(head))
@@ -326,18 +345,32 @@ def report(workdir: Path, size: int, args: argparse.Namespace) -> int:
     for name, r_runs, e_runs, peak, _reset in rows:
         t_r = median(r_runs, "time")
         sent = int(median(r_runs, "sent"))
-        t_sig = median(e_runs, "sig")
         t_d = median(e_runs, "delta")
-        t_p = median(e_runs, "patch")
-        t_e = statistics.median(r["delta"] + r["patch"] for r in e_runs)
+        t_e = median(e_runs, "e2e")
+        t_new = statistics.median(r["delta"] + r["patch_new"] for r in e_runs)
         wire = int(median(e_runs, "wire"))
         e2e = size / t_e / 1e9
         summary[name] = (t_e / t_r, wire / sent, e2e, peak)
         print(
-            f"{name:10} {t_r:8.3f} {sent:12,d} {t_sig:6.3f} {t_d:8.3f} {t_p:8.3f} {t_e:6.3f} "
-            f"{wire:12,d} {t_e / t_r:7.2f} {wire / sent:8.3f} {e2e:8.2f} "
-            f"{size / t_r / 1e9:10.2f} {peak / MIB:8.1f}"
+            f"{name:10} {t_r:7.3f} {sent:12,d} {median(e_runs, 'sig'):6.3f} {t_d:7.3f} "
+            f"{median(e_runs, 'patch'):7.3f} {median(e_runs, 'patch_new'):7.3f} {t_e:6.3f} "
+            f"{wire:12,d} {t_e / t_r:6.2f} {wire / sent:7.3f} {e2e:8.2f} "
+            f"{size / t_new / 1e9:10.2f} {size / t_r / 1e9:10.2f} {peak / MIB:8.1f}"
         )
+    print(
+        "\nall runs (s): "
+        + "; ".join(
+            f"{name}: rsync {[round(r['time'], 3) for r in r_runs]} "
+            f"e2e {[round(r['e2e'], 3) for r in e_runs]}"
+            for name, r_runs, e_runs, _, _ in rows
+        )
+    )
+    print(
+        "columns: patch = in place over DEST (like rsync, old inode freed inside the timing); "
+        "->new = patch into a new file, basis kept; e2e = delta streamed straight into an "
+        "in-place patch in the same thread; time x = e2e / rsync; "
+        "->new GB/s = size / (delta + ->new)"
+    )
     e0 = rows[0][2][0]
     print(
         f"\nsignature: {int(e0['sig_bytes']):,} B for the basis "

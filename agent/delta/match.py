@@ -119,7 +119,7 @@ class _Matcher:
         self.view = memoryview(mm)
         self.size = size
         self.stats = stats
-        self.writer = WireWriter(Header(sig.block_size, sig.basis_length, sig.basis_hash))
+        self.writer = WireWriter(Header(sig.block_size, sig.basis_length, sig.basis_hash, size))
         self.basis_full = sig.basis_length // self.L
         self.basis_tail = sig.basis_length % self.L
         self.strong64 = np.ascontiguousarray(sig.strong).view(np.uint64).reshape(-1, 2)
@@ -402,7 +402,7 @@ def delta_stream(
         size = os.fstat(f.fileno()).st_size
         stats.new_size = size
         if size == 0:
-            writer = WireWriter(Header(sig.block_size, sig.basis_length, sig.basis_hash))
+            writer = WireWriter(Header(sig.block_size, sig.basis_length, sig.basis_hash, 0))
             writer.end(0, EMPTY_HASH)
             for chunk in writer.drain():
                 stats.wire_bytes += len(chunk)

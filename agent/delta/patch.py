@@ -82,6 +82,7 @@ class _Rebuild:
     def open_output(self) -> int:
         if self.out_fd < 0:
             self.out_fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            _preallocate(self.out_fd, self.header.new_length)
             if self.deferred:
                 self._copy_range(0, 0, self.deferred)
                 self.deferred = 0
@@ -238,7 +239,7 @@ def patch_stream(
             raise DeltaError(
                 "wrong basis: its contents differ from the file the delta was made against"
             )
-        if end.length != rebuild.written:
+        if not end.length == header.new_length == rebuild.written:
             raise DeltaError(
                 f"rebuilt file has {rebuild.written} bytes but the delta promised {end.length}"
             )
@@ -270,6 +271,23 @@ def patch_stream(
             rebuild.close()
         if basis_fd is not None:
             os.close(basis_fd)
+
+
+def _preallocate(fd: int, length: int) -> None:
+    """Reserve the result's blocks up front: the filesystem lays it out in one go, and ext4
+    then has no delayed allocation to force (synchronously) when the file is renamed over
+    the old one.  Best effort, like rsync's --preallocate; a length beyond the free space
+    (a corrupted header, or a disk too small) is left for the writes to run into.
+    """
+    if length <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        st = os.fstatvfs(fd)
+        if length > st.f_bavail * st.f_frsize:
+            return
+        os.posix_fallocate(fd, 0, length)
+    except OSError:
+        pass
 
 
 def _same_file(basis_stat: os.stat_result, out_path: str) -> bool:

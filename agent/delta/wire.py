@@ -3,6 +3,7 @@
 Layout, all integers little-endian, ``varint`` = unsigned LEB128::
 
     header   "MGDL" u8 version u8 flags(0) u32 block_size u64 basis_length 16s basis_hash
+             u64 new_length                                  (repeated, and checked, in END)
     COPY     b"C" varint first_block varint block_count     run of consecutive basis blocks
     LITERAL  b"L" varint raw_length varint zstd_length zstd_frame
     END      b"E" u64 new_length 16s new_hash (xxh3_128)    must be the last byte of the stream
@@ -25,7 +26,7 @@ from agent.errors import DeltaError
 
 MAGIC = b"MGDL"
 VERSION = 1
-HEADER = struct.Struct("<4sBBIQ16s")
+HEADER = struct.Struct("<4sBBIQ16sQ")
 END = struct.Struct("<Q16s")
 
 TAG_COPY = 0x43
@@ -47,6 +48,8 @@ class Header(NamedTuple):
     block_size: int
     basis_length: int
     basis_hash: bytes
+    new_length: int
+    """Known up front so the receiver can preallocate (and refuse early if it cannot)."""
 
 
 class Copy(NamedTuple):
@@ -84,11 +87,7 @@ class WireWriter:
         self._ready: list[bytes] = []
         self._zstd = zstandard.ZstdCompressor(level=level, write_checksum=False)
         self.wire_bytes = 0
-        self._add(
-            HEADER.pack(
-                MAGIC, VERSION, 0, header.block_size, header.basis_length, header.basis_hash
-            )
-        )
+        self._add(HEADER.pack(MAGIC, VERSION, 0, *header))
 
     def copy(self, index: int, count: int) -> None:
         self._add(bytes([TAG_COPY]) + _varint(index) + _varint(count))
@@ -197,14 +196,14 @@ class WireReader:
         self._stream = _ByteStream(chunks)
         self._zstd = zstandard.ZstdDecompressor()
         raw = self._stream.read(HEADER.size)
-        magic, version, flags, block_size, basis_length, basis_hash = HEADER.unpack(raw)
+        magic, version, flags, block_size, basis_length, basis_hash, new_length = HEADER.unpack(raw)
         if magic != MAGIC:
             raise DeltaError("not a migctl delta stream (bad magic)")
         if version != VERSION:
             raise DeltaError(f"unsupported delta format version {version}; expected {VERSION}")
         if flags != 0 or not 0 < block_size <= MAX_BLOCK_SIZE:
             raise DeltaError("delta header is corrupted")
-        self.header = Header(block_size, basis_length, bytes(basis_hash))
+        self.header = Header(block_size, basis_length, bytes(basis_hash), new_length)
 
     @property
     def wire_bytes(self) -> int:
