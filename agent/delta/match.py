@@ -130,6 +130,8 @@ class _Matcher:
         self.lit_start = 0  # pending literal [lit_start, lit_end)
         self.lit_end = 0
         self.released = 0
+        self.no_roll_until = 0  # no rolling probe before this offset (backing off)
+        self.skip = SKIP_MIN
 
     # -- output -------------------------------------------------------------------------
 
@@ -255,112 +257,111 @@ class _Matcher:
         return True
 
     def _walk(self) -> Iterator[bytes]:
-        L, n, view, writer = self.L, self.size, self.view, self.writer
         pos = 0
         jnext = 0  # basis block predicted at ``pos``
-        no_roll_until = 0
-        skip = SKIP_MIN
-        while pos < n:
-            count = min(BATCH_BLOCKS, (n - pos) // L, max(0, self.basis_full - jnext))
-            if count == 0:
-                if jnext == self.basis_full and self.basis_tail and pos + self.basis_tail <= n:
-                    tail = self.basis_tail
-                    expected = self.strong_bytes[jnext * STRONG_SIZE : (jnext + 1) * STRONG_SIZE]
-                    if strong_digest(view[pos : pos + tail]) == expected:
-                        self.copy(jnext, 1, tail)
-                        pos += tail
-                        jnext += 1
-                        continue
-                if n - pos < L:
-                    self.literal(pos, n)
-                    break
-                found = None
-                if pos >= no_roll_until:
-                    found = self.search(pos, min(n, pos + PROBE_BYTES + L), jnext)
-                    if found is None:
-                        no_roll_until = pos + PROBE_BYTES + skip
-                        skip = min(skip * 2, SKIP_MAX)
-                if found is not None:
-                    self.literal(pos, found[0])
-                    pos, jnext = found
-                    skip = SKIP_MIN
-                else:
-                    end = min(n, max(no_roll_until, pos + L))
-                    self.literal(pos, end)
-                    jnext += -(-(end - pos) // L)
-                    pos = end
-            elif pos < no_roll_until and count > SAMPLE_STRIDE:
-                # Giving up on this region: check only every SAMPLE_STRIDE-th predicted block,
-                # enough to notice that the old layout resumed; the full check takes over then.
-                count = min(count, -(-(no_roll_until - pos) // L))
-                sampled = range(0, count, SAMPLE_STRIDE)
-                got = b"".join(
-                    [strong_digest(view[pos + k * L : pos + (k + 1) * L]) for k in sampled]
-                )
-                equal = (
-                    np.frombuffer(got, dtype=np.uint64).reshape(-1, 2)
-                    == self.strong64[jnext : jnext + count : SAMPLE_STRIDE]
-                ).all(1)
-                hits = np.flatnonzero(equal)
-                if hits.size:  # the run starts after the last sampled miss
-                    first = int(hits[0])
-                    count = (first - 1) * SAMPLE_STRIDE + 1 if first else 0
-                    no_roll_until = 0
-                    skip = SKIP_MIN
-                self.literal(pos, pos + count * L)
-                pos += count * L
-                jnext += count
+        while pos < self.size:
+            count = min(BATCH_BLOCKS, (self.size - pos) // self.L, self.basis_full - jnext)
+            if count <= 0:
+                pos, jnext = self._unpredicted(pos, jnext)
+            elif pos < self.no_roll_until and count > SAMPLE_STRIDE:
+                pos, jnext = self._sampled_batch(pos, jnext, count)
             else:
-                got = np.frombuffer(strong_hashes(view, pos, count, L), dtype=np.uint64)
-                equal = (got.reshape(count, 2) == self.strong64[jnext : jnext + count]).all(1)
-                bounds = np.flatnonzero(equal[1:] != equal[:-1]) + 1
-                starts = [0, *bounds.tolist()]
-                ends = [*bounds.tolist(), count]
-                matched = bool(equal[0])
-                advanced = False
-                for k, g in zip(starts, ends, strict=True):
-                    if matched:
-                        self.copy(jnext + k, g - k, (g - k) * L)
-                        matched = False
-                        continue
-                    matched = True
-                    p = pos + k * L
-                    if g < count:  # bounded gap: the prediction holds again at ``g``
-                        e = pos + g * L
-                        found = None
-                        if e - p <= PROBE_BYTES + L or p >= no_roll_until:
-                            found = self.search(p, min(e, p + PROBE_BYTES + L), jnext + k)
-                        if found is None:
-                            self.literal(p, e)
-                            continue
-                    else:  # open gap up to the end of the batch
-                        found = None
-                        if p >= no_roll_until:
-                            found = self.search(p, min(n, p + PROBE_BYTES + L), jnext + k)
-                            if found is None:
-                                no_roll_until = p + PROBE_BYTES + skip
-                                skip = min(skip * 2, SKIP_MAX)
-                        if found is None:  # literal up to the next probe, then re-batch
-                            stop = count
-                            if no_roll_until < pos + count * L:
-                                stop = max(k + 1, -(-(no_roll_until - pos) // L))
-                            self.literal(p, pos + stop * L)
-                            pos += stop * L
-                            jnext += stop
-                            advanced = True
-                            break
-                    self.literal(p, found[0])
-                    pos, jnext = found
-                    skip = SKIP_MIN
-                    advanced = True
-                    break
-                if not advanced:
-                    pos += count * L
-                    jnext += count
+                pos, jnext = self._batch(pos, jnext, count)
             self.release_behind(pos)
-            ready = writer.drain()
+            ready = self.writer.drain()
             if ready:
                 yield from ready
+
+    def _probe(self, start: int, prefer: int) -> tuple[int, int] | None:
+        """Rolling search of one probe's length; a miss backs further probes off."""
+        found = self.search(start, min(self.size, start + PROBE_BYTES + self.L), prefer)
+        if found is None:
+            self.no_roll_until = start + PROBE_BYTES + self.skip
+            self.skip = min(self.skip * 2, SKIP_MAX)
+        else:
+            self.skip = SKIP_MIN
+        return found
+
+    def _unpredicted(self, pos: int, jnext: int) -> tuple[int, int]:
+        """No whole basis block is predicted here: the basis's short tail, a probe or literal."""
+        L, n, tail = self.L, self.size, self.basis_tail
+        if jnext == self.basis_full and tail and pos + tail <= n:
+            expected = self.strong_bytes[jnext * STRONG_SIZE : (jnext + 1) * STRONG_SIZE]
+            if strong_digest(self.view[pos : pos + tail]) == expected:
+                self.copy(jnext, 1, tail)
+                return pos + tail, jnext + 1
+        if n - pos < L:
+            self.literal(pos, n)
+            return n, jnext
+        if pos >= self.no_roll_until:
+            found = self._probe(pos, jnext)
+            if found is not None:
+                self.literal(pos, found[0])
+                return found
+        end = min(n, max(self.no_roll_until, pos + L))
+        self.literal(pos, end)
+        return end, jnext + -(-(end - pos) // L)
+
+    def _sampled_batch(self, pos: int, jnext: int, count: int) -> tuple[int, int]:
+        """While giving up on a region, check only every SAMPLE_STRIDE-th predicted block:
+        enough to notice that the old layout resumed, when the full check takes over again."""
+        L, view = self.L, self.view
+        count = min(count, -(-(self.no_roll_until - pos) // L))
+        got = b"".join(
+            [
+                strong_digest(view[pos + k * L : pos + (k + 1) * L])
+                for k in range(0, count, SAMPLE_STRIDE)
+            ]
+        )
+        equal = (
+            np.frombuffer(got, dtype=np.uint64).reshape(-1, 2)
+            == self.strong64[jnext : jnext + count : SAMPLE_STRIDE]
+        ).all(1)
+        hits = np.flatnonzero(equal)
+        if hits.size:  # the matching run starts after the last sampled miss
+            first = int(hits[0])
+            count = (first - 1) * SAMPLE_STRIDE + 1 if first else 0
+            self.no_roll_until = 0
+            self.skip = SKIP_MIN
+        self.literal(pos, pos + count * L)
+        return pos + count * L, jnext + count
+
+    def _batch(self, pos: int, jnext: int, count: int) -> tuple[int, int]:
+        """Check ``count`` predicted blocks at once; search the gaps between matching runs."""
+        L = self.L
+        got = np.frombuffer(strong_hashes(self.view, pos, count, L), dtype=np.uint64)
+        equal = (got.reshape(count, 2) == self.strong64[jnext : jnext + count]).all(1)
+        bounds = np.flatnonzero(equal[1:] != equal[:-1]) + 1
+        starts = [0, *bounds.tolist()]
+        ends = [*bounds.tolist(), count]
+        matched = bool(equal[0])
+        for k, g in zip(starts, ends, strict=True):
+            if matched:
+                self.copy(jnext + k, g - k, (g - k) * L)
+                matched = False
+                continue
+            matched = True
+            p = pos + k * L
+            found = None
+            if g < count:  # bounded gap: the prediction holds again at block ``g``
+                e = pos + g * L
+                if e - p <= PROBE_BYTES + L or p >= self.no_roll_until:
+                    found = self.search(p, min(e, p + PROBE_BYTES + L), jnext + k)
+                if found is None:
+                    self.literal(p, e)
+                    continue
+            else:  # open gap to the end of the batch
+                if p >= self.no_roll_until:
+                    found = self._probe(p, jnext + k)
+                if found is None:  # literal up to the next probe, then a new batch
+                    stop = count
+                    if self.no_roll_until < pos + count * L:
+                        stop = max(k + 1, -(-(self.no_roll_until - pos) // L))
+                    self.literal(p, pos + stop * L)
+                    return pos + stop * L, jnext + stop
+            self.literal(p, found[0])
+            return found  # re-anchor the prediction on the new match
+        return pos + count * L, jnext + count
 
 
 class _HashThread(threading.Thread):
