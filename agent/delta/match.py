@@ -57,6 +57,12 @@ SAMPLE_STRIDE = 16
 _MIX = np.uint32(0x9E3779B1)
 
 
+def _strong_view(sig: Signature) -> memoryview:
+    """The strong hashes as one flat byte view: slices compare with digests, copy-free."""
+    strong = np.ascontiguousarray(sig.strong, dtype=np.uint8).reshape(-1)
+    return memoryview(strong)
+
+
 class _BlockIndex:
     """Lookup from weak sum to basis blocks, built only if a rolling search happens."""
 
@@ -70,9 +76,9 @@ class _BlockIndex:
         self._table[(weak * _MIX) >> self._shift] = True
         keys = (weak.astype(np.uint64) << np.uint64(32)) | np.arange(n, dtype=np.uint64)
         keys.sort()  # by weak sum, then block index: deterministic and faster than argsort
-        self._order = (keys & np.uint64(0xFFFFFFFF)).astype(np.intp)
+        self._order = (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32)
         self._sorted = (keys >> np.uint64(32)).astype(np.uint32)
-        self._strong = sig.strong[:n].tobytes()
+        self._strong = _strong_view(sig)
         self._by_strong: dict[bytes, int] | None = None
 
     def lookup(self, weak: int) -> tuple[int, int]:
@@ -106,7 +112,7 @@ class _BlockIndex:
             by_strong: dict[bytes, int] = {}
             strong = self._strong
             for j in range(self.n):
-                by_strong.setdefault(strong[j * STRONG_SIZE : (j + 1) * STRONG_SIZE], j)
+                by_strong.setdefault(bytes(strong[j * STRONG_SIZE : (j + 1) * STRONG_SIZE]), j)
             self._by_strong = by_strong
         return self._by_strong.get(digest)
 
@@ -123,7 +129,7 @@ class _Matcher:
         self.basis_full = sig.basis_length // self.L
         self.basis_tail = sig.basis_length % self.L
         self.strong64 = np.ascontiguousarray(sig.strong).view(np.uint64).reshape(-1, 2)
-        self.strong_bytes = sig.strong.tobytes()
+        self.strong_bytes = _strong_view(sig)
         self._index: _BlockIndex | None = None
         self.run_start = -1  # pending COPY run
         self.run_count = 0
