@@ -230,6 +230,9 @@ class AgentService(rpc.AgentServicer):
                 events.put(None)
             except MigctlError as err:
                 events.put(err)
+            except OSError as err:  # a full disk, a missing file: this node's own trouble
+                events.put(MigctlError(f"{self.node}: {err.strerror or err}"
+                                       + (f" ({err.filename})" if err.filename else "")))
             except Exception as err:  # noqa: BLE001
                 log.exception("migration failed")
                 events.put(MigctlError(f"internal error: {err}"))

@@ -150,12 +150,14 @@ class Lab:
         except OSError:
             return False
 
-    def spawn(self, ns: str, cmd: list[str], log: Path, env: dict[str, str]) -> int:
+    def spawn(self, ns: str, cmd: list[str], log: Path, env: dict[str, str]
+              ) -> subprocess.Popen:
+        """Start CMD in namespace NS. While we wait for it, ask the Popen whether it lives:
+        right after the fork /proc/PID/cmdline may still show ours."""
         with log.open("ab") as out:
-            proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", *cmd], stdout=out,
+            return subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", *cmd], stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=env, start_new_session=True)
-        return proc.pid
 
     def ensure_dockerd(self, name: str, node: dict) -> None:
         d = self.node_dir(name)
@@ -174,13 +176,13 @@ class Lab:
         }, indent=2))
         env = dict(os.environ, TMPDIR=str(d / "tmp"),
                    PATH=f"{CRIU_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-        node["dockerd_pid"] = self.spawn(f"migctl-{name}",
-                                         ["dockerd", "--config-file", str(config)],
-                                         d / "dockerd.log", env)
+        proc = self.spawn(f"migctl-{name}", ["dockerd", "--config-file", str(config)],
+                          d / "dockerd.log", env)
+        node["dockerd_pid"] = proc.pid
         node["docker_host"] = f"unix://{sock}"
         deadline = time.monotonic() + 60
         while not self.engine_answers(node):
-            if time.monotonic() > deadline or not self.alive(node["dockerd_pid"], str(config)):
+            if time.monotonic() > deadline or proc.poll() is not None:
                 tail = (d / "dockerd.log").read_text()[-2000:]
                 raise ClientError(f"the Docker engine of {name} did not start:\n{tail}")
             time.sleep(0.3)
@@ -194,7 +196,7 @@ class Lab:
                               "{{.Server.Version}}"], capture_output=True, text=True)
         return res.returncode == 0
 
-    def start_agent(self, name: str, node: dict) -> None:
+    def start_agent(self, name: str, node: dict, extra_env: dict[str, str] | None = None) -> None:
         """(Re)start the agent, so a lab always runs the agent code of this checkout."""
         d = self.node_dir(name)
         self.stop_pid(node.get("agent_pid"), str(d / "agent"))
@@ -203,8 +205,10 @@ class Lab:
                "--state-dir", str(d / "agent"), "--engine-tmp", str(d / "tmp"),
                "--containerd", str(RUN_DIR / name / "containerd" / "containerd.sock"),
                "--tls-dir", str(self.tls_dir)]
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-        node["agent_pid"] = self.spawn(f"migctl-{name}", cmd, d / "agent.log", env)
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+                   **(extra_env or {}))
+        proc = self.spawn(f"migctl-{name}", cmd, d / "agent.log", env)
+        node["agent_pid"] = proc.pid
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -213,7 +217,7 @@ class Lab:
                     c.info()
                 return
             except ClientError:
-                if time.monotonic() > deadline or not self.alive(node["agent_pid"], str(d)):
+                if time.monotonic() > deadline or proc.poll() is not None:
                     tail = (d / "agent.log").read_text()[-2000:]
                     raise ClientError(f"the agent of {name} did not start:\n{tail}") from None
                 time.sleep(0.3)
@@ -251,6 +255,11 @@ class Lab:
             self.start_agent(name, node)
             self.save(state)
         return state
+
+    def restart_agent(self, name: str, extra_env: dict[str, str] | None = None) -> None:
+        state = self.state()
+        self.start_agent(name, state["nodes"][name], extra_env)
+        self.save(state)
 
     def down(self) -> list[str]:
         state = self.state()

@@ -146,7 +146,6 @@ class Migration:
                 self.final_sync(spec, final, bases)
             with self.report.phase(pb.RESTORE):
                 self.call(self.source.Commit, pb.CommitRequest(migration_id=self.migration_id))
-                self.step(j.RESTORING)
                 self.restore(spec)
         except BaseException as err:
             self.fail(err)

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -71,6 +72,9 @@ class DockerRuntime:
         self.docker_host = docker_host
         self.engine_tmp = engine_tmp
         self.containerd = containerd
+        # Concurrent CRIU restores on one engine failed here ("criu failed: type NOTIFY"),
+        # so restores take turns; checkpoints run concurrently.
+        self._restore_lock = threading.Lock()
         self.client = docker.DockerClient(base_url=docker_host, timeout=300)
         self.api = self.client.api
         self._root_dir: Path | None = None
@@ -364,8 +368,9 @@ class DockerRuntime:
         shutil.copytree(checkpoint_dir, target)
         before = self._engine_temp()
         try:
-            res = self.api._post(self.api._url("/containers/{0}/start", cid),
-                                 params={"checkpoint": name})
+            with self._restore_lock:
+                res = self.api._post(self.api._url("/containers/{0}/start", cid),
+                                     params={"checkpoint": name})
             self.api._raise_for_status(res)
         except docker.errors.APIError as err:
             raise RuntimeFailure(f"restore of container {cid[:12]} from checkpoint failed "

@@ -1,0 +1,239 @@
+"""The fault matrix on the real lab: whatever fails, exactly one copy of the container runs
+afterwards, its volume is intact, its count goes on, and `migctl` says what went wrong.
+
+Faults are injected while the destination agent pauses before a journal step
+(MIGCTL_TEST_PAUSE): `pre-copy` is before anything was copied, `transferring-final` is right
+after the freeze (the source container is stopped), `restoring` is after the commit, with the
+new container created and not yet started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import docker
+import pytest
+
+from client.lab import SWITCH_NS, Lab
+from client.workloads import ensure_toy_image, numbers, remove_everywhere, run_toy
+from tests.conftest import CACHE, ROOT, LabHandle, migctl
+
+pytestmark = pytest.mark.lab
+
+PAUSE = 6.0
+
+
+def running_copies(lab: LabHandle, name: str = "toytsm") -> list[str]:
+    return [node for node, client in lab.docker.items()
+            if any(c.name == name for c in client.containers.list())]
+
+
+def wait_one_copy(lab: LabHandle, timeout: float = 90) -> str:
+    """Exactly one running copy, stable for a moment; returns the node it runs on."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        copies = running_copies(lab)
+        if len(copies) == 1:
+            time.sleep(1.5)
+            if running_copies(lab) == copies:
+                return copies[0]
+        assert len(copies) <= 1, f"two copies run: {copies}"
+        time.sleep(0.5)
+    raise AssertionError(f"no single running copy after {timeout} s: {running_copies(lab)}")
+
+
+def assert_intact_and_counting(client: docker.DockerClient) -> None:
+    c = client.containers.get("toytsm")
+    history = numbers(c.exec_run(["cat", "/testrw/counter"]).output.decode())
+    assert history == list(range(len(history))), "the counter file lost or repeated lines"
+    time.sleep(2.5)
+    later = numbers(c.exec_run(["cat", "/testrw/counter"]).output.decode())
+    assert len(later) > len(history) and later[: len(history)] == history, "it stopped counting"
+
+
+def start_migration(extra: list[str] | None = None) -> tuple[subprocess.Popen, list[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "client.cli", "migrate", "--from", "nodeA", "--to", "nodeB",
+         *(extra or []), "toytsm"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+    return proc, lines
+
+
+def wait_for_line(lines: list[str], text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(text in line for line in lines):
+        assert time.monotonic() < deadline, f"never saw {text!r}:\n{''.join(lines)}"
+        time.sleep(0.1)
+
+
+def finish(proc: subprocess.Popen, lines: list[str]) -> str:
+    proc.wait(timeout=300)
+    time.sleep(0.2)
+    return "".join(lines)
+
+
+@pytest.fixture
+def toy(lab: LabHandle) -> Iterator[None]:
+    lab_ctl = Lab()
+    remove_everywhere(lab.docker, ["toytsm"], ["testrw", "testro"])
+    ensure_toy_image(lab.docker["nodeA"], CACHE)
+    run_toy(lab.docker["nodeA"])
+    time.sleep(2)
+    yield
+    for node in ("nodeA", "nodeB"):  # agents back to normal, faults undone
+        lab_ctl.restart_agent(node)
+    link("p-nodeA", "up")
+    remove_everywhere(lab.docker, ["toytsm"], ["testrw", "testro"])
+
+
+def link(port: str, state: str) -> None:
+    subprocess.run(["ip", "netns", "exec", SWITCH_NS, "ip", "link", "set", port, state],
+                   check=True)
+
+
+def kill_agent(node: str) -> Callable[[], None]:
+    def inject() -> None:
+        pid = Lab().state()["nodes"][node]["agent_pid"]
+        os.kill(pid, signal.SIGKILL)
+    return inject
+
+
+def fill_disk(lab: LabHandle) -> Callable[[], None]:
+    def inject() -> None:
+        staging = Lab().node_dir("nodeB") / "agent" / "staging"
+        with open(staging / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+                    f.flush()
+            except OSError:
+                pass
+    return inject
+
+
+@pytest.fixture
+def small_staging(lab: LabHandle) -> Iterator[Path]:
+    staging = Lab().node_dir("nodeB") / "agent" / "staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "migctl-test-full", str(staging)],
+                   check=True)
+    try:
+        yield staging
+    finally:
+        subprocess.run(["umount", "-l", str(staging)], check=False)
+
+
+CASES = ["kill-source-agent", "kill-destination-agent", "cut-link", "fill-disk"]
+
+
+@pytest.mark.parametrize("when", ["pre-copy", "transferring-final"])
+@pytest.mark.parametrize("fault", CASES)
+def test_fault_leaves_exactly_one_running_copy(lab: LabHandle, toy: None, request,
+                                               fault: str, when: str) -> None:
+    if fault == "fill-disk":
+        request.getfixturevalue("small_staging")
+    inject = {"kill-source-agent": kill_agent("nodeA"),
+              "kill-destination-agent": kill_agent("nodeB"),
+              "cut-link": lambda: link("p-nodeA", "down"),
+              "fill-disk": fill_disk(lab)}[fault]
+    Lab().restart_agent("nodeB", {"MIGCTL_TEST_PAUSE": f"{when}={PAUSE}"})
+    proc, lines = start_migration()
+    wait_for_line(lines, f"paused before {when}")
+    inject()
+    if fault == "cut-link":
+        threading.Timer(25, link, ("p-nodeA", "up")).start()  # the link comes back later
+    out = finish(proc, lines)
+    assert proc.returncode == 1, out
+    assert "migctl: error:" in out and "Traceback" not in out, out
+    expected = {"kill-source-agent": "cannot reach the agent of nodeA",
+                "kill-destination-agent": "cannot reach the agent of nodeB",
+                "cut-link": "cannot reach the agent of nodeA",
+                "fill-disk": "No space left on device"}[fault]
+    assert expected in out, out
+
+    if fault.startswith("kill"):  # the agent comes back and resolves what was in flight
+        Lab().restart_agent("nodeA" if "source" in fault else "nodeB")
+    node = wait_one_copy(lab)
+    assert node == "nodeA"
+    assert_intact_and_counting(lab.docker["nodeA"])
+    assert "toytsm" not in [c.name for c in lab.docker["nodeB"].containers.list(all=True)]
+
+
+def test_restore_failure_after_the_commit_resumes_the_source(lab: LabHandle, toy: None) -> None:
+    """The destination's restore fails (its checkpoint is damaged) after it committed: the
+    source, told by the destination, resumes from its final checkpoint."""
+    Lab().restart_agent("nodeB", {"MIGCTL_TEST_PAUSE": f"restoring={PAUSE}"})
+    proc, lines = start_migration()
+    wait_for_line(lines, "paused before restoring")
+    staging = Lab().node_dir("nodeB") / "agent" / "staging"
+    for inventory in staging.glob("*/checkpoints/final/inventory.img"):
+        inventory.write_bytes(b"garbage")
+    out = finish(proc, lines)
+    assert proc.returncode == 1 and "restore of container" in out, out
+    assert "runs again on nodeA (restored from its final checkpoint)" in out, out
+    wait_one_copy(lab)
+    before = numbers(lab.docker["nodeA"].containers.get("toytsm").logs().decode())
+    assert before == list(range(len(before))), "the count restarted: memory was lost"
+    assert_intact_and_counting(lab.docker["nodeA"])
+
+
+def test_the_disk_check_refuses_before_the_freeze(lab: LabHandle, toy: None) -> None:
+    staging = Lab().node_dir("nodeB") / "agent" / "staging"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "migctl-test-tiny", str(staging)],
+                   check=True)
+    try:
+        res = migctl("migrate", "--from", "nodeA", "--to", "nodeB", "toytsm", check=False)
+    finally:
+        subprocess.run(["umount", "-l", str(staging)], check=False)
+    assert res.returncode == 1
+    assert "pre-flight check failed: nodeB has" in res.stderr and "staging" in res.stderr
+    assert "freeze" not in res.stderr, "nothing may be frozen when the check fails"
+    assert running_copies(lab) == ["nodeA"]
+
+
+def test_two_migrations_of_one_container_are_refused(lab: LabHandle, toy: None) -> None:
+    Lab().restart_agent("nodeB", {"MIGCTL_TEST_PAUSE": f"pre-copy={PAUSE}"})
+    proc, lines = start_migration()
+    wait_for_line(lines, "paused before pre-copy")
+    to_b = migctl("migrate", "--from", "nodeA", "--to", "nodeB", "toytsm", check=False)
+    to_c = migctl("migrate", "--from", "nodeA", "--to", "nodeC", "toytsm", check=False)
+    out = finish(proc, lines)
+    assert proc.returncode == 0, out
+    assert to_b.returncode == 1 and "already being migrated to nodeB" in to_b.stderr
+    assert to_c.returncode == 1 and "already being migrated" in to_c.stderr, to_c.stderr
+    assert wait_one_copy(lab) == "nodeB"
+
+
+def test_five_concurrent_migrations_all_succeed(lab: LabHandle) -> None:
+    names = [f"toy{i}" for i in range(5)]
+    a = lab.docker["nodeA"]
+    remove_everywhere(lab.docker, names, [f"rw{i}" for i in range(5)] +
+                      [f"ro{i}" for i in range(5)])
+    ensure_toy_image(a, CACHE)
+    for i, name in enumerate(names):
+        run_toy(a, name=name, rw=f"rw{i}", ro=f"ro{i}")
+    time.sleep(3)
+    procs = [subprocess.Popen([sys.executable, "-m", "client.cli", "migrate", "--from",
+                               "nodeA", "--to", "nodeB", "-q", name], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in names]
+    for name, p in zip(names, procs, strict=True):
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, f"{name}: {err}"
+    b = lab.docker["nodeB"]
+    for name in names:
+        c = b.containers.get(name)
+        assert c.status == "running"
+        history = numbers(c.exec_run(["cat", "/testrw/counter"]).output.decode())
+        assert history == list(range(len(history))) and len(history) >= 3, name
+        assert a.containers.get(name).status == "exited"
+    remove_everywhere(lab.docker, names, [f"rw{i}" for i in range(5)] +
+                      [f"ro{i}" for i in range(5)])
