@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +24,7 @@ from agent.delta import (
     patch_stream,
 )
 from agent.delta.checksum import block_weak, rolling_weak, weak_of
-from agent.delta.wire import CHUNK_MAX
+from agent.delta.wire import CHUNK_MAX, Header, WireWriter
 from agent.errors import DeltaError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -387,6 +388,35 @@ def test_wrong_basis_is_caught_by_the_result_hash_without_basis_check(tmp_path: 
     with pytest.raises(DeltaError, match="checksum"):
         patch_stream(tmp_path / "other", [stream], tmp_path / "out", verify_basis=False)
     assert not (tmp_path / "out").exists()
+
+
+def crafted(sig: Signature, new_length: int, *tokens: tuple) -> list[bytes]:
+    """A syntactically valid delta stream with chosen tokens."""
+    header = Header(sig.block_size, sig.basis_length, sig.basis_hash, new_length)
+    writer = WireWriter(header)
+    for kind, *args in tokens:
+        getattr(writer, kind)(*args)
+    return writer.drain(final=True)
+
+
+def test_well_formed_but_inconsistent_deltas_are_rejected(tmp_path: Path) -> None:
+    (tmp_path / "basis").write_bytes(rand(40_000, 30))
+    sig = make_signature(tmp_path / "basis")
+    last = sig.block_count - 1
+    cases = [
+        ("past the 100 bytes", 100, [("copy", 0, last + 1)]),
+        ("copies basis blocks", 8192, [("copy", last, 2)]),
+        ("empty copy", 4096, [("copy", 0, 0)]),
+        ("promised", 5000, [("copy", 0, 1), ("end", 5000, bytes(16))]),
+        ("checksum", 4096, [("copy", 0, 1), ("end", 4096, bytes(16))]),
+        ("truncated", 4096, [("copy", 0, 1)]),
+        ("wrong length", 4096, [("literal_frame", 4096, zstandard.compress(b"x" * 4095))]),
+        ("not a zstd frame", 4096, [("literal_frame", 4096, b"junk" * 100)]),
+    ]
+    for message, length, tokens in cases:
+        with pytest.raises(DeltaError, match=message):
+            patch_stream(tmp_path / "basis", crafted(sig, length, *tokens), tmp_path / "out")
+        assert not (tmp_path / "out").exists()
 
 
 # -- command line -------------------------------------------------------------------------------

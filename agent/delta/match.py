@@ -400,7 +400,8 @@ def delta_stream(
     """Yield the delta from ``sig``'s basis to ``new_path`` as wire chunks (<= 1 MiB each).
 
     ``stats``, if given, is filled in as the stream is consumed and is final once the
-    generator is exhausted.
+    generator is exhausted.  ``new_path`` is mapped, not copied: it must not be truncated
+    while the stream is being consumed (checkpoint images and archives are write-once).
     """
     if stats is None:
         stats = DeltaStats()

@@ -106,6 +106,7 @@ class _Rebuild:
             )
         start = token.index * bs
         stop = min(self.size, (token.index + token.count) * bs)
+        self._check_room(stop - start)
         if self.pending is not None and self.pending[1] == start:
             self.pending = (self.pending[0], stop)
         elif self.written == 0 and start == 0:
@@ -126,15 +127,23 @@ class _Rebuild:
         return stop - start
 
     def literal(self, token: Literal) -> int:
+        data = memoryview(token.data)
+        self._check_room(len(data))
         self.open_output()
         self.flush_hash()
-        data = memoryview(token.data)
         done = 0
         while done < len(data):
             done += os.pwrite(self.out_fd, data[done:], self.written + done)
         self.hasher.update(data)
         self.written += len(data)
         return len(data)
+
+    def _check_room(self, length: int) -> None:
+        """Stop a corrupted or hostile stream before it writes more than it announced."""
+        if self.written + length > self.header.new_length:
+            raise DeltaError(
+                f"delta writes past the {self.header.new_length} bytes its header announced"
+            )
 
     def flush_hash(self) -> None:
         if self.pending is not None:

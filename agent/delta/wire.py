@@ -108,8 +108,10 @@ class WireWriter:
         self._add(bytes([TAG_END]) + END.pack(length, digest))
         self._flush()
 
-    def drain(self) -> list[bytes]:
-        """Chunks completed so far (the caller yields them)."""
+    def drain(self, final: bool = False) -> list[bytes]:
+        """Chunks completed so far (the caller yields them); ``final`` also cuts the last one."""
+        if final:
+            self._flush()
         ready, self._ready = self._ready, []
         return ready
 
