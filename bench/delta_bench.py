@@ -12,8 +12,14 @@ Pairs (basis -> new), built from a fixed seed:
 Both tools rebuild the new file over a destination that already holds the basis, in the
 page cache (files were just written; ``sync`` runs before every timed step).  rsync runs as
 ``rsync --no-whole-file -I --stats -B 4096 NEW DEST`` (a local copy otherwise skips the delta
-algorithm).  For the engine, end to end = delta + patch: the signature is made before the
-container freezes, so it is reported on its own.  Each timing is the median of --repeat runs.
+algorithm).  For the engine, end to end (e2e) = the delta generator consumed directly by an
+in-place patch in one thread, so delta and patch times add up; the signature is made before
+the container freezes, so it is reported on its own.  Both tools pay the kernel's cost of
+replacing a 256 MiB file (freeing the old one); "->new" shows the engine writing to a new
+path instead.  An identical pair patched in place is a verified no-op for the engine (the
+file already holds the result), while rsync -I rewrites it: see the ->new column for the cost
+of really writing it.  Each timing is the median of --repeat runs, rsync and engine runs
+interleaved.
 Peak delta memory runs the delta step in a child process and reads its peak RSS (VmHWM, reset
 after setup) minus its RSS before the delta; mapped file pages still resident count against us.
 """
