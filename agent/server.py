@@ -21,15 +21,21 @@ from proto import migctl_pb2_grpc as rpc
 
 
 def serve(node: str, listen: str, docker_host: str, state_dir: Path, engine_tmp: Path,
-          containerd: Path, lease_seconds: float, tls_dir: Path) -> None:
+          containerd: Path, lease_seconds: float, tls_dir: Path, registry: str,
+          inventory: Path, cache_mb: int) -> None:
     try:
         tls = TLSFiles.from_dir(tls_dir, node)
         credentials = server_credentials(tls)
     except MigctlError as err:
         sys.exit(f"migagent: {err} (make them with `migctl certs init`)")
     runtime = DockerRuntime(docker_host, engine_tmp=engine_tmp, containerd=containerd)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=OPTIONS)
-    service = AgentService(node, runtime, state_dir, tls, lease_seconds=lease_seconds)
+    # Without SO_REUSEPORT a second agent on the same port fails to start instead of silently
+    # sharing the port with the first (and answering half of its calls with its own code).
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32),
+                         options=[*OPTIONS, ("grpc.so_reuseport", 0)])
+    service = AgentService(node, runtime, state_dir, tls, lease_seconds=lease_seconds,
+                           registry=registry, inventory=inventory, address=listen,
+                           cache_bytes=cache_mb << 20)
     rpc.add_AgentServicer_to_server(service, server)
     if server.add_secure_port(listen, credentials) == 0:
         sys.exit(f"migagent: cannot listen on {listen}")
@@ -58,6 +64,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tls-dir", type=Path, default=Path("/var/lib/migctl/tls"),
                    help="ca.crt, NODE.crt and NODE.key: agents and clients authenticate each "
                         "other with mutual TLS, callers without a valid certificate are refused")
+    p.add_argument("--registry", default="inventory",
+                   help="where to learn which nodes hold what: 'inventory' (ask the agents "
+                        "of --inventory) or redis://HOST:PORT/DB")
+    p.add_argument("--inventory", type=Path, default=Path("/var/lib/migctl/inventory.json"),
+                   help="the nodes (same file as the client's), for cooperative migration")
+    p.add_argument("--cache-mb", type=int, default=2048,
+                   help="size bound of the cache of snapshots, checkpoints and images")
     p.add_argument("--lease-seconds", type=float, default=60.0,
                    help="as a source: resume a frozen container whose destination has been "
                         "silent this long and has not committed")
@@ -65,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s {args.node} %(levelname)s %(name)s: %(message)s")
     serve(args.node, args.listen, args.docker_host, args.state_dir, args.engine_tmp,
-          args.containerd, args.lease_seconds, args.tls_dir)
+          args.containerd, args.lease_seconds, args.tls_dir, args.registry, args.inventory,
+          args.cache_mb)
 
 
 if __name__ == "__main__":

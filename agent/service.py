@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import re
-import shutil
-import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from functools import wraps
 from pathlib import Path
@@ -17,14 +17,18 @@ from typing import Any
 import grpc
 import psutil
 
-from agent.catalog.store import Store
+from agent.catalog.registry import Holding, open_registry
+from agent.catalog.store import Item, Store
 from agent.dataplane import archive
+from agent.dataplane.channel import open_channel
 from agent.dataplane.files import digest, iter_file
+from agent.dataplane.image import config_of, iter_layer
 from agent.dataplane.staging import Staging
 from agent.delta import Signature, delta_stream
-from agent.errors import InvalidArgument, MigctlError
+from agent.errors import InvalidArgument, MigctlError, NotFound
 from agent.migration import journal as j
 from agent.migration.flow import Migration
+from agent.migration.policy import Links
 from agent.migration.recovery import settle
 from agent.migration.source import SourceSide
 from agent.runtime.docker import DockerRuntime
@@ -76,15 +80,23 @@ def _stream_guard(gen: Iterator[Any], context: grpc.ServicerContext) -> Iterator
 
 class AgentService(rpc.AgentServicer):
     def __init__(self, node: str, runtime: DockerRuntime, state_dir: Path, tls: TLSFiles,
-                 lease_seconds: float = 60.0) -> None:
+                 lease_seconds: float = 60.0, registry: str = "inventory",
+                 inventory: Path | None = None, address: str = "",
+                 cache_bytes: int = 2 << 30) -> None:
         self.node = node
+        self.address = address
         self.tls = tls  # our identity when we call other agents
+        self.connect = lambda addr: open_channel(addr, tls)
+        self.links = Links(self.connect)
+        self.registry = open_registry(registry, inventory or Path("/nonexistent"), node,
+                                      self.connect) if registry else None
         self.runtime = runtime
         self.state_dir = state_dir
         self.staging = Staging(state_dir)
-        self.store = Store(state_dir)
+        self.store = Store(state_dir, cache_bytes=cache_bytes)
         self.journal = j.Journal(state_dir)
-        self.source = SourceSide(runtime, self.staging, self.journal, self.store, lease_seconds)
+        self.source = SourceSide(runtime, self.staging, self.journal, self.store, lease_seconds,
+                                 self.publish)
         self._migrating: dict[str, str] = {}  # container -> migration id, at this destination
         self._lock = threading.Lock()
 
@@ -113,6 +125,65 @@ class AgentService(rpc.AgentServicer):
                 settle(entry, self.runtime, self.journal, self.staging.root, self.tls,
                        lambda text, mid=entry.id: log.warning("migration %s: %s", mid, text))
 
+    def publish(self, items: list[Item]) -> None:
+        if self.registry is not None and items:
+            self.registry.publish(self.node, self.address, [
+                Holding(i.key, self.node, i.ts, i.size, i.digest) for i in items])
+
+    @handler
+    def Holdings(self, request: pb.HoldingsRequest, context: Any) -> pb.HoldingsReply:
+        reply = pb.HoldingsReply()
+        layers = self.runtime.held_layers() if any(
+            k.startswith("layer:") for k in request.keys) else set()
+        for key in request.keys:
+            if key.startswith("layer:"):
+                if key[6:] in layers:
+                    reply.holdings.add(key=key, node=self.node, digest=key[6:])
+                continue
+            for item in self.store.find(key):
+                reply.holdings.add(key=key, node=self.node, timestamp=item.ts,
+                                   size=item.size, digest=item.digest)
+        return reply
+
+    @handler
+    def FetchHeld(self, request: pb.HeldRef, context: Any) -> Iterator[pb.Chunk]:
+        item = self.store.get(request.key, request.timestamp)
+        if item is None:
+            raise NotFound(f"{self.node} no longer holds {request.key}")
+        slow = float(os.environ.get("MIGCTL_TEST_SLOW_SERVE", "0"))  # for fault tests
+        for data in iter_file(item.path):
+            time.sleep(slow)
+            yield pb.Chunk(data=data)
+
+    def saved_image(self, image_id: str) -> Path:
+        """`docker save` output of an image, kept in the cache: layers are served from it."""
+        found = self.store.find(f"image:{image_id}")
+        if found:
+            return found[0].path
+        tmp = self.state_dir / f"save-{uuid.uuid4().hex}.tar"
+        self.runtime.save_image(image_id, tmp)
+        return self.store.put(f"image:{image_id}", 0.0, tmp, "", move=True).path
+
+    @handler
+    def ImageConfig(self, request: pb.ImageRef, context: Any) -> pb.ImageConfigReply:
+        image_id = self.runtime.api.inspect_image(request.image)["Id"]
+        config, tags = config_of(self.saved_image(image_id))
+        return pb.ImageConfigReply(config=config, repo_tags=tags)
+
+    @handler
+    def ExportLayer(self, request: pb.LayerRef, context: Any) -> Iterator[pb.Chunk]:
+        saved = self.saved_image(self.runtime.image_with_layer(request.diff_id))
+        for data in iter_layer(saved, request.diff_id):
+            yield pb.Chunk(data=data)
+
+    @handler
+    def Probe(self, request: pb.ProbeRequest, context: Any) -> Iterator[pb.Chunk]:
+        block = bytes(min(request.size, 1 << 20))
+        left = min(request.size, 64 << 20)
+        while left > 0:
+            yield pb.Chunk(data=block[:left])
+            left -= len(block)
+
     @handler
     def GetNode(self, request: pb.GetNodeRequest, context: Any) -> pb.NodeInfo:
         return self.node_info()
@@ -124,7 +195,8 @@ class AgentService(rpc.AgentServicer):
             docker_root_dir=str(self.runtime.root_dir()), checkpoints_enabled=checkpoints,
             staging_free_bytes=psutil.disk_usage(str(self.staging.root)).free,
             engine_free_bytes=self.runtime.free_bytes(),
-            memory_available_bytes=psutil.virtual_memory().available)
+            memory_available_bytes=psutil.virtual_memory().available,
+            load=os.getloadavg()[0] / (os.cpu_count() or 1))
 
     @handler
     def DescribeContainer(self, request: pb.ContainerRef, context: Any) -> pb.ContainerSpec:
@@ -134,7 +206,11 @@ class AgentService(rpc.AgentServicer):
     def Begin(self, request: pb.BeginRequest, context: Any) -> pb.ContainerSpec:
         self.staging.area(request.migration_id)  # validates the id
         valid_name("container", request.container)
-        return self.source.begin(request)
+        spec = self.source.begin(request)
+        for vol in spec.volumes:
+            if not vol.read_only:
+                vol.volume_id = self.store.volume_id(vol.name, vol.labels.get("rw-guid", ""))
+        return spec
 
     @handler
     def Commit(self, request: pb.CommitRequest, context: Any) -> pb.CommitReply:
@@ -146,22 +222,14 @@ class AgentService(rpc.AgentServicer):
         return pb.MissingLayersReply(missing=self.runtime.missing_layers(list(request.diff_ids)))
 
     @handler
-    def ExportImage(self, request: pb.ExportImageRequest, context: Any) -> Iterator[pb.Chunk]:
-        work = Path(tempfile.mkdtemp(prefix="export-", dir=self.state_dir))
-        try:
-            path = self.runtime.export_image(request.image, set(request.skip_diff_ids), work)
-            for data in iter_file(path):
-                yield pb.Chunk(data=data)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-
-    @handler
     def SnapshotVolume(self, request: pb.SnapshotVolumeRequest, context: Any) -> pb.FileInfo:
         self.source.touch(request.migration_id)
         valid_name("volume", request.volume)
         path = self.staging.resolve(request.migration_id, request.name)
         archive.snapshot(self.runtime.volume_path(request.volume), path)
-        return pb.FileInfo(path=request.name, size=path.stat().st_size, digest=digest(path))
+        info = pb.FileInfo(path=request.name, size=path.stat().st_size, digest=digest(path))
+        self.source.snapshot_taken(request.migration_id, request.volume, info)
+        return info
 
     @handler
     def Checkpoint(self, request: pb.CheckpointRequest, context: Any) -> pb.CheckpointReply:
@@ -221,7 +289,9 @@ class AgentService(rpc.AgentServicer):
                                   staging_root=self.staging.root, request=request,
                                   emit=events.put, is_migrated_away=self.store.is_departed,
                                   journal=self.journal,
-                                  local_info=self.node_info, tls=self.tls)
+                                  local_info=self.node_info, tls=self.tls, store=self.store,
+                                  registry=self.registry, links=self.links,
+                                  publish=self.publish)
             self._migrating[request.container] = migration.migration_id
 
         def work() -> None:

@@ -104,11 +104,12 @@ class AgentClient:
         except grpc.RpcError as err:
             raise self._error(err) from None
 
-    def migrate(self, container: str, source: Node, remove_source: bool = False
-                ) -> Iterator[pb.MigrationEvent]:
+    def migrate(self, container: str, source: Node, remove_source: bool = False,
+                mode: str = "cooperative") -> Iterator[pb.MigrationEvent]:
         """Run a migration with this node as destination; yields its events as they happen."""
         request = pb.MigrateRequest(container=container, source_node=source.name,
-                                    source_address=source.address, remove_source=remove_source)
+                                    source_address=source.address, remove_source=remove_source,
+                                    mode=pb.Mode.Value(mode.upper()))
         try:
             yield from self.stub.Migrate(request, wait_for_ready=False)
         except grpc.RpcError as err:

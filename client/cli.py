@@ -38,8 +38,9 @@ def render_event(ev: pb.MigrationEvent, out=sys.stderr) -> None:
         if t.method == "skipped":
             print(f"  {t.kind} {item}: already on the destination", file=out, flush=True)
         else:
+            why = f" — {t.reason}" if t.reason else ""
             print(f"  {t.kind} {item} from {t.origin}: {_mb(t.bytes)} in {t.seconds:.2f} s "
-                  f"({t.method})", file=out, flush=True)
+                  f"({t.method}){why}", file=out, flush=True)
     elif kind == "log":
         print(f"  {ev.log}", file=out, flush=True)
 
@@ -50,6 +51,9 @@ def render_report(r: pb.MigrationReport, out=sys.stdout) -> None:
     print(f"total {r.total_seconds:.2f} s, downtime {r.downtime_seconds:.2f} s", file=out)
     for p in r.phases:
         print(f"  {_phase(p.phase):<11} {p.seconds:7.2f} s  {_mb(p.bytes):>12}", file=out)
+    print(f"by origin ({pb.Mode.Name(r.mode).lower()}):", file=out)
+    for o in r.origins:
+        print(f"  {o.node:<11} {o.seconds:7.2f} s  {_mb(o.bytes):>12}", file=out)
 
 
 def report_dict(report: pb.MigrationReport) -> dict:
@@ -75,7 +79,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     report = None
     with AgentClient(dest, inv.tls()) as client:
         client.info()  # a clear error now if the destination's agent is unreachable
-        for ev in client.migrate(args.container, source, remove_source=args.remove_source):
+        for ev in client.migrate(args.container, source, remove_source=args.remove_source,
+                                 mode=args.mode):
             if ev.HasField("done"):
                 report = ev.done
             elif not args.quiet:
@@ -131,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remove the stopped source container after success")
     m.add_argument("--json", action="store_true", help="print the report as one JSON object")
     m.add_argument("-q", "--quiet", action="store_true", help="no live progress")
+    m.add_argument("--mode", choices=["cooperative", "traditional"], default="cooperative",
+                   help="cooperative: pieces may come from neighbours that hold them "
+                        "(default); traditional: everything from the source")
     m.add_argument("container")
     m.set_defaults(func=cmd_migrate)
 

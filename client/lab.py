@@ -183,6 +183,7 @@ class Lab:
         deadline = time.monotonic() + 60
         while not self.engine_answers(node):
             if time.monotonic() > deadline or proc.poll() is not None:
+                self.stop_pid(proc.pid, str(config))
                 tail = (d / "dockerd.log").read_text()[-2000:]
                 raise ClientError(f"the Docker engine of {name} did not start:\n{tail}")
             time.sleep(0.3)
@@ -196,7 +197,8 @@ class Lab:
                               "{{.Server.Version}}"], capture_output=True, text=True)
         return res.returncode == 0
 
-    def start_agent(self, name: str, node: dict, extra_env: dict[str, str] | None = None) -> None:
+    def start_agent(self, name: str, node: dict, extra_env: dict[str, str] | None = None,
+                    extra_args: list[str] | None = None) -> None:
         """(Re)start the agent, so a lab always runs the agent code of this checkout."""
         d = self.node_dir(name)
         self.stop_pid(node.get("agent_pid"), str(d / "agent"))
@@ -204,7 +206,8 @@ class Lab:
                "--listen", node["address"], "--docker-host", node["docker_host"],
                "--state-dir", str(d / "agent"), "--engine-tmp", str(d / "tmp"),
                "--containerd", str(RUN_DIR / name / "containerd" / "containerd.sock"),
-               "--tls-dir", str(self.tls_dir)]
+               "--tls-dir", str(self.tls_dir), "--inventory", str(default_inventory()),
+               *(extra_args or [])]
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent),
                    **(extra_env or {}))
         proc = self.spawn(f"migctl-{name}", cmd, d / "agent.log", env)
@@ -218,6 +221,7 @@ class Lab:
                 return
             except ClientError:
                 if time.monotonic() > deadline or proc.poll() is not None:
+                    self.stop_pid(proc.pid, str(d))
                     tail = (d / "agent.log").read_text()[-2000:]
                     raise ClientError(f"the agent of {name} did not start:\n{tail}") from None
                 time.sleep(0.3)
@@ -256,9 +260,10 @@ class Lab:
             self.save(state)
         return state
 
-    def restart_agent(self, name: str, extra_env: dict[str, str] | None = None) -> None:
+    def restart_agent(self, name: str, extra_env: dict[str, str] | None = None,
+                      extra_args: list[str] | None = None) -> None:
         state = self.state()
-        self.start_agent(name, state["nodes"][name], extra_env)
+        self.start_agent(name, state["nodes"][name], extra_env, extra_args)
         self.save(state)
 
     def down(self) -> list[str]:

@@ -7,6 +7,11 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COOPERATIVE: _ClassVar[Mode]
+    TRADITIONAL: _ClassVar[Mode]
+
 class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PHASE_UNSPECIFIED: _ClassVar[Phase]
@@ -16,6 +21,8 @@ class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINAL_SYNC: _ClassVar[Phase]
     RESTORE: _ClassVar[Phase]
     ROLLBACK: _ClassVar[Phase]
+COOPERATIVE: Mode
+TRADITIONAL: Mode
 PHASE_UNSPECIFIED: Phase
 REQUEST: Phase
 PRE_COPY: Phase
@@ -29,7 +36,7 @@ class GetNodeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node", "engine_version", "criu_version", "docker_root_dir", "checkpoints_enabled", "staging_free_bytes", "engine_free_bytes", "memory_available_bytes")
+    __slots__ = ("node", "engine_version", "criu_version", "docker_root_dir", "checkpoints_enabled", "staging_free_bytes", "engine_free_bytes", "memory_available_bytes", "load")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
     CRIU_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +45,7 @@ class NodeInfo(_message.Message):
     STAGING_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     node: str
     engine_version: str
     criu_version: str
@@ -46,7 +54,8 @@ class NodeInfo(_message.Message):
     staging_free_bytes: int
     engine_free_bytes: int
     memory_available_bytes: int
-    def __init__(self, node: _Optional[str] = ..., engine_version: _Optional[str] = ..., criu_version: _Optional[str] = ..., docker_root_dir: _Optional[str] = ..., checkpoints_enabled: _Optional[bool] = ..., staging_free_bytes: _Optional[int] = ..., engine_free_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ...) -> None: ...
+    load: float
+    def __init__(self, node: _Optional[str] = ..., engine_version: _Optional[str] = ..., criu_version: _Optional[str] = ..., docker_root_dir: _Optional[str] = ..., checkpoints_enabled: _Optional[bool] = ..., staging_free_bytes: _Optional[int] = ..., engine_free_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., load: _Optional[float] = ...) -> None: ...
 
 class BeginRequest(_message.Message):
     __slots__ = ("migration_id", "container", "destination_node")
@@ -85,7 +94,7 @@ class PortBinding(_message.Message):
     def __init__(self, container_port: _Optional[str] = ..., host_ip: _Optional[str] = ..., host_port: _Optional[str] = ...) -> None: ...
 
 class VolumeSpec(_message.Message):
-    __slots__ = ("name", "destination", "read_only", "driver", "labels", "driver_options", "size_bytes")
+    __slots__ = ("name", "destination", "read_only", "driver", "labels", "driver_options", "size_bytes", "volume_id")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +116,7 @@ class VolumeSpec(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     DRIVER_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     destination: str
     read_only: bool
@@ -114,7 +124,8 @@ class VolumeSpec(_message.Message):
     labels: _containers.ScalarMap[str, str]
     driver_options: _containers.ScalarMap[str, str]
     size_bytes: int
-    def __init__(self, name: _Optional[str] = ..., destination: _Optional[str] = ..., read_only: _Optional[bool] = ..., driver: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., driver_options: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    volume_id: str
+    def __init__(self, name: _Optional[str] = ..., destination: _Optional[str] = ..., read_only: _Optional[bool] = ..., driver: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., driver_options: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., volume_id: _Optional[str] = ...) -> None: ...
 
 class ContainerSpec(_message.Message):
     __slots__ = ("id", "name", "image", "image_id", "image_tags", "diff_ids", "command", "entrypoint", "env", "labels", "working_dir", "user", "hostname", "restart_policy", "ports", "volumes", "networks", "running", "engine_config_json", "memory_bytes", "unsupported")
@@ -181,13 +192,65 @@ class MissingLayersReply(_message.Message):
     missing: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, missing: _Optional[_Iterable[str]] = ...) -> None: ...
 
-class ExportImageRequest(_message.Message):
-    __slots__ = ("image", "skip_diff_ids")
+class ImageRef(_message.Message):
+    __slots__ = ("image",)
     IMAGE_FIELD_NUMBER: _ClassVar[int]
-    SKIP_DIFF_IDS_FIELD_NUMBER: _ClassVar[int]
     image: str
-    skip_diff_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, image: _Optional[str] = ..., skip_diff_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, image: _Optional[str] = ...) -> None: ...
+
+class ImageConfigReply(_message.Message):
+    __slots__ = ("config", "repo_tags")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    REPO_TAGS_FIELD_NUMBER: _ClassVar[int]
+    config: bytes
+    repo_tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, config: _Optional[bytes] = ..., repo_tags: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LayerRef(_message.Message):
+    __slots__ = ("diff_id",)
+    DIFF_ID_FIELD_NUMBER: _ClassVar[int]
+    diff_id: str
+    def __init__(self, diff_id: _Optional[str] = ...) -> None: ...
+
+class Holding(_message.Message):
+    __slots__ = ("key", "node", "timestamp", "size", "digest")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    node: str
+    timestamp: float
+    size: int
+    digest: str
+    def __init__(self, key: _Optional[str] = ..., node: _Optional[str] = ..., timestamp: _Optional[float] = ..., size: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
+
+class HoldingsRequest(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, keys: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class HoldingsReply(_message.Message):
+    __slots__ = ("holdings",)
+    HOLDINGS_FIELD_NUMBER: _ClassVar[int]
+    holdings: _containers.RepeatedCompositeFieldContainer[Holding]
+    def __init__(self, holdings: _Optional[_Iterable[_Union[Holding, _Mapping]]] = ...) -> None: ...
+
+class HeldRef(_message.Message):
+    __slots__ = ("key", "timestamp")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    timestamp: float
+    def __init__(self, key: _Optional[str] = ..., timestamp: _Optional[float] = ...) -> None: ...
+
+class ProbeRequest(_message.Message):
+    __slots__ = ("size",)
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    def __init__(self, size: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("data",)
@@ -286,16 +349,18 @@ class ReleaseReply(_message.Message):
     def __init__(self) -> None: ...
 
 class MigrateRequest(_message.Message):
-    __slots__ = ("container", "source_node", "source_address", "remove_source")
+    __slots__ = ("container", "source_node", "source_address", "remove_source", "mode")
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     REMOVE_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     container: str
     source_node: str
     source_address: str
     remove_source: bool
-    def __init__(self, container: _Optional[str] = ..., source_node: _Optional[str] = ..., source_address: _Optional[str] = ..., remove_source: _Optional[bool] = ...) -> None: ...
+    mode: Mode
+    def __init__(self, container: _Optional[str] = ..., source_node: _Optional[str] = ..., source_address: _Optional[str] = ..., remove_source: _Optional[bool] = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
 
 class PhaseReport(_message.Message):
     __slots__ = ("phase", "seconds", "bytes", "literal_bytes", "matched_bytes")
@@ -312,7 +377,7 @@ class PhaseReport(_message.Message):
     def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., seconds: _Optional[float] = ..., bytes: _Optional[int] = ..., literal_bytes: _Optional[int] = ..., matched_bytes: _Optional[int] = ...) -> None: ...
 
 class TransferReport(_message.Message):
-    __slots__ = ("kind", "item", "origin", "phase", "bytes", "seconds", "method")
+    __slots__ = ("kind", "item", "origin", "phase", "bytes", "seconds", "method", "reason")
     KIND_FIELD_NUMBER: _ClassVar[int]
     ITEM_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
@@ -320,6 +385,7 @@ class TransferReport(_message.Message):
     BYTES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     kind: str
     item: str
     origin: str
@@ -327,10 +393,21 @@ class TransferReport(_message.Message):
     bytes: int
     seconds: float
     method: str
-    def __init__(self, kind: _Optional[str] = ..., item: _Optional[str] = ..., origin: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., method: _Optional[str] = ...) -> None: ...
+    reason: str
+    def __init__(self, kind: _Optional[str] = ..., item: _Optional[str] = ..., origin: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., method: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class OriginReport(_message.Message):
+    __slots__ = ("node", "bytes", "seconds")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    bytes: int
+    seconds: float
+    def __init__(self, node: _Optional[str] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class MigrationReport(_message.Message):
-    __slots__ = ("migration_id", "container", "source_node", "destination_node", "new_container_id", "total_seconds", "downtime_seconds", "phases", "transfers")
+    __slots__ = ("migration_id", "container", "source_node", "destination_node", "new_container_id", "total_seconds", "downtime_seconds", "phases", "transfers", "origins", "mode")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
@@ -340,6 +417,8 @@ class MigrationReport(_message.Message):
     DOWNTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PHASES_FIELD_NUMBER: _ClassVar[int]
     TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    ORIGINS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     container: str
     source_node: str
@@ -349,7 +428,9 @@ class MigrationReport(_message.Message):
     downtime_seconds: float
     phases: _containers.RepeatedCompositeFieldContainer[PhaseReport]
     transfers: _containers.RepeatedCompositeFieldContainer[TransferReport]
-    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., source_node: _Optional[str] = ..., destination_node: _Optional[str] = ..., new_container_id: _Optional[str] = ..., total_seconds: _Optional[float] = ..., downtime_seconds: _Optional[float] = ..., phases: _Optional[_Iterable[_Union[PhaseReport, _Mapping]]] = ..., transfers: _Optional[_Iterable[_Union[TransferReport, _Mapping]]] = ...) -> None: ...
+    origins: _containers.RepeatedCompositeFieldContainer[OriginReport]
+    mode: Mode
+    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., source_node: _Optional[str] = ..., destination_node: _Optional[str] = ..., new_container_id: _Optional[str] = ..., total_seconds: _Optional[float] = ..., downtime_seconds: _Optional[float] = ..., phases: _Optional[_Iterable[_Union[PhaseReport, _Mapping]]] = ..., transfers: _Optional[_Iterable[_Union[TransferReport, _Mapping]]] = ..., origins: _Optional[_Iterable[_Union[OriginReport, _Mapping]]] = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
 
 class MigrationEvent(_message.Message):
     __slots__ = ("phase_started", "phase_done", "transfer", "done", "log")

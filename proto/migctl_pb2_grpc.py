@@ -59,9 +59,29 @@ class AgentStub:
                 request_serializer=proto_dot_migctl__pb2.MissingLayersRequest.SerializeToString,
                 response_deserializer=proto_dot_migctl__pb2.MissingLayersReply.FromString,
                 _registered_method=True)
-        self.ExportImage = channel.unary_stream(
-                '/migctl.v1.Agent/ExportImage',
-                request_serializer=proto_dot_migctl__pb2.ExportImageRequest.SerializeToString,
+        self.ImageConfig = channel.unary_unary(
+                '/migctl.v1.Agent/ImageConfig',
+                request_serializer=proto_dot_migctl__pb2.ImageRef.SerializeToString,
+                response_deserializer=proto_dot_migctl__pb2.ImageConfigReply.FromString,
+                _registered_method=True)
+        self.ExportLayer = channel.unary_stream(
+                '/migctl.v1.Agent/ExportLayer',
+                request_serializer=proto_dot_migctl__pb2.LayerRef.SerializeToString,
+                response_deserializer=proto_dot_migctl__pb2.Chunk.FromString,
+                _registered_method=True)
+        self.Holdings = channel.unary_unary(
+                '/migctl.v1.Agent/Holdings',
+                request_serializer=proto_dot_migctl__pb2.HoldingsRequest.SerializeToString,
+                response_deserializer=proto_dot_migctl__pb2.HoldingsReply.FromString,
+                _registered_method=True)
+        self.FetchHeld = channel.unary_stream(
+                '/migctl.v1.Agent/FetchHeld',
+                request_serializer=proto_dot_migctl__pb2.HeldRef.SerializeToString,
+                response_deserializer=proto_dot_migctl__pb2.Chunk.FromString,
+                _registered_method=True)
+        self.Probe = channel.unary_stream(
+                '/migctl.v1.Agent/Probe',
+                request_serializer=proto_dot_migctl__pb2.ProbeRequest.SerializeToString,
                 response_deserializer=proto_dot_migctl__pb2.Chunk.FromString,
                 _registered_method=True)
         self.SnapshotVolume = channel.unary_unary(
@@ -142,8 +162,37 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ExportImage(self, request, context):
-        """An image as a `docker save` archive holding only the layers the caller said it lacks.
+    def ImageConfig(self, request, context):
+        """An image's configuration (the JSON `docker save` carries) and its tags.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportLayer(self, request, context):
+        """One image layer as an uncompressed tar, whose sha256 is its diff id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Holdings(self, request, context):
+        """The catalog: which of KEYS this node holds (layer:<diff id>, ro:<digest>, rw:<volume id>,
+        app:<image tag>, svc:<image tag>:<user>), with timestamps and digests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchHeld(self, request, context):
+        """One held item (a volume snapshot, a read-only volume's content, a checkpoint archive).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Probe(self, request, context):
+        """A measure of the link: streams SIZE bytes, so the caller can time it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -227,9 +276,29 @@ def add_AgentServicer_to_server(servicer, server):
                     request_deserializer=proto_dot_migctl__pb2.MissingLayersRequest.FromString,
                     response_serializer=proto_dot_migctl__pb2.MissingLayersReply.SerializeToString,
             ),
-            'ExportImage': grpc.unary_stream_rpc_method_handler(
-                    servicer.ExportImage,
-                    request_deserializer=proto_dot_migctl__pb2.ExportImageRequest.FromString,
+            'ImageConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImageConfig,
+                    request_deserializer=proto_dot_migctl__pb2.ImageRef.FromString,
+                    response_serializer=proto_dot_migctl__pb2.ImageConfigReply.SerializeToString,
+            ),
+            'ExportLayer': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportLayer,
+                    request_deserializer=proto_dot_migctl__pb2.LayerRef.FromString,
+                    response_serializer=proto_dot_migctl__pb2.Chunk.SerializeToString,
+            ),
+            'Holdings': grpc.unary_unary_rpc_method_handler(
+                    servicer.Holdings,
+                    request_deserializer=proto_dot_migctl__pb2.HoldingsRequest.FromString,
+                    response_serializer=proto_dot_migctl__pb2.HoldingsReply.SerializeToString,
+            ),
+            'FetchHeld': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchHeld,
+                    request_deserializer=proto_dot_migctl__pb2.HeldRef.FromString,
+                    response_serializer=proto_dot_migctl__pb2.Chunk.SerializeToString,
+            ),
+            'Probe': grpc.unary_stream_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=proto_dot_migctl__pb2.ProbeRequest.FromString,
                     response_serializer=proto_dot_migctl__pb2.Chunk.SerializeToString,
             ),
             'SnapshotVolume': grpc.unary_unary_rpc_method_handler(
@@ -414,7 +483,34 @@ class Agent:
             _registered_method=True)
 
     @staticmethod
-    def ExportImage(request,
+    def ImageConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migctl.v1.Agent/ImageConfig',
+            proto_dot_migctl__pb2.ImageRef.SerializeToString,
+            proto_dot_migctl__pb2.ImageConfigReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportLayer(request,
             target,
             options=(),
             channel_credentials=None,
@@ -427,8 +523,89 @@ class Agent:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/migctl.v1.Agent/ExportImage',
-            proto_dot_migctl__pb2.ExportImageRequest.SerializeToString,
+            '/migctl.v1.Agent/ExportLayer',
+            proto_dot_migctl__pb2.LayerRef.SerializeToString,
+            proto_dot_migctl__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Holdings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migctl.v1.Agent/Holdings',
+            proto_dot_migctl__pb2.HoldingsRequest.SerializeToString,
+            proto_dot_migctl__pb2.HoldingsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchHeld(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/migctl.v1.Agent/FetchHeld',
+            proto_dot_migctl__pb2.HeldRef.SerializeToString,
+            proto_dot_migctl__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/migctl.v1.Agent/Probe',
+            proto_dot_migctl__pb2.ProbeRequest.SerializeToString,
             proto_dot_migctl__pb2.Chunk.FromString,
             options,
             channel_credentials,

@@ -1,10 +1,20 @@
-"""The node's embedded database (SQLite): survives agent restarts, safe across threads."""
+"""The node's catalog (SQLite in the state directory, so it survives restarts).
+
+It records what this node keeps for later migrations: volume snapshots (`rw:<volume id>`,
+timestamped), read-only volume contents (`ro:<digest>`), checkpoints (`app:<image tag>`,
+`svc:<image tag>:<user>`, timestamped) and saved images (`image:<id>`). Their files live in a
+cache folder bounded in size; the least recently used go first.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
 import threading
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 _SCHEMA = """
@@ -13,17 +23,44 @@ CREATE TABLE IF NOT EXISTS departed (
     migration_id TEXT NOT NULL,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS items (
+    key TEXT NOT NULL,
+    ts REAL NOT NULL,
+    size INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    file TEXT NOT NULL,
+    used REAL NOT NULL,
+    PRIMARY KEY (key, ts)
+);
+CREATE TABLE IF NOT EXISTS volume_ids (
+    volume TEXT PRIMARY KEY,
+    id TEXT NOT NULL
+);
 """
 
 
+@dataclass(frozen=True)
+class Item:
+    key: str
+    ts: float
+    size: int
+    digest: str
+    path: Path
+
+
 class Store:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, cache_bytes: int = 2 << 30) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
+        self.cache_dir = state_dir / "cache"
+        self.cache_dir.mkdir(exist_ok=True)
+        self.cache_bytes = cache_bytes
         self._db = sqlite3.connect(state_dir / "catalog.db", check_same_thread=False,
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+
+    # -- departed containers ----------------------------------------------------------------
 
     def mark_departed(self, container_id: str, migration_id: str) -> None:
         """The container migrated away: the stopped copy left here may be replaced later."""
@@ -36,3 +73,95 @@ class Store:
             row = self._db.execute("SELECT 1 FROM departed WHERE container_id = ?",
                                    (container_id,)).fetchone()
         return row is not None
+
+    # -- volume ids -------------------------------------------------------------------------
+
+    def volume_id(self, volume: str, label: str = "") -> str:
+        """A writable volume's cluster-wide id: its `rw-guid` label when it has one, else the
+        id recorded for it here, assigned on first use."""
+        with self._lock:
+            if label:
+                self._db.execute("INSERT OR REPLACE INTO volume_ids VALUES (?, ?)",
+                                 (volume, label))
+                return label
+            row = self._db.execute("SELECT id FROM volume_ids WHERE volume = ?",
+                                   (volume,)).fetchone()
+            if row:
+                return row[0]
+            vid = str(uuid.uuid4())
+            self._db.execute("INSERT INTO volume_ids VALUES (?, ?)", (volume, vid))
+            return vid
+
+    def remember_volume_id(self, volume: str, vid: str) -> None:
+        """A volume that arrived here keeps the id it had at the source."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO volume_ids VALUES (?, ?)", (volume, vid))
+
+    # -- cached items -----------------------------------------------------------------------
+
+    def put(self, key: str, ts: float, source: Path, digest: str, move: bool = False) -> Item:
+        """Keep SOURCE under KEY (a copy, or the file itself with MOVE); evict as needed."""
+        name = f"{abs(hash((key, ts))):x}-{uuid.uuid4().hex[:8]}"
+        target = self.cache_dir / name
+        if move:
+            shutil.move(source, target)
+        else:
+            shutil.copyfile(source, target)
+        size = target.stat().st_size
+        with self._lock:
+            old = self._db.execute("SELECT file FROM items WHERE key = ? AND ts = ?",
+                                   (key, ts)).fetchone()
+            self._db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?)",
+                             (key, ts, size, digest, name, time.time()))
+            if old:
+                (self.cache_dir / old[0]).unlink(missing_ok=True)
+            self._evict(keep=name)
+        return Item(key, ts, size, digest, target)
+
+    def find(self, key: str) -> list[Item]:
+        """Copies held under KEY, newest first (only those whose file is still there)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key, ts, size, digest, file FROM items WHERE key = ? ORDER BY ts DESC",
+                (key,)).fetchall()
+        return [Item(k, ts, size, dg, self.cache_dir / f) for k, ts, size, dg, f in rows
+                if (self.cache_dir / f).exists()]
+
+    def get(self, key: str, ts: float) -> Item | None:
+        for item in self.find(key):
+            if item.ts == ts:
+                with self._lock:
+                    self._db.execute("UPDATE items SET used = ? WHERE key = ? AND ts = ?",
+                                     (time.time(), key, ts))
+                return item
+        return None
+
+    def drop(self, key: str, ts: float) -> None:
+        with self._lock:
+            row = self._db.execute("SELECT file FROM items WHERE key = ? AND ts = ?",
+                                   (key, ts)).fetchone()
+            self._db.execute("DELETE FROM items WHERE key = ? AND ts = ?", (key, ts))
+        if row:
+            (self.cache_dir / row[0]).unlink(missing_ok=True)
+
+    def keys(self) -> list[tuple[str, float]]:
+        with self._lock:
+            return self._db.execute("SELECT key, ts FROM items").fetchall()
+
+    def _evict(self, keep: str) -> list[tuple[str, float]]:
+        """Least recently used first, until the cache fits (never the item just added)."""
+        rows = self._db.execute("SELECT key, ts, size, file FROM items ORDER BY used").fetchall()
+        total = sum(r[2] for r in rows)
+        evicted = []
+        for key, ts, size, name in rows:
+            if total <= self.cache_bytes:
+                break
+            if name == keep:
+                continue
+            self._db.execute("DELETE FROM items WHERE key = ? AND ts = ?", (key, ts))
+            with_file = self.cache_dir / name
+            if with_file.exists():
+                os.unlink(with_file)
+            total -= size
+            evicted.append((key, ts))
+        return evicted

@@ -8,26 +8,39 @@ final checkpoint; any failure after FREEZE ends with the source resumed from it 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
+from agent.catalog.registry import Registry
+from agent.catalog.store import Store
 from agent.dataplane import archive
 from agent.dataplane.channel import open_channel
-from agent.dataplane.files import digest, write_stream
+from agent.dataplane.files import digest
+from agent.dataplane.image import assemble
 from agent.dataplane.transfer import fetch_delta, fetch_whole
 from agent.delta import DeltaStats, Signature, make_signature
-from agent.errors import AlreadyExists, FailedPrecondition, MigctlError, Unavailable
+from agent.errors import (
+    AlreadyExists,
+    DeltaError,
+    FailedPrecondition,
+    MigctlError,
+    Unavailable,
+)
 from agent.migration import journal as j
+from agent.migration.policy import Links
 from agent.migration.recovery import settle
 from agent.migration.report import Report
+from agent.migration.sourcing import Sourcing
 from agent.security import TLSFiles
 from proto import migctl_pb2 as pb
 from proto import migctl_pb2_grpc as rpc
@@ -67,15 +80,20 @@ class Migration:
     journal: j.Journal
     local_info: Callable[[], pb.NodeInfo]
     tls: TLSFiles
+    store: Store
+    registry: Registry | None
+    links: Links
+    publish: Callable[[list], None]
     migration_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
     def __post_init__(self) -> None:
         self.report = Report(self.migration_id, self.request.container, self.request.source_node,
-                             self.node, self.emit)
+                             self.node, self.emit, self.request.mode)
         self.area = self.staging_root / self.migration_id
         self.area.mkdir(parents=True, exist_ok=True)
         self.source_name = self.request.source_node or self.request.source_address
         self.channel = open_channel(self.request.source_address, self.tls)
+        self.connect = lambda address: open_channel(address, self.tls)
         self.source = rpc.AgentStub(self.channel)
         self.entry = j.Entry(self.migration_id, j.DESTINATION, self.request.container,
                              j.REQUESTED, peer=self.source_name,
@@ -138,6 +156,7 @@ class Migration:
             self.step(j.FROZEN)
             with self.report.phase(pb.FREEZE):
                 self.report.freeze_started()
+                frozen_at = time.time()
                 final = self.call(self.source.Checkpoint, pb.CheckpointRequest(
                     migration_id=self.migration_id, container=spec.id, name=FINAL_CHECKPOINT,
                     leave_running=False))
@@ -151,6 +170,10 @@ class Migration:
             self.fail(err)
             raise
         self.step(j.DONE)
+        try:
+            self.keep(spec, frozen_at)
+        except (MigctlError, OSError) as err:  # the container runs; only the cache suffers
+            self.report.log(f"warning: could not keep a copy for later migrations: {err}")
         try:
             self.call(self.source.Release, pb.ReleaseRequest(
                 migration_id=self.migration_id, container=spec.id, completed=True,
@@ -203,50 +226,125 @@ class Migration:
 
     def pre_copy(self, spec: pb.ContainerSpec) -> dict[str, Basis]:
         """Everything while the container runs; returns the bases for the final deltas, with
-        their signatures already computed so the downtime path only does delta + patch."""
-        # Layers: only those missing here travel.
+        their signatures already computed so the downtime path only does delta + patch.
+
+        Cooperative: layers, read-only volume contents and bases for snapshots and checkpoint
+        may come from neighbours (or this node's cache), fetched in parallel; what changed
+        since their copies always comes from the source, as deltas."""
+        sourcing = Sourcing(self.node, self.request.mode == pb.COOPERATIVE, self.registry,
+                            self.links, self.store, self.connect, self.report, pb.PRE_COPY)
         missing = self.runtime.missing_layers(list(spec.diff_ids))
-        if missing or not self.runtime.has_image(spec.image_id):
-            held = [d for d in spec.diff_ids if d not in set(missing)]
-            dest = self.area / "image.tar"
-
-            def fetch_image() -> int:
-                size = write_stream((c.data for c in self.source.ExportImage(
-                    pb.ExportImageRequest(image=spec.image_id, skip_diff_ids=held),
-                    timeout=UNARY_TIMEOUT)), dest)
-                self.runtime.load_image(dest)
-                return size
-
-            self.pull("layer", ", ".join(missing) or spec.image_id, pb.PRE_COPY, fetch_image,
-                      "whole")
         for diff_id in spec.diff_ids:
             if diff_id not in missing:
-                self.report.transfer("layer", diff_id, self.node, pb.PRE_COPY, 0, 0.0, "skipped")
+                self.report.transfer("layer", diff_id, self.node, pb.PRE_COPY, 0, 0.0, "skipped",
+                                     "already on this node")
+        snaps = {v.name: self.call(self.source.SnapshotVolume, pb.SnapshotVolumeRequest(
+            migration_id=self.migration_id, volume=v.name, name=f"volumes/{v.name}.tar"))
+            for v in spec.volumes}
+        app, svc = checkpoint_keys(spec)
+        plan = sourcing.plan(
+            [f"layer:{d}" for d in missing]
+            + [f"ro:{snaps[v.name].digest}" for v in spec.volumes if v.read_only]
+            + [f"rw:{v.volume_id}" for v in spec.volumes if not v.read_only and v.volume_id]
+            + [svc, app])
+        (self.area / "basis").mkdir(parents=True, exist_ok=True)
+        whole: set[str] = set()          # volumes whose content came whole from a holder
+        held_basis: dict[str, Path] = {}  # volume -> a holder's older snapshot of it
+        ckpt_basis = self.area / "basis" / "checkpoint"
+
+        def image() -> None:
+            if not missing and self.runtime.has_image(spec.image_id):
+                return
+            (self.area / "layers").mkdir(exist_ok=True)
+            files = {d: self.area / "layers" / f"{d[7:]}.tar" for d in missing}
+            for d, dest in files.items():
+                self.guarded(lambda d=d, dest=dest: sourcing.fetch_layer(
+                    d, plan[f"layer:{d}"], self.source, self.source_name, dest))
+            cfg = self.call(self.source.ImageConfig, pb.ImageRef(image=spec.image_id))
+            if "sha256:" + hashlib.sha256(cfg.config).hexdigest() != spec.image_id:
+                raise DeltaError("the source sent an image config that is not the image's")
+            assemble(cfg.config, list(cfg.repo_tags), files, self.area / "image.tar")
+            self.runtime.load_image(self.area / "image.tar")
+
+        def read_only(vol: pb.VolumeSpec) -> None:
+            want = snaps[vol.name].digest
+            if sourcing.fetch_held("volume", vol.name, plan[f"ro:{want}"],
+                                   self.area / f"volumes/{vol.name}.tar",
+                                   verify=lambda p: _expect(p, want)):
+                whole.add(vol.name)
+
+        def snapshot_basis(vol: pb.VolumeSpec) -> None:
+            dest = self.area / "basis" / f"{vol.name}.held.tar"
+            if sourcing.fetch_held("volume snapshot basis", vol.name,
+                                   plan.get(f"rw:{vol.volume_id}", []), dest):
+                held_basis[vol.name] = dest
+
+        def checkpoint_basis() -> None:
+            dest = self.area / "basis" / "checkpoint.tar"
+            if sourcing.fetch_held("checkpoint basis", svc, plan[svc] + plan[app], dest):
+                ckpt_basis.mkdir()
+                archive.restore(dest, ckpt_basis)
+
+        (self.area / "volumes").mkdir(exist_ok=True)
+        jobs = [image, checkpoint_basis] + [
+            (lambda v=v: read_only(v)) if v.read_only else (lambda v=v: snapshot_basis(v))
+            for v in spec.volumes]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            for fut in [pool.submit(job) for job in jobs]:
+                fut.result()
 
         bases: dict[str, Basis] = {}
         for vol in spec.volumes:
             rel = f"volumes/{vol.name}.tar"
-            info = self.call(self.source.SnapshotVolume, pb.SnapshotVolumeRequest(
-                migration_id=self.migration_id, volume=vol.name, name=rel))
             local = self.area / rel
-            self.fetch(rel, local, info.digest, self.local_volume_basis(vol.name),
-                       "volume snapshot", vol.name, pb.PRE_COPY)
+            if vol.name not in whole:
+                basis = (Basis(held_basis[vol.name], make_signature(held_basis[vol.name]))
+                         if vol.name in held_basis else self.local_volume_basis(vol.name))
+                self.fetch(rel, local, snaps[vol.name].digest, basis, "volume snapshot",
+                           vol.name, pb.PRE_COPY)
             if not self.runtime.volume_exists(vol.name):
                 self.entry.data["created_volumes"].append(vol.name)
                 self.journal.record(self.entry)
             archive.restore(local, self.runtime.ensure_volume(vol))
+            if vol.volume_id:
+                self.store.remember_volume_id(vol.name, vol.volume_id)
             if not vol.read_only:
                 bases[rel] = Basis(local, make_signature(local))
 
         ckpt = self.call(self.source.Checkpoint, pb.CheckpointRequest(
             migration_id=self.migration_id, container=spec.id, name=PRE_CHECKPOINT,
             leave_running=True))
-        self.fetch_checkpoint(PRE_CHECKPOINT, ckpt, {}, pb.PRE_COPY)
+        held = {f.path: Basis(ckpt_basis / Path(f.path).name,
+                              make_signature(ckpt_basis / Path(f.path).name))
+                for f in ckpt.files if (ckpt_basis / Path(f.path).name).is_file()}
+        self.fetch_checkpoint(PRE_CHECKPOINT, ckpt, held, pb.PRE_COPY)
         for f in ckpt.files:
             final_rel = f.path.replace(f"/{PRE_CHECKPOINT}/", f"/{FINAL_CHECKPOINT}/", 1)
             local = self.area / f.path
             bases[final_rel] = Basis(local, make_signature(local))
         return bases
+
+    def keep(self, spec: pb.ContainerSpec, frozen_at: float) -> None:
+        """The destination keeps what it received for later migrations: the final snapshot of
+        each writable volume, read-only contents, the checkpoint; the registry learns it."""
+        kept = []
+        app, svc = checkpoint_keys(spec)
+        for vol in spec.volumes:
+            if vol.read_only:
+                path = self.area / f"volumes/{vol.name}.tar"
+                key, ts = f"ro:{digest(path)}", 0.0
+            elif vol.volume_id:
+                path = self.area / f"volumes/{vol.name}.final.tar"
+                key, ts = f"rw:{vol.volume_id}", frozen_at
+            else:
+                continue
+            if path.exists() and (ts or not self.store.find(key)):
+                kept.append(self.store.put(key, ts, path, digest(path), move=True))
+        ckpt = self.area / "basis" / "final-checkpoint.tar"
+        archive.snapshot(self.area / "checkpoints" / FINAL_CHECKPOINT, ckpt)
+        for key in (svc, app):
+            kept.append(self.store.put(key, frozen_at, ckpt, digest(ckpt)))
+        self.publish(kept)
 
     def fetch_checkpoint(self, name: str, ckpt: pb.CheckpointReply, bases: dict[str, Basis],
                          phase: int) -> None:
@@ -325,6 +423,18 @@ class Migration:
         with self.report.phase(pb.ROLLBACK):
             settle(self.entry, self.runtime, self.journal, self.staging_root, self.tls,
                    self.report.log)
+
+
+def checkpoint_keys(spec: pb.ContainerSpec) -> tuple[str, str]:
+    """Checkpoints are cached by application (image tag) and by service (tag + user: the
+    container's `user-id` label, else its name; the seed assumes one user per container)."""
+    user = spec.labels.get("user-id") or spec.name
+    return f"app:{spec.image}", f"svc:{spec.image}:{user}"
+
+
+def _expect(path: Path, want: str) -> None:
+    if digest(path) != want:
+        raise DeltaError(f"{path.name}: not the content the source holds")
 
 
 def preflight(source: pb.NodeInfo, here: pb.NodeInfo, spec: pb.ContainerSpec) -> None:

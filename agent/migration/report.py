@@ -14,13 +14,14 @@ class Report:
     """Collects the report while emitting it as live events."""
 
     def __init__(self, migration_id: str, container: str, source: str, destination: str,
-                 emit: Callable[[pb.MigrationEvent], None]) -> None:
+                 emit: Callable[[pb.MigrationEvent], None], mode: int = pb.COOPERATIVE) -> None:
         self.emit = emit
         self.started = time.monotonic()
         self.freeze_at: float | None = None
         self.running_at: float | None = None
         self.msg = pb.MigrationReport(migration_id=migration_id, container=container,
-                                      source_node=source, destination_node=destination)
+                                      source_node=source, destination_node=destination,
+                                      mode=mode)
         self.current: pb.PhaseReport | None = None
 
     @contextmanager
@@ -36,9 +37,9 @@ class Report:
             self.emit(pb.MigrationEvent(phase_done=rep))
 
     def transfer(self, kind: str, item: str, origin: str, phase: int,
-                 result: int | DeltaStats, seconds: float, method: str) -> None:
+                 result: int | DeltaStats, seconds: float, method: str, reason: str = "") -> None:
         t = self.msg.transfers.add(kind=kind, item=item, origin=origin, phase=phase,
-                                   seconds=seconds, method=method)
+                                   seconds=seconds, method=method, reason=reason)
         if isinstance(result, DeltaStats):
             t.bytes = result.wire_bytes
             if self.current is not None:
@@ -61,6 +62,13 @@ class Report:
 
     def done(self, container_id: str) -> pb.MigrationReport:
         self.msg.new_container_id = container_id
+        origins: dict[str, pb.OriginReport] = {}
+        for t in self.msg.transfers:
+            if t.method in ("whole", "delta"):
+                o = origins.setdefault(t.origin, pb.OriginReport(node=t.origin))
+                o.bytes += t.bytes
+                o.seconds += t.seconds
+        self.msg.origins.extend(sorted(origins.values(), key=lambda o: -o.bytes))
         self.msg.total_seconds = time.monotonic() - self.started
         if self.freeze_at is not None and self.running_at is not None:
             self.msg.downtime_seconds = self.running_at - self.freeze_at

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from agent.catalog.store import Store
+from agent.catalog.store import Item, Store
 from agent.dataplane.staging import Staging
 from agent.errors import AlreadyExists, FailedPrecondition, MigctlError
 from agent.migration import journal as j
@@ -26,7 +27,9 @@ FINAL_CHECKPOINT = "final"
 
 class SourceSide:
     def __init__(self, runtime: DockerRuntime, staging: Staging, journal: j.Journal,
-                 store: Store, lease_seconds: float) -> None:
+                 store: Store, lease_seconds: float,
+                 publish: Callable[[list[Item]], None] = lambda _: None) -> None:
+        self.publish = publish
         self.runtime = runtime
         self.staging = staging
         self.journal = journal
@@ -47,10 +50,41 @@ class SourceSide:
                     raise AlreadyExists(
                         f"{spec.name!r} is already being migrated (migration {other.id} to "
                         f"{other.peer}, {other.state}); wait for it to end")
-            self.journal.record(j.Entry(request.migration_id, j.SOURCE, spec.id, j.PRE_COPY,
-                                        peer=request.destination_node))
+            self.journal.record(j.Entry(
+                request.migration_id, j.SOURCE, spec.id, j.PRE_COPY,
+                peer=request.destination_node,
+                data={"volumes": {v.name: {"read_only": v.read_only,
+                                           "guid": v.labels.get("rw-guid", "")}
+                                  for v in spec.volumes}, "snapshots": {}}))
         self.touch(request.migration_id)
         return spec
+
+    def snapshot_taken(self, migration_id: str, volume: str, info: pb.FileInfo) -> None:
+        entry = self.journal.get(migration_id, j.SOURCE)
+        if entry is not None:
+            entry.data.setdefault("snapshots", {})[info.path] = {
+                "volume": volume, "digest": info.digest, "ts": time.time()}
+            self.journal.record(entry)
+
+    def keep_last_snapshots(self, entry: j.Entry) -> None:
+        """The source keeps its last snapshot of each volume: a good basis when the container
+        comes back, or for a neighbour's migration."""
+        kept = []
+        area = self.staging.area(entry.id)
+        for rel, snap in entry.data.get("snapshots", {}).items():
+            vol = entry.data.get("volumes", {}).get(snap["volume"], {})
+            if vol.get("read_only"):
+                key, ts = f"ro:{snap['digest']}", 0.0
+                if self.store.find(key):
+                    continue
+            elif rel.endswith(".final.tar"):
+                vid = self.store.volume_id(snap["volume"], vol.get("guid", ""))
+                key, ts = f"rw:{vid}", snap["ts"]
+            else:
+                continue
+            if (area / rel).exists():
+                kept.append(self.store.put(key, ts, area / rel, snap["digest"], move=True))
+        self.publish(kept)
 
     def checkpoint(self, request: pb.CheckpointRequest) -> Path:
         area = self.staging.area(request.migration_id)
@@ -112,6 +146,10 @@ class SourceSide:
                 raise FailedPrecondition(
                     f"migration {request.migration_id} was never committed here; refusing to "
                     "treat the container as moved")
+            try:
+                self.keep_last_snapshots(entry)
+            except (MigctlError, OSError) as err:
+                log.warning("could not keep the last snapshots: %s", err)
             if request.remove_container:
                 self.runtime.remove(entry.container)
             else:

@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import subprocess
-import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -199,37 +198,30 @@ class DockerRuntime:
         return [d for d, chain in zip(diff_ids, chain_ids(list(diff_ids)), strict=True)
                 if chain not in held]
 
-    def export_image(self, image: str, skip_diff_ids: set[str], work: Path) -> Path:
-        """A `docker save` archive without the layers the receiver holds.
+    def image_with_layer(self, diff_id: str) -> str:
+        for img in self._call("list images", self.api.images):
+            layers = self._call("inspect image", self.api.inspect_image, img["Id"])["RootFS"]
+            if diff_id in (layers.get("Layers") or []):
+                return img["Id"]
+        raise NotFound(f"no image on this node holds layer {diff_id}")
 
-        `docker load` looks each layer up by chain id and only opens a layer's file when the
-        engine lacks it, so an archive whose manifest names layers it does not carry loads.
-        """
-        work.mkdir(parents=True, exist_ok=True)
-        full = work / "image-full.tar"
+    def held_layers(self) -> set[str]:
+        held: set[str] = set()
+        for img in self._call("list images", self.api.images):
+            layers = self._call("inspect image", self.api.inspect_image, img["Id"])["RootFS"]
+            held.update(layers.get("Layers") or [])
+        return held
+
+    def save_image(self, image: str, dest: Path) -> None:
+        """`docker save` IMAGE to DEST, with its tags when it has any."""
         tags = self._call("inspect image", self.api.inspect_image, image).get("RepoTags") or []
-        ref = tags[0] if tags else image
-        with full.open("wb") as out:
-            for chunk in self._call("save image", self.api.get_image, ref, chunk_size=1 << 20):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.part")
+        with tmp.open("wb") as out:
+            for chunk in self._call("save image", self.api.get_image, tags[0] if tags else image,
+                                    chunk_size=1 << 20):
                 out.write(chunk)
-        skip_paths: set[str] = set()
-        with tarfile.open(full) as tar:
-            manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
-            for entry in manifest:
-                config = json.load(tar.extractfile(entry["Config"]))  # type: ignore[arg-type]
-                for path, diff_id in zip(entry["Layers"], config["rootfs"]["diff_ids"],
-                                         strict=True):
-                    if diff_id in skip_diff_ids:
-                        skip_paths.add(path)
-        filtered = work / "image.tar"
-        with tarfile.open(full) as src, \
-                tarfile.open(filtered, "w", format=tarfile.PAX_FORMAT) as dst:
-            for member in src:
-                if member.name in skip_paths:
-                    continue
-                dst.addfile(member, src.extractfile(member) if member.isfile() else None)
-        full.unlink()
-        return filtered
+        os.replace(tmp, dest)
 
     def load_image(self, archive: Path) -> None:
         with archive.open("rb") as f:

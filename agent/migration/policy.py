@@ -1,0 +1,106 @@
+"""Where each piece comes from: the seed's policy, with the link and load it only proposed.
+
+Snapshots and checkpoints: the newest copy of the same service first, then the best copy of
+the same application, then the source. Content-addressed pieces (layers, read-only volumes):
+whichever holder is expected to deliver soonest. Expected time = RTT + size / throughput,
+stretched by the holder's load; links are measured (a timed probe stream) and re-measured
+after a minute. Every choice carries a sentence saying why, for the report.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from agent.catalog.registry import Holding
+from proto import migctl_pb2 as pb
+from proto import migctl_pb2_grpc as rpc
+
+PROBE_BYTES = 1 << 20
+LINK_TTL = 60.0
+
+
+@dataclass(frozen=True)
+class Link:
+    rtt: float         # seconds
+    throughput: float  # bytes per second
+    load: float        # load average per core of the node
+
+    def expected(self, size: int) -> float:
+        return (self.rtt + size / max(self.throughput, 1.0)) * (1.0 + self.load)
+
+    def describe(self) -> str:
+        return (f"link {self.throughput * 8 / 1e6:.0f} Mbit/s, rtt {self.rtt * 1e3:.1f} ms, "
+                f"load {self.load:.2f}")
+
+
+LOCAL = Link(rtt=0.0, throughput=float("inf"), load=0.0)
+
+
+class Links:
+    """Measured links to other nodes, refreshed when older than LINK_TTL."""
+
+    def __init__(self, connect: Callable[[str], grpc.Channel]) -> None:
+        self.connect = connect
+        self._known: dict[str, tuple[float, Link]] = {}
+        self._lock = threading.Lock()
+
+    def measure(self, address: str) -> Link | None:
+        with self._lock:
+            cached = self._known.get(address)
+        if cached and time.monotonic() - cached[0] < LINK_TTL:
+            return cached[1]
+        channel = self.connect(address)
+        try:
+            stub = rpc.AgentStub(channel)
+            start = time.monotonic()
+            info = stub.GetNode(pb.GetNodeRequest(), timeout=2)
+            rtt = time.monotonic() - start
+            start = time.monotonic()
+            got = sum(len(c.data) for c in stub.Probe(pb.ProbeRequest(size=PROBE_BYTES),
+                                                      timeout=10))
+            elapsed = max(time.monotonic() - start - rtt, 1e-6)
+            link = Link(rtt=rtt, throughput=got / elapsed, load=info.load)
+        except grpc.RpcError:
+            return None
+        finally:
+            channel.close()
+        with self._lock:
+            self._known[address] = (time.monotonic(), link)
+        return link
+
+
+@dataclass(frozen=True)
+class Choice:
+    holding: Holding
+    link: Link
+    reason: str
+
+
+def rank(holdings: list[Holding], links: dict[str, Link], *, freshness: bool,
+         now: float | None = None) -> list[Choice]:
+    """Candidates best first. With FRESHNESS (snapshots, checkpoints) newer copies come first
+    and the link breaks ties; otherwise the expected delivery time decides."""
+    now = now or time.time()
+    usable = [h for h in holdings if h.node in links]
+
+    def order(h: Holding) -> tuple[float, float]:
+        t = links[h.node].expected(h.size)
+        return (-h.timestamp, t) if freshness else (t, 0.0)
+
+    out = []
+    for h in sorted(usable, key=order):
+        link = links[h.node]
+        age = f"{now - h.timestamp:.0f} s old, " if h.timestamp else ""
+        where = "this node's cache" if link is LOCAL else h.node
+        out.append(Choice(h, link, f"{age}{_mb(h.size)} on {where}; "
+                                   f"{'local' if link is LOCAL else link.describe()}"))
+    return out
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"

@@ -1,0 +1,153 @@
+"""Fetching a piece from the best holder, falling back to the next one and then the source.
+
+Nothing a neighbour sends is trusted: a held copy must match the digest its holder published
+(a stale or corrupted file is refused and the next holder is tried), a layer must hash to its
+diff id, and a basis only ever feeds a delta whose result is verified against the source.
+A slow neighbour is cut off by a deadline derived from its measured link.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+
+from agent.catalog.registry import Holding, Registry
+from agent.catalog.store import Store
+from agent.dataplane.files import digest, write_stream
+from agent.dataplane.image import verify_sha256
+from agent.errors import MigctlError
+from agent.migration.policy import LOCAL, Choice, Link, Links, rank
+from agent.migration.report import Report
+from proto import migctl_pb2 as pb
+from proto import migctl_pb2_grpc as rpc
+
+log = logging.getLogger(__name__)
+
+FRESHNESS_KINDS = ("rw", "app", "svc")
+
+
+class Sourcing:
+    def __init__(self, me: str, cooperative: bool, registry: Registry | None, links: Links,
+                 store: Store, connect: Callable[[str], grpc.Channel], report: Report,
+                 phase: int) -> None:
+        self.me = me
+        self.cooperative = cooperative and registry is not None
+        self.registry = registry
+        self.links = links
+        self.store = store
+        self.connect = connect
+        self.report = report
+        self.phase = phase
+
+    def plan(self, keys: list[str]) -> dict[str, list[Choice]]:
+        """Ranked holders of each key: this node's cache and, in cooperative mode, the
+        neighbours the registry names (whose links are measured in parallel)."""
+        found: dict[str, list[Holding]] = {k: [] for k in keys}
+        if self.cooperative and keys:
+            assert self.registry is not None
+            for key, holders in self.registry.lookup(keys).items():
+                found[key] = [h for h in holders if h.node != self.me]
+        for key in keys:
+            found[key] += [Holding(key, self.me, i.ts, i.size, i.digest)
+                           for i in self.store.find(key)]
+        nodes = {h.node for hs in found.values() for h in hs} - {self.me}
+        links: dict[str, Link] = {self.me: LOCAL}
+        with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
+            measured = dict(zip(nodes, pool.map(self._measure, nodes), strict=True))
+        links.update({n: lk for n, lk in measured.items() if lk is not None})
+        return {k: rank(hs, links, freshness=k.split(":")[0] in FRESHNESS_KINDS)
+                for k, hs in found.items()}
+
+    def _measure(self, node: str) -> Link | None:
+        try:
+            assert self.registry is not None
+            return self.links.measure(self.registry.address(node))
+        except (KeyError, MigctlError):
+            return None
+
+    def _deadline(self, c: Choice) -> float:
+        return 5.0 + 4 * c.link.expected(c.holding.size)
+
+    def fetch_held(self, kind: str, item: str, choices: list[Choice], dest: Path,
+                   verify: Callable[[Path], None] | None = None) -> Choice | None:
+        """The first holder whose copy arrives whole and verified; None when none did."""
+        for c in choices:
+            start = time.monotonic()
+            try:
+                if c.holding.node == self.me:
+                    cached = self.store.get(c.holding.key, c.holding.timestamp)
+                    if cached is None:
+                        continue
+                    shutil.copyfile(cached.path, dest)
+                    size = 0
+                else:
+                    size = self._stream(c, dest, lambda stub, c=c: stub.FetchHeld(
+                        pb.HeldRef(key=c.holding.key, timestamp=c.holding.timestamp),
+                        timeout=self._deadline(c)))
+                if c.holding.digest and digest(dest) != c.holding.digest:
+                    raise MigctlError(f"copy on {c.holding.node} does not match its digest "
+                                      "(stale or corrupted); refused")
+                if verify:
+                    verify(dest)
+            except (grpc.RpcError, MigctlError, OSError) as err:
+                dest.unlink(missing_ok=True)
+                self.report.log(f"{kind} {item}: {c.holding.node} failed "
+                                f"({_why(err)}); trying the next holder")
+                continue
+            self.report.transfer(kind, item, c.holding.node, self.phase, size,
+                                 time.monotonic() - start,
+                                 "cached" if c.holding.node == self.me else "whole", c.reason)
+            return c
+        return None
+
+    def fetch_layer(self, diff_id: str, choices: list[Choice], source: rpc.AgentStub,
+                    source_name: str, dest: Path) -> None:
+        """A layer from its best holder, else the source; each verified against its diff id."""
+        def check(path: Path) -> None:
+            verify_sha256(path, diff_id, f"layer {diff_id[:19]}")
+
+        for c in choices:
+            if c.holding.node == self.me:
+                continue
+            start = time.monotonic()
+            try:
+                size = self._stream(c, dest, lambda stub, c=c: stub.ExportLayer(
+                    pb.LayerRef(diff_id=diff_id), timeout=self._deadline(c)))
+                check(dest)
+            except (grpc.RpcError, MigctlError, OSError) as err:
+                dest.unlink(missing_ok=True)
+                self.report.log(f"layer {diff_id[:19]}: {c.holding.node} failed ({_why(err)}); "
+                                "trying the next holder")
+                continue
+            self.report.transfer("layer", diff_id, c.holding.node, self.phase, size,
+                                 time.monotonic() - start, "whole", c.reason)
+            return
+        start = time.monotonic()
+        size = write_stream((ch.data for ch in source.ExportLayer(
+            pb.LayerRef(diff_id=diff_id), timeout=600)), dest)
+        check(dest)
+        self.report.transfer("layer", diff_id, source_name, self.phase, size,
+                             time.monotonic() - start, "whole",
+                             "from the source" if not self.cooperative
+                             else "no neighbour holds it" if not choices
+                             else "every neighbour failed")
+
+    def _stream(self, c: Choice, dest: Path, call: Callable[[rpc.AgentStub], object]) -> int:
+        assert self.registry is not None
+        channel = self.connect(self.registry.address(c.holding.node))
+        try:
+            return write_stream((ch.data for ch in call(rpc.AgentStub(channel))), dest)
+        finally:
+            channel.close()
+
+
+def _why(err: BaseException) -> str:
+    if isinstance(err, grpc.RpcError):
+        return f"{err.code().name}: {err.details()}"
+    return str(err)
