@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -93,7 +94,8 @@ class AgentService(rpc.AgentServicer):
         self.runtime = runtime
         self.state_dir = state_dir
         self.staging = Staging(state_dir)
-        self.store = Store(state_dir, cache_bytes=cache_bytes)
+        self.store = Store(state_dir, cache_bytes=cache_bytes, on_evict=self.withdraw)
+        self._published_layers: set[str] = set()
         self.journal = j.Journal(state_dir)
         self.source = SourceSide(runtime, self.staging, self.journal, self.store, lease_seconds,
                                  self.publish)
@@ -105,10 +107,14 @@ class AgentService(rpc.AgentServicer):
         self.source.recover_on_start()
 
         def loop() -> None:
+            rounds = 0
             while True:
                 try:
                     self.source.expire_leases()
                     self.settle_orphans()
+                    if rounds % 15 == 0:
+                        self.sync_layers()
+                    rounds += 1
                 except Exception:  # noqa: BLE001 - keep the loop alive, the log says why
                     log.exception("background recovery failed")
                 time.sleep(interval)
@@ -124,6 +130,26 @@ class AgentService(rpc.AgentServicer):
             if entry.id not in owned:
                 settle(entry, self.runtime, self.journal, self.staging.root, self.tls,
                        lambda text, mid=entry.id: log.warning("migration %s: %s", mid, text))
+
+    def withdraw(self, items: list[Item]) -> None:
+        if self.registry is not None and items:
+            self.registry.withdraw(self.node, [
+                Holding(i.key, self.node, i.ts, i.size, i.digest) for i in items])
+
+    def sync_layers(self) -> None:
+        """Tell the registry which layers the engine holds now (Redis needs to be told; the
+        inventory backend asks the engine itself)."""
+        if self.registry is None:
+            return
+        held = self.runtime.held_layers()
+        added, gone = held - self._published_layers, self._published_layers - held
+        if added:
+            self.registry.publish(self.node, self.address,
+                                  [Holding(f"layer:{d}", self.node, 0.0, 0, d) for d in added])
+        if gone:
+            self.registry.withdraw(self.node,
+                                   [Holding(f"layer:{d}", self.node, 0.0, 0, d) for d in gone])
+        self._published_layers = held
 
     def publish(self, items: list[Item]) -> None:
         if self.registry is not None and items:
@@ -297,6 +323,8 @@ class AgentService(rpc.AgentServicer):
         def work() -> None:
             try:
                 migration.run()
+                with contextlib.suppress(Exception):  # the registry may lag; never fail for it
+                    self.sync_layers()
                 events.put(None)
             except MigctlError as err:
                 events.put(err)

@@ -14,6 +14,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,9 @@ class Item:
 
 
 class Store:
-    def __init__(self, state_dir: Path, cache_bytes: int = 2 << 30) -> None:
+    def __init__(self, state_dir: Path, cache_bytes: int = 2 << 30,
+                 on_evict: Callable[[list[Item]], None] = lambda _: None) -> None:
+        self.on_evict = on_evict
         state_dir.mkdir(parents=True, exist_ok=True)
         self.cache_dir = state_dir / "cache"
         self.cache_dir.mkdir(exist_ok=True)
@@ -115,7 +118,8 @@ class Store:
                              (key, ts, size, digest, name, time.time()))
             if old:
                 (self.cache_dir / old[0]).unlink(missing_ok=True)
-            self._evict(keep=name)
+            evicted = self._evict(keep=name)
+        self.on_evict(evicted)
         return Item(key, ts, size, digest, target)
 
     def find(self, key: str) -> list[Item]:
@@ -148,12 +152,13 @@ class Store:
         with self._lock:
             return self._db.execute("SELECT key, ts FROM items").fetchall()
 
-    def _evict(self, keep: str) -> list[tuple[str, float]]:
+    def _evict(self, keep: str) -> list[Item]:
         """Least recently used first, until the cache fits (never the item just added)."""
-        rows = self._db.execute("SELECT key, ts, size, file FROM items ORDER BY used").fetchall()
+        rows = self._db.execute("SELECT key, ts, size, file, digest FROM items ORDER BY used"
+                                ).fetchall()
         total = sum(r[2] for r in rows)
         evicted = []
-        for key, ts, size, name in rows:
+        for key, ts, size, name, dg in rows:
             if total <= self.cache_bytes:
                 break
             if name == keep:
@@ -163,5 +168,5 @@ class Store:
             if with_file.exists():
                 os.unlink(with_file)
             total -= size
-            evicted.append((key, ts))
+            evicted.append(Item(key, ts, size, dg, with_file))
         return evicted

@@ -231,7 +231,8 @@ class Migration:
         Cooperative: layers, read-only volume contents and bases for snapshots and checkpoint
         may come from neighbours (or this node's cache), fetched in parallel; what changed
         since their copies always comes from the source, as deltas."""
-        sourcing = Sourcing(self.node, self.request.mode == pb.COOPERATIVE, self.registry,
+        sourcing = Sourcing(self.node, self.request.source_node,
+                            self.request.mode == pb.COOPERATIVE, self.registry,
                             self.links, self.store, self.connect, self.report, pb.PRE_COPY)
         missing = self.runtime.missing_layers(list(spec.diff_ids))
         for diff_id in spec.diff_ids:
@@ -254,6 +255,7 @@ class Migration:
 
         def image() -> None:
             if not missing and self.runtime.has_image(spec.image_id):
+                self.runtime.ensure_tag(spec.image_id, spec.image)
                 return
             (self.area / "layers").mkdir(exist_ok=True)
             files = {d: self.area / "layers" / f"{d[7:]}.tar" for d in missing}
@@ -265,6 +267,7 @@ class Migration:
                 raise DeltaError("the source sent an image config that is not the image's")
             assemble(cfg.config, list(cfg.repo_tags), files, self.area / "image.tar")
             self.runtime.load_image(self.area / "image.tar")
+            self.runtime.ensure_tag(spec.image_id, spec.image)
 
         def read_only(vol: pb.VolumeSpec) -> None:
             want = snaps[vol.name].digest

@@ -33,10 +33,11 @@ FRESHNESS_KINDS = ("rw", "app", "svc")
 
 
 class Sourcing:
-    def __init__(self, me: str, cooperative: bool, registry: Registry | None, links: Links,
-                 store: Store, connect: Callable[[str], grpc.Channel], report: Report,
-                 phase: int) -> None:
+    def __init__(self, me: str, source: str, cooperative: bool, registry: Registry | None,
+                 links: Links, store: Store, connect: Callable[[str], grpc.Channel],
+                 report: Report, phase: int) -> None:
         self.me = me
+        self.source = source  # never a candidate: it is the fallback, and the one to spare
         self.cooperative = cooperative and registry is not None
         self.registry = registry
         self.links = links
@@ -52,7 +53,7 @@ class Sourcing:
         if self.cooperative and keys:
             assert self.registry is not None
             for key, holders in self.registry.lookup(keys).items():
-                found[key] = [h for h in holders if h.node != self.me]
+                found[key] = [h for h in holders if h.node not in (self.me, self.source)]
         for key in keys:
             found[key] += [Holding(key, self.me, i.ts, i.size, i.digest)
                            for i in self.store.find(key)]

@@ -223,6 +223,18 @@ class DockerRuntime:
                 out.write(chunk)
         os.replace(tmp, dest)
 
+    def ensure_tag(self, image_id: str, ref: str) -> None:
+        """REF (as the container was created: a tag, or the id) names IMAGE_ID here too."""
+        if ref.startswith("sha256:") or ref == image_id:
+            return
+        try:
+            if self.api.inspect_image(ref)["Id"] == image_id:
+                return
+        except docker.errors.ImageNotFound:
+            pass
+        repo, _, tag = ref.rpartition(":") if ":" in ref.split("/")[-1] else (ref, "", "latest")
+        self._call(f"tag image as {ref!r}", self.api.tag, image_id, repo, tag)
+
     def load_image(self, archive: Path) -> None:
         with archive.open("rb") as f:
             for _ in self._call("load image", self.api.load_image, f):
