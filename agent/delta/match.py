@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import mmap
 import os
-import threading
 from collections.abc import Iterator
 
 import numpy as np
 
 from agent.delta.checksum import (
     STRONG_SIZE,
+    HashInBackground,
     hash_mapped,
     release,
     rolling_weak,
@@ -230,7 +230,7 @@ class _Matcher:
 
     def run(self) -> Iterator[bytes]:
         sig, n, writer = self.sig, self.size, self.writer
-        hasher_thread: _HashThread | None = None
+        hasher_thread: HashInBackground | None = None
         if n == sig.basis_length and self._ends_match():
             digest = hash_mapped(self.mm).digest()
             if digest == sig.basis_hash:
@@ -240,14 +240,14 @@ class _Matcher:
                 yield from writer.drain()
                 return
         else:
-            hasher_thread = _HashThread(self.mm)
+            hasher_thread = HashInBackground(self.mm)
         try:
             yield from self._walk()
         finally:
             if hasher_thread is not None:
                 hasher_thread.join()
         if hasher_thread is not None:
-            digest = hasher_thread.result()
+            digest = hasher_thread.digest()
         self.flush_run()
         self.flush_literal()
         writer.end(n, digest)
@@ -368,30 +368,6 @@ class _Matcher:
             self.literal(p, found[0])
             return found  # re-anchor the prediction on the new match
         return pos + count * L, jnext + count
-
-
-class _HashThread(threading.Thread):
-    """Whole-file hash of the new file, overlapped with matching (xxhash drops the GIL)."""
-
-    def __init__(self, mm: mmap.mmap) -> None:
-        super().__init__(name="delta-hash", daemon=True)
-        self._mm = mm
-        self._digest: bytes | None = None
-        self._error: BaseException | None = None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self._digest = hash_mapped(self._mm).digest()
-        except BaseException as exc:  # re-raised in the caller's thread
-            self._error = exc
-
-    def result(self) -> bytes:
-        self.join()
-        if self._error is not None:
-            raise self._error
-        assert self._digest is not None
-        return self._digest
 
 
 def delta_stream(

@@ -12,12 +12,11 @@ import errno
 import mmap
 import os
 import secrets
-import threading
 from collections.abc import Iterable
 
 import xxhash
 
-from agent.delta.checksum import hash_mapped, release
+from agent.delta.checksum import HashInBackground, release
 from agent.delta.signature import EMPTY_HASH
 from agent.delta.stats import DeltaStats
 from agent.delta.wire import Copy, End, Header, Literal, WireReader
@@ -26,30 +25,6 @@ from agent.errors import DeltaError
 _HASH_STEP = 8 << 20
 _WRITE_STEP = 2 << 20
 _NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
-
-
-class _BasisCheck(threading.Thread):
-    """Hashes the basis beside the rebuild (xxhash drops the GIL), so checking it is ~free."""
-
-    def __init__(self, mm: mmap.mmap) -> None:
-        super().__init__(name="delta-basis-check", daemon=True)
-        self._mm = mm
-        self._digest: bytes | None = None
-        self._error: BaseException | None = None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self._digest = hash_mapped(self._mm).digest()
-        except BaseException as exc:  # re-raised by digest()
-            self._error = exc
-
-    def digest(self) -> bytes:
-        self.join()
-        if self._error is not None:
-            raise self._error
-        assert self._digest is not None
-        return self._digest
 
 
 class _Rebuild:
@@ -219,7 +194,7 @@ def patch_stream(
             raise DeltaError(f"basis file {os.fspath(basis_path)!r} does not exist") from exc
     tmp_path = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.delta-tmp")
     rebuild: _Rebuild | None = None
-    check: _BasisCheck | None = None
+    check: HashInBackground | None = None
     try:
         basis_stat = os.fstat(basis_fd) if basis_fd is not None else None
         basis_size = basis_stat.st_size if basis_stat is not None else 0
@@ -233,7 +208,7 @@ def patch_stream(
         in_place = basis_stat is not None and _same_file(basis_stat, out_path)
         rebuild = _Rebuild(header, basis_fd, tmp_path, lazy=in_place and verify_basis)
         if verify_basis and rebuild.mm is not None:
-            check = _BasisCheck(rebuild.mm)
+            check = HashInBackground(rebuild.mm)
         stats = DeltaStats()
         end: End | None = None
         for token in reader.tokens():

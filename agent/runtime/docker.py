@@ -177,12 +177,14 @@ class DockerRuntime:
 
     # -- image layers ------------------------------------------------------------------------
 
+    def _image_layers(self) -> dict[str, list[str]]:
+        """Every image of the engine, with its layers (diff ids, bottom first)."""
+        return {img["Id"]: self._call("inspect image", self.api.inspect_image,
+                                      img["Id"])["RootFS"].get("Layers") or []
+                for img in self._call("list images", self.api.images, all=True)}
+
     def local_chain_ids(self) -> set[str]:
-        held: set[str] = set()
-        for img in self._call("list images", self.api.images, all=True):
-            layers = self._call("inspect image", self.api.inspect_image, img["Id"])["RootFS"]
-            held.update(chain_ids(layers.get("Layers") or []))
-        return held
+        return {c for layers in self._image_layers().values() for c in chain_ids(layers)}
 
     def has_image(self, image_id: str) -> bool:
         try:
@@ -199,18 +201,13 @@ class DockerRuntime:
                 if chain not in held]
 
     def image_with_layer(self, diff_id: str) -> str:
-        for img in self._call("list images", self.api.images):
-            layers = self._call("inspect image", self.api.inspect_image, img["Id"])["RootFS"]
-            if diff_id in (layers.get("Layers") or []):
-                return img["Id"]
+        for image_id, layers in self._image_layers().items():
+            if diff_id in layers:
+                return image_id
         raise NotFound(f"no image on this node holds layer {diff_id}")
 
     def held_layers(self) -> set[str]:
-        held: set[str] = set()
-        for img in self._call("list images", self.api.images):
-            layers = self._call("inspect image", self.api.inspect_image, img["Id"])["RootFS"]
-            held.update(layers.get("Layers") or [])
-        return held
+        return {d for layers in self._image_layers().values() for d in layers}
 
     def save_image(self, image: str, dest: Path) -> None:
         """`docker save` IMAGE to DEST, with its tags when it has any."""
