@@ -1,0 +1,112 @@
+#!/bin/bash
+# lab/compose/entrypoint.sh - entry point of the compose lab's node image (/usr/local/bin/migctl-node).
+#
+# One node = one container running its own Docker engine (experimental, the image's CRIU first
+# on PATH) and the migctl agent on :50051. This script stays the parent of both: it stops the
+# agent, then the engine (which stops its containers) when the container is stopped, and ends
+# the container when either of them dies.
+#
+#   migctl-node            run the node (the default)
+#   migctl-node health     exit 0 when this node's agent answers (the compose healthcheck)
+#
+# Environment:
+#   MIGCTL_NODE         this node's name (nodeA ...), required
+#   MIGCTL_TLS_DIR      ca.crt, NODE.crt, NODE.key              (default /etc/migctl/tls)
+#   MIGCTL_INVENTORY    the lab's nodes, given to agents that accept --inventory
+#                                                              (default /etc/migctl/inventory.json)
+#   MIGCTL_LISTEN       the agent's address                      (default 0.0.0.0:50051)
+#   MIGCTL_RUN_DIR      an extra engine socket and the logs, for the host (default /run/migctl-node)
+#   MIGCTL_AGENT_ARGS   more migagent arguments (split on spaces)
+set -euo pipefail
+
+NODE=${MIGCTL_NODE:-}
+TLS_DIR=${MIGCTL_TLS_DIR:-/etc/migctl/tls}
+INVENTORY=${MIGCTL_INVENTORY:-/etc/migctl/inventory.json}
+LISTEN=${MIGCTL_LISTEN:-0.0.0.0:50051}
+RUN_DIR=${MIGCTL_RUN_DIR:-/run/migctl-node}
+STATE=/var/lib/migctl # a named volume: the agent's catalog and journal outlive the container
+ENGINE_TMP=$STATE/tmp # the engine's TMPDIR, where containerd leaves checkpoint copies
+SOCK=/var/run/docker.sock
+CONTAINERD=/var/run/docker/containerd/containerd.sock # dockerd's own containerd (exec root)
+export PATH=/opt/migctl/bin:/opt/migctl/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
+log() { echo "[migctl-node ${NODE:-?}] $*" >&2; }
+
+if [[ ${1:-} == health ]]; then
+    exec python3 - "$NODE" "$TLS_DIR" "${LISTEN##*:}" <<'PY'
+import sys
+from agent.security import TLSFiles
+from client.api import AgentClient, Node
+node, tls_dir, port = sys.argv[1:]
+with AgentClient(Node(node, f"127.0.0.1:{port}"), TLSFiles.from_dir(tls_dir, node),
+                 timeout=3) as c:
+    print(c.info().engine_version)
+PY
+fi
+[[ $# -eq 0 ]] || exec "$@" # any other command (a shell to look around) instead of the node
+[[ -n $NODE ]] || { log "set MIGCTL_NODE to this node's name"; exit 2; }
+for f in ca.crt "$NODE.crt" "$NODE.key"; do
+    [[ -f $TLS_DIR/$f ]] || { log "missing $TLS_DIR/$f: run lab/compose/prepare.sh on the host"; exit 2; }
+done
+
+# CRIU's restore writes /proc/sys (ns_last_pid, ...), which the engine mounts read-only in any
+# container that is not privileged
+mount -o remount,rw /proc/sys || log "warning: /proc/sys stays read-only: restores will fail"
+mkdir -p "$ENGINE_TMP" "$STATE/agent" "$RUN_DIR"
+rm -f /var/run/docker.pid # left by an engine killed with its container (the volume stays)
+
+hosts=(-H "unix://$SOCK")
+[[ -d $RUN_DIR ]] && hosts+=(-H "unix://$RUN_DIR/docker.sock") # the host's way in
+log "starting dockerd (log $RUN_DIR/dockerd.log)"
+TMPDIR=$ENGINE_TMP dockerd "${hosts[@]}" >>"$RUN_DIR/dockerd.log" 2>&1 </dev/null &
+dockerd_pid=$!
+agent_pid=""
+
+stop() {
+    trap - TERM INT
+    log "stopping"
+    [[ -n $agent_pid ]] && kill -TERM "$agent_pid" 2>/dev/null && wait "$agent_pid" || true
+    kill -TERM "$dockerd_pid" 2>/dev/null && wait "$dockerd_pid" || true
+    log "stopped"
+    exit "${1:-0}"
+}
+trap stop TERM INT
+
+for ((i = 0; i < 240; i++)); do
+    docker -H "unix://$SOCK" version --format '{{.Server.Version}}' >/dev/null 2>&1 && break
+    if ! kill -0 "$dockerd_pid" 2>/dev/null; then
+        tail -n 30 "$RUN_DIR/dockerd.log" >&2
+        log "dockerd exited"
+        exit 1
+    fi
+    sleep 0.25
+done
+docker -H "unix://$SOCK" version --format '{{.Server.Version}}' >/dev/null 2>&1 ||
+    { tail -n 30 "$RUN_DIR/dockerd.log" >&2; log "dockerd did not answer within 60 s"; stop 1; }
+log "dockerd $(docker -H "unix://$SOCK" version --format '{{.Server.Version}}') up, experimental=$(docker -H "unix://$SOCK" version --format '{{.Server.Experimental}}'), criu: $(criu --version | head -n1)"
+
+args=(--node "$NODE" --listen "$LISTEN" --docker-host "unix://$SOCK" --state-dir "$STATE/agent"
+    --engine-tmp "$ENGINE_TMP" --containerd "$CONTAINERD" --tls-dir "$TLS_DIR")
+# agents that know the other nodes themselves take the lab's inventory (its addresses work
+# inside the compose network too)
+if [[ -f $INVENTORY ]] && migagent --help 2>/dev/null | grep -q -- '--inventory'; then
+    args+=(--inventory "$INVENTORY")
+fi
+# shellcheck disable=SC2206
+args+=(${MIGCTL_AGENT_ARGS:-})
+log "migagent ${args[*]}"
+migagent "${args[@]}" &
+agent_pid=$!
+
+# wait -n returns when either ends (or a signal runs `stop`)
+set +e
+wait -n "$agent_pid" "$dockerd_pid"
+rc=$?
+set -e
+if ! kill -0 "$agent_pid" 2>/dev/null; then
+    log "the agent exited ($rc)"
+    agent_pid=""
+else
+    log "dockerd exited ($rc)"
+fi
+stop 1
