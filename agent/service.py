@@ -222,7 +222,7 @@ class AgentService(rpc.AgentServicer):
             staging_free_bytes=psutil.disk_usage(str(self.staging.root)).free,
             engine_free_bytes=self.runtime.free_bytes(),
             memory_available_bytes=psutil.virtual_memory().available,
-            load=os.getloadavg()[0] / (os.cpu_count() or 1))
+            load=psutil.getloadavg()[0] / (psutil.cpu_count() or 1))
 
     @handler
     def DescribeContainer(self, request: pb.ContainerRef, context: Any) -> pb.ContainerSpec:

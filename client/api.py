@@ -36,6 +36,11 @@ class Node:
     name: str
     address: str
     docker_host: str = ""
+    peer_address: str = ""  # how other agents reach it, when not at `address` (published ports)
+
+    @property
+    def address_for_peers(self) -> str:
+        return self.peer_address or self.address
 
 
 class Inventory:
@@ -64,7 +69,8 @@ class Inventory:
                               "write one (see README, 'Real machines')") from None
         except json.JSONDecodeError as err:
             raise ClientError(f"inventory {path} is not valid JSON: {err}") from None
-        nodes = {name: Node(name, n["address"], n.get("docker_host", ""))
+        nodes = {name: Node(name, n["address"], n.get("docker_host", ""),
+                            n.get("peer_address", ""))
                  for name, n in data.get("nodes", {}).items()}
         tls_dir = Path(data["tls_dir"]) if data.get("tls_dir") else None
         return cls(nodes, path, tls_dir)
@@ -108,7 +114,8 @@ class AgentClient:
                 mode: str = "cooperative") -> Iterator[pb.MigrationEvent]:
         """Run a migration with this node as destination; yields its events as they happen."""
         request = pb.MigrateRequest(container=container, source_node=source.name,
-                                    source_address=source.address, remove_source=remove_source,
+                                    source_address=source.address_for_peers,
+                                    remove_source=remove_source,
                                     mode=pb.Mode.Value(mode.upper()))
         try:
             yield from self.stub.Migrate(request, wait_for_ready=False)

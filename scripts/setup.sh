@@ -458,10 +458,10 @@ step_python() {
     py=$(command -v python3.11 || command -v python3 || true)
     [[ -n "$py" ]] || die "python: neither python3.11 nor python3 on PATH"
     pyver=$("$py" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')
-    "$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' ||
-        die "python: $py is $pyver, migctl needs >= 3.11"
+    "$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11, 4) else 1)' ||
+        die "python: $py is $pyver, migctl needs >= 3.11.4 (tarfile extraction filters refuse hostile archives)"
 
-    if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+    if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11, 4) else 1)' 2>/dev/null; then
         :
     else
         [[ -e "$VENV" ]] && say "python: $VENV is unusable, recreating it"

@@ -153,10 +153,12 @@ def test_cooperative_takes_far_less_from_the_source(lab: LabHandle, registry: st
     remove_everywhere(lab.docker, ["coop", "trad"], ["coop-rw", "coop-ro", "trad-rw", "trad-ro"])
 
 
-def test_a_neighbour_dying_mid_fetch_falls_back_to_the_source(lab: LabHandle) -> None:
+def test_a_neighbour_dying_mid_fetch_falls_back_to_the_source(lab: LabHandle,
+                                                             registry: str) -> None:
     passed_through_c(lab, "coop")
-    Lab().restart_agent("nodeC", {"MIGCTL_TEST_SLOW_SERVE": "0.5"})  # 20 chunks: 10 s
-    Lab().restart_agent("nodeB", {"MIGCTL_TEST_PAUSE": "pre-copy=1"})
+    args = ["--registry", registry]
+    Lab().restart_agent("nodeC", {"MIGCTL_TEST_SLOW_SERVE": "0.5"}, args)  # 20 chunks: 10 s
+    Lab().restart_agent("nodeB", {"MIGCTL_TEST_PAUSE": "pre-copy=1"}, args)
 
     def kill_c_when_it_serves() -> None:
         log = Lab().node_dir("nodeC") / "agent.log"
@@ -181,8 +183,8 @@ def test_a_neighbour_dying_mid_fetch_falls_back_to_the_source(lab: LabHandle) ->
             if t["kind"] == "volume snapshot" and t["item"] == "coop-rw" and
             t["phase"] == "PRE_COPY"]
     assert basis == [] and snap[0]["origin"] == "nodeA" and snap[0]["method"] == "whole"
-    Lab().restart_agent("nodeC")
-    Lab().restart_agent("nodeB")
+    Lab().restart_agent("nodeC", extra_args=args)
+    Lab().restart_agent("nodeB", extra_args=args)
     remove_everywhere(lab.docker, ["coop"], ["coop-rw", "coop-ro"])
 
 
@@ -195,7 +197,8 @@ def _connections(pid: int) -> list:
         return []
 
 
-def test_stale_or_corrupted_copies_are_never_used_unverified(lab: LabHandle) -> None:
+def test_stale_or_corrupted_copies_are_never_used_unverified(lab: LabHandle,
+                                                            registry: str) -> None:
     passed_through_c(lab, "coop")
     cache = Lab().node_dir("nodeC") / "agent" / "cache"
     corrupted = 0

@@ -73,6 +73,12 @@ def check_moved(lab: LabHandle, src: str, dst: str, report: dict) -> None:
     assert report["total_seconds"] >= report["downtime_seconds"]
     phases = [p["phase"] for p in report["phases"]]
     assert phases == ["REQUEST", "PRE_COPY", "FREEZE", "FINAL_SYNC", "RESTORE"]
+    final = report["phases"][3]
+    final_transfers = [t for t in report["transfers"] if t["phase"] == "FINAL_SYNC"]
+    assert {t["method"] for t in final_transfers} == {"delta"}, final_transfers
+    assert final["matched_bytes"] > final["literal_bytes"], \
+        "the second pass must mostly rebuild from what pre-copy brought"
+    assert final["bytes"] < final["matched_bytes"]
 
 
 def test_toy_migrates_there_and_back(lab: LabHandle) -> None:
