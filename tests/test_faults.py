@@ -237,3 +237,20 @@ def test_five_concurrent_migrations_all_succeed(lab: LabHandle) -> None:
         assert a.containers.get(name).status == "exited"
     remove_everywhere(lab.docker, names, [f"rw{i}" for i in range(5)] +
                       [f"ro{i}" for i in range(5)])
+
+
+def test_the_source_resumes_by_itself_when_the_destination_vanishes(
+        lab: LabHandle, toy: None) -> None:
+    """No agent is restarted: the source's lease on the frozen container runs out and it
+    resumes the container itself, since the destination never committed."""
+    Lab().restart_agent("nodeA", extra_args=["--lease-seconds", "5"])
+    Lab().restart_agent("nodeB", {"MIGCTL_TEST_PAUSE": f"transferring-final={PAUSE}"})
+    proc, lines = start_migration()
+    wait_for_line(lines, "paused before transferring-final")
+    kill_agent("nodeB")()
+    out = finish(proc, lines)
+    assert proc.returncode == 1 and "cannot reach the agent of nodeB" in out, out
+    assert wait_one_copy(lab) == "nodeA"
+    assert_intact_and_counting(lab.docker["nodeA"])
+    log = (Lab().node_dir("nodeA") / "agent.log").read_text()
+    assert "no word from nodeB" in log

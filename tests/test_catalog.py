@@ -1,0 +1,87 @@
+"""Unit tests of the catalog, the journal and the policy: no engine needed."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from agent.catalog.registry import Holding
+from agent.catalog.store import Store
+from agent.migration import journal as j
+from agent.migration.policy import LOCAL, Link, rank
+
+
+def blob(tmp: Path, name: str, size: int) -> Path:
+    p = tmp / name
+    p.write_bytes(os.urandom(size))
+    return p
+
+
+def test_cache_evicts_least_recently_used_and_says_what(tmp_path: Path) -> None:
+    evicted: list[str] = []
+    store = Store(tmp_path / "state", cache_bytes=250_000,
+                  on_evict=lambda items: evicted.extend(i.key for i in items))
+    store.put("rw:a", 1.0, blob(tmp_path, "a", 100_000), "da")
+    store.put("rw:b", 2.0, blob(tmp_path, "b", 100_000), "db")
+    assert store.get("rw:a", 1.0) is not None  # a is now more recently used than b
+    store.put("rw:c", 3.0, blob(tmp_path, "c", 100_000), "dc")
+    assert evicted == ["rw:b"]
+    assert store.find("rw:b") == [] and store.find("rw:a") and store.find("rw:c")
+    total = sum(f.stat().st_size for f in store.cache_dir.iterdir())
+    assert total <= 250_000
+
+
+def test_catalog_survives_a_restart_and_orders_newest_first(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state")
+    store.put("rw:v", 10.0, blob(tmp_path, "old", 10), "d1")
+    store.put("rw:v", 20.0, blob(tmp_path, "new", 10), "d2")
+    vid = store.volume_id("data")
+    assert store.volume_id("data") == vid  # assigned once
+    assert store.volume_id("tagged", label="guid-1") == "guid-1"  # the label wins
+    again = Store(tmp_path / "state")
+    assert [i.ts for i in again.find("rw:v")] == [20.0, 10.0]
+    assert again.volume_id("data") == vid
+    again.remember_volume_id("arrived", "guid-9")
+    assert Store(tmp_path / "state").volume_id("arrived") == "guid-9"
+
+
+def test_only_one_of_commit_and_lease_resume_wins(tmp_path: Path) -> None:
+    journal = j.Journal(tmp_path)
+    journal.record(j.Entry("m1", j.SOURCE, "cid", j.FROZEN))
+    wins = []
+    barrier = threading.Barrier(8)
+
+    def race(state: str) -> None:
+        barrier.wait()
+        if journal.transition("m1", j.SOURCE, (j.FROZEN,), state) is not None:
+            wins.append(state)
+
+    threads = [threading.Thread(target=race, args=(s,))
+               for s in [j.COMMITTED, j.ROLLED_BACK] * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert journal.get("m1", j.SOURCE).state == wins[0]
+    assert (journal.in_flight(j.SOURCE) == []) == (wins[0] == j.ROLLED_BACK)
+    assert j.Journal(tmp_path).get("m1", j.SOURCE).state == wins[0]  # on disk
+
+
+def test_policy_prefers_fresh_snapshots_and_fast_holders() -> None:
+    fast = Link(rtt=0.001, throughput=100e6, load=0.1)
+    slow = Link(rtt=0.05, throughput=1e6, load=0.1)
+    busy = Link(rtt=0.001, throughput=100e6, load=3.0)
+    links = {"me": LOCAL, "nodeC": fast, "nodeD": slow, "nodeE": busy}
+    snaps = [Holding("rw:v", "nodeC", 100.0, 10_000_000, "x"),
+             Holding("rw:v", "nodeD", 200.0, 10_000_000, "y"),
+             Holding("rw:v", "nodeZ", 300.0, 10_000_000, "z")]  # unreachable: no link
+    ranked = rank(snaps, links, freshness=True, now=260.0)
+    assert [c.holding.node for c in ranked] == ["nodeD", "nodeC"]
+    assert ranked[0].reason.startswith("60 s old, 10.0 MB on nodeD; link 8 Mbit/s")
+    layers = [Holding("layer:l", n, 0.0, 10_000_000, "l") for n in ("nodeD", "nodeE", "nodeC")]
+    assert [c.holding.node for c in rank(layers, links, freshness=False)] == \
+        ["nodeC", "nodeE", "nodeD"]
+    cached = rank([Holding("ro:r", "me", 0.0, 5, "r")], links, freshness=False)
+    assert "this node's cache" in cached[0].reason
