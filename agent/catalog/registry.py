@@ -40,10 +40,6 @@ class Holding:
     def from_pb(cls, h: pb.Holding) -> Holding:
         return cls(h.key, h.node, h.timestamp, h.size, h.digest)
 
-    def to_pb(self) -> pb.Holding:
-        return pb.Holding(key=self.key, node=self.node, timestamp=self.timestamp,
-                          size=self.size, digest=self.digest)
-
 
 class Registry(Protocol):
     def lookup(self, keys: list[str]) -> dict[str, list[Holding]]:

@@ -140,18 +140,6 @@ class Store:
                 return item
         return None
 
-    def drop(self, key: str, ts: float) -> None:
-        with self._lock:
-            row = self._db.execute("SELECT file FROM items WHERE key = ? AND ts = ?",
-                                   (key, ts)).fetchone()
-            self._db.execute("DELETE FROM items WHERE key = ? AND ts = ?", (key, ts))
-        if row:
-            (self.cache_dir / row[0]).unlink(missing_ok=True)
-
-    def keys(self) -> list[tuple[str, float]]:
-        with self._lock:
-            return self._db.execute("SELECT key, ts FROM items").fetchall()
-
     def _evict(self, keep: str) -> list[Item]:
         """Least recently used first, until the cache fits (never the item just added)."""
         rows = self._db.execute("SELECT key, ts, size, file, digest FROM items ORDER BY used"

@@ -119,10 +119,7 @@ class Migration:
     # -- calls to the source, with its errors named -----------------------------------------
 
     def call(self, method: Callable, request: object, timeout: float = UNARY_TIMEOUT) -> object:
-        try:
-            return method(request, timeout=timeout)
-        except grpc.RpcError as err:
-            raise peer_error(self.source_name, self.request.source_address, err) from err
+        return self.guarded(lambda: method(request, timeout=timeout))
 
     def pull(self, kind: str, item: str, phase: int, fetch: Callable[[], int | DeltaStats],
              method: str) -> None:
