@@ -141,7 +141,10 @@ class DockerRuntime:
             unsupported=self.unsupported(c),
         )
         if spec.running:
-            stats = self._call("read container stats", self.api.stats, c["Id"], stream=False)
+            # one_shot: a single sample (memory is all we read); without it the engine waits
+            # for a second sample to compute CPU usage, about a second of every migration
+            stats = self._call("read container stats", self.api.stats, c["Id"], stream=False,
+                               one_shot=True)
             spec.memory_bytes = int((stats.get("memory_stats") or {}).get("usage") or 0)
         for port, bindings in (host.get("PortBindings") or {}).items():
             for b in bindings or [{}]:
