@@ -131,15 +131,17 @@ class AgentService(rpc.AgentServicer):
                 settle(entry, self.runtime, self.journal, self.staging.root, self.tls,
                        lambda text, mid=entry.id: log.warning("migration %s: %s", mid, text))
 
+    def _holdings(self, items: list[Item]) -> list[Holding]:
+        return [Holding(i.key, self.node, i.ts, i.size, i.digest) for i in items]
+
     def withdraw(self, items: list[Item]) -> None:
         if self.registry is not None and items:
-            self.registry.withdraw(self.node, [
-                Holding(i.key, self.node, i.ts, i.size, i.digest) for i in items])
+            self.registry.withdraw(self.node, self._holdings(items))
 
     def sync_layers(self) -> None:
         """Tell the registry which layers the engine holds now (Redis needs to be told; the
-        inventory backend asks the engine itself)."""
-        if self.registry is None:
+        inventory backend asks the engine itself, so nothing is inspected for it)."""
+        if self.registry is None or not self.registry.pushed:
             return
         held = self.runtime.held_layers()
         added, gone = held - self._published_layers, self._published_layers - held
@@ -153,8 +155,7 @@ class AgentService(rpc.AgentServicer):
 
     def publish(self, items: list[Item]) -> None:
         if self.registry is not None and items:
-            self.registry.publish(self.node, self.address, [
-                Holding(i.key, self.node, i.ts, i.size, i.digest) for i in items])
+            self.registry.publish(self.node, self.address, self._holdings(items))
 
     @handler
     def Holdings(self, request: pb.HoldingsRequest, context: Any) -> pb.HoldingsReply:

@@ -76,6 +76,8 @@ class RedisRegistry:
     """Registry kept in Redis (`redis://HOST:PORT/DB`). Agents publish what their catalog gains
     and withdraw what it loses; lookups cost one round trip whatever the number of keys."""
 
+    pushed = True
+
     def __init__(self, url: str, timeout: float = 1.0) -> None:
         # Short timeouts and a single immediate retry (for a pooled connection the server
         # closed): a dead registry must cost a migration about a second, not minutes.

@@ -42,6 +42,8 @@ class Holding:
 
 
 class Registry(Protocol):
+    pushed: bool  # agents must publish what they hold (False: the registry asks them)
+
     def lookup(self, keys: list[str]) -> dict[str, list[Holding]]:
         """Holders of each key on other nodes, newest copy first."""
 
@@ -62,6 +64,8 @@ def newest_first(found: dict[str, list[Holding]]) -> dict[str, list[Holding]]:
 class InventoryRegistry:
     """Asks the agents themselves. A node that does not answer within TIMEOUT holds nothing,
     as far as this migration is concerned: the source is always there to fall back on."""
+
+    pushed = False
 
     def __init__(self, inventory: Path, me: str, connect: Callable[[str], grpc.Channel],
                  timeout: float = 1.5) -> None:
