@@ -1,12 +1,20 @@
 """A small certificate authority for a lab or cluster: one CA, a certificate per node and client.
 
-Layout (what `agent.security.TLSFiles.from_dir` reads): `ca.crt`, `ca.key`, `<name>.crt`,
-`<name>.key`. Keys are EC P-256 (the curve every gRPC/BoringSSL build accepts) written 0600.
+Layout of DIR, split so that no folder handed to an agent holds the CA key or another's key:
+
+    DIR/ca.crt, DIR/<client>.crt, DIR/<client>.key     the operator's folder (its CLI reads it)
+    DIR/private/ca.key                                 0700/0600; never given to an agent
+    DIR/nodes/<node>/ca.crt, <node>.crt, <node>.key    0700; that agent's `--tls-dir`
+
+Each folder is what `agent.security.TLSFiles.from_dir` reads (see `node_dir`). Keys are EC P-256
+(the curve every gRPC/BoringSSL build accepts) written 0600. `init` moves the files of the old
+flat layout (`DIR/ca.key`, `DIR/<node>.*`) to their places.
 
 Node certificates serve *and* call (agents pull from each other), so they carry serverAuth and
 clientAuth plus the DNS SANs `<node>` and `migctl` (the fixed name clients verify, see
 `agent.security`). Client certificates carry clientAuth and `<client>` only, so they cannot pose
-as an agent.
+as an agent. The role is also spelled out in the subject's OU (`migctl-node`,
+`migctl-operator`), which `agent.security.caller_of` requires to agree with EKU and SANs.
 
 `init` is idempotent so it can run on every `lab up` or deploy: the CA is reused, certificates
 that are still good are kept, only new names (or ones unusable with this CA) get issued. The CA
@@ -33,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.errors import FailedPrecondition, InvalidArgument
-from agent.security import TARGET_NAME
+from agent.security import NODE_OU, OPERATOR_OU, TARGET_NAME
 
 CA_DAYS = 3650  # the CA outlives the certificates it signs, or they would all expire with it
 _SKEW = dt.timedelta(minutes=5)  # tolerate nodes whose clocks lag the one that issued
@@ -41,6 +49,11 @@ _RENEW_BEFORE = dt.timedelta(days=1)  # reissue a cert about to expire rather th
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _NODE_EKU = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
 _CLIENT_EKU = [ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+def node_dir(directory: Path, node: str) -> Path:
+    """The folder of `directory` that node's agent gets as `--tls-dir`: its own files only."""
+    return Path(directory) / "nodes" / node
 
 
 def init(directory: Path, nodes: Sequence[str], clients: Sequence[str] = ("client",),
@@ -55,7 +68,9 @@ def init(directory: Path, nodes: Sequence[str], clients: Sequence[str] = ("clien
     if days < 1:
         raise InvalidArgument(f"days must be at least 1, not {days}")
     directory.mkdir(parents=True, exist_ok=True)
-    ca_crt, ca_key_path = directory / "ca.crt", directory / "ca.key"
+    ca_crt, ca_key_path = directory / "ca.crt", directory / "private" / "ca.key"
+    _private_dir(ca_key_path.parent)
+    _migrate(directory, nodes, clients)
 
     ca_key: ec.EllipticCurvePrivateKey | None = None
     if force or not ca_crt.exists():
@@ -69,19 +84,69 @@ def init(directory: Path, nodes: Sequence[str], clients: Sequence[str] = ("clien
         except ValueError as e:
             raise FailedPrecondition(f"{ca_crt} is not a PEM certificate ({e}); "
                                      f"restore it or pass force=True (--force)") from e
+    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
 
-    roles = [(n, _NODE_EKU, [n, TARGET_NAME]) for n in nodes]
-    roles += [(c, _CLIENT_EKU, [c]) for c in clients]
-    for name, eku, sans in roles:
-        crt, key_path = directory / f"{name}.crt", directory / f"{name}.key"
-        if not force and _usable(crt, key_path, ca_cert, eku):
-            continue
-        if ca_key is None:
-            ca_key = _load_ca_key(ca_key_path)
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = _make_leaf(name, sans, eku, key, ca_cert, ca_key, days)
-        _write(key_path, _key_pem(key), 0o600)
-        _write(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    roles = [(n, node_dir(directory, n), NODE_OU, _NODE_EKU, [n, TARGET_NAME]) for n in nodes]
+    roles += [(c, directory, OPERATOR_OU, _CLIENT_EKU, [c]) for c in clients]
+    for name, folder, ou, eku, sans in roles:
+        crt, key_path = folder / f"{name}.crt", folder / f"{name}.key"
+        if folder != directory:
+            _private_dir(folder)
+        if force or not _usable(crt, key_path, ca_cert, _subject(name, ou), eku, sans):
+            if ca_key is None:
+                ca_key = _load_ca_key(ca_key_path)
+            key = ec.generate_private_key(ec.SECP256R1())
+            cert = _make_leaf(name, ou, sans, eku, key, ca_cert, ca_key, days)
+            _write(key_path, _key_pem(key), 0o600)
+            _write(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        if folder != directory and _read_or_none(folder / "ca.crt") != ca_pem:
+            _write(folder / "ca.crt", ca_pem, 0o644)
+
+
+def _private_dir(path: Path) -> None:
+    """Create `path` 0700, and tighten it if it already exists (mkdir's mode obeys the umask)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def _migrate(directory: Path, nodes: Sequence[str], clients: Sequence[str]) -> None:
+    """Move the old flat layout's CA key and node files out of the operator's folder.
+
+    Node files are recognised by name (listed nodes) or by serverAuth (unlisted ones), so no node
+    key stays in `directory`; an unlisted node's folder also gets the ca.crt its cert needs.
+    """
+    _move(directory / "ca.key", directory / "private" / "ca.key", 0o600, drop_stale=False)
+    old = {n for n in nodes if (directory / f"{n}.key").exists()
+           or (directory / f"{n}.crt").exists()}
+    old |= {p.stem for p in directory.glob("*.crt")
+            if p.stem != "ca" and p.stem not in clients and _NAME.fullmatch(p.stem)
+            and _serves(p)}
+    for n in sorted(old):
+        folder = node_dir(directory, n)
+        _private_dir(folder)
+        _move(directory / f"{n}.key", folder / f"{n}.key", 0o600, drop_stale=True)
+        _move(directory / f"{n}.crt", folder / f"{n}.crt", 0o644, drop_stale=True)
+        if n not in nodes and (directory / "ca.crt").is_file() \
+                and not (folder / "ca.crt").exists():
+            _write(folder / "ca.crt", (directory / "ca.crt").read_bytes(), 0o644)
+
+
+def _move(old: Path, new: Path, mode: int, drop_stale: bool) -> None:
+    """Move `old` to `new`; if `new` already exists, it wins and `old` goes.
+
+    Unless `old` differs and not `drop_stale`: two different CA keys are for a human to sort
+    out, whereas a stale node file may go (`init` checks the one in place, reissues if needed).
+    """
+    if not old.exists():
+        return
+    if not new.exists():
+        os.replace(old, new)  # one file system: the file is never in both places or in neither
+        os.chmod(new, mode)
+    elif drop_stale or old.read_bytes() == new.read_bytes():
+        old.unlink()
+    else:
+        raise FailedPrecondition(f"{old} (old layout) and {new} both exist and differ: put the "
+                                 f"key of {old.parent / 'ca.crt'} at {new}, remove {old}")
 
 
 def _check_names(nodes: Sequence[str], clients: Sequence[str]) -> None:
@@ -99,9 +164,11 @@ def _check_names(nodes: Sequence[str], clients: Sequence[str]) -> None:
         raise InvalidArgument(f"names listed twice (a node and a client share files): {dup}")
 
 
-def _usable(crt: Path, key_path: Path, ca_cert: x509.Certificate,
-            eku: list[x509.ObjectIdentifier]) -> bool:
-    """Keep an existing pair only if this CA signed it, it matches its key and role, and lasts."""
+def _usable(crt: Path, key_path: Path, ca_cert: x509.Certificate, subject: x509.Name,
+            eku: list[x509.ObjectIdentifier], sans: list[str]) -> bool:
+    """Keep an existing pair only if this CA signed it, it matches its key, lasts, and names
+    exactly the subject (so the role's OU), EKU and SANs that `init` would issue now.
+    """
     if not (crt.is_file() and key_path.is_file()):
         return False
     try:
@@ -109,6 +176,8 @@ def _usable(crt: Path, key_path: Path, ca_cert: x509.Certificate,
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         cert.verify_directly_issued_by(ca_cert)
         roles = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        names = cert.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
     except (ValueError, TypeError, UnsupportedAlgorithm, InvalidSignature,
             x509.ExtensionNotFound):
         return False
@@ -117,7 +186,25 @@ def _usable(crt: Path, key_path: Path, ca_cert: x509.Certificate,
     ) == cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     fresh = cert.not_valid_after_utc - _RENEW_BEFORE > _now()
-    return same_key and fresh and set(roles) == set(eku)
+    return (same_key and fresh and cert.subject == subject and set(roles) == set(eku)
+            and set(names) == set(sans))
+
+
+def _serves(crt: Path) -> bool:
+    """Whether `crt` is a node certificate (serverAuth), to find old-layout node files."""
+    try:
+        cert = x509.load_pem_x509_certificate(crt.read_bytes())
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return False
+    return ExtendedKeyUsageOID.SERVER_AUTH in eku
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 def _load_ca_key(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -154,13 +241,19 @@ def _make_ca(key: ec.EllipticCurvePrivateKey, days: int) -> x509.Certificate:
     )
 
 
-def _make_leaf(name: str, sans: list[str], eku: list[x509.ObjectIdentifier],
+def _subject(name: str, ou: str | None) -> x509.Name:
+    """CN = the node or client name; OU = its role (None: the pre-role layout, for tests)."""
+    attrs = [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou)] if ou else []
+    return x509.Name([*attrs, x509.NameAttribute(NameOID.COMMON_NAME, name)])
+
+
+def _make_leaf(name: str, ou: str | None, sans: list[str], eku: list[x509.ObjectIdentifier],
                key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
                ca_key: ec.EllipticCurvePrivateKey, days: int) -> x509.Certificate:
     now = _now()
     return (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .subject_name(_subject(name, ou))
         .issuer_name(ca_cert.subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _SKEW).not_valid_after(now + dt.timedelta(days=days))
@@ -202,7 +295,8 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m agent.certs", description=__doc__.split("\n")[0])
-    p.add_argument("directory", type=Path, help="where ca.crt, <name>.crt and <name>.key go")
+    p.add_argument("directory", type=Path,
+                   help="ca.crt and client files; private/ca.key; nodes/<node>/ per node")
     p.add_argument("nodes", nargs="+", help="node names (server+client certificates)")
     p.add_argument("--client", action="append", dest="clients",
                    help="client name (repeatable; default: client)")

@@ -39,7 +39,18 @@ class RuntimeFailure(MigctlError):
     code = grpc.StatusCode.ABORTED
 
 
-class DeltaError(MigctlError):
-    """A delta or its basis failed verification; nothing was written in place of the target."""
+class DeltaError(FailedPrecondition):
+    """A delta, a stream or its basis failed verification (or broke its announced size);
+    nothing was written in place of the target. FAILED_PRECONDITION: what the peer sent does
+    not meet what this node holds it to."""
 
-    code = grpc.StatusCode.DATA_LOSS
+
+class Refused(FailedPrecondition):
+    """What a peer sent breaks a rule this agent keeps (a path, a name, a configuration);
+    refused before anything was written for it."""
+
+
+class PermissionDenied(MigctlError):
+    """The caller's certificate is valid, but its role or its part in the migration is not."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED

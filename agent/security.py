@@ -14,22 +14,37 @@ it may pass ``server_name=<node>`` to pin that node, which every node certificat
 The server side requires and verifies a client certificate from the same CA
 (``require_client_auth=True``): a caller without one never reaches a handler.
 
+Roles (zero trust: what a caller may do follows from its certificate, not from where it calls
+from): `agent.certs` puts the role in the subject's OU, ``migctl-node`` or ``migctl-operator``,
+and `caller_of` accepts that role only when the EKU and SANs say the same thing (a node serves
+and calls and is named ``migctl``; an operator only calls and is never named ``migctl``). A
+certificate whose parts disagree, or one issued before roles existed, yields no role: refuse it.
+
 Nothing here imports `agent.dataplane.channel`, so that module can build on this one.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.errors import FailedPrecondition
 
 TARGET_NAME = "migctl"  # DNS SAN carried by every node certificate (see module docstring)
 _OVERRIDE = "grpc.ssl_target_name_override"
+
+NODE = "node"  # an agent: serves, and calls other agents (pulls)
+OPERATOR = "operator"  # a CLI or other client: calls agents, never serves
+NODE_OU = "migctl-node"  # subject OU that `agent.certs` writes for each role
+OPERATOR_OU = "migctl-operator"
+_PEM_KEY = "x509_pem_cert"  # gRPC's auth-context entry for the verified peer's leaf certificate
 
 
 @dataclass(frozen=True)
@@ -54,8 +69,8 @@ class TLSFiles:
         if missing:
             raise FailedPrecondition(
                 f"TLS file(s) missing: {', '.join(missing)}; create them with "
-                f"`python -m agent.certs {directory} <node>... --client <name>` "
-                f"(identity {name!r})")
+                f"`python -m agent.certs DIR <node>... --client <name>` (identity {name!r}; "
+                f"an agent's folder is DIR/nodes/<node>, a client's is DIR)")
         return files
 
     def read(self) -> tuple[bytes, bytes, bytes]:
@@ -100,3 +115,47 @@ def peer_identity(context: grpc.ServicerContext) -> str:
     """The caller's certificate CN (node or client name) for logs; "" if it presented none."""
     values = context.auth_context().get("x509_common_name") or []
     return values[0].decode(errors="replace") if values else ""
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who called, as its certificate proves: the CN and the role (`NODE` or `OPERATOR`)."""
+
+    name: str
+    role: str
+
+
+def caller_of(context: grpc.ServicerContext) -> Caller | None:
+    """The verified caller's name and role; None (refuse the call) if its certificate has none.
+
+    The handshake already checked the chain against our CA, so only the role is decided here.
+    """
+    values = context.auth_context().get(_PEM_KEY) or []
+    return _caller_of_pem(values[0]) if values else None
+
+
+@functools.lru_cache(maxsize=1024)  # a handful of certs make every call: parse each once
+def _caller_of_pem(pem: bytes) -> Caller | None:
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+        eku = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+        sans = cert.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    cn = _only(cert.subject, NameOID.COMMON_NAME)
+    ou = _only(cert.subject, NameOID.ORGANIZATIONAL_UNIT_NAME)
+    if not cn:
+        return None
+    server, client = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
+    if ou == NODE_OU and {server, client} <= eku and TARGET_NAME in sans and cn in sans:
+        return Caller(cn, NODE)
+    if ou == OPERATOR_OU and eku == {client} and TARGET_NAME not in sans:
+        return Caller(cn, OPERATOR)
+    return None
+
+
+def _only(name: x509.Name, oid: x509.ObjectIdentifier) -> str | None:
+    """The attribute's value if the name has exactly one: two OUs would make the role ambiguous."""
+    attrs = name.get_attributes_for_oid(oid)
+    return attrs[0].value if len(attrs) == 1 and isinstance(attrs[0].value, str) else None

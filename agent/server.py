@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 
+from agent.authz import Authorization
 from agent.dataplane.channel import OPTIONS
 from agent.errors import MigctlError
 from agent.runtime.docker import DockerRuntime
@@ -32,6 +33,7 @@ def serve(node: str, listen: str, docker_host: str, state_dir: Path, engine_tmp:
     # Without SO_REUSEPORT a second agent on the same port fails to start instead of silently
     # sharing the port with the first (and answering half of its calls with its own code).
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32),
+                         interceptors=[Authorization()],
                          options=[*OPTIONS, ("grpc.so_reuseport", 0)])
     service = AgentService(node, runtime, state_dir, tls, lease_seconds=lease_seconds,
                            registry=registry, inventory=inventory, address=listen,

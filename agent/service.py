@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
-import re
 import threading
 import time
 import uuid
@@ -18,22 +16,23 @@ from typing import Any
 import grpc
 import psutil
 
-from agent.catalog.registry import Holding, open_registry
+from agent.catalog.registry import Holding, InventoryRegistry, open_registry
 from agent.catalog.store import Item, Store
 from agent.dataplane import archive
 from agent.dataplane.channel import open_channel
 from agent.dataplane.files import digest, iter_file
 from agent.dataplane.image import config_of, iter_layer
-from agent.dataplane.staging import Staging
-from agent.delta import Signature, delta_stream
-from agent.errors import InvalidArgument, MigctlError, NotFound
+from agent.dataplane.staging import Staging, valid_migration_id
+from agent.delta import DEFAULT_BLOCK_SIZE, Signature, delta_stream, signature_block_cap
+from agent.errors import InvalidArgument, MigctlError, NotFound, PermissionDenied
 from agent.migration import journal as j
 from agent.migration.flow import Migration
 from agent.migration.policy import Links
 from agent.migration.recovery import settle
-from agent.migration.source import SourceSide
+from agent.migration.source import AUTHORIZATION_SECONDS, SourceSide, snapshot_path
 from agent.runtime.docker import DockerRuntime
-from agent.security import TLSFiles
+from agent.runtime.spec import valid_name
+from agent.security import TLSFiles, caller_of
 from proto import migctl_pb2 as pb
 from proto import migctl_pb2_grpc as rpc
 
@@ -59,16 +58,6 @@ def handler(fn: Any) -> Any:
     return wrapped
 
 
-_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,254}$")  # the engine's rule for names and ids
-
-
-def valid_name(kind: str, name: str) -> str:
-    if not _NAME.match(name or ""):
-        raise InvalidArgument(f"invalid {kind} name {name!r}: names are letters, digits and "
-                              "_ . - (not starting with a symbol)")
-    return name
-
-
 def _stream_guard(gen: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
     try:
         yield from gen
@@ -79,6 +68,14 @@ def _stream_guard(gen: Iterator[Any], context: grpc.ServicerContext) -> Iterator
         context.abort(grpc.StatusCode.INTERNAL, str(err))
 
 
+def caller(context: grpc.ServicerContext) -> str:
+    """The calling node's name (the Authorization interceptor already checked its role)."""
+    who = caller_of(context)
+    if who is None:
+        raise PermissionDenied("the caller's certificate carries no migctl role")
+    return who.name
+
+
 class AgentService(rpc.AgentServicer):
     def __init__(self, node: str, runtime: DockerRuntime, state_dir: Path, tls: TLSFiles,
                  lease_seconds: float = 60.0, registry: str = "inventory",
@@ -87,9 +84,10 @@ class AgentService(rpc.AgentServicer):
         self.node = node
         self.address = address
         self.tls = tls  # our identity when we call other agents
-        self.connect = lambda addr: open_channel(addr, tls)
+        self.connect = lambda addr, *name: open_channel(addr, tls, *name)
         self.links = Links(self.connect)
-        self.registry = open_registry(registry, inventory or Path("/nonexistent"), node,
+        self.inventory = inventory or Path("/nonexistent")
+        self.registry = open_registry(registry, self.inventory, node,
                                       self.connect) if registry else None
         self.runtime = runtime
         self.state_dir = state_dir
@@ -128,7 +126,7 @@ class AgentService(rpc.AgentServicer):
             owned = set(self._migrating.values())
         for entry in self.journal.in_flight(j.DESTINATION):
             if entry.id not in owned:
-                settle(entry, self.runtime, self.journal, self.staging.root, self.tls,
+                settle(entry, self.runtime, self.journal, self.staging, self.tls,
                        lambda text, mid=entry.id: log.warning("migration %s: %s", mid, text))
 
     def _holdings(self, items: list[Item]) -> list[Holding]:
@@ -177,10 +175,12 @@ class AgentService(rpc.AgentServicer):
         item = self.store.get(request.key, request.timestamp)
         if item is None:
             raise NotFound(f"{self.node} no longer holds {request.key}")
-        slow = float(os.environ.get("MIGCTL_TEST_SLOW_SERVE", "0"))  # for fault tests
-        for data in iter_file(item.path):
-            time.sleep(slow)
+        for data in self.serve_held(item.path):
             yield pb.Chunk(data=data)
+
+    def serve_held(self, path: Path) -> Iterator[bytes]:
+        """The chunks of a held item (fault tests slow this down by replacing it)."""
+        return iter_file(path)
 
     def saved_image(self, image_id: str) -> Path:
         """`docker save` output of an image, kept in the cache: layers are served from it."""
@@ -230,10 +230,27 @@ class AgentService(rpc.AgentServicer):
         return self.runtime.describe(valid_name("container", request.container))
 
     @handler
-    def Begin(self, request: pb.BeginRequest, context: Any) -> pb.ContainerSpec:
-        self.staging.area(request.migration_id)  # validates the id
+    def Authorize(self, request: pb.AuthorizeRequest, context: Any) -> pb.AuthorizeReply:
         valid_name("container", request.container)
-        spec = self.source.begin(request)
+        valid_name("node", request.destination_node)
+        if request.destination_node == self.node:
+            raise InvalidArgument(f"{self.node} cannot migrate a container to itself")
+        mid, cid = self.source.authorize(request.container, request.destination_node)
+        log.info("migration %s of %s to %s authorized by %s", mid, cid[:12],
+                 request.destination_node, caller(context))
+        return pb.AuthorizeReply(migration_id=mid, container_id=cid,
+                                 expires_in=AUTHORIZATION_SECONDS)
+
+    def bound(self, context: Any, migration_id: str, container: str = "",
+              rolled_back_ok: bool = False) -> j.Entry:
+        """The source's entry of MIGRATION_ID, if the caller is the node it is bound to."""
+        valid_migration_id(migration_id)
+        return self.source.bound(migration_id, caller(context), container, rolled_back_ok)
+
+    @handler
+    def Begin(self, request: pb.BeginRequest, context: Any) -> pb.ContainerSpec:
+        entry = self.bound(context, request.migration_id, request.container)
+        spec = self.source.begin(entry)
         for vol in spec.volumes:
             if not vol.read_only:
                 vol.volume_id = self.store.volume_id(vol.name, vol.labels.get("rw-guid", ""))
@@ -241,7 +258,7 @@ class AgentService(rpc.AgentServicer):
 
     @handler
     def Commit(self, request: pb.CommitRequest, context: Any) -> pb.CommitReply:
-        self.source.commit(request.migration_id)
+        self.source.commit(self.bound(context, request.migration_id))
         return pb.CommitReply()
 
     @handler
@@ -250,28 +267,42 @@ class AgentService(rpc.AgentServicer):
 
     @handler
     def SnapshotVolume(self, request: pb.SnapshotVolumeRequest, context: Any) -> pb.FileInfo:
-        self.source.touch(request.migration_id)
-        valid_name("volume", request.volume)
-        path = self.staging.resolve(request.migration_id, request.name)
+        entry = self.bound(context, request.migration_id)
+        self.source.volume_of(entry, request.volume)
+        want = j.FROZEN if request.final else j.PRE_COPY
+        if entry.state != want:
+            raise j.IllegalTransition(f"migration {entry.id} is {entry.state}: a "
+                                      f"{'final' if request.final else 'pre-copy'} snapshot "
+                                      f"is taken while {want}")
+        rel = snapshot_path(request.volume, request.final)
+        path = self.staging.resolve(request.migration_id, rel)
         archive.snapshot(self.runtime.volume_path(request.volume), path)
-        info = pb.FileInfo(path=request.name, size=path.stat().st_size, digest=digest(path))
-        self.source.snapshot_taken(request.migration_id, request.volume, info)
+        info = pb.FileInfo(path=rel, size=path.stat().st_size, digest=digest(path))
+        self.source.snapshot_taken(entry, request.volume, info)
         return info
 
     @handler
     def Checkpoint(self, request: pb.CheckpointRequest, context: Any) -> pb.CheckpointReply:
         start = time.monotonic()
-        area = self.staging.area(request.migration_id)
-        folder = self.source.checkpoint(request)
+        entry = self.bound(context, request.migration_id, request.container)
+        folder = self.source.checkpoint(entry, request)
         seconds = time.monotonic() - start
+        area = self.staging.area(entry.id)
         files = [pb.FileInfo(path=str(p.relative_to(area)), size=p.stat().st_size,
                              digest=digest(p))
                  for p in sorted(folder.rglob("*")) if p.is_file()]
         return pb.CheckpointReply(files=files, seconds=seconds)
 
+    def staged_file(self, context: Any, migration_id: str, relative: str) -> Path:
+        self.bound(context, migration_id)
+        path = self.staging.resolve(migration_id, relative)
+        if not path.is_file():
+            raise NotFound(f"migration {migration_id} has no file {relative!r} here")
+        return path
+
     @handler
     def FetchFile(self, request: pb.FileRef, context: Any) -> Iterator[pb.Chunk]:
-        path = self.staging.resolve(request.migration_id, request.path)
+        path = self.staged_file(context, request.migration_id, request.path)
         for data in iter_file(path):
             self.source.touch(request.migration_id)
             yield pb.Chunk(data=data)
@@ -282,43 +313,67 @@ class AgentService(rpc.AgentServicer):
         if first is None or not first.HasField("target"):
             raise InvalidArgument("FetchDelta: the first message must name the target file")
         mid = first.target.migration_id
-        path = self.staging.resolve(mid, first.target.path)
-        self.source.touch(mid)
-        signature = Signature.from_chunks(r.signature for r in request_iterator)
+        path = self.staged_file(context, mid, first.target.path)
+        signature = Signature.from_chunks(
+            (r.signature for r in request_iterator),
+            max_blocks=signature_block_cap(path.stat().st_size, DEFAULT_BLOCK_SIZE))
         for data in delta_stream(signature, path):
             self.source.touch(mid)
             yield pb.Chunk(data=data)
 
     @handler
     def Resume(self, request: pb.ResumeRequest, context: Any) -> pb.ResumeReply:
-        return self.source.resume(request.migration_id)
+        entry = self.bound(context, request.migration_id, request.container,
+                           rolled_back_ok=True)
+        return self.source.resume(entry.id, by=j.PEER)
 
     @handler
     def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseReply:
-        self.source.release(request)
+        entry = self.bound(context, request.migration_id, request.container)
+        self.source.release(entry, request.completed,
+                            request.completed and request.remove_container)
         return pb.ReleaseReply()
+
+    def address_of(self, node: str) -> str:
+        """Where NODE's agent listens, from this agent's own inventory or registry: never
+        from the caller (the channel then pins NODE's certificate name)."""
+        for registry in (self.registry, InventoryRegistry(self.inventory, self.node,
+                                                          self.connect)):
+            if registry is None:
+                continue
+            with contextlib.suppress(KeyError):
+                return registry.address(node)
+        raise NotFound(f"{self.node} does not know node {node!r}: add it to the inventory "
+                       f"the agent reads ({self.inventory})")
 
     def Migrate(self, request: pb.MigrateRequest, context: Any) -> Iterator[pb.MigrationEvent]:
         """Runs the migration in its own thread: a client that goes away must not be able to
         stop it halfway (after the freeze only completion or rollback are safe)."""
-        if not request.source_address:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Migrate needs the source's address")
         try:
             valid_name("container", request.container)
-        except InvalidArgument as err:
+            valid_name("source node", request.source_node)
+            valid_migration_id(request.migration_id)
+            if request.source_node == self.node:
+                raise InvalidArgument(f"{self.node} cannot migrate a container from itself")
+            source_address = self.address_of(request.source_node)
+        except MigctlError as err:
             context.abort(err.code, str(err))
         with self._lock:
             if request.container in self._migrating:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS,
                               f"{request.container!r} is already being migrated to {self.node}")
             events: queue.Queue[pb.MigrationEvent | MigctlError | None] = queue.Queue()
-            migration = Migration(node=self.node, runtime=self.runtime,
-                                  staging_root=self.staging.root, request=request,
-                                  emit=events.put, is_migrated_away=self.store.is_departed,
-                                  journal=self.journal,
-                                  local_info=self.node_info, tls=self.tls, store=self.store,
-                                  registry=self.registry, links=self.links,
-                                  publish=self.publish)
+            try:
+                migration = Migration(node=self.node, runtime=self.runtime,
+                                      staging=self.staging, request=request,
+                                      source_address=source_address,
+                                      emit=events.put, is_migrated_away=self.store.is_departed,
+                                      journal=self.journal,
+                                      local_info=self.node_info, tls=self.tls, store=self.store,
+                                      registry=self.registry, links=self.links,
+                                      publish=self.publish)
+            except MigctlError as err:
+                context.abort(err.code, str(err))
             self._migrating[request.container] = migration.migration_id
 
         def work() -> None:

@@ -86,7 +86,7 @@ class AgentClient:
     def __init__(self, node: Node, tls: TLSFiles, timeout: float = 10.0) -> None:
         self.node = node
         self.timeout = timeout
-        self.channel = open_channel(node.address, tls)
+        self.channel = open_channel(node.address, tls, server_name=node.name)  # pin the node
         self.stub = rpc.AgentStub(self.channel)
 
     def close(self) -> None:
@@ -110,14 +110,38 @@ class AgentClient:
         except grpc.RpcError as err:
             raise self._error(err) from None
 
-    def migrate(self, container: str, source: Node, remove_source: bool = False,
-                mode: str = "cooperative") -> Iterator[pb.MigrationEvent]:
+    def authorize(self, container: str, destination: Node) -> pb.AuthorizeReply:
+        """At the source: the operator's consent to move CONTAINER to DESTINATION."""
+        try:
+            return self.stub.Authorize(pb.AuthorizeRequest(
+                container=container, destination_node=destination.name), timeout=30)
+        except grpc.RpcError as err:
+            error = self._error(err)
+            raise ClientError(f"{self.node.name}: {error}") from None
+
+    def migrate(self, container: str, source: Node, migration_id: str,
+                remove_source: bool = False, mode: str = "cooperative",
+                allow_privileged: bool = False) -> Iterator[pb.MigrationEvent]:
         """Run a migration with this node as destination; yields its events as they happen."""
         request = pb.MigrateRequest(container=container, source_node=source.name,
-                                    source_address=source.address_for_peers,
-                                    remove_source=remove_source,
-                                    mode=pb.Mode.Value(mode.upper()))
+                                    migration_id=migration_id, remove_source=remove_source,
+                                    mode=pb.Mode.Value(mode.upper()),
+                                    allow_privileged=allow_privileged)
         try:
             yield from self.stub.Migrate(request, wait_for_ready=False)
         except grpc.RpcError as err:
             raise self._error(err) from None
+
+
+def migrate(inventory: Inventory, container: str, source: str, destination: str,
+            **options: object) -> Iterator[pb.MigrationEvent]:
+    """Authorize the migration at the source, then run it at the destination."""
+    src, dest = inventory.node(source), inventory.node(destination)
+    if src == dest:
+        raise ClientError(f"--from and --to are both {src.name}: nothing to migrate")
+    tls = inventory.tls()
+    with AgentClient(dest, tls) as client:
+        client.info()  # a clear error now if the destination's agent is unreachable
+        with AgentClient(src, tls) as source_client:
+            grant = source_client.authorize(container, dest)
+        yield from client.migrate(container, src, grant.migration_id, **options)  # type: ignore

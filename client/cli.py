@@ -10,7 +10,7 @@ from pathlib import Path
 from google.protobuf.json_format import MessageToDict
 
 from agent.errors import MigctlError
-from client.api import AgentClient, ClientError, Inventory, default_tls_dir
+from client.api import AgentClient, ClientError, Inventory, default_tls_dir, migrate
 from proto import migctl_pb2 as pb
 
 
@@ -73,18 +73,14 @@ def report_dict(report: pb.MigrationReport) -> dict:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     inv = Inventory.load(args.inventory)
-    source, dest = inv.node(args.source), inv.node(args.dest)
-    if source == dest:
-        raise ClientError(f"--from and --to are both {source.name}: nothing to migrate")
     report = None
-    with AgentClient(dest, inv.tls()) as client:
-        client.info()  # a clear error now if the destination's agent is unreachable
-        for ev in client.migrate(args.container, source, remove_source=args.remove_source,
-                                 mode=args.mode):
-            if ev.HasField("done"):
-                report = ev.done
-            elif not args.quiet:
-                render_event(ev)
+    for ev in migrate(inv, args.container, args.source, args.dest,
+                      remove_source=args.remove_source, mode=args.mode,
+                      allow_privileged=args.allow_privileged):
+        if ev.HasField("done"):
+            report = ev.done
+        elif not args.quiet:
+            render_event(ev)
     if report is None:
         raise ClientError("the destination ended the migration without a report")
     if args.json:
@@ -117,7 +113,8 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
         raise ClientError(str(err)) from None
     print(f"certificates in {directory}: ca.crt, " +
           ", ".join(f"{n}.crt" for n in [*args.nodes, *(args.client or ["client"])]) +
-          "; copy ca.crt, NODE.crt and NODE.key to each node's --tls-dir")
+          f"; give each agent only its own folder {directory}/nodes/NODE as --tls-dir; "
+          f"the CA key is in {directory}/private and no agent needs it")
     return 0
 
 
@@ -139,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mode", choices=["cooperative", "traditional"], default="cooperative",
                    help="cooperative: pieces may come from neighbours that hold them "
                         "(default); traditional: everything from the source")
+    m.add_argument("--allow-privileged", action="store_true",
+                   help="let the destination recreate a container with privileged mode, added "
+                        "capabilities or security options (they give it power over the node); "
+                        "refused without this")
     m.add_argument("container")
     m.set_defaults(func=cmd_migrate)
 

@@ -197,19 +197,20 @@ class Lab:
                               "{{.Server.Version}}"], capture_output=True, text=True)
         return res.returncode == 0
 
-    def start_agent(self, name: str, node: dict, extra_env: dict[str, str] | None = None,
-                    extra_args: list[str] | None = None) -> None:
-        """(Re)start the agent, so a lab always runs the agent code of this checkout."""
+    def start_agent(self, name: str, node: dict, extra_args: list[str] | None = None,
+                    module: str = "agent.server") -> None:
+        """(Re)start the agent, so a lab always runs the agent code of this checkout. Tests
+        may run it through a MODULE of their own that wraps `agent.server` with hooks."""
         d = self.node_dir(name)
         self.stop_pid(node.get("agent_pid"), str(d / "agent"))
-        cmd = [sys.executable, "-m", "agent.server", "--node", name,
+        cmd = [sys.executable, "-m", module, "--node", name,
                "--listen", node["address"], "--docker-host", node["docker_host"],
                "--state-dir", str(d / "agent"), "--engine-tmp", str(d / "tmp"),
                "--containerd", str(RUN_DIR / name / "containerd" / "containerd.sock"),
-               "--tls-dir", str(self.tls_dir), "--inventory", str(default_inventory()),
+               "--tls-dir", str(certs.node_dir(self.tls_dir, name)),
+               "--inventory", str(default_inventory()),
                *(extra_args or [])]
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent),
-                   **(extra_env or {}))
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
         proc = self.spawn(f"migctl-{name}", cmd, d / "agent.log", env)
         node["agent_pid"] = proc.pid
         deadline = time.monotonic() + 30
@@ -260,10 +261,10 @@ class Lab:
             self.save(state)
         return state
 
-    def restart_agent(self, name: str, extra_env: dict[str, str] | None = None,
-                      extra_args: list[str] | None = None) -> None:
+    def restart_agent(self, name: str, extra_args: list[str] | None = None,
+                      module: str = "agent.server") -> None:
         state = self.state()
-        self.start_agent(name, state["nodes"][name], extra_env, extra_args)
+        self.start_agent(name, state["nodes"][name], extra_args, module)
         self.save(state)
 
     def down(self) -> list[str]:

@@ -57,15 +57,31 @@ class NodeInfo(_message.Message):
     load: float
     def __init__(self, node: _Optional[str] = ..., engine_version: _Optional[str] = ..., criu_version: _Optional[str] = ..., docker_root_dir: _Optional[str] = ..., checkpoints_enabled: _Optional[bool] = ..., staging_free_bytes: _Optional[int] = ..., engine_free_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., load: _Optional[float] = ...) -> None: ...
 
-class BeginRequest(_message.Message):
-    __slots__ = ("migration_id", "container", "destination_node")
-    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+class AuthorizeRequest(_message.Message):
+    __slots__ = ("container", "destination_node")
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_NODE_FIELD_NUMBER: _ClassVar[int]
-    migration_id: str
     container: str
     destination_node: str
-    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., destination_node: _Optional[str] = ...) -> None: ...
+    def __init__(self, container: _Optional[str] = ..., destination_node: _Optional[str] = ...) -> None: ...
+
+class AuthorizeReply(_message.Message):
+    __slots__ = ("migration_id", "container_id", "expires_in")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    container_id: str
+    expires_in: float
+    def __init__(self, migration_id: _Optional[str] = ..., container_id: _Optional[str] = ..., expires_in: _Optional[float] = ...) -> None: ...
+
+class BeginRequest(_message.Message):
+    __slots__ = ("migration_id", "container")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    container: str
+    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("migration_id",)
@@ -259,14 +275,14 @@ class Chunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class SnapshotVolumeRequest(_message.Message):
-    __slots__ = ("migration_id", "volume", "name")
+    __slots__ = ("migration_id", "volume", "final")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     VOLUME_FIELD_NUMBER: _ClassVar[int]
-    NAME_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     volume: str
-    name: str
-    def __init__(self, migration_id: _Optional[str] = ..., volume: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+    final: bool
+    def __init__(self, migration_id: _Optional[str] = ..., volume: _Optional[str] = ..., final: _Optional[bool] = ...) -> None: ...
 
 class FileInfo(_message.Message):
     __slots__ = ("path", "size", "digest")
@@ -349,18 +365,20 @@ class ReleaseReply(_message.Message):
     def __init__(self) -> None: ...
 
 class MigrateRequest(_message.Message):
-    __slots__ = ("container", "source_node", "source_address", "remove_source", "mode")
+    __slots__ = ("container", "source_node", "remove_source", "mode", "migration_id", "allow_privileged")
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
-    SOURCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     REMOVE_SOURCE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_PRIVILEGED_FIELD_NUMBER: _ClassVar[int]
     container: str
     source_node: str
-    source_address: str
     remove_source: bool
     mode: Mode
-    def __init__(self, container: _Optional[str] = ..., source_node: _Optional[str] = ..., source_address: _Optional[str] = ..., remove_source: _Optional[bool] = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
+    migration_id: str
+    allow_privileged: bool
+    def __init__(self, container: _Optional[str] = ..., source_node: _Optional[str] = ..., remove_source: _Optional[bool] = ..., mode: _Optional[_Union[Mode, str]] = ..., migration_id: _Optional[str] = ..., allow_privileged: _Optional[bool] = ...) -> None: ...
 
 class PhaseReport(_message.Message):
     __slots__ = ("phase", "seconds", "bytes", "literal_bytes", "matched_bytes")

@@ -44,6 +44,11 @@ class AgentStub:
                 request_serializer=proto_dot_migctl__pb2.ContainerRef.SerializeToString,
                 response_deserializer=proto_dot_migctl__pb2.ContainerSpec.FromString,
                 _registered_method=True)
+        self.Authorize = channel.unary_unary(
+                '/migctl.v1.Agent/Authorize',
+                request_serializer=proto_dot_migctl__pb2.AuthorizeRequest.SerializeToString,
+                response_deserializer=proto_dot_migctl__pb2.AuthorizeReply.FromString,
+                _registered_method=True)
         self.Begin = channel.unary_unary(
                 '/migctl.v1.Agent/Begin',
                 request_serializer=proto_dot_migctl__pb2.BeginRequest.SerializeToString,
@@ -125,22 +130,33 @@ class AgentServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetNode(self, request, context):
-        """What this node is: name, engine and CRIU versions.
+        """What this node is: name, engine and CRIU versions. Callers: operator, node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DescribeContainer(self, request, context):
-        """Everything needed to recreate a container elsewhere.
+        """Everything needed to recreate a container elsewhere, environment (secrets) included.
+        Callers: operator.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Authorize(self, request, context):
+        """The operator's consent, asked of the source: binds a new migration id to one container and
+        one destination node. Only that node may then Begin it, within a short time.
+        Callers: operator. Errors: NOT_FOUND (no such container), ALREADY_EXISTS (it is migrating).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Begin(self, request, context):
-        """Start a migration on the source: journals it and refuses a second one of the same
-        container. Returns the container's description.
+        """Start an authorized migration on the source; returns the container's description.
+        Refused for an id that was never authorized for the caller, or was begun before.
+        Callers: bound node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -150,27 +166,28 @@ class AgentServicer:
         """The commit point, called by the destination after the final sync and before it starts
         the container: from now on only the destination may ask the source to resume. Refused
         when the source already resumed the container (its lease on the frozen container ran out).
+        Callers: bound node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def MissingLayers(self, request, context):
-        """Of an image's layers (ordered diff ids), which this node lacks.
+        """Of an image's layers (ordered diff ids), which this node lacks. Callers: node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ImageConfig(self, request, context):
-        """An image's configuration (the JSON `docker save` carries) and its tags.
+        """An image's configuration (the JSON `docker save` carries). Callers: node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ExportLayer(self, request, context):
-        """One image layer as an uncompressed tar, whose sha256 is its diff id.
+        """One image layer as an uncompressed tar, whose sha256 is its diff id. Callers: node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -178,7 +195,7 @@ class AgentServicer:
 
     def Holdings(self, request, context):
         """The catalog: which of KEYS this node holds (layer:<diff id>, ro:<digest>, rw:<volume id>,
-        app:<image tag>, svc:<image tag>:<user>), with timestamps and digests.
+        app:<image tag>, svc:<image tag>:<user>), with timestamps and digests. Callers: node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -186,49 +203,56 @@ class AgentServicer:
 
     def FetchHeld(self, request, context):
         """One held item (a volume snapshot, a read-only volume's content, a checkpoint archive).
+        Callers: node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Probe(self, request, context):
-        """A measure of the link: streams SIZE bytes, so the caller can time it.
+        """A measure of the link: streams SIZE bytes (at most 64 MiB), so the caller can time it.
+        Callers: node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SnapshotVolume(self, request, context):
-        """Archive a volume into the migration's staging area (a volume snapshot).
+        """Archive one of the migration's container's volumes into its staging area (a volume
+        snapshot), at volumes/<volume>.tar (or .final.tar). Callers: bound node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Checkpoint(self, request, context):
-        """Checkpoint a container into the migration's staging area.
+        """Checkpoint the migration's container into its staging area: "pre" leaves it running,
+        "final" stops it (the freeze). Callers: bound node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def FetchFile(self, request, context):
-        """A file of a migration's staging area, whole.
+        """A file of the migration's staging area, whole. Callers: bound node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def FetchDelta(self, request_iterator, context):
-        """A file of a migration's staging area as an rsync-style delta: the caller first sends the
-        target, then the signature of the basis it holds; the agent streams the delta back.
+        """A file of the migration's staging area as an rsync-style delta: the caller first sends the
+        target, then the signature of the basis it holds (at most 4x the target's blocks, or 64 MiB
+        worth); the agent streams the delta back. Callers: bound node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Resume(self, request, context):
-        """Rollback after a failed freeze: start the container again from its final checkpoint.
+        """Rollback: start the container again from its final checkpoint. Legal while the container is
+        frozen and not committed, or after the commit when the destination's restore failed.
+        Never after the migration ended. Callers: bound node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -236,13 +260,16 @@ class AgentServicer:
 
     def Release(self, request, context):
         """End of a migration on the source: drop its staging area, optionally remove the container.
+        Callers: bound node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Migrate(self, request, context):
-        """Run a migration with this node as destination; streams progress and ends with the report.
+        """Run a migration with this node as destination, from the source node named (resolved from
+        this agent's own inventory or registry, and verified by its certificate); streams progress
+        and ends with the report. Callers: operator.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -260,6 +287,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.DescribeContainer,
                     request_deserializer=proto_dot_migctl__pb2.ContainerRef.FromString,
                     response_serializer=proto_dot_migctl__pb2.ContainerSpec.SerializeToString,
+            ),
+            'Authorize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Authorize,
+                    request_deserializer=proto_dot_migctl__pb2.AuthorizeRequest.FromString,
+                    response_serializer=proto_dot_migctl__pb2.AuthorizeReply.SerializeToString,
             ),
             'Begin': grpc.unary_unary_rpc_method_handler(
                     servicer.Begin,
@@ -391,6 +423,33 @@ class Agent:
             '/migctl.v1.Agent/DescribeContainer',
             proto_dot_migctl__pb2.ContainerRef.SerializeToString,
             proto_dot_migctl__pb2.ContainerSpec.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Authorize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migctl.v1.Agent/Authorize',
+            proto_dot_migctl__pb2.AuthorizeRequest.SerializeToString,
+            proto_dot_migctl__pb2.AuthorizeReply.FromString,
             options,
             channel_credentials,
             insecure,

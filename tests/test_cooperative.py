@@ -157,8 +157,9 @@ def test_a_neighbour_dying_mid_fetch_falls_back_to_the_source(lab: LabHandle,
                                                              registry: str) -> None:
     passed_through_c(lab, "coop")
     args = ["--registry", registry]
-    Lab().restart_agent("nodeC", {"MIGCTL_TEST_SLOW_SERVE": "0.5"}, args)  # 20 chunks: 10 s
-    Lab().restart_agent("nodeB", {"MIGCTL_TEST_PAUSE": "pre-copy=1"}, args)
+    hooks = "tests.agent_hooks"
+    Lab().restart_agent("nodeC", [*args, "--test-slow-serve", "0.5"], hooks)  # 20 chunks: 10 s
+    Lab().restart_agent("nodeB", [*args, "--test-pause", "pre-copy=1"], hooks)
 
     def kill_c_when_it_serves() -> None:
         log = Lab().node_dir("nodeC") / "agent.log"

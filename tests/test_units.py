@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import tarfile
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from agent.dataplane import archive
 from agent.dataplane.files import digest, write_stream
 from agent.dataplane.staging import Staging
-from agent.errors import InvalidArgument
+from agent.errors import InvalidArgument, NotFound, Refused
 from agent.runtime.docker import chain_ids
 from client.api import ClientError, Inventory
 from client.cli import report_dict
@@ -23,7 +24,13 @@ from proto import migctl_pb2 as pb
 
 def test_staging_refuses_paths_that_leave_it(tmp_path: Path) -> None:
     staging = Staging(tmp_path)
-    area = staging.area("m1")
+    with pytest.raises(NotFound):  # an area exists only for a migration that made one
+        staging.resolve("m1", "volumes/a.tar")
+    assert not (staging.root / "m1").exists()
+    area = staging.create("m1")
+    assert stat.S_IMODE(area.stat().st_mode) == 0o700
+    assert stat.S_IMODE(staging.root.stat().st_mode) == 0o700
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o700
     (tmp_path / "secret").write_text("x")
     os.symlink(tmp_path / "secret", area / "link")
     assert staging.resolve("m1", "volumes/a.tar") == (area / "volumes/a.tar").resolve()
@@ -32,7 +39,7 @@ def test_staging_refuses_paths_that_leave_it(tmp_path: Path) -> None:
             staging.resolve("m1", bad)
     for bad_id in ("../x", "", "a/b", "x" * 80):
         with pytest.raises(InvalidArgument):
-            staging.area(bad_id)
+            staging.create(bad_id)
 
 
 def test_volume_snapshots_are_deterministic_and_restore_exactly(tmp_path: Path) -> None:
@@ -73,7 +80,7 @@ def test_hostile_archive_entries_are_refused(tmp_path: Path, name: str) -> None:
     dest = tmp_path / "inner" / "dest"
     dest.mkdir(parents=True)
     (dest / "keep").write_text("volume data")
-    with pytest.raises(InvalidArgument, match="hostile"):
+    with pytest.raises(Refused, match="hostile"):
         archive.restore(bad, dest)
     assert (dest / "keep").read_text() == "volume data", "a refused archive must change nothing"
     assert not (tmp_path / "inner" / "escape").exists()

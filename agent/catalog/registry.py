@@ -67,7 +67,7 @@ class InventoryRegistry:
 
     pushed = False
 
-    def __init__(self, inventory: Path, me: str, connect: Callable[[str], grpc.Channel],
+    def __init__(self, inventory: Path, me: str, connect: Callable[..., grpc.Channel],
                  timeout: float = 1.5) -> None:
         self.inventory = inventory
         self.me = me
@@ -92,8 +92,8 @@ class InventoryRegistry:
         if not peers or not keys:
             return found
 
-        def ask(address: str) -> list[pb.Holding]:
-            channel = self.connect(address)
+        def ask(node: str, address: str) -> list[pb.Holding]:
+            channel = self.connect(address, node)  # pinned: only NODE may answer for NODE
             try:
                 reply = rpc.AgentStub(channel).Holdings(pb.HoldingsRequest(keys=keys),
                                                         timeout=self.timeout)
@@ -102,12 +102,14 @@ class InventoryRegistry:
                 channel.close()
 
         with ThreadPoolExecutor(max_workers=len(peers)) as pool:
-            futures = {pool.submit(ask, a): n for n, a in peers.items()}
+            futures = {pool.submit(ask, n, a): n for n, a in peers.items()}
             done, _ = wait(futures, timeout=self.timeout + 0.5)
             for fut in done:
                 try:
                     for h in fut.result():
-                        found.setdefault(h.key, []).append(Holding.from_pb(h))
+                        if h.key in found:  # what was asked, held by the node that answered
+                            found[h.key].append(Holding(h.key, futures[fut], h.timestamp,
+                                                        h.size, h.digest))
                 except grpc.RpcError as err:
                     log.info("registry: %s did not answer: %s", futures[fut], err.code())
         return newest_first(found)
@@ -120,7 +122,7 @@ class InventoryRegistry:
 
 
 def open_registry(spec: str, inventory: Path, me: str,
-                  connect: Callable[[str], grpc.Channel]) -> Registry:
+                  connect: Callable[..., grpc.Channel]) -> Registry:
     if spec == "inventory":
         return InventoryRegistry(inventory, me, connect)
     if spec.startswith("redis://"):

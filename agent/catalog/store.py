@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.dataplane.staging import private_dir
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS departed (
     container_id TEXT PRIMARY KEY,
@@ -53,9 +55,8 @@ class Store:
     def __init__(self, state_dir: Path, cache_bytes: int = 2 << 30,
                  on_evict: Callable[[list[Item]], None] = lambda _: None) -> None:
         self.on_evict = on_evict
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self.cache_dir = state_dir / "cache"
-        self.cache_dir.mkdir(exist_ok=True)
+        # cached volume snapshots and checkpoints: only root may read them
+        self.cache_dir = private_dir(private_dir(state_dir) / "cache")
         self.cache_bytes = cache_bytes
         self._db = sqlite3.connect(state_dir / "catalog.db", check_same_thread=False,
                                    isolation_level=None)

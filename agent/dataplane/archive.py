@@ -2,6 +2,9 @@
 
 Archives are deterministic (sorted entries, metadata from lstat), so an unchanged file yields
 the same bytes in two snapshots and the delta engine only sends what changed.
+
+An archive comes from a peer, and nothing a peer sends is believed: :func:`restore` refuses
+anything :func:`snapshot` would never have written before it touches the target directory.
 """
 
 from __future__ import annotations
@@ -9,9 +12,9 @@ from __future__ import annotations
 import os
 import shutil
 import tarfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from agent.errors import InvalidArgument
+from agent.errors import Refused
 
 
 def snapshot(source_dir: Path, archive: Path) -> None:
@@ -19,41 +22,66 @@ def snapshot(source_dir: Path, archive: Path) -> None:
     tmp = archive.with_name(f".{archive.name}.part")
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
         for entry in sorted(os.listdir(source_dir)):
-            tar.add(source_dir / entry, arcname=entry, recursive=True)
+            tar.add(source_dir / entry, arcname=entry, recursive=True, filter=_plain)
     os.replace(tmp, archive)
 
 
-def _refuse_hostile(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """Stricter than the `tar` filter, which silently rewrites absolute names: a snapshot we
-    made never holds absolute or `..` names or devices, so one that does is refused whole."""
-    if member.name.startswith("/") or ".." in Path(member.name).parts:
-        raise tarfile.AbsolutePathError(member)
-    if member.ischr() or member.isblk():
-        raise tarfile.SpecialFileError(member)
-    return tarfile.tar_filter(member, dest)
+def _plain(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
+    """Leave out devices and FIFOs (tarfile already skips sockets): they hold no data, and
+    :func:`restore` refuses them, so a snapshot holding one could never be restored."""
+    return member if member.isreg() or member.isdir() or member.issym() or member.islnk() else None
+
+
+class _Hostile(Exception):
+    def __init__(self, member: tarfile.TarInfo, why: str) -> None:
+        super().__init__(f"{member.name!r} {why}")
+
+
+def _inside(name: str, member: tarfile.TarInfo) -> PurePosixPath:
+    """NAME normalised (`a`, `./a` and `a/` are one name); refused if it leaves the volume."""
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts:
+        raise _Hostile(member, f"names {name!r}, outside the volume")
+    if path == PurePosixPath("."):
+        raise _Hostile(member, "names the volume itself")
+    return path
+
+
+def _check(members: list[tarfile.TarInfo]) -> None:
+    """Refuse, in one pass, every entry our snapshots never hold. The `tar` extraction filter
+    alone is not enough: some Python releases (3.11.7 among them) do not check hard-link
+    targets, and no filter sees a link followed by a file of the same name, which then writes
+    through the link to wherever it points."""
+    kinds: dict[PurePosixPath, str] = {}  # normalised name -> "file", "dir" or "link"
+    for member in members:
+        path = _inside(member.name, member)
+        if path in kinds:
+            raise _Hostile(member, "repeats an earlier entry (it could write through it)")
+        for parent in path.parents:
+            if kinds.setdefault(parent, "dir") != "dir":
+                raise _Hostile(member, f"is placed below {str(parent)!r}, not a directory")
+        if member.islnk():
+            if kinds.get(_inside(member.linkname, member)) != "file":
+                raise _Hostile(member, f"is a hard link to {member.linkname!r}, "
+                                       "not to an earlier regular file of the archive")
+        elif not (member.isreg() or member.isdir() or member.issym()):
+            raise _Hostile(member, "is a device, FIFO or other special file")
+        kinds[path] = "file" if member.isreg() else "dir" if member.isdir() else "link"
 
 
 def restore(archive: Path, target_dir: Path) -> None:
     """Replace TARGET_DIR's content with ARCHIVE's. Every entry is checked before anything is
     touched, so a hostile archive leaves the volume as it was."""
     with tarfile.open(archive) as tar:
-        links: set[Path] = set()
         try:
-            for member in tar.getmembers():
-                _refuse_hostile(member, str(target_dir))
-                path = Path(member.name)
-                if any(parent in links for parent in path.parents):
-                    # our snapshots never put an entry behind a link; one that does may escape
-                    raise tarfile.OutsideDestinationError(member, str(target_dir / path))
-                if member.issym() or member.islnk():
-                    links.add(path)
-        except tarfile.FilterError as err:
-            raise InvalidArgument(f"volume archive {archive.name} has a hostile entry: {err}") \
-                from err
+            _check(tar.getmembers())
+        except _Hostile as err:
+            raise Refused(f"volume archive {archive.name} has a hostile entry: {err}") \
+                from None
         for entry in os.listdir(target_dir):
             path = target_dir / entry
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:
                 path.unlink()
-        tar.extractall(target_dir, filter=_refuse_hostile)
+        tar.extractall(target_dir, filter="tar")  # and still drop setuid bits, check paths

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from agent.security import TLSFiles, secure_channel
+from agent.security import TARGET_NAME, TLSFiles, secure_channel
 
 MAX_MESSAGE = 16 << 20  # signature and delta messages stay near 1 MiB; this leaves headroom
 
@@ -18,6 +18,7 @@ OPTIONS = [
 ]
 
 
-def open_channel(address: str, tls: TLSFiles) -> grpc.Channel:
-    """A channel to an agent: always mutual TLS, with our certificate as identity."""
-    return secure_channel(address, tls, OPTIONS)
+def open_channel(address: str, tls: TLSFiles, server_name: str = TARGET_NAME) -> grpc.Channel:
+    """A channel to an agent: always mutual TLS, with our certificate as identity. SERVER_NAME
+    pins the node the caller means to reach (any node of our CA when not given)."""
+    return secure_channel(address, tls, OPTIONS, server_name=server_name)

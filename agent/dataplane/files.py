@@ -8,6 +8,8 @@ from pathlib import Path
 
 import xxhash
 
+from agent.errors import DeltaError
+
 CHUNK = 1 << 20  # 1 MiB messages: large enough for throughput, far below the message limit
 
 
@@ -24,16 +26,23 @@ def digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_stream(chunks: Iterable[bytes], path: Path) -> int:
-    """Write CHUNKS to PATH atomically (temp file + rename); return the byte count."""
+def write_stream(chunks: Iterable[bytes], path: Path, max_bytes: int | None = None) -> int:
+    """Write CHUNKS to PATH atomically (temp file + rename); return the byte count.
+
+    A peer that sends more than MAX_BYTES (the size it announced) is stopped at the first
+    chunk over: the temporary file is removed and PATH is never created.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.part")
     total = 0
     try:
         with tmp.open("wb") as f:
             for data in chunks:
-                f.write(data)
                 total += len(data)
+                if max_bytes is not None and total > max_bytes:
+                    raise DeltaError(f"{path.name}: the peer sent more than the {max_bytes} "
+                                     "bytes announced")
+                f.write(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

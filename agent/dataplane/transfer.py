@@ -13,22 +13,33 @@ from proto import migctl_pb2_grpc as rpc
 
 
 def fetch_whole(peer: rpc.AgentStub, migration_id: str, path: str, dest: Path,
-                expect_digest: str = "") -> int:
-    """Pull a staged file whole; verify it against EXPECT_DIGEST when the peer gave one."""
+                expect_digest: str = "", size: int | None = None,
+                timeout: float | None = None) -> int:
+    """Pull a staged file whole; verify it against EXPECT_DIGEST when the peer gave one.
+
+    With SIZE (as announced beforehand) the peer must send exactly that many bytes: it is cut
+    off as soon as it sends more, and a short file is refused too.
+    """
     ref = pb.FileRef(migration_id=migration_id, path=path)
-    size = write_stream((c.data for c in peer.FetchFile(ref)), dest)
+    got = write_stream((c.data for c in peer.FetchFile(ref, timeout=timeout)), dest,
+                       max_bytes=size)
+    if size is not None and got != size:
+        dest.unlink(missing_ok=True)
+        raise DeltaError(f"{path}: received {got} bytes but the source announced {size}")
     if expect_digest and digest(dest) != expect_digest:
         dest.unlink(missing_ok=True)
         raise DeltaError(f"{path}: received content does not match the source's digest")
-    return size
+    return got
 
 
 def fetch_delta(peer: rpc.AgentStub, migration_id: str, path: str, basis: Path,
-                signature: Signature, dest: Path) -> DeltaStats:
+                signature: Signature, dest: Path, size: int | None = None,
+                timeout: float | None = None) -> DeltaStats:
     """Pull a staged file as a delta against BASIS, whose SIGNATURE was computed beforehand.
 
     The patch step verifies the rebuilt file against the sender's whole-file hash, so a wrong
-    basis or a corrupted stream raises instead of writing DEST.
+    basis or a corrupted stream raises instead of writing DEST; with SIZE (as announced
+    beforehand) a delta announcing another length is refused before anything is written.
     """
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -38,4 +49,5 @@ def fetch_delta(peer: rpc.AgentStub, migration_id: str, path: str, basis: Path,
         for part in signature.to_chunks():
             yield pb.DeltaRequest(signature=part)
 
-    return patch_stream(basis, (c.data for c in peer.FetchDelta(requests())), dest)
+    chunks = (c.data for c in peer.FetchDelta(requests(), timeout=timeout))
+    return patch_stream(basis, chunks, dest, expect_length=size)

@@ -12,16 +12,23 @@ import os
 
 from agent.delta.match import delta_stream
 from agent.delta.patch import patch_stream
-from agent.delta.signature import DEFAULT_BLOCK_SIZE, Signature, make_signature
+from agent.delta.signature import (
+    DEFAULT_BLOCK_SIZE,
+    Signature,
+    make_signature,
+    signature_block_cap,
+)
 from agent.delta.stats import DeltaStats
 
 __all__ = [
+    "DEFAULT_BLOCK_SIZE",
     "DeltaStats",
     "Signature",
     "delta_stream",
     "local_delta",
     "make_signature",
     "patch_stream",
+    "signature_block_cap",
 ]
 
 

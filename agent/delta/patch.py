@@ -175,15 +175,24 @@ def patch_stream(
     *,
     verify_basis: bool = True,
     fsync: bool = False,
+    expect_length: int | None = None,
 ) -> DeltaStats:
     """Apply a delta to ``basis_path`` (None: no basis) and atomically create ``out_path``.
 
     ``verify_basis`` hashes the basis alongside the rebuild and rejects a basis that is not
     the one the sender's signature described; ``fsync`` makes the result durable before the
     rename (off by default, like rsync, since migration verifies end to end anyway).
+    ``expect_length`` is the size the file was announced with elsewhere: a header promising
+    another size is refused before any output is opened or preallocated, so a tiny hostile
+    delta cannot make this side reserve a huge file.
     """
     reader = WireReader(chunks)
     header = reader.header
+    if expect_length is not None and header.new_length != expect_length:
+        raise DeltaError(
+            f"the delta announces {header.new_length} bytes but the file was announced as "
+            f"{expect_length}"
+        )
     out_path = os.fspath(out_path)
     directory, name = os.path.split(os.path.abspath(out_path))
     basis_fd: int | None = None

@@ -41,6 +41,7 @@ DEFAULT_BLOCK_SIZE = 4096
 MIN_BLOCK_SIZE = 8
 MAX_BLOCK_SIZE = 1 << 20
 _READ_STEP = 8 << 20
+_CAP_FLOOR = 64 << 20  # signature_block_cap: a basis this large is always plausible
 EMPTY_HASH = strong_digest(b"")
 
 
@@ -110,20 +111,32 @@ class Signature:
         yield bytes(pending)
 
     @classmethod
-    def from_chunks(cls, chunks: Iterable[bytes]) -> Signature:
-        """Parse and validate; any inconsistency is a :class:`DeltaError`."""
+    def from_chunks(cls, chunks: Iterable[bytes], max_blocks: int | None = None) -> Signature:
+        """Parse and validate; any inconsistency is a :class:`DeltaError`.
+
+        The signature comes from a peer: a header announcing more than ``max_blocks`` blocks
+        is refused as soon as it is parsed, and no chunk is kept that would take the buffer
+        past the size the header announced, so a hostile stream costs at most one chunk.
+        """
         data = bytearray()
         expected: int | None = None
         header: tuple | None = None
         for chunk in chunks:
             if not isinstance(chunk, bytes | bytearray | memoryview):
                 raise DeltaError(f"signature chunk has type {type(chunk).__name__}")
+            if expected is not None and len(data) + len(chunk) > expected:
+                raise DeltaError("signature has trailing data")
             data += chunk
             if header is None and len(data) >= HEADER.size:
                 header = _parse_header(data)
+                if max_blocks is not None and header[2] > max_blocks:
+                    raise DeltaError(
+                        f"signature announces {header[2]} blocks; at most {max_blocks} "
+                        "are plausible for this file"
+                    )
                 expected = HEADER.size + header[2] * (4 + STRONG_SIZE) + TRAILER.size
-            if expected is not None and len(data) > expected:
-                raise DeltaError("signature has trailing data")
+                if len(data) > expected:
+                    raise DeltaError("signature has trailing data")
         if expected is None or header is None or len(data) != expected:
             raise DeltaError("signature is truncated")
         block_size, basis_length, n, basis_hash = header
@@ -154,6 +167,20 @@ def _parse_header(data: bytearray) -> tuple[int, int, int, bytes]:
     if n != -(-basis_length // block_size):
         raise DeltaError("signature block count does not match its basis length")
     return block_size, basis_length, n, bytes(basis_hash)
+
+
+def signature_block_cap(target_size: int, block_size: int) -> int:
+    """The most blocks a useful basis signature may announce when the sender's file (the
+    delta's target) has TARGET_SIZE bytes: ``max_blocks`` for :meth:`Signature.from_chunks`.
+
+    A basis larger than the target is legitimate (a volume that shrank still shares blocks
+    with its old snapshot), so the cap is generous: four times the target's blocks, and never
+    under 64 MiB worth. Unbounded, though, a peer could make the sender buffer and match
+    against a signature of any size.
+    """
+    check_block_size(block_size)
+    blocks = -(-target_size // block_size)
+    return max(4 * blocks, -(-_CAP_FLOOR // block_size))
 
 
 def make_signature(

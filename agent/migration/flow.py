@@ -9,14 +9,13 @@ final checkpoint; any failure after FREEZE ends with the source resumed from it 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -27,6 +26,7 @@ from agent.dataplane import archive
 from agent.dataplane.channel import open_channel
 from agent.dataplane.files import digest
 from agent.dataplane.image import assemble
+from agent.dataplane.staging import Staging
 from agent.dataplane.transfer import fetch_delta, fetch_whole
 from agent.delta import DeltaStats, Signature, make_signature
 from agent.errors import (
@@ -34,13 +34,16 @@ from agent.errors import (
     DeltaError,
     FailedPrecondition,
     MigctlError,
+    Refused,
     Unavailable,
 )
 from agent.migration import journal as j
 from agent.migration.policy import Links
 from agent.migration.recovery import settle
 from agent.migration.report import Report
+from agent.migration.source import FINAL_CHECKPOINT, PRE_CHECKPOINT, snapshot_path
 from agent.migration.sourcing import Sourcing
+from agent.runtime.spec import check_description, checkpoint_path, unsupported
 from agent.security import TLSFiles
 from proto import migctl_pb2 as pb
 from proto import migctl_pb2_grpc as rpc
@@ -48,8 +51,9 @@ from proto import migctl_pb2_grpc as rpc
 log = logging.getLogger(__name__)
 
 UNARY_TIMEOUT = 300.0  # a checkpoint of a large container can take minutes
-PRE_CHECKPOINT = "pre"
-FINAL_CHECKPOINT = "final"
+STREAM_SLACK = 30.0    # seconds every stream gets on top of its expected transfer time
+STREAM_FACTOR = 4.0    # a stream may take this many times the measured link's estimate
+SLOWEST_LINK = 1e6     # bytes/s assumed when the link to the source cannot be measured
 
 
 def peer_error(node: str, address: str, err: grpc.RpcError) -> MigctlError:
@@ -74,8 +78,9 @@ class Basis:
 class Migration:
     node: str
     runtime: object  # agent.runtime.docker.DockerRuntime (duck-typed: another runtime fits)
-    staging_root: Path
+    staging: Staging
     request: pb.MigrateRequest
+    source_address: str  # resolved by this agent from the source's node name
     emit: Callable[[pb.MigrationEvent], None]
     is_migrated_away: Callable[[str], bool]
     journal: j.Journal
@@ -85,33 +90,28 @@ class Migration:
     registry: Registry | None
     links: Links
     publish: Callable[[list], None]
-    migration_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
     def __post_init__(self) -> None:
-        self.report = Report(self.migration_id, self.request.container, self.request.source_node,
-                             self.node, self.emit, self.request.mode)
-        self.area = self.staging_root / self.migration_id
-        self.area.mkdir(parents=True, exist_ok=True)
-        self.source_name = self.request.source_node or self.request.source_address
-        self.channel = open_channel(self.request.source_address, self.tls)
-        self.connect = lambda address: open_channel(address, self.tls)
-        self.source = rpc.AgentStub(self.channel)
+        self.migration_id = self.request.migration_id
+        self.source_name = self.request.source_node
         self.entry = j.Entry(self.migration_id, j.DESTINATION, self.request.container,
                              j.REQUESTED, peer=self.source_name,
-                             peer_address=self.request.source_address,
+                             peer_address=self.source_address,
                              data={"created_volumes": [], "new_container": "",
                                    "remove_source": self.request.remove_source})
-        self.journal.record(self.entry)
+        self.journal.create(self.entry)  # an id seen before is refused here
+        self.report = Report(self.migration_id, self.request.container, self.source_name,
+                             self.node, self.emit, self.request.mode)
+        self.area = self.staging.create(self.migration_id)
+        # The source is reached at the address this agent knows for it, and must prove it is
+        # that node: its certificate is checked for the node's name, not just for our CA.
+        self.channel = open_channel(self.source_address, self.tls, server_name=self.source_name)
+        self.connect = lambda address, *name: open_channel(address, self.tls, *name)
+        self.source = rpc.AgentStub(self.channel)
 
     def step(self, state: str, **data: object) -> None:
         """Journal the step about to be taken, before taking it."""
-        self.entry.state = state
-        self.entry.data.update(data)
-        self.journal.record(self.entry)
-        pause = os.environ.get("MIGCTL_TEST_PAUSE", "")  # "state=seconds", for fault tests
-        if pause.partition("=")[0] == state:
-            self.report.log(f"paused before {state} (MIGCTL_TEST_PAUSE)")
-            time.sleep(float(pause.partition("=")[2]))
+        self.entry = self.journal.move(self.migration_id, j.DESTINATION, state, data=data)
 
     @property
     def new_container(self) -> str:
@@ -133,7 +133,22 @@ class Migration:
         try:
             return fn()
         except grpc.RpcError as err:
-            raise peer_error(self.source_name, self.request.source_address, err) from err
+            raise peer_error(self.source_name, self.source_address, err) from err
+
+    def deadline(self, size: int) -> float:
+        """Seconds a stream of SIZE bytes from the source may take: its measured link's
+        estimate, with room to spare, so a stalled or endless stream is cut off."""
+        link = self.links.measure(self.source_address)
+        expected = link.expected(size) if link else size / SLOWEST_LINK
+        return STREAM_SLACK + STREAM_FACTOR * expected
+
+    def room(self, size: int, what: str) -> None:
+        """Refuse before fetching what the staging disk cannot hold (the size is the source's
+        announcement, which the transfer then holds it to)."""
+        free = shutil.disk_usage(self.area).free
+        if size > free:
+            raise FailedPrecondition(f"{what} is announced as {size / 1e6:.1f} MB but {self.node} "
+                                     f"has {free / 1e6:.1f} MB free for staging")
 
     # -- the phases -------------------------------------------------------------------------
 
@@ -142,7 +157,7 @@ class Migration:
             return self._run()
         finally:
             self.channel.close()
-            shutil.rmtree(self.area, ignore_errors=True)
+            self.staging.drop(self.migration_id)
 
     def _run(self) -> pb.MigrationReport:
         try:
@@ -183,16 +198,23 @@ class Migration:
     def request_phase(self) -> pb.ContainerSpec:
         source_info = self.call(self.source.GetNode, pb.GetNodeRequest(), timeout=30)
         spec = self.call(self.source.Begin, pb.BeginRequest(
-            migration_id=self.migration_id, container=self.request.container,
-            destination_node=self.node), timeout=60)
+            migration_id=self.migration_id, container=self.request.container), timeout=60)
+        asked = self.request.container
+        if asked != spec.name and not (len(asked) >= 12 and spec.id.startswith(asked)):
+            raise Refused(f"the source described container {spec.name!r}, not the {asked!r} "
+                          "asked for")
+        check_description(spec)
         self.entry.container = spec.id
+        self.journal.save(self.entry)
         if not spec.running:
             raise FailedPrecondition(
                 f"container {spec.name!r} on {self.source_name} is not running; migctl moves "
                 "running containers (start it, or move a stopped one with docker save/load)")
-        if spec.unsupported:
+        # Computed here from the description, never taken from the source's own verdict.
+        problems = unsupported(spec, self.request.allow_privileged)
+        if problems:
             raise FailedPrecondition(
-                f"container {spec.name!r} cannot be migrated: " + "; ".join(spec.unsupported))
+                f"container {spec.name!r} cannot be migrated: " + "; ".join(problems))
         preflight(source_info, self.local_info(), spec)
         existing = self.existing_container(spec.name)
         if existing and not self.is_migrated_away(existing["Id"]):
@@ -238,8 +260,10 @@ class Migration:
                 self.report.transfer("layer", diff_id, self.node, pb.PRE_COPY, 0, 0.0, "skipped",
                                      "already on this node")
         snaps = {v.name: self.call(self.source.SnapshotVolume, pb.SnapshotVolumeRequest(
-            migration_id=self.migration_id, volume=v.name, name=f"volumes/{v.name}.tar"))
+            migration_id=self.migration_id, volume=v.name, final=False))
             for v in spec.volumes}
+        for v in spec.volumes:
+            self.room(snaps[v.name].size, f"the snapshot of volume {v.name}")
         app, svc = checkpoint_keys(spec)
         plan = sourcing.plan(
             [f"layer:{d}" for d in missing]
@@ -253,7 +277,7 @@ class Migration:
 
         def image() -> None:
             if not missing and self.runtime.has_image(spec.image_id):
-                self.runtime.ensure_tag(spec.image_id, spec.image)
+                spec.image = self.runtime.ensure_tag(spec.image_id, spec.image)
                 return
             (self.area / "layers").mkdir(exist_ok=True)
             files = {d: self.area / "layers" / f"{d[7:]}.tar" for d in missing}
@@ -263,14 +287,17 @@ class Migration:
             cfg = self.call(self.source.ImageConfig, pb.ImageRef(image=spec.image_id))
             if "sha256:" + hashlib.sha256(cfg.config).hexdigest() != spec.image_id:
                 raise DeltaError("the source sent an image config that is not the image's")
-            assemble(cfg.config, list(cfg.repo_tags), files, self.area / "image.tar")
+            if json.loads(cfg.config).get("rootfs", {}).get("diff_ids") != list(spec.diff_ids):
+                raise DeltaError("the image's config lists other layers than the source said")
+            # No tags from the archive: a peer's tags would move this node's own.
+            assemble(cfg.config, [], files, self.area / "image.tar")
             self.runtime.load_image(self.area / "image.tar")
-            self.runtime.ensure_tag(spec.image_id, spec.image)
+            spec.image = self.runtime.ensure_tag(spec.image_id, spec.image)
 
         def read_only(vol: pb.VolumeSpec) -> None:
             want = snaps[vol.name].digest
             if sourcing.fetch_held("volume", vol.name, plan[f"ro:{want}"],
-                                   self.area / f"volumes/{vol.name}.tar",
+                                   self.area / snapshot_path(vol.name, final=False),
                                    verify=lambda p: _expect(p, want)):
                 whole.add(vol.name)
 
@@ -296,25 +323,25 @@ class Migration:
 
         bases: dict[str, Basis] = {}
         for vol in spec.volumes:
-            rel = f"volumes/{vol.name}.tar"
+            rel = snapshot_path(vol.name, final=False)
             local = self.area / rel
             if vol.name not in whole:
                 basis = (Basis(held_basis[vol.name], make_signature(held_basis[vol.name]))
                          if vol.name in held_basis else self.local_volume_basis(vol.name))
-                self.fetch(rel, local, snaps[vol.name].digest, basis, "volume snapshot",
-                           vol.name, pb.PRE_COPY)
+                self.fetch(rel, local, snaps[vol.name], basis, "volume snapshot", vol.name,
+                           pb.PRE_COPY)
             if not self.runtime.volume_exists(vol.name):
                 self.entry.data["created_volumes"].append(vol.name)
-                self.journal.record(self.entry)
+                self.journal.save(self.entry)
             archive.restore(local, self.runtime.ensure_volume(vol))
             if vol.volume_id:
                 self.store.remember_volume_id(vol.name, vol.volume_id)
             if not vol.read_only:
                 bases[rel] = Basis(local, make_signature(local), snaps[vol.name].digest)
 
-        ckpt = self.call(self.source.Checkpoint, pb.CheckpointRequest(
+        ckpt = self.checkpoint_reply(self.call(self.source.Checkpoint, pb.CheckpointRequest(
             migration_id=self.migration_id, container=spec.id, name=PRE_CHECKPOINT,
-            leave_running=True))
+            leave_running=True)), PRE_CHECKPOINT)
         held = {f.path: Basis(ckpt_basis / Path(f.path).name,
                               make_signature(ckpt_basis / Path(f.path).name))
                 for f in ckpt.files if (ckpt_basis / Path(f.path).name).is_file()}
@@ -325,6 +352,15 @@ class Migration:
             bases[final_rel] = Basis(local, make_signature(local))
         return bases
 
+    def checkpoint_reply(self, reply: pb.CheckpointReply, name: str) -> pb.CheckpointReply:
+        """The source's list of checkpoint files, if every path is one of checkpoint NAME's
+        plain files, none repeats, and the staging disk can hold them all."""
+        paths = [checkpoint_path(f.path, name) for f in reply.files]
+        if len(set(paths)) != len(paths):
+            raise Refused(f"checkpoint {name!r} lists a file twice")
+        self.room(sum(f.size for f in reply.files), f"checkpoint {name!r}")
+        return reply
+
     def keep(self, spec: pb.ContainerSpec, frozen_at: float) -> None:
         """The destination keeps what it received for later migrations: the final snapshot of
         each writable volume, read-only contents, the checkpoint; the registry learns it."""
@@ -332,10 +368,10 @@ class Migration:
         app, svc = checkpoint_keys(spec)
         for vol in spec.volumes:
             if vol.read_only:
-                path = self.area / f"volumes/{vol.name}.tar"
+                path = self.area / snapshot_path(vol.name, final=False)
                 key, ts = f"ro:{digest(path)}", 0.0
             elif vol.volume_id:
-                path = self.area / f"volumes/{vol.name}.final.tar"
+                path = self.area / snapshot_path(vol.name, final=True)
                 key, ts = f"rw:{vol.volume_id}", frozen_at
             else:
                 continue
@@ -356,7 +392,7 @@ class Migration:
         for f in ckpt.files:
             basis = bases.get(f.path)
             got = self.guarded(lambda f=f, basis=basis: self.get(f.path, self.area / f.path,
-                                                                 f.digest, basis))
+                                                                 f, basis))
             if isinstance(got, DeltaStats):
                 total.literal_bytes += got.literal_bytes
                 total.matched_bytes += got.matched_bytes
@@ -377,29 +413,36 @@ class Migration:
         archive.snapshot(self.runtime.volume_path(name), path)
         return Basis(path, make_signature(path))
 
-    def get(self, rel: str, dest: Path, expect: str, basis: Basis | None) -> int | DeltaStats:
+    def get(self, rel: str, dest: Path, info: pb.FileInfo,
+            basis: Basis | None) -> int | DeltaStats:
+        """REL of the source's staging area into DEST, held to the size and digest the source
+        announced in INFO, within a deadline derived from that size."""
+        timeout = self.deadline(info.size)
         if basis is None:
-            return fetch_whole(self.source, self.migration_id, rel, dest, expect)
-        return fetch_delta(self.source, self.migration_id, rel, basis.path, basis.signature, dest)
+            return fetch_whole(self.source, self.migration_id, rel, dest, info.digest,
+                               size=info.size, timeout=timeout)
+        return fetch_delta(self.source, self.migration_id, rel, basis.path, basis.signature,
+                           dest, size=info.size, timeout=timeout)
 
-    def fetch(self, rel: str, dest: Path, expect: str, basis: Basis | None, kind: str,
+    def fetch(self, rel: str, dest: Path, expect: pb.FileInfo, basis: Basis | None, kind: str,
               item: str, phase: int) -> None:
         self.pull(kind, item, phase, lambda: self.get(rel, dest, expect, basis),
                   "whole" if basis is None else "delta")
 
     def final_sync(self, spec: pb.ContainerSpec, final: pb.CheckpointReply,
                    bases: dict[str, Basis]) -> None:
-        self.fetch_checkpoint(FINAL_CHECKPOINT, final, bases, pb.FINAL_SYNC)
+        self.fetch_checkpoint(FINAL_CHECKPOINT, self.checkpoint_reply(final, FINAL_CHECKPOINT),
+                              bases, pb.FINAL_SYNC)
         for vol in spec.volumes:
             if vol.read_only:
                 continue
-            rel = f"volumes/{vol.name}.final.tar"
+            rel = snapshot_path(vol.name, final=True)
             info = self.call(self.source.SnapshotVolume, pb.SnapshotVolumeRequest(
-                migration_id=self.migration_id, volume=vol.name, name=rel))
-            pre = bases[f"volumes/{vol.name}.tar"]
+                migration_id=self.migration_id, volume=vol.name, final=True))
+            self.room(info.size, f"the final snapshot of volume {vol.name}")
+            pre = bases[snapshot_path(vol.name, final=False)]
             local = self.area / rel
-            self.fetch(rel, local, info.digest, pre, "volume snapshot", vol.name,
-                       pb.FINAL_SYNC)
+            self.fetch(rel, local, info, pre, "volume snapshot", vol.name, pb.FINAL_SYNC)
             # Only changed volumes are re-extracted. Both digests come from the source (the patch
             # verified the file against it): nothing is hashed again during the downtime.
             if info.digest != pre.digest:
@@ -409,7 +452,7 @@ class Migration:
         stale = self.existing_container(spec.name)
         if stale:
             self.runtime.remove(stale["Id"])
-        cid = self.runtime.create_like(spec)
+        cid = self.runtime.create_like(spec, self.request.allow_privileged)
         self.step(j.RESTORING, new_container=cid)
         self.runtime.start_from_checkpoint(
             cid, self.area / "checkpoints" / FINAL_CHECKPOINT, f"migctl-{self.migration_id}")
@@ -419,12 +462,13 @@ class Migration:
         """Leave exactly one copy running (agent/migration/recovery.py)."""
         log.warning("migration %s failed: %s", self.migration_id, err)
         self.entry.data["error"] = str(err)
+        self.journal.save(self.entry)
         if self.entry.state in (j.REQUESTED, j.PRE_COPY):
-            settle(self.entry, self.runtime, self.journal, self.staging_root, self.tls,
+            settle(self.entry, self.runtime, self.journal, self.staging, self.tls,
                    self.report.log)
             return
         with self.report.phase(pb.ROLLBACK):
-            settle(self.entry, self.runtime, self.journal, self.staging_root, self.tls,
+            settle(self.entry, self.runtime, self.journal, self.staging, self.tls,
                    self.report.log)
 
 

@@ -2,20 +2,22 @@
 
 The same code serves a migration that fails in flight and one found in the journal when the
 agent restarts, so there is one way to undo, and it is exercised by every failure test.
+
+The source is asked to resume only once this node's engine has confirmed that its copy is gone
+(not found). An engine that does not answer is "could not ask", never "gone": the rollback then
+waits and is retried, and the container stays down rather than running twice.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import shutil
 from collections.abc import Callable
-from pathlib import Path
 
 import grpc
 
 from agent.dataplane.channel import open_channel
-from agent.errors import MigctlError
+from agent.dataplane.staging import Staging
+from agent.errors import MigctlError, NotFound
 from agent.migration import journal as j
 from agent.security import TLSFiles
 from proto import migctl_pb2 as pb
@@ -24,28 +26,43 @@ from proto import migctl_pb2_grpc as rpc
 log = logging.getLogger(__name__)
 
 
-def settle(entry: j.Entry, runtime: object, journal: j.Journal, staging_root: Path,
+def settle(entry: j.Entry, runtime: object, journal: j.Journal, staging: Staging,
            tls: TLSFiles, say: Callable[[str], None] = lambda _: None) -> bool:
-    """Leave exactly one copy running. Returns False when the source could not be reached and
-    the container runs nowhere yet: the caller tries again later."""
+    """Leave exactly one copy running. Returns False when the rollback must wait (this node's
+    engine or the source could not be reached): the caller tries again later."""
     new = entry.data.get("new_container", "")
-    if entry.state == j.RESTORING and new and _running(runtime, new):
-        # The restore went through (the agent stopped before it could say so): finish.
-        _release(entry, tls, completed=True)
-        entry.state = j.DONE
-        journal.record(entry)
-        shutil.rmtree(staging_root / entry.id, ignore_errors=True)
-        say(f"{entry.container} runs here ({new[:12]}): migration completed")
-        return True
-    if new:
-        with contextlib.suppress(MigctlError):
+    try:
+        if entry.state == j.RESTORING and new and _running(runtime, new):
+            # The restore went through (the agent stopped before it could say so): finish.
+            _release(entry, tls, completed=True)
+            journal.move(entry.id, j.DESTINATION, j.DONE)
+            staging.drop(entry.id)
+            say(f"{entry.container} runs here ({new[:12]}): migration completed")
+            return True
+        if new:
             runtime.remove(new)
-    for name in entry.data.get("created_volumes", []):
-        with contextlib.suppress(MigctlError):
-            runtime.remove_volume(name)
+            if not runtime.gone(new):
+                raise MigctlError(f"the engine still lists container {new[:12]} after removing "
+                                  "it")
+        for name in entry.data.get("created_volumes", []):
+            try:
+                runtime.remove_volume(name)
+            except NotFound:
+                pass
+            except MigctlError as err:  # the container is gone: a stray volume is no copy
+                log.warning("migration %s: volume %s stays: %s", entry.id, name, err)
+        if entry.data.get("created_volumes"):
+            # once: a retried rollback must not remove a volume of that name made since
+            entry.data["created_volumes"] = []
+            journal.save(entry)
+    except MigctlError as err:
+        say(f"ROLLBACK PENDING: cannot confirm that this node's copy is gone ({err}); "
+            "retrying before the source is asked to resume")
+        _pending(entry, journal, str(err))
+        return False
     if entry.state in (j.REQUESTED, j.PRE_COPY):
         _release(entry, tls, completed=False)  # best effort: the source only drops its files
-        entry.state = j.FAILED
+        journal.move(entry.id, j.DESTINATION, j.FAILED)
     else:
         try:
             reply = _call(entry, tls, "Resume", pb.ResumeRequest(
@@ -58,25 +75,29 @@ def settle(entry: j.Entry, runtime: object, journal: j.Journal, staging_root: Pa
             say(f"ROLLBACK PENDING: {why} ({err.details()}); retrying; the source also resumes "
                 f"{entry.container[:12]} by itself when the lease runs out, unless it had "
                 "committed")
-            entry.data["rollback"] = f"pending: {err.details()}"
-            journal.record(entry)
+            _pending(entry, journal, err.details() or str(err.code()))
             return False
         say(f"rollback: {entry.container} runs again on {entry.peer} ({reply.detail})")
-        entry.state = j.ROLLED_BACK
-    journal.record(entry)
-    shutil.rmtree(staging_root / entry.id, ignore_errors=True)
+        journal.move(entry.id, j.DESTINATION, j.ROLLED_BACK)
+    staging.drop(entry.id)
     return True
 
 
+def _pending(entry: j.Entry, journal: j.Journal, why: str) -> None:
+    entry.data["rollback"] = f"pending: {why}"
+    journal.save(entry)
+
+
 def _running(runtime: object, cid: str) -> bool:
+    """Whether CID runs; NotFound is "no"; an engine that does not answer raises."""
     try:
         return bool(runtime.inspect(cid)["State"].get("Running"))
-    except MigctlError:
+    except NotFound:
         return False
 
 
 def _call(entry: j.Entry, tls: TLSFiles, method: str, request: object) -> object:
-    channel = open_channel(entry.peer_address, tls)
+    channel = open_channel(entry.peer_address, tls, server_name=entry.peer)
     try:
         return getattr(rpc.AgentStub(channel), method)(request, timeout=120)
     finally:
@@ -86,7 +107,7 @@ def _call(entry: j.Entry, tls: TLSFiles, method: str, request: object) -> object
 def _release(entry: j.Entry, tls: TLSFiles, completed: bool) -> None:
     try:
         _call(entry, tls, "Release", pb.ReleaseRequest(
-            migration_id=entry.id, completed=completed,
+            migration_id=entry.id, container=entry.container, completed=completed,
             remove_container=completed and entry.data.get("remove_source", False)))
     except grpc.RpcError as err:
         log.warning("migration %s: could not release the source: %s", entry.id, err.details())

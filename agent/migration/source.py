@@ -1,8 +1,12 @@
-"""The source's half of a migration: begin, freeze, commit, resume, and the lease.
+"""The source's half of a migration: authorize, begin, freeze, commit, resume, and the lease.
 
 Exactly one copy must run. The source resumes a frozen container on its own only while the
 destination has not committed: when the destination falls silent for longer than the lease,
 or when the source agent restarts. After the commit, only the destination may ask it to resume.
+
+Zero trust: a migration exists here only once an operator authorized it (`authorize`), bound
+to one container and one destination node. Every later call must come from that node and
+concern that container (`bound`), and every state change goes through the journal's table.
 """
 
 from __future__ import annotations
@@ -10,19 +14,35 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from agent.catalog.store import Item, Store
 from agent.dataplane.staging import Staging
-from agent.errors import AlreadyExists, FailedPrecondition, MigctlError
+from agent.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    MigctlError,
+    NotFound,
+    PermissionDenied,
+)
 from agent.migration import journal as j
 from agent.runtime.docker import DockerRuntime
 from proto import migctl_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+PRE_CHECKPOINT = "pre"
 FINAL_CHECKPOINT = "final"
+AUTHORIZATION_SECONDS = 120.0  # an authorized migration not begun by then is dropped
+ABANDONED_LEASES = 10          # a pre-copy silent for this many leases is dropped
+
+
+def snapshot_path(volume: str, final: bool) -> str:
+    """The staging path of a volume snapshot: a fixed template, never a name from the wire."""
+    return f"volumes/{volume}.final.tar" if final else f"volumes/{volume}.tar"
 
 
 class SourceSide:
@@ -37,40 +57,79 @@ class SourceSide:
         self.lease = lease_seconds
         self.last_seen: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._resuming: set[str] = set()  # resumes under way in this process
 
     def touch(self, migration_id: str) -> None:
         """Every call of the destination about a migration renews its lease."""
         self.last_seen[migration_id] = time.monotonic()
 
-    def begin(self, request: pb.BeginRequest) -> pb.ContainerSpec:
-        spec = self.runtime.describe(request.container)
+    # -- binding -----------------------------------------------------------------------------
+
+    def authorize(self, container: str, destination: str) -> tuple[str, str]:
+        """The operator's consent: a new migration id bound to CONTAINER and DESTINATION."""
+        spec = self.runtime.describe(container)
+        migration_id = uuid.uuid4().hex[:16]
         with self._lock:
             for other in self.journal.in_flight(j.SOURCE):
-                if other.container == spec.id and other.id != request.migration_id:
+                if other.container == spec.id:
                     raise AlreadyExists(
                         f"{spec.name!r} is already being migrated (migration {other.id} to "
                         f"{other.peer}, {other.state}); wait for it to end")
-            self.journal.record(j.Entry(
-                request.migration_id, j.SOURCE, spec.id, j.PRE_COPY,
-                peer=request.destination_node,
-                data={"volumes": {v.name: {"read_only": v.read_only,
+            self.journal.create(j.Entry(
+                migration_id, j.SOURCE, spec.id, j.AUTHORIZED, peer=destination,
+                data={"name": spec.name, "authorized_at": time.time(),
+                      "volumes": {v.name: {"read_only": v.read_only,
                                            "guid": v.labels.get("rw-guid", "")}
                                   for v in spec.volumes}, "snapshots": {}}))
-        self.touch(request.migration_id)
+        self.staging.create(migration_id)
+        self.touch(migration_id)
+        return migration_id, spec.id
+
+    def bound(self, migration_id: str, caller: str, container: str = "",
+              rolled_back_ok: bool = False) -> j.Entry:
+        """The migration's entry, if CALLER is the node it is bound to and CONTAINER (when
+        named) is its container; PermissionDenied otherwise, with the same words whether the
+        id is unknown or someone else's (no oracle for ids). An ended migration is refused,
+        except a rolled-back one when ROLLED_BACK_OK (a Resume retried after it succeeded)."""
+        entry = self.journal.get(migration_id, j.SOURCE)
+        if entry is None or entry.peer != caller:
+            raise PermissionDenied(f"{caller} has no migration {migration_id} on this node")
+        if container and container not in (entry.container, entry.data.get("name")):
+            raise PermissionDenied(f"migration {migration_id} is not about {container!r}")
+        if entry.ended and not (rolled_back_ok and entry.state == j.ROLLED_BACK):
+            raise FailedPrecondition(f"migration {migration_id} has ended ({entry.state})")
+        self.touch(migration_id)
+        return entry
+
+    def begin(self, entry: j.Entry) -> pb.ContainerSpec:
+        age = time.time() - entry.data.get("authorized_at", 0.0)
+        if entry.state == j.AUTHORIZED and age > AUTHORIZATION_SECONDS:
+            self.journal.try_move(entry.id, j.SOURCE, j.FAILED)
+            self.staging.drop(entry.id)
+            raise FailedPrecondition(f"migration {entry.id} was authorized {age:.0f} s ago "
+                                     f"and has expired ({AUTHORIZATION_SECONDS:.0f} s)")
+        spec = self.runtime.describe(entry.container)
+        self.journal.move(entry.id, j.SOURCE, j.PRE_COPY, by=j.PEER)  # a replay fails here
         return spec
 
-    def snapshot_taken(self, migration_id: str, volume: str, info: pb.FileInfo) -> None:
-        entry = self.journal.get(migration_id, j.SOURCE)
-        if entry is not None:
-            entry.data.setdefault("snapshots", {})[info.path] = {
-                "volume": volume, "digest": info.digest, "ts": time.time()}
-            self.journal.record(entry)
+    def volume_of(self, entry: j.Entry, volume: str) -> dict:
+        if volume not in entry.data.get("volumes", {}):
+            raise PermissionDenied(f"{volume!r} is not a volume of migration {entry.id}'s "
+                                   "container")
+        return entry.data["volumes"][volume]
+
+    # -- the steps the destination asks for -------------------------------------------------
+
+    def snapshot_taken(self, entry: j.Entry, volume: str, info: pb.FileInfo) -> None:
+        entry.data.setdefault("snapshots", {})[info.path] = {
+            "volume": volume, "digest": info.digest, "ts": time.time()}
+        self.journal.save(entry)
 
     def keep_last_snapshots(self, entry: j.Entry) -> None:
         """The source keeps its last snapshot of each volume: a good basis when the container
         comes back, or for a neighbour's migration."""
         kept = []
-        area = self.staging.area(entry.id)
+        area = self.staging.root / entry.id
         for rel, snap in entry.data.get("snapshots", {}).items():
             vol = entry.data.get("volumes", {}).get(snap["volume"], {})
             if vol.get("read_only"):
@@ -86,83 +145,111 @@ class SourceSide:
                 kept.append(self.store.put(key, ts, area / rel, snap["digest"], move=True))
         self.publish(kept)
 
-    def checkpoint(self, request: pb.CheckpointRequest) -> Path:
-        area = self.staging.area(request.migration_id)
-        entry = self.journal.get(request.migration_id, j.SOURCE)
-        if entry is None or entry.ended:
-            raise FailedPrecondition(f"migration {request.migration_id} is not in flight here")
-        if not request.leave_running:
-            # Journal first: if the agent dies during the checkpoint, a restart resumes.
-            self.journal.transition(request.migration_id, j.SOURCE, (j.PRE_COPY,), j.FROZEN)
-        self.touch(request.migration_id)
-        return self.runtime.checkpoint(request.container, request.name, area / "checkpoints",
+    def checkpoint(self, entry: j.Entry, request: pb.CheckpointRequest) -> Path:
+        if (request.name, request.leave_running) not in ((PRE_CHECKPOINT, True),
+                                                         (FINAL_CHECKPOINT, False)):
+            raise InvalidArgument(f"checkpoints are {PRE_CHECKPOINT!r} (leave running) or "
+                                  f"{FINAL_CHECKPOINT!r} (stop), not {request.name!r} with "
+                                  f"leave_running={request.leave_running}")
+        area = self.staging.area(entry.id)
+        if request.leave_running:
+            if entry.state != j.PRE_COPY:
+                raise j.IllegalTransition(f"migration {entry.id} is {entry.state}: no "
+                                          "pre-copy checkpoint now")
+        else:
+            # Journal first: if the agent dies during the checkpoint, a restart resumes, and
+            # puts back the restart policy, which must be "no" while the container is stopped
+            # here (the engine would start it again: a second copy).
+            policy = self.runtime.restart_policy(entry.container)
+            self.journal.move(entry.id, j.SOURCE, j.FROZEN, by=j.PEER,
+                              data={"restart_policy": policy})
+            if policy.get("Name", "no") != "no":
+                self.runtime.set_restart_policy(entry.container, {"Name": "no"})
+        return self.runtime.checkpoint(entry.container, request.name, area / "checkpoints",
                                        request.leave_running)
 
-    def commit(self, migration_id: str) -> None:
+    def commit(self, entry: j.Entry) -> None:
         # Under the same lock as a lease's resume: one of the two wins, never both.
         with self._lock:
-            committed = self.journal.transition(migration_id, j.SOURCE, (j.FROZEN,), j.COMMITTED)
+            committed = self.journal.try_move(entry.id, j.SOURCE, j.COMMITTED, by=j.PEER)
         if committed is None:
-            entry = self.journal.get(migration_id, j.SOURCE)
-            state = entry.state if entry else "unknown here"
+            now = self.journal.get(entry.id, j.SOURCE)
             raise FailedPrecondition(
-                f"the source will not hand over migration {migration_id} ({state}): it "
-                "resumed the container itself (the destination fell silent for longer than "
-                f"the {self.lease:.0f} s lease, or the source agent restarted)")
+                f"the source will not hand over migration {entry.id} "
+                f"({now.state if now else 'unknown here'}): it is not frozen here (it resumed "
+                f"the container itself when the destination fell silent for longer than the "
+                f"{self.lease:.0f} s lease or the source agent restarted, or it never froze)")
 
-    def resume(self, migration_id: str) -> pb.ResumeReply:
-        """Start the container again from its final checkpoint (or fresh, if that fails)."""
-        entry = self.journal.get(migration_id, j.SOURCE)
-        if entry is None:
-            raise FailedPrecondition(f"no migration {migration_id} here to roll back")
-        cid = entry.container
-        if self.runtime.inspect(cid)["State"].get("Running"):
-            self.journal.transition(migration_id, j.SOURCE, (j.PRE_COPY, j.FROZEN, j.COMMITTED),
-                                    j.ROLLED_BACK)
-            return pb.ResumeReply(restored=True, detail="it was still running")
-        folder = self.staging.area(migration_id) / "checkpoints" / FINAL_CHECKPOINT
+    def resume(self, migration_id: str, by: str) -> pb.ResumeReply:
+        """Start the container again from its final checkpoint (or fresh, if that fails).
+
+        The journal moves to RESUMING first, under the commit's lock, so a commit can no
+        longer win; an interrupted resume is retried from RESUMING."""
+        with self._lock:
+            entry = self.journal.get(migration_id, j.SOURCE)
+            if entry is None:
+                raise NotFound(f"no migration {migration_id} here")
+            if entry.state == j.ROLLED_BACK:  # a retry after a reply that was lost: no-op
+                return pb.ResumeReply(restored=True, detail=entry.data.get(
+                    "resume", "it was resumed here before"))
+            if migration_id in self._resuming:
+                raise FailedPrecondition(f"migration {migration_id} is being resumed already")
+            if entry.state != j.RESUMING:
+                entry = self.journal.move(migration_id, j.SOURCE, j.RESUMING, by=by)
+            self._resuming.add(migration_id)
         try:
-            if not (folder / "inventory.img").exists():
-                raise FailedPrecondition("the final checkpoint was never completed")
-            self.runtime.start_from_checkpoint(cid, folder, f"resume-{migration_id}")
-            self.runtime.wait_running(cid)
-            reply = pb.ResumeReply(restored=True, detail="restored from its final checkpoint")
-        except MigctlError as err:
-            log.warning("resume from checkpoint failed, restarting fresh: %s", err)
-            self.runtime.start(cid)
-            self.runtime.wait_running(cid)
-            reply = pb.ResumeReply(restored=False,
-                                   detail=f"restore failed ({err}); restarted without its memory")
-        entry.state = j.ROLLED_BACK
-        entry.data["resume"] = reply.detail
-        self.journal.record(entry)
+            return self._resume(entry)
+        finally:
+            with self._lock:
+                self._resuming.discard(migration_id)
+
+    def _resume(self, entry: j.Entry) -> pb.ResumeReply:
+        migration_id, cid = entry.id, entry.container
+        if self.runtime.inspect(cid)["State"].get("Running"):
+            reply = pb.ResumeReply(restored=True, detail="it was still running")
+        else:
+            folder = self.staging.root / migration_id / "checkpoints" / FINAL_CHECKPOINT
+            try:
+                if not (folder / "inventory.img").exists():
+                    raise FailedPrecondition("the final checkpoint was never completed")
+                self.runtime.start_from_checkpoint(cid, folder, f"resume-{migration_id}")
+                self.runtime.wait_running(cid)
+                reply = pb.ResumeReply(restored=True,
+                                       detail="restored from its final checkpoint")
+            except MigctlError as err:
+                log.warning("resume from checkpoint failed, restarting fresh: %s", err)
+                self.runtime.start(cid)
+                self.runtime.wait_running(cid)
+                reply = pb.ResumeReply(restored=False, detail=f"restore failed ({err}); "
+                                       "restarted without its memory")
+        policy = entry.data.get("restart_policy") or {"Name": "no"}
+        if policy.get("Name", "no") != "no":  # it runs here again: its policy comes back
+            self.runtime.set_restart_policy(cid, policy)
+        self.journal.move(migration_id, j.SOURCE, j.ROLLED_BACK, data={"resume": reply.detail})
         self.staging.drop(migration_id)
         return reply
 
-    def release(self, request: pb.ReleaseRequest) -> None:
-        entry = self.journal.get(request.migration_id, j.SOURCE)
-        if request.completed:
-            if entry is None or entry.state != j.COMMITTED:
+    def release(self, entry: j.Entry, completed: bool, remove_container: bool) -> None:
+        if completed:
+            if entry.state != j.COMMITTED:
                 raise FailedPrecondition(
-                    f"migration {request.migration_id} was never committed here; refusing to "
-                    "treat the container as moved")
+                    f"migration {entry.id} was never committed here ({entry.state}); "
+                    "refusing to treat the container as moved")
             try:
                 self.keep_last_snapshots(entry)
             except (MigctlError, OSError) as err:
                 log.warning("could not keep the last snapshots: %s", err)
-            if request.remove_container:
+            if remove_container:
                 self.runtime.remove(entry.container)
             else:
-                self.store.mark_departed(entry.container, request.migration_id)
-            entry.state = j.DONE
-            self.journal.record(entry)
-        elif entry is not None and entry.state == j.PRE_COPY:
-            entry.state = j.FAILED
-            self.journal.record(entry)
-        elif entry is not None and entry.state in (j.FROZEN, j.COMMITTED):
-            raise FailedPrecondition(f"migration {request.migration_id} is frozen here: resume "
-                                     "it before releasing it")
-        self.staging.drop(request.migration_id)
+                self.store.mark_departed(entry.container, entry.id)
+            self.journal.move(entry.id, j.SOURCE, j.DONE, by=j.PEER)
+        elif entry.state in (j.AUTHORIZED, j.PRE_COPY):
+            self.journal.move(entry.id, j.SOURCE, j.FAILED, by=j.PEER)
+        else:
+            raise FailedPrecondition(f"migration {entry.id} is {entry.state} here: resume it "
+                                     "before releasing it")
+        self.staging.drop(entry.id)
 
     # -- without the destination ------------------------------------------------------------
 
@@ -170,9 +257,9 @@ class SourceSide:
         """Uncommitted frozen containers resume at once: the destination cannot have committed."""
         for entry in self.journal.in_flight(j.SOURCE):
             self.last_seen[entry.id] = time.monotonic()
-            if entry.state == j.FROZEN:
-                log.warning("migration %s was frozen when the agent stopped: resuming %s",
-                            entry.id, entry.container[:12])
+            if entry.state in (j.FROZEN, j.RESUMING):
+                log.warning("migration %s was %s when the agent stopped: resuming %s",
+                            entry.id, entry.state, entry.container[:12])
                 self._resume_quietly(entry.id)
             elif entry.state == j.COMMITTED:
                 log.warning("migration %s is committed: the destination %s owns %s; waiting "
@@ -187,17 +274,22 @@ class SourceSide:
                 log.warning("migration %s: no word from %s for %.0f s; resuming %s", entry.id,
                             entry.peer, idle, entry.container[:12])
                 self._resume_quietly(entry.id)
-            elif entry.state == j.PRE_COPY and idle > 10 * self.lease:
-                entry.state = j.FAILED  # abandoned before the freeze: only files to drop
-                self.journal.record(entry)
-                self.staging.drop(entry.id)
+            elif entry.state == j.RESUMING and entry.id not in self._resuming:
+                self._resume_quietly(entry.id)  # an earlier attempt failed: try again
+            elif entry.state == j.AUTHORIZED and (
+                    time.time() - entry.data.get("authorized_at", 0.0) > AUTHORIZATION_SECONDS):
+                self._drop(entry)
+            elif entry.state == j.PRE_COPY and idle > ABANDONED_LEASES * self.lease:
+                self._drop(entry)  # abandoned before the freeze: only files to drop
+
+    def _drop(self, entry: j.Entry) -> None:
+        if self.journal.try_move(entry.id, j.SOURCE, j.FAILED) is not None:
+            self.staging.drop(entry.id)
 
     def _resume_quietly(self, migration_id: str) -> None:
-        with self._lock:
-            entry = self.journal.get(migration_id, j.SOURCE)
-            if entry is None or entry.state != j.FROZEN:
-                return  # committed meanwhile: no longer ours to resume
-            try:
-                self.resume(migration_id)
-            except MigctlError as err:
-                log.error("could not resume after migration %s: %s", migration_id, err)
+        try:
+            self.resume(migration_id, by=j.SELF)
+        except j.IllegalTransition:
+            pass  # committed meanwhile: no longer ours to resume
+        except MigctlError as err:
+            log.error("could not resume after migration %s: %s", migration_id, err)

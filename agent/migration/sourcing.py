@@ -34,7 +34,7 @@ FRESHNESS_KINDS = ("rw", "app", "svc")
 
 class Sourcing:
     def __init__(self, me: str, source: str, cooperative: bool, registry: Registry | None,
-                 links: Links, store: Store, connect: Callable[[str], grpc.Channel],
+                 links: Links, store: Store, connect: Callable[..., grpc.Channel],
                  report: Report, phase: int) -> None:
         self.me = me
         self.source = source  # never a candidate: it is the fallback, and the one to spare
@@ -141,7 +141,8 @@ class Sourcing:
 
     def _stream(self, c: Choice, dest: Path, call: Callable[[rpc.AgentStub], object]) -> int:
         assert self.registry is not None
-        channel = self.connect(self.registry.address(c.holding.node))
+        # pinned: the holder must prove it is the node the registry named
+        channel = self.connect(self.registry.address(c.holding.node), c.holding.node)
         try:
             return write_stream((ch.data for ch in call(rpc.AgentStub(channel))), dest)
         finally:

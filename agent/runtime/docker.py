@@ -25,15 +25,12 @@ import docker.errors
 import psutil
 
 from agent.errors import FailedPrecondition, MigctlError, NotFound, RuntimeFailure, Unavailable
+from agent.runtime.spec import create_request, unsupported
 from proto import migctl_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 CRIU_BIN = "/opt/migctl/bin"  # where scripts/setup.sh puts the CRIU it probed
-
-# What the engine creates on its own or ties to one node: not copied to the new container.
-_NODE_BOUND_CONFIG = ("HostnamePath", "HostsPath", "ResolvConfPath")
-
 
 def chain_ids(diff_ids: list[str]) -> list[str]:
     """The engine identifies a layer by its chain id: the layer plus every layer below it."""
@@ -138,7 +135,6 @@ class DockerRuntime:
             networks=sorted((c.get("NetworkSettings") or {}).get("Networks") or {}),
             running=bool(c["State"].get("Running")),
             engine_config_json=json.dumps({"Config": cfg, "HostConfig": host}),
-            unsupported=self.unsupported(c),
         )
         if spec.running:
             # one_shot: a single sample (memory is all we read); without it the engine waits
@@ -159,24 +155,8 @@ class DockerRuntime:
                 driver=vol.get("Driver") or "local", labels=vol.get("Labels") or {},
                 driver_options=vol.get("Options") or {}, size_bytes=tree_size(m["Source"]),
             )
+        spec.unsupported.extend(unsupported(spec))
         return spec
-
-    @staticmethod
-    def unsupported(c: dict[str, Any]) -> list[str]:
-        """What a migration cannot carry, in words an operator can act on."""
-        host, cfg, out = c["HostConfig"], c["Config"], []
-        out += [f"bind mount {m['Source']} -> {m['Destination']} (a host path; use a named "
-                "volume)" for m in c.get("Mounts") or [] if m.get("Type") == "bind"]
-        out += [f"volume {m['Name']} uses driver {m['Driver']} (only local volumes move)"
-                for m in c.get("Mounts") or []
-                if m.get("Type") == "volume" and (m.get("Driver") or "local") != "local"]
-        if cfg.get("Tty"):
-            out.append("a terminal (-t): CRIU cannot checkpoint a container's TTY")
-        for mode in ("NetworkMode", "PidMode", "IpcMode"):
-            if host.get(mode) == "host" or str(host.get(mode, "")).startswith("container:"):
-                out.append(f"{mode} {host[mode]}: it shares namespaces of this node")
-        out += [f"device {d.get('PathOnHost')}" for d in host.get("Devices") or []]
-        return out
 
     # -- image layers ------------------------------------------------------------------------
 
@@ -223,17 +203,23 @@ class DockerRuntime:
                 out.write(chunk)
         os.replace(tmp, dest)
 
-    def ensure_tag(self, image_id: str, ref: str) -> None:
-        """REF (as the container was created: a tag, or the id) names IMAGE_ID here too."""
+    def ensure_tag(self, image_id: str, ref: str) -> str:
+        """Make REF (as the container was created: a tag, or the id) name IMAGE_ID here, if
+        REF is free; a tag that names another image here is never moved. Returns what the
+        container is to be created from: REF, or IMAGE_ID when REF is taken."""
         if ref.startswith("sha256:") or ref == image_id:
-            return
+            return ref
         try:
             if self.api.inspect_image(ref)["Id"] == image_id:
-                return
+                return ref
+            log.warning("tag %s names another image on this node; creating from %s", ref,
+                        image_id[:19])
+            return image_id
         except docker.errors.ImageNotFound:
             pass
         repo, _, tag = ref.rpartition(":") if ":" in ref.split("/")[-1] else (ref, "", "latest")
         self._call(f"tag image as {ref!r}", self.api.tag, image_id, repo, tag)
+        return ref
 
     def load_image(self, archive: Path) -> None:
         with archive.open("rb") as f:
@@ -330,24 +316,12 @@ class DockerRuntime:
             self._drop_engine_temp(before)
         return directory / name
 
-    def create_like(self, spec: pb.ContainerSpec) -> str:
-        """Create (not start) a container with SPEC's configuration, name and volumes."""
-        engine = json.loads(spec.engine_config_json)
-        config: dict[str, Any] = dict(engine["Config"])
-        host: dict[str, Any] = dict(engine["HostConfig"])
-        for key in _NODE_BOUND_CONFIG:
-            host.pop(key, None)
-        # Volumes are attached by name, so that anonymous ones keep the name they were given.
-        mounted = {v.destination for v in spec.volumes}
-        config["Volumes"] = {d: {} for d in (config.get("Volumes") or {}) if d not in mounted}
-        host["Mounts"] = [m for m in host.get("Mounts") or [] if m.get("Type") != "volume"]
-        host["Binds"] = [b for b in host.get("Binds") or []
-                         if b.split(":")[1] not in mounted] + [
-            f"{v.name}:{v.destination}:{'ro' if v.read_only else 'rw'}" for v in spec.volumes]
+    def create_like(self, spec: pb.ContainerSpec, allow_privileged: bool = False) -> str:
+        """Create (not start) a container like SPEC, from the allow-listed configuration only
+        (agent.runtime.spec), with its name and volumes."""
+        config = create_request(spec, allow_privileged)
         networks = list(spec.networks) or ["bridge"]
-        host["NetworkMode"] = networks[0]
         self.ensure_networks(networks)
-        config["HostConfig"] = host
         try:
             res = self.api._post_json(self.api._url("/containers/create"), data=config,
                                       params={"name": spec.name})
@@ -382,6 +356,17 @@ class DockerRuntime:
         finally:
             self._drop_engine_temp(before)
 
+    def restart_policy(self, container: str) -> dict[str, Any]:
+        return dict(self.inspect(container)["HostConfig"].get("RestartPolicy") or {"Name": "no"})
+
+    def set_restart_policy(self, container: str, policy: dict[str, Any]) -> None:
+        """The engine restarts a container with a policy the moment a checkpoint stops it:
+        a source that must stay stopped gets "no" first."""
+        self._call(f"update the restart policy of {container[:12]!r}",
+                   self.api.update_container, container,
+                   restart_policy={"Name": policy.get("Name") or "no",
+                                   "MaximumRetryCount": policy.get("MaximumRetryCount") or 0})
+
     def start(self, container: str) -> None:
         self._call(f"start {container!r}", self.api.start, container)
 
@@ -408,6 +393,15 @@ class DockerRuntime:
     def remove(self, container: str) -> None:
         with contextlib.suppress(NotFound):
             self._call(f"remove {container!r}", self.api.remove_container, container, force=True)
+
+    def gone(self, container: str) -> bool:
+        """True only when the engine answers that CONTAINER does not exist; an engine that
+        does not answer raises (Unavailable): "could not ask" is never "gone"."""
+        try:
+            self.inspect(container)
+            return False
+        except NotFound:
+            return True
 
     def logs(self, container: str) -> Iterator[str]:
         yield from self._call("read logs", self.api.logs, container).decode().splitlines()

@@ -3,7 +3,8 @@
 # Idempotent: run it before `docker-compose up` (again after adding nodes; good certs are kept).
 #
 #   lab/compose/tls/                   the lab's CA, a certificate per node and the client's
-#                                      (python -m agent.certs lab/compose/tls nodeA nodeB nodeC)
+#                                      (python -m agent.certs lab/compose/tls nodeA nodeB nodeC):
+#                                      ca.crt + client.*, private/ca.key, nodes/NODE/ (see certs)
 #   lab/compose/nodes/NODE/etc/        mounted read-only at /etc/migctl in NODE's container:
 #       tls/ca.crt, tls/NODE.crt, tls/NODE.key   (only its own key, not the CA's)
 #       inventory.json                           (for agents that ask the other nodes)
@@ -54,9 +55,10 @@ PYTHONPATH=$REPO_ROOT "$PY" -m agent.certs "$HERE/tls" "${NODES[@]}" --client cl
 for n in "${NODES[@]}"; do
     etc=$HERE/nodes/$n/etc
     mkdir -p "$etc/tls" "$HERE/nodes/$n/run"
-    install -m 644 "$HERE/tls/ca.crt" "$etc/tls/ca.crt"
-    install -m 644 "$HERE/tls/$n.crt" "$etc/tls/$n.crt"
-    install -m 600 "$HERE/tls/$n.key" "$etc/tls/$n.key"
+    src=$HERE/tls/nodes/$n # that node's own bundle only: never the CA key or another node's
+    install -m 644 "$src/ca.crt" "$etc/tls/ca.crt"
+    install -m 644 "$src/$n.crt" "$etc/tls/$n.crt"
+    install -m 600 "$src/$n.key" "$etc/tls/$n.key"
 done
 
 "$PY" - "$HERE" "$NET" "${NODES[@]}" <<'PY'

@@ -1,0 +1,53 @@
+"""A real agent with fault-test hooks, injected by the tests as code: production never reads
+them. Run as `python -m tests.agent_hooks [--test-pause STATE=SECONDS]
+[--test-slow-serve SECONDS] <migagent arguments>` (client.lab `restart_agent(module=...)`).
+
+--test-pause: the destination pauses right after journalling STATE (and says so in its
+events), so that a test can inject a fault at that point. --test-slow-serve: every chunk of
+a held item (cooperative fetches from this node) is delayed, to look like a slow neighbour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from agent import server
+from agent.migration.flow import Migration
+from agent.service import AgentService
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--test-pause", default="", metavar="STATE=SECONDS")
+    p.add_argument("--test-slow-serve", type=float, default=0.0, metavar="SECONDS")
+    hooks, rest = p.parse_known_args()
+    if hooks.test_pause:
+        state, _, seconds = hooks.test_pause.partition("=")
+        step = Migration.step
+
+        def paused(self: Migration, to: str, **data: Any) -> None:
+            step(self, to, **data)
+            if to == state:
+                self.report.log(f"paused before {state} (test hook)")
+                time.sleep(float(seconds))
+
+        Migration.step = paused  # type: ignore[method-assign]
+    if hooks.test_slow_serve:
+        serve = AgentService.serve_held
+
+        def slow(self: AgentService, path: Path) -> Iterator[bytes]:
+            for data in serve(self, path):
+                time.sleep(hooks.test_slow_serve)
+                yield data
+
+        AgentService.serve_held = slow  # type: ignore[method-assign]
+    server.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""A hostile source agent for the zero-trust tests: it holds a real node certificate (a stolen
+or compromised node key) and answers a destination's calls with what an attacker would send.
+
+Run in the lab in place of a node's agent: `python -m tests.hostile_source --node nodeC
+--listen ADDR --tls-dir DIR --scenario NAME --image-id ID --diff-id D... --criu-version V`.
+Each scenario breaks one rule (see SCENARIOS); everything else looks like a real source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import tarfile
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import xxhash
+
+from agent.dataplane.channel import OPTIONS
+from agent.delta import Signature
+from agent.delta.wire import Header, WireWriter
+from agent.security import TLSFiles, server_credentials
+from proto import migctl_pb2 as pb
+from proto import migctl_pb2_grpc as rpc
+
+OUTSIDE = "/tmp/migctl-hostile-outside"  # a file outside staging that an attack aims at
+BIG = 400 << 20
+
+SCENARIOS = {
+    "checkpoint-path": "a checkpoint file named checkpoints/pre/../../../../..{OUTSIDE}",
+    "checkpoint-abspath": "a checkpoint file with an absolute path",
+    "volume-name": "a volume named ../../../../tmp/x",
+    "hostconfig": "a container with privileged mode, a device and a bind mount of /",
+    "privileged": "a container with privileged mode and added capabilities only",
+    "tags": "an image named victim:latest, which names another image at the destination",
+    "hardlink": "a volume snapshot: hard link to an outside file, then a file of that name",
+    "oversize": "a volume snapshot announced as 10 KB that streams 50 MB",
+    "bigdelta": "a final checkpoint file of 64 KiB whose delta announces 400 MiB",
+}
+
+
+def _tar(entries: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in entries:
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    return buf.getvalue()
+
+
+def hardlink_tar() -> bytes:
+    link = tarfile.TarInfo("x")
+    link.type = tarfile.LNKTYPE
+    link.linkname = "../../../../../../../.." + OUTSIDE
+    data = b"pwned by a hostile source\n"
+    file = tarfile.TarInfo("x")
+    file.size = len(data)
+    return _tar([(link, b""), (file, data)])
+
+
+def plain_tar() -> bytes:
+    data = b"0\n1\n"
+    info = tarfile.TarInfo("counter")
+    info.size = len(data)
+    return _tar([(info, data)])
+
+
+class Hostile(rpc.AgentServicer):
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.scenario = args.scenario
+        self.pages = os.urandom(64 << 10)
+        self.files: dict[str, bytes] = {}
+
+    def _info(self, path: str, data: bytes, size: int | None = None) -> pb.FileInfo:
+        self.files[path] = data
+        return pb.FileInfo(path=path, size=len(data) if size is None else size,
+                           digest=xxhash.xxh3_128(data).hexdigest())
+
+    def GetNode(self, request: Any, context: Any) -> pb.NodeInfo:
+        return pb.NodeInfo(node=self.args.node, engine_version="20.10.24",
+                           criu_version=self.args.criu_version, checkpoints_enabled=True,
+                           staging_free_bytes=1 << 40, engine_free_bytes=1 << 40,
+                           memory_available_bytes=1 << 34, load=0.0)
+
+    def Probe(self, request: Any, context: Any) -> Iterator[pb.Chunk]:
+        yield pb.Chunk(data=bytes(min(request.size, 1 << 20)))
+
+    def Authorize(self, request: Any, context: Any) -> pb.AuthorizeReply:
+        return pb.AuthorizeReply(migration_id=os.urandom(8).hex(), container_id="c" * 64,
+                                 expires_in=120)
+
+    def Begin(self, request: Any, context: Any) -> pb.ContainerSpec:
+        host: dict[str, Any] = {"RestartPolicy": {"Name": "no"}, "NetworkMode": "bridge"}
+        spec = pb.ContainerSpec(id="c" * 64, name=request.container, image="toytsm:1",
+                                image_id=self.args.image_id, diff_ids=self.args.diff_id,
+                                command=["sleep", "1000"], running=True, memory_bytes=1 << 20,
+                                networks=["bridge"])
+        if self.scenario == "volume-name":
+            spec.volumes.add(name="../../../../tmp/x", destination="/data")
+        if self.scenario in ("hardlink", "oversize"):
+            spec.volumes.add(name="hostilevol", destination="/data", driver="local",
+                             volume_id="hostile-guid")
+        if self.scenario == "hostconfig":
+            host.update(Privileged=True, Binds=["/:/host"],
+                        Devices=[{"PathOnHost": "/dev/sda", "PathInContainer": "/dev/sda",
+                                  "CgroupPermissions": "rwm"}])
+        if self.scenario == "privileged":
+            host.update(Privileged=True, CapAdd=["SYS_ADMIN"])
+        if self.scenario == "tags":
+            spec.image = "victim:latest"
+        spec.engine_config_json = json.dumps({"Config": {"Image": spec.image,
+                                                         "Cmd": list(spec.command)},
+                                              "HostConfig": host})
+        return spec
+
+    def MissingLayers(self, request: Any, context: Any) -> pb.MissingLayersReply:
+        return pb.MissingLayersReply()
+
+    def Holdings(self, request: Any, context: Any) -> pb.HoldingsReply:
+        return pb.HoldingsReply()
+
+    def ImageConfig(self, request: Any, context: Any) -> pb.ImageConfigReply:
+        context.abort(grpc.StatusCode.NOT_FOUND, "no such image here")
+
+    def SnapshotVolume(self, request: Any, context: Any) -> pb.FileInfo:
+        path = f"volumes/{request.volume}.{'final.' if request.final else ''}tar"
+        if self.scenario == "hardlink":
+            return self._info(path, hardlink_tar())
+        if self.scenario == "oversize":
+            self._info(path, os.urandom(50 << 20))
+            return pb.FileInfo(path=path, size=10_000, digest="0" * 32)
+        return self._info(path, plain_tar())
+
+    def Checkpoint(self, request: Any, context: Any) -> pb.CheckpointReply:
+        name = request.name
+        if self.scenario == "checkpoint-path":
+            return pb.CheckpointReply(files=[self._info(
+                f"checkpoints/{name}/../../../../../..{OUTSIDE}", b"pwned\n")])
+        if self.scenario == "checkpoint-abspath":
+            return pb.CheckpointReply(files=[self._info(OUTSIDE, b"pwned\n")])
+        if self.scenario == "tags":
+            context.abort(grpc.StatusCode.INTERNAL, "hostile source stops here")
+        return pb.CheckpointReply(files=[self._info(f"checkpoints/{name}/pages-1.img",
+                                                    self.pages)])
+
+    def FetchFile(self, request: Any, context: Any) -> Iterator[pb.Chunk]:
+        data = self.files.get(request.path, b"")
+        for i in range(0, len(data), 1 << 20):
+            yield pb.Chunk(data=data[i:i + (1 << 20)])
+
+    def FetchDelta(self, request_iterator: Any, context: Any) -> Iterator[pb.Chunk]:
+        next(request_iterator)
+        sig = Signature.from_chunks(r.signature for r in request_iterator)
+        # a handful of bytes that claim a 400 MiB result, made of copies of the basis
+        writer = WireWriter(Header(sig.block_size, sig.basis_length, sig.basis_hash, BIG))
+        per = sig.basis_length // sig.block_size
+        for _ in range(BIG // sig.basis_length):
+            writer.copy(0, per)
+        writer.end(BIG, b"\0" * 16)
+        for chunk in writer.drain(final=True):
+            yield pb.Chunk(data=chunk)
+
+    def Commit(self, request: Any, context: Any) -> pb.CommitReply:
+        return pb.CommitReply()
+
+    def Resume(self, request: Any, context: Any) -> pb.ResumeReply:
+        return pb.ResumeReply(restored=True, detail="hostile source pretends to resume")
+
+    def Release(self, request: Any, context: Any) -> pb.ReleaseReply:
+        return pb.ReleaseReply()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--node", required=True)
+    p.add_argument("--listen", required=True)
+    p.add_argument("--tls-dir", type=Path, required=True)
+    p.add_argument("--scenario", choices=sorted(SCENARIOS), required=True)
+    p.add_argument("--image-id", required=True)
+    p.add_argument("--diff-id", action="append", default=[])
+    p.add_argument("--criu-version", required=True)
+    args = p.parse_args()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=OPTIONS)
+    rpc.add_AgentServicer_to_server(Hostile(args), server)
+    server.add_secure_port(args.listen, server_credentials(TLSFiles.from_dir(args.tls_dir,
+                                                                             args.node)))
+    server.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=None)
+
+
+if __name__ == "__main__":
+    main()

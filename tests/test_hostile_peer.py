@@ -1,0 +1,336 @@
+"""Zero trust on the real lab: what a hostile peer tries, and that each attempt is refused.
+
+The attacks of the zero-trust issue, in its order: nodeC holds a valid node certificate and has
+no part in any migration of nodeA (1-4); a finished or frozen migration is replayed (5); a
+hostile source, holding nodeC's key, serves what an attacker would (6-8); a hostile destination
+sends an oversized signature (8). Every refusal is PERMISSION_DENIED or FAILED_PRECONDITION with
+a message that says why; nothing is written outside staging; the victim keeps running, alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agent import certs
+from agent.dataplane.channel import open_channel
+from agent.delta.signature import HEADER, MAGIC, VERSION
+from agent.security import TLSFiles
+from client.lab import Lab
+from client.workloads import ensure_toy_image, remove_everywhere, run_toy
+from proto import migctl_pb2 as pb
+from proto import migctl_pb2_grpc as rpc
+from tests.conftest import CACHE, ROOT, LabHandle, migctl
+from tests.hostile_source import OUTSIDE
+from tests.test_faults import (
+    HOOKS,
+    finish,
+    running_copies,
+    start_migration,
+    wait_for_line,
+)
+
+pytestmark = pytest.mark.lab
+
+REFUSED = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+def stub(lab: LabHandle, node: str, identity: str) -> rpc.AgentStub:
+    """A channel to NODE's agent with IDENTITY's certificate (a node's or the operator's)."""
+    tls = Lab().tls_dir
+    folder = certs.node_dir(tls, identity) if identity.startswith("node") else tls
+    return rpc.AgentStub(open_channel(lab.address(node), TLSFiles.from_dir(folder, identity),
+                                      server_name=node))
+
+
+def refused(call, *codes: grpc.StatusCode) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        result = call()
+        if hasattr(result, "__next__"):
+            list(result)
+    assert err.value.code() in (codes or REFUSED), (err.value.code(), err.value.details())
+    assert err.value.details(), "a refusal says why"
+    return err.value
+
+
+def staging(node: str) -> Path:
+    return Lab().node_dir(node) / "agent" / "staging"
+
+
+@pytest.fixture
+def victim(lab: LabHandle) -> Iterator[None]:
+    remove_everywhere(lab.docker, ["toytsm"], ["testrw", "testro"])
+    ensure_toy_image(lab.docker["nodeA"], CACHE)
+    run_toy(lab.docker["nodeA"])
+    time.sleep(1)
+    yield
+    assert running_copies(lab) in ([], ["nodeA"], ["nodeB"]), running_copies(lab)
+    remove_everywhere(lab.docker, ["toytsm"], ["testrw", "testro"])
+
+
+def alone_on_a(lab: LabHandle) -> None:
+    time.sleep(1)
+    assert running_copies(lab) == ["nodeA"]
+
+
+# -- 1-4: a node with no part in the migration ---------------------------------------------
+
+
+def test_1_a_stranger_cannot_snapshot_or_read_volumes(lab: LabHandle, victim: None) -> None:
+    a = stub(lab, "nodeA", "nodeC")
+    err = refused(lambda: a.SnapshotVolume(pb.SnapshotVolumeRequest(
+        migration_id="invented1", volume="testrw"), timeout=10))
+    assert "has no migration invented1" in err.details()
+    refused(lambda: a.FetchFile(pb.FileRef(migration_id="invented1",
+                                           path="volumes/testrw.tar"), timeout=10))
+    assert not (staging("nodeA") / "invented1").exists(), "a bogus id left a staging folder"
+    alone_on_a(lab)
+
+
+def test_2_a_stranger_cannot_dump_memory(lab: LabHandle, victim: None) -> None:
+    a = stub(lab, "nodeA", "nodeC")
+    refused(lambda: a.Begin(pb.BeginRequest(migration_id="invented2", container="toytsm"),
+                            timeout=10))
+    refused(lambda: a.Checkpoint(pb.CheckpointRequest(
+        migration_id="invented2", container="toytsm", name="pre", leave_running=True),
+        timeout=10))
+    # a migration the operator authorized to nodeB is nodeB's alone
+    grant = stub(lab, "nodeA", "client").Authorize(pb.AuthorizeRequest(
+        container="toytsm", destination_node="nodeB"), timeout=30)
+    err = refused(lambda: a.Begin(pb.BeginRequest(migration_id=grant.migration_id,
+                                                  container="toytsm"), timeout=10))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    refused(lambda: a.FetchFile(pb.FileRef(migration_id=grant.migration_id,
+                                           path="checkpoints/pre/pages-1.img"), timeout=10))
+    assert not list((staging("nodeA") / grant.migration_id).rglob("*.img"))
+    alone_on_a(lab)
+
+
+def test_3_a_stranger_cannot_stop_or_delete_a_container(lab: LabHandle, victim: None) -> None:
+    a = stub(lab, "nodeA", "nodeC")
+    mid = "invented3"
+    refused(lambda: a.Begin(pb.BeginRequest(migration_id=mid, container="toytsm"), timeout=10))
+    refused(lambda: a.Checkpoint(pb.CheckpointRequest(
+        migration_id=mid, container="toytsm", name="final"), timeout=10))
+    refused(lambda: a.Commit(pb.CommitRequest(migration_id=mid), timeout=10))
+    refused(lambda: a.Release(pb.ReleaseRequest(migration_id=mid, container="toytsm",
+                                                completed=True, remove_container=True),
+                              timeout=10))
+    alone_on_a(lab)
+
+
+def test_4_secrets_and_roles(lab: LabHandle, victim: None) -> None:
+    err = refused(lambda: stub(lab, "nodeA", "nodeC").DescribeContainer(
+        pb.ContainerRef(container="toytsm"), timeout=10), grpc.StatusCode.PERMISSION_DENIED)
+    assert "operator" not in err.details() or "node" in err.details()
+    spec = stub(lab, "nodeA", "client").DescribeContainer(pb.ContainerRef(container="toytsm"),
+                                                           timeout=30)
+    assert spec.name == "toytsm"
+    # a node certificate is no operator's, an operator's is no node's
+    refused(lambda: stub(lab, "nodeB", "nodeC").Migrate(pb.MigrateRequest(
+        container="toytsm", source_node="nodeA", migration_id="x1"), timeout=10),
+        grpc.StatusCode.PERMISSION_DENIED)
+    refused(lambda: stub(lab, "nodeA", "nodeC").Authorize(pb.AuthorizeRequest(
+        container="toytsm", destination_node="nodeC"), timeout=10),
+        grpc.StatusCode.PERMISSION_DENIED)
+    refused(lambda: stub(lab, "nodeA", "client").FetchFile(pb.FileRef(
+        migration_id="x1", path="volumes/testrw.tar"), timeout=10),
+        grpc.StatusCode.PERMISSION_DENIED)
+    alone_on_a(lab)
+
+
+# -- 5: replays ------------------------------------------------------------------------------
+
+
+def test_5_a_finished_migration_is_never_resumed(lab: LabHandle, victim: None) -> None:
+    report = migctl("migrate", "--json", "--from", "nodeA", "--to", "nodeB", "toytsm")
+    mid = __import__("json").loads(report.stdout)["migration_id"]
+    for identity in ("nodeB", "client", "nodeC"):
+        err = refused(lambda identity=identity: stub(lab, "nodeA", identity).Resume(
+            pb.ResumeRequest(migration_id=mid, container="toytsm"), timeout=30))
+        if identity == "nodeB":
+            assert "has ended" in err.details()
+    refused(lambda: stub(lab, "nodeA", "nodeB").Begin(pb.BeginRequest(
+        migration_id=mid, container="toytsm"), timeout=10))
+    time.sleep(1)
+    assert running_copies(lab) == ["nodeB"]
+
+
+def _source_migration_id(node: str = "nodeA") -> str:
+    db = sqlite3.connect(Lab().node_dir(node) / "agent" / "journal.db")
+    try:
+        row = db.execute("SELECT id FROM migrations WHERE role = 'source' AND state = 'frozen'"
+                         ).fetchone()
+    finally:
+        db.close()
+    assert row, "no frozen migration on the source"
+    return row[0]
+
+
+def test_5_a_replayed_begin_does_not_thaw_a_frozen_migration(lab: LabHandle,
+                                                             victim: None) -> None:
+    Lab().restart_agent("nodeB", ["--test-pause", "transferring-final=6"], HOOKS)
+    try:
+        proc, lines = start_migration()
+        wait_for_line(lines, "paused before transferring-final")
+        mid = _source_migration_id()
+        b = stub(lab, "nodeA", "nodeB")
+        err = refused(lambda: b.Begin(pb.BeginRequest(migration_id=mid, container="toytsm"),
+                                      timeout=10), grpc.StatusCode.FAILED_PRECONDITION)
+        assert "frozen" in err.details()
+        refused(lambda: b.Begin(pb.BeginRequest(migration_id=mid, container="other"),
+                                timeout=10), grpc.StatusCode.PERMISSION_DENIED)
+        refused(lambda: stub(lab, "nodeA", "nodeC").Commit(pb.CommitRequest(
+            migration_id=mid), timeout=10), grpc.StatusCode.PERMISSION_DENIED)
+        out = finish(proc, lines)
+        assert proc.returncode == 0, out
+    finally:
+        Lab().restart_agent("nodeB")
+    time.sleep(1)
+    assert running_copies(lab) == ["nodeB"]
+
+
+# -- 6-8: a hostile source -----------------------------------------------------------------
+
+
+@pytest.fixture
+def hostile_c(lab: LabHandle, victim: None) -> Iterator:
+    """nodeC's agent replaced by a hostile one holding nodeC's key, per scenario."""
+    lab_ctl = Lab()
+    state = lab_ctl.state()
+    node = state["nodes"]["nodeC"]
+    lab_ctl.stop_pid(node.get("agent_pid"), str(lab_ctl.node_dir("nodeC") / "agent"))
+    image = lab.docker["nodeB"].images.get("toytsm:1") if _has_toy(lab) else None
+    procs: list[subprocess.Popen] = []
+    Path(OUTSIDE).write_text("untouched\n")
+
+    def start(scenario: str) -> None:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+        criu = subprocess.run(["/opt/migctl/bin/criu", "--version"], capture_output=True,
+                              text=True).stdout.split("Version:")[-1].split()[0]
+        diff_ids = image.attrs["RootFS"]["Layers"] if image else []
+        cmd = ["nsenter", "--net=/run/netns/migctl-nodeC", sys.executable, "-m",
+               "tests.hostile_source", "--node", "nodeC", "--listen", node["address"],
+               "--tls-dir", str(certs.node_dir(lab_ctl.tls_dir, "nodeC")),
+               "--scenario", scenario, "--image-id", image.id if image else "sha256:" + "0" * 64,
+               "--criu-version", criu, *[a for d in diff_ids for a in ("--diff-id", d)]]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT))))
+        time.sleep(1.5)
+
+    yield start
+    for p in procs:
+        p.terminate()
+        p.wait(10)
+    lab_ctl.restart_agent("nodeC")
+    assert Path(OUTSIDE).read_text() == "untouched\n", "an attack wrote outside staging"
+    Path(OUTSIDE).unlink()
+
+
+def _has_toy(lab: LabHandle) -> bool:
+    ensure_toy_image(lab.docker["nodeB"], CACHE)
+    return True
+
+
+def from_c(*extra: str) -> subprocess.CompletedProcess[str]:
+    res = migctl("migrate", "--mode", "traditional", *extra, "--from", "nodeC", "--to", "nodeB",
+                 "toytsm", check=False)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    return res
+
+
+@pytest.mark.parametrize("scenario,why", [
+    ("checkpoint-path", "is not a plain file of checkpoint"),
+    ("checkpoint-abspath", "is not a plain file of checkpoint"),
+    ("volume-name", "invalid volume name"),
+    ("hardlink", "hard link"),
+    ("oversize", "more than"),
+    ("bigdelta", "announces"),
+])
+def test_6_to_8_a_hostile_source_writes_nothing_outside(lab: LabHandle, hostile_c,
+                                                         scenario: str, why: str) -> None:
+    hostile_c(scenario)
+    res = from_c()
+    assert why in res.stderr, res.stderr
+    time.sleep(1)
+    assert "toytsm" not in [c.name for c in lab.docker["nodeB"].containers.list(all=True)]
+    assert "hostilevol" not in [v.name for v in lab.docker["nodeB"].volumes.list()]
+    assert not [p for p in staging("nodeB").rglob("*") if p.is_file()
+                and p.stat().st_size > 64 << 20], "a hostile stream was written whole"
+    assert running_copies(lab) == ["nodeA"]
+
+
+def test_6_a_hostile_source_cannot_choose_host_powers(lab: LabHandle, hostile_c) -> None:
+    hostile_c("hostconfig")
+    res = from_c("--allow-privileged")
+    assert "device /dev/sda" in res.stderr and "bind mount /" in res.stderr, res.stderr
+    hostile_c("privileged")
+    res = from_c()
+    assert "privileged mode" in res.stderr and "--allow-privileged" in res.stderr, res.stderr
+    assert "SYS_ADMIN" in res.stderr
+
+
+def test_6_a_hostile_source_cannot_retag_local_images(lab: LabHandle, hostile_c) -> None:
+    b = lab.docker["nodeB"]
+    ensure_toy_image(b, CACHE)
+    base = [i for i in b.images.list() if "toytsm:1" not in i.tags][0]
+    base.tag("victim", "latest")
+    hostile_c("tags")
+    from_c()
+    assert b.images.get("victim:latest").id == base.id, "a peer's tag moved a local image"
+    b.images.remove("victim:latest")
+
+
+# -- 8: a hostile destination ---------------------------------------------------------------
+
+
+def test_8_an_oversized_signature_is_refused_at_once(lab: LabHandle, victim: None) -> None:
+    grant = stub(lab, "nodeA", "client").Authorize(pb.AuthorizeRequest(
+        container="toytsm", destination_node="nodeC"), timeout=30)
+    c = stub(lab, "nodeA", "nodeC")
+    c.Begin(pb.BeginRequest(migration_id=grant.migration_id, container="toytsm"), timeout=30)
+    info = c.SnapshotVolume(pb.SnapshotVolumeRequest(migration_id=grant.migration_id,
+                                                     volume="testrw"), timeout=30)
+    header = HEADER.pack(MAGIC, VERSION, 0, 0, 4096, (1 << 60) * 4096, 1 << 60, b"\0" * 16)
+    sent = []
+
+    def requests() -> Iterator[pb.DeltaRequest]:
+        yield pb.DeltaRequest(target=pb.FileRef(migration_id=grant.migration_id,
+                                                path=info.path))
+        for _ in range(1024):  # up to 1 GiB, if the source kept reading
+            sent.append(1)
+            yield pb.DeltaRequest(signature=header + bytes((1 << 20) - len(header)))
+
+    err = refused(lambda: c.FetchDelta(requests(), timeout=60),
+                  grpc.StatusCode.FAILED_PRECONDITION)
+    assert "announces" in err.details()
+    assert len(sent) < 8, f"the source read {len(sent)} MiB of a signature it should refuse"
+    c.Release(pb.ReleaseRequest(migration_id=grant.migration_id, container="toytsm"),
+              timeout=30)
+    alone_on_a(lab)
+
+
+# -- secrets at rest --------------------------------------------------------------------------
+
+
+def test_state_is_private_and_agents_never_hold_the_ca_key(lab: LabHandle) -> None:
+    for node in lab.nodes:
+        agent = Lab().node_dir(node) / "agent"
+        for folder in (agent, agent / "staging", agent / "cache"):
+            assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+        bundle = certs.node_dir(Lab().tls_dir, node)
+        assert sorted(p.name for p in bundle.iterdir()) == sorted(
+            ["ca.crt", f"{node}.crt", f"{node}.key"])
+    assert not (Lab().tls_dir / "ca.key").exists()
+

@@ -1,0 +1,98 @@
+"""The destination's rollback asks the source to resume only once its own copy is confirmed
+gone: an engine that does not answer is "could not ask", never "not running" (a second path
+to two copies). The runtime is faked; the journal, staging and recovery code are real."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent import certs
+from agent.dataplane.staging import Staging
+from agent.errors import NotFound, Unavailable
+from agent.migration import journal as j
+from agent.migration import recovery
+from agent.security import TLSFiles
+
+
+class Engine:
+    """A fake engine: containers by id, and a switch that makes it stop answering."""
+
+    def __init__(self, running: set[str], answers: bool = True, removes: bool = True) -> None:
+        self.running = set(running)
+        self.answers = answers
+        self.removes = removes
+
+    def _up(self) -> None:
+        if not self.answers:
+            raise Unavailable("the Docker engine did not answer")
+
+    def inspect(self, cid: str) -> dict:
+        self._up()
+        if cid not in self.running:
+            raise NotFound(f"no container {cid}")
+        return {"State": {"Running": True}}
+
+    def remove(self, cid: str) -> None:
+        self._up()
+        if self.removes:
+            self.running.discard(cid)
+
+    def gone(self, cid: str) -> bool:
+        try:
+            self.inspect(cid)
+            return False
+        except NotFound:
+            return True
+
+    def remove_volume(self, name: str) -> None:
+        self._up()
+
+
+@pytest.fixture
+def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    certs.init(tmp_path / "tls", ["nodeB"], [])
+    tls = TLSFiles.from_dir(certs.node_dir(tmp_path / "tls", "nodeB"), "nodeB")
+    journal, staging = j.Journal(tmp_path / "state"), Staging(tmp_path / "state")
+    asked: list[str] = []
+    monkeypatch.setattr(recovery, "_call", lambda entry, tls, method, req: asked.append(method)
+                        or type("Reply", (), {"detail": "resumed"})())
+
+    def entry(state: str) -> j.Entry:
+        e = j.Entry("m1", j.DESTINATION, "srcid", j.REQUESTED, peer="nodeA",
+                    peer_address="10.0.0.1:1", data={"new_container": "new1"})
+        journal.create(e)
+        for s in [j.PRE_COPY, j.FROZEN, j.TRANSFERRING_FINAL, j.RESTORING]:
+            if e.state == state:
+                break
+            e = journal.move("m1", j.DESTINATION, s)
+        staging.create("m1")
+        return e
+
+    return journal, staging, tls, asked, entry
+
+
+@pytest.mark.parametrize("state", [j.TRANSFERRING_FINAL, j.RESTORING])
+@pytest.mark.parametrize("engine", [Engine({"new1"}, answers=False),
+                                    Engine({"new1"}, removes=False)],
+                         ids=["engine-silent", "remove-failed"])
+def test_no_resume_until_the_copy_here_is_gone(setup, state: str, engine: Engine) -> None:
+    journal, staging, tls, asked, entry = setup
+    e = entry(state)
+    if state == j.RESTORING and engine.answers:
+        engine.running = {"new1"}  # it runs: the migration is completed, not undone
+        assert recovery.settle(e, engine, journal, staging, tls) is True
+        assert journal.get("m1", j.DESTINATION).state == j.DONE
+        assert asked == ["Release"]
+        return
+    assert recovery.settle(e, engine, journal, staging, tls) is False
+    assert asked == [], "the source was asked to resume while a copy may still exist here"
+    after = journal.get("m1", j.DESTINATION)
+    assert after.state == state and after.data["rollback"].startswith("pending")
+    engine.answers, engine.removes = True, True  # the engine is back and removes work
+    if state == j.RESTORING:
+        engine.running = set()  # it came back without the container (else: completed)
+    assert recovery.settle(after, engine, journal, staging, tls) is True
+    assert asked == ["Resume"]
+    assert journal.get("m1", j.DESTINATION).state == j.ROLLED_BACK
