@@ -242,10 +242,10 @@ class AgentService(rpc.AgentServicer):
                                  expires_in=AUTHORIZATION_SECONDS)
 
     def bound(self, context: Any, migration_id: str, container: str = "",
-              rolled_back_ok: bool = False) -> j.Entry:
+              ended_ok: bool = False) -> j.Entry:
         """The source's entry of MIGRATION_ID, if the caller is the node it is bound to."""
         valid_migration_id(migration_id)
-        return self.source.bound(migration_id, caller(context), container, rolled_back_ok)
+        return self.source.bound(migration_id, caller(context), container, ended_ok)
 
     @handler
     def Begin(self, request: pb.BeginRequest, context: Any) -> pb.ContainerSpec:
@@ -324,7 +324,7 @@ class AgentService(rpc.AgentServicer):
     @handler
     def Resume(self, request: pb.ResumeRequest, context: Any) -> pb.ResumeReply:
         entry = self.bound(context, request.migration_id, request.container,
-                           rolled_back_ok=True)
+                           ended_ok=True)
         return self.source.resume(entry.id, by=j.PEER)
 
     @handler

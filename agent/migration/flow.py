@@ -344,7 +344,7 @@ class Migration:
             leave_running=True)), PRE_CHECKPOINT)
         held = {f.path: Basis(ckpt_basis / Path(f.path).name,
                               make_signature(ckpt_basis / Path(f.path).name))
-                for f in ckpt.files if (ckpt_basis / Path(f.path).name).is_file()}
+                for f in ckpt.files if _plain_file(ckpt_basis / Path(f.path).name)}
         self.fetch_checkpoint(PRE_CHECKPOINT, ckpt, held, pb.PRE_COPY)
         for f in ckpt.files:
             final_rel = f.path.replace(f"/{PRE_CHECKPOINT}/", f"/{FINAL_CHECKPOINT}/", 1)
@@ -477,6 +477,12 @@ def checkpoint_keys(spec: pb.ContainerSpec) -> tuple[str, str]:
     container's `user-id` label, else its name; the seed assumes one user per container)."""
     user = spec.labels.get("user-id") or spec.name
     return f"app:{spec.image}", f"svc:{spec.image}:{user}"
+
+
+def _plain_file(path: Path) -> bool:
+    """A neighbour's archive may hold symlinks: a basis is only ever a regular file of its own
+    (a link could point at /proc/kcore, or at a secret whose block hashes would leave)."""
+    return path.is_file() and not path.is_symlink()
 
 
 def _expect(path: Path, want: str) -> None:

@@ -58,6 +58,7 @@ class SourceSide:
         self.last_seen: dict[str, float] = {}
         self._lock = threading.Lock()
         self._resuming: set[str] = set()  # resumes under way in this process
+        self._freezing: set[str] = set()  # final checkpoints under way: no lease runs out
 
     def touch(self, migration_id: str) -> None:
         """Every call of the destination about a migration renews its lease."""
@@ -86,17 +87,17 @@ class SourceSide:
         return migration_id, spec.id
 
     def bound(self, migration_id: str, caller: str, container: str = "",
-              rolled_back_ok: bool = False) -> j.Entry:
+              ended_ok: bool = False) -> j.Entry:
         """The migration's entry, if CALLER is the node it is bound to and CONTAINER (when
         named) is its container; PermissionDenied otherwise, with the same words whether the
-        id is unknown or someone else's (no oracle for ids). An ended migration is refused,
-        except a rolled-back one when ROLLED_BACK_OK (a Resume retried after it succeeded)."""
+        id is unknown or someone else's (no oracle for ids). An ended migration is refused
+        unless ENDED_OK (a Resume, which says itself what an ended migration allows)."""
         entry = self.journal.get(migration_id, j.SOURCE)
         if entry is None or entry.peer != caller:
             raise PermissionDenied(f"{caller} has no migration {migration_id} on this node")
         if container and container not in (entry.container, entry.data.get("name")):
             raise PermissionDenied(f"migration {migration_id} is not about {container!r}")
-        if entry.ended and not (rolled_back_ok and entry.state == j.ROLLED_BACK):
+        if entry.ended and not ended_ok:
             raise FailedPrecondition(f"migration {migration_id} has ended ({entry.state})")
         self.touch(migration_id)
         return entry
@@ -121,9 +122,11 @@ class SourceSide:
     # -- the steps the destination asks for -------------------------------------------------
 
     def snapshot_taken(self, entry: j.Entry, volume: str, info: pb.FileInfo) -> None:
-        entry.data.setdefault("snapshots", {})[info.path] = {
-            "volume": volume, "digest": info.digest, "ts": time.time()}
-        self.journal.save(entry)
+        with self._lock:  # read fresh: the entry may have moved (and gained data) meanwhile
+            entry = self.journal.get(entry.id, j.SOURCE) or entry
+            entry.data.setdefault("snapshots", {})[info.path] = {
+                "volume": volume, "digest": info.digest, "ts": time.time()}
+            self.journal.save(entry)
 
     def keep_last_snapshots(self, entry: j.Entry) -> None:
         """The source keeps its last snapshot of each volume: a good basis when the container
@@ -161,12 +164,21 @@ class SourceSide:
             # puts back the restart policy, which must be "no" while the container is stopped
             # here (the engine would start it again: a second copy).
             policy = self.runtime.restart_policy(entry.container)
-            self.journal.move(entry.id, j.SOURCE, j.FROZEN, by=j.PEER,
-                              data={"restart_policy": policy})
-            if policy.get("Name", "no") != "no":
-                self.runtime.set_restart_policy(entry.container, {"Name": "no"})
+            with self._lock:
+                self.journal.move(entry.id, j.SOURCE, j.FROZEN, by=j.PEER,
+                                  data={"restart_policy": policy})
+                self._freezing.add(entry.id)
+            try:
+                if policy.get("Name", "no") != "no":
+                    self.runtime.set_restart_policy(entry.container, {"Name": "no"})
+                return self.runtime.checkpoint(entry.container, request.name,
+                                               area / "checkpoints", False)
+            finally:
+                with self._lock:
+                    self._freezing.discard(entry.id)
+                self.touch(entry.id)  # the lease counts from the end of the checkpoint
         return self.runtime.checkpoint(entry.container, request.name, area / "checkpoints",
-                                       request.leave_running)
+                                       True)
 
     def commit(self, entry: j.Entry) -> None:
         # Under the same lock as a lease's resume: one of the two wins, never both.
@@ -192,8 +204,15 @@ class SourceSide:
             if entry.state == j.ROLLED_BACK:  # a retry after a reply that was lost: no-op
                 return pb.ResumeReply(restored=True, detail=entry.data.get(
                     "resume", "it was resumed here before"))
-            if migration_id in self._resuming:
-                raise FailedPrecondition(f"migration {migration_id} is being resumed already")
+            if migration_id in self._resuming or migration_id in self._freezing:
+                raise FailedPrecondition(f"migration {migration_id} is being resumed or "
+                                         "checkpointed right now; try again")
+            if entry.state in (j.PRE_COPY, j.FAILED) and by == j.PEER and \
+                    self.runtime.inspect(entry.container)["State"].get("Running"):
+                # never frozen: the destination's rollback only needs the source to let go
+                self.journal.try_move(migration_id, j.SOURCE, j.FAILED, by=j.PEER)
+                self.staging.drop(migration_id)
+                return pb.ResumeReply(restored=True, detail="it was never frozen and runs")
             if entry.state != j.RESUMING:
                 entry = self.journal.move(migration_id, j.SOURCE, j.RESUMING, by=by)
             self._resuming.add(migration_id)
@@ -270,6 +289,8 @@ class SourceSide:
         now = time.monotonic()
         for entry in self.journal.in_flight(j.SOURCE):
             idle = now - self.last_seen.setdefault(entry.id, now)
+            if entry.id in self._freezing:
+                continue  # a final checkpoint is being taken: it ends, then the lease counts
             if entry.state == j.FROZEN and idle > self.lease:
                 log.warning("migration %s: no word from %s for %.0f s; resuming %s", entry.id,
                             entry.peer, idle, entry.container[:12])

@@ -101,6 +101,11 @@ def unsupported(spec: pb.ContainerSpec, allow_privileged: bool = False) -> list[
             "volume)" for m in host.get("Mounts") or [] if m.get("Type") == "bind"]
     if host.get("VolumesFrom"):
         out.append("volumes from another container (--volumes-from)")
+    out += [f"network {n!r}: it is not a network of its own (host, none or another "
+            "container's)" for n in spec.networks if n in ("host", "none")]
+    if spec.networks and str(host.get("NetworkMode") or "") not in (spec.networks[0], "default"):
+        out.append(f"network mode {host.get('NetworkMode')!r} differs from its first network "
+                   f"{spec.networks[0]!r}")
     if config.get("Tty"):
         out.append("a terminal (-t): CRIU cannot checkpoint a container's TTY")
     for mode in _SHARED_NAMESPACES:
