@@ -38,7 +38,7 @@ from agent.errors import (
     Unavailable,
 )
 from agent.migration import journal as j
-from agent.migration.policy import Links
+from agent.migration.policy import Link, Links
 from agent.migration.recovery import settle
 from agent.migration.report import Report
 from agent.migration.source import FINAL_CHECKPOINT, PRE_CHECKPOINT, snapshot_path
@@ -108,6 +108,7 @@ class Migration:
         self.channel = open_channel(self.source_address, self.tls, server_name=self.source_name)
         self.connect = lambda address, *name: open_channel(address, self.tls, *name)
         self.source = rpc.AgentStub(self.channel)
+        self.link: Link | None = None  # to the source, measured in the request phase
 
     def step(self, state: str, **data: object) -> None:
         """Journal the step about to be taken, before taking it."""
@@ -136,10 +137,10 @@ class Migration:
             raise peer_error(self.source_name, self.source_address, err) from err
 
     def deadline(self, size: int) -> float:
-        """Seconds a stream of SIZE bytes from the source may take: its measured link's
-        estimate, with room to spare, so a stalled or endless stream is cut off."""
-        link = self.links.measure(self.source_address)
-        expected = link.expected(size) if link else size / SLOWEST_LINK
+        """Seconds a stream of SIZE bytes from the source may take: the estimate of the link
+        measured before the freeze (never re-measured during the downtime), with room to
+        spare, so a stalled or endless stream is cut off."""
+        expected = self.link.expected(size) if self.link else size / SLOWEST_LINK
         return STREAM_SLACK + STREAM_FACTOR * expected
 
     def room(self, size: int, what: str) -> None:
@@ -197,6 +198,7 @@ class Migration:
 
     def request_phase(self) -> pb.ContainerSpec:
         source_info = self.call(self.source.GetNode, pb.GetNodeRequest(), timeout=30)
+        self.link = self.links.measure(self.source_address)  # for the streams' deadlines
         spec = self.call(self.source.Begin, pb.BeginRequest(
             migration_id=self.migration_id, container=self.request.container), timeout=60)
         asked = self.request.container

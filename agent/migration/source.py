@@ -105,8 +105,7 @@ class SourceSide:
     def begin(self, entry: j.Entry) -> pb.ContainerSpec:
         age = time.time() - entry.data.get("authorized_at", 0.0)
         if entry.state == j.AUTHORIZED and age > AUTHORIZATION_SECONDS:
-            self.journal.try_move(entry.id, j.SOURCE, j.FAILED)
-            self.staging.drop(entry.id)
+            self._drop(entry)
             raise FailedPrecondition(f"migration {entry.id} was authorized {age:.0f} s ago "
                                      f"and has expired ({AUTHORIZATION_SECONDS:.0f} s)")
         spec = self.runtime.describe(entry.container)
