@@ -31,7 +31,8 @@ ROLES: dict[str, frozenset[str]] = {
     "ImageConfig": _NODE,
     "ExportLayer": _NODE,
     "Holdings": _NODE,
-    "FetchHeld": _NODE,
+    "FetchHeld": _NODE,  # and vouched for by the migration's source (agent.service)
+    "Vouch": _NODE,
     "Probe": _NODE,
     # a migration's data plane and hand-over: the handlers also check the binding
     "Begin": _NODE,
@@ -40,6 +41,7 @@ ROLES: dict[str, frozenset[str]] = {
     "Checkpoint": _NODE,
     "FetchFile": _NODE,
     "FetchDelta": _NODE,
+    "Hold": _NODE,
     "Resume": _NODE,
     "Release": _NODE,
 }

@@ -38,6 +38,8 @@ from proto import migctl_pb2_grpc as rpc
 
 log = logging.getLogger(__name__)
 
+VOUCH_SECONDS = 60.0  # how long a source's word about a migration's cached items is reused
+
 
 def handler(fn: Any) -> Any:
     """Map our errors onto gRPC statuses so a peer sees the operator's message, not a trace."""
@@ -98,6 +100,7 @@ class AgentService(rpc.AgentServicer):
         self.source = SourceSide(runtime, self.staging, self.journal, self.store, lease_seconds,
                                  self.publish)
         self._migrating: dict[str, str] = {}  # container -> migration id, at this destination
+        self._vouched: dict[tuple[str, str, str], tuple[float, frozenset[str]]] = {}
         self._lock = threading.Lock()
 
     def start_background(self, interval: float = 2.0) -> None:
@@ -171,7 +174,47 @@ class AgentService(rpc.AgentServicer):
         return reply
 
     @handler
+    def Vouch(self, request: pb.VouchRequest, context: Any) -> pb.VouchReply:
+        valid_migration_id(request.migration_id)
+        return pb.VouchReply(keys=self.source.vouch(request.migration_id,
+                                                     request.destination_node))
+
+    def vouched(self, context: Any, request: pb.HeldRef) -> None:
+        """Serve a cached item only to the bound destination of a live migration whose source
+        says the item belongs to that migration's container (answers kept for a minute)."""
+        who = caller(context)
+        valid_migration_id(request.migration_id)
+        valid_name("source node", request.source_node)
+        key = (request.migration_id, request.source_node, who)
+        with self._lock:
+            cached = self._vouched.get(key)
+        if cached is None or time.monotonic() - cached[0] > VOUCH_SECONDS:
+            ask = pb.VouchRequest(migration_id=request.migration_id, destination_node=who)
+            if request.source_node == self.node:
+                keys = self.source.vouch(ask.migration_id, ask.destination_node)
+            else:
+                channel = self.connect(self.address_of(request.source_node),
+                                       request.source_node)
+                try:
+                    keys = list(rpc.AgentStub(channel).Vouch(ask, timeout=10).keys)
+                except grpc.RpcError as err:
+                    raise PermissionDenied(f"{request.source_node} does not vouch for {who} "
+                                           f"in migration {request.migration_id}: "
+                                           f"{err.details()}") from None
+                finally:
+                    channel.close()
+            cached = (time.monotonic(), frozenset(keys))
+            with self._lock:
+                self._vouched = {k: v for k, v in self._vouched.items()
+                                 if cached[0] - v[0] <= VOUCH_SECONDS}
+                self._vouched[key] = cached
+        if request.key not in cached[1]:
+            raise PermissionDenied(f"{request.key} is not part of migration "
+                                   f"{request.migration_id}: not served to {who}")
+
+    @handler
     def FetchHeld(self, request: pb.HeldRef, context: Any) -> Iterator[pb.Chunk]:
+        self.vouched(context, request)
         item = self.store.get(request.key, request.timestamp)
         if item is None:
             raise NotFound(f"{self.node} no longer holds {request.key}")
@@ -320,6 +363,14 @@ class AgentService(rpc.AgentServicer):
         for data in delta_stream(signature, path):
             self.source.touch(mid)
             yield pb.Chunk(data=data)
+
+    @handler
+    def Hold(self, request_iterator: Iterator[pb.HoldBeat], context: Any) -> pb.HoldReply:
+        first = next(request_iterator, None)
+        if first is None:
+            raise InvalidArgument("Hold: the first beat must name the migration")
+        self.source.hold(self.bound(context, first.migration_id), request_iterator)
+        return pb.HoldReply()
 
     @handler
     def Resume(self, request: pb.ResumeRequest, context: Any) -> pb.ResumeReply:

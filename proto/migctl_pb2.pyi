@@ -255,12 +255,30 @@ class HoldingsReply(_message.Message):
     def __init__(self, holdings: _Optional[_Iterable[_Union[Holding, _Mapping]]] = ...) -> None: ...
 
 class HeldRef(_message.Message):
-    __slots__ = ("key", "timestamp")
+    __slots__ = ("key", "timestamp", "migration_id", "source_node")
     KEY_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
     key: str
     timestamp: float
-    def __init__(self, key: _Optional[str] = ..., timestamp: _Optional[float] = ...) -> None: ...
+    migration_id: str
+    source_node: str
+    def __init__(self, key: _Optional[str] = ..., timestamp: _Optional[float] = ..., migration_id: _Optional[str] = ..., source_node: _Optional[str] = ...) -> None: ...
+
+class VouchRequest(_message.Message):
+    __slots__ = ("migration_id", "destination_node")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_NODE_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    destination_node: str
+    def __init__(self, migration_id: _Optional[str] = ..., destination_node: _Optional[str] = ...) -> None: ...
+
+class VouchReply(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ProbeRequest(_message.Message):
     __slots__ = ("size",)
@@ -329,6 +347,16 @@ class DeltaRequest(_message.Message):
     target: FileRef
     signature: bytes
     def __init__(self, target: _Optional[_Union[FileRef, _Mapping]] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class HoldBeat(_message.Message):
+    __slots__ = ("migration_id",)
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    def __init__(self, migration_id: _Optional[str] = ...) -> None: ...
+
+class HoldReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class ResumeRequest(_message.Message):
     __slots__ = ("migration_id", "container", "checkpoint")

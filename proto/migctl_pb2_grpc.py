@@ -84,6 +84,11 @@ class AgentStub:
                 request_serializer=proto_dot_migctl__pb2.HeldRef.SerializeToString,
                 response_deserializer=proto_dot_migctl__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.Vouch = channel.unary_unary(
+                '/migctl.v1.Agent/Vouch',
+                request_serializer=proto_dot_migctl__pb2.VouchRequest.SerializeToString,
+                response_deserializer=proto_dot_migctl__pb2.VouchReply.FromString,
+                _registered_method=True)
         self.Probe = channel.unary_stream(
                 '/migctl.v1.Agent/Probe',
                 request_serializer=proto_dot_migctl__pb2.ProbeRequest.SerializeToString,
@@ -108,6 +113,11 @@ class AgentStub:
                 '/migctl.v1.Agent/FetchDelta',
                 request_serializer=proto_dot_migctl__pb2.DeltaRequest.SerializeToString,
                 response_deserializer=proto_dot_migctl__pb2.Chunk.FromString,
+                _registered_method=True)
+        self.Hold = channel.stream_unary(
+                '/migctl.v1.Agent/Hold',
+                request_serializer=proto_dot_migctl__pb2.HoldBeat.SerializeToString,
+                response_deserializer=proto_dot_migctl__pb2.HoldReply.FromString,
                 _registered_method=True)
         self.Resume = channel.unary_unary(
                 '/migctl.v1.Agent/Resume',
@@ -202,8 +212,19 @@ class AgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchHeld(self, request, context):
-        """One held item (a volume snapshot, a read-only volume's content, a checkpoint archive).
-        Callers: node.
+        """One held item (a volume snapshot, a read-only volume's content, a checkpoint archive), for
+        the destination of a live migration: the holder asks that migration's source (Vouch)
+        whether the caller is its bound destination and the item belongs to its container.
+        Callers: node (vouched for). Errors: PERMISSION_DENIED when the source does not vouch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Vouch(self, request, context):
+        """Asked of a migration's source by a holder of cached items: whether DESTINATION_NODE is the
+        bound destination of this live migration, and which cached items (keys) belong to its
+        container. Callers: node. Errors: PERMISSION_DENIED when it is not.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -244,6 +265,16 @@ class AgentServicer:
         """A file of the migration's staging area as an rsync-style delta: the caller first sends the
         target, then the signature of the basis it holds (at most 4x the target's blocks, or 64 MiB
         worth); the agent streams the delta back. Callers: bound node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Hold(self, request_iterator, context):
+        """The destination's hold on a frozen container, from just before the freeze until the
+        commit: a beat at least every second. When the stream breaks (the destination's agent
+        died) or falls silent (the link is cut), the source resumes the container at once, unless
+        the destination has committed. Callers: bound node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -328,6 +359,11 @@ def add_AgentServicer_to_server(servicer, server):
                     request_deserializer=proto_dot_migctl__pb2.HeldRef.FromString,
                     response_serializer=proto_dot_migctl__pb2.Chunk.SerializeToString,
             ),
+            'Vouch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Vouch,
+                    request_deserializer=proto_dot_migctl__pb2.VouchRequest.FromString,
+                    response_serializer=proto_dot_migctl__pb2.VouchReply.SerializeToString,
+            ),
             'Probe': grpc.unary_stream_rpc_method_handler(
                     servicer.Probe,
                     request_deserializer=proto_dot_migctl__pb2.ProbeRequest.FromString,
@@ -352,6 +388,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.FetchDelta,
                     request_deserializer=proto_dot_migctl__pb2.DeltaRequest.FromString,
                     response_serializer=proto_dot_migctl__pb2.Chunk.SerializeToString,
+            ),
+            'Hold': grpc.stream_unary_rpc_method_handler(
+                    servicer.Hold,
+                    request_deserializer=proto_dot_migctl__pb2.HoldBeat.FromString,
+                    response_serializer=proto_dot_migctl__pb2.HoldReply.SerializeToString,
             ),
             'Resume': grpc.unary_unary_rpc_method_handler(
                     servicer.Resume,
@@ -650,6 +691,33 @@ class Agent:
             _registered_method=True)
 
     @staticmethod
+    def Vouch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migctl.v1.Agent/Vouch',
+            proto_dot_migctl__pb2.VouchRequest.SerializeToString,
+            proto_dot_migctl__pb2.VouchReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Probe(request,
             target,
             options=(),
@@ -774,6 +842,33 @@ class Agent:
             '/migctl.v1.Agent/FetchDelta',
             proto_dot_migctl__pb2.DeltaRequest.SerializeToString,
             proto_dot_migctl__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Hold(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/migctl.v1.Agent/Hold',
+            proto_dot_migctl__pb2.HoldBeat.SerializeToString,
+            proto_dot_migctl__pb2.HoldReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,10 +1,13 @@
 """A real agent with fault-test hooks, injected by the tests as code: production never reads
 them. Run as `python -m tests.agent_hooks [--test-pause STATE=SECONDS]
-[--test-slow-serve SECONDS] <migagent arguments>` (client.lab `restart_agent(module=...)`).
+[--test-slow-serve SECONDS] [--test-no-hold] <migagent arguments>` (client.lab
+`restart_agent(module=...)`).
 
 --test-pause: the destination pauses right after journalling STATE (and says so in its
 events), so that a test can inject a fault at that point. --test-slow-serve: every chunk of
 a held item (cooperative fetches from this node) is delayed, to look like a slow neighbour.
+--test-no-hold: the destination takes no hold on the frozen source, so that the source's lease
+is what brings it back.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ def main() -> None:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--test-pause", default="", metavar="STATE=SECONDS")
     p.add_argument("--test-slow-serve", type=float, default=0.0, metavar="SECONDS")
+    p.add_argument("--test-no-hold", action="store_true")
     hooks, rest = p.parse_known_args()
+    if hooks.test_no_hold:  # a destination that never holds: only the lease protects
+        Migration.take_hold = lambda self: None  # type: ignore[method-assign]
     if hooks.test_pause:
         state, _, seconds = hooks.test_pause.partition("=")
         step = Migration.step

@@ -243,10 +243,12 @@ def test_five_concurrent_migrations_all_succeed(lab: LabHandle) -> None:
 
 def test_the_source_resumes_by_itself_when_the_destination_vanishes(
         lab: LabHandle, toy: None) -> None:
-    """No agent is restarted: the source's lease on the frozen container runs out and it
-    resumes the container itself, since the destination never committed."""
+    """No agent is restarted, and the destination took no hold (the last resort): the source's
+    lease on the frozen container runs out and it resumes the container itself, since the
+    destination never committed."""
     Lab().restart_agent("nodeA", extra_args=["--lease-seconds", "5"])
-    Lab().restart_agent("nodeB", ["--test-pause", f"transferring-final={PAUSE}"], HOOKS)
+    Lab().restart_agent("nodeB", ["--test-no-hold", "--test-pause",
+                                  f"transferring-final={PAUSE}"], HOOKS)
     proc, lines = start_migration()
     wait_for_line(lines, "paused before transferring-final")
     kill_agent("nodeB")()

@@ -165,6 +165,29 @@ def test_5_a_finished_migration_is_never_resumed(lab: LabHandle, victim: None) -
     assert running_copies(lab) == ["nodeB"]
 
 
+def test_1_2_cached_memory_and_volumes_are_served_only_to_a_vouched_destination(
+        lab: LabHandle, victim: None) -> None:
+    """After A->B, nodeB caches toytsm's checkpoint (its memory) and volume snapshots for later
+    migrations. nodeC, with no live migration of that container, asks nodeB for them."""
+    report = migctl("migrate", "--json", "--from", "nodeA", "--to", "nodeB", "toytsm")
+    mid = __import__("json").loads(report.stdout)["migration_id"]
+    b = stub(lab, "nodeB", "nodeC")
+    held = b.Holdings(pb.HoldingsRequest(keys=["svc:toytsm:1:toytsm", "app:toytsm:1"]),
+                      timeout=10).holdings
+    assert held, "nodeB should hold the checkpoint after the migration"
+    for h in held:
+        for ref_mid, source in [("", ""), ("invented9", "nodeA"), (mid, "nodeA"),
+                                (mid, "nodeB")]:
+            err = refused(lambda h=h, ref_mid=ref_mid, source=source: b.FetchHeld(pb.HeldRef(
+                key=h.key, timestamp=h.timestamp, migration_id=ref_mid, source_node=source),
+                timeout=20), grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
+            assert err.details()
+    # and Vouch itself: the source vouches for nobody but a live migration's destination
+    refused(lambda: stub(lab, "nodeA", "nodeC").Vouch(pb.VouchRequest(
+        migration_id=mid, destination_node="nodeB"), timeout=10),
+        grpc.StatusCode.PERMISSION_DENIED)
+
+
 def _source_migration_id(node: str = "nodeA") -> str:
     db = sqlite3.connect(Lab().node_dir(node) / "agent" / "journal.db")
     try:

@@ -57,6 +57,13 @@ class Registry(Protocol):
         """NODE dropped these copies."""
 
 
+def checkpoint_keys(spec: pb.ContainerSpec) -> tuple[str, str]:
+    """Checkpoints are cached by application (image tag) and by service (tag + user: the
+    container's `user-id` label, else its name; the seed assumes one user per container)."""
+    user = spec.labels.get("user-id") or spec.name
+    return f"app:{spec.image}", f"svc:{spec.image}:{user}"
+
+
 def newest_first(found: dict[str, list[Holding]]) -> dict[str, list[Holding]]:
     return {k: sorted(v, key=lambda h: -h.timestamp) for k, v in found.items()}
 

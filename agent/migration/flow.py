@@ -12,15 +12,16 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from agent.catalog.registry import Registry
+from agent.catalog.registry import Registry, checkpoint_keys
 from agent.catalog.store import Store
 from agent.dataplane import archive
 from agent.dataplane.channel import open_channel
@@ -54,6 +55,7 @@ UNARY_TIMEOUT = 300.0  # a checkpoint of a large container can take minutes
 STREAM_SLACK = 30.0    # seconds every stream gets on top of its expected transfer time
 STREAM_FACTOR = 4.0    # a stream may take this many times the measured link's estimate
 SLOWEST_LINK = 1e6     # bytes/s assumed when the link to the source cannot be measured
+HOLD_BEAT = 0.25       # seconds between the beats of the hold on the frozen source
 
 
 def peer_error(node: str, address: str, err: grpc.RpcError) -> MigctlError:
@@ -109,6 +111,7 @@ class Migration:
         self.connect = lambda address, *name: open_channel(address, self.tls, *name)
         self.source = rpc.AgentStub(self.channel)
         self.link: Link | None = None  # to the source, measured in the request phase
+        self._holding: threading.Event | None = None  # set: the hold on the source ends
 
     def step(self, state: str, **data: object) -> None:
         """Journal the step about to be taken, before taking it."""
@@ -136,6 +139,28 @@ class Migration:
         except grpc.RpcError as err:
             raise peer_error(self.source_name, self.source_address, err) from err
 
+    def take_hold(self) -> None:
+        """From the freeze until the commit, a stream of beats to the source: if this agent dies
+        or the link breaks, the source resumes within seconds instead of waiting for its lease."""
+        self._holding = threading.Event()
+
+        def beats() -> Iterator[pb.HoldBeat]:
+            yield pb.HoldBeat(migration_id=self.migration_id)
+            while not self._holding.wait(HOLD_BEAT):
+                yield pb.HoldBeat()
+
+        def hold() -> None:
+            try:
+                self.source.Hold(beats())
+            except grpc.RpcError as err:  # the source resumes by itself; the flow finds out
+                log.info("migration %s: hold ended: %s", self.migration_id, err.details())
+
+        threading.Thread(target=hold, name=f"hold-{self.migration_id}", daemon=True).start()
+
+    def release_hold(self) -> None:
+        if self._holding is not None:
+            self._holding.set()
+
     def deadline(self, size: int) -> float:
         """Seconds a stream of SIZE bytes from the source may take: the estimate of the link
         measured before the freeze (never re-measured during the downtime), with room to
@@ -157,6 +182,7 @@ class Migration:
         try:
             return self._run()
         finally:
+            self.release_hold()  # after a rollback, if it failed: the source no longer waits
             self.channel.close()
             self.staging.drop(self.migration_id)
 
@@ -168,6 +194,7 @@ class Migration:
             with self.report.phase(pb.PRE_COPY):
                 bases = self.pre_copy(spec)
             self.step(j.FROZEN)
+            self.take_hold()
             with self.report.phase(pb.FREEZE):
                 self.report.freeze_started()
                 frozen_at = time.time()
@@ -178,7 +205,9 @@ class Migration:
             with self.report.phase(pb.FINAL_SYNC):
                 self.final_sync(spec, final, bases)
             with self.report.phase(pb.RESTORE):
+                self.runtime.ping()  # no commit while this node's engine cannot restore
                 self.call(self.source.Commit, pb.CommitRequest(migration_id=self.migration_id))
+                self.release_hold()
                 self.restore(spec)
         except BaseException as err:
             self.fail(err)
@@ -253,7 +282,7 @@ class Migration:
         Cooperative: layers, read-only volume contents and bases for snapshots and checkpoint
         may come from neighbours (or this node's cache), fetched in parallel; what changed
         since their copies always comes from the source, as deltas."""
-        sourcing = Sourcing(self.node, self.request.source_node,
+        sourcing = Sourcing(self.node, self.request.source_node, self.migration_id,
                             self.request.mode == pb.COOPERATIVE, self.registry,
                             self.links, self.store, self.connect, self.report, pb.PRE_COPY)
         missing = self.runtime.missing_layers(list(spec.diff_ids))
@@ -473,12 +502,6 @@ class Migration:
             settle(self.entry, self.runtime, self.journal, self.staging, self.tls,
                    self.report.log)
 
-
-def checkpoint_keys(spec: pb.ContainerSpec) -> tuple[str, str]:
-    """Checkpoints are cached by application (image tag) and by service (tag + user: the
-    container's `user-id` label, else its name; the seed assumes one user per container)."""
-    user = spec.labels.get("user-id") or spec.name
-    return f"app:{spec.image}", f"svc:{spec.image}:{user}"
 
 
 def _plain_file(path: Path) -> bool:

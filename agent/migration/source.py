@@ -15,9 +15,10 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from agent.catalog.registry import checkpoint_keys
 from agent.catalog.store import Item, Store
 from agent.dataplane.staging import Staging
 from agent.errors import (
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 PRE_CHECKPOINT = "pre"
 FINAL_CHECKPOINT = "final"
 AUTHORIZATION_SECONDS = 120.0  # an authorized migration not begun by then is dropped
+HOLD_SILENCE = 2.0   # a destination's hold silent this long is lost: the source resumes
+HOLD_TICK = 0.2      # how often a hold is looked at
 ABANDONED_LEASES = 10          # a pre-copy silent for this many leases is dropped
 
 
@@ -59,6 +62,7 @@ class SourceSide:
         self._lock = threading.Lock()
         self._resuming: set[str] = set()  # resumes under way in this process
         self._freezing: set[str] = set()  # final checkpoints under way: no lease runs out
+        self._hold_lost: set[str] = set()  # holds lost during a final checkpoint
 
     def touch(self, migration_id: str) -> None:
         """Every call of the destination about a migration renews its lease."""
@@ -79,6 +83,7 @@ class SourceSide:
             self.journal.create(j.Entry(
                 migration_id, j.SOURCE, spec.id, j.AUTHORIZED, peer=destination,
                 data={"name": spec.name, "authorized_at": time.time(),
+                      "keys": list(checkpoint_keys(spec)),
                       "volumes": {v.name: {"read_only": v.read_only,
                                            "guid": v.labels.get("rw-guid", "")}
                                   for v in spec.volumes}, "snapshots": {}}))
@@ -111,6 +116,24 @@ class SourceSide:
         spec = self.runtime.describe(entry.container)
         self.journal.move(entry.id, j.SOURCE, j.PRE_COPY, by=j.PEER)  # a replay fails here
         return spec
+
+    def vouch(self, migration_id: str, destination: str) -> list[str]:
+        """For a holder of cached items: the keys DESTINATION may fetch for MIGRATION_ID, if it
+        is that live migration's bound destination (PermissionDenied otherwise). Checkpoints of
+        the container's image and service, its writable volumes' snapshots, the content of its
+        read-only volumes as snapshotted here."""
+        entry = self.journal.get(migration_id, j.SOURCE)
+        if entry is None or entry.peer != destination or entry.ended or \
+                entry.state == j.AUTHORIZED:
+            raise PermissionDenied(f"{destination} has no live migration {migration_id} from "
+                                   "this node")
+        volumes = entry.data.get("volumes", {})
+        keys = list(entry.data.get("keys", []))
+        keys += [f"rw:{self.store.volume_id(name, v.get('guid', ''))}"
+                 for name, v in volumes.items() if not v.get("read_only")]
+        keys += [f"ro:{snap['digest']}" for snap in entry.data.get("snapshots", {}).values()
+                 if volumes.get(snap["volume"], {}).get("read_only")]
+        return keys
 
     def volume_of(self, entry: j.Entry, volume: str) -> dict:
         if volume not in entry.data.get("volumes", {}):
@@ -175,7 +198,11 @@ class SourceSide:
             finally:
                 with self._lock:
                     self._freezing.discard(entry.id)
+                    lost = entry.id in self._hold_lost
+                    self._hold_lost.discard(entry.id)
                 self.touch(entry.id)  # the lease counts from the end of the checkpoint
+                if lost:  # the destination's hold broke while CRIU was dumping
+                    self._resume_quietly(entry.id)
         return self.runtime.checkpoint(entry.container, request.name, area / "checkpoints",
                                        True)
 
@@ -301,6 +328,38 @@ class SourceSide:
                 self._drop(entry)
             elif entry.state == j.PRE_COPY and idle > ABANDONED_LEASES * self.lease:
                 self._drop(entry)  # abandoned before the freeze: only files to drop
+
+    def hold(self, entry: j.Entry, beats: Iterator[object]) -> None:
+        """The destination's hold: returns when it ends. Ended or silent before the commit,
+        the container is resumed here at once (a checkpoint under way finishes first); the
+        commit and this resume race under one lock, so one of them wins."""
+        last = [time.monotonic()]
+        ended = threading.Event()
+
+        def read() -> None:
+            try:
+                for _ in beats:
+                    last[0] = time.monotonic()
+            except Exception:  # noqa: BLE001 - a broken stream is what we watch for
+                pass
+            finally:
+                ended.set()
+
+        threading.Thread(target=read, name=f"hold-{entry.id}", daemon=True).start()
+        while not ended.wait(HOLD_TICK) and time.monotonic() - last[0] <= HOLD_SILENCE:
+            pass
+        now = self.journal.get(entry.id, j.SOURCE)
+        if now is None or now.state not in (j.PRE_COPY, j.FROZEN):
+            return  # committed (the hold's normal end), or already resumed or ended
+        why = "broke" if ended.is_set() else f"fell silent for {HOLD_SILENCE:.0f} s"
+        log.warning("migration %s: the hold of %s %s before the commit; resuming %s",
+                    entry.id, entry.peer, why, entry.container[:12])
+        with self._lock:
+            if entry.id in self._freezing:
+                self._hold_lost.add(entry.id)  # resumed as soon as the checkpoint ends
+                return
+        if now.state == j.FROZEN:
+            self._resume_quietly(entry.id)
 
     def _drop(self, entry: j.Entry) -> None:
         if self.journal.try_move(entry.id, j.SOURCE, j.FAILED) is not None:

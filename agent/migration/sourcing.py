@@ -33,11 +33,13 @@ FRESHNESS_KINDS = ("rw", "app", "svc")
 
 
 class Sourcing:
-    def __init__(self, me: str, source: str, cooperative: bool, registry: Registry | None,
+    def __init__(self, me: str, source: str, migration_id: str, cooperative: bool,
+                 registry: Registry | None,
                  links: Links, store: Store, connect: Callable[..., grpc.Channel],
                  report: Report, phase: int) -> None:
         self.me = me
         self.source = source  # never a candidate: it is the fallback, and the one to spare
+        self.migration_id = migration_id  # holders serve only what its source vouches for
         self.cooperative = cooperative and registry is not None
         self.registry = registry
         self.links = links
@@ -89,7 +91,8 @@ class Sourcing:
                     size = 0
                 else:
                     size = self._stream(c, dest, lambda stub, c=c: stub.FetchHeld(
-                        pb.HeldRef(key=c.holding.key, timestamp=c.holding.timestamp),
+                        pb.HeldRef(key=c.holding.key, timestamp=c.holding.timestamp,
+                                   migration_id=self.migration_id, source_node=self.source),
                         timeout=self._deadline(c)))
                 if c.holding.digest and digest(dest) != c.holding.digest:
                     raise MigctlError(f"copy on {c.holding.node} does not match its digest "

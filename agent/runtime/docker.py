@@ -94,6 +94,10 @@ class DockerRuntime:
                             if line.startswith("Version")), "")
         return engine, version, bool(info.get("ExperimentalBuild"))
 
+    def ping(self) -> None:
+        """Unavailable unless the engine answers now."""
+        self._call("reach the engine", self.api.ping)
+
     def free_bytes(self) -> int:
         return psutil.disk_usage(str(self.root_dir())).free
 
