@@ -38,6 +38,7 @@ ROLES: dict[str, frozenset[str]] = {
     "Begin": _NODE,
     "Commit": _NODE,
     "SnapshotVolume": _NODE,
+    "SnapshotRootfs": _NODE,
     "Checkpoint": _NODE,
     "FetchFile": _NODE,
     "FetchDelta": _NODE,

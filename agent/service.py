@@ -22,6 +22,7 @@ from agent.dataplane import archive
 from agent.dataplane.channel import open_channel
 from agent.dataplane.files import digest, iter_file
 from agent.dataplane.image import config_of, iter_layer
+from agent.dataplane.rootfs import snapshot_layer
 from agent.dataplane.staging import Staging, valid_migration_id
 from agent.delta import DEFAULT_BLOCK_SIZE, Signature, delta_stream, signature_block_cap
 from agent.errors import InvalidArgument, MigctlError, NotFound, PermissionDenied
@@ -29,7 +30,12 @@ from agent.migration import journal as j
 from agent.migration.flow import Migration
 from agent.migration.policy import Links
 from agent.migration.recovery import settle
-from agent.migration.source import AUTHORIZATION_SECONDS, SourceSide, snapshot_path
+from agent.migration.source import (
+    AUTHORIZATION_SECONDS,
+    SourceSide,
+    rootfs_path,
+    snapshot_path,
+)
 from agent.runtime.docker import DockerRuntime
 from agent.runtime.spec import valid_name
 from agent.security import TLSFiles, caller_of
@@ -312,17 +318,30 @@ class AgentService(rpc.AgentServicer):
     def SnapshotVolume(self, request: pb.SnapshotVolumeRequest, context: Any) -> pb.FileInfo:
         entry = self.bound(context, request.migration_id)
         self.source.volume_of(entry, request.volume)
-        want = j.FROZEN if request.final else j.PRE_COPY
-        if entry.state != want:
-            raise j.IllegalTransition(f"migration {entry.id} is {entry.state}: a "
-                                      f"{'final' if request.final else 'pre-copy'} snapshot "
-                                      f"is taken while {want}")
-        rel = snapshot_path(request.volume, request.final)
-        path = self.staging.resolve(request.migration_id, rel)
-        archive.snapshot(self.runtime.volume_path(request.volume), path)
-        info = pb.FileInfo(path=rel, size=path.stat().st_size, digest=digest(path))
+        source_dir = self.runtime.volume_path(request.volume)
+        info = self.snapshot(entry, request.final, snapshot_path(request.volume, request.final),
+                             lambda path: archive.snapshot(source_dir, path))
         self.source.snapshot_taken(entry, request.volume, info)
         return info
+
+    def snapshot(self, entry: j.Entry, final: bool, rel: str, make: Any) -> pb.FileInfo:
+        """A pre-copy snapshot while the container runs, the final one while it is frozen:
+        MAKE writes it to REL of the migration's staging area."""
+        want = j.FROZEN if final else j.PRE_COPY
+        if entry.state != want:
+            raise j.IllegalTransition(f"migration {entry.id} is {entry.state}: a "
+                                      f"{'final' if final else 'pre-copy'} snapshot is taken "
+                                      f"while {want}")
+        path = self.staging.resolve(entry.id, rel)
+        make(path)
+        return pb.FileInfo(path=rel, size=path.stat().st_size, digest=digest(path))
+
+    @handler
+    def SnapshotRootfs(self, request: pb.SnapshotRootfsRequest, context: Any) -> pb.FileInfo:
+        entry = self.bound(context, request.migration_id)
+        upper = self.runtime.upper_dir(entry.container)
+        return self.snapshot(entry, request.final, rootfs_path(request.final),
+                             lambda path: snapshot_layer(upper or Path("/nonexistent"), path))
 
     @handler
     def Checkpoint(self, request: pb.CheckpointRequest, context: Any) -> pb.CheckpointReply:

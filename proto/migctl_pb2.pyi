@@ -302,6 +302,14 @@ class SnapshotVolumeRequest(_message.Message):
     final: bool
     def __init__(self, migration_id: _Optional[str] = ..., volume: _Optional[str] = ..., final: _Optional[bool] = ...) -> None: ...
 
+class SnapshotRootfsRequest(_message.Message):
+    __slots__ = ("migration_id", "final")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    final: bool
+    def __init__(self, migration_id: _Optional[str] = ..., final: _Optional[bool] = ...) -> None: ...
+
 class FileInfo(_message.Message):
     __slots__ = ("path", "size", "digest")
     PATH_FIELD_NUMBER: _ClassVar[int]

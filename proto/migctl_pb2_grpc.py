@@ -99,6 +99,11 @@ class AgentStub:
                 request_serializer=proto_dot_migctl__pb2.SnapshotVolumeRequest.SerializeToString,
                 response_deserializer=proto_dot_migctl__pb2.FileInfo.FromString,
                 _registered_method=True)
+        self.SnapshotRootfs = channel.unary_unary(
+                '/migctl.v1.Agent/SnapshotRootfs',
+                request_serializer=proto_dot_migctl__pb2.SnapshotRootfsRequest.SerializeToString,
+                response_deserializer=proto_dot_migctl__pb2.FileInfo.FromString,
+                _registered_method=True)
         self.Checkpoint = channel.unary_unary(
                 '/migctl.v1.Agent/Checkpoint',
                 request_serializer=proto_dot_migctl__pb2.CheckpointRequest.SerializeToString,
@@ -246,6 +251,15 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SnapshotRootfs(self, request, context):
+        """Archive the migration's container's writable layer (what it wrote outside its volumes:
+        files added, changed and deleted, with owners, modes and attributes) into its staging
+        area, at rootfs.tar (or rootfs.final.tar, while frozen). Callers: bound node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Checkpoint(self, request, context):
         """Checkpoint the migration's container into its staging area: "pre" leaves it running,
         "final" stops it (the freeze). Callers: bound node.
@@ -372,6 +386,11 @@ def add_AgentServicer_to_server(servicer, server):
             'SnapshotVolume': grpc.unary_unary_rpc_method_handler(
                     servicer.SnapshotVolume,
                     request_deserializer=proto_dot_migctl__pb2.SnapshotVolumeRequest.FromString,
+                    response_serializer=proto_dot_migctl__pb2.FileInfo.SerializeToString,
+            ),
+            'SnapshotRootfs': grpc.unary_unary_rpc_method_handler(
+                    servicer.SnapshotRootfs,
+                    request_deserializer=proto_dot_migctl__pb2.SnapshotRootfsRequest.FromString,
                     response_serializer=proto_dot_migctl__pb2.FileInfo.SerializeToString,
             ),
             'Checkpoint': grpc.unary_unary_rpc_method_handler(
@@ -760,6 +779,33 @@ class Agent:
             target,
             '/migctl.v1.Agent/SnapshotVolume',
             proto_dot_migctl__pb2.SnapshotVolumeRequest.SerializeToString,
+            proto_dot_migctl__pb2.FileInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SnapshotRootfs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migctl.v1.Agent/SnapshotRootfs',
+            proto_dot_migctl__pb2.SnapshotRootfsRequest.SerializeToString,
             proto_dot_migctl__pb2.FileInfo.FromString,
             options,
             channel_credentials,

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import tarfile
+import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -24,7 +25,7 @@ import grpc
 import xxhash
 
 from agent.dataplane.channel import OPTIONS
-from agent.delta import Signature
+from agent.delta import Signature, delta_stream
 from agent.delta.wire import Header, WireWriter
 from agent.security import TLSFiles, server_credentials
 from proto import migctl_pb2 as pb
@@ -43,6 +44,7 @@ SCENARIOS = {
     "hardlink": "a volume snapshot: hard link to an outside file, then a file of that name",
     "oversize": "a volume snapshot announced as 10 KB that streams 50 MB",
     "bigdelta": "a final checkpoint file of 64 KiB whose delta announces 400 MiB",
+    "rootfs-xattr": "a root filesystem layer that sets trusted.overlay.redirect on a file",
 }
 
 
@@ -62,6 +64,16 @@ def hardlink_tar() -> bytes:
     file = tarfile.TarInfo("x")
     file.size = len(data)
     return _tar([(link, b""), (file, data)])
+
+
+def layer_tar(hostile: bool) -> bytes:
+    """A root filesystem layer; the hostile one steers overlay through a trusted.* attribute."""
+    data = b"hello\n"
+    info = tarfile.TarInfo("etc/motd")
+    info.size = len(data)
+    if hostile:
+        info.pax_headers = {"MIGCTL.xattr.trusted.overlay.redirect": b"/".hex()}
+    return _tar([(info, data)])
 
 
 def plain_tar() -> bytes:
@@ -138,6 +150,10 @@ class Hostile(rpc.AgentServicer):
             return pb.FileInfo(path=path, size=10_000, digest="0" * 32)
         return self._info(path, plain_tar())
 
+    def SnapshotRootfs(self, request: Any, context: Any) -> pb.FileInfo:
+        path = "rootfs.final.tar" if request.final else "rootfs.tar"
+        return self._info(path, layer_tar(self.scenario == "rootfs-xattr"))
+
     def Checkpoint(self, request: Any, context: Any) -> pb.CheckpointReply:
         name = request.name
         if self.scenario == "checkpoint-path":
@@ -156,8 +172,15 @@ class Hostile(rpc.AgentServicer):
             yield pb.Chunk(data=data[i:i + (1 << 20)])
 
     def FetchDelta(self, request_iterator: Any, context: Any) -> Iterator[pb.Chunk]:
-        next(request_iterator)
+        target = next(request_iterator).target.path
         sig = Signature.from_chunks(r.signature for r in request_iterator)
+        if self.scenario != "bigdelta":  # an honest delta of what it announced
+            with tempfile.NamedTemporaryFile() as f:
+                f.write(self.files.get(target, b""))
+                f.flush()
+                for chunk in delta_stream(sig, f.name):
+                    yield pb.Chunk(data=chunk)
+            return
         # a handful of bytes that claim a 400 MiB result, made of copies of the basis
         writer = WireWriter(Header(sig.block_size, sig.basis_length, sig.basis_hash, BIG))
         per = sig.basis_length // sig.block_size

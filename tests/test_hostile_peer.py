@@ -280,6 +280,7 @@ def from_c(*extra: str) -> subprocess.CompletedProcess[str]:
     ("hardlink", "has a hostile entry: 'x'"),
     ("oversize", "more than"),
     ("bigdelta", "announces"),
+    ("rootfs-xattr", "trusted.overlay.redirect"),
 ])
 def test_6_to_8_a_hostile_source_writes_nothing_outside(lab: LabHandle, hostile_c,
                                                          scenario: str, why: str) -> None:

@@ -69,19 +69,25 @@ def _check(members: list[tarfile.TarInfo]) -> None:
         kinds[path] = "file" if member.isreg() else "dir" if member.isdir() else "link"
 
 
-def restore(archive: Path, target_dir: Path) -> None:
+def restore(archive: Path, target_dir: Path, *, keep_modes: bool = False) -> list[tarfile.TarInfo]:
     """Replace TARGET_DIR's content with ARCHIVE's. Every entry is checked before anything is
-    touched, so a hostile archive leaves the volume as it was."""
+    touched, so a hostile archive leaves the volume as it was. KEEP_MODES keeps setuid bits
+    and numeric owners as they are (a container's root filesystem needs them); otherwise the
+    `tar` filter drops them. Returns the entries extracted."""
     with tarfile.open(archive) as tar:
+        members = tar.getmembers()
         try:
-            _check(tar.getmembers())
+            _check(members)
         except _Hostile as err:
-            raise Refused(f"volume archive {archive.name} has a hostile entry: {err}") \
-                from None
+            raise Refused(f"archive {archive.name} has a hostile entry: {err}") from None
         for entry in os.listdir(target_dir):
             path = target_dir / entry
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:
                 path.unlink()
-        tar.extractall(target_dir, filter="tar")  # and still drop setuid bits, check paths
+        if keep_modes:  # paths and links were checked above, whole
+            tar.extractall(target_dir, filter="fully_trusted", numeric_owner=True)
+        else:
+            tar.extractall(target_dir, filter="tar")  # and still drop setuid bits, check paths
+        return members

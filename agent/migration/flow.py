@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import shutil
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from agent.dataplane import archive
 from agent.dataplane.channel import open_channel
 from agent.dataplane.files import digest
 from agent.dataplane.image import assemble
+from agent.dataplane.rootfs import restore_layer
 from agent.dataplane.staging import Staging
 from agent.dataplane.transfer import fetch_delta, fetch_whole
 from agent.delta import DeltaStats, Signature, make_signature
@@ -42,7 +44,12 @@ from agent.migration import journal as j
 from agent.migration.policy import Link, Links
 from agent.migration.recovery import settle
 from agent.migration.report import Report
-from agent.migration.source import FINAL_CHECKPOINT, PRE_CHECKPOINT, snapshot_path
+from agent.migration.source import (
+    FINAL_CHECKPOINT,
+    PRE_CHECKPOINT,
+    rootfs_path,
+    snapshot_path,
+)
 from agent.migration.sourcing import Sourcing
 from agent.runtime.spec import check_description, checkpoint_path, unsupported
 from agent.security import TLSFiles
@@ -370,6 +377,13 @@ class Migration:
             if not vol.read_only:
                 bases[rel] = Basis(local, make_signature(local), snaps[vol.name].digest)
 
+        rel = rootfs_path(final=False)
+        info = self.call(self.source.SnapshotRootfs, pb.SnapshotRootfsRequest(
+            migration_id=self.migration_id, final=False))
+        self.room(info.size, "the root filesystem's changes")
+        self.fetch(rel, self.area / rel, info, None, "root filesystem", spec.name, pb.PRE_COPY)
+        bases[rel] = Basis(self.area / rel, make_signature(self.area / rel), info.digest)
+
         ckpt = self.checkpoint_reply(self.call(self.source.Checkpoint, pb.CheckpointRequest(
             migration_id=self.migration_id, container=spec.id, name=PRE_CHECKPOINT,
             leave_running=True)), PRE_CHECKPOINT)
@@ -478,6 +492,12 @@ class Migration:
             # verified the file against it): nothing is hashed again during the downtime.
             if info.digest != pre.digest:
                 archive.restore(local, self.runtime.volume_path(vol.name))
+        rel = rootfs_path(final=True)
+        info = self.call(self.source.SnapshotRootfs, pb.SnapshotRootfsRequest(
+            migration_id=self.migration_id, final=True))
+        self.room(info.size, "the root filesystem's changes")
+        self.fetch(rel, self.area / rel, info, bases[rootfs_path(final=False)],
+                   "root filesystem", spec.name, pb.FINAL_SYNC)
 
     def restore(self, spec: pb.ContainerSpec) -> None:
         stale = self.existing_container(spec.name)
@@ -485,9 +505,24 @@ class Migration:
             self.runtime.remove(stale["Id"])
         cid = self.runtime.create_like(spec, self.request.allow_privileged)
         self.step(j.RESTORING, new_container=cid)
+        self.apply_rootfs(cid)
         self.runtime.start_from_checkpoint(
             cid, self.area / "checkpoints" / FINAL_CHECKPOINT, f"migctl-{self.migration_id}")
         self.runtime.wait_running(cid, on_running=self.report.running)
+
+    def apply_rootfs(self, cid: str) -> None:
+        """What the container wrote to its root filesystem goes into the new container's
+        writable layer before the restore (CRIU reopens the files its process held)."""
+        layer = self.area / rootfs_path(final=True)
+        upper = self.runtime.upper_dir(cid)
+        if upper is not None:
+            restore_layer(layer, upper)
+            return
+        with tarfile.open(layer) as tar:
+            wrote = bool(tar.getmembers())
+        if wrote:
+            raise FailedPrecondition(f"{self.node}'s storage driver keeps no writable layer "
+                                     "that migctl can fill (overlay2 is needed)")
 
     def fail(self, err: BaseException) -> None:
         """Leave exactly one copy running (agent/migration/recovery.py)."""

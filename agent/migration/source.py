@@ -48,6 +48,11 @@ def snapshot_path(volume: str, final: bool) -> str:
     return f"volumes/{volume}.final.tar" if final else f"volumes/{volume}.tar"
 
 
+def rootfs_path(final: bool) -> str:
+    """The staging path of the writable layer's archive."""
+    return "rootfs.final.tar" if final else "rootfs.tar"
+
+
 class SourceSide:
     def __init__(self, runtime: DockerRuntime, staging: Staging, journal: j.Journal,
                  store: Store, lease_seconds: float,

@@ -94,6 +94,13 @@ class DockerRuntime:
                             if line.startswith("Version")), "")
         return engine, version, bool(info.get("ExperimentalBuild"))
 
+    def upper_dir(self, container: str) -> Path | None:
+        """Where the engine keeps what CONTAINER wrote to its root filesystem (overlay's upper
+        directory); None with a storage driver that has none."""
+        driver = self.inspect(container).get("GraphDriver") or {}
+        upper = (driver.get("Data") or {}).get("UpperDir")
+        return Path(upper) if driver.get("Name") in ("overlay2", "overlay") and upper else None
+
     def ping(self) -> None:
         """Unavailable unless the engine answers now."""
         self._call("reach the engine", self.api.ping)
