@@ -50,10 +50,14 @@ def wait_one_copy(lab: LabHandle, timeout: float = 90) -> str:
     raise AssertionError(f"no single running copy after {timeout} s: {running_copies(lab)}")
 
 
-def assert_intact_and_counting(client: docker.DockerClient) -> None:
+def assert_intact_and_counting(client: docker.DockerClient, node: str = "nodeA") -> None:
     c = client.containers.get("toytsm")
     history = numbers(c.exec_run(["cat", "/testrw/counter"]).output.decode())
-    assert history == list(range(len(history))), "the counter file lost or repeated lines"
+    why = [line for line in (Lab().node_dir(node) / "agent.log").read_text().splitlines()
+           if "resum" in line or "restor" in line][-6:]  # what the source said, if it failed
+    assert history == list(range(len(history))), \
+        "the counter file lost or repeated lines; the agent of " + node + " said:\n" + \
+        "\n".join(why)
     time.sleep(2.5)
     later = numbers(c.exec_run(["cat", "/testrw/counter"]).output.decode())
     assert len(later) > len(history) and later[: len(history)] == history, "it stopped counting"

@@ -58,7 +58,7 @@ def test_a_container_with_a_restart_policy_moves_once(lab: LabHandle,
     assert running_copies(lab) == ["nodeB"]
     assert policy_of(lab, "nodeB") == toy_with_policy
     assert policy_of(lab, "nodeA")["Name"] == "no"  # the stopped copy must stay stopped
-    assert_intact_and_counting(lab.docker["nodeB"])
+    assert_intact_and_counting(lab.docker["nodeB"], "nodeB")
 
 
 @pytest.mark.parametrize("toy_with_policy", POLICIES, indirect=True,

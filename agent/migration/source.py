@@ -353,17 +353,17 @@ class SourceSide:
         threading.Thread(target=read, name=f"hold-{entry.id}", daemon=True).start()
         while not ended.wait(HOLD_TICK) and time.monotonic() - last[0] <= HOLD_SILENCE:
             pass
-        now = self.journal.get(entry.id, j.SOURCE)
-        if now is None or now.state not in (j.PRE_COPY, j.FROZEN):
-            return  # committed (the hold's normal end), or already resumed or ended
+        with self._lock:  # the freeze moves the state and marks itself under this lock
+            now = self.journal.get(entry.id, j.SOURCE)
+            freezing = entry.id in self._freezing
+            if freezing:
+                self._hold_lost.add(entry.id)  # resumed as soon as the checkpoint ends
+        if now is None or (now.state != j.FROZEN and not freezing):
+            return  # committed (the hold's normal end), resumed, ended, or never frozen
         why = "broke" if ended.is_set() else f"fell silent for {HOLD_SILENCE:.0f} s"
         log.warning("migration %s: the hold of %s %s before the commit; resuming %s",
                     entry.id, entry.peer, why, entry.container[:12])
-        with self._lock:
-            if entry.id in self._freezing:
-                self._hold_lost.add(entry.id)  # resumed as soon as the checkpoint ends
-                return
-        if now.state == j.FROZEN:
+        if not freezing:
             self._resume_quietly(entry.id)
 
     def _drop(self, entry: j.Entry) -> None:
