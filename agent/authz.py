@@ -40,6 +40,8 @@ ROLES: dict[str, frozenset[str]] = {
     "SnapshotVolume": _NODE,
     "SnapshotRootfs": _NODE,
     "Checkpoint": _NODE,
+    "OfferBases": _NODE,
+    "FinalSync": _NODE,
     "FetchFile": _NODE,
     "FetchDelta": _NODE,
     "Hold": _NODE,

@@ -15,7 +15,7 @@ import grpc
 from agent.authz import Authorization
 from agent.dataplane.channel import OPTIONS
 from agent.errors import MigctlError
-from agent.runtime.docker import DockerRuntime
+from agent.runtime.base import open_runtime
 from agent.security import TLSFiles, server_credentials
 from agent.service import AgentService
 from proto import migctl_pb2_grpc as rpc
@@ -29,7 +29,7 @@ def serve(node: str, listen: str, docker_host: str, state_dir: Path, engine_tmp:
         credentials = server_credentials(tls)
     except MigctlError as err:
         sys.exit(f"migagent: {err} (make them with `migctl certs init`)")
-    runtime = DockerRuntime(docker_host, engine_tmp=engine_tmp, containerd=containerd)
+    runtime = open_runtime(docker_host, engine_tmp, containerd)
     # Without SO_REUSEPORT a second agent on the same port fails to start instead of silently
     # sharing the port with the first (and answering half of its calls with its own code).
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32),
@@ -43,7 +43,8 @@ def serve(node: str, listen: str, docker_host: str, state_dir: Path, engine_tmp:
         sys.exit(f"migagent: cannot listen on {listen}")
     server.start()
     service.start_background()
-    logging.info("agent of %s listening on %s (engine %s)", node, listen, docker_host)
+    logging.info("agent of %s listening on %s (engine %s, %s checkpoints)", node, listen,
+                 docker_host, runtime.method)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

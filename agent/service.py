@@ -18,7 +18,7 @@ import psutil
 
 from agent.catalog.registry import Holding, InventoryRegistry, open_registry
 from agent.catalog.store import Item, Store
-from agent.dataplane import archive
+from agent.dataplane import archive, final
 from agent.dataplane.channel import open_channel
 from agent.dataplane.files import digest, iter_file
 from agent.dataplane.image import config_of, iter_layer
@@ -32,11 +32,12 @@ from agent.migration.policy import Links
 from agent.migration.recovery import settle
 from agent.migration.source import (
     AUTHORIZATION_SECONDS,
+    ROOTFS,
     SourceSide,
-    rootfs_path,
+    manifest_path,
     snapshot_path,
 )
-from agent.runtime.docker import DockerRuntime
+from agent.runtime.base import Runtime
 from agent.runtime.spec import valid_name
 from agent.security import TLSFiles, caller_of
 from proto import migctl_pb2 as pb
@@ -85,7 +86,7 @@ def caller(context: grpc.ServicerContext) -> str:
 
 
 class AgentService(rpc.AgentServicer):
-    def __init__(self, node: str, runtime: DockerRuntime, state_dir: Path, tls: TLSFiles,
+    def __init__(self, node: str, runtime: Runtime, state_dir: Path, tls: TLSFiles,
                  lease_seconds: float = 60.0, registry: str = "inventory",
                  inventory: Path | None = None, address: str = "",
                  cache_bytes: int = 2 << 30) -> None:
@@ -272,7 +273,8 @@ class AgentService(rpc.AgentServicer):
             staging_free_bytes=psutil.disk_usage(str(self.staging.root)).free,
             engine_free_bytes=self.runtime.free_bytes(),
             memory_available_bytes=psutil.virtual_memory().available,
-            load=psutil.getloadavg()[0] / (psutil.cpu_count() or 1))
+            load=psutil.getloadavg()[0] / (psutil.cpu_count() or 1),
+            checkpoint_method=self.runtime.method)
 
     @handler
     def DescribeContainer(self, request: pb.ContainerRef, context: Any) -> pb.ContainerSpec:
@@ -319,29 +321,62 @@ class AgentService(rpc.AgentServicer):
         entry = self.bound(context, request.migration_id)
         self.source.volume_of(entry, request.volume)
         source_dir = self.runtime.volume_path(request.volume)
-        info = self.snapshot(entry, request.final, snapshot_path(request.volume, request.final),
+        info = self.snapshot(entry, snapshot_path(request.volume),
                              lambda path: archive.snapshot(source_dir, path))
         self.source.snapshot_taken(entry, request.volume, info)
         return info
 
-    def snapshot(self, entry: j.Entry, final: bool, rel: str, make: Any) -> pb.FileInfo:
-        """A pre-copy snapshot while the container runs, the final one while it is frozen:
-        MAKE writes it to REL of the migration's staging area."""
-        want = j.FROZEN if final else j.PRE_COPY
-        if entry.state != want:
-            raise j.IllegalTransition(f"migration {entry.id} is {entry.state}: a "
-                                      f"{'final' if final else 'pre-copy'} snapshot is taken "
-                                      f"while {want}")
+    def snapshot(self, entry: j.Entry, rel: str, make: Any) -> pb.FileInfo:
+        """A pre-copy snapshot, while the container runs: MAKE writes it to REL of the
+        migration's staging area and returns its manifest, kept for the final pass."""
+        if entry.state != j.PRE_COPY:
+            raise j.IllegalTransition(f"migration {entry.id} is {entry.state}: snapshots are "
+                                      "taken during pre-copy")
         path = self.staging.resolve(entry.id, rel)
-        make(path)
+        make(path).save(self.staging.resolve(entry.id, manifest_path(rel)))
         return pb.FileInfo(path=rel, size=path.stat().st_size, digest=digest(path))
 
     @handler
     def SnapshotRootfs(self, request: pb.SnapshotRootfsRequest, context: Any) -> pb.FileInfo:
         entry = self.bound(context, request.migration_id)
         upper = self.runtime.upper_dir(entry.container)
-        return self.snapshot(entry, request.final, rootfs_path(request.final),
+        return self.snapshot(entry, ROOTFS,
                              lambda path: snapshot_layer(upper or Path("/nonexistent"), path))
+
+    @handler
+    def OfferBases(self, request_iterator: Iterator[pb.BaseOffer], context: Any) -> Any:
+        first = next(request_iterator, None)
+        if first is None or not first.path:
+            raise InvalidArgument("OfferBases: the first message must name a path")
+        entry = self.bound(context, first.migration_id)
+        offered = 0
+        heads = [first]
+        while heads:
+            head = heads.pop()
+
+            def parts(head: pb.BaseOffer = head) -> Iterator[bytes]:
+                yield head.signature
+                for offer in request_iterator:
+                    if offer.path:
+                        heads.append(offer)  # the next basis begins
+                        return
+                    yield offer.signature
+
+            body = parts()
+            self.source.offer(entry, head.path, body)
+            if next(body, None) is not None:
+                raise InvalidArgument(f"OfferBases: the signature of {head.path!r} runs on "
+                                      "past its end")
+            offered += 1
+        return pb.OfferReply(accepted=offered)
+
+    @handler
+    def FinalSync(self, request: pb.FinalSyncRequest, context: Any) -> Iterator[pb.FinalChunk]:
+        entry = self.bound(context, request.migration_id)
+        upper = self.runtime.upper_dir(entry.container)
+        yield from final.serve(self.source.final_items(entry, upper),
+                               self.source.offers(entry.id),
+                               touch=lambda: self.source.touch(entry.id))
 
     @handler
     def Checkpoint(self, request: pb.CheckpointRequest, context: Any) -> pb.CheckpointReply:
@@ -353,7 +388,8 @@ class AgentService(rpc.AgentServicer):
         files = [pb.FileInfo(path=str(p.relative_to(area)), size=p.stat().st_size,
                              digest=digest(p))
                  for p in sorted(folder.rglob("*")) if p.is_file()]
-        return pb.CheckpointReply(files=files, seconds=seconds)
+        return pb.CheckpointReply(files=files, seconds=seconds,
+                                  method=self.runtime.method_for(entry.container))
 
     def staged_file(self, context: Any, migration_id: str, relative: str) -> Path:
         self.bound(context, migration_id)

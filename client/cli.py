@@ -49,6 +49,8 @@ def render_report(r: pb.MigrationReport, out=sys.stdout) -> None:
     print(f"{r.container} migrated {r.source_node} -> {r.destination_node}", file=out)
     print(f"new container: {r.new_container_id}", file=out)
     print(f"total {r.total_seconds:.2f} s, downtime {r.downtime_seconds:.2f} s", file=out)
+    print(f"checkpoint {r.checkpoint_method or '-'} on {r.source_node}, restore "
+          f"{r.restore_method or '-'} on {r.destination_node}", file=out)
     for p in r.phases:
         print(f"  {_phase(p.phase):<11} {p.seconds:7.2f} s  {_mb(p.bytes):>12}", file=out)
     print(f"by origin ({pb.Mode.Name(r.mode).lower()}):", file=out)
@@ -96,7 +98,8 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         try:
             with AgentClient(node, inv.tls(), timeout=3) as c:
                 info = c.info()
-            state = f"up, engine {info.engine_version}"
+            state = (f"up, engine {info.engine_version}, CRIU {info.criu_version or '-'}, "
+                     f"{info.checkpoint_method or 'engine'} checkpoints")
         except ClientError as err:
             state = f"DOWN: {err}"
         print(f"{node.name:<8} {node.address:<22} {state}")

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 from agent import certs
+from agent.runtime.direct import DIRECT_RUNTIME
+from agent.runtime.direct import WRAPPER as RUNC_WRAPPER
 from agent.security import TLSFiles
 from client.api import MIGCTL_HOME, AgentClient, ClientError, Node, default_inventory
 
@@ -162,18 +164,26 @@ class Lab:
     def ensure_dockerd(self, name: str, node: dict) -> None:
         d = self.node_dir(name)
         config = d / "daemon.json"
-        if self.alive(node.get("dockerd_pid"), str(config)) and self.engine_answers(node):
-            return
         exec_root = RUN_DIR / name
-        for sub in ("data", "tmp"):
-            (d / sub).mkdir(parents=True, exist_ok=True)
-        exec_root.mkdir(parents=True, exist_ok=True)
         sock = d / "docker.sock"
-        config.write_text(json.dumps({
+        wanted = json.dumps({
             "data-root": str(d / "data"), "exec-root": str(exec_root),
             "hosts": [f"unix://{sock}"], "pidfile": str(d / "docker.pid"),
             "experimental": True, "storage-driver": "overlay2",
-        }, indent=2))
+            # the direct checkpoint path (agent/runtime/direct.py)
+            "runtimes": {DIRECT_RUNTIME: {"path": str(RUNC_WRAPPER)}},
+            "default-runtime": DIRECT_RUNTIME,
+        }, indent=2)
+        if self.alive(node.get("dockerd_pid"), str(config)) and self.engine_answers(node):
+            if config.read_text() == wanted:
+                return
+            # an engine of an older checkout: it restarts with this one's configuration
+            self._remove_containers(node)
+            self.stop_pid(node.get("dockerd_pid"), str(config), timeout=60)
+        for sub in ("data", "tmp"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        exec_root.mkdir(parents=True, exist_ok=True)
+        config.write_text(wanted)
         env = dict(os.environ, TMPDIR=str(d / "tmp"),
                    PATH=f"{CRIU_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
         proc = self.spawn(f"migctl-{name}", ["dockerd", "--config-file", str(config)],

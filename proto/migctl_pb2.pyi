@@ -36,7 +36,7 @@ class GetNodeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node", "engine_version", "criu_version", "docker_root_dir", "checkpoints_enabled", "staging_free_bytes", "engine_free_bytes", "memory_available_bytes", "load")
+    __slots__ = ("node", "engine_version", "criu_version", "docker_root_dir", "checkpoints_enabled", "staging_free_bytes", "engine_free_bytes", "memory_available_bytes", "load", "checkpoint_method")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
     CRIU_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class NodeInfo(_message.Message):
     ENGINE_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_METHOD_FIELD_NUMBER: _ClassVar[int]
     node: str
     engine_version: str
     criu_version: str
@@ -55,7 +56,8 @@ class NodeInfo(_message.Message):
     engine_free_bytes: int
     memory_available_bytes: int
     load: float
-    def __init__(self, node: _Optional[str] = ..., engine_version: _Optional[str] = ..., criu_version: _Optional[str] = ..., docker_root_dir: _Optional[str] = ..., checkpoints_enabled: _Optional[bool] = ..., staging_free_bytes: _Optional[int] = ..., engine_free_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., load: _Optional[float] = ...) -> None: ...
+    checkpoint_method: str
+    def __init__(self, node: _Optional[str] = ..., engine_version: _Optional[str] = ..., criu_version: _Optional[str] = ..., docker_root_dir: _Optional[str] = ..., checkpoints_enabled: _Optional[bool] = ..., staging_free_bytes: _Optional[int] = ..., engine_free_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., load: _Optional[float] = ..., checkpoint_method: _Optional[str] = ...) -> None: ...
 
 class AuthorizeRequest(_message.Message):
     __slots__ = ("container", "destination_node")
@@ -293,22 +295,60 @@ class Chunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class SnapshotVolumeRequest(_message.Message):
-    __slots__ = ("migration_id", "volume", "final")
+    __slots__ = ("migration_id", "volume")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     VOLUME_FIELD_NUMBER: _ClassVar[int]
-    FINAL_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     volume: str
-    final: bool
-    def __init__(self, migration_id: _Optional[str] = ..., volume: _Optional[str] = ..., final: _Optional[bool] = ...) -> None: ...
+    def __init__(self, migration_id: _Optional[str] = ..., volume: _Optional[str] = ...) -> None: ...
 
 class SnapshotRootfsRequest(_message.Message):
-    __slots__ = ("migration_id", "final")
+    __slots__ = ("migration_id",)
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
-    FINAL_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
-    final: bool
-    def __init__(self, migration_id: _Optional[str] = ..., final: _Optional[bool] = ...) -> None: ...
+    def __init__(self, migration_id: _Optional[str] = ...) -> None: ...
+
+class BaseOffer(_message.Message):
+    __slots__ = ("migration_id", "path", "signature")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    path: str
+    signature: bytes
+    def __init__(self, migration_id: _Optional[str] = ..., path: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class OfferReply(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    def __init__(self, accepted: _Optional[int] = ...) -> None: ...
+
+class FinalSyncRequest(_message.Message):
+    __slots__ = ("migration_id",)
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    def __init__(self, migration_id: _Optional[str] = ...) -> None: ...
+
+class FinalChunk(_message.Message):
+    __slots__ = ("item", "data")
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    item: FinalItem
+    data: bytes
+    def __init__(self, item: _Optional[_Union[FinalItem, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class FinalItem(_message.Message):
+    __slots__ = ("path", "size", "method", "digest")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size: int
+    method: str
+    digest: str
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., method: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class FileInfo(_message.Message):
     __slots__ = ("path", "size", "digest")
@@ -333,12 +373,14 @@ class CheckpointRequest(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., name: _Optional[str] = ..., leave_running: _Optional[bool] = ...) -> None: ...
 
 class CheckpointReply(_message.Message):
-    __slots__ = ("files", "seconds")
+    __slots__ = ("files", "seconds", "method")
     FILES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
     files: _containers.RepeatedCompositeFieldContainer[FileInfo]
     seconds: float
-    def __init__(self, files: _Optional[_Iterable[_Union[FileInfo, _Mapping]]] = ..., seconds: _Optional[float] = ...) -> None: ...
+    method: str
+    def __init__(self, files: _Optional[_Iterable[_Union[FileInfo, _Mapping]]] = ..., seconds: _Optional[float] = ..., method: _Optional[str] = ...) -> None: ...
 
 class FileRef(_message.Message):
     __slots__ = ("migration_id", "path")
@@ -461,7 +503,7 @@ class OriginReport(_message.Message):
     def __init__(self, node: _Optional[str] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class MigrationReport(_message.Message):
-    __slots__ = ("migration_id", "container", "source_node", "destination_node", "new_container_id", "total_seconds", "downtime_seconds", "phases", "transfers", "origins", "mode")
+    __slots__ = ("migration_id", "container", "source_node", "destination_node", "new_container_id", "total_seconds", "downtime_seconds", "phases", "transfers", "origins", "mode", "checkpoint_method", "restore_method")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
@@ -473,6 +515,8 @@ class MigrationReport(_message.Message):
     TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     ORIGINS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_METHOD_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_METHOD_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     container: str
     source_node: str
@@ -484,7 +528,9 @@ class MigrationReport(_message.Message):
     transfers: _containers.RepeatedCompositeFieldContainer[TransferReport]
     origins: _containers.RepeatedCompositeFieldContainer[OriginReport]
     mode: Mode
-    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., source_node: _Optional[str] = ..., destination_node: _Optional[str] = ..., new_container_id: _Optional[str] = ..., total_seconds: _Optional[float] = ..., downtime_seconds: _Optional[float] = ..., phases: _Optional[_Iterable[_Union[PhaseReport, _Mapping]]] = ..., transfers: _Optional[_Iterable[_Union[TransferReport, _Mapping]]] = ..., origins: _Optional[_Iterable[_Union[OriginReport, _Mapping]]] = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
+    checkpoint_method: str
+    restore_method: str
+    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., source_node: _Optional[str] = ..., destination_node: _Optional[str] = ..., new_container_id: _Optional[str] = ..., total_seconds: _Optional[float] = ..., downtime_seconds: _Optional[float] = ..., phases: _Optional[_Iterable[_Union[PhaseReport, _Mapping]]] = ..., transfers: _Optional[_Iterable[_Union[TransferReport, _Mapping]]] = ..., origins: _Optional[_Iterable[_Union[OriginReport, _Mapping]]] = ..., mode: _Optional[_Union[Mode, str]] = ..., checkpoint_method: _Optional[str] = ..., restore_method: _Optional[str] = ...) -> None: ...
 
 class MigrationEvent(_message.Message):
     __slots__ = ("phase_started", "phase_done", "transfer", "done", "log")

@@ -104,6 +104,16 @@ class AgentStub:
                 request_serializer=proto_dot_migctl__pb2.SnapshotRootfsRequest.SerializeToString,
                 response_deserializer=proto_dot_migctl__pb2.FileInfo.FromString,
                 _registered_method=True)
+        self.OfferBases = channel.stream_unary(
+                '/migctl.v1.Agent/OfferBases',
+                request_serializer=proto_dot_migctl__pb2.BaseOffer.SerializeToString,
+                response_deserializer=proto_dot_migctl__pb2.OfferReply.FromString,
+                _registered_method=True)
+        self.FinalSync = channel.unary_stream(
+                '/migctl.v1.Agent/FinalSync',
+                request_serializer=proto_dot_migctl__pb2.FinalSyncRequest.SerializeToString,
+                response_deserializer=proto_dot_migctl__pb2.FinalChunk.FromString,
+                _registered_method=True)
         self.Checkpoint = channel.unary_unary(
                 '/migctl.v1.Agent/Checkpoint',
                 request_serializer=proto_dot_migctl__pb2.CheckpointRequest.SerializeToString,
@@ -245,7 +255,8 @@ class AgentServicer:
 
     def SnapshotVolume(self, request, context):
         """Archive one of the migration's container's volumes into its staging area (a volume
-        snapshot), at volumes/<volume>.tar (or .final.tar). Callers: bound node.
+        snapshot), at volumes/<volume>.tar, while the container runs; the source keeps a manifest
+        of what it archived for the final pass. Callers: bound node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -254,7 +265,30 @@ class AgentServicer:
     def SnapshotRootfs(self, request, context):
         """Archive the migration's container's writable layer (what it wrote outside its volumes:
         files added, changed and deleted, with owners, modes and attributes) into its staging
-        area, at rootfs.tar (or rootfs.final.tar, while frozen). Callers: bound node.
+        area, at rootfs.tar, while the container runs (with a manifest, as volumes).
+        Callers: bound node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OfferBases(self, request_iterator, context):
+        """Before the freeze: the signatures of the files the caller holds as bases for the final
+        pass, each sent under the final path it is the basis of (checkpoints/final/FILE,
+        volumes/<volume>.changes.tar, rootfs.changes.tar), so that none travels during the
+        downtime. Each is capped by the size of the pre-copy file it describes. Callers: bound
+        node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinalSync(self, request, context):
+        """The final pass, while the container is frozen, in one stream: every file of the final
+        checkpoint, then, for each writable volume and the writable layer, an archive of only the
+        entries whose metadata changed since the pre-copy snapshot (and marks for those deleted).
+        Each travels as a delta against its offered basis, or whole when none was offered.
+        Callers: bound node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -392,6 +426,16 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.SnapshotRootfs,
                     request_deserializer=proto_dot_migctl__pb2.SnapshotRootfsRequest.FromString,
                     response_serializer=proto_dot_migctl__pb2.FileInfo.SerializeToString,
+            ),
+            'OfferBases': grpc.stream_unary_rpc_method_handler(
+                    servicer.OfferBases,
+                    request_deserializer=proto_dot_migctl__pb2.BaseOffer.FromString,
+                    response_serializer=proto_dot_migctl__pb2.OfferReply.SerializeToString,
+            ),
+            'FinalSync': grpc.unary_stream_rpc_method_handler(
+                    servicer.FinalSync,
+                    request_deserializer=proto_dot_migctl__pb2.FinalSyncRequest.FromString,
+                    response_serializer=proto_dot_migctl__pb2.FinalChunk.SerializeToString,
             ),
             'Checkpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.Checkpoint,
@@ -807,6 +851,60 @@ class Agent:
             '/migctl.v1.Agent/SnapshotRootfs',
             proto_dot_migctl__pb2.SnapshotRootfsRequest.SerializeToString,
             proto_dot_migctl__pb2.FileInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OfferBases(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/migctl.v1.Agent/OfferBases',
+            proto_dot_migctl__pb2.BaseOffer.SerializeToString,
+            proto_dot_migctl__pb2.OfferReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinalSync(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/migctl.v1.Agent/FinalSync',
+            proto_dot_migctl__pb2.FinalSyncRequest.SerializeToString,
+            proto_dot_migctl__pb2.FinalChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,7 +7,8 @@
 #        /opt/migctl/bin/criu  (wrapper or symlink; put /opt/migctl/bin first on
 #                               dockerd's PATH so runc finds it)
 #        /opt/migctl/criu/     (private prefix when CRIU comes from Debian sid)
-#   3. /etc/criu/runc.conf with tcp-established + tcp-close
+#   3. /etc/criu/runc.conf with tcp-established + tcp-close, and the runc wrapper
+#      /opt/migctl/bin/migctl-runc (the direct checkpoint path)
 #   4. .venv in the repo root with `pip install -e '.[dev]'`
 #   5. a quick self-check of the installed tools
 #
@@ -449,6 +450,18 @@ step_runc_conf() {
     fi
 }
 
+# The runc wrapper of the direct checkpoint path (agent/runtime/direct.py). The lab registers
+# the checkout's copy itself; a real node's daemon.json names this one (docs/runtime.md).
+step_runc_wrapper() {
+    local src="$REPO_ROOT/agent/runtime/migctl-runc" dst="$MIGCTL_HOME/bin/migctl-runc"
+    if cmp -s "$src" "$dst"; then
+        say "migctl-runc: up to date ($dst)"
+    else
+        install -D -m 0755 "$src" "$dst"
+        say "migctl-runc: installed $dst"
+    fi
+}
+
 # ---------------------------------------------------------------------------
 # 4. Python environment
 # ---------------------------------------------------------------------------
@@ -513,6 +526,7 @@ say "migctl host setup ($REPO_ROOT), kernel $(uname -r), $(. /etc/os-release && 
 step_packages
 step_criu
 step_runc_conf
+step_runc_wrapper
 step_python
 step_selfcheck
 say "done in $(elapsed_ms "$SETUP_START") ms"

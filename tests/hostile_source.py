@@ -45,6 +45,9 @@ SCENARIOS = {
     "oversize": "a volume snapshot announced as 10 KB that streams 50 MB",
     "bigdelta": "a final checkpoint file of 64 KiB whose delta announces 400 MiB",
     "rootfs-xattr": "a root filesystem layer that sets trusted.overlay.redirect on a file",
+    "final-path": "a final pass that sends checkpoints/final/../../../..{OUTSIDE}",
+    "changes-escape": "a final pass whose volume changes delete ../../../..{OUTSIDE}",
+    "final-twice": "a final pass that sends the same checkpoint file twice",
 }
 
 
@@ -76,6 +79,13 @@ def layer_tar(hostile: bool) -> bytes:
     return _tar([(info, data)])
 
 
+def deleting_tar() -> bytes:
+    """A changes archive that deletes a file outside the volume."""
+    gone = tarfile.TarInfo("../../../../../../../.." + OUTSIDE)
+    gone.pax_headers = {"MIGCTL.deleted": "1"}
+    return _tar([(gone, b"")])
+
+
 def plain_tar() -> bytes:
     data = b"0\n1\n"
     info = tarfile.TarInfo("counter")
@@ -89,6 +99,8 @@ class Hostile(rpc.AgentServicer):
         self.scenario = args.scenario
         self.pages = os.urandom(64 << 10)
         self.files: dict[str, bytes] = {}
+        self.offers: dict[str, Signature] = {}
+        self.volumes: list[str] = []
 
     def _info(self, path: str, data: bytes, size: int | None = None) -> pb.FileInfo:
         self.files[path] = data
@@ -116,7 +128,8 @@ class Hostile(rpc.AgentServicer):
                                 networks=["bridge"])
         if self.scenario == "volume-name":
             spec.volumes.add(name="../../../../tmp/x", destination="/data")
-        if self.scenario in ("hardlink", "oversize"):
+        if self.scenario in ("hardlink", "oversize", "changes-escape"):
+            self.volumes.append("hostilevol")
             spec.volumes.add(name="hostilevol", destination="/data", driver="local",
                              volume_id="hostile-guid")
         if self.scenario == "hostconfig":
@@ -142,7 +155,7 @@ class Hostile(rpc.AgentServicer):
         context.abort(grpc.StatusCode.NOT_FOUND, "no such image here")
 
     def SnapshotVolume(self, request: Any, context: Any) -> pb.FileInfo:
-        path = f"volumes/{request.volume}.{'final.' if request.final else ''}tar"
+        path = f"volumes/{request.volume}.tar"
         if self.scenario == "hardlink":
             return self._info(path, hardlink_tar())
         if self.scenario == "oversize":
@@ -151,8 +164,7 @@ class Hostile(rpc.AgentServicer):
         return self._info(path, plain_tar())
 
     def SnapshotRootfs(self, request: Any, context: Any) -> pb.FileInfo:
-        path = "rootfs.final.tar" if request.final else "rootfs.tar"
-        return self._info(path, layer_tar(self.scenario == "rootfs-xattr"))
+        return self._info("rootfs.tar", layer_tar(self.scenario == "rootfs-xattr"))
 
     def Checkpoint(self, request: Any, context: Any) -> pb.CheckpointReply:
         name = request.name
@@ -174,21 +186,54 @@ class Hostile(rpc.AgentServicer):
     def FetchDelta(self, request_iterator: Any, context: Any) -> Iterator[pb.Chunk]:
         target = next(request_iterator).target.path
         sig = Signature.from_chunks(r.signature for r in request_iterator)
-        if self.scenario != "bigdelta":  # an honest delta of what it announced
-            with tempfile.NamedTemporaryFile() as f:
-                f.write(self.files.get(target, b""))
-                f.flush()
-                for chunk in delta_stream(sig, f.name):
-                    yield pb.Chunk(data=chunk)
-            return
-        # a handful of bytes that claim a 400 MiB result, made of copies of the basis
-        writer = WireWriter(Header(sig.block_size, sig.basis_length, sig.basis_hash, BIG))
-        per = sig.basis_length // sig.block_size
-        for _ in range(BIG // sig.basis_length):
-            writer.copy(0, per)
-        writer.end(BIG, b"\0" * 16)
-        for chunk in writer.drain(final=True):
-            yield pb.Chunk(data=chunk)
+        for data in self._delta(sig, self.files.get(target, b"")):
+            yield pb.Chunk(data=data)
+
+    def _delta(self, sig: Signature, data: bytes) -> Iterator[bytes]:
+        with tempfile.NamedTemporaryFile() as f:  # an honest delta of what it announced
+            f.write(data)
+            f.flush()
+            yield from delta_stream(sig, f.name)
+
+    def OfferBases(self, request_iterator: Any, context: Any) -> pb.OfferReply:
+        parts: dict[str, list[bytes]] = {}
+        path = ""
+        for offer in request_iterator:
+            path = offer.path or path
+            parts.setdefault(path, []).append(offer.signature)
+        self.offers = {p: Signature.from_chunks(iter(c)) for p, c in parts.items()}
+        return pb.OfferReply(accepted=len(self.offers))
+
+    def FinalSync(self, request: Any, context: Any) -> Iterator[pb.FinalChunk]:
+        pages = "checkpoints/final/pages-1.img"
+        items = [(pages, self.pages)]
+        if self.scenario == "final-path":
+            items = [(f"checkpoints/final/../../../../../..{OUTSIDE}", b"pwned\n")]
+        if self.scenario == "final-twice":
+            items = [(pages, self.pages), (pages, self.pages)]
+        for name in self.volumes:
+            items.append((f"volumes/{name}.changes.tar",
+                          deleting_tar() if self.scenario == "changes-escape" else _tar([])))
+        items.append(("rootfs.changes.tar", _tar([])))
+        for path, data in items:
+            sig = self.offers.get(path)
+            if path == pages and self.scenario == "bigdelta" and sig is not None:
+                yield pb.FinalChunk(item=pb.FinalItem(path=path, size=len(data),
+                                                      method="delta"))
+                # a handful of bytes that claim a 400 MiB result, made of copies of the basis
+                writer = WireWriter(Header(sig.block_size, sig.basis_length, sig.basis_hash,
+                                           BIG))
+                per = sig.basis_length // sig.block_size
+                for _ in range(BIG // sig.basis_length):
+                    writer.copy(0, per)
+                writer.end(BIG, b"\0" * 16)
+                for chunk in writer.drain(final=True):
+                    yield pb.FinalChunk(data=chunk)
+                continue
+            yield pb.FinalChunk(item=pb.FinalItem(
+                path=path, size=len(data), method="whole",
+                digest=xxhash.xxh3_128(data).hexdigest()))
+            yield pb.FinalChunk(data=data)
 
     def Commit(self, request: Any, context: Any) -> pb.CommitReply:
         return pb.CommitReply()

@@ -281,6 +281,9 @@ def from_c(*extra: str) -> subprocess.CompletedProcess[str]:
     ("oversize", "more than"),
     ("bigdelta", "announces"),
     ("rootfs-xattr", "trusted.overlay.redirect"),
+    ("final-path", "is not a plain file of checkpoint"),
+    ("changes-escape", "outside the volume"),
+    ("final-twice", "twice"),
 ])
 def test_6_to_8_a_hostile_source_writes_nothing_outside(lab: LabHandle, hostile_c,
                                                          scenario: str, why: str) -> None:

@@ -9,27 +9,21 @@ anything :func:`snapshot` would never have written before it touches the target 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import stat
 import tarfile
 from pathlib import Path, PurePosixPath
 
+from agent.dataplane.tree import DELETED, Manifest, pack
 from agent.errors import Refused
 
 
-def snapshot(source_dir: Path, archive: Path) -> None:
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    tmp = archive.with_name(f".{archive.name}.part")
-    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-        for entry in sorted(os.listdir(source_dir)):
-            tar.add(source_dir / entry, arcname=entry, recursive=True, filter=_plain)
-    os.replace(tmp, archive)
-
-
-def _plain(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
-    """Leave out devices and FIFOs (tarfile already skips sockets): they hold no data, and
-    :func:`restore` refuses them, so a snapshot holding one could never be restored."""
-    return member if member.isreg() or member.isdir() or member.issym() or member.islnk() else None
+def snapshot(source_dir: Path, archive: Path, since: Manifest | None = None) -> Manifest:
+    """Archive SOURCE_DIR (devices, FIFOs and sockets left out: they hold no data, and
+    :func:`restore` refuses them); with SINCE only what changed (agent/dataplane/tree.py)."""
+    return pack(source_dir, archive, layer=False, since=since)
 
 
 class _Hostile(Exception):
@@ -91,3 +85,64 @@ def restore(archive: Path, target_dir: Path, *, keep_modes: bool = False) -> lis
         else:
             tar.extractall(target_dir, filter="tar")  # and still drop setuid bits, check paths
         return members
+
+
+def apply_changes(archive: Path, target_dir: Path, *,
+                  keep_modes: bool = False) -> list[tarfile.TarInfo]:
+    """Apply a changes archive (tree.pack with `since`) to TARGET_DIR in place: deletions
+    first, then the changed entries over what is there. Checked whole before anything is
+    touched, and every entry's parents in TARGET_DIR must be real folders (a symlink the
+    container left there could otherwise carry a write out of it). Returns the entries
+    extracted."""
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        gone = [m for m in members if DELETED in m.pax_headers]
+        rest = [m for m in members if DELETED not in m.pax_headers]
+        try:
+            _check(rest)
+            for m in gone:
+                _inside(m.name, m)
+            folders = {PurePosixPath(m.name) for m in rest if m.isdir()}
+            for m in members:
+                _real_parents(target_dir, m, folders)
+        except _Hostile as err:
+            raise Refused(f"archive {archive.name} has a hostile entry: {err}") from None
+        for m in gone:
+            remove_entry(target_dir / m.name)
+        for m in rest:
+            path = target_dir / m.name
+            with contextlib.suppress(FileNotFoundError):
+                st = path.lstat()
+                if not (m.isdir() and stat.S_ISDIR(st.st_mode)):
+                    remove_entry(path)  # replaced, never written through
+        if keep_modes:  # paths, links and parents were checked above
+            tar.extractall(target_dir, members=rest, filter="fully_trusted", numeric_owner=True)
+        else:
+            tar.extractall(target_dir, members=rest, filter="tar")
+        return rest
+
+
+def _real_parents(target_dir: Path, member: tarfile.TarInfo,
+                  folders: set[PurePosixPath]) -> None:
+    """MEMBER's parents are folders here, or folders of the archive (which replace whatever
+    holds their name here before anything is extracted)."""
+    here = target_dir
+    for parent in reversed(_inside(member.name, member).parents[:-1]):
+        if parent in folders:
+            continue
+        here = target_dir / parent
+        try:
+            st = here.lstat()
+        except FileNotFoundError:
+            return  # created from the archive, whose own entries _check has checked
+        if not stat.S_ISDIR(st.st_mode):
+            raise _Hostile(member, f"is placed below {str(here.relative_to(target_dir))!r}, "
+                                   "which is not a folder here")
+
+
+def remove_entry(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISDIR(path.lstat().st_mode):
+            shutil.rmtree(path)
+        else:
+            path.unlink()

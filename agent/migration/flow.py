@@ -25,10 +25,11 @@ import grpc
 from agent.catalog.registry import Registry, checkpoint_keys
 from agent.catalog.store import Store
 from agent.dataplane import archive
+from agent.dataplane import final as final_pass
 from agent.dataplane.channel import open_channel
 from agent.dataplane.files import digest
 from agent.dataplane.image import assemble
-from agent.dataplane.rootfs import restore_layer
+from agent.dataplane.rootfs import apply_layer_changes, restore_layer
 from agent.dataplane.staging import Staging
 from agent.dataplane.transfer import fetch_delta, fetch_whole
 from agent.delta import DeltaStats, Signature, make_signature
@@ -47,10 +48,13 @@ from agent.migration.report import Report
 from agent.migration.source import (
     FINAL_CHECKPOINT,
     PRE_CHECKPOINT,
-    rootfs_path,
+    ROOTFS,
+    ROOTFS_CHANGES,
+    changes_path,
     snapshot_path,
 )
 from agent.migration.sourcing import Sourcing
+from agent.runtime.base import Runtime
 from agent.runtime.spec import check_description, checkpoint_path, unsupported
 from agent.security import TLSFiles
 from proto import migctl_pb2 as pb
@@ -86,7 +90,7 @@ class Basis:
 @dataclass
 class Migration:
     node: str
-    runtime: object  # agent.runtime.docker.DockerRuntime (duck-typed: another runtime fits)
+    runtime: Runtime
     staging: Staging
     request: pb.MigrateRequest
     source_address: str  # resolved by this agent from the source's node name
@@ -208,6 +212,7 @@ class Migration:
                 final = self.call(self.source.Checkpoint, pb.CheckpointRequest(
                     migration_id=self.migration_id, container=spec.id, name=FINAL_CHECKPOINT,
                     leave_running=False))
+                self.report.msg.checkpoint_method = final.method
             self.step(j.TRANSFERRING_FINAL)
             with self.report.phase(pb.FINAL_SYNC):
                 self.final_sync(spec, final, bases)
@@ -298,7 +303,7 @@ class Migration:
                 self.report.transfer("layer", diff_id, self.node, pb.PRE_COPY, 0, 0.0, "skipped",
                                      "already on this node")
         snaps = {v.name: self.call(self.source.SnapshotVolume, pb.SnapshotVolumeRequest(
-            migration_id=self.migration_id, volume=v.name, final=False))
+            migration_id=self.migration_id, volume=v.name))
             for v in spec.volumes}
         for v in spec.volumes:
             self.room(snaps[v.name].size, f"the snapshot of volume {v.name}")
@@ -335,7 +340,7 @@ class Migration:
         def read_only(vol: pb.VolumeSpec) -> None:
             want = snaps[vol.name].digest
             if sourcing.fetch_held("volume", vol.name, plan[f"ro:{want}"],
-                                   self.area / snapshot_path(vol.name, final=False),
+                                   self.area / snapshot_path(vol.name),
                                    verify=lambda p: _expect(p, want)):
                 whole.add(vol.name)
 
@@ -361,7 +366,7 @@ class Migration:
 
         bases: dict[str, Basis] = {}
         for vol in spec.volumes:
-            rel = snapshot_path(vol.name, final=False)
+            rel = snapshot_path(vol.name)
             local = self.area / rel
             if vol.name not in whole:
                 basis = (Basis(held_basis[vol.name], make_signature(held_basis[vol.name]))
@@ -375,14 +380,15 @@ class Migration:
             if vol.volume_id:
                 self.store.remember_volume_id(vol.name, vol.volume_id)
             if not vol.read_only:
-                bases[rel] = Basis(local, make_signature(local), snaps[vol.name].digest)
+                bases[changes_path(vol.name)] = Basis(local, make_signature(local))
+        self.snapshots_at = time.time()
 
-        rel = rootfs_path(final=False)
         info = self.call(self.source.SnapshotRootfs, pb.SnapshotRootfsRequest(
-            migration_id=self.migration_id, final=False))
+            migration_id=self.migration_id))
         self.room(info.size, "the root filesystem's changes")
-        self.fetch(rel, self.area / rel, info, None, "root filesystem", spec.name, pb.PRE_COPY)
-        bases[rel] = Basis(self.area / rel, make_signature(self.area / rel), info.digest)
+        self.fetch(ROOTFS, self.area / ROOTFS, info, None, "root filesystem", spec.name,
+                   pb.PRE_COPY)
+        bases[ROOTFS_CHANGES] = Basis(self.area / ROOTFS, make_signature(self.area / ROOTFS))
 
         ckpt = self.checkpoint_reply(self.call(self.source.Checkpoint, pb.CheckpointRequest(
             migration_id=self.migration_id, container=spec.id, name=PRE_CHECKPOINT,
@@ -395,7 +401,21 @@ class Migration:
             final_rel = f.path.replace(f"/{PRE_CHECKPOINT}/", f"/{FINAL_CHECKPOINT}/", 1)
             local = self.area / f.path
             bases[final_rel] = Basis(local, make_signature(local))
+        self.create(spec)
+        self.offer(bases)
         return bases
+
+    def offer(self, bases: dict[str, Basis]) -> None:
+        """The signatures of the final pass's bases go to the source now, not in the
+        downtime."""
+        def offers() -> Iterator[pb.BaseOffer]:
+            for rel, basis in bases.items():
+                for i, part in enumerate(basis.signature.to_chunks()):
+                    yield pb.BaseOffer(migration_id=self.migration_id,
+                                       path=rel if i == 0 else "", signature=part)
+
+        size = sum(b.signature.block_count * 24 for b in bases.values())
+        self.guarded(lambda: self.source.OfferBases(offers(), timeout=self.deadline(size)))
 
     def checkpoint_reply(self, reply: pb.CheckpointReply, name: str) -> pb.CheckpointReply:
         """The source's list of checkpoint files, if every path is one of checkpoint NAME's
@@ -412,12 +432,11 @@ class Migration:
         kept = []
         app, svc = checkpoint_keys(spec)
         for vol in spec.volumes:
+            path = self.area / snapshot_path(vol.name)
             if vol.read_only:
-                path = self.area / snapshot_path(vol.name, final=False)
                 key, ts = f"ro:{digest(path)}", 0.0
-            elif vol.volume_id:
-                path = self.area / snapshot_path(vol.name, final=True)
-                key, ts = f"rw:{vol.volume_id}", frozen_at
+            elif vol.volume_id:  # the pre-copy snapshot: an older copy is still a good basis
+                key, ts = f"rw:{vol.volume_id}", self.snapshots_at
             else:
                 continue
             if path.exists() and (ts or not self.store.find(key)):
@@ -438,14 +457,7 @@ class Migration:
             basis = bases.get(f.path)
             got = self.guarded(lambda f=f, basis=basis: self.get(f.path, self.area / f.path,
                                                                  f, basis))
-            if isinstance(got, DeltaStats):
-                total.literal_bytes += got.literal_bytes
-                total.matched_bytes += got.matched_bytes
-                total.wire_bytes += got.wire_bytes
-            else:
-                total.literal_bytes += got
-                total.wire_bytes += got
-            total.new_size += f.size
+            _add(total, got)
         self.report.transfer("checkpoint", f"{name} ({len(ckpt.files)} files)", self.source_name,
                              phase, total, time.monotonic() - start,
                              "delta" if bases else "whole")
@@ -476,47 +488,81 @@ class Migration:
 
     def final_sync(self, spec: pb.ContainerSpec, final: pb.CheckpointReply,
                    bases: dict[str, Basis]) -> None:
-        self.fetch_checkpoint(FINAL_CHECKPOINT, self.checkpoint_reply(final, FINAL_CHECKPOINT),
-                              bases, pb.FINAL_SYNC)
-        for vol in spec.volumes:
-            if vol.read_only:
-                continue
-            rel = snapshot_path(vol.name, final=True)
-            info = self.call(self.source.SnapshotVolume, pb.SnapshotVolumeRequest(
-                migration_id=self.migration_id, volume=vol.name, final=True))
-            self.room(info.size, f"the final snapshot of volume {vol.name}")
-            pre = bases[snapshot_path(vol.name, final=False)]
-            local = self.area / rel
-            self.fetch(rel, local, info, pre, "volume snapshot", vol.name, pb.FINAL_SYNC)
-            # Only changed volumes are re-extracted. Both digests come from the source (the patch
-            # verified the file against it): nothing is hashed again during the downtime.
-            if info.digest != pre.digest:
-                archive.restore(local, self.runtime.volume_path(vol.name))
-        rel = rootfs_path(final=True)
-        info = self.call(self.source.SnapshotRootfs, pb.SnapshotRootfsRequest(
-            migration_id=self.migration_id, final=True))
-        self.room(info.size, "the root filesystem's changes")
-        self.fetch(rel, self.area / rel, info, bases[rootfs_path(final=False)],
-                   "root filesystem", spec.name, pb.FINAL_SYNC)
+        """One stream while frozen: the final checkpoint's files and what changed in each
+        writable volume and the writable layer, applied here as each arrives."""
+        final = self.checkpoint_reply(final, FINAL_CHECKPOINT)
+        volumes = {changes_path(v.name): v for v in spec.volumes if not v.read_only}
+        expected = {f.path for f in final.files} | set(volumes) | {ROOTFS_CHANGES}
 
-    def restore(self, spec: pb.ContainerSpec) -> None:
+        def dest_of(item: pb.FinalItem) -> Path:
+            if item.path not in volumes and item.path != ROOTFS_CHANGES:
+                checkpoint_path(item.path, FINAL_CHECKPOINT)  # or refused
+            self.room(item.size, item.path)
+            return self.area / item.path
+
+        def basis_of(rel: str) -> Path | None:
+            return bases[rel].path if rel in bases else None
+
+        bound = sum(f.size for f in final.files) + sum(v.size_bytes for v in volumes.values())
+        ckpt = DeltaStats(literal_bytes=0, matched_bytes=0, wire_bytes=0, new_size=0)
+        ckpt_seconds = 0.0
+
+        def run() -> set[str]:
+            nonlocal ckpt_seconds
+            stream = self.source.FinalSync(pb.FinalSyncRequest(
+                migration_id=self.migration_id), timeout=self.deadline(bound))
+            got: set[str] = set()
+            for r in final_pass.receive(stream, dest_of, basis_of):
+                got.add(r.path)
+                local = self.area / r.path
+                if r.path in volumes:
+                    name = volumes[r.path].name
+                    self.report.transfer("volume snapshot", name, self.source_name,
+                                         pb.FINAL_SYNC, r.result, r.seconds, r.method,
+                                         "what changed since pre-copy")
+                    archive.apply_changes(local, self.runtime.volume_path(name))
+                elif r.path == ROOTFS_CHANGES:
+                    self.report.transfer("root filesystem", spec.name, self.source_name,
+                                         pb.FINAL_SYNC, r.result, r.seconds, r.method,
+                                         "what changed since pre-copy")
+                    self.apply_rootfs(self.new_container, local, changes=True)
+                else:
+                    _add(ckpt, r.result)
+                    ckpt_seconds += r.seconds
+            return got
+
+        got = self.guarded(run)
+        if expected - got:
+            raise Refused("the final pass left out " + ", ".join(sorted(expected - got)))
+        self.report.transfer("checkpoint", f"{FINAL_CHECKPOINT} ({len(final.files)} files)",
+                             self.source_name, pb.FINAL_SYNC, ckpt, ckpt_seconds, "delta")
+
+    def create(self, spec: pb.ContainerSpec) -> None:
+        """Create the new container before the freeze, so that the restore only starts it;
+        until it runs, a rollback removes it (agent/migration/recovery.py)."""
         stale = self.existing_container(spec.name)
         if stale:
             self.runtime.remove(stale["Id"])
-        cid = self.runtime.create_like(spec, self.request.allow_privileged)
-        self.step(j.RESTORING, new_container=cid)
-        self.apply_rootfs(cid)
+        self.entry.data["new_container"] = self.runtime.create_like(
+            spec, self.request.allow_privileged)
+        self.journal.save(self.entry)
+        self.apply_rootfs(self.new_container, self.area / ROOTFS)
+
+    def restore(self, spec: pb.ContainerSpec) -> None:
+        cid = self.new_container
+        self.step(j.RESTORING)
+        self.report.msg.restore_method = self.runtime.method_for(cid)
         self.runtime.start_from_checkpoint(
             cid, self.area / "checkpoints" / FINAL_CHECKPOINT, f"migctl-{self.migration_id}")
         self.runtime.wait_running(cid, on_running=self.report.running)
 
-    def apply_rootfs(self, cid: str) -> None:
+    def apply_rootfs(self, cid: str, layer: Path, changes: bool = False) -> None:
         """What the container wrote to its root filesystem goes into the new container's
-        writable layer before the restore (CRIU reopens the files its process held)."""
-        layer = self.area / rootfs_path(final=True)
+        writable layer before the restore (CRIU reopens the files its process held): the
+        pre-copy archive when the container is created, then what changed, in place."""
         upper = self.runtime.upper_dir(cid)
         if upper is not None:
-            restore_layer(layer, upper)
+            (apply_layer_changes if changes else restore_layer)(layer, upper)
             return
         with tarfile.open(layer) as tar:
             wrote = bool(tar.getmembers())
@@ -537,6 +583,19 @@ class Migration:
             settle(self.entry, self.runtime, self.journal, self.staging, self.tls,
                    self.report.log)
 
+
+
+def _add(total: DeltaStats, got: int | DeltaStats) -> None:
+    """Add one file's transfer (a delta's statistics, or a whole file's size) to TOTAL."""
+    if isinstance(got, DeltaStats):
+        total.literal_bytes += got.literal_bytes
+        total.matched_bytes += got.matched_bytes
+        total.wire_bytes += got.wire_bytes
+        total.new_size += got.new_size
+    else:
+        total.literal_bytes += got
+        total.wire_bytes += got
+        total.new_size += got
 
 
 def _plain_file(path: Path) -> bool:

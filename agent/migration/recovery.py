@@ -19,6 +19,7 @@ from agent.dataplane.channel import open_channel
 from agent.dataplane.staging import Staging
 from agent.errors import MigctlError, NotFound
 from agent.migration import journal as j
+from agent.runtime.base import Runtime
 from agent.security import TLSFiles
 from proto import migctl_pb2 as pb
 from proto import migctl_pb2_grpc as rpc
@@ -26,7 +27,7 @@ from proto import migctl_pb2_grpc as rpc
 log = logging.getLogger(__name__)
 
 
-def settle(entry: j.Entry, runtime: object, journal: j.Journal, staging: Staging,
+def settle(entry: j.Entry, runtime: Runtime, journal: j.Journal, staging: Staging,
            tls: TLSFiles, say: Callable[[str], None] = lambda _: None) -> bool:
     """Leave exactly one copy running. Returns False when the rollback must wait (this node's
     engine or the source could not be reached): the caller tries again later."""
@@ -88,7 +89,7 @@ def _pending(entry: j.Entry, journal: j.Journal, why: str) -> None:
     journal.save(entry)
 
 
-def _running(runtime: object, cid: str) -> bool:
+def _running(runtime: Runtime, cid: str) -> bool:
     """Whether CID runs; NotFound is "no"; an engine that does not answer raises."""
     try:
         return bool(runtime.inspect(cid)["State"].get("Running"))

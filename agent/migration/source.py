@@ -20,7 +20,11 @@ from pathlib import Path
 
 from agent.catalog.registry import checkpoint_keys
 from agent.catalog.store import Item, Store
+from agent.dataplane import archive
+from agent.dataplane.rootfs import snapshot_layer
 from agent.dataplane.staging import Staging
+from agent.dataplane.tree import Manifest
+from agent.delta import DEFAULT_BLOCK_SIZE, Signature, signature_block_cap
 from agent.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -30,7 +34,8 @@ from agent.errors import (
     PermissionDenied,
 )
 from agent.migration import journal as j
-from agent.runtime.docker import DockerRuntime
+from agent.runtime.base import Runtime
+from agent.runtime.spec import checkpoint_path
 from proto import migctl_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -43,18 +48,37 @@ HOLD_TICK = 0.2      # how often a hold is looked at
 ABANDONED_LEASES = 10          # a pre-copy silent for this many leases is dropped
 
 
-def snapshot_path(volume: str, final: bool) -> str:
+def snapshot_path(volume: str) -> str:
     """The staging path of a volume snapshot: a fixed template, never a name from the wire."""
-    return f"volumes/{volume}.final.tar" if final else f"volumes/{volume}.tar"
+    return f"volumes/{volume}.tar"
 
 
-def rootfs_path(final: bool) -> str:
-    """The staging path of the writable layer's archive."""
-    return "rootfs.final.tar" if final else "rootfs.tar"
+ROOTFS = "rootfs.tar"  # the staging path of the writable layer's archive
+ROOTFS_CHANGES = "rootfs.changes.tar"
+
+
+def changes_path(volume: str) -> str:
+    """The final pass's archive of what changed in VOLUME since its snapshot."""
+    return f"volumes/{volume}.changes.tar"
+
+
+def manifest_path(rel: str) -> str:
+    """Where the source keeps the manifest of the snapshot at REL (agent/dataplane/tree.py)."""
+    return f"{rel}.manifest"
+
+
+def pre_copy_of(final_rel: str) -> str:
+    """The pre-copy file whose copy at the destination is the basis of FINAL_REL."""
+    if final_rel == ROOTFS_CHANGES:
+        return ROOTFS
+    if final_rel.startswith("volumes/") and final_rel.endswith(".changes.tar"):
+        return final_rel.removesuffix(".changes.tar") + ".tar"
+    return checkpoint_path(final_rel, FINAL_CHECKPOINT).replace(
+        f"checkpoints/{FINAL_CHECKPOINT}/", f"checkpoints/{PRE_CHECKPOINT}/", 1)
 
 
 class SourceSide:
-    def __init__(self, runtime: DockerRuntime, staging: Staging, journal: j.Journal,
+    def __init__(self, runtime: Runtime, staging: Staging, journal: j.Journal,
                  store: Store, lease_seconds: float,
                  publish: Callable[[list[Item]], None] = lambda _: None) -> None:
         self.publish = publish
@@ -68,6 +92,7 @@ class SourceSide:
         self._resuming: set[str] = set()  # resumes under way in this process
         self._freezing: set[str] = set()  # final checkpoints under way: no lease runs out
         self._hold_lost: set[str] = set()  # holds lost during a final checkpoint
+        self._offers: dict[str, dict[str, Signature]] = {}  # bases offered for the final pass
 
     def touch(self, migration_id: str) -> None:
         """Every call of the destination about a migration renews its lease."""
@@ -166,11 +191,9 @@ class SourceSide:
                 key, ts = f"ro:{snap['digest']}", 0.0
                 if self.store.find(key):
                     continue
-            elif rel.endswith(".final.tar"):
+            else:  # the pre-copy snapshot: an older copy is still a good basis
                 vid = self.store.volume_id(snap["volume"], vol.get("guid", ""))
                 key, ts = f"rw:{vid}", snap["ts"]
-            else:
-                continue
             if (area / rel).exists():
                 kept.append(self.store.put(key, ts, area / rel, snap["digest"], move=True))
         self.publish(kept)
@@ -210,6 +233,57 @@ class SourceSide:
                     self._resume_quietly(entry.id)
         return self.runtime.checkpoint(entry.container, request.name, area / "checkpoints",
                                        True)
+
+    def offer(self, entry: j.Entry, rel: str, chunks: Iterator[bytes]) -> None:
+        """Keep the destination's signature of its basis for REL's final pass; REL must be a
+        final path whose pre-copy file exists here, which caps the signature's size."""
+        if entry.state != j.PRE_COPY:
+            raise j.IllegalTransition(f"migration {entry.id} is {entry.state}: bases are "
+                                      "offered during pre-copy")
+        pre = self.staging.resolve(entry.id, pre_copy_of(rel))
+        if not pre.is_file():
+            raise InvalidArgument(f"{rel!r} has no pre-copy file here to be the basis of")
+        signature = Signature.from_chunks(chunks, max_blocks=signature_block_cap(
+            pre.stat().st_size, DEFAULT_BLOCK_SIZE))
+        with self._lock:
+            self._offers.setdefault(entry.id, {})[rel] = signature
+
+    def final_items(self, entry: j.Entry, upper: Path | None) -> Iterator[tuple[str, Path]]:
+        """What the final pass sends, made as it is needed: the final checkpoint's files, then
+        an archive of what changed in each writable volume and in the writable layer."""
+        if entry.state != j.FROZEN or entry.id in self._freezing:
+            raise j.IllegalTransition(f"migration {entry.id} is {entry.state}: the final pass "
+                                      "follows the final checkpoint")
+        area = self.staging.area(entry.id)
+        folder = area / "checkpoints" / FINAL_CHECKPOINT
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and not path.is_symlink():
+                yield str(path.relative_to(area)), path
+        for name, vol in sorted(entry.data.get("volumes", {}).items()):
+            if not vol.get("read_only"):
+                yield self._changes(entry, changes_path(name), snapshot_path(name),
+                                    lambda out, since, name=name: archive.snapshot(
+                                        self.runtime.volume_path(name), out, since))
+        yield self._changes(entry, ROOTFS_CHANGES, ROOTFS, lambda out, since: snapshot_layer(
+            upper or Path("/nonexistent"), out, since))
+
+    def _changes(self, entry: j.Entry, rel: str, pre: str,
+                 make: Callable[[Path, Manifest], object]) -> tuple[str, Path]:
+        manifest = self.staging.resolve(entry.id, manifest_path(pre))
+        if not manifest.is_file():
+            raise FailedPrecondition(f"migration {entry.id} has no pre-copy snapshot {pre!r} "
+                                     "to compare the final pass with")
+        out = self.staging.resolve(entry.id, rel)
+        make(out, Manifest.load(manifest))
+        return rel, out
+
+    def offers(self, migration_id: str) -> dict[str, Signature]:
+        with self._lock:
+            return dict(self._offers.get(migration_id, {}))
+
+    def forget_offers(self, migration_id: str) -> None:
+        with self._lock:
+            self._offers.pop(migration_id, None)
 
     def commit(self, entry: j.Entry) -> None:
         # Under the same lock as a lease's resume: one of the two wins, never both.
@@ -299,6 +373,7 @@ class SourceSide:
         else:
             raise FailedPrecondition(f"migration {entry.id} is {entry.state} here: resume it "
                                      "before releasing it")
+        self.forget_offers(entry.id)
         self.staging.drop(entry.id)
 
     # -- without the destination ------------------------------------------------------------
@@ -368,6 +443,7 @@ class SourceSide:
 
     def _drop(self, entry: j.Entry) -> None:
         if self.journal.try_move(entry.id, j.SOURCE, j.FAILED) is not None:
+            self.forget_offers(entry.id)
             self.staging.drop(entry.id)
 
     def _resume_quietly(self, migration_id: str) -> None:

@@ -61,7 +61,11 @@ def _engine_error(action: str, err: Exception) -> MigctlError:
 
 
 class DockerRuntime:
-    """One node's Docker engine (with CRIU through runc) and its files on disk."""
+    """One node's Docker engine (with CRIU through runc) and its files on disk. Checkpoints
+    and restores go through the Engine API, images and all (agent/runtime/direct.py skips
+    those copies where the node allows it)."""
+
+    method = "engine"
 
     def __init__(self, docker_host: str, engine_tmp: Path = Path("/tmp"),
                  containerd: Path = Path("/run/containerd/containerd.sock")) -> None:
@@ -279,6 +283,10 @@ class DockerRuntime:
 
     # -- checkpoint / restore ----------------------------------------------------------------
 
+    def method_for(self, container: str) -> str:
+        """How CONTAINER's checkpoints and restores move: "engine" or "direct"."""
+        return self.method
+
     def _engine_temp(self) -> set[Path]:
         return set(self.engine_tmp.glob("ctrd-checkpoint*"))
 
@@ -327,10 +335,11 @@ class DockerRuntime:
             self._drop_engine_temp(before)
         return directory / name
 
-    def create_like(self, spec: pb.ContainerSpec, allow_privileged: bool = False) -> str:
+    def create_like(self, spec: pb.ContainerSpec, allow_privileged: bool = False,
+                    runtime: str = "") -> str:
         """Create (not start) a container like SPEC, from the allow-listed configuration only
         (agent.runtime.spec), with its name and volumes."""
-        config = create_request(spec, allow_privileged)
+        config = create_request(spec, allow_privileged, runtime)
         networks = list(spec.networks) or ["bridge"]
         self.ensure_networks(networks)
         try:
@@ -355,6 +364,10 @@ class DockerRuntime:
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(checkpoint_dir, target)
+        self.engine_start_checkpoint(cid, name)
+
+    def engine_start_checkpoint(self, cid: str, name: str) -> None:
+        """`docker start --checkpoint NAME`, one restore at a time."""
         before = self._engine_temp()
         try:
             with self._restore_lock:

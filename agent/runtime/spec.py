@@ -21,6 +21,7 @@ _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,254}$")  # the engine's rule f
 _IMAGE_REF = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._/:@-]{0,254}$")
 _CHECKPOINT_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_CONTAINER_ID = re.compile(r"^[0-9a-f]{64}$")
 
 # Copied as they are: none of them reaches outside the container's own namespaces and cgroup.
 SAFE_CONFIG = ("Hostname", "Domainname", "User", "ExposedPorts", "Env", "Cmd", "Entrypoint",
@@ -46,6 +47,10 @@ def valid_name(kind: str, name: str) -> str:
         raise InvalidArgument(f"invalid {kind} name {name!r}: names are letters, digits and "
                               "_ . - (not starting with a symbol)")
     return name
+
+
+def valid_container_id(text: str) -> bool:
+    return bool(_CONTAINER_ID.match(text))
 
 
 def check_description(spec: pb.ContainerSpec) -> None:
@@ -145,9 +150,11 @@ def _volume_problems(vol: pb.VolumeSpec) -> list[str]:
     return out
 
 
-def create_request(spec: pb.ContainerSpec, allow_privileged: bool) -> dict[str, Any]:
+def create_request(spec: pb.ContainerSpec, allow_privileged: bool,
+                   runtime: str = "") -> dict[str, Any]:
     """The engine's create request for SPEC, from the allow-lists only. Call `unsupported`
-    first: this assumes the description passed it."""
+    first: this assumes the description passed it. RUNTIME is this node's choice (never the
+    peer's): the engine's runtime to run the container with."""
     check_description(spec)
     config, host = engine_config(spec)
     out = {k: config[k] for k in SAFE_CONFIG if k in config}
@@ -162,6 +169,8 @@ def create_request(spec: pb.ContainerSpec, allow_privileged: bool) -> dict[str, 
     new_host["Binds"] = [f"{v.name}:{v.destination}:{'ro' if v.read_only else 'rw'}"
                          for v in spec.volumes]
     new_host["NetworkMode"] = (list(spec.networks) or ["bridge"])[0]
+    if runtime:
+        new_host["Runtime"] = runtime
     out["HostConfig"] = new_host
     return out
 

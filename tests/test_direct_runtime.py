@@ -1,0 +1,78 @@
+"""The direct checkpoint path on the real lab: CRIU's images bypass the engine's copies, and
+Docker still manages the container afterwards; a container on plain runc takes the engine's
+path on the same nodes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import docker
+import pytest
+
+from agent.runtime import direct
+from client.workloads import COUNTER, TOY_IMAGE, ensure_toy_image, remove_everywhere, run_toy
+from tests.conftest import CACHE, LabHandle, migrate_json
+from tests.test_migrate_e2e import check_moved, logs, wait_for_count
+
+pytestmark = pytest.mark.lab
+
+
+def engine_checkpoint_files(client: docker.DockerClient, cid: str) -> list[str]:
+    """Files in the engine's own checkpoint folders of CID (images the engine copied)."""
+    root = client.info()["DockerRootDir"]
+    folder = Path(root) / "containers" / cid / "checkpoints"
+    return [str(p) for p in folder.rglob("*") if p.is_file()]
+
+
+def test_the_direct_path_moves_the_toy_and_docker_still_manages_it(lab: LabHandle) -> None:
+    a, b = lab.docker["nodeA"], lab.docker["nodeB"]
+    remove_everywhere(lab.docker, ["toytsm"], ["testrw", "testro"])
+    ensure_toy_image(a, CACHE)
+    old = run_toy(a)
+    assert a.containers.get(old.id).attrs["HostConfig"]["Runtime"] == direct.DIRECT_RUNTIME
+    wait_for_count(a, "toytsm", 3)
+
+    report = migrate_json("--from", "nodeA", "--to", "nodeB", "toytsm")
+    assert report["checkpoint_method"] == "direct"
+    assert report["restore_method"] == "direct"
+    check_moved(lab, "nodeA", "nodeB", report)
+    new = b.containers.get("toytsm")
+    assert new.attrs["HostConfig"]["Runtime"] == direct.DIRECT_RUNTIME
+    # the images never went through the engine: its checkpoint folders hold none
+    assert engine_checkpoint_files(a, old.id) == []
+    assert engine_checkpoint_files(b, new.id) == []
+    assert not list(direct.REQUEST_DIR.glob(f"{old.id}.*"))
+    assert not list(direct.REQUEST_DIR.glob(f"{new.id}.*"))
+
+    # Docker manages the restored container as any other
+    assert new.exec_run(["cat", "/lines.txt"]).exit_code == 0
+    before = logs(b, "toytsm")
+    new.stop(timeout=2)
+    new.reload()
+    assert new.status == "exited"
+    new.start()
+    time.sleep(1.5)
+    new.reload()
+    assert new.status == "running"
+    assert len(logs(b, "toytsm")) > len(before)
+    remove_everywhere(lab.docker, ["toytsm"], ["testrw", "testro"])
+
+
+def test_a_container_on_plain_runc_takes_the_engines_path(lab: LabHandle) -> None:
+    a, c = lab.docker["nodeA"], lab.docker["nodeC"]
+    remove_everywhere(lab.docker, ["toytsm"], ["testrw", "testro"])
+    ensure_toy_image(a, CACHE)
+    a.volumes.create("testrw", labels={"rw-guid": f"guid-plain-{time.time_ns()}"})
+    a.volumes.create("testro")
+    a.containers.run(TOY_IMAGE, ["sh", "-c", COUNTER], name="toytsm", detach=True,
+                     runtime="runc", volumes={"testrw": {"bind": "/testrw", "mode": "rw"},
+                                              "testro": {"bind": "/testro", "mode": "ro"}})
+    wait_for_count(a, "toytsm", 3)
+    report = migrate_json("--from", "nodeA", "--to", "nodeC", "toytsm")
+    assert report["checkpoint_method"] == "engine"
+    assert report["restore_method"] == "direct", "the destination creates it with the wrapper"
+    new = c.containers.get("toytsm")
+    assert new.status == "running"
+    wait_for_count(c, "toytsm", 2)
+    remove_everywhere(lab.docker, ["toytsm"], ["testrw", "testro"])

@@ -1,0 +1,110 @@
+"""migctl-runc: every call reaches runc unchanged, except a staged checkpoint or restore."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agent.errors import RuntimeFailure
+from agent.runtime import direct
+
+CID = "a" * 64
+
+
+@pytest.fixture
+def run(tmp_path: Path):
+    """Run the wrapper with a fake runc that prints its arguments as JSON."""
+    fake = tmp_path / "runc"
+    fake.write_text("#!/usr/bin/env python3\nimport json, sys; print(json.dumps(sys.argv[1:]))\n")
+    fake.chmod(0o755)
+    requests = tmp_path / "requests"
+    requests.mkdir()
+
+    def call(*args: str) -> list[str]:
+        env = dict(os.environ, MIGCTL_RUNC=str(fake), MIGCTL_RUNC_DIR=str(requests))
+        out = subprocess.run([str(direct.WRAPPER), *args], env=env, capture_output=True,
+                             text=True)
+        if out.returncode:
+            raise RuntimeError(out.stderr)
+        return json.loads(out.stdout)
+
+    call.requests = requests  # type: ignore[attr-defined]
+    return call
+
+
+ORDINARY = [
+    ["--version"],
+    ["--root", "/run/x", "--log", "/l/log.json", "--log-format", "json", "state", CID],
+    ["--root", "/r", "create", "--bundle", "/b with space", "--pid-file", "/p", CID],
+    ["--root", "/r", "exec", "--process", "/tmp/p.json", "--detach", CID],
+    ["--root", "/r", "kill", CID, "9"],
+    ["--root", "/r", "delete", "--force", CID],
+    ["--root", "/r", "checkpoint", "--image-path", "/engine/img", "--work-path", "/w", CID],
+    ["--root", "/r", "restore", "--image-path=/engine/img", "--bundle", "/b", CID],
+]
+
+
+@pytest.mark.parametrize("args", ORDINARY)
+def test_calls_without_a_request_pass_unchanged(run, args: list[str]) -> None:
+    assert run(*args) == args
+
+
+def test_a_staged_checkpoint_goes_to_the_agents_folder(run) -> None:
+    (run.requests / f"{CID}.checkpoint").write_text("/staging/m1/checkpoints/final\n\n")
+    got = run("--root", "/r", "checkpoint", "--image-path", "/engine/img", "--work-path", "/w",
+              "--leave-running", CID)
+    assert got == ["--root", "/r", "checkpoint", "--image-path", "/staging/m1/checkpoints/final",
+                   "--work-path", "/w", "--leave-running", CID]
+
+
+def test_a_staged_restore_reads_from_the_agents_folder(run) -> None:
+    (run.requests / f"{CID}.restore").write_text("/staging/m1/checkpoints/final\n")
+    got = run("--root", "/r", "restore", "--image-path=/engine/img", "--bundle", "/b", CID)
+    assert got == ["--root", "/r", "restore", "--image-path=/staging/m1/checkpoints/final",
+                   "--bundle", "/b", CID]
+
+
+def test_a_page_server_is_added_to_the_checkpoint_only(run) -> None:
+    (run.requests / f"{CID}.checkpoint").write_text("/s/img\n10.0.0.2:27000\n")
+    got = run("--root", "/r", "checkpoint", "--image-path", "/e", CID)
+    assert got == ["--root", "/r", "checkpoint", "--image-path", "/s/img",
+                   "--page-server", "10.0.0.2:27000", CID]
+
+
+def test_a_request_for_another_container_or_action_changes_nothing(run) -> None:
+    (run.requests / f"{'b' * 64}.checkpoint").write_text("/s/img\n")
+    (run.requests / f"{CID}.restore").write_text("/s/img\n")
+    args = ["--root", "/r", "checkpoint", "--image-path", "/e", CID]
+    assert run(*args) == args
+
+
+def test_a_relative_folder_is_refused(run) -> None:
+    (run.requests / f"{CID}.checkpoint").write_text("../../etc\n")
+    with pytest.raises(RuntimeError, match="absolute"):
+        run("--root", "/r", "checkpoint", "--image-path", "/e", CID)
+
+
+def test_a_request_lives_only_while_staged(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(direct, "REQUEST_DIR", tmp_path / "rq")
+    with direct.staged(CID, "restore", Path("/s/img")):
+        assert (tmp_path / "rq" / f"{CID}.restore").read_text() == "/s/img\n\n"
+        assert (tmp_path / "rq").stat().st_mode & 0o077 == 0
+    assert not (tmp_path / "rq" / f"{CID}.restore").exists()
+
+
+@pytest.mark.parametrize("bad", ["../" + "a" * 61, "a" * 63, "A" * 64, "toytsm"])
+def test_only_container_ids_name_a_request(tmp_path: Path, monkeypatch, bad: str) -> None:
+    monkeypatch.setattr(direct, "REQUEST_DIR", tmp_path / "rq")
+    with pytest.raises(RuntimeFailure), direct.staged(bad, "checkpoint", Path("/s")):
+        pass
+
+
+def test_the_probe_finds_the_wrapper_under_any_name() -> None:
+    info = {"Runtimes": {"runc": {"path": "runc"},
+                         "fast": {"path": "/opt/migctl/bin/migctl-runc"}}}
+    assert direct.wrapper_runtime(info) == "fast"
+    assert direct.wrapper_runtime({"Runtimes": {"runc": {"path": "runc"}}}) == ""
