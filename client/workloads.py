@@ -76,6 +76,40 @@ def ensure_toy_image(client: docker.DockerClient, cache: Path) -> None:
         client.images.build(path=ctx, tag=TOY_IMAGE, rm=True)
 
 
+REDIS_IMAGE = "migctl-redis:1"
+
+
+def ensure_redis_image(client: docker.DockerClient, cache: Path) -> None:
+    """Redis without a registry: the host's redis-server and the libraries it links, on the
+    base image (built the same way on every node, so its layers match)."""
+    ensure_base(client, cache)
+    try:
+        client.images.get(REDIS_IMAGE)
+        return
+    except docker.errors.ImageNotFound:
+        pass
+    server = shutil.which("redis-server")
+    assert server, "redis-server is missing: run scripts/setup.sh"
+    libs = [line.split("=>")[-1].split("(")[0].strip() for line in subprocess.run(
+        ["ldd", server], capture_output=True, text=True, check=True).stdout.splitlines()]
+    with tempfile.TemporaryDirectory() as ctx:
+        root = Path(ctx, "rootfs")
+        for f in [server, *[lib for lib in libs if lib.startswith("/")]]:
+            dest = root / Path(f).resolve().relative_to("/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(f).resolve(), dest)
+            if Path(f).resolve() != Path(f):  # the name the loader asks for
+                link = root / Path(f).relative_to("/")
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if not link.exists():
+                    link.symlink_to(Path(f).resolve())
+        Path(ctx, "Dockerfile").write_text(
+            f"FROM {BASE}\nCOPY rootfs/ /\n"
+            'CMD ["/usr/bin/redis-server", "--bind", "0.0.0.0", "--protected-mode", "no", '
+            '"--save", "", "--appendonly", "no", "--enable-debug-command", "yes"]\n')
+        client.images.build(path=ctx, tag=REDIS_IMAGE, rm=True)
+
+
 def remove_everywhere(clients: dict[str, docker.DockerClient], containers: list[str],
                       volumes: list[str]) -> None:
     for client in clients.values():
