@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import subprocess
@@ -635,3 +636,33 @@ def test_console_script_is_the_rdiff_like_command(tmp_path: Path) -> None:
     args = ["patch", str(tmp_path / "basis"), str(tmp_path / "d"), str(tmp_path / "out")]
     assert main(["-s", *args]) == 0
     assert (tmp_path / "out").read_bytes() == (tmp_path / "new").read_bytes()
+
+
+# -- kernel copies --------------------------------------------------------------------------------
+
+
+def test_matched_runs_are_copied_by_the_kernel_with_a_buffered_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    basis = rand(1024 * KIB, 50)
+    new = basis[:5000] + b"edit" + basis[5000:700_000] + rand(4096, 51) + basis[704_096:]
+    chunks = delta_chunks(tmp_path, basis, new)
+    copied: list[int] = []
+    real = os.copy_file_range
+
+    def counting(src: int, dst: int, count: int, offset_src: int, offset_dst: int) -> int:
+        done = real(src, dst, count, offset_src, offset_dst)
+        copied.append(done)
+        return done
+
+    monkeypatch.setattr(os, "copy_file_range", counting)
+    stats = patch_stream(tmp_path / "basis", chunks, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == new
+    assert len(copied) > 1 and sum(copied) == stats.matched_bytes  # every run, not a prefix
+
+    def unsupported(*args: int) -> int:
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", unsupported)
+    patch_stream(tmp_path / "basis", chunks, tmp_path / "out2")
+    assert (tmp_path / "out2").read_bytes() == new

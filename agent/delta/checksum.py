@@ -8,6 +8,7 @@ live in :mod:`agent.delta.weak`.
 from __future__ import annotations
 
 import mmap
+import queue
 import threading
 
 import xxhash
@@ -33,10 +34,12 @@ def strong_hashes(view: memoryview, start: int, count: int, block_size: int) -> 
     return b"".join([strong_digest(view[p : p + L]) for p in range(start, start + count * L, L)])
 
 
-def hash_mapped(mm: mmap.mmap, start: int = 0, end: int | None = None) -> xxhash.xxh3_128:
+def hash_mapped(
+    mm: mmap.mmap, start: int = 0, end: int | None = None, hasher: xxhash.xxh3_128 | None = None
+) -> xxhash.xxh3_128:
     """Streaming strong hash of a mapped range, dropping pages behind it to keep RSS flat."""
     end = len(mm) if end is None else end
-    hasher = xxhash.xxh3_128()
+    hasher = xxhash.xxh3_128() if hasher is None else hasher
     view = memoryview(mm)
     step = 8 << 20
     try:
@@ -62,26 +65,56 @@ def release(mm: mmap.mmap, start: int, end: int) -> None:
         mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
-class HashInBackground(threading.Thread):
-    """The whole-file hash of a mapped file on a thread of its own, overlapped with matching or
-    rebuilding (xxhash drops the GIL): checking it costs almost nothing on 2 cores."""
+class HashThread(threading.Thread):
+    """A strong hash of pieces given in order (ranges of a mapped file, or bytes), computed on
+    a thread of its own.  xxhash keeps the GIL while it hashes, but the other side of the work
+    (kernel copies, matching in numpy) mostly does not, so on 2 cores it costs almost nothing.
+    """
 
-    def __init__(self, mm: mmap.mmap) -> None:
+    def __init__(self, mm: mmap.mmap | None) -> None:
         super().__init__(name="delta-hash", daemon=True)
         self._mm = mm
-        self._digest: bytes | None = None
+        self._queue: queue.SimpleQueue[tuple[int, int] | BytesLike | None] = queue.SimpleQueue()
+        self._hasher = xxhash.xxh3_128()
         self._error: BaseException | None = None
         self.start()
 
+    def add_range(self, start: int, stop: int) -> None:
+        """Hash ``mm[start:stop]`` next."""
+        self._queue.put((start, stop))
+
+    def add(self, data: BytesLike) -> None:
+        """Hash ``data`` next (it must not change until the hash is taken)."""
+        self._queue.put(data)
+
     def run(self) -> None:
         try:
-            self._digest = hash_mapped(self._mm).digest()
+            while (item := self._queue.get()) is not None:
+                if isinstance(item, tuple):
+                    assert self._mm is not None
+                    hash_mapped(self._mm, *item, hasher=self._hasher)
+                else:
+                    self._hasher.update(item)
         except BaseException as exc:  # re-raised in the caller's thread by digest()
             self._error = exc
+            while self._queue.get() is not None:
+                pass
+
+    def finish(self) -> None:
+        """Stop once what was given is hashed (idempotent: callers' cleanup paths end here)."""
+        if self.is_alive():
+            self._queue.put(None)
+            self.join()
 
     def digest(self) -> bytes:
-        self.join()
+        self.finish()
         if self._error is not None:
             raise self._error
-        assert self._digest is not None
-        return self._digest
+        return self._hasher.digest()
+
+
+def hash_in_background(mm: mmap.mmap) -> HashThread:
+    """The whole-file hash of a mapped file, overlapped with matching or rebuilding."""
+    thread = HashThread(mm)
+    thread.add_range(0, len(mm))
+    return thread

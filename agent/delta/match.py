@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING
 from agent.delta.checksum import (
     EMPTY_HASH,
     STRONG_SIZE,
-    HashInBackground,
+    HashThread,
+    hash_in_background,
     hash_mapped,
     release,
     strong_digest,
@@ -266,7 +267,7 @@ class _Matcher:
 
     def run(self) -> Iterator[bytes]:
         sig, n, writer = self.sig, self.size, self.writer
-        hasher_thread: HashInBackground | None = None
+        hasher_thread: HashThread | None = None
         if n == sig.basis_length and self._ends_match():
             digest = hash_mapped(self.mm).digest()
             if digest == sig.basis_hash:
@@ -276,12 +277,12 @@ class _Matcher:
                 yield from writer.drain()
                 return
         else:
-            hasher_thread = HashInBackground(self.mm)
+            hasher_thread = hash_in_background(self.mm)
         try:
             yield from self._walk()
         finally:
             if hasher_thread is not None:
-                hasher_thread.join()
+                hasher_thread.finish()
         if hasher_thread is not None:
             digest = hasher_thread.digest()
         self.flush_run()
