@@ -196,21 +196,30 @@ class _Matcher:
     def _strong_of(self, j: int) -> bytes:
         return self.strong[j * STRONG_SIZE : (j + 1) * STRONG_SIZE]
 
-    def _scan(self, offsets: Iterable[int], prefer: int) -> tuple[int, int] | None:
+    def _scan(self, offsets: Iterable[int], start: int, prefer: int) -> tuple[int, int] | None:
         """The first of ``offsets`` whose block is in the basis: one hash, one lookup each.
 
-        ``prefer`` (the block after the previous match) wins ties, so runs of repeated
-        content stay consecutive and batch into one COPY.
+        The blocks the old layout puts nearest win over other blocks with the same content
+        (``prefer`` is the block predicted at ``start``, so ``prefer + (off - start) // L`` and
+        the one after): after an insertion or a deletion in repeated content the grid goes on
+        from the right copy, and runs stay consecutive and batch into one COPY.
         """
         assert self._index is not None
-        view, L, blocks = self.view, self.L, self._index.blocks
-        want = self._strong_of(prefer) if 0 <= prefer < self.basis_full else None
+        view, L, full, blocks = self.view, self.L, self.basis_full, self._index.blocks
         hashed = 0
         found = None
+        near_k, near = -1, (b"", b"")
         for off in offsets:
             hashed += 1
             digest = strong_digest(view[off : off + L])
-            j = prefer if digest == want else blocks.get(digest)
+            k = prefer + (off - start) // L
+            if k != near_k:
+                near_k = k
+                near = tuple(self._strong_of(i) if i < full else b"" for i in (k, k + 1))
+            if digest in near:
+                found = off, k + near.index(digest)
+                break
+            j = blocks.get(digest)
             if j is not None:
                 found = off, j
                 break
@@ -227,31 +236,34 @@ class _Matcher:
         self.work.searches += 1
         last = limit - L  # last offset to try
         if last - start < DIRECT_OFFSETS:
-            return self._scan(range(start, last + 1), prefer)
+            return self._scan(range(start, last + 1), start, prefer)
         stop = min(last, start + self.direct_left - 1)
-        if stop >= start:
-            found = self._scan(range(start, stop + 1), prefer)
-            self.direct_left -= (stop if found is None else found[0]) - start + 1
-            if found is not None or stop == last:
-                return found
-            start = stop + 1
-        return self._search_vectorised(start, limit, prefer)
+        if stop < start:
+            return self._search_vectorised(start, limit, start, prefer)
+        found = self._scan(range(start, stop + 1), start, prefer)
+        self.direct_left -= (stop if found is None else found[0]) - start + 1
+        if found is not None or stop == last:
+            return found
+        return self._search_vectorised(stop + 1, limit, start, prefer)
 
-    def _search_vectorised(self, start: int, limit: int, prefer: int) -> tuple[int, int] | None:
-        """Weak sums of every offset (numpy) pick the candidates; the strong hash confirms."""
+    def _search_vectorised(
+        self, first: int, limit: int, start: int, prefer: int
+    ) -> tuple[int, int] | None:
+        """Weak sums of every offset from ``first`` on (numpy) pick the candidates; the strong
+        hash confirms them (``start`` and ``prefer`` as for :meth:`_scan`)."""
         from agent.delta.weak import rolling_hits
 
         assert self._index is not None
         L, work = self.L, self.work
         weak = self._index.weak
-        allowed = FALSE_HITS_MIN + FALSE_HITS_PER_BLOCK * ((limit - start) // L)
-        o = start
+        allowed = FALSE_HITS_MIN + FALSE_HITS_PER_BLOCK * ((limit - first) // L)
+        o = first
         window = FIRST_WINDOW
         while o + L <= limit:
             end = min(limit, o + window + L - 1)
             work.scanned += end - L + 1 - o
             hits = rolling_hits(self.view[o:end], L, weak)[: allowed + 1]
-            found = self._scan([o + c for c in hits], prefer)
+            found = self._scan([o + c for c in hits], start, prefer)
             if found is not None:
                 return found
             work.refuted += len(hits)
