@@ -3,9 +3,11 @@
 Not a test: it prints numbers measured on this machine, in one run, side by side.
 
     .venv/bin/python bench/delta_bench.py [--size-mib 256] [--workdir DIR] [--repeat 3]
+    .venv/bin/python bench/delta_bench.py --mode processes --repeat 5
 
 Pairs (basis -> new), built from a fixed seed:
-  changed    1 % of the 4 KiB pages rewritten at random + a 100-byte insertion near the middle
+  changed    1 % of the 4 KiB pages rewritten at random + a 100-byte insertion and a 100-byte
+             deletion (bench/delta_data.py's edit)
   identical  a byte-for-byte copy of the basis
   different  unrelated random data of the same size
 
@@ -22,6 +24,19 @@ of really writing it.  Each timing is the median of --repeat runs, rsync and eng
 interleaved.
 Peak delta memory runs the delta step in a child process and reads its peak RSS (VmHWM, reset
 after setup) minus its RSS before the delta; mapped file pages still resident count against us.
+
+--mode processes measures what a user of the commands meets, start-up included.  Rows: every
+kind of bench/delta_data.py (random, and content that is repetitive or crafted so that weak sums
+collide) with the same edit as "changed", plus "colliding-sig": the random pair with a signature
+whose weak sums a hostile receiver set all to one value.  In each of --repeat rounds, per row
+and one after the other on a destination freshly copied from the basis (``sync`` before every
+timed step): ``rsync --no-whole-file -I --stats -B 4096 NEW DEST``; then ``python -m
+agent.delta delta SIG NEW DELTA`` and ``... patch DEST DELTA DEST`` (what the migctl-delta
+console script runs; bytecode cached, as when installed); then rdiff's ``delta`` and ``patch``
+into a new file renamed over DEST (rdiff cannot patch in place), if rdiff is installed.  Both
+signatures are made before the timed steps (the engine's before the container freezes).
+Reported: medians of the rounds; delta+patch against rsync's wall time and bytes sent, each row
+against the random row, and the peak RSS of every engine step from GNU time.
 """
 
 from __future__ import annotations

@@ -638,6 +638,28 @@ def test_console_script_is_the_rdiff_like_command(tmp_path: Path) -> None:
     assert (tmp_path / "out").read_bytes() == (tmp_path / "new").read_bytes()
 
 
+def test_command_streams_signature_and_delta_through_pipes_like_rdiff(tmp_path: Path) -> None:
+    basis = rand(80 * KIB, 43)
+    new = basis[:1000] + b"piped" + basis[1000:]
+    (tmp_path / "basis").write_bytes(basis)
+    (tmp_path / "new").write_bytes(new)
+    sig = subprocess.run(
+        [sys.executable, "-m", "agent.delta", "signature", str(tmp_path / "basis")],
+        cwd=ROOT, capture_output=True, timeout=60, check=True,
+    ).stdout
+    delta = subprocess.run(
+        [sys.executable, "-m", "agent.delta", "delta", "-", str(tmp_path / "new")],
+        cwd=ROOT, input=sig, capture_output=True, timeout=60, check=True,
+    ).stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.delta", "-s", "patch", str(tmp_path / "basis"), "-",
+         str(tmp_path / "out")],
+        cwd=ROOT, input=delta, capture_output=True, timeout=60,
+    )
+    assert r.returncode == 0 and b"patch: new" in r.stderr and r.stdout == b""
+    assert (tmp_path / "out").read_bytes() == new
+
+
 # -- kernel copies --------------------------------------------------------------------------------
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import secrets
 from collections.abc import Iterable
 
 from agent.delta.checksum import HashThread, hash_in_background
@@ -184,7 +183,7 @@ def patch_stream(
             basis_fd = os.open(basis_path, os.O_RDONLY)
         except FileNotFoundError as exc:
             raise DeltaError(f"basis file {os.fspath(basis_path)!r} does not exist") from exc
-    tmp_path = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.delta-tmp")
+    tmp_path = os.path.join(directory, f".{name}.{os.urandom(4).hex()}.delta-tmp")
     rebuild: _Rebuild | None = None
     check: HashThread | None = None
     try:
