@@ -63,6 +63,11 @@ class Signature:
     strong_raw: bytes
     basis_hash: bytes
 
+    def __post_init__(self) -> None:
+        n = -(-self.basis_length // self.block_size)
+        if len(self.weak_raw) != 4 * n or len(self.strong_raw) != STRONG_SIZE * n:
+            raise ValueError(f"a signature of {self.basis_length} bytes has {n} blocks' sums")
+
     @functools.cached_property
     def weak(self) -> np.ndarray:
         """``(n,)`` uint32 weak sums."""
