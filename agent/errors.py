@@ -1,42 +1,61 @@
-"""One error hierarchy for the agent; each maps to a gRPC status so clients see the same words."""
+"""One error hierarchy for the agent; each maps to a gRPC status so clients see the same words.
+
+grpc is imported only when a status code is read, so tools that merely raise these errors (the
+``migctl-delta`` command) start without it.
+"""
 
 from __future__ import annotations
 
-import grpc
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import grpc
+
+
+class _Code:
+    """``grpc.StatusCode.<name>`` on first access; an instance may still assign its own code."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: object, owner: type | None = None) -> grpc.StatusCode:
+        import grpc
+
+        return grpc.StatusCode[self.name]
 
 
 class MigctlError(Exception):
     """Base class: the message is written for an operator and says what to do."""
 
-    code = grpc.StatusCode.INTERNAL
+    code = _Code("INTERNAL")
 
 
 class NotFound(MigctlError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = _Code("NOT_FOUND")
 
 
 class InvalidArgument(MigctlError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = _Code("INVALID_ARGUMENT")
 
 
 class AlreadyExists(MigctlError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    code = _Code("ALREADY_EXISTS")
 
 
 class Unavailable(MigctlError):
     """A peer agent or engine could not be reached."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code = _Code("UNAVAILABLE")
 
 
 class FailedPrecondition(MigctlError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = _Code("FAILED_PRECONDITION")
 
 
 class RuntimeFailure(MigctlError):
     """Docker or CRIU refused an operation (checkpoint, restore, load)."""
 
-    code = grpc.StatusCode.ABORTED
+    code = _Code("ABORTED")
 
 
 class DeltaError(FailedPrecondition):
@@ -53,4 +72,4 @@ class Refused(FailedPrecondition):
 class PermissionDenied(MigctlError):
     """The caller's certificate is valid, but its role or its part in the migration is not."""
 
-    code = grpc.StatusCode.PERMISSION_DENIED
+    code = _Code("PERMISSION_DENIED")

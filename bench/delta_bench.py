@@ -3,9 +3,11 @@
 Not a test: it prints numbers measured on this machine, in one run, side by side.
 
     .venv/bin/python bench/delta_bench.py [--size-mib 256] [--workdir DIR] [--repeat 3]
+    .venv/bin/python bench/delta_bench.py --mode processes --repeat 5
 
 Pairs (basis -> new), built from a fixed seed:
-  changed    1 % of the 4 KiB pages rewritten at random + a 100-byte insertion near the middle
+  changed    1 % of the 4 KiB pages rewritten at random + a 100-byte insertion and a 100-byte
+             deletion (bench/delta_data.py's edit)
   identical  a byte-for-byte copy of the basis
   different  unrelated random data of the same size
 
@@ -22,6 +24,19 @@ of really writing it.  Each timing is the median of --repeat runs, rsync and eng
 interleaved.
 Peak delta memory runs the delta step in a child process and reads its peak RSS (VmHWM, reset
 after setup) minus its RSS before the delta; mapped file pages still resident count against us.
+
+--mode processes measures what a user of the commands meets, start-up included.  Rows: every
+kind of bench/delta_data.py (random, and content that is repetitive or crafted so that weak sums
+collide) with the same edit as "changed", plus "colliding-sig": the random pair with a signature
+whose weak sums a hostile receiver set all to one value.  In each of --repeat rounds, per row
+and one after the other on a destination freshly copied from the basis (``sync`` before every
+timed step): ``rsync --no-whole-file -I --stats -B 4096 NEW DEST``; then ``python -m
+agent.delta delta SIG NEW DELTA`` and ``... patch DEST DELTA DEST`` (what the migctl-delta
+console script runs; bytecode cached, as when installed); then rdiff's ``delta`` and ``patch``
+into a new file renamed over DEST (rdiff cannot patch in place), if rdiff is installed.  Both
+signatures are made before the timed steps (the engine's before the container freezes).
+Reported: medians of the rounds; delta+patch against rsync's wall time and bytes sent, each row
+against the random row, and the peak RSS of every engine step from GNU time.
 """
 
 from __future__ import annotations
@@ -47,9 +62,14 @@ import xxhash
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.delta import DeltaStats, delta_stream, make_signature, patch_stream  # noqa: E402
+from agent.delta import (  # noqa: E402
+    DeltaStats,
+    delta_stream,
+    make_signature,
+    patch_stream,
+)
+from bench.delta_data import KINDS, basis_of, colliding_signature, edited  # noqa: E402
 
-PAGE = 4096
 MIB = 1 << 20
 SEED = 20240611
 
@@ -73,16 +93,7 @@ def build_files(workdir: Path, size: int) -> dict[str, Path]:
     _write_random(different, size, rng)
 
     changed = workdir / "changed.bin"
-    data = np.fromfile(basis, dtype=np.uint8)
-    pages = rng.choice(size // PAGE, size=max(1, size // PAGE // 100), replace=False)
-    for p in pages:
-        data[p * PAGE : (p + 1) * PAGE] = rng.integers(0, 256, PAGE, dtype=np.uint8)
-    mid = size // 2 + int(rng.integers(0, PAGE))
-    with open(changed, "wb") as f:
-        f.write(data[:mid].tobytes())
-        f.write(rng.integers(0, 256, 100, dtype=np.uint8).tobytes())
-        f.write(data[mid:].tobytes())
-    del data
+    edited(np.fromfile(basis, dtype=np.uint8), rng).tofile(changed)
     return {"basis": basis, "changed": changed, "identical": identical, "different": different}
 
 
@@ -274,6 +285,183 @@ def socket_throughput(total: int, msg: int = MIB) -> float:
     return received / elapsed
 
 
+# -- processes: the commands as a user runs them ---------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE = [sys.executable, "-m", "agent.delta"]
+GNU_TIME = "/usr/bin/time" if os.path.exists("/usr/bin/time") else None
+PROCESS_ROWS = (*KINDS, "colliding-sig")
+"""``colliding-sig``: the random pair, with a signature whose weak sums a hostile receiver
+set all to one value."""
+
+
+def timed(cmd: list[str], log: Path) -> tuple[float, int, str]:
+    """Wall time and peak RSS (bytes; -1 without GNU time) of one command, start-up included,
+    and its output.  The RSS comes from GNU time, whose child is forked from a small process:
+    a child forked from this one would count this one's pages until its exec."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = str(ROOT)  # as installed: bytecode cached, the worktree's code
+    rss_file = log.with_suffix(".rss")
+    if GNU_TIME:
+        cmd = [GNU_TIME, "-f", "%M", "-o", str(rss_file), *cmd]
+    with open(log, "w+") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        elapsed = time.perf_counter() - t0
+        out.seek(0)
+        text = out.read()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {text}")
+    rss = int(rss_file.read_text().split()[-1]) * 1024 if GNU_TIME else -1
+    return elapsed, rss, text
+
+
+def build_row(workdir: Path, row: str, size: int) -> tuple[Path, Path]:
+    kind = "random" if row == "colliding-sig" else row
+    rng = np.random.default_rng(SEED)
+    basis = basis_of(kind, size, rng)
+    basis_path, new_path = workdir / f"{kind}.basis", workdir / f"{kind}.new"
+    if not new_path.exists():
+        basis.tofile(basis_path)
+        edited(basis, rng).tofile(new_path)
+    return basis_path, new_path
+
+
+def engine_signature(row: str, basis: Path, sig_path: Path) -> None:
+    """The receiver's signature (made before the freeze, so not in the delta's time)."""
+    sig = make_signature(basis)
+    if row == "colliding-sig":
+        sig = colliding_signature(sig, int(sig.weak[0]))
+    with open(sig_path, "wb") as f:
+        for chunk in sig.to_chunks():
+            f.write(chunk)
+
+
+def one_process_run(workdir: Path, basis: Path, new: Path, want: bytes) -> dict[str, float]:
+    """rsync, the engine's commands and rdiff's, one after the other on the same pair."""
+    dest, log = workdir / "dest.bin", workdir / "log.txt"
+    sig, delta = workdir / "engine.sig", workdir / "engine.delta"
+    r: dict[str, float] = {}
+    fresh_dest(basis, dest)
+    r["rsync"], r["rsync_rss"], out = timed(
+        ["rsync", "--no-whole-file", "-I", "--stats", "-B", "4096", str(new), str(dest)], log
+    )
+    r["rsync_sent"] = int(re.search(r"Total bytes sent: ([\d,]+)", out).group(1).replace(",", ""))
+    assert file_hash(dest) == want, "rsync output differs"
+
+    fresh_dest(basis, dest)
+    r["delta"], r["delta_rss"], _ = timed([*ENGINE, "delta", str(sig), str(new), str(delta)], log)
+    os.sync()
+    r["patch"], r["patch_rss"], _ = timed([*ENGINE, "patch", str(dest), str(delta), str(dest)], log)
+    r["delta_bytes"] = delta.stat().st_size
+    assert file_hash(dest) == want, "engine output differs"
+
+    if shutil.which("rdiff"):
+        rsig, rdelta, rnew = workdir / "rdiff.sig", workdir / "rdiff.delta", workdir / "rdiff.new"
+        fresh_dest(basis, dest)
+        rdiff = ["rdiff", "--force"]  # overwrite the previous run's files
+        timed([*rdiff, "signature", "-b", "4096", str(dest), str(rsig)], log)
+        os.sync()
+        r["rdiff_delta"], _, _ = timed([*rdiff, "delta", str(rsig), str(new), str(rdelta)], log)
+        os.sync()
+        r["rdiff_patch"], _, _ = timed([*rdiff, "patch", str(dest), str(rdelta), str(rnew)], log)
+        t0 = time.perf_counter()
+        os.replace(rnew, dest)  # like rsync and the engine: the new file takes DEST's place
+        r["rdiff_patch"] += time.perf_counter() - t0
+        r["rdiff_bytes"] = rdelta.stat().st_size
+        assert file_hash(dest) == want, "rdiff output differs"
+    return r
+
+
+def identical_vs_cp(workdir: Path, basis: Path, repeat: int) -> tuple[float, float]:
+    """Patching an unchanged file into a new path against ``cp`` of it, medians."""
+    sig, delta, out = workdir / "id.sig", workdir / "id.delta", workdir / "id.out"
+    engine_signature("identical", basis, sig)
+    timed([*ENGINE, "delta", str(sig), str(basis), str(delta)], workdir / "log.txt")
+    patch_t, cp_t = [], []
+    for _ in range(repeat):
+        for times, cmd in (
+            (patch_t, [*ENGINE, "patch", str(basis), str(delta), str(out)]),
+            (cp_t, ["cp", str(basis), str(out)]),
+        ):
+            out.unlink(missing_ok=True)
+            os.sync()
+            times.append(timed(cmd, workdir / "log.txt")[0])
+    out.unlink(missing_ok=True)
+    return statistics.median(patch_t), statistics.median(cp_t)
+
+
+def report_processes(workdir: Path, size: int, args: argparse.Namespace) -> int:
+    has_rdiff = shutil.which("rdiff") is not None
+    if not has_rdiff:
+        print("rdiff (librsync) is not installed: its columns are left out", file=sys.stderr)
+    rows: dict[str, list[dict[str, float]]] = {}
+    for row in PROCESS_ROWS:
+        print(f"{row}: building {args.size_mib} MiB pair ...", flush=True)
+        basis, new = build_row(workdir, row, size)
+        engine_signature(row, basis, workdir / "engine.sig")
+        want = file_hash(new)
+        rows[row] = [one_process_run(workdir, basis, new, want) for _ in range(args.repeat)]
+        if row not in ("random", "colliding-sig"):
+            basis.unlink()
+            new.unlink()
+    patch_id, cp_id = identical_vs_cp(workdir, workdir / "random.basis", args.repeat)
+
+    med = {row: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+           for row, runs in rows.items()}
+    for row, runs in rows.items():
+        med[row]["engine"] = statistics.median(r["delta"] + r["patch"] for r in runs)
+        if has_rdiff:
+            med[row]["rdiff"] = statistics.median(r["rdiff_delta"] + r["rdiff_patch"] for r in runs)
+    base = med["random"]["engine"]
+    print()
+    print(
+        f"processes, {args.size_mib} MiB, block 4096, {os.cpu_count()} CPUs, "
+        f"median of {args.repeat} interleaved runs"
+    )
+    head = (
+        "| pair | rsync s | rdiff s | delta s | patch s | delta+patch s | x rsync | x random "
+        "| delta B | rsync sent B | B x rsync | rdiff delta B | peak MiB |"
+    )
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for row, m in med.items():
+        peak = max(max(r["delta_rss"], r["patch_rss"]) for r in rows[row]) / MIB
+        rdiff_t = f"{m['rdiff']:.3f}" if has_rdiff else "-"
+        rdiff_b = f"{int(m['rdiff_bytes']):,}" if has_rdiff else "-"
+        print(
+            f"| {row} | {m['rsync']:.3f} | {rdiff_t} | {m['delta']:.3f} | {m['patch']:.3f} "
+            f"| {m['engine']:.3f} | {m['engine'] / m['rsync']:.2f} | {m['engine'] / base:.2f} "
+            f"| {int(m['delta_bytes']):,} | {int(m['rsync_sent']):,} "
+            f"| {m['delta_bytes'] / m['rsync_sent']:.3f} | {rdiff_b} | {peak:.1f} |"
+        )
+    print(f"\nidentical file patched to a new path: {patch_id:.3f} s; cp of it: {cp_id:.3f} s")
+    print(
+        "all runs, delta+patch / rsync (s): "
+        + "; ".join(
+            f"{row}: {[round(r['delta'] + r['patch'], 3) for r in runs]} / "
+            f"{[round(r['rsync'], 3) for r in runs]}"
+            for row, runs in rows.items()
+        )
+    )
+    r = med["random"]
+    peak_all = max(max(x["delta_rss"], x["patch_rss"]) for runs in rows.values() for x in runs)
+    checks = [
+        ("random: delta + patch <= 0.7 x rsync wall", r["engine"] <= 0.7 * r["rsync"]),
+        ("random: bytes <= 1.05 x rsync sent", r["delta_bytes"] <= 1.05 * r["rsync_sent"]),
+        *(
+            (f"{row}: <= 2 x random", med[row]["engine"] <= 2 * base)
+            for row in med
+            if row != "random"
+        ),
+        ("peak memory of each step <= 128 MiB (all pairs)", peak_all <= 128 * MIB),
+    ]
+    print("\ntargets:")
+    for label, ok in checks:
+        print(f"  [{'met' if ok else 'MISSED'}] {label}")
+    return 0
+
+
 # -- report -------------------------------------------------------------------------------------
 
 
@@ -291,6 +479,12 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--grpc-mib", type=int, default=2048, help="bytes to stream, in MiB")
+    parser.add_argument(
+        "--mode",
+        choices=("inprocess", "processes"),
+        default="inprocess",
+        help="processes: time the commands as a user runs them, next to rsync and rdiff",
+    )
     args = parser.parse_args()
     if shutil.which("rsync") is None:
         print("rsync is not installed (apt-get install -y rsync)", file=sys.stderr)
@@ -298,6 +492,8 @@ def main() -> int:
     size = args.size_mib * MIB
     workdir = Path(tempfile.mkdtemp(prefix="delta-bench-", dir=args.workdir))
     try:
+        if args.mode == "processes":
+            return report_processes(workdir, size, args)
         return report(workdir, size, args)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import subprocess
@@ -15,6 +16,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import agent.delta.match as match_module
 from agent.delta import (
     DeltaStats,
     Signature,
@@ -23,9 +25,11 @@ from agent.delta import (
     make_signature,
     patch_stream,
 )
-from agent.delta.checksum import block_weak, rolling_weak, weak_of
+from agent.delta.match import DIRECT_BUDGET, MatchWork
+from agent.delta.weak import block_weak, rolling_weak, weak_of
 from agent.delta.wire import CHUNK_MAX, Header, WireWriter
 from agent.errors import DeltaError
+from bench.delta_data import KINDS, basis_of, colliding_signature, edited
 
 ROOT = Path(__file__).resolve().parents[1]
 KIB = 1024
@@ -455,3 +459,232 @@ def test_cli_round_trip_and_errors(tmp_path: Path) -> None:
     r = cli("delta", tmp_path / "new", tmp_path / "new", tmp_path / "d2")
     assert r.returncode == 1 and "signature" in r.stderr
     assert not (tmp_path / "d2").exists()
+
+
+# -- linear time on every input ---------------------------------------------------------------
+# Each case is rebuilt byte for byte, and the matcher's work counters stay linear in the input:
+# no timing, so a regression to per-candidate walks or unbounded searches fails on any machine.
+
+ADVERSARIAL_SIZE = 2 * 1024 * KIB  # 512 pages
+
+
+def counted_delta(
+    d: Path, basis: bytes, new: bytes, sig: Signature | None = None
+) -> tuple[DeltaStats, MatchWork]:
+    (d / "basis").write_bytes(basis)
+    (d / "new").write_bytes(new)
+    if sig is None:
+        sig = make_signature(d / "basis")
+    stats, work = DeltaStats(), MatchWork()
+    patch_stream(d / "basis", delta_stream(sig, d / "new", stats=stats, work=work), d / "out")
+    assert (d / "out").read_bytes() == new
+    return stats, work
+
+
+def assert_linear(work: MatchWork, new_size: int) -> None:
+    blocks = -(-new_size // 4096)
+    assert work.batch_hashes <= 16 * blocks
+    assert work.search_hashes <= DIRECT_BUDGET + 8 * blocks
+    assert work.scanned <= 2 * new_size
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_of_content_is_matched_in_linear_work(tmp_path: Path, kind: str) -> None:
+    rng = np.random.default_rng(31)
+    basis = basis_of(kind, ADVERSARIAL_SIZE, rng)
+    new = edited(basis, rng)
+    stats, work = counted_delta(tmp_path, basis.tobytes(), new.tobytes())
+    assert_linear(work, new.size)
+    assert stats.matched_bytes >= new.size * 95 // 100  # 1 % of pages changed + two edits
+
+
+def test_colliding_pages_make_a_signature_whose_weak_sums_all_collide(tmp_path: Path) -> None:
+    (tmp_path / "basis").write_bytes(basis_of("colliding", 64 * 4096, np.random.default_rng(3)))
+    sig = make_signature(tmp_path / "basis")
+    assert len(set(sig.weak.tolist())) == 1
+    assert len({bytes(s) for s in sig.strong}) == sig.block_count
+
+
+def test_repeated_zero_pages_cost_as_much_as_random_changes(tmp_path: Path) -> None:
+    """The issue's case: half of the basis's pages zero, every 4th page of the new file zeroed."""
+    rng = np.random.default_rng(32)
+    basis = basis_of("half-zero", ADVERSARIAL_SIZE, rng)
+    new = basis.copy()
+    new.reshape(-1, 4096)[::4] = 0
+    stats, work = counted_delta(tmp_path, basis.tobytes(), new.tobytes())
+    assert stats.literal_bytes == 0
+    assert_linear(work, new.size)
+
+
+@pytest.mark.parametrize("direct_budget", [DIRECT_BUDGET, 0])
+def test_crafted_signature_with_colliding_weak_sums_cannot_stall_the_sender(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct_budget: int
+) -> None:
+    """A hostile receiver sets every weak sum to the zero page's (0) and sends strong hashes
+    of nothing: every offset of the sender's zero runs is a weak hit that the strong hash
+    refutes.  The search gives up after a bounded number of them, with or without numpy."""
+    monkeypatch.setattr(match_module, "DIRECT_BUDGET", direct_budget)
+    rng = np.random.default_rng(33)
+    basis = basis_of("random", 4 * ADVERSARIAL_SIZE, rng)
+    new = basis_of("half-zero", 4 * ADVERSARIAL_SIZE, rng)
+    (tmp_path / "basis").write_bytes(basis.tobytes())
+    honest = make_signature(tmp_path / "basis")
+    garbage = rng.integers(0, 256, len(honest.strong_raw), dtype=np.uint8).tobytes()
+    crafted_sig = colliding_signature(
+        Signature(4096, honest.basis_length, honest.weak_raw, garbage, honest.basis_hash), 0
+    )
+    stats, work = counted_delta(tmp_path, basis.tobytes(), new.tobytes(), crafted_sig)
+    assert stats.matched_bytes == 0
+    blocks = new.size // 4096
+    assert work.search_hashes <= direct_budget + 8 * blocks
+    if direct_budget == 0:
+        assert work.given_up > 0 and work.scanned <= 2 * new.size
+
+
+def test_signature_whose_weak_sums_collide_still_matches_every_block(tmp_path: Path) -> None:
+    """Weak sums only pick candidates: lying about them costs the liar, not the sender."""
+    rng = np.random.default_rng(34)
+    basis = basis_of("random", ADVERSARIAL_SIZE, rng)
+    new = edited(basis, rng)
+    (tmp_path / "basis").write_bytes(basis.tobytes())
+    sig = colliding_signature(make_signature(tmp_path / "basis"), 12345)
+    stats, work = counted_delta(tmp_path, basis.tobytes(), new.tobytes(), sig)
+    honest, _ = counted_delta(tmp_path, basis.tobytes(), new.tobytes())
+    assert stats.wire_bytes == honest.wire_bytes
+    assert_linear(work, new.size)
+
+
+def test_reanchoring_at_every_block_hashes_each_block_a_bounded_number_of_times(
+    tmp_path: Path,
+) -> None:
+    """Every block of the new file moved by one more byte than the last: the prediction fails
+    at every block, so the grid is anchored again at each one."""
+    basis = rand(512 * 4096, 35)
+    new = b"".join(basis[i : i + 4096] + b"x" for i in range(0, len(basis), 4096))
+    stats, work = counted_delta(tmp_path, basis, new)
+    assert stats.literal_bytes == 512
+    assert_linear(work, len(new))
+
+
+def test_other_blocks_in_place_of_predicted_ones_are_copied_without_searching_on(
+    tmp_path: Path,
+) -> None:
+    """Basis A B A B ..., new A A A A ...: the grid misses every other block."""
+    rng = np.random.default_rng(36)
+    a, b = (rng.integers(0, 256, 4096, dtype=np.uint8).tobytes() for _ in range(2))
+    stats, work = counted_delta(tmp_path, (a + b) * 256, a * 512 + b"tail")
+    assert stats.literal_bytes == 4
+    assert_linear(work, 512 * 4096)
+
+
+# -- a command that starts fast -----------------------------------------------------------------
+
+_LOADED = """
+import sys
+from agent.delta.__main__ import main
+code = main(sys.argv[1:])
+print(code, *(name for name in ("grpc", "docker", "numpy") if name in sys.modules))
+"""
+
+
+def loaded_by(*args: str | Path) -> list[str]:
+    """Exit code and heavy modules loaded by one run of the command, in a fresh interpreter."""
+    r = subprocess.run(
+        [sys.executable, "-c", _LOADED, *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split()
+
+
+def test_command_loads_no_grpc_or_docker_and_numpy_only_where_needed(tmp_path: Path) -> None:
+    basis = rand(1024 * KIB, 40)
+    new = bytearray(basis[:300_000] + b"inserted" + basis[300_000:])
+    new[700_000:704_096] = rand(4096, 41)
+    (tmp_path / "basis").write_bytes(basis)
+    (tmp_path / "new").write_bytes(new)
+    assert loaded_by("signature", tmp_path / "basis", tmp_path / "sig") == ["0", "numpy"]
+    assert loaded_by("delta", tmp_path / "sig", tmp_path / "new", tmp_path / "delta") == ["0"]
+    assert loaded_by("patch", tmp_path / "basis", tmp_path / "delta", tmp_path / "out") == ["0"]
+    assert (tmp_path / "out").read_bytes() == new
+
+
+def test_delta_error_still_maps_to_failed_precondition() -> None:
+    import grpc
+
+    assert DeltaError("x").code is grpc.StatusCode.FAILED_PRECONDITION
+    err = DeltaError("x")
+    err.code = grpc.StatusCode.UNAVAILABLE  # a peer's status, kept as the peer said it
+    assert err.code is grpc.StatusCode.UNAVAILABLE
+
+
+def test_console_script_is_the_rdiff_like_command(tmp_path: Path) -> None:
+    import tomllib
+
+    from agent.delta.__main__ import main
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["migctl-delta"] == "agent.delta.__main__:main"
+    (tmp_path / "basis").write_bytes(rand(50 * KIB, 42))
+    (tmp_path / "new").write_bytes(rand(50 * KIB, 42) + b"more")
+    assert main(["signature", "-b", "1024", str(tmp_path / "basis"), str(tmp_path / "sig")]) == 0
+    assert main(["delta", str(tmp_path / "sig"), str(tmp_path / "new"), str(tmp_path / "d")]) == 0
+    args = ["patch", str(tmp_path / "basis"), str(tmp_path / "d"), str(tmp_path / "out")]
+    assert main(["-s", *args]) == 0
+    assert (tmp_path / "out").read_bytes() == (tmp_path / "new").read_bytes()
+
+
+def test_command_streams_signature_and_delta_through_pipes_like_rdiff(tmp_path: Path) -> None:
+    basis = rand(80 * KIB, 43)
+    new = basis[:1000] + b"piped" + basis[1000:]
+    (tmp_path / "basis").write_bytes(basis)
+    (tmp_path / "new").write_bytes(new)
+    sig = subprocess.run(
+        [sys.executable, "-m", "agent.delta", "signature", str(tmp_path / "basis")],
+        cwd=ROOT, capture_output=True, timeout=60, check=True,
+    ).stdout
+    delta = subprocess.run(
+        [sys.executable, "-m", "agent.delta", "delta", "-", str(tmp_path / "new")],
+        cwd=ROOT, input=sig, capture_output=True, timeout=60, check=True,
+    ).stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.delta", "-s", "patch", str(tmp_path / "basis"), "-",
+         str(tmp_path / "out")],
+        cwd=ROOT, input=delta, capture_output=True, timeout=60,
+    )
+    assert r.returncode == 0 and b"patch: new" in r.stderr and r.stdout == b""
+    assert (tmp_path / "out").read_bytes() == new
+
+
+# -- kernel copies --------------------------------------------------------------------------------
+
+
+def test_matched_runs_are_copied_by_the_kernel_with_a_buffered_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    basis = rand(1024 * KIB, 50)
+    new = basis[:5000] + b"edit" + basis[5000:700_000] + rand(4096, 51) + basis[704_096:]
+    chunks = delta_chunks(tmp_path, basis, new)
+    copied: list[int] = []
+    real = os.copy_file_range
+
+    def counting(src: int, dst: int, count: int, offset_src: int, offset_dst: int) -> int:
+        done = real(src, dst, count, offset_src, offset_dst)
+        copied.append(done)
+        return done
+
+    monkeypatch.setattr(os, "copy_file_range", counting)
+    stats = patch_stream(tmp_path / "basis", chunks, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == new
+    assert len(copied) > 1 and sum(copied) == stats.matched_bytes  # every run, not a prefix
+
+    def unsupported(*args: int) -> int:
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", unsupported)
+    patch_stream(tmp_path / "basis", chunks, tmp_path / "out2")
+    assert (tmp_path / "out2").read_bytes() == new

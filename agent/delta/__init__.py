@@ -4,6 +4,9 @@ The roles mirror rsync so each can run on its own side of a gRPC stream: the rec
 a :class:`Signature` of the file it already has (``make_signature``), the sender turns its
 new file plus that signature into delta chunks (``delta_stream``), and the receiver rebuilds
 and verifies the new file (``patch_stream``).
+
+Only making a signature and the delta's vectorised rolling search load numpy, and nothing here
+loads grpc or docker, so ``python -m agent.delta`` starts about as fast as Python does.
 """
 
 from __future__ import annotations

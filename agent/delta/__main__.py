@@ -1,10 +1,14 @@
-"""rdiff-like command line, for debugging transfers by hand and for scripts.
+"""migctl-delta: rdiff's verbs (signature, delta, patch) for scripts and for use by hand.
 
-    python -m agent.delta signature BASIS SIG
-    python -m agent.delta delta SIG NEW DELTA
-    python -m agent.delta patch BASIS DELTA OUT
+    migctl-delta signature [-b BLOCK] BASIS [SIG]
+    migctl-delta delta SIG NEW [DELTA]
+    migctl-delta patch BASIS DELTA OUT
 
-Exit codes: 0 ok, 1 the delta or signature failed verification, 2 usage or I/O error.
+As with rdiff, a missing or ``-`` SIG or DELTA is standard output when written and standard
+input when read; ``-s`` prints statistics on standard error.  Exit codes: 0 ok, 1 the delta or
+signature failed verification, 2 usage or I/O error.  It loads neither grpc nor docker, and
+numpy only where the work needs it (a signature, a delta with many edits), so it starts in a
+few tens of milliseconds.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
 from agent.delta import DeltaStats, Signature, delta_stream, make_signature, patch_stream
@@ -20,15 +24,33 @@ from agent.delta.signature import DEFAULT_BLOCK_SIZE
 from agent.errors import DeltaError
 
 _READ = 1 << 20
+STDIO = "-"
 
 
-def _read_chunks(f: BinaryIO) -> Iterator[bytes]:
+def _read_chunks(path: str) -> Iterator[bytes]:
+    if path == STDIO:
+        yield from _chunks_of(sys.stdin.buffer)
+        return
+    with open(path, "rb") as f:
+        yield from _chunks_of(f)
+
+
+def _chunks_of(f: BinaryIO) -> Iterator[bytes]:
     while chunk := f.read(_READ):
         yield chunk
 
 
-def _write_atomically(path: str, chunks: Iterator[bytes]) -> int:
-    """Write beside ``path`` and rename, so a failed run leaves no half-written output."""
+def _write(path: str, chunks: Iterable[bytes]) -> int:
+    """Write to standard output, or beside ``path`` and rename, so a failed run leaves no
+    half-written output."""
+    if path == STDIO:
+        out = sys.stdout.buffer
+        total = 0
+        for chunk in chunks:
+            out.write(chunk)
+            total += len(chunk)
+        out.flush()
+        return total
     tmp = f"{path}.tmp-{os.getpid()}"
     total = 0
     try:
@@ -51,39 +73,42 @@ def _summary(stats: DeltaStats) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m agent.delta", description=__doc__.split("\n")[0]
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="migctl-delta", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "-s", "--statistics", action="store_true", help="print statistics on standard error"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("signature", help="write the signature of BASIS to SIG")
     p.add_argument("basis")
-    p.add_argument("sig")
+    p.add_argument("sig", nargs="?", default=STDIO)
     p.add_argument("-b", "--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     p = sub.add_parser("delta", help="write the delta from SIG's basis to NEW into DELTA")
     p.add_argument("sig")
     p.add_argument("new")
-    p.add_argument("delta")
-    p = sub.add_parser("patch", help="apply DELTA to BASIS, producing OUT")
+    p.add_argument("delta", nargs="?", default=STDIO)
+    p = sub.add_parser("patch", help="apply DELTA to BASIS, producing OUT (atomically)")
     p.add_argument("basis")
     p.add_argument("delta")
     p.add_argument("out")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         if args.command == "signature":
             sig = make_signature(args.basis, args.block_size)
-            size = _write_atomically(args.sig, sig.to_chunks())
-            print(f"signature: {sig.block_count} blocks of {sig.block_size} B, {size} B")
+            size = _write(args.sig, sig.to_chunks())
+            note = f"signature: {sig.block_count} blocks of {sig.block_size} B, {size} B"
         elif args.command == "delta":
-            with open(args.sig, "rb") as f:
-                sig = Signature.from_chunks(_read_chunks(f))
+            sig = Signature.from_chunks(_read_chunks(args.sig))
             stats = DeltaStats()
-            _write_atomically(args.delta, delta_stream(sig, args.new, stats=stats))
-            print(f"delta: {_summary(stats)}")
+            _write(args.delta, delta_stream(sig, args.new, stats=stats))
+            note = f"delta: {_summary(stats)}"
         else:
-            with open(args.delta, "rb") as f:
-                stats = patch_stream(args.basis, _read_chunks(f), args.out)
-            print(f"patch: {_summary(stats)}")
+            stats = patch_stream(args.basis, _read_chunks(args.delta), args.out)
+            note = f"patch: {_summary(stats)}"
     except DeltaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -94,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
+    if args.statistics:
+        print(note, file=sys.stderr)
     return 0
 
 

@@ -5,14 +5,23 @@ Strategy, cheapest first:
 1. Whole file: same length and same xxh3_128 as the basis -> one COPY.
 2. Predicted blocks: the new file is walked on a grid from the last match ("block ``j`` was
    at offset ``p``, so block ``j+1`` should be at ``p+L``"), starting aligned at 0.  A batch
-   of up to 1024 blocks is strong-hashed and compared with the signature in one numpy call.
+   of predicted blocks is strong-hashed and compared with the signature's bytes at once.
    In-place page changes and long shifted regions cost only this.
-3. Rolling search, only where prediction failed: weak sums at every byte offset of a small
-   window (numpy prefix sums), a bitmap + sorted-table lookup to keep candidates, the strong
-   hash to confirm.  The first confirmed match re-anchors the prediction grid.
+3. Search, only where prediction failed: find the first offset whose block is in the basis.
+   Each candidate offset costs one strong hash and one dict lookup, because the index keeps one
+   entry per distinct block (equal blocks collapse).  The first searches hash every offset
+   directly; past ``DIRECT_BUDGET`` offsets, weak sums at every offset of a window (numpy
+   prefix sums) pick the candidates first.  The first confirmed match re-anchors the grid.
 4. Giving up: when a probe of ``PROBE_BYTES`` finds nothing, data is sent as zstd literals
-   and rolling probes back off exponentially (up to one per ``SKIP_MAX``), so unrelated
-   files stream at compression speed while the grid check still catches resumed matches.
+   and probes back off exponentially (up to one per ``SKIP_MAX``), so unrelated files stream
+   at compression speed while the grid check still catches resumed matches.
+
+Work is linear in the input whatever its content: a search confirms each candidate in O(1)
+and gives up after ``FALSE_HITS_PER_BLOCK`` refuted weak hits per block scanned (so signatures
+crafted to collide cost a bounded amount), and a batch restarts at ``BATCH_MIN`` blocks after
+every re-anchor and doubles while the prediction holds, so input that re-anchors at every block
+does not hash each block a thousand times.  numpy is imported only by the first vectorised
+search: a delta of a file with a few edits starts and ends without it.
 
 Only the mapping of the new file is touched, window by window, and pages behind the cursor
 are dropped, so resident memory stays at a few MiB whatever the file size.
@@ -22,115 +31,114 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Iterator
-
-import numpy as np
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from agent.delta.checksum import (
+    EMPTY_HASH,
     STRONG_SIZE,
-    HashInBackground,
+    HashThread,
+    hash_in_background,
     hash_mapped,
     release,
-    rolling_weak,
     strong_digest,
     strong_hashes,
-    weak_of,
 )
-from agent.delta.signature import EMPTY_HASH, Signature
+from agent.delta.signature import Signature
 from agent.delta.stats import DeltaStats
 from agent.delta.wire import LITERAL_MAX, Header, WireWriter
 
+if TYPE_CHECKING:
+    from agent.delta.weak import WeakFilter
+
 BATCH_BLOCKS = 1024
-"""Predicted blocks hashed per numpy comparison (4 MiB at 4 KiB blocks)."""
+"""Most predicted blocks hashed and compared per batch (4 MiB at 4 KiB blocks)."""
+BATCH_MIN = 4
+"""First batch after a re-anchor; it doubles while the prediction holds."""
+COMPARE_GROUP = 32
+"""Predicted blocks compared as one byte string before looking at them one by one."""
 FIRST_WINDOW = 16 << 10
 MAX_WINDOW = 256 << 10
-"""Rolling windows start small (most gaps are one changed page) and grow to this."""
+"""Vectorised windows start small (most gaps are one changed page) and grow to this."""
 PROBE_BYTES = 64 << 10
-"""How far one rolling probe looks for a match before the region is declared literal."""
+"""How far one search looks for a match before the region is declared literal."""
 SKIP_MIN = 256 << 10
 SKIP_MAX = 16 << 20
 """Literal bytes sent between failed probes: doubles from SKIP_MIN up to SKIP_MAX."""
-
 SAMPLE_STRIDE = 16
 """While giving up, one predicted block in this many is still checked."""
+DIRECT_OFFSETS = 16
+"""A search over at most this many offsets hashes each one: cheaper than any vector setup."""
+DIRECT_BUDGET = 64 << 10
+"""Offsets one delta may hash directly in larger searches (~40 ms) before it imports numpy
+for the vectorised search: enough for a handful of insertions and deletions."""
+FALSE_HITS_PER_BLOCK = 4
+FALSE_HITS_MIN = 64
+"""A vectorised search gives up after FALSE_HITS_MIN + FALSE_HITS_PER_BLOCK per block it
+scanned of weak-sum hits that the strong hash refutes: honest data has almost none, and a
+signature crafted so that weak sums collide everywhere costs no more than this."""
 
-_MIX = np.uint32(0x9E3779B1)
+
+@dataclass
+class MatchWork:
+    """What a delta cost the matcher, for tests and benchmarks to bound (not timing)."""
+
+    batch_hashes: int = 0
+    """Blocks strong-hashed to check the prediction."""
+    search_hashes: int = 0
+    """Offsets strong-hashed while searching (direct or as weak-sum candidates)."""
+    refuted: int = 0
+    """Weak-sum candidates that the strong hash refuted."""
+    scanned: int = 0
+    """Offsets whose weak sum a vectorised search computed."""
+    searches: int = 0
+    given_up: int = 0
+    """Vectorised searches stopped by the FALSE_HITS bound."""
 
 
-def _strong_view(sig: Signature) -> memoryview:
-    """The strong hashes as one flat byte view: slices compare with digests, copy-free."""
-    strong = np.ascontiguousarray(sig.strong, dtype=np.uint8).reshape(-1)
-    return memoryview(strong)
+class _Index:
+    """Distinct whole basis blocks by strong hash, each to one block holding it.
 
-
-class _BlockIndex:
-    """Lookup from weak sum to basis blocks, built only if a rolling search happens."""
+    Built on the first search.  Equal blocks (zero pages, a repeated allocator pattern)
+    collapse into one entry, so confirming a candidate is one dict lookup however many
+    blocks share its content or its weak sum.
+    """
 
     def __init__(self, sig: Signature) -> None:
         n = sig.basis_length // sig.block_size  # the short last block never rolls
-        weak = sig.weak[:n]
-        self.n = n
-        bits = min(24, max(16, (max(n, 1) * 16 - 1).bit_length()))
-        self._shift = np.uint32(32 - bits)
-        self._table = np.zeros(1 << bits, dtype=bool)
-        self._table[(weak * _MIX) >> self._shift] = True
-        keys = (weak.astype(np.uint64) << np.uint64(32)) | np.arange(n, dtype=np.uint64)
-        keys.sort()  # by weak sum, then block index: deterministic and faster than argsort
-        self._order = (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-        self._sorted = (keys >> np.uint64(32)).astype(np.uint32)
-        self._strong = _strong_view(sig)
-        self._by_strong: dict[bytes, int] | None = None
+        self.full = n
+        raw = sig.strong_raw[: n * STRONG_SIZE]
+        keys = [raw[i : i + STRONG_SIZE] for i in range(0, len(raw), STRONG_SIZE)]
+        self.blocks = dict(zip(keys, range(n), strict=True))
+        self._weak_raw = sig.weak_raw
+        self._weak: WeakFilter | None = None
 
-    def lookup(self, weak: int) -> tuple[int, int]:
-        """Table range of the blocks with one weak sum (empty if none)."""
-        lo = int(np.searchsorted(self._sorted, np.uint32(weak), "left"))
-        hi = lo
-        while hi < self.n and self._sorted[hi] == weak:
-            hi += 1
-        return lo, hi
+    @property
+    def weak(self) -> WeakFilter:
+        if self._weak is None:
+            from agent.delta.weak import WeakFilter
 
-    def candidates(self, weak: np.ndarray) -> tuple[list[int], list[int], list[int]]:
-        """Offsets (into ``weak``) whose sum occurs in the basis, with their table ranges."""
-        hit = np.flatnonzero(self._table[(weak * _MIX) >> self._shift])
-        if hit.size == 0:
-            return [], [], []
-        sums = weak[hit]
-        lo = np.searchsorted(self._sorted, sums, "left")
-        hi = np.searchsorted(self._sorted, sums, "right")
-        keep = hi > lo
-        return hit[keep].tolist(), lo[keep].tolist(), hi[keep].tolist()
-
-    def confirm(self, digest: bytes, lo: int, hi: int) -> int | None:
-        """Block whose strong hash is ``digest`` among the blocks sharing one weak sum."""
-        if hi - lo <= 8:
-            strong = self._strong
-            for j in self._order[lo:hi].tolist():
-                if strong[j * STRONG_SIZE : (j + 1) * STRONG_SIZE] == digest:
-                    return j
-            return None
-        if self._by_strong is None:  # many equal weak sums: repeated content, e.g. zero pages
-            by_strong: dict[bytes, int] = {}
-            strong = self._strong
-            for j in range(self.n):
-                by_strong.setdefault(bytes(strong[j * STRONG_SIZE : (j + 1) * STRONG_SIZE]), j)
-            self._by_strong = by_strong
-        return self._by_strong.get(digest)
+            self._weak = WeakFilter(self._weak_raw, self.full)
+        return self._weak
 
 
 class _Matcher:
-    def __init__(self, sig: Signature, mm: mmap.mmap, size: int, stats: DeltaStats) -> None:
+    def __init__(
+        self, sig: Signature, mm: mmap.mmap, size: int, stats: DeltaStats, work: MatchWork
+    ) -> None:
         self.sig = sig
         self.L = sig.block_size
         self.mm = mm
         self.view = memoryview(mm)
         self.size = size
         self.stats = stats
+        self.work = work
         self.writer = WireWriter(Header(sig.block_size, sig.basis_length, sig.basis_hash, size))
         self.basis_full = sig.basis_length // self.L
         self.basis_tail = sig.basis_length % self.L
-        self.strong64 = np.ascontiguousarray(sig.strong).view(np.uint64).reshape(-1, 2)
-        self.strong_bytes = _strong_view(sig)
-        self._index: _BlockIndex | None = None
+        self.strong = sig.strong_raw
+        self._index: _Index | None = None
         self.run_start = -1  # pending COPY run
         self.run_count = 0
         self.lit_start = 0  # pending literal [lit_start, lit_end)
@@ -138,6 +146,8 @@ class _Matcher:
         self.released = 0
         self.no_roll_until = 0  # no rolling probe before this offset (backing off)
         self.skip = SKIP_MIN
+        self.batch = BATCH_BLOCKS  # the aligned start is a prediction like any other
+        self.direct_left = DIRECT_BUDGET
 
     # -- output -------------------------------------------------------------------------
 
@@ -183,45 +193,84 @@ class _Matcher:
 
     # -- search -------------------------------------------------------------------------
 
-    def search(self, start: int, limit: int, prefer: int) -> tuple[int, int] | None:
-        """First offset in ``[start, limit - L]`` whose block is in the basis, and that block.
+    def _strong_of(self, j: int) -> bytes:
+        return self.strong[j * STRONG_SIZE : (j + 1) * STRONG_SIZE]
 
-        ``prefer`` (the block after the previous match) wins ties, so runs of repeated
-        content stay consecutive and batch into one COPY.
+    def _scan(self, offsets: Iterable[int], start: int, prefer: int) -> tuple[int, int] | None:
+        """The first of ``offsets`` whose block is in the basis: one hash, one lookup each.
+
+        The blocks the old layout puts nearest win over other blocks with the same content
+        (``prefer`` is the block predicted at ``start``, so ``prefer + (off - start) // L`` and
+        the one after): after an insertion or a deletion in repeated content the grid goes on
+        from the right copy, and runs stay consecutive and batch into one COPY.
         """
+        assert self._index is not None
+        view, L, full, blocks = self.view, self.L, self.basis_full, self._index.blocks
+        hashed = 0
+        found = None
+        near_k, near = -1, (b"", b"")
+        for off in offsets:
+            hashed += 1
+            digest = strong_digest(view[off : off + L])
+            k = prefer + (off - start) // L
+            if k != near_k:
+                near_k = k
+                near = tuple(self._strong_of(i) if i < full else b"" for i in (k, k + 1))
+            if digest in near:
+                found = off, k + near.index(digest)
+                break
+            j = blocks.get(digest)
+            if j is not None:
+                found = off, j
+                break
+        self.work.search_hashes += hashed
+        return found
+
+    def search(self, start: int, limit: int, prefer: int) -> tuple[int, int] | None:
+        """First offset in ``[start, limit - L]`` whose block is in the basis, and that block."""
         L = self.L
         if self.basis_full == 0 or limit - start < L:
             return None
         if self._index is None:
-            self._index = _BlockIndex(self.sig)
-        index = self._index
-        weak_sig = self.sig.weak
-        strong = self.strong_bytes
-        view = self.view
-        prefer_ok = 0 <= prefer < self.basis_full
-        if limit - start == L:  # one offset (a single changed block): skip the prefix sums
-            digest = strong_digest(view[start:limit])
-            if prefer_ok and strong[prefer * STRONG_SIZE : (prefer + 1) * STRONG_SIZE] == digest:
-                return start, prefer
-            j = index.confirm(digest, *index.lookup(weak_of(view[start:limit])))
-            return None if j is None else (start, j)
-        o = start
+            self._index = _Index(self.sig)
+        self.work.searches += 1
+        last = limit - L  # last offset to try
+        if last - start < DIRECT_OFFSETS:
+            return self._scan(range(start, last + 1), start, prefer)
+        stop = min(last, start + self.direct_left - 1)
+        if stop < start:
+            return self._search_vectorised(start, limit, start, prefer)
+        found = self._scan(range(start, stop + 1), start, prefer)
+        self.direct_left -= (stop if found is None else found[0]) - start + 1
+        if found is not None or stop == last:
+            return found
+        return self._search_vectorised(stop + 1, limit, start, prefer)
+
+    def _search_vectorised(
+        self, first: int, limit: int, start: int, prefer: int
+    ) -> tuple[int, int] | None:
+        """Weak sums of every offset from ``first`` on (numpy) pick the candidates; the strong
+        hash confirms them (``start`` and ``prefer`` as for :meth:`_scan`)."""
+        from agent.delta.weak import rolling_hits
+
+        assert self._index is not None
+        L, work = self.L, self.work
+        weak = self._index.weak
+        allowed = FALSE_HITS_MIN + FALSE_HITS_PER_BLOCK * ((limit - first) // L)
+        o = first
         window = FIRST_WINDOW
         while o + L <= limit:
             end = min(limit, o + window + L - 1)
-            weak = rolling_weak(np.frombuffer(view[o:end], dtype=np.uint8), L)
-            for c, lo, hi in zip(*index.candidates(weak), strict=True):
-                off = o + c
-                digest = strong_digest(view[off : off + L])
-                if (
-                    prefer_ok
-                    and weak_sig[prefer] == weak[c]
-                    and strong[prefer * STRONG_SIZE : (prefer + 1) * STRONG_SIZE] == digest
-                ):
-                    return off, prefer
-                j = index.confirm(digest, lo, hi)
-                if j is not None:
-                    return off, j
+            work.scanned += end - L + 1 - o
+            hits = rolling_hits(self.view[o:end], L, weak)[: allowed + 1]
+            found = self._scan([o + c for c in hits], start, prefer)
+            if found is not None:
+                return found
+            work.refuted += len(hits)
+            allowed -= len(hits)
+            if allowed < 0:
+                work.given_up += 1
+                return None
             o = end - L + 1
             window = min(window * 4, MAX_WINDOW)
         return None
@@ -230,7 +279,7 @@ class _Matcher:
 
     def run(self) -> Iterator[bytes]:
         sig, n, writer = self.sig, self.size, self.writer
-        hasher_thread: HashInBackground | None = None
+        hasher_thread: HashThread | None = None
         if n == sig.basis_length and self._ends_match():
             digest = hash_mapped(self.mm).digest()
             if digest == sig.basis_hash:
@@ -240,12 +289,12 @@ class _Matcher:
                 yield from writer.drain()
                 return
         else:
-            hasher_thread = HashInBackground(self.mm)
+            hasher_thread = hash_in_background(self.mm)
         try:
             yield from self._walk()
         finally:
             if hasher_thread is not None:
-                hasher_thread.join()
+                hasher_thread.finish()
         if hasher_thread is not None:
             digest = hasher_thread.digest()
         self.flush_run()
@@ -258,7 +307,7 @@ class _Matcher:
         last = self.sig.block_count - 1
         for j in {0, last}:
             block = self.view[j * self.L : min(self.size, (j + 1) * self.L)]
-            if strong_digest(block) != self.strong_bytes[j * STRONG_SIZE : (j + 1) * STRONG_SIZE]:
+            if strong_digest(block) != self._strong_of(j):
                 return False
         return True
 
@@ -266,7 +315,7 @@ class _Matcher:
         pos = 0
         jnext = 0  # basis block predicted at ``pos``
         while pos < self.size:
-            count = min(BATCH_BLOCKS, (self.size - pos) // self.L, self.basis_full - jnext)
+            count = min(self.batch, (self.size - pos) // self.L, self.basis_full - jnext)
             if count <= 0:
                 pos, jnext = self._unpredicted(pos, jnext)
             elif pos < self.no_roll_until and count > SAMPLE_STRIDE:
@@ -278,8 +327,13 @@ class _Matcher:
             if ready:
                 yield from ready
 
+    def _anchor(self, found: tuple[int, int]) -> tuple[int, int]:
+        """Predict from a new match on: small batches first, in case it does not hold."""
+        self.batch = BATCH_MIN
+        return found
+
     def _probe(self, start: int, prefer: int) -> tuple[int, int] | None:
-        """Rolling search of one probe's length; a miss backs further probes off."""
+        """Search of one probe's length; a miss backs further probes off."""
         found = self.search(start, min(self.size, start + PROBE_BYTES + self.L), prefer)
         if found is None:
             self.no_roll_until = start + PROBE_BYTES + self.skip
@@ -291,11 +345,14 @@ class _Matcher:
     def _unpredicted(self, pos: int, jnext: int) -> tuple[int, int]:
         """No whole basis block is predicted here: the basis's short tail, a probe or literal."""
         L, n, tail = self.L, self.size, self.basis_tail
-        if jnext == self.basis_full and tail and pos + tail <= n:
-            expected = self.strong_bytes[jnext * STRONG_SIZE : (jnext + 1) * STRONG_SIZE]
-            if strong_digest(self.view[pos : pos + tail]) == expected:
-                self.copy(jnext, 1, tail)
-                return pos + tail, jnext + 1
+        if (
+            jnext == self.basis_full
+            and tail
+            and pos + tail <= n
+            and strong_digest(self.view[pos : pos + tail]) == self._strong_of(jnext)
+        ):
+            self.copy(jnext, 1, tail)
+            return pos + tail, jnext + 1
         if n - pos < L:
             self.literal(pos, n)
             return n, jnext
@@ -303,80 +360,123 @@ class _Matcher:
             found = self._probe(pos, jnext)
             if found is not None:
                 self.literal(pos, found[0])
-                return found
+                return self._anchor(found)
         end = min(n, max(self.no_roll_until, pos + L))
         self.literal(pos, end)
         return end, jnext + -(-(end - pos) // L)
 
+    def _predicted(self, pos: int, j: int) -> bool:
+        """Whether basis block ``j`` is at ``pos`` (one block, as the grid predicts)."""
+        if j >= self.basis_full or pos + self.L > self.size:
+            return False
+        self.work.batch_hashes += 1
+        return strong_digest(self.view[pos : pos + self.L]) == self._strong_of(j)
+
     def _sampled_batch(self, pos: int, jnext: int, count: int) -> tuple[int, int]:
         """While giving up on a region, check only every SAMPLE_STRIDE-th predicted block:
         enough to notice that the old layout resumed, when the full check takes over again."""
-        L, view = self.L, self.view
+        L = self.L
         count = min(count, -(-(self.no_roll_until - pos) // L))
-        got = b"".join(
-            [
-                strong_digest(view[pos + k * L : pos + (k + 1) * L])
-                for k in range(0, count, SAMPLE_STRIDE)
-            ]
-        )
-        equal = (
-            np.frombuffer(got, dtype=np.uint64).reshape(-1, 2)
-            == self.strong64[jnext : jnext + count : SAMPLE_STRIDE]
-        ).all(1)
-        hits = np.flatnonzero(equal)
-        if hits.size:  # the matching run starts after the last sampled miss
-            first = int(hits[0])
-            count = (first - 1) * SAMPLE_STRIDE + 1 if first else 0
-            self.no_roll_until = 0
-            self.skip = SKIP_MIN
+        for k in range(0, count, SAMPLE_STRIDE):
+            if self._predicted(pos + k * L, jnext + k):  # the run starts after the last miss
+                count = k - SAMPLE_STRIDE + 1 if k else 0
+                self.no_roll_until = 0
+                self.skip = SKIP_MIN
+                break
         self.literal(pos, pos + count * L)
         return pos + count * L, jnext + count
 
     def _batch(self, pos: int, jnext: int, count: int) -> tuple[int, int]:
         """Check ``count`` predicted blocks at once; search the gaps between matching runs."""
         L = self.L
-        got = np.frombuffer(strong_hashes(self.view, pos, count, L), dtype=np.uint64)
-        equal = (got.reshape(count, 2) == self.strong64[jnext : jnext + count]).all(1)
-        bounds = np.flatnonzero(equal[1:] != equal[:-1]) + 1
-        starts = [0, *bounds.tolist()]
-        ends = [*bounds.tolist(), count]
-        matched = bool(equal[0])
-        for k, g in zip(starts, ends, strict=True):
+        got = strong_hashes(self.view, pos, count, L)
+        self.work.batch_hashes += count
+        runs = _runs(got, self.strong[jnext * STRONG_SIZE : (jnext + count) * STRONG_SIZE])
+        for k, g, matched in runs:
             if matched:
                 self.copy(jnext + k, g - k, (g - k) * L)
-                matched = False
                 continue
-            matched = True
             p = pos + k * L
-            found = None
-            if g < count:  # bounded gap: the prediction holds again at block ``g``
-                e = pos + g * L
-                if e - p <= PROBE_BYTES + L or p >= self.no_roll_until:
-                    found = self.search(p, min(e, p + PROBE_BYTES + L), jnext + k)
+            e = pos + g * L
+            if g < count or self._predicted(e, jnext + g):  # the prediction holds again at e
+                found = self._fill(p, e, jnext + k)
                 if found is None:
-                    self.literal(p, e)
                     continue
-            else:  # open gap to the end of the batch
-                if p >= self.no_roll_until:
-                    found = self._probe(p, jnext + k)
-                if found is None:  # literal up to the next probe, then a new batch
-                    stop = count
-                    if self.no_roll_until < pos + count * L:
-                        stop = max(k + 1, -(-(self.no_roll_until - pos) // L))
-                    self.literal(p, pos + stop * L)
-                    return pos + stop * L, jnext + stop
+                return self._anchor(found)
+            found = None  # open gap to the end of the batch
+            if p >= self.no_roll_until:
+                found = self._probe(p, jnext + k)
+            if found is None:  # literal up to the next probe, then a new batch
+                stop = count
+                if self.no_roll_until < pos + count * L:
+                    stop = max(k + 1, -(-(self.no_roll_until - pos) // L))
+                self.literal(p, pos + stop * L)
+                return pos + stop * L, jnext + stop
             self.literal(p, found[0])
-            return found  # re-anchor the prediction on the new match
+            return self._anchor(found)
+        self.batch = min(2 * self.batch, BATCH_BLOCKS)
         return pos + count * L, jnext + count
+
+    def _fill(self, p: int, e: int, prefer: int) -> tuple[int, int] | None:
+        """Cover the gap ``[p, e)`` between two predicted runs with matches or literals.
+
+        Blocks found on the grid (another basis block in place of the predicted one) are
+        copied and the prediction goes on; a match off the grid means the data moved, so it is
+        returned for the caller to predict from.
+        """
+        L = self.L
+        while p < e:
+            found = None
+            if e - p <= PROBE_BYTES + L or p >= self.no_roll_until:
+                found = self.search(p, min(e, p + PROBE_BYTES + L), prefer)
+            if found is None:
+                self.literal(p, e)
+                return None
+            off, j = found
+            self.literal(p, off)
+            if (off - p) % L:
+                return found
+            self.copy(j, 1, L)
+            p, prefer = off + L, j + 1
+        return None
+
+
+def _runs(got: bytes, want: bytes) -> list[tuple[int, int, bool]]:
+    """Split predicted blocks into maximal runs ``(first, end, matched)`` by their hashes.
+
+    Groups of COMPARE_GROUP hashes are compared as one string first, so a batch with a few
+    changed pages costs a few dozen comparisons rather than one per block.
+    """
+    S = STRONG_SIZE
+    count = len(got) // S
+    if got == want:
+        return [(0, count, True)]
+    runs: list[tuple[int, int, bool]] = []
+    first, state = 0, got[:S] == want[:S]
+    for k in range(0, count, COMPARE_GROUP):
+        g = min(count, k + COMPARE_GROUP)
+        if state and got[k * S : g * S] == want[k * S : g * S]:
+            continue
+        for i in range(k, g):
+            equal = got[i * S : (i + 1) * S] == want[i * S : (i + 1) * S]
+            if equal != state:
+                runs.append((first, i, state))
+                first, state = i, equal
+    runs.append((first, count, state))
+    return runs
 
 
 def delta_stream(
-    sig: Signature, new_path: str | os.PathLike[str], *, stats: DeltaStats | None = None
+    sig: Signature,
+    new_path: str | os.PathLike[str],
+    *,
+    stats: DeltaStats | None = None,
+    work: MatchWork | None = None,
 ) -> Iterator[bytes]:
     """Yield the delta from ``sig``'s basis to ``new_path`` as wire chunks (<= 1 MiB each).
 
-    ``stats``, if given, is filled in as the stream is consumed and is final once the
-    generator is exhausted.  ``new_path`` is mapped, not copied: it must not be truncated
+    ``stats`` and ``work``, if given, are filled in as the stream is consumed and are final
+    once the generator is exhausted.  ``new_path`` is mapped, not copied: it must not be truncated
     while the stream is being consumed (checkpoint images and archives are write-once).
     """
     if stats is None:
@@ -393,7 +493,7 @@ def delta_stream(
                 yield chunk
             return
         mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
-        matcher = _Matcher(sig, mm, size, stats)
+        matcher = _Matcher(sig, mm, size, stats, work or MatchWork())
         try:
             for chunk in matcher.run():
                 stats.wire_bytes += len(chunk)

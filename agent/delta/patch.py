@@ -4,6 +4,10 @@ The output is assembled in a temporary file beside ``out_path`` and renamed over
 after its length and xxh3_128 match the END token and the basis matches the hash the sender
 worked from.  Any failure raises :class:`DeltaError` and removes the temporary file, so a
 reader of ``out_path`` sees either the old file or the complete new one.
+
+Runs of matched blocks are copied by the kernel (``copy_file_range``: a reflink on filesystems
+that share extents), so rebuilding a file that barely changed costs about what ``cp`` does;
+only hashing the result reads the basis in user space.
 """
 
 from __future__ import annotations
@@ -11,19 +15,15 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import secrets
 from collections.abc import Iterable
 
-import xxhash
-
-from agent.delta.checksum import HashInBackground, release
+from agent.delta.checksum import HashThread, hash_in_background
 from agent.delta.signature import EMPTY_HASH
 from agent.delta.stats import DeltaStats
 from agent.delta.wire import Copy, End, Header, Literal, WireReader
 from agent.errors import DeltaError
 
-_HASH_STEP = 8 << 20
-_WRITE_STEP = 2 << 20
+_WRITE_STEP = 8 << 20
 _NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
 
 
@@ -46,7 +46,7 @@ class _Rebuild:
             self.mm = mmap.mmap(basis_fd, self.size, prot=mmap.PROT_READ)
             self.view = memoryview(self.mm)
         self.blocks = -(-self.size // header.block_size)
-        self.hasher = xxhash.xxh3_128()
+        self.hasher = HashThread(self.mm)  # the result's hash, in output order
         self.written = 0
         self.pending: tuple[int, int] | None = None  # basis prefix copied but not yet hashed
         self.deferred = 0  # bytes of that prefix not copied yet either (lazy mode)
@@ -67,6 +67,7 @@ class _Rebuild:
         if self.out_fd >= 0:
             os.close(self.out_fd)
             self.out_fd = -1
+        self.hasher.finish()
         if self.view is not None:
             self.view.release()
         if self.mm is not None:
@@ -89,11 +90,9 @@ class _Rebuild:
         else:
             self.open_output()
             self.flush_hash()
-            self._hash_and_write(start, stop)
-            self.written += stop - start
-            return stop - start
-        # A prefix identical to the basis may never need hashing (see identity()): let the
-        # kernel copy it without it passing through user space, or not copy it at all yet.
+            self.hasher.add_range(start, stop)
+        # A prefix identical to the basis may never need hashing (see identity()), nor even
+        # copying yet (lazy mode).
         if self.out_fd < 0:
             self.deferred = stop
         else:
@@ -109,7 +108,7 @@ class _Rebuild:
         done = 0
         while done < len(data):
             done += os.pwrite(self.out_fd, data[done:], self.written + done)
-        self.hasher.update(data)
+        self.hasher.add(data)
         self.written += len(data)
         return len(data)
 
@@ -122,34 +121,17 @@ class _Rebuild:
 
     def flush_hash(self) -> None:
         if self.pending is not None:
-            self._hash_basis(*self.pending)
+            self.hasher.add_range(*self.pending)
             self.pending = None
 
     def identity(self) -> bool:
         """True while the output so far is exactly the whole basis, unhashed."""
         return self.pending == (0, self.size) and self.written == self.size
 
-    def _hash_basis(self, start: int, stop: int) -> None:
-        assert self.view is not None and self.mm is not None
-        for off in range(start, stop, _HASH_STEP):
-            end = min(stop, off + _HASH_STEP)
-            self.hasher.update(self.view[off:end])
-            release(self.mm, off, end)
-
-    def _hash_and_write(self, start: int, stop: int) -> None:
-        """Hash then write each piece while it is still in cache: one pass over the basis."""
-        assert self.view is not None and self.mm is not None
-        dst = self.written
-        for off in range(start, stop, _WRITE_STEP):
-            piece = self.view[off : min(stop, off + _WRITE_STEP)]
-            self.hasher.update(piece)
-            done = 0
-            while done < len(piece):
-                done += os.pwrite(self.out_fd, piece[done:], dst + done)
-            dst += len(piece)
-            release(self.mm, off, off + len(piece))
-
     def _copy_range(self, start: int, dst: int, length: int) -> None:
+        """Copy basis bytes into the output in the kernel (a reflink where the filesystem
+        shares extents, no trip through user space otherwise); buffered writes where it
+        cannot (another filesystem, an old kernel)."""
         assert self.basis_fd is not None and self.view is not None
         src, left = start, length
         while left and self.use_copy_file_range:
@@ -164,7 +146,7 @@ class _Rebuild:
                 raise DeltaError("basis file shrank while the delta was being applied")
             src, dst, left = src + done, dst + done, left - done
         while left:
-            done = os.pwrite(self.out_fd, self.view[src : src + min(left, _HASH_STEP)], dst)
+            done = os.pwrite(self.out_fd, self.view[src : src + min(left, _WRITE_STEP)], dst)
             src, dst, left = src + done, dst + done, left - done
 
 
@@ -201,9 +183,9 @@ def patch_stream(
             basis_fd = os.open(basis_path, os.O_RDONLY)
         except FileNotFoundError as exc:
             raise DeltaError(f"basis file {os.fspath(basis_path)!r} does not exist") from exc
-    tmp_path = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.delta-tmp")
+    tmp_path = os.path.join(directory, f".{name}.{os.urandom(4).hex()}.delta-tmp")
     rebuild: _Rebuild | None = None
-    check: HashInBackground | None = None
+    check: HashThread | None = None
     try:
         basis_stat = os.fstat(basis_fd) if basis_fd is not None else None
         basis_size = basis_stat.st_size if basis_stat is not None else 0
@@ -217,7 +199,7 @@ def patch_stream(
         in_place = basis_stat is not None and _same_file(basis_stat, out_path)
         rebuild = _Rebuild(header, basis_fd, tmp_path, lazy=in_place and verify_basis)
         if verify_basis and rebuild.mm is not None:
-            check = HashInBackground(rebuild.mm)
+            check = hash_in_background(rebuild.mm)
         stats = DeltaStats()
         end: End | None = None
         for token in reader.tokens():
@@ -259,7 +241,7 @@ def patch_stream(
         raise
     finally:
         if check is not None:
-            check.join()
+            check.finish()
         if rebuild is not None:
             rebuild.close()
         if basis_fd is not None:

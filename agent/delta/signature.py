@@ -13,24 +13,21 @@ The last block may be shorter than ``block_size``; its sums cover only its own b
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
 import xxhash
 
-from agent.delta.checksum import (
-    STRONG_SIZE,
-    block_weak,
-    release,
-    strong_digest,
-    strong_hashes,
-    weak_of,
-)
+from agent.delta.checksum import EMPTY_HASH, STRONG_SIZE, release, strong_digest, strong_hashes
 from agent.errors import DeltaError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MAGIC = b"MGSG"
 VERSION = 1
@@ -42,7 +39,6 @@ MIN_BLOCK_SIZE = 8
 MAX_BLOCK_SIZE = 1 << 20
 _READ_STEP = 8 << 20
 _CAP_FLOOR = 64 << 20  # signature_block_cap: a basis this large is always plausible
-EMPTY_HASH = strong_digest(b"")
 
 
 def check_block_size(block_size: int) -> None:
@@ -56,31 +52,45 @@ def check_block_size(block_size: int) -> None:
 class Signature:
     """Per-block weak/strong sums of a basis plus its whole-file hash.
 
-    ``weak`` is ``(n,)`` uint32, ``strong`` is ``(n, 16)`` uint8; numpy so the sender can
-    compare thousands of blocks per call.
+    Kept as the wire's bytes (``weak_raw``: little-endian u32 sums, ``strong_raw``: 16-byte
+    hashes back to back), so parsing one and matching against it need no numpy; ``weak`` and
+    ``strong`` are numpy views, made on first use.
     """
 
     block_size: int
     basis_length: int
-    weak: np.ndarray
-    strong: np.ndarray
+    weak_raw: bytes
+    strong_raw: bytes
     basis_hash: bytes
+
+    def __post_init__(self) -> None:
+        n = -(-self.basis_length // self.block_size)
+        if len(self.weak_raw) != 4 * n or len(self.strong_raw) != STRONG_SIZE * n:
+            raise ValueError(f"a signature of {self.basis_length} bytes has {n} blocks' sums")
+
+    @functools.cached_property
+    def weak(self) -> np.ndarray:
+        """``(n,)`` uint32 weak sums."""
+        import numpy as np
+
+        return np.frombuffer(self.weak_raw, dtype="<u4").astype(np.uint32)
+
+    @functools.cached_property
+    def strong(self) -> np.ndarray:
+        """``(n, 16)`` uint8 strong hashes (read-only)."""
+        import numpy as np
+
+        return np.frombuffer(self.strong_raw, dtype=np.uint8).reshape(-1, STRONG_SIZE)
 
     @classmethod
     def empty(cls, block_size: int = DEFAULT_BLOCK_SIZE) -> Signature:
         """Signature of "no basis": every delta against it is all literal."""
         check_block_size(block_size)
-        return cls(
-            block_size,
-            0,
-            np.empty(0, dtype=np.uint32),
-            np.empty((0, STRONG_SIZE), dtype=np.uint8),
-            EMPTY_HASH,
-        )
+        return cls(block_size, 0, b"", b"", EMPTY_HASH)
 
     @property
     def block_count(self) -> int:
-        return int(self.weak.shape[0])
+        return len(self.strong_raw) // STRONG_SIZE
 
     def to_chunks(self) -> Iterator[bytes]:
         """Serialise as chunks of at most 1 MiB (one gRPC message each)."""
@@ -88,11 +98,7 @@ class Signature:
         header = HEADER.pack(
             MAGIC, VERSION, 0, 0, self.block_size, self.basis_length, n, self.basis_hash
         )
-        body = (
-            header,
-            np.ascontiguousarray(self.weak, dtype="<u4").tobytes(),
-            np.ascontiguousarray(self.strong, dtype=np.uint8).tobytes(),
-        )
+        body = (header, self.weak_raw, self.strong_raw)
         checksum = xxhash.xxh3_64()
         pending = bytearray()
         for part in body:
@@ -145,12 +151,9 @@ class Signature:
         if xxhash.xxh3_64_intdigest(body) != checksum:
             raise DeltaError("signature is corrupted (checksum mismatch)")
         weak_end = HEADER.size + 4 * n
-        weak = np.frombuffer(data, dtype="<u4", count=n, offset=HEADER.size).astype(np.uint32)
-        strong = (
-            np.frombuffer(data, dtype=np.uint8, count=n * STRONG_SIZE, offset=weak_end)
-            .reshape(n, STRONG_SIZE)
-            .copy()
-        )
+        weak = bytes(body[HEADER.size : weak_end])
+        strong = bytes(body[weak_end:])
+        body.release()
         return cls(block_size, basis_length, weak, strong, basis_hash)
 
 
@@ -191,6 +194,10 @@ def make_signature(
     Pages are dropped from the mapping as soon as they are summed, so a basis larger than
     RAM costs only the signature itself (20 bytes per block) plus one read step.
     """
+    import numpy as np
+
+    from agent.delta.weak import block_weak, weak_of
+
     check_block_size(block_size)
     L = block_size
     with open(basis_path, "rb") as f:
@@ -222,5 +229,4 @@ def make_signature(
                     del last
             finally:
                 view.release()
-    strong_arr = np.frombuffer(b"".join(strong), dtype=np.uint8).reshape(n, STRONG_SIZE)
-    return Signature(L, size, weak, strong_arr, whole.digest())
+    return Signature(L, size, weak.astype("<u4").tobytes(), b"".join(strong), whole.digest())
