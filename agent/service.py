@@ -29,7 +29,7 @@ from agent.errors import InvalidArgument, MigctlError, NotFound, PermissionDenie
 from agent.migration import journal as j
 from agent.migration.flow import Migration
 from agent.migration.policy import Links
-from agent.migration.recovery import settle
+from agent.migration.recovery import remove_strays, settle
 from agent.migration.source import (
     AUTHORIZATION_SECONDS,
     ROOTFS,
@@ -120,6 +120,7 @@ class AgentService(rpc.AgentServicer):
                 try:
                     self.source.expire_leases()
                     self.settle_orphans()
+                    remove_strays(self.runtime, self.journal)
                     if rounds % 15 == 0:
                         self.sync_layers()
                     rounds += 1

@@ -68,6 +68,18 @@ def test_a_staged_restore_reads_from_the_agents_folder(run) -> None:
                    "--bundle", "/b", CID]
 
 
+def test_the_engines_folder_gets_content_of_its_own(run, tmp_path: Path) -> None:
+    """containerd stores the engine's checkpoint folder by digest: empty ones collide."""
+    engine = tmp_path / "engine-images"
+    engine.mkdir()
+    (run.requests / f"{CID}.checkpoint").write_text("/s/img\n\ntoken-1\n")
+    run("--root", "/r", "checkpoint", "--image-path", str(engine), CID)
+    assert (engine / "migctl-direct").read_text() == "token-1\n"
+    (run.requests / f"{CID}.checkpoint").write_text("/s/img\n\ntoken-2\n")
+    run("--root", "/r", "checkpoint", f"--image-path={engine}", CID)
+    assert (engine / "migctl-direct").read_text() == "token-2\n"
+
+
 def test_a_page_server_is_added_to_the_checkpoint_only(run) -> None:
     (run.requests / f"{CID}.checkpoint").write_text("/s/img\n10.0.0.2:27000\n")
     got = run("--root", "/r", "checkpoint", "--image-path", "/e", CID)
@@ -91,7 +103,7 @@ def test_a_relative_folder_is_refused(run) -> None:
 def test_a_request_lives_only_while_staged(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(direct, "REQUEST_DIR", tmp_path / "rq")
     with direct.staged(CID, "restore", Path("/s/img")):
-        assert (tmp_path / "rq" / f"{CID}.restore").read_text() == "/s/img\n\n"
+        assert (tmp_path / "rq" / f"{CID}.restore").read_text().startswith("/s/img\n\n")
         assert (tmp_path / "rq").stat().st_mode & 0o077 == 0
     assert not (tmp_path / "rq" / f"{CID}.restore").exists()
 

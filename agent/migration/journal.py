@@ -182,6 +182,15 @@ class Journal:
             rows = self._db.execute(query + " ORDER BY updated", args).fetchall()
         return [self._entry(r) for r in rows]
 
+    def strays(self) -> list[Entry]:
+        """Ended destination entries that left a created, never started container behind
+        (its engine did not answer during the rollback)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM migrations WHERE role = ? AND "
+                "json_extract(data, '$.stray_container') != ''", (DESTINATION,)).fetchall()
+        return [self._entry(r) for r in rows]
+
     @staticmethod
     def _entry(row: tuple) -> Entry:
         return Entry(id=row[0], role=row[1], container=row[2], state=row[3], peer=row[4],

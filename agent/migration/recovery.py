@@ -26,6 +26,10 @@ from proto import migctl_pb2_grpc as rpc
 
 log = logging.getLogger(__name__)
 
+NEVER_STARTED = (j.REQUESTED, j.PRE_COPY, j.FROZEN, j.TRANSFERRING_FINAL)
+"""Destination states in which the new container exists at most created: the flow starts it
+only after RESTORING is journaled."""
+
 
 def settle(entry: j.Entry, runtime: Runtime, journal: j.Journal, staging: Staging,
            tls: TLSFiles, say: Callable[[str], None] = lambda _: None) -> bool:
@@ -41,10 +45,21 @@ def settle(entry: j.Entry, runtime: Runtime, journal: j.Journal, staging: Stagin
             say(f"{entry.container} runs here ({new[:12]}): migration completed")
             return True
         if new:
-            runtime.remove(new)
-            if not runtime.gone(new):
-                raise MigctlError(f"the engine still lists container {new[:12]} after removing "
-                                  "it")
+            try:
+                runtime.remove(new)
+                if not runtime.gone(new):
+                    raise MigctlError(f"the engine still lists container {new[:12]} after "
+                                      "removing it")
+            except MigctlError as err:
+                if entry.state not in NEVER_STARTED:
+                    raise
+                # Created in pre-copy and never started: no second copy can run from it, so
+                # the source need not wait; it is removed once this node's engine answers.
+                say(f"the container created here ({new[:12]}) was never started; it is "
+                    f"removed once this node's engine answers ({err})")
+                entry.data["stray_container"] = new
+                entry.data["new_container"] = ""
+                journal.save(entry)
         for name in entry.data.get("created_volumes", []):
             try:
                 runtime.remove_volume(name)
@@ -82,6 +97,22 @@ def settle(entry: j.Entry, runtime: Runtime, journal: j.Journal, staging: Stagin
         journal.move(entry.id, j.DESTINATION, j.ROLLED_BACK)
     staging.drop(entry.id)
     return True
+
+
+def remove_strays(runtime: Runtime, journal: j.Journal) -> None:
+    """Remove the never-started containers rollbacks had to leave behind."""
+    for entry in journal.strays():
+        cid = entry.data["stray_container"]
+        try:
+            runtime.remove(cid)
+            if not runtime.gone(cid):
+                continue
+        except MigctlError:
+            continue  # the engine still does not answer: next round
+        log.info("migration %s: removed the container %s its rollback left", entry.id,
+                 cid[:12])
+        entry.data["stray_container"] = ""
+        journal.save(entry)
 
 
 def _pending(entry: j.Entry, journal: j.Journal, why: str) -> None:

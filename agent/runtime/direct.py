@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,12 +53,17 @@ def staged(container_id: str, action: str, images: Path, page_server: str = "") 
     REQUEST_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
     request = REQUEST_DIR / f"{container_id}.{action}"
     tmp = request.with_suffix(".part")
-    tmp.write_text(f"{images}\n{page_server}\n")
+    tmp.write_text(f"{images}\n{page_server}\n{token()}\n")
     os.replace(tmp, request)
     try:
         yield
     finally:
         request.unlink(missing_ok=True)
+
+
+def token() -> str:
+    """Unique content for the engine's checkpoint folder (see migctl-runc)."""
+    return uuid.uuid4().hex
 
 
 class DirectRuntime(DockerRuntime):
@@ -106,6 +112,7 @@ class DirectRuntime(DockerRuntime):
         target = self.root_dir() / "containers" / cid / "checkpoints" / name
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
+        (target / "migctl-direct").write_text(token())  # content of its own (migctl-runc)
         try:
             with staged(cid, "restore", checkpoint_dir.resolve()):
                 self.engine_start_checkpoint(cid, name)
