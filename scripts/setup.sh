@@ -7,7 +7,7 @@
 #        /opt/migctl/bin/criu  (wrapper or symlink; put /opt/migctl/bin first on
 #                               dockerd's PATH so runc finds it)
 #        /opt/migctl/criu/     (private prefix when CRIU comes from Debian sid)
-#   3. /etc/criu/runc.conf with tcp-established + tcp-close, and the runc wrapper
+#   3. /etc/criu/runc.conf with tcp-established, tcp-close and skip-in-flight, and the runc wrapper
 #      /opt/migctl/bin/migctl-runc (the direct checkpoint path)
 #   4. .venv in the repo root with `pip install -e '.[dev]'`
 #   5. a quick self-check of the installed tools
@@ -435,7 +435,9 @@ step_runc_conf() {
     local opt added=()
     mkdir -p "$(dirname "$RUNC_CONF")"
     [[ -e "$RUNC_CONF" ]] || : >"$RUNC_CONF"
-    for opt in tcp-established tcp-close; do
+    # skip-in-flight: a server that clients keep connecting to has connections not yet
+    # accepted at any moment, and CRIU refuses to dump those; they are dropped, clients retry
+    for opt in tcp-established tcp-close skip-in-flight; do
         if ! grep -qxE "[[:space:]]*$opt[[:space:]]*" "$RUNC_CONF"; then
             # make sure the file ends with a newline before appending
             [[ -s "$RUNC_CONF" && -n "$(tail -c1 "$RUNC_CONF")" ]] && echo >>"$RUNC_CONF"
@@ -444,7 +446,7 @@ step_runc_conf() {
         fi
     done
     if [[ ${#added[@]} -eq 0 ]]; then
-        say "runc.conf: already has tcp-established and tcp-close ($RUNC_CONF)"
+        say "runc.conf: already has tcp-established, tcp-close and skip-in-flight ($RUNC_CONF)"
     else
         say "runc.conf: added ${added[*]} to $RUNC_CONF"
     fi
