@@ -6,11 +6,19 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from google.protobuf.json_format import MessageToDict
 
 from agent.errors import MigctlError
-from client.api import AgentClient, ClientError, Inventory, default_tls_dir, migrate
+from client.api import (
+    AgentClient,
+    AgentError,
+    ClientError,
+    Inventory,
+    default_tls_dir,
+    migrate,
+)
 from proto import migctl_pb2 as pb
 
 
@@ -22,7 +30,8 @@ def _phase(p: int) -> str:
     return pb.Phase.Name(p).lower().replace("_", "-")
 
 
-def render_event(ev: pb.MigrationEvent, out=sys.stderr) -> None:
+def render_event(ev: pb.MigrationEvent, out: TextIO | None = None) -> None:
+    out = out or sys.stderr  # looked up now: whoever replaced sys.stderr since import
     kind = ev.WhichOneof("event")
     if kind == "phase_started":
         print(f"▶ {_phase(ev.phase_started.phase)}", file=out, flush=True)
@@ -75,16 +84,10 @@ def report_dict(report: pb.MigrationReport) -> dict:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     inv = Inventory.load(args.inventory)
-    report = None
-    for ev in migrate(inv, args.container, args.source, args.dest,
-                      remove_source=args.remove_source, mode=args.mode,
-                      allow_privileged=args.allow_privileged):
-        if ev.HasField("done"):
-            report = ev.done
-        elif not args.quiet:
-            render_event(ev)
-    if report is None:
-        raise ClientError("the destination ended the migration without a report")
+    report = migrate(inv, args.container, args.source, args.dest,
+                     on_event=None if args.quiet else render_event,
+                     remove_source=args.remove_source, mode=args.mode,
+                     allow_privileged=args.allow_privileged)
     if args.json:
         print(json.dumps(report_dict(report)))
     else:
@@ -94,14 +97,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_nodes(args: argparse.Namespace) -> int:
     inv = Inventory.load(args.inventory)
+    tls = inv.tls()
     for node in inv.nodes.values():
         try:
-            with AgentClient(node, inv.tls(), timeout=3) as c:
+            with AgentClient(node, tls, timeout=3) as c:
                 info = c.info()
             state = (f"up, engine {info.engine_version}, CRIU {info.criu_version or '-'}, "
                      f"{info.checkpoint_method or 'engine'} checkpoints")
-        except ClientError as err:
-            state = f"DOWN: {err}"
+        except AgentError as err:
+            state = f"DOWN: {err.message}"
         print(f"{node.name:<8} {node.address:<22} {state}")
     return 0
 
