@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,17 +29,67 @@ from proto import migctl_pb2_grpc as rpc
 
 MIGCTL_HOME = Path(os.environ.get("MIGCTL_HOME", "/var/lib/migctl"))
 
-
-def default_tls_dir() -> Path:
-    return Path(os.environ.get("MIGCTL_TLS_DIR", MIGCTL_HOME / "tls"))
-
-
-def default_inventory() -> Path:
-    return Path(os.environ.get("MIGCTL_INVENTORY", MIGCTL_HOME / "inventory.json"))
+# The settings a config file may hold: key -> (its environment variable, default in MIGCTL_HOME)
+SETTINGS = {"inventory": ("MIGCTL_INVENTORY", "inventory.json"),
+            "tls_dir": ("MIGCTL_TLS_DIR", "tls")}
 
 
 class ClientError(Exception):
     """An error for the operator: what went wrong and what to do."""
+
+
+def config_path() -> Path | None:
+    """The config file: $MIGCTL_CONFIG, else the first of $MIGCTL_HOME/config.toml and
+    $XDG_CONFIG_HOME/migctl/config.toml (~/.config) that exists; None when none does."""
+    if named := os.environ.get("MIGCTL_CONFIG"):
+        return Path(named)
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return next((p for p in (MIGCTL_HOME / "config.toml", xdg / "migctl" / "config.toml")
+                 if p.is_file()), None)
+
+
+def load_config(path: Path | None = None) -> dict[str, Path]:
+    """The settings of the config file (paths relative to the file's folder), checked: an
+    unknown key or a value that is not a path is an error naming the file and the key."""
+    path = path or config_path()
+    if path is None:
+        return {}
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ClientError(f"config file {path} does not exist (named by MIGCTL_CONFIG)") from None
+    except OSError as err:
+        raise ClientError(f"cannot read config file {path}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ClientError(f"config file {path} is not valid TOML: {err}") from None
+    settings = {}
+    for key, value in data.items():
+        if key not in SETTINGS:
+            raise ClientError(f"config file {path}: unknown key {key!r} (known: "
+                              f"{', '.join(SETTINGS)})")
+        if not isinstance(value, str) or not value.strip():
+            raise ClientError(f"config file {path}: {key} must be a path in quotes, not "
+                              f"{value!r}")
+        settings[key] = path.parent / Path(value).expanduser()
+    return settings
+
+
+def _setting(key: str) -> Path:
+    """KEY where no command-line flag gives it: its environment variable, else the config
+    file, else its default in MIGCTL_HOME."""
+    variable, default = SETTINGS[key]
+    if value := os.environ.get(variable):
+        return Path(value)
+    return load_config().get(key) or MIGCTL_HOME / default
+
+
+def default_tls_dir() -> Path:
+    return _setting("tls_dir")
+
+
+def default_inventory() -> Path:
+    return _setting("inventory")
 
 
 class AgentError(ClientError):
@@ -143,7 +194,9 @@ class Inventory:
             raise ClientError(f"{err} (make them with `migctl certs init`)") from None
 
     @classmethod
-    def load(cls, path: Path | None = None) -> Inventory:
+    def load(cls, path: Path | None = None, tls_dir: Path | None = None) -> Inventory:
+        """PATH and TLS_DIR come from flags; without them, from `default_inventory` and the
+        inventory's own "tls_dir" (the labs write one), else `default_tls_dir`."""
         path = path or default_inventory()
         try:
             data = json.loads(path.read_text())
@@ -155,7 +208,8 @@ class Inventory:
         nodes = {name: Node(name, n["address"], n.get("docker_host", ""),
                             n.get("peer_address", ""))
                  for name, n in data.get("nodes", {}).items()}
-        tls_dir = Path(data["tls_dir"]) if data.get("tls_dir") else None
+        if tls_dir is None and data.get("tls_dir"):
+            tls_dir = Path(data["tls_dir"])
         return cls(nodes, path, tls_dir)
 
     def node(self, name: str) -> Node:

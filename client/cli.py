@@ -83,7 +83,7 @@ def report_dict(report: pb.MigrationReport) -> dict:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    inv = Inventory.load(args.inventory)
+    inv = Inventory.load(args.inventory, args.tls_dir)
     report = migrate(inv, args.container, args.source, args.dest,
                      on_event=None if args.quiet else render_event,
                      remove_source=args.remove_source, mode=args.mode,
@@ -96,7 +96,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
-    inv = Inventory.load(args.inventory)
+    inv = Inventory.load(args.inventory, args.tls_dir)
     tls = inv.tls()
     for node in inv.nodes.values():
         try:
@@ -113,7 +113,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 def cmd_certs_init(args: argparse.Namespace) -> int:
     from agent import certs
 
-    directory = args.dir or default_tls_dir()
+    directory = args.dir or args.tls_dir or default_tls_dir()
     try:
         certs.init(directory, args.nodes, args.client or ["client"])
     except MigctlError as err:
@@ -129,8 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="migctl", description="Live migration of stateful "
                                 "containers between nodes (CRIU + gRPC + delta transfer).")
     p.add_argument("--inventory", type=Path, default=None,
-                   help="node inventory (default: $MIGCTL_INVENTORY or "
-                        "$MIGCTL_HOME/inventory.json)")
+                   help="node inventory (default: $MIGCTL_INVENTORY, else the config file's "
+                        "inventory, else $MIGCTL_HOME/inventory.json)")
+    p.add_argument("--tls-dir", type=Path, default=None,
+                   help="the operator's ca.crt, client.crt and client.key (default: the "
+                        "inventory's tls_dir, else $MIGCTL_TLS_DIR, else the config file's "
+                        "tls_dir, else $MIGCTL_HOME/tls)")
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("migrate", help="move a running container to another node")
@@ -156,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("certs", help="certificates for mutual TLS between agents and clients")
     csub = c.add_subparsers(dest="certs_command", required=True)
     ci = csub.add_parser("init", help="a CA (kept if present) and a certificate per node and "
-                         "client, in DIR (default $MIGCTL_TLS_DIR or $MIGCTL_HOME/tls)")
+                         "client, in DIR (default: --tls-dir, else $MIGCTL_TLS_DIR, else the "
+                         "config file's tls_dir, else $MIGCTL_HOME/tls)")
     ci.add_argument("--dir", type=Path, default=None)
     ci.add_argument("--client", action="append", default=None, metavar="NAME",
                     help="client certificate names (default: client)")
