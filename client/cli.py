@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+import shtab
 from google.protobuf.json_format import MessageToDict
 
 from agent.errors import MigctlError
@@ -125,16 +126,23 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="migctl", description="Live migration of stateful "
                                 "containers between nodes (CRIU + gRPC + delta transfer).")
     p.add_argument("--inventory", type=Path, default=None,
                    help="node inventory (default: $MIGCTL_INVENTORY, else the config file's "
-                        "inventory, else $MIGCTL_HOME/inventory.json)")
+                        "inventory, else $MIGCTL_HOME/inventory.json)"
+                   ).complete = shtab.FILE  # type: ignore[attr-defined]
     p.add_argument("--tls-dir", type=Path, default=None,
                    help="the operator's ca.crt, client.crt and client.key (default: the "
                         "inventory's tls_dir, else $MIGCTL_TLS_DIR, else the config file's "
-                        "tls_dir, else $MIGCTL_HOME/tls)")
+                        "tls_dir, else $MIGCTL_HOME/tls)"
+                   ).complete = shtab.DIRECTORY  # type: ignore[attr-defined]
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("migrate", help="move a running container to another node")
@@ -162,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     ci = csub.add_parser("init", help="a CA (kept if present) and a certificate per node and "
                          "client, in DIR (default: --tls-dir, else $MIGCTL_TLS_DIR, else the "
                          "config file's tls_dir, else $MIGCTL_HOME/tls)")
-    ci.add_argument("--dir", type=Path, default=None)
+    ci.add_argument("--dir", type=Path, default=None
+                    ).complete = shtab.DIRECTORY  # type: ignore[attr-defined]
     ci.add_argument("--client", action="append", default=None, metavar="NAME",
                     help="client certificate names (default: client)")
     ci.add_argument("nodes", nargs="+", metavar="NODE")
@@ -171,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     from client import lab
 
     lab.add_parser(sub)
+
+    k = sub.add_parser("completion", help="print a shell completion script, e.g. "
+                       "`migctl completion bash > /etc/bash_completion.d/migctl`, or "
+                       "`source <(migctl completion zsh)`")
+    k.add_argument("shell", choices=["bash", "zsh"])
+    k.set_defaults(func=cmd_completion)
     return p
 
 
