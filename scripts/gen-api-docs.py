@@ -217,6 +217,10 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
+def _heading(name: str, comment: str | None) -> list[str]:
+    return [f"### {name}\n", *([prose(comment), ""] if comment else [])]
+
+
 def render(file: descriptor_pb2.FileDescriptorProto) -> str:
     notes, starts = comments(file), lines(file)
     out = [INTRO, "## The contract\n", prose(notes.get((SYNTAX,), "")), ""]
@@ -237,9 +241,7 @@ def render(file: descriptor_pb2.FileDescriptorProto) -> str:
         out.append("")
     out.append("## Messages\n")
     for m, message in enumerate(file.message_type):
-        out += [f"### {message.name}\n"]
-        if text := notes.get((MESSAGE, m)):
-            out += [prose(text), ""]
+        out += _heading(message.name, notes.get((MESSAGE, m)))
         nested = {n.name: n for n in message.nested_type}
         if message.field:
             out += ["| field | type | meaning |", "|---|---|---|"]
@@ -258,9 +260,7 @@ def render(file: descriptor_pb2.FileDescriptorProto) -> str:
         out.append("")
     out.append("## Enums\n")
     for e, enum in enumerate(file.enum_type):
-        out += [f"### {enum.name}\n"]
-        if text := notes.get((ENUM, e)):
-            out += [prose(text), ""]
+        out += _heading(enum.name, notes.get((ENUM, e)))
         out += ["| value | name | meaning |", "|---|---|---|"]
         out += [f"| {v.number} | `{v.name}` | {_cell(notes.get((ENUM, e, VALUE, i), ''))} |"
                 for i, v in enumerate(enum.value)]

@@ -65,13 +65,6 @@ class FakeAgent(rpc.AgentServicer):
             yield pb.MigrationEvent(done=REPORT)
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("pki")
-    certs.init(d, ["nodeA", "nodeB"], ["client"])
-    return d
-
-
 @dataclass
 class Cluster:
     inventory: api.Inventory

@@ -48,13 +48,6 @@ class FakeRuntime:
         return "27.5.1", self.criu, self.checkpoints
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("pki")
-    certs.init(d, ["nodeA", "nodeB"], ["client"])
-    return d
-
-
 @dataclass
 class Agent:
     address: str
@@ -161,16 +154,21 @@ def test_reflection_lists_the_agent_service(pki: Path, agent: Agent, who) -> Non
         assert "Migrate" in [m.name for m in proto.service[0].method]
 
 
+def _refusals(channel: grpc.Channel) -> list[grpc.StatusCode]:
+    """How health and reflection each refuse CHANNEL's caller."""
+    codes = []
+    for call in (_check, lambda ch: ProtoReflectionDescriptorDatabase(ch).get_services()):
+        with pytest.raises(grpc.RpcError) as err:
+            call(channel)
+        codes.append(err.value.code())
+    return codes
+
+
 def test_a_caller_without_a_certificate_is_refused(pki: Path, agent: Agent) -> None:
     creds = grpc.ssl_channel_credentials(root_certificates=(pki / "ca.crt").read_bytes())
     with grpc.secure_channel(agent.address, creds,
                              options=[("grpc.ssl_target_name_override", "migctl")]) as channel:
-        with pytest.raises(grpc.RpcError) as err:
-            _check(channel)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        with pytest.raises(grpc.RpcError) as err:
-            ProtoReflectionDescriptorDatabase(channel).get_services()
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert _refusals(channel) == [grpc.StatusCode.UNAVAILABLE] * 2
 
 
 def test_a_certificate_without_a_role_is_refused_by_the_gate(pki: Path, agent: Agent,
@@ -178,9 +176,4 @@ def test_a_certificate_without_a_role_is_refused_by_the_gate(pki: Path, agent: A
     # signed by our CA, so the handshake passes; its parts disagree, so it has no role
     files = _forge(pki, "mallory", NODE_OU, [CLIENT], ["mallory", "migctl"], tmp_path)
     with secure_channel(agent.address, files) as channel:
-        with pytest.raises(grpc.RpcError) as err:
-            _check(channel)
-        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        with pytest.raises(grpc.RpcError) as err:
-            ProtoReflectionDescriptorDatabase(channel).get_services()
-        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert _refusals(channel) == [grpc.StatusCode.PERMISSION_DENIED] * 2
