@@ -8,6 +8,7 @@ The second gate is in the handlers: a node may only touch a migration it is boun
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -72,7 +73,11 @@ class Authorization(grpc.ServerInterceptor):
         roles = allowed(details.method)
 
         def guard(behaviour: Callable) -> Callable:
-            def checked(request: Any, context: grpc.ServicerContext) -> Any:
+            # wraps: keeps the attributes that make health's Watch non-blocking (and its
+            # extra send_response_callback argument passes through)
+            @functools.wraps(behaviour)
+            def checked(request: Any, context: grpc.ServicerContext, *args: Any,
+                        **kwargs: Any) -> Any:
                 caller = caller_of(context)
                 if caller is None:
                     context.abort(grpc.StatusCode.PERMISSION_DENIED,
@@ -82,7 +87,7 @@ class Authorization(grpc.ServerInterceptor):
                     context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                   f"{details.method.rpartition('/')[2]} is not open to "
                                   f"{caller.role} certificates ({caller.name})")
-                return behaviour(request, context)
+                return behaviour(request, context, *args, **kwargs)
 
             return checked
 

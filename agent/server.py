@@ -11,14 +11,33 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
-from agent.authz import Authorization
+from agent.authz import SERVICE, Authorization
 from agent.dataplane.channel import OPTIONS
 from agent.errors import MigctlError
+from agent.health import NodeHealth
 from agent.runtime.base import open_runtime
 from agent.security import TLSFiles, server_credentials
 from agent.service import AgentService
 from proto import migctl_pb2_grpc as rpc
+
+
+def agent_server(service: rpc.AgentServicer, node_health: NodeHealth) -> grpc.Server:
+    """The server every agent runs: the role gate (agent.authz) in front of the Agent service
+    and of the standard health and reflection services, which tools like `grpcurl` and
+    `grpc_health_probe` use with an operator's or a node's certificate."""
+    # Without SO_REUSEPORT a second agent on the same port fails to start instead of silently
+    # sharing the port with the first (and answering half of its calls with its own code).
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32),
+                         interceptors=[Authorization()],
+                         options=[*OPTIONS, ("grpc.so_reuseport", 0)])
+    rpc.add_AgentServicer_to_server(service, server)
+    health_pb2_grpc.add_HealthServicer_to_server(node_health.servicer, server)
+    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                        server)
+    return server
 
 
 def serve(node: str, listen: str, docker_host: str, state_dir: Path, engine_tmp: Path,
@@ -30,25 +49,23 @@ def serve(node: str, listen: str, docker_host: str, state_dir: Path, engine_tmp:
     except MigctlError as err:
         sys.exit(f"migagent: {err} (make them with `migctl certs init`)")
     runtime = open_runtime(docker_host, engine_tmp, containerd)
-    # Without SO_REUSEPORT a second agent on the same port fails to start instead of silently
-    # sharing the port with the first (and answering half of its calls with its own code).
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32),
-                         interceptors=[Authorization()],
-                         options=[*OPTIONS, ("grpc.so_reuseport", 0)])
     service = AgentService(node, runtime, state_dir, tls, lease_seconds=lease_seconds,
                            registry=registry, inventory=inventory, address=listen,
                            cache_bytes=cache_mb << 20)
-    rpc.add_AgentServicer_to_server(service, server)
+    node_health = NodeHealth(runtime)
+    server = agent_server(service, node_health)
     if server.add_secure_port(listen, credentials) == 0:
         sys.exit(f"migagent: cannot listen on {listen}")
     server.start()
     service.start_background()
+    node_health.start()
     logging.info("agent of %s listening on %s (engine %s, %s checkpoints)", node, listen,
                  docker_host, runtime.method)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
+    node_health.servicer.enter_graceful_shutdown()  # watchers hear NOT_SERVING before we go
     server.stop(grace=5).wait()
 
 

@@ -1,10 +1,21 @@
-"""The façade other services use too: nodes by name, and the Agent API without gRPC noise."""
+"""The façade other services use too: nodes by name, and the Agent API without gRPC noise.
+
+`migrate` returns the report and passes each event to an optional callback; an agent's error
+status arrives as a subclass of `AgentError` (itself a `ClientError`), one per gRPC status,
+with the node that answered and the agent's own message:
+
+    try:
+        report = migrate(Inventory.load(), "web", "nodeA", "nodeB", on_event=print)
+    except Unavailable as err:
+        retry_later(err.node, err.message)
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import tomllib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,17 +29,140 @@ from proto import migctl_pb2_grpc as rpc
 
 MIGCTL_HOME = Path(os.environ.get("MIGCTL_HOME", "/var/lib/migctl"))
 
-
-def default_tls_dir() -> Path:
-    return Path(os.environ.get("MIGCTL_TLS_DIR", MIGCTL_HOME / "tls"))
-
-
-def default_inventory() -> Path:
-    return Path(os.environ.get("MIGCTL_INVENTORY", MIGCTL_HOME / "inventory.json"))
+# The settings a config file may hold: key -> (its environment variable, default in MIGCTL_HOME)
+SETTINGS = {"inventory": ("MIGCTL_INVENTORY", "inventory.json"),
+            "tls_dir": ("MIGCTL_TLS_DIR", "tls")}
 
 
 class ClientError(Exception):
     """An error for the operator: what went wrong and what to do."""
+
+
+def config_path() -> Path | None:
+    """The config file: $MIGCTL_CONFIG, else the first of $MIGCTL_HOME/config.toml and
+    $XDG_CONFIG_HOME/migctl/config.toml (~/.config) that exists; None when none does."""
+    if named := os.environ.get("MIGCTL_CONFIG"):
+        return Path(named)
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return next((p for p in (MIGCTL_HOME / "config.toml", xdg / "migctl" / "config.toml")
+                 if p.is_file()), None)
+
+
+def load_config(path: Path | None = None) -> dict[str, Path]:
+    """The settings of the config file (paths relative to the file's folder), checked: an
+    unknown key or a value that is not a path is an error naming the file and the key."""
+    path = path or config_path()
+    if path is None:
+        return {}
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ClientError(f"config file {path} does not exist (named by MIGCTL_CONFIG)") from None
+    except OSError as err:
+        raise ClientError(f"cannot read config file {path}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ClientError(f"config file {path} is not valid TOML: {err}") from None
+    settings = {}
+    for key, value in data.items():
+        if key not in SETTINGS:
+            raise ClientError(f"config file {path}: unknown key {key!r} (known: "
+                              f"{', '.join(SETTINGS)})")
+        if not isinstance(value, str) or not value.strip():
+            raise ClientError(f"config file {path}: {key} must be a path in quotes, not "
+                              f"{value!r}")
+        settings[key] = path.parent / Path(value).expanduser()
+    return settings
+
+
+def _setting(key: str) -> Path:
+    """KEY where no command-line flag gives it: its environment variable, else the config
+    file, else its default in MIGCTL_HOME."""
+    variable, default = SETTINGS[key]
+    if value := os.environ.get(variable):
+        return Path(value)
+    return load_config().get(key) or MIGCTL_HOME / default
+
+
+def default_tls_dir() -> Path:
+    return _setting("tls_dir")
+
+
+def default_inventory() -> Path:
+    return _setting("inventory")
+
+
+class AgentError(ClientError):
+    """An agent answered with an error status: NODE is the agent that answered, MESSAGE its
+    words (or why it could not be reached)."""
+
+    code = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, node: str, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(f"{node}: {message}")
+        self.node = node
+        self.message = message
+        self.code = code or type(self).code
+
+
+class InvalidArgument(AgentError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(AgentError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(AgentError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class PermissionDenied(AgentError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class FailedPrecondition(AgentError):
+    """The agent refused: a pre-flight check, a rule, or the migration's state."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Aborted(AgentError):
+    """CRIU or the engine failed a checkpoint, create or restore."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class Unimplemented(AgentError):
+    """The agent is older than this client."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Internal(AgentError):
+    code = grpc.StatusCode.INTERNAL
+
+
+class Unavailable(AgentError):
+    """The agent could not be reached, or it could not reach what it needed (its engine, the
+    source's agent): the message says which."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(Unavailable):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+_BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists,
+                                      PermissionDenied, FailedPrecondition, Aborted,
+                                      Unimplemented, Internal, Unavailable, DeadlineExceeded)}
+
+
+def agent_error(node: Node, err: grpc.RpcError) -> AgentError:
+    """The typed error for an agent's status (AgentError itself for codes without a class)."""
+    code = err.code()
+    return _BY_CODE.get(code, AgentError)(node.name, err.details() or code.name, code)
 
 
 @dataclass(frozen=True)
@@ -60,7 +194,9 @@ class Inventory:
             raise ClientError(f"{err} (make them with `migctl certs init`)") from None
 
     @classmethod
-    def load(cls, path: Path | None = None) -> Inventory:
+    def load(cls, path: Path | None = None, tls_dir: Path | None = None) -> Inventory:
+        """PATH and TLS_DIR come from flags; without them, from `default_inventory` and the
+        inventory's own "tls_dir" (the labs write one), else `default_tls_dir`."""
         path = path or default_inventory()
         try:
             data = json.loads(path.read_text())
@@ -72,7 +208,8 @@ class Inventory:
         nodes = {name: Node(name, n["address"], n.get("docker_host", ""),
                             n.get("peer_address", ""))
                  for name, n in data.get("nodes", {}).items()}
-        tls_dir = Path(data["tls_dir"]) if data.get("tls_dir") else None
+        if tls_dir is None and data.get("tls_dir"):
+            tls_dir = Path(data["tls_dir"])
         return cls(nodes, path, tls_dir)
 
     def node(self, name: str) -> Node:
@@ -98,17 +235,11 @@ class AgentClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _error(self, err: grpc.RpcError) -> ClientError:
-        if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            return ClientError(f"cannot reach the agent of {self.node.name} at "
-                               f"{self.node.address}: {err.details()}")
-        return ClientError(err.details() or str(err.code()))
-
     def info(self) -> pb.NodeInfo:
         try:
             return self.stub.GetNode(pb.GetNodeRequest(), timeout=self.timeout)
         except grpc.RpcError as err:
-            raise self._error(err) from None
+            raise agent_error(self.node, err) from None
 
     def authorize(self, container: str, destination: Node) -> pb.AuthorizeReply:
         """At the source: the operator's consent to move CONTAINER to DESTINATION."""
@@ -116,8 +247,7 @@ class AgentClient:
             return self.stub.Authorize(pb.AuthorizeRequest(
                 container=container, destination_node=destination.name), timeout=30)
         except grpc.RpcError as err:
-            error = self._error(err)
-            raise ClientError(f"{self.node.name}: {error}") from None
+            raise agent_error(self.node, err) from None
 
     def migrate(self, container: str, source: Node, migration_id: str,
                 remove_source: bool = False, mode: str = "cooperative",
@@ -130,18 +260,33 @@ class AgentClient:
         try:
             yield from self.stub.Migrate(request, wait_for_ready=False)
         except grpc.RpcError as err:
-            raise self._error(err) from None
+            raise agent_error(self.node, err) from None
 
 
-def migrate(inventory: Inventory, container: str, source: str, destination: str,
-            **options: object) -> Iterator[pb.MigrationEvent]:
-    """Authorize the migration at the source, then run it at the destination."""
+def migrate(inventory: Inventory, container: str, source: str, destination: str, *,
+            on_event: Callable[[pb.MigrationEvent], None] | None = None,
+            remove_source: bool = False, mode: str = "cooperative",
+            allow_privileged: bool = False) -> pb.MigrationReport:
+    """Move CONTAINER from SOURCE to DESTINATION (node names): authorize it at the source, run
+    it at the destination, and return its report. ON_EVENT gets every event in order (the
+    report last). Once started, the migration goes on in the destination's agent even if
+    this process dies or ON_EVENT raises."""
     src, dest = inventory.node(source), inventory.node(destination)
     if src == dest:
         raise ClientError(f"--from and --to are both {src.name}: nothing to migrate")
     tls = inventory.tls()
+    report = None
     with AgentClient(dest, tls) as client:
         client.info()  # a clear error now if the destination's agent is unreachable
         with AgentClient(src, tls) as source_client:
             grant = source_client.authorize(container, dest)
-        yield from client.migrate(container, src, grant.migration_id, **options)  # type: ignore
+        for event in client.migrate(container, src, grant.migration_id,
+                                    remove_source=remove_source, mode=mode,
+                                    allow_privileged=allow_privileged):
+            if on_event is not None:
+                on_event(event)
+            if event.HasField("done"):
+                report = event.done
+    if report is None:
+        raise ClientError(f"{dest.name} ended the migration without a report")
+    return report

@@ -6,11 +6,20 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TextIO
 
+import shtab
 from google.protobuf.json_format import MessageToDict
 
 from agent.errors import MigctlError
-from client.api import AgentClient, ClientError, Inventory, default_tls_dir, migrate
+from client.api import (
+    AgentClient,
+    AgentError,
+    ClientError,
+    Inventory,
+    default_tls_dir,
+    migrate,
+)
 from proto import migctl_pb2 as pb
 
 
@@ -22,7 +31,8 @@ def _phase(p: int) -> str:
     return pb.Phase.Name(p).lower().replace("_", "-")
 
 
-def render_event(ev: pb.MigrationEvent, out=sys.stderr) -> None:
+def render_event(ev: pb.MigrationEvent, out: TextIO | None = None) -> None:
+    out = out or sys.stderr  # looked up now: whoever replaced sys.stderr since import
     kind = ev.WhichOneof("event")
     if kind == "phase_started":
         print(f"▶ {_phase(ev.phase_started.phase)}", file=out, flush=True)
@@ -74,17 +84,11 @@ def report_dict(report: pb.MigrationReport) -> dict:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    inv = Inventory.load(args.inventory)
-    report = None
-    for ev in migrate(inv, args.container, args.source, args.dest,
-                      remove_source=args.remove_source, mode=args.mode,
-                      allow_privileged=args.allow_privileged):
-        if ev.HasField("done"):
-            report = ev.done
-        elif not args.quiet:
-            render_event(ev)
-    if report is None:
-        raise ClientError("the destination ended the migration without a report")
+    inv = Inventory.load(args.inventory, args.tls_dir)
+    report = migrate(inv, args.container, args.source, args.dest,
+                     on_event=None if args.quiet else render_event,
+                     remove_source=args.remove_source, mode=args.mode,
+                     allow_privileged=args.allow_privileged)
     if args.json:
         print(json.dumps(report_dict(report)))
     else:
@@ -93,15 +97,16 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
-    inv = Inventory.load(args.inventory)
+    inv = Inventory.load(args.inventory, args.tls_dir)
+    tls = inv.tls()
     for node in inv.nodes.values():
         try:
-            with AgentClient(node, inv.tls(), timeout=3) as c:
+            with AgentClient(node, tls, timeout=3) as c:
                 info = c.info()
             state = (f"up, engine {info.engine_version}, CRIU {info.criu_version or '-'}, "
                      f"{info.checkpoint_method or 'engine'} checkpoints")
-        except ClientError as err:
-            state = f"DOWN: {err}"
+        except AgentError as err:
+            state = f"DOWN: {err.message}"
         print(f"{node.name:<8} {node.address:<22} {state}")
     return 0
 
@@ -109,7 +114,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 def cmd_certs_init(args: argparse.Namespace) -> int:
     from agent import certs
 
-    directory = args.dir or default_tls_dir()
+    directory = args.dir or args.tls_dir or default_tls_dir()
     try:
         certs.init(directory, args.nodes, args.client or ["client"])
     except MigctlError as err:
@@ -121,12 +126,23 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="migctl", description="Live migration of stateful "
                                 "containers between nodes (CRIU + gRPC + delta transfer).")
     p.add_argument("--inventory", type=Path, default=None,
-                   help="node inventory (default: $MIGCTL_INVENTORY or "
-                        "$MIGCTL_HOME/inventory.json)")
+                   help="node inventory (default: $MIGCTL_INVENTORY, else the config file's "
+                        "inventory, else $MIGCTL_HOME/inventory.json)"
+                   ).complete = shtab.FILE  # type: ignore[attr-defined]
+    p.add_argument("--tls-dir", type=Path, default=None,
+                   help="the operator's ca.crt, client.crt and client.key (default: the "
+                        "inventory's tls_dir, else $MIGCTL_TLS_DIR, else the config file's "
+                        "tls_dir, else $MIGCTL_HOME/tls)"
+                   ).complete = shtab.DIRECTORY  # type: ignore[attr-defined]
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("migrate", help="move a running container to another node")
@@ -152,8 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("certs", help="certificates for mutual TLS between agents and clients")
     csub = c.add_subparsers(dest="certs_command", required=True)
     ci = csub.add_parser("init", help="a CA (kept if present) and a certificate per node and "
-                         "client, in DIR (default $MIGCTL_TLS_DIR or $MIGCTL_HOME/tls)")
-    ci.add_argument("--dir", type=Path, default=None)
+                         "client, in DIR (default: --tls-dir, else $MIGCTL_TLS_DIR, else the "
+                         "config file's tls_dir, else $MIGCTL_HOME/tls)")
+    ci.add_argument("--dir", type=Path, default=None
+                    ).complete = shtab.DIRECTORY  # type: ignore[attr-defined]
     ci.add_argument("--client", action="append", default=None, metavar="NAME",
                     help="client certificate names (default: client)")
     ci.add_argument("nodes", nargs="+", metavar="NODE")
@@ -162,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     from client import lab
 
     lab.add_parser(sub)
+
+    k = sub.add_parser("completion", help="print a shell completion script, e.g. "
+                       "`migctl completion bash > /etc/bash_completion.d/migctl`, or "
+                       "`source <(migctl completion zsh)`")
+    k.add_argument("shell", choices=["bash", "zsh"])
+    k.set_defaults(func=cmd_completion)
     return p
 
 

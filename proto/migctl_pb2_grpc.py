@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class AgentStub:
-    """Missing associated documentation comment in .proto file."""
+    """The agent every node runs (migagent), for operators and for the other agents.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -152,10 +153,13 @@ class AgentStub:
 
 
 class AgentServicer:
-    """Missing associated documentation comment in .proto file."""
+    """The agent every node runs (migagent), for operators and for the other agents.
+    """
 
     def GetNode(self, request, context):
-        """What this node is: name, engine and CRIU versions. Callers: operator, node.
+        """What this node is: name, engine and CRIU versions, free space, load.
+        Callers: operator, node.
+        Errors: UNAVAILABLE: this node's engine does not answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,6 +168,8 @@ class AgentServicer:
     def DescribeContainer(self, request, context):
         """Everything needed to recreate a container elsewhere, environment (secrets) included.
         Callers: operator.
+        Errors: INVALID_ARGUMENT: a malformed container name; NOT_FOUND: no such container;
+        UNAVAILABLE: the engine does not answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -172,7 +178,10 @@ class AgentServicer:
     def Authorize(self, request, context):
         """The operator's consent, asked of the source: binds a new migration id to one container and
         one destination node. Only that node may then Begin it, within a short time.
-        Callers: operator. Errors: NOT_FOUND (no such container), ALREADY_EXISTS (it is migrating).
+        Callers: operator.
+        Errors: INVALID_ARGUMENT: a malformed container or node name, or the destination is this
+        node; NOT_FOUND: no such container; ALREADY_EXISTS: the container is being migrated;
+        UNAVAILABLE: the engine does not answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -180,8 +189,10 @@ class AgentServicer:
 
     def Begin(self, request, context):
         """Start an authorized migration on the source; returns the container's description.
-        Refused for an id that was never authorized for the caller, or was begun before.
         Callers: bound node.
+        Errors: INVALID_ARGUMENT: a malformed migration id; PERMISSION_DENIED: the caller is not
+        the bound node, or the container is not the migration's; FAILED_PRECONDITION: the
+        authorization expired, or the migration was begun before or has ended.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -189,30 +200,39 @@ class AgentServicer:
 
     def Commit(self, request, context):
         """The commit point, called by the destination after the final sync and before it starts
-        the container: from now on only the destination may ask the source to resume. Refused
-        when the source already resumed the container (its lease on the frozen container ran out).
+        the container: from now on only the destination may ask the source to resume.
         Callers: bound node.
+        Errors: INVALID_ARGUMENT: a malformed migration id; PERMISSION_DENIED: the caller is not
+        the bound node; FAILED_PRECONDITION: the container is not frozen here (the source
+        already resumed it, its lease on the frozen container having run out, or it never froze).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def MissingLayers(self, request, context):
-        """Of an image's layers (ordered diff ids), which this node lacks. Callers: node.
+        """Of an image's layers (ordered diff ids), which this node lacks.
+        Callers: node.
+        Errors: UNAVAILABLE: the engine does not answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ImageConfig(self, request, context):
-        """An image's configuration (the JSON `docker save` carries). Callers: node.
+        """An image's configuration (the JSON `docker save` carries).
+        Callers: node.
+        Errors: NOT_FOUND: no such image; UNAVAILABLE: the engine does not answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ExportLayer(self, request, context):
-        """One image layer as an uncompressed tar, whose sha256 is its diff id. Callers: node.
+        """One image layer as an uncompressed tar, whose sha256 is its diff id.
+        Callers: node.
+        Errors: NOT_FOUND: no image on this node holds the layer; UNAVAILABLE: the engine does
+        not answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -220,7 +240,9 @@ class AgentServicer:
 
     def Holdings(self, request, context):
         """The catalog: which of KEYS this node holds (layer:<diff id>, ro:<digest>, rw:<volume id>,
-        app:<image tag>, svc:<image tag>:<user>), with timestamps and digests. Callers: node.
+        app:<image tag>, svc:<image tag>:<user>), with timestamps and digests.
+        Callers: node.
+        Errors: UNAVAILABLE: the engine does not answer (asked for layers).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -230,7 +252,10 @@ class AgentServicer:
         """One held item (a volume snapshot, a read-only volume's content, a checkpoint archive), for
         the destination of a live migration: the holder asks that migration's source (Vouch)
         whether the caller is its bound destination and the item belongs to its container.
-        Callers: node (vouched for). Errors: PERMISSION_DENIED when the source does not vouch.
+        Callers: node (vouched for by the migration's source).
+        Errors: INVALID_ARGUMENT: a malformed migration id or source node name; NOT_FOUND: the
+        source node is unknown to this agent, or the item is no longer held; PERMISSION_DENIED:
+        the source does not vouch for the caller, or the item is not part of the migration.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -239,7 +264,10 @@ class AgentServicer:
     def Vouch(self, request, context):
         """Asked of a migration's source by a holder of cached items: whether DESTINATION_NODE is the
         bound destination of this live migration, and which cached items (keys) belong to its
-        container. Callers: node. Errors: PERMISSION_DENIED when it is not.
+        container.
+        Callers: node.
+        Errors: INVALID_ARGUMENT: a malformed migration id; PERMISSION_DENIED: DESTINATION_NODE
+        has no live migration of that id from this node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -248,6 +276,7 @@ class AgentServicer:
     def Probe(self, request, context):
         """A measure of the link: streams SIZE bytes (at most 64 MiB), so the caller can time it.
         Callers: node.
+        Errors: none of its own.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -256,7 +285,11 @@ class AgentServicer:
     def SnapshotVolume(self, request, context):
         """Archive one of the migration's container's volumes into its staging area (a volume
         snapshot), at volumes/<volume>.tar, while the container runs; the source keeps a manifest
-        of what it archived for the final pass. Callers: bound node.
+        of what it archived for the final pass.
+        Callers: bound node.
+        Errors: INVALID_ARGUMENT: a malformed migration id; PERMISSION_DENIED: the caller is not
+        the bound node, or the volume is not the container's; FAILED_PRECONDITION: the migration
+        is not in pre-copy, or the volume's driver is not local; NOT_FOUND: the volume is gone.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -267,6 +300,8 @@ class AgentServicer:
         files added, changed and deleted, with owners, modes and attributes) into its staging
         area, at rootfs.tar, while the container runs (with a manifest, as volumes).
         Callers: bound node.
+        Errors: INVALID_ARGUMENT: a malformed migration id; PERMISSION_DENIED: the caller is not
+        the bound node; FAILED_PRECONDITION: the migration is not in pre-copy.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -276,8 +311,12 @@ class AgentServicer:
         """Before the freeze: the signatures of the files the caller holds as bases for the final
         pass, each sent under the final path it is the basis of (checkpoints/final/FILE,
         volumes/<volume>.changes.tar, rootfs.changes.tar), so that none travels during the
-        downtime. Each is capped by the size of the pre-copy file it describes. Callers: bound
-        node.
+        downtime. Each is capped by the size of the pre-copy file it describes.
+        Callers: bound node.
+        Errors: INVALID_ARGUMENT: the first message names no path, a path has no pre-copy file to
+        be the basis of, or a signature runs on past its end; PERMISSION_DENIED: the caller is
+        not the bound node; FAILED_PRECONDITION: the migration is not in pre-copy, or a signature
+        is malformed or larger than its cap.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -289,6 +328,9 @@ class AgentServicer:
         entries whose metadata changed since the pre-copy snapshot (and marks for those deleted).
         Each travels as a delta against its offered basis, or whole when none was offered.
         Callers: bound node.
+        Errors: INVALID_ARGUMENT: a malformed migration id; PERMISSION_DENIED: the caller is not
+        the bound node; FAILED_PRECONDITION: the final checkpoint has not been taken (or is being
+        taken), or a pre-copy snapshot to compare with is missing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -296,14 +338,22 @@ class AgentServicer:
 
     def Checkpoint(self, request, context):
         """Checkpoint the migration's container into its staging area: "pre" leaves it running,
-        "final" stops it (the freeze). Callers: bound node.
+        "final" stops it (the freeze).
+        Callers: bound node.
+        Errors: INVALID_ARGUMENT: a malformed migration id, or a name other than "pre" with
+        leave_running or "final" without; PERMISSION_DENIED: the caller is not the bound node, or
+        the container is not the migration's; FAILED_PRECONDITION: the migration's state does not
+        allow this checkpoint now (a replay); ABORTED: CRIU or the engine failed the checkpoint.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def FetchFile(self, request, context):
-        """A file of the migration's staging area, whole. Callers: bound node.
+        """A file of the migration's staging area, whole.
+        Callers: bound node.
+        Errors: INVALID_ARGUMENT: a malformed migration id, or a path outside the staging area;
+        PERMISSION_DENIED: the caller is not the bound node; NOT_FOUND: no such file.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -312,7 +362,11 @@ class AgentServicer:
     def FetchDelta(self, request_iterator, context):
         """A file of the migration's staging area as an rsync-style delta: the caller first sends the
         target, then the signature of the basis it holds (at most 4x the target's blocks, or 64 MiB
-        worth); the agent streams the delta back. Callers: bound node.
+        worth); the agent streams the delta back.
+        Callers: bound node.
+        Errors: INVALID_ARGUMENT: the first message is not the target, a malformed migration id,
+        or a path outside the staging area; PERMISSION_DENIED: the caller is not the bound node;
+        NOT_FOUND: no such file; FAILED_PRECONDITION: the signature is malformed or too large.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -322,7 +376,10 @@ class AgentServicer:
         """The destination's hold on a frozen container, from just before the freeze until the
         commit: a beat at least every second. When the stream breaks (the destination's agent
         died) or falls silent (the link is cut), the source resumes the container at once, unless
-        the destination has committed. Callers: bound node.
+        the destination has committed.
+        Callers: bound node.
+        Errors: INVALID_ARGUMENT: no first beat, or a malformed migration id; PERMISSION_DENIED:
+        the caller is not the bound node; FAILED_PRECONDITION: the migration has ended.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -331,7 +388,13 @@ class AgentServicer:
     def Resume(self, request, context):
         """Rollback: start the container again from its final checkpoint. Legal while the container is
         frozen and not committed, or after the commit when the destination's restore failed.
-        Never after the migration ended. Callers: bound node.
+        Never after the migration ended. A restore that fails restarts the container without its
+        memory (restored: false).
+        Callers: bound node.
+        Errors: INVALID_ARGUMENT: a malformed migration id; PERMISSION_DENIED: the caller is not
+        the bound node, or the container is not the migration's; FAILED_PRECONDITION: the
+        migration's state does not allow a resume, or a resume or checkpoint is under way (try
+        again); ABORTED: the engine could not start the container at all.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -340,6 +403,9 @@ class AgentServicer:
     def Release(self, request, context):
         """End of a migration on the source: drop its staging area, optionally remove the container.
         Callers: bound node.
+        Errors: INVALID_ARGUMENT: a malformed migration id; PERMISSION_DENIED: the caller is not
+        the bound node, or the container is not the migration's; FAILED_PRECONDITION: completed
+        but never committed here, or frozen and not completed (resume it first), or ended.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -348,7 +414,18 @@ class AgentServicer:
     def Migrate(self, request, context):
         """Run a migration with this node as destination, from the source node named (resolved from
         this agent's own inventory or registry, and verified by its certificate); streams progress
-        and ends with the report. Callers: operator.
+        and ends with the report. An error may end the stream after events: the source runs the
+        container again and nothing is left here.
+        Callers: operator.
+        Errors: INVALID_ARGUMENT: a malformed container, node name or migration id, or the source
+        is this node; NOT_FOUND: this agent does not know the source node; ALREADY_EXISTS: the
+        container is already being migrated here, the migration id was used before, or a
+        container or volume of that name is here; PERMISSION_DENIED: the source did not authorize
+        this migration for this node and container; FAILED_PRECONDITION: a pre-flight check or a
+        rule refused it (not running, bind mounts, privileged without allow_privileged, CRIU or
+        space, an expired authorization, data that failed verification); UNAVAILABLE: the
+        source's agent cannot be reached; ABORTED: CRIU or the engine failed a checkpoint or the
+        restore.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -481,7 +558,8 @@ def add_AgentServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Agent:
-    """Missing associated documentation comment in .proto file."""
+    """The agent every node runs (migagent), for operators and for the other agents.
+    """
 
     @staticmethod
     def GetNode(request,

@@ -12,6 +12,7 @@ from pathlib import Path
 import docker
 import pytest
 
+from agent import certs
 from client.api import MIGCTL_HOME
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +44,15 @@ def migctl(*args: str, check: bool = True, inventory: Path | None = None
 
 def migrate_json(*args: str) -> dict:
     return json.loads(migctl("migrate", "--json", *args).stdout)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA with certificates for nodeA and nodeB (tls/nodes/NODE/) and the operator (client),
+    for in-process agents."""
+    d = tmp_path_factory.mktemp("pki")
+    certs.init(d, ["nodeA", "nodeB"], ["client"])
+    return d
 
 
 @pytest.fixture(scope="session")

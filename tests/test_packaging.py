@@ -1,0 +1,55 @@
+"""The systemd unit of the agent (packaging/migagent.service) is one systemd accepts, and its
+flags come from the environment file the guide (docs/real-machines.md) installs."""
+
+from __future__ import annotations
+
+import configparser
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "packaging" / "migagent.service"
+MIGAGENT = "/opt/migctl/src/.venv/bin/migagent"
+
+
+def _unit() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys keep their case
+    parser.read_string(UNIT.read_text())
+    return parser
+
+
+def test_the_unit_runs_migagent_with_flags_from_the_environment_file() -> None:
+    unit = _unit()
+    assert unit.sections() == ["Unit", "Service", "Install"]
+    assert "docker.service" in unit["Unit"]["After"].split()
+    service = unit["Service"]
+    assert service["Restart"] == "on-failure"
+    assert service["EnvironmentFile"] == "/etc/migctl/migagent.env"
+    command = service["ExecStart"].replace("\\\n", " ").split()
+    assert command[0] == MIGAGENT
+    assert command[1:3] == ["--node", "${MIGCTL_NODE}"]
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+    # every variable the command uses is one the example environment file documents
+    env = (ROOT / "packaging" / "migagent.env").read_text()
+    for word in command:
+        if "MIGCTL_" in word:
+            name = word.strip("${}")
+            assert f"{name}=" in env, name
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="no systemd-analyze here")
+def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
+    # verify checks that ExecStart's program exists: point it at a stand-in
+    stand_in = tmp_path / "migagent"
+    stand_in.write_text("#!/bin/sh\n")
+    stand_in.chmod(0o755)
+    unit = tmp_path / "migagent.service"
+    unit.write_text(UNIT.read_text().replace(MIGAGENT, str(stand_in)))
+    res = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                         text=True)
+    # systemd only warns about a setting it cannot parse, and ignores it: no word is allowed
+    assert (res.returncode, res.stderr) == (0, "")
