@@ -73,7 +73,28 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     return journal, staging, tls, asked, entry
 
 
-@pytest.mark.parametrize("state", [j.TRANSFERRING_FINAL, j.RESTORING])
+@pytest.mark.parametrize("state", [j.FROZEN, j.TRANSFERRING_FINAL])
+@pytest.mark.parametrize("silent", [True, False], ids=["engine-silent", "remove-failed"])
+def test_a_never_started_container_does_not_hold_the_source_back(setup, state: str,
+                                                                 silent: bool) -> None:
+    """Before RESTORING the new container was at most created (the flow starts it only after
+    journaling RESTORING): the source resumes at once, and the container is removed once the
+    engine answers."""
+    journal, staging, tls, asked, entry = setup
+    engine = Engine({"new1"}, answers=not silent, removes=False)
+    e = entry(state)
+    assert recovery.settle(e, engine, journal, staging, tls) is True
+    assert asked == ["Resume"]
+    after = journal.get("m1", j.DESTINATION)
+    assert after.state == j.ROLLED_BACK and after.data["stray_container"] == "new1"
+    recovery.remove_strays(engine, journal)  # still silent (or still failing): kept
+    assert journal.strays() and "new1" in engine.running
+    engine.answers, engine.removes = True, True
+    recovery.remove_strays(engine, journal)
+    assert not journal.strays() and "new1" not in engine.running
+
+
+@pytest.mark.parametrize("state", [j.RESTORING])
 @pytest.mark.parametrize("engine", [Engine({"new1"}, answers=False),
                                     Engine({"new1"}, removes=False)],
                          ids=["engine-silent", "remove-failed"])
