@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -37,6 +35,7 @@ from client.workloads import (  # noqa: E402
     BASE,
     REDIS_IMAGE,
     SERVER,
+    Client,
     ensure_base,
     ensure_redis_image,
     remove_everywhere,
@@ -44,54 +43,6 @@ from client.workloads import (  # noqa: E402
 from tests.conftest import CACHE  # noqa: E402
 
 NODES = ("nodeA", "nodeB")
-PORT = {"redis": 6379, "volume": 8080}
-
-
-class Client(threading.Thread):
-    """One request every 10 ms to whichever node answers; records when answers came."""
-
-    def __init__(self, kind: str, hosts: list[str]) -> None:
-        super().__init__(daemon=True)
-        self.kind, self.hosts = kind, hosts
-        self.answers: list[tuple[float, int]] = []
-        self.stop = threading.Event()
-
-    def ask(self, host: str) -> int | None:
-        try:
-            with socket.create_connection((host, PORT[self.kind]), timeout=0.2) as s:
-                s.settimeout(0.5)
-                if self.kind == "redis":
-                    s.sendall(b"*2\r\n$4\r\nINCR\r\n$1\r\nn\r\n")
-                data = b""
-                while b"\n" not in data:
-                    chunk = s.recv(64)
-                    if not chunk:
-                        break
-                    data += chunk
-        except OSError:
-            return None
-        if data.startswith(b":"):
-            return int(data[1:].strip())
-        if data.startswith(b"hits="):
-            return int(data[5:].strip())
-        return None
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            for host in self.hosts:
-                value = self.ask(host)
-                if value is not None:
-                    self.answers.append((time.monotonic(), value))
-                    break
-            time.sleep(0.01)
-
-    def gap(self, start: float, end: float) -> float:
-        times = [t for t, _ in self.answers if start - 1 <= t <= end + 5]
-        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
-
-    def lost(self) -> int:
-        values = [v for _, v in self.answers]
-        return sum(1 for a, b in zip(values, values[1:], strict=False) if b != a + 1)
 
 
 def start(kind: str, client: docker.DockerClient, args: argparse.Namespace, host: str) -> None:
@@ -153,7 +104,7 @@ def main() -> None:
         name = f"bench-{kind}"
         remove_everywhere(engines, [name], ["bench-data"])
         start(kind, engines["nodeA"], args, hosts[0])
-        client = Client(kind, hosts)
+        client = Client("redis" if kind == "redis" else "hits", hosts)
         client.start()
         time.sleep(2)
         ratios = []

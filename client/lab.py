@@ -335,10 +335,52 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     env = lsub.add_parser("env", help="print the shell line pointing `docker` at NODE's engine")
     env.add_argument("node")
     env.set_defaults(func=cmd_env)
+    link = lsub.add_parser("link", help="shape the path between lab nodes A and B, both "
+                           "directions (others stay as they are); --reset clears it")
+    link.add_argument("nodes", nargs="*", metavar="NODE", help="A B (with --reset: optional, "
+                      "every link when omitted)")
+    link.add_argument("--rate", default="", help="e.g. 100mbit, 1gbit (tc's units)")
+    link.add_argument("--loss", default="", help="random loss, e.g. 0.1%%")
+    link.add_argument("--delay", default="", help="e.g. 10ms (needs netem in the kernel)")
+    link.add_argument("--jitter", default="", help="e.g. 2ms, with --delay")
+    link.add_argument("--reset", action="store_true", help="clear the pair (or all links)")
+    link.set_defaults(func=cmd_link)
+    links = lsub.add_parser("links", help="show the links that are shaped")
+    links.set_defaults(func=cmd_links)
     toy = lsub.add_parser("toy", help="run the seed's toy container (toytsm) on NODE, "
                           "replacing an earlier one there")
     toy.add_argument("node")
     toy.set_defaults(func=cmd_toy)
+
+
+def cmd_link(args: argparse.Namespace) -> int:
+    from client import labnet
+
+    lab = Lab()
+    state = lab.state()
+    if not state.get("nodes"):
+        raise ClientError("the lab is not up: run `migctl lab up` first")
+    if args.reset:
+        if len(args.nodes) not in (0, 2):
+            raise ClientError("--reset takes two nodes, or none for every link")
+        cleared = labnet.reset(state, *args.nodes) if args.nodes else labnet.reset(state)
+        lab.save(state)
+        print("cleared: " + (", ".join(c.replace("|", " <-> ") for c in cleared) or "nothing"))
+        return 0
+    if len(args.nodes) != 2:
+        raise ClientError("give two nodes: migctl lab link A B --rate 100mbit")
+    spec = labnet.LinkSpec(args.rate, args.loss, args.delay, args.jitter)
+    labnet.set_link(state, args.nodes[0], args.nodes[1], spec)
+    lab.save(state)
+    print("\n".join(labnet.describe(state)))
+    return 0
+
+
+def cmd_links(args: argparse.Namespace) -> int:
+    from client import labnet
+
+    print("\n".join(labnet.describe(Lab().state())) or "no link is shaped")
+    return 0
 
 
 def cmd_toy(args: argparse.Namespace) -> int:

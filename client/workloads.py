@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
+import socket
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -134,3 +136,55 @@ def run_toy(client: docker.DockerClient, name: str = "toytsm", rw: str = "testrw
 
 def numbers(text: str) -> list[int]:
     return [int(x) for x in text.split() if x.isdigit()]
+
+
+CLIENT_PORTS = {"redis": 6379, "hits": 8080}  # Redis (INCR), the SERVER script (hits=N)
+
+
+class Client(threading.Thread):
+    """A client outside the container: one request every 10 ms to whichever node answers,
+    recording when answers came. The longest gap between two answers is the downtime a user
+    sees; each answer must be one more than the last (nothing lost)."""
+
+    def __init__(self, kind: str, hosts: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.kind, self.hosts = kind, hosts
+        self.answers: list[tuple[float, int]] = []
+        self.stop = threading.Event()
+
+    def ask(self, host: str) -> int | None:
+        try:
+            with socket.create_connection((host, CLIENT_PORTS[self.kind]), timeout=0.2) as s:
+                s.settimeout(0.5)
+                if self.kind == "redis":
+                    s.sendall(b"*2\r\n$4\r\nINCR\r\n$1\r\nn\r\n")
+                data = b""
+                while b"\n" not in data:
+                    chunk = s.recv(64)
+                    if not chunk:
+                        break
+                    data += chunk
+        except OSError:
+            return None
+        if data.startswith(b":"):
+            return int(data[1:].strip())
+        if data.startswith(b"hits="):
+            return int(data[5:].strip())
+        return None
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for host in self.hosts:
+                value = self.ask(host)
+                if value is not None:
+                    self.answers.append((time.monotonic(), value))
+                    break
+            time.sleep(0.01)
+
+    def gap(self, start: float, end: float) -> float:
+        times = [t for t, _ in self.answers if start - 1 <= t <= end + 5]
+        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+
+    def lost(self) -> int:
+        values = [v for _, v in self.answers]
+        return sum(1 for a, b in zip(values, values[1:], strict=False) if b != a + 1)
