@@ -162,7 +162,12 @@ _BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists,
 def agent_error(node: Node, err: grpc.RpcError) -> AgentError:
     """The typed error for an agent's status (AgentError itself for codes without a class)."""
     code = err.code()
-    return _BY_CODE.get(code, AgentError)(node.name, err.details() or code.name, code)
+    message = err.details() or code.name
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and \
+            not message.startswith("cannot reach"):
+        # the transport's words ("Socket closed") do not say that it was the agent
+        message = f"cannot reach the agent of {node.name} at {node.address}: {message}"
+    return _BY_CODE.get(code, AgentError)(node.name, message, code)
 
 
 @dataclass(frozen=True)

@@ -126,9 +126,12 @@ def test_an_agent_status_is_a_typed_error_naming_the_node(
         api.migrate(cluster.inventory, "web", "nodeA", "nodeB", on_event=seen.append)
     assert type(err.value) is cls
     assert isinstance(err.value, api.ClientError)
-    assert (err.value.node, err.value.message, err.value.code) == (node, "what the agent said",
-                                                                   code)
-    assert str(err.value) == f"{node}: what the agent said"
+    said = "what the agent said"
+    if code == grpc.StatusCode.UNAVAILABLE:  # the transport's words do not say who
+        said = (f"cannot reach the agent of {node} at "
+                f"{cluster.inventory.nodes[node].address}: {said}")
+    assert (err.value.node, err.value.message, err.value.code) == (node, said, code)
+    assert str(err.value) == f"{node}: {said}"
     # an error that ends the stream comes after the events that came before it
     assert seen == (EVENTS if rpc_name == "Migrate" else [])
 
