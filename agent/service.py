@@ -26,6 +26,7 @@ from agent.dataplane.rootfs import snapshot_layer
 from agent.dataplane.staging import Staging, valid_migration_id
 from agent.delta import DEFAULT_BLOCK_SIZE, Signature, delta_stream, signature_block_cap
 from agent.errors import InvalidArgument, MigctlError, NotFound, PermissionDenied
+from agent.metrics import Metrics
 from agent.migration import journal as j
 from agent.migration.flow import Migration
 from agent.migration.policy import Links
@@ -89,8 +90,9 @@ class AgentService(rpc.AgentServicer):
     def __init__(self, node: str, runtime: Runtime, state_dir: Path, tls: TLSFiles,
                  lease_seconds: float = 60.0, registry: str = "inventory",
                  inventory: Path | None = None, address: str = "",
-                 cache_bytes: int = 2 << 30) -> None:
+                 cache_bytes: int = 2 << 30, metrics: Metrics | None = None) -> None:
         self.node = node
+        self.metrics = metrics or Metrics()
         self.address = address
         self.tls = tls  # our identity when we call other agents
         self.connect = lambda addr, *name: open_channel(addr, tls, *name)
@@ -101,11 +103,12 @@ class AgentService(rpc.AgentServicer):
         self.runtime = runtime
         self.state_dir = state_dir
         self.staging = Staging(state_dir)
-        self.store = Store(state_dir, cache_bytes=cache_bytes, on_evict=self.withdraw)
+        self.store = Store(state_dir, cache_bytes=cache_bytes, on_evict=self.evicted)
+        self.metrics.watch_cache(self.store.size)
         self._published_layers: set[str] = set()
         self.journal = j.Journal(state_dir)
         self.source = SourceSide(runtime, self.staging, self.journal, self.store, lease_seconds,
-                                 self.publish)
+                                 self.publish, self.metrics)
         self._migrating: dict[str, str] = {}  # container -> migration id, at this destination
         self._vouched: dict[tuple[str, str, str], tuple[float, frozenset[str]]] = {}
         self._lock = threading.Lock()
@@ -143,7 +146,9 @@ class AgentService(rpc.AgentServicer):
     def _holdings(self, items: list[Item]) -> list[Holding]:
         return [Holding(i.key, self.node, i.ts, i.size, i.digest) for i in items]
 
-    def withdraw(self, items: list[Item]) -> None:
+    def evicted(self, items: list[Item]) -> None:
+        """The cache let ITEMS go: counted, and the registry no longer names this node."""
+        self.metrics.evictions.inc(len(items))
         if self.registry is not None and items:
             self.registry.withdraw(self.node, self._holdings(items))
 
@@ -478,7 +483,7 @@ class AgentService(rpc.AgentServicer):
                                       journal=self.journal,
                                       local_info=self.node_info, tls=self.tls, store=self.store,
                                       registry=self.registry, links=self.links,
-                                      publish=self.publish)
+                                      publish=self.publish, metrics=self.metrics)
             except MigctlError as err:
                 context.abort(err.code, str(err))
             self._migrating[request.container] = migration.migration_id

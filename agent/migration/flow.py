@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -41,6 +41,7 @@ from agent.errors import (
     Refused,
     Unavailable,
 )
+from agent.metrics import Metrics
 from agent.migration import journal as j
 from agent.migration.policy import Link, Links
 from agent.migration.recovery import settle
@@ -103,6 +104,7 @@ class Migration:
     registry: Registry | None
     links: Links
     publish: Callable[[list], None]
+    metrics: Metrics = field(default_factory=Metrics)
 
     def __post_init__(self) -> None:
         self.migration_id = self.request.migration_id
@@ -113,8 +115,9 @@ class Migration:
                              data={"created_volumes": [], "new_container": "",
                                    "remove_source": self.request.remove_source})
         self.journal.create(self.entry)  # an id seen before is refused here
+        self.metrics.started.labels(j.DESTINATION).inc()
         self.report = Report(self.migration_id, self.request.container, self.source_name,
-                             self.node, self.emit, self.request.mode)
+                             self.node, self.emit, self.request.mode, self.metrics)
         self.area = self.staging.create(self.migration_id)
         # The source is reached at the address this agent knows for it, and must prove it is
         # that node: its certificate is checked for the node's name, not just for our CA.
@@ -250,15 +253,21 @@ class Migration:
         self.entry.container = spec.id
         self.journal.save(self.entry)
         if not spec.running:
+            self.metrics.preflight.labels("not_running").inc()
             raise FailedPrecondition(
                 f"container {spec.name!r} on {self.source_name} is not running; migctl moves "
                 "running containers (start it, or move a stopped one with docker save/load)")
         # Computed here from the description, never taken from the source's own verdict.
         problems = unsupported(spec, self.request.allow_privileged)
         if problems:
+            self.metrics.preflight.labels("unsupported").inc()
             raise FailedPrecondition(
                 f"container {spec.name!r} cannot be migrated: " + "; ".join(problems))
-        preflight(source_info, self.local_info(), spec)
+        try:
+            preflight(source_info, self.local_info(), spec)
+        except FailedPrecondition:
+            self.metrics.preflight.labels("nodes").inc()
+            raise
         existing = self.existing_container(spec.name)
         if existing and not self.is_migrated_away(existing["Id"]):
             raise AlreadyExists(
@@ -575,7 +584,10 @@ class Migration:
         log.warning("migration %s failed: %s", self.migration_id, err)
         self.entry.data["error"] = str(err)
         self.journal.save(self.entry)
-        if self.entry.state in (j.REQUESTED, j.PRE_COPY):
+        frozen = self.entry.state not in (j.REQUESTED, j.PRE_COPY)
+        self.metrics.failed(err, self.report.current.phase if self.report.current else
+                            pb.REQUEST, frozen)
+        if not frozen:
             settle(self.entry, self.runtime, self.journal, self.staging, self.tls,
                    self.report.log)
             return

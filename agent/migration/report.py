@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from agent.delta import DeltaStats
+from agent.metrics import Metrics
 from proto import migctl_pb2 as pb
 
 
@@ -14,8 +15,10 @@ class Report:
     """Collects the report while emitting it as live events."""
 
     def __init__(self, migration_id: str, container: str, source: str, destination: str,
-                 emit: Callable[[pb.MigrationEvent], None], mode: int = pb.COOPERATIVE) -> None:
+                 emit: Callable[[pb.MigrationEvent], None], mode: int = pb.COOPERATIVE,
+                 metrics: Metrics | None = None) -> None:
         self.emit = emit
+        self.metrics = metrics or Metrics()
         self.started = time.monotonic()
         self.freeze_at: float | None = None
         self.running_at: float | None = None
@@ -49,6 +52,7 @@ class Report:
             t.bytes = result
         if self.current is not None:
             self.current.bytes += t.bytes
+        self.metrics.transferred(t)
         self.emit(pb.MigrationEvent(transfer=t))
 
     def log(self, text: str) -> None:
@@ -72,5 +76,6 @@ class Report:
         self.msg.total_seconds = time.monotonic() - self.started
         if self.freeze_at is not None and self.running_at is not None:
             self.msg.downtime_seconds = self.running_at - self.freeze_at
+        self.metrics.succeeded(self.msg)
         self.emit(pb.MigrationEvent(done=self.msg))
         return self.msg
