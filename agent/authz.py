@@ -25,6 +25,7 @@ _NODE = frozenset({NODE})
 ROLES: dict[str, frozenset[str]] = {
     "GetNode": _BOTH,
     "DescribeContainer": _OPERATOR,  # the environment holds secrets
+    "ListContainers": _OPERATOR,
     "Authorize": _OPERATOR,
     "Migrate": _OPERATOR,
     # the catalog and images, for cooperative migration

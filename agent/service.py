@@ -287,6 +287,11 @@ class AgentService(rpc.AgentServicer):
         return self.runtime.describe(valid_name("container", request.container))
 
     @handler
+    def ListContainers(self, request: pb.ListContainersRequest,
+                       context: Any) -> pb.ListContainersReply:
+        return pb.ListContainersReply(containers=self.runtime.list_containers())
+
+    @handler
     def Authorize(self, request: pb.AuthorizeRequest, context: Any) -> pb.AuthorizeReply:
         valid_name("container", request.container)
         valid_name("node", request.destination_node)

@@ -18,6 +18,7 @@ from client.api import (
     ClientError,
     Inventory,
     default_tls_dir,
+    each_node,
     migrate,
 )
 from proto import migctl_pb2 as pb
@@ -79,8 +80,7 @@ def report_dict(report: pb.MigrationReport) -> dict:
             return [numbers(v) for v in obj]
         return obj
 
-    return numbers(MessageToDict(report, preserving_proto_field_name=True,  # type: ignore
-                                 always_print_fields_with_no_presence=True))
+    return numbers(_dict(report))
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -109,6 +109,41 @@ def cmd_nodes(args: argparse.Namespace) -> int:
             state = f"DOWN: {err.message}"
         print(f"{node.name:<8} {node.address:<22} {state}")
     return 0
+
+
+def _table(headers: list[str], rows: list[list[str]], out: TextIO | None = None) -> None:
+    """Columns as wide as their widest cell; the last one runs on."""
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers) - 1)]
+    for row in [headers, *rows]:
+        print("  ".join([c.ljust(w) for c, w in zip(row, widths, strict=False)] + [row[-1]]),
+              file=out or sys.stdout)
+
+
+def _dict(message: object) -> dict:
+    return MessageToDict(message, preserving_proto_field_name=True,  # type: ignore[arg-type]
+                         always_print_fields_with_no_presence=True)
+
+
+def _unanswered(errors: list[AgentError]) -> int:
+    """Each node that did not answer, on stderr: 1 if any, for the exit status."""
+    for err in errors:
+        print(f"migctl: error: {err}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    inv = Inventory.load(args.inventory, args.tls_dir)
+    found, errors = each_node(inv, AgentClient.containers, args.node)
+    listed = [(node, c) for node, containers in found.items() for c in containers]
+    if args.json:
+        print(json.dumps([{"node": node, **_dict(c), "movable": not c.unsupported}
+                          for node, c in listed]))
+    else:
+        _table(["NODE", "CONTAINER", "IMAGE", "STATE", "VOLUMES", "MOVABLE"],
+               [[node, c.name, c.image, c.state, ",".join(c.volumes) or "-",
+                 "no: " + "; ".join(c.unsupported) if c.unsupported else "yes"]
+                for node, c in listed])
+    return _unanswered(errors)
 
 
 def cmd_certs_init(args: argparse.Namespace) -> int:
@@ -164,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     n = sub.add_parser("nodes", help="list the inventory's nodes and whether their agents answer")
     n.set_defaults(func=cmd_nodes)
+
+    ps = sub.add_parser("ps", help="list the containers of the inventory's nodes, and whether "
+                        "each can be migrated (and why not)")
+    ps.add_argument("--node", metavar="NODE", help="only this node")
+    ps.add_argument("--json", action="store_true", help="one JSON list, one object a container")
+    ps.set_defaults(func=cmd_ps)
 
     c = sub.add_parser("certs", help="certificates for mutual TLS between agents and clients")
     csub = c.add_subparsers(dest="certs_command", required=True)

@@ -198,6 +198,32 @@ class ContainerSpec(_message.Message):
     unsupported: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., image: _Optional[str] = ..., image_id: _Optional[str] = ..., image_tags: _Optional[_Iterable[str]] = ..., diff_ids: _Optional[_Iterable[str]] = ..., command: _Optional[_Iterable[str]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., user: _Optional[str] = ..., hostname: _Optional[str] = ..., restart_policy: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[PortBinding, _Mapping]]] = ..., volumes: _Optional[_Iterable[_Union[VolumeSpec, _Mapping]]] = ..., networks: _Optional[_Iterable[str]] = ..., running: _Optional[bool] = ..., engine_config_json: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., unsupported: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class ListContainersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ContainerSummary(_message.Message):
+    __slots__ = ("id", "name", "image", "state", "volumes", "unsupported")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    UNSUPPORTED_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    image: str
+    state: str
+    volumes: _containers.RepeatedScalarFieldContainer[str]
+    unsupported: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., image: _Optional[str] = ..., state: _Optional[str] = ..., volumes: _Optional[_Iterable[str]] = ..., unsupported: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListContainersReply(_message.Message):
+    __slots__ = ("containers",)
+    CONTAINERS_FIELD_NUMBER: _ClassVar[int]
+    containers: _containers.RepeatedCompositeFieldContainer[ContainerSummary]
+    def __init__(self, containers: _Optional[_Iterable[_Union[ContainerSummary, _Mapping]]] = ...) -> None: ...
+
 class MissingLayersRequest(_message.Message):
     __slots__ = ("diff_ids",)
     DIFF_IDS_FIELD_NUMBER: _ClassVar[int]

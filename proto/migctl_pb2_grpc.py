@@ -45,6 +45,11 @@ class AgentStub:
                 request_serializer=proto_dot_migctl__pb2.ContainerRef.SerializeToString,
                 response_deserializer=proto_dot_migctl__pb2.ContainerSpec.FromString,
                 _registered_method=True)
+        self.ListContainers = channel.unary_unary(
+                '/migctl.v1.Agent/ListContainers',
+                request_serializer=proto_dot_migctl__pb2.ListContainersRequest.SerializeToString,
+                response_deserializer=proto_dot_migctl__pb2.ListContainersReply.FromString,
+                _registered_method=True)
         self.Authorize = channel.unary_unary(
                 '/migctl.v1.Agent/Authorize',
                 request_serializer=proto_dot_migctl__pb2.AuthorizeRequest.SerializeToString,
@@ -170,6 +175,17 @@ class AgentServicer:
         Callers: operator.
         Errors: INVALID_ARGUMENT: a malformed container name; NOT_FOUND: no such container;
         UNAVAILABLE: the engine does not answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListContainers(self, request, context):
+        """The containers of this node, running or not, each with what keeps it from being migrated
+        (nothing: it can move). Light: no volume is walked and no memory is read (DescribeContainer
+        gives those of one container); no environment is listed.
+        Callers: operator.
+        Errors: UNAVAILABLE: the engine does not answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -444,6 +460,11 @@ def add_AgentServicer_to_server(servicer, server):
                     request_deserializer=proto_dot_migctl__pb2.ContainerRef.FromString,
                     response_serializer=proto_dot_migctl__pb2.ContainerSpec.SerializeToString,
             ),
+            'ListContainers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListContainers,
+                    request_deserializer=proto_dot_migctl__pb2.ListContainersRequest.FromString,
+                    response_serializer=proto_dot_migctl__pb2.ListContainersReply.SerializeToString,
+            ),
             'Authorize': grpc.unary_unary_rpc_method_handler(
                     servicer.Authorize,
                     request_deserializer=proto_dot_migctl__pb2.AuthorizeRequest.FromString,
@@ -605,6 +626,33 @@ class Agent:
             '/migctl.v1.Agent/DescribeContainer',
             proto_dot_migctl__pb2.ContainerRef.SerializeToString,
             proto_dot_migctl__pb2.ContainerSpec.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListContainers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migctl.v1.Agent/ListContainers',
+            proto_dot_migctl__pb2.ListContainersRequest.SerializeToString,
+            proto_dot_migctl__pb2.ListContainersReply.FromString,
             options,
             channel_credentials,
             insecure,
