@@ -26,6 +26,7 @@ ROLES: dict[str, frozenset[str]] = {
     "GetNode": _BOTH,
     "DescribeContainer": _OPERATOR,  # the environment holds secrets
     "ListContainers": _OPERATOR,
+    "History": _OPERATOR,
     "Authorize": _OPERATOR,
     "Migrate": _OPERATOR,
     # the catalog and images, for cooperative migration

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import psutil
+from google.protobuf.json_format import ParseDict
 
 from agent.catalog.registry import Holding, InventoryRegistry, open_registry
 from agent.catalog.store import Item, Store
@@ -46,6 +47,7 @@ from proto import migctl_pb2_grpc as rpc
 
 log = logging.getLogger(__name__)
 
+DEFAULT_HISTORY, MAX_HISTORY = 100, 1000  # journal entries a History call returns
 VOUCH_SECONDS = 60.0  # how long a source's word about a migration's cached items is reused
 
 
@@ -290,6 +292,22 @@ class AgentService(rpc.AgentServicer):
     def ListContainers(self, request: pb.ListContainersRequest,
                        context: Any) -> pb.ListContainersReply:
         return pb.ListContainersReply(containers=self.runtime.list_containers())
+
+    @handler
+    def History(self, request: pb.HistoryRequest, context: Any) -> pb.HistoryReply:
+        if not 0 <= request.limit <= MAX_HISTORY:
+            raise InvalidArgument(f"History: limit {request.limit} is not from 0 to "
+                                  f"{MAX_HISTORY}")
+        reply = pb.HistoryReply()
+        for entry in self.journal.history(request.limit or DEFAULT_HISTORY):
+            report = ParseDict(entry.data.get("report") or {}, pb.MigrationReport(),
+                               ignore_unknown_fields=True)
+            reply.entries.add(migration_id=entry.id, role=entry.role,
+                              container=entry.data.get("name") or report.container
+                              or entry.container,
+                              peer=entry.peer, state=entry.state, updated=entry.updated,
+                              error=entry.data.get("error", ""), report=report)
+        return reply
 
     @handler
     def Authorize(self, request: pb.AuthorizeRequest, context: Any) -> pb.AuthorizeReply:

@@ -255,6 +255,10 @@ class AgentClient:
         return self._call(self.stub.Authorize, pb.AuthorizeRequest(
             container=container, destination_node=destination.name), timeout=30)
 
+    def history(self, limit: int = 0) -> list[pb.HistoryEntry]:
+        """The node's migrations, newest first (LIMIT of them; 0: the agent's default)."""
+        return list(self._call(self.stub.History, pb.HistoryRequest(limit=limit)).entries)
+
     def containers(self) -> list[pb.ContainerSummary]:
         """The node's containers, each with what keeps it from moving (empty: movable)."""
         return list(self._call(self.stub.ListContainers, pb.ListContainersRequest()).containers)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import TextIO
 
 import shtab
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 
 from agent.errors import MigctlError
 from client.api import (
@@ -69,9 +71,9 @@ def render_report(r: pb.MigrationReport, out=sys.stdout) -> None:
         print(f"  {o.node:<11} {o.seconds:7.2f} s  {_mb(o.bytes):>12}", file=out)
 
 
-def report_dict(report: pb.MigrationReport) -> dict:
-    """The report as plain JSON: protobuf's mapping writes int64 as strings, byte counts here
-    are numbers."""
+def report_dict(report: Message) -> dict:
+    """A report (or a message holding one) as plain JSON: protobuf's mapping writes int64 as
+    strings, byte counts here are numbers."""
 
     def numbers(obj: object) -> object:
         if isinstance(obj, dict):
@@ -146,6 +148,28 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return _unanswered(errors)
 
 
+def _limit(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 1000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number from 1 to 1000")
+    return int(text)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    inv = Inventory.load(args.inventory, args.tls_dir)
+    found, errors = each_node(inv, lambda c: c.history(args.limit), args.node)
+    entries = sorted(((node, e) for node, listed in found.items() for e in listed),
+                     key=lambda ne: -ne[1].updated)[:args.limit]
+    if args.json:
+        print(json.dumps([{"node": node, **report_dict(e)} for node, e in entries]))
+    else:
+        _table(["TIME", "NODE", "ROLE", "CONTAINER", "PEER", "STATE", "DOWNTIME", "ERROR"],
+               [[time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.updated)), node, e.role,
+                 e.container, e.peer, e.state,
+                 f"{e.report.downtime_seconds:.2f} s" if e.report.downtime_seconds else "-",
+                 e.error or "-"] for node, e in entries])
+    return _unanswered(errors)
+
+
 def cmd_certs_init(args: argparse.Namespace) -> int:
     from agent import certs
 
@@ -205,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--node", metavar="NODE", help="only this node")
     ps.add_argument("--json", action="store_true", help="one JSON list, one object a container")
     ps.set_defaults(func=cmd_ps)
+
+    h = sub.add_parser("history", help="past migrations of the inventory's nodes, newest first, "
+                       "from their journals (as destination with the report)")
+    h.add_argument("--node", metavar="NODE", help="only this node")
+    h.add_argument("--limit", type=_limit, default=20, metavar="N",
+                   help="the newest N (default 20, at most 1000)")
+    h.add_argument("--json", action="store_true",
+                   help="one JSON list, one object a journal entry, with its report")
+    h.set_defaults(func=cmd_history)
 
     c = sub.add_parser("certs", help="certificates for mutual TLS between agents and clients")
     csub = c.add_subparsers(dest="certs_command", required=True)

@@ -224,6 +224,38 @@ class ListContainersReply(_message.Message):
     containers: _containers.RepeatedCompositeFieldContainer[ContainerSummary]
     def __init__(self, containers: _Optional[_Iterable[_Union[ContainerSummary, _Mapping]]] = ...) -> None: ...
 
+class HistoryRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class HistoryEntry(_message.Message):
+    __slots__ = ("migration_id", "role", "container", "peer", "state", "updated", "error", "report")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    role: str
+    container: str
+    peer: str
+    state: str
+    updated: float
+    error: str
+    report: MigrationReport
+    def __init__(self, migration_id: _Optional[str] = ..., role: _Optional[str] = ..., container: _Optional[str] = ..., peer: _Optional[str] = ..., state: _Optional[str] = ..., updated: _Optional[float] = ..., error: _Optional[str] = ..., report: _Optional[_Union[MigrationReport, _Mapping]] = ...) -> None: ...
+
+class HistoryReply(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[HistoryEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[HistoryEntry, _Mapping]]] = ...) -> None: ...
+
 class MissingLayersRequest(_message.Message):
     __slots__ = ("diff_ids",)
     DIFF_IDS_FIELD_NUMBER: _ClassVar[int]

@@ -50,6 +50,11 @@ class AgentStub:
                 request_serializer=proto_dot_migctl__pb2.ListContainersRequest.SerializeToString,
                 response_deserializer=proto_dot_migctl__pb2.ListContainersReply.FromString,
                 _registered_method=True)
+        self.History = channel.unary_unary(
+                '/migctl.v1.Agent/History',
+                request_serializer=proto_dot_migctl__pb2.HistoryRequest.SerializeToString,
+                response_deserializer=proto_dot_migctl__pb2.HistoryReply.FromString,
+                _registered_method=True)
         self.Authorize = channel.unary_unary(
                 '/migctl.v1.Agent/Authorize',
                 request_serializer=proto_dot_migctl__pb2.AuthorizeRequest.SerializeToString,
@@ -186,6 +191,16 @@ class AgentServicer:
         gives those of one container); no environment is listed.
         Callers: operator.
         Errors: UNAVAILABLE: the engine does not answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def History(self, request, context):
+        """This node's migrations, newest first, as its journal keeps them: as destination with the
+        report (of a failed or rolled back one too, with its error), as source without.
+        Callers: operator.
+        Errors: INVALID_ARGUMENT: a limit below 0 or above 1000.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -465,6 +480,11 @@ def add_AgentServicer_to_server(servicer, server):
                     request_deserializer=proto_dot_migctl__pb2.ListContainersRequest.FromString,
                     response_serializer=proto_dot_migctl__pb2.ListContainersReply.SerializeToString,
             ),
+            'History': grpc.unary_unary_rpc_method_handler(
+                    servicer.History,
+                    request_deserializer=proto_dot_migctl__pb2.HistoryRequest.FromString,
+                    response_serializer=proto_dot_migctl__pb2.HistoryReply.SerializeToString,
+            ),
             'Authorize': grpc.unary_unary_rpc_method_handler(
                     servicer.Authorize,
                     request_deserializer=proto_dot_migctl__pb2.AuthorizeRequest.FromString,
@@ -653,6 +673,33 @@ class Agent:
             '/migctl.v1.Agent/ListContainers',
             proto_dot_migctl__pb2.ListContainersRequest.SerializeToString,
             proto_dot_migctl__pb2.ListContainersReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def History(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migctl.v1.Agent/History',
+            proto_dot_migctl__pb2.HistoryRequest.SerializeToString,
+            proto_dot_migctl__pb2.HistoryReply.FromString,
             options,
             channel_credentials,
             insecure,

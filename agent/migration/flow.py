@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from google.protobuf.json_format import MessageToDict
 
 from agent.catalog.registry import Registry, checkpoint_keys
 from agent.catalog.store import Store
@@ -238,7 +239,14 @@ class Migration:
                 remove_container=self.request.remove_source), timeout=60)
         except MigctlError as err:  # the container runs here; the source keeps a stopped copy
             self.report.log(f"warning: could not release the source: {err}")
-        return self.report.done(self.new_container)
+        report = self.report.done(self.new_container)
+        self.keep_report()
+        return report
+
+    def keep_report(self) -> None:
+        """The report goes into the journal entry, for `migctl history`."""
+        self.entry.data["report"] = MessageToDict(self.report.finish())
+        self.journal.save(self.entry)
 
     def request_phase(self) -> pb.ContainerSpec:
         source_info = self.call(self.source.GetNode, pb.GetNodeRequest(), timeout=30)
@@ -587,13 +595,16 @@ class Migration:
         frozen = self.entry.state not in (j.REQUESTED, j.PRE_COPY)
         self.metrics.failed(err, self.report.current.phase if self.report.current else
                             pb.REQUEST, frozen)
-        if not frozen:
-            settle(self.entry, self.runtime, self.journal, self.staging, self.tls,
-                   self.report.log)
-            return
-        with self.report.phase(pb.ROLLBACK):
-            settle(self.entry, self.runtime, self.journal, self.staging, self.tls,
-                   self.report.log)
+        try:
+            if not frozen:
+                settle(self.entry, self.runtime, self.journal, self.staging, self.tls,
+                       self.report.log)
+                return
+            with self.report.phase(pb.ROLLBACK):
+                settle(self.entry, self.runtime, self.journal, self.staging, self.tls,
+                       self.report.log)
+        finally:
+            self.keep_report()
 
 
 

@@ -66,6 +66,15 @@ class Report:
 
     def done(self, container_id: str) -> pb.MigrationReport:
         self.msg.new_container_id = container_id
+        self.finish()
+        self.metrics.succeeded(self.msg)
+        self.emit(pb.MigrationEvent(done=self.msg))
+        return self.msg
+
+    def finish(self) -> pb.MigrationReport:
+        """The totals so far (by origin, total time, downtime once known): at the end, or
+        for the journal of a migration that failed."""
+        del self.msg.origins[:]
         origins: dict[str, pb.OriginReport] = {}
         for t in self.msg.transfers:
             if t.method in ("whole", "delta"):
@@ -76,6 +85,4 @@ class Report:
         self.msg.total_seconds = time.monotonic() - self.started
         if self.freeze_at is not None and self.running_at is not None:
             self.msg.downtime_seconds = self.running_at - self.freeze_at
-        self.metrics.succeeded(self.msg)
-        self.emit(pb.MigrationEvent(done=self.msg))
         return self.msg
