@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -12,6 +13,16 @@ from typing import TextIO
 import shtab
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from agent.errors import MigctlError
 from client.api import (
@@ -34,28 +45,71 @@ def _phase(p: int) -> str:
     return pb.Phase.Name(p).lower().replace("_", "-")
 
 
-def render_event(ev: pb.MigrationEvent, out: TextIO | None = None) -> None:
-    out = out or sys.stderr  # looked up now: whoever replaced sys.stderr since import
+def _event_text(ev: pb.MigrationEvent) -> str | None:
+    """An event as one line for the operator; None for those that print nothing (progress,
+    which only a terminal shows, as bars; the report)."""
     kind = ev.WhichOneof("event")
     if kind == "phase_started":
-        print(f"▶ {_phase(ev.phase_started.phase)}", file=out, flush=True)
-    elif kind == "phase_done":
+        return f"▶ {_phase(ev.phase_started.phase)}"
+    if kind == "phase_done":
         p = ev.phase_done
         extra = (f", delta: {_mb(p.literal_bytes)} literal / {_mb(p.matched_bytes)} matched"
                  if p.literal_bytes or p.matched_bytes else "")
-        print(f"✓ {_phase(p.phase)} {p.seconds:.2f} s, {_mb(p.bytes)}{extra}", file=out,
-              flush=True)
-    elif kind == "transfer":
+        return f"✓ {_phase(p.phase)} {p.seconds:.2f} s, {_mb(p.bytes)}{extra}"
+    if kind == "transfer":
         t = ev.transfer
         item = ", ".join(i[:19] if i.startswith("sha256:") else i for i in t.item.split(", "))
         if t.method == "skipped":
-            print(f"  {t.kind} {item}: already on the destination", file=out, flush=True)
-        else:
-            why = f" — {t.reason}" if t.reason else ""
-            print(f"  {t.kind} {item} from {t.origin}: {_mb(t.bytes)} in {t.seconds:.2f} s "
-                  f"({t.method}){why}", file=out, flush=True)
-    elif kind == "log":
-        print(f"  {ev.log}", file=out, flush=True)
+            return f"  {t.kind} {item}: already on the destination"
+        why = f" — {t.reason}" if t.reason else ""
+        return (f"  {t.kind} {item} from {t.origin}: {_mb(t.bytes)} in {t.seconds:.2f} s "
+                f"({t.method}){why}")
+    if kind == "log":
+        return f"  {ev.log}"
+    return None
+
+
+def render_event(ev: pb.MigrationEvent, out: TextIO | None = None) -> None:
+    """An event as a line on OUT (stderr); progress events print nothing."""
+    text = _event_text(ev)
+    if text is not None:
+        print(text, file=out or sys.stderr, flush=True)  # stderr looked up now, not at import
+
+
+class LiveProgress:
+    """On a terminal: a bar for each transfer under way (bytes, rate, time left), above which
+    the other events print as `render_event` prints them; the bars of a kind go when its
+    transfer report arrives, all of them at the end of a phase."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.bars = Progress(TextColumn("  {task.description}"), BarColumn(), DownloadColumn(),
+                             TransferSpeedColumn(), TimeRemainingColumn(),
+                             console=console or Console(stderr=True), transient=True)
+        self.tasks: dict[tuple[str, str], TaskID] = {}
+
+    def __enter__(self) -> LiveProgress:
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bars.stop()
+
+    def __call__(self, ev: pb.MigrationEvent) -> None:
+        kind = ev.WhichOneof("event")
+        if kind == "progress":
+            p = ev.progress
+            key = (p.kind, p.item)
+            if key not in self.tasks:
+                self.tasks[key] = self.bars.add_task(f"{p.kind} {p.item}",
+                                                     total=p.bytes_total or None)
+            self.bars.update(self.tasks[key], completed=p.bytes_done)
+            return
+        if kind in ("transfer", "phase_done"):
+            for key in [k for k in self.tasks if kind == "phase_done" or k[0] == ev.transfer.kind]:
+                self.bars.remove_task(self.tasks.pop(key))
+        text = _event_text(ev)
+        if text is not None:
+            self.bars.console.print(text, highlight=False, markup=False)
 
 
 def render_report(r: pb.MigrationReport, out=sys.stdout) -> None:
@@ -87,10 +141,12 @@ def report_dict(report: Message) -> dict:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     inv = Inventory.load(args.inventory, args.tls_dir)
-    report = migrate(inv, args.container, args.source, args.dest,
-                     on_event=None if args.quiet else render_event,
-                     remove_source=args.remove_source, mode=args.mode,
-                     allow_privileged=args.allow_privileged)
+    live = LiveProgress() if not args.quiet and sys.stderr.isatty() else None
+    with live or contextlib.nullcontext():
+        report = migrate(inv, args.container, args.source, args.dest,
+                         on_event=None if args.quiet else live or render_event,
+                         remove_source=args.remove_source, mode=args.mode,
+                         allow_privileged=args.allow_privileged)
     if args.json:
         print(json.dumps(report_dict(report)))
     else:

@@ -590,16 +590,30 @@ class MigrationReport(_message.Message):
     restore_method: str
     def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., source_node: _Optional[str] = ..., destination_node: _Optional[str] = ..., new_container_id: _Optional[str] = ..., total_seconds: _Optional[float] = ..., downtime_seconds: _Optional[float] = ..., phases: _Optional[_Iterable[_Union[PhaseReport, _Mapping]]] = ..., transfers: _Optional[_Iterable[_Union[TransferReport, _Mapping]]] = ..., origins: _Optional[_Iterable[_Union[OriginReport, _Mapping]]] = ..., mode: _Optional[_Union[Mode, str]] = ..., checkpoint_method: _Optional[str] = ..., restore_method: _Optional[str] = ...) -> None: ...
 
+class Progress(_message.Message):
+    __slots__ = ("kind", "item", "bytes_done", "bytes_total")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    item: str
+    bytes_done: int
+    bytes_total: int
+    def __init__(self, kind: _Optional[str] = ..., item: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
+
 class MigrationEvent(_message.Message):
-    __slots__ = ("phase_started", "phase_done", "transfer", "done", "log")
+    __slots__ = ("phase_started", "phase_done", "transfer", "done", "log", "progress")
     PHASE_STARTED_FIELD_NUMBER: _ClassVar[int]
     PHASE_DONE_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     LOG_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     phase_started: PhaseReport
     phase_done: PhaseReport
     transfer: TransferReport
     done: MigrationReport
     log: str
-    def __init__(self, phase_started: _Optional[_Union[PhaseReport, _Mapping]] = ..., phase_done: _Optional[_Union[PhaseReport, _Mapping]] = ..., transfer: _Optional[_Union[TransferReport, _Mapping]] = ..., done: _Optional[_Union[MigrationReport, _Mapping]] = ..., log: _Optional[str] = ...) -> None: ...
+    progress: Progress
+    def __init__(self, phase_started: _Optional[_Union[PhaseReport, _Mapping]] = ..., phase_done: _Optional[_Union[PhaseReport, _Mapping]] = ..., transfer: _Optional[_Union[TransferReport, _Mapping]] = ..., done: _Optional[_Union[MigrationReport, _Mapping]] = ..., log: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...

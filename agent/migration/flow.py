@@ -472,8 +472,10 @@ class Migration:
         total = DeltaStats(literal_bytes=0, matched_bytes=0, wire_bytes=0, new_size=0)
         for f in ckpt.files:
             basis = bases.get(f.path)
-            got = self.guarded(lambda f=f, basis=basis: self.get(f.path, self.area / f.path,
-                                                                 f, basis))
+            meter = self.report.meter("checkpoint", f"{name}: {Path(f.path).name}",
+                                      0 if basis else f.size)
+            got = self.guarded(lambda f=f, basis=basis, meter=meter: self.get(
+                f.path, self.area / f.path, f, basis, meter))
             _add(total, got)
         self.report.transfer("checkpoint", f"{name} ({len(ckpt.files)} files)", self.source_name,
                              phase, total, time.monotonic() - start,
@@ -487,20 +489,21 @@ class Migration:
         archive.snapshot(self.runtime.volume_path(name), path)
         return Basis(path, make_signature(path))
 
-    def get(self, rel: str, dest: Path, info: pb.FileInfo,
-            basis: Basis | None) -> int | DeltaStats:
+    def get(self, rel: str, dest: Path, info: pb.FileInfo, basis: Basis | None,
+            meter: Callable[[int], None]) -> int | DeltaStats:
         """REL of the source's staging area into DEST, held to the size and digest the source
-        announced in INFO, within a deadline derived from that size."""
+        announced in INFO, within a deadline derived from that size; METER counts its bytes."""
         timeout = self.deadline(info.size)
         if basis is None:
             return fetch_whole(self.source, self.migration_id, rel, dest, info.digest,
-                               size=info.size, timeout=timeout)
+                               size=info.size, timeout=timeout, on_bytes=meter)
         return fetch_delta(self.source, self.migration_id, rel, basis.path, basis.signature,
-                           dest, size=info.size, timeout=timeout)
+                           dest, size=info.size, timeout=timeout, on_bytes=meter)
 
     def fetch(self, rel: str, dest: Path, expect: pb.FileInfo, basis: Basis | None, kind: str,
               item: str, phase: int) -> None:
-        self.pull(kind, item, phase, lambda: self.get(rel, dest, expect, basis),
+        meter = self.report.meter(kind, item, 0 if basis else expect.size)
+        self.pull(kind, item, phase, lambda: self.get(rel, dest, expect, basis, meter),
                   "whole" if basis is None else "delta")
 
     def final_sync(self, spec: pb.ContainerSpec, final: pb.CheckpointReply,
@@ -520,6 +523,12 @@ class Migration:
         def basis_of(rel: str) -> Path | None:
             return bases[rel].path if rel in bases else None
 
+        def meter_of(item: pb.FinalItem) -> Callable[[int], None]:
+            kind, name = (("volume snapshot", volumes[item.path].name) if item.path in volumes
+                          else ("root filesystem", spec.name) if item.path == ROOTFS_CHANGES
+                          else ("checkpoint", f"{FINAL_CHECKPOINT}: {Path(item.path).name}"))
+            return self.report.meter(kind, name, item.size if item.method == "whole" else 0)
+
         bound = sum(f.size for f in final.files) + sum(v.size_bytes for v in volumes.values())
         ckpt = DeltaStats(literal_bytes=0, matched_bytes=0, wire_bytes=0, new_size=0)
         ckpt_seconds = 0.0
@@ -529,7 +538,7 @@ class Migration:
             stream = self.source.FinalSync(pb.FinalSyncRequest(
                 migration_id=self.migration_id), timeout=self.deadline(bound))
             got: set[str] = set()
-            for r in final_pass.receive(stream, dest_of, basis_of):
+            for r in final_pass.receive(stream, dest_of, basis_of, meter_of):
                 got.add(r.path)
                 local = self.area / r.path
                 if r.path in volumes:

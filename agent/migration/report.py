@@ -10,6 +10,26 @@ from agent.delta import DeltaStats
 from agent.metrics import Metrics
 from proto import migctl_pb2 as pb
 
+PROGRESS_EVERY = 0.5  # seconds between two progress events of one transfer, at least
+
+
+class Meter:
+    """Counts the bytes of one transfer as they arrive and emits a progress event at most
+    every PROGRESS_EVERY seconds: the first after that long, so short transfers send none."""
+
+    def __init__(self, emit: Callable[[pb.MigrationEvent], None], kind: str, item: str,
+                 total: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.emit, self.clock = emit, clock
+        self.progress = pb.Progress(kind=kind, item=item, bytes_total=total)
+        self.last = clock()
+
+    def __call__(self, n: int) -> None:
+        self.progress.bytes_done += n
+        now = self.clock()
+        if now - self.last >= PROGRESS_EVERY:
+            self.last = now
+            self.emit(pb.MigrationEvent(progress=self.progress))
+
 
 class Report:
     """Collects the report while emitting it as live events."""
@@ -54,6 +74,10 @@ class Report:
             self.current.bytes += t.bytes
         self.metrics.transferred(t)
         self.emit(pb.MigrationEvent(transfer=t))
+
+    def meter(self, kind: str, item: str, total: int = 0) -> Meter:
+        """What to call with the size of each chunk of a transfer, for live progress."""
+        return Meter(self.emit, kind, item, total)
 
     def log(self, text: str) -> None:
         self.emit(pb.MigrationEvent(log=text))
