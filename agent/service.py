@@ -26,10 +26,11 @@ from agent.dataplane.image import config_of, iter_layer
 from agent.dataplane.rootfs import snapshot_layer
 from agent.dataplane.staging import Staging, valid_migration_id
 from agent.delta import DEFAULT_BLOCK_SIZE, Signature, delta_stream, signature_block_cap
-from agent.errors import InvalidArgument, MigctlError, NotFound, PermissionDenied
+from agent.errors import InvalidArgument, MigctlError, NotFound, PermissionDenied, Unavailable
 from agent.metrics import Metrics
 from agent.migration import journal as j
-from agent.migration.flow import Migration
+from agent.migration import plan
+from agent.migration.flow import Migration, peer_error, preflight_problems
 from agent.migration.policy import Links
 from agent.migration.recovery import remove_strays, settle
 from agent.migration.source import (
@@ -307,6 +308,31 @@ class AgentService(rpc.AgentServicer):
                               or entry.container,
                               peer=entry.peer, state=entry.state, updated=entry.updated,
                               error=entry.data.get("error", ""), report=report)
+        return reply
+
+    @handler
+    def Plan(self, request: pb.PlanRequest, context: Any) -> pb.PlanReply:
+        source = valid_name("source node", request.source_node)
+        if source == self.node:
+            raise InvalidArgument(f"{self.node} cannot plan a migration from itself")
+        spec = plan.checked(request.spec)
+        address = self.address_of(source)
+        link = self.links.measure(address)
+        if link is None:
+            raise Unavailable(f"cannot reach the agent of {source} at {address} to measure "
+                              "the link")
+        channel = self.connect(address, source)
+        try:
+            source_info = rpc.AgentStub(channel).GetNode(pb.GetNodeRequest(), timeout=10)
+        except grpc.RpcError as err:
+            raise peer_error(source, address, err) from None
+        finally:
+            channel.close()
+        reply = plan.estimate(spec, set(self.runtime.missing_layers(list(spec.diff_ids))),
+                              source, self.node, link)
+        reply.problems.extend(preflight_problems(source_info, self.node_info(), spec))
+        # the source's own words (the operator sent its description without the configuration)
+        reply.problems.extend(spec.unsupported)
         return reply
 
     @handler

@@ -259,6 +259,16 @@ class AgentClient:
         """The node's migrations, newest first (LIMIT of them; 0: the agent's default)."""
         return list(self._call(self.stub.History, pb.HistoryRequest(limit=limit)).entries)
 
+    def describe(self, container: str) -> pb.ContainerSpec:
+        """CONTAINER's full description (its environment too: secrets)."""
+        return self._call(self.stub.DescribeContainer, pb.ContainerRef(container=container),
+                          timeout=60)
+
+    def plan(self, spec: pb.ContainerSpec, source: Node) -> pb.PlanReply:
+        """At the destination: the dry run of moving SPEC (DescribeContainer at SOURCE) here."""
+        return self._call(self.stub.Plan, pb.PlanRequest(source_node=source.name, spec=spec),
+                          timeout=60)
+
     def containers(self) -> list[pb.ContainerSummary]:
         """The node's containers, each with what keeps it from moving (empty: movable)."""
         return list(self._call(self.stub.ListContainers, pb.ListContainersRequest()).containers)
@@ -297,6 +307,24 @@ def each_node(inventory: Inventory, ask: Callable[[AgentClient], T], only: str |
     answers = {n.name: r for n, r in zip(nodes, results, strict=True)
                if not isinstance(r, AgentError)}
     return answers, [r for r in results if isinstance(r, AgentError)]
+
+
+def plan(inventory: Inventory, container: str, source: str,
+         destination: str) -> pb.PlanReply:
+    """What moving CONTAINER from SOURCE to DESTINATION would move, and how long it would take:
+    the source describes it to the operator, the destination measures and counts. Nothing is
+    authorized. The destination gets the description without the environment and the
+    engine's configuration: a plan needs sizes, not secrets."""
+    src, dest = inventory.node(source), inventory.node(destination)
+    if src == dest:
+        raise ClientError(f"--from and --to are both {src.name}: nothing to plan")
+    tls = inventory.tls()
+    with AgentClient(src, tls) as source_client:
+        spec = source_client.describe(container)
+    del spec.env[:]
+    spec.engine_config_json = ""
+    with AgentClient(dest, tls) as client:
+        return client.plan(spec, src)
 
 
 def migrate(inventory: Inventory, container: str, source: str, destination: str, *,

@@ -33,6 +33,7 @@ from client.api import (
     default_tls_dir,
     each_node,
     migrate,
+    plan,
 )
 from proto import migctl_pb2 as pb
 
@@ -204,6 +205,29 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return _unanswered(errors)
 
 
+def render_plan(r: pb.PlanReply, container: str, source: str, dest: str,
+                out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    print(f"plan: {container} {source} -> {dest} over a {r.link}", file=out)
+    _table(["KIND", "ITEM", "FROM", "BYTES", "TIME", "WHY"],
+           [[i.kind, i.item[:19] if i.item.startswith("sha256:") else i.item, i.origin,
+             _mb(i.bytes), f"{i.seconds:.2f} s", i.reason or "-"] for i in r.items], out)
+    print(f"total {_mb(r.bytes)}, about {r.seconds:.2f} s of transfers before the freeze "
+          "(the downtime depends on what changes meanwhile)", file=out)
+    for problem in r.problems:
+        print(f"would be refused: {problem}", file=out)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    reply = plan(Inventory.load(args.inventory, args.tls_dir), args.container, args.source,
+                 args.dest)
+    if args.json:
+        print(json.dumps(report_dict(reply)))
+    else:
+        render_plan(reply, args.container, args.source, args.dest)
+    return 0
+
+
 def _limit(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 1000:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number from 1 to 1000")
@@ -285,6 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--node", metavar="NODE", help="only this node")
     ps.add_argument("--json", action="store_true", help="one JSON list, one object a container")
     ps.set_defaults(func=cmd_ps)
+
+    pl = sub.add_parser("plan", help="a dry run of a migration: what would move, from where, "
+                        "how many bytes and about how long over the measured link")
+    pl.add_argument("--from", dest="source", required=True, metavar="NODE")
+    pl.add_argument("--to", dest="dest", required=True, metavar="NODE")
+    pl.add_argument("--json", action="store_true", help="the plan as one JSON object")
+    pl.add_argument("container")
+    pl.set_defaults(func=cmd_plan)
 
     h = sub.add_parser("history", help="past migrations of the inventory's nodes, newest first, "
                        "from their journals (as destination with the report)")

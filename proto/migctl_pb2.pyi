@@ -146,7 +146,7 @@ class VolumeSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., destination: _Optional[str] = ..., read_only: _Optional[bool] = ..., driver: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., driver_options: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., volume_id: _Optional[str] = ...) -> None: ...
 
 class ContainerSpec(_message.Message):
-    __slots__ = ("id", "name", "image", "image_id", "image_tags", "diff_ids", "command", "entrypoint", "env", "labels", "working_dir", "user", "hostname", "restart_policy", "ports", "volumes", "networks", "running", "engine_config_json", "memory_bytes", "unsupported")
+    __slots__ = ("id", "name", "image", "image_id", "image_tags", "diff_ids", "command", "entrypoint", "env", "labels", "working_dir", "user", "hostname", "restart_policy", "ports", "volumes", "networks", "running", "engine_config_json", "memory_bytes", "unsupported", "layer_sizes")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,7 @@ class ContainerSpec(_message.Message):
     ENGINE_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     UNSUPPORTED_FIELD_NUMBER: _ClassVar[int]
+    LAYER_SIZES_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     image: str
@@ -196,7 +197,8 @@ class ContainerSpec(_message.Message):
     engine_config_json: str
     memory_bytes: int
     unsupported: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., image: _Optional[str] = ..., image_id: _Optional[str] = ..., image_tags: _Optional[_Iterable[str]] = ..., diff_ids: _Optional[_Iterable[str]] = ..., command: _Optional[_Iterable[str]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., user: _Optional[str] = ..., hostname: _Optional[str] = ..., restart_policy: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[PortBinding, _Mapping]]] = ..., volumes: _Optional[_Iterable[_Union[VolumeSpec, _Mapping]]] = ..., networks: _Optional[_Iterable[str]] = ..., running: _Optional[bool] = ..., engine_config_json: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., unsupported: _Optional[_Iterable[str]] = ...) -> None: ...
+    layer_sizes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., image: _Optional[str] = ..., image_id: _Optional[str] = ..., image_tags: _Optional[_Iterable[str]] = ..., diff_ids: _Optional[_Iterable[str]] = ..., command: _Optional[_Iterable[str]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., user: _Optional[str] = ..., hostname: _Optional[str] = ..., restart_policy: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[PortBinding, _Mapping]]] = ..., volumes: _Optional[_Iterable[_Union[VolumeSpec, _Mapping]]] = ..., networks: _Optional[_Iterable[str]] = ..., running: _Optional[bool] = ..., engine_config_json: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., unsupported: _Optional[_Iterable[str]] = ..., layer_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ListContainersRequest(_message.Message):
     __slots__ = ()
@@ -255,6 +257,44 @@ class HistoryReply(_message.Message):
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[HistoryEntry]
     def __init__(self, entries: _Optional[_Iterable[_Union[HistoryEntry, _Mapping]]] = ...) -> None: ...
+
+class PlanRequest(_message.Message):
+    __slots__ = ("source_node", "spec")
+    SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    source_node: str
+    spec: ContainerSpec
+    def __init__(self, source_node: _Optional[str] = ..., spec: _Optional[_Union[ContainerSpec, _Mapping]] = ...) -> None: ...
+
+class PlanItem(_message.Message):
+    __slots__ = ("kind", "item", "bytes", "origin", "seconds", "reason")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    item: str
+    bytes: int
+    origin: str
+    seconds: float
+    reason: str
+    def __init__(self, kind: _Optional[str] = ..., item: _Optional[str] = ..., bytes: _Optional[int] = ..., origin: _Optional[str] = ..., seconds: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class PlanReply(_message.Message):
+    __slots__ = ("items", "bytes", "seconds", "link", "problems")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LINK_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[PlanItem]
+    bytes: int
+    seconds: float
+    link: str
+    problems: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, items: _Optional[_Iterable[_Union[PlanItem, _Mapping]]] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., link: _Optional[str] = ..., problems: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class MissingLayersRequest(_message.Message):
     __slots__ = ("diff_ids",)

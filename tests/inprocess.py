@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent import certs
+from agent.errors import NotFound
 from agent.health import NodeHealth
 from agent.security import TLSFiles, server_credentials
 from agent.server import agent_server
@@ -26,6 +27,7 @@ class FakeRuntime:
 
     containers: list[pb.ContainerSummary] = field(default_factory=list)
     held: set[str] = field(default_factory=set)  # layers (diff ids) this node has
+    specs: dict[str, pb.ContainerSpec] = field(default_factory=dict)  # by name
     method: str = "engine"
 
     def versions(self) -> tuple[str, str, bool]:
@@ -36,6 +38,11 @@ class FakeRuntime:
 
     def free_bytes(self) -> int:
         return 1 << 40
+
+    def describe(self, container: str) -> pb.ContainerSpec:
+        if container not in self.specs:
+            raise NotFound(f"no container named {container!r} on this node")
+        return self.specs[container]
 
     def list_containers(self) -> list[pb.ContainerSummary]:
         return list(self.containers)

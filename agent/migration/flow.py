@@ -642,8 +642,16 @@ def _expect(path: Path, want: str) -> None:
 
 
 def preflight(source: pb.NodeInfo, here: pb.NodeInfo, spec: pb.ContainerSpec) -> None:
-    """Refuse before anything is frozen what would fail after: engines that cannot checkpoint,
-    CRIU versions that cannot read each other's images, too little disk or memory here."""
+    """Refuse before anything is frozen what would fail after (`preflight_problems`)."""
+    problems = preflight_problems(source, here, spec)
+    if problems:
+        raise FailedPrecondition("pre-flight check failed: " + "; ".join(problems))
+
+
+def preflight_problems(source: pb.NodeInfo, here: pb.NodeInfo,
+                       spec: pb.ContainerSpec) -> list[str]:
+    """What would fail after the freeze: engines that cannot checkpoint, CRIU versions that
+    cannot read each other's images, too little disk or memory here."""
     problems = []
     for info in (source, here):
         if not info.checkpoints_enabled:
@@ -667,8 +675,7 @@ def preflight(source: pb.NodeInfo, here: pb.NodeInfo, spec: pb.ContainerSpec) ->
     if here.memory_available_bytes < spec.memory_bytes:
         problems.append(f"{here.node} has {here.memory_available_bytes / 1e6:.0f} MB of memory "
                         f"available, the container uses {spec.memory_bytes / 1e6:.0f} MB")
-    if problems:
-        raise FailedPrecondition("pre-flight check failed: " + "; ".join(problems))
+    return problems
 
 
 def _version(text: str) -> tuple[int, ...]:

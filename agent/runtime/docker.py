@@ -135,6 +135,7 @@ class DockerRuntime:
                                                      name), tree_size)
         spec.image_tags.extend(image.get("RepoTags") or [])
         spec.diff_ids.extend(image["RootFS"].get("Layers") or [])
+        spec.layer_sizes.extend(self.layer_sizes(list(spec.diff_ids)))
         if spec.running:
             # one_shot: a single sample (memory is all we read); without it the engine waits
             # for a second sample to compute CPU usage, about a second of every migration
@@ -210,6 +211,20 @@ class DockerRuntime:
         return {img["Id"]: self._call("inspect image", self.api.inspect_image,
                                       img["Id"])["RootFS"].get("Layers") or []
                 for img in self._call("list images", self.api.images, all=True)}
+
+    def layer_sizes(self, diff_ids: list[str]) -> list[int]:
+        """Each layer's size as the engine records it (its layer store keeps a `size` file by
+        chain id, the Engine API gives none); 0 where it is not found, as with another
+        layout."""
+        info = self._call("read engine info", self.api.info)
+        store = self.root_dir() / "image" / (info.get("Driver") or "overlay2") / "layerdb"
+        sizes = []
+        for chain in chain_ids(diff_ids):
+            try:
+                sizes.append(int((store / "sha256" / chain[7:] / "size").read_text()))
+            except (OSError, ValueError):
+                sizes.append(0)
+        return sizes
 
     def local_chain_ids(self) -> set[str]:
         return {c for layers in self._image_layers().values() for c in chain_ids(layers)}
