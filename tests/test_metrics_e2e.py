@@ -1,13 +1,16 @@
 """On the real lab: the destination's agent serves Prometheus metrics on its node's address at
-the default port, and a migration's downtime and bytes by origin show up there."""
+the default port, and a migration's downtime and bytes by origin show up there; `migctl
+history` finds it in both nodes' journals."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from agent.metrics import DEFAULT_PORT
 from client.workloads import ensure_toy_image, remove_everywhere, run_toy
-from tests.conftest import CACHE, LabHandle, migrate_json
+from tests.conftest import CACHE, LabHandle, migctl, migrate_json
 from tests.test_metrics import Samples, scrape
 from tests.test_migrate_e2e import wait_for_count
 
@@ -23,7 +26,7 @@ def _received(samples: Samples) -> dict[str, float]:
     return out
 
 
-def test_a_migration_shows_in_the_destination_metrics(lab: LabHandle) -> None:
+def test_a_migration_shows_in_the_destination_metrics_and_history(lab: LabHandle) -> None:
     a = lab.docker["nodeA"]
     remove_everywhere(lab.docker, ["toytsm"], ["testrw", "testro"])
     ensure_toy_image(a, CACHE)
@@ -49,4 +52,13 @@ def test_a_migration_shows_in_the_destination_metrics(lab: LabHandle) -> None:
         ("role", "destination"), ("outcome", "succeeded"), ("reason", "none"),
         ("phase", "restore")}))
     assert after[succeeded] - before.get(succeeded, 0.0) == 1
+
+    # the same migration in both journals: the destination's entry holds its report
+    [dest] = [e for e in json.loads(migctl("history", "--json", "--node", "nodeB").stdout)
+              if e["migration_id"] == report["migration_id"]]
+    assert (dest["role"], dest["state"], dest["peer"]) == ("destination", "done", "nodeA")
+    assert dest["report"]["downtime_seconds"] == report["downtime_seconds"]
+    [src] = [e for e in json.loads(migctl("history", "--json", "--node", "nodeA").stdout)
+             if e["migration_id"] == report["migration_id"]]
+    assert (src["role"], src["state"], src["container"]) == ("source", "done", "toytsm")
     remove_everywhere(lab.docker, ["toytsm"], ["testrw", "testro"])

@@ -240,12 +240,12 @@ class Migration:
         except MigctlError as err:  # the container runs here; the source keeps a stopped copy
             self.report.log(f"warning: could not release the source: {err}")
         report = self.report.done(self.new_container)
-        self.keep_report()
+        self.keep_report(report)
         return report
 
-    def keep_report(self) -> None:
-        """The report goes into the journal entry, for `migctl history`."""
-        self.entry.data["report"] = MessageToDict(self.report.finish())
+    def keep_report(self, report: pb.MigrationReport) -> None:
+        """REPORT goes into the journal entry, for `migctl history`."""
+        self.entry.data["report"] = MessageToDict(report)
         self.journal.save(self.entry)
 
     def request_phase(self) -> pb.ContainerSpec:
@@ -613,7 +613,7 @@ class Migration:
                 settle(self.entry, self.runtime, self.journal, self.staging, self.tls,
                        self.report.log)
         finally:
-            self.keep_report()
+            self.keep_report(self.report.finish())
 
 
 
