@@ -25,6 +25,9 @@ _NODE = frozenset({NODE})
 ROLES: dict[str, frozenset[str]] = {
     "GetNode": _BOTH,
     "DescribeContainer": _OPERATOR,  # the environment holds secrets
+    "ListContainers": _OPERATOR,
+    "History": _OPERATOR,
+    "Plan": _OPERATOR,  # a dry run: nothing is authorized, so no node may ask for one
     "Authorize": _OPERATOR,
     "Migrate": _OPERATOR,
     # the catalog and images, for cooperative migration

@@ -13,11 +13,14 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import REGISTRY
 
 from agent.authz import SERVICE, Authorization
 from agent.dataplane.channel import OPTIONS
 from agent.errors import MigctlError
 from agent.health import NodeHealth
+from agent.metrics import DEFAULT_PORT, Metrics
+from agent.metrics import serve as serve_metrics
 from agent.runtime.base import open_runtime
 from agent.security import TLSFiles, server_credentials
 from agent.service import AgentService
@@ -42,21 +45,29 @@ def agent_server(service: rpc.AgentServicer, node_health: NodeHealth) -> grpc.Se
 
 def serve(node: str, listen: str, docker_host: str, state_dir: Path, engine_tmp: Path,
           containerd: Path, lease_seconds: float, tls_dir: Path, registry: str,
-          inventory: Path, cache_mb: int) -> None:
+          inventory: Path, cache_mb: int, metrics_port: int = DEFAULT_PORT) -> None:
     try:
         tls = TLSFiles.from_dir(tls_dir, node)
         credentials = server_credentials(tls)
     except MigctlError as err:
         sys.exit(f"migagent: {err} (make them with `migctl certs init`)")
     runtime = open_runtime(docker_host, engine_tmp, containerd)
+    metrics = Metrics(REGISTRY)  # the default registry: with the process collectors
     service = AgentService(node, runtime, state_dir, tls, lease_seconds=lease_seconds,
                            registry=registry, inventory=inventory, address=listen,
-                           cache_bytes=cache_mb << 20)
+                           cache_bytes=cache_mb << 20, metrics=metrics)
     node_health = NodeHealth(runtime)
     server = agent_server(service, node_health)
     if server.add_secure_port(listen, credentials) == 0:
         sys.exit(f"migagent: cannot listen on {listen}")
     server.start()
+    try:
+        if metrics_port:
+            http = serve_metrics(metrics, listen, metrics_port)
+            logging.info("metrics on http://%s:%d/metrics", *http.server_address[:2])
+    except OSError as err:
+        sys.exit(f"migagent: cannot serve metrics on port {metrics_port}: {err.strerror} "
+                 "(choose another --metrics-port, or 0 for none)")
     service.start_background()
     node_health.start()
     logging.info("agent of %s listening on %s (engine %s, %s checkpoints)", node, listen,
@@ -91,15 +102,20 @@ def main(argv: list[str] | None = None) -> None:
                    help="the nodes (same file as the client's), for cooperative migration")
     p.add_argument("--cache-mb", type=int, default=2048,
                    help="size bound of the cache of snapshots, checkpoints and images")
+    p.add_argument("--metrics-port", type=int, default=DEFAULT_PORT,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics, HOST being "
+                        "--listen's (0: no metrics)")
     p.add_argument("--lease-seconds", type=float, default=60.0,
                    help="as a source: resume a frozen container whose destination has been "
                         "silent this long and has not committed")
     args = p.parse_args(argv)
+    if not 0 <= args.metrics_port <= 65535:
+        p.error(f"--metrics-port {args.metrics_port} is not a port (0 to 65535; 0: no metrics)")
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s {args.node} %(levelname)s %(name)s: %(message)s")
     serve(args.node, args.listen, args.docker_host, args.state_dir, args.engine_tmp,
           args.containerd, args.lease_seconds, args.tls_dir, args.registry, args.inventory,
-          args.cache_mb)
+          args.cache_mb, args.metrics_port)
 
 
 if __name__ == "__main__":

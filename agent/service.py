@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import psutil
+from google.protobuf.json_format import ParseDict
 
 from agent.catalog.registry import Holding, InventoryRegistry, open_registry
 from agent.catalog.store import Item, Store
@@ -25,9 +26,11 @@ from agent.dataplane.image import config_of, iter_layer
 from agent.dataplane.rootfs import snapshot_layer
 from agent.dataplane.staging import Staging, valid_migration_id
 from agent.delta import DEFAULT_BLOCK_SIZE, Signature, delta_stream, signature_block_cap
-from agent.errors import InvalidArgument, MigctlError, NotFound, PermissionDenied
+from agent.errors import InvalidArgument, MigctlError, NotFound, PermissionDenied, Unavailable
+from agent.metrics import Metrics
 from agent.migration import journal as j
-from agent.migration.flow import Migration
+from agent.migration import plan
+from agent.migration.flow import Migration, peer_error, preflight_problems
 from agent.migration.policy import Links
 from agent.migration.recovery import remove_strays, settle
 from agent.migration.source import (
@@ -45,6 +48,7 @@ from proto import migctl_pb2_grpc as rpc
 
 log = logging.getLogger(__name__)
 
+DEFAULT_HISTORY, MAX_HISTORY = 100, 1000  # journal entries a History call returns
 VOUCH_SECONDS = 60.0  # how long a source's word about a migration's cached items is reused
 
 
@@ -89,8 +93,9 @@ class AgentService(rpc.AgentServicer):
     def __init__(self, node: str, runtime: Runtime, state_dir: Path, tls: TLSFiles,
                  lease_seconds: float = 60.0, registry: str = "inventory",
                  inventory: Path | None = None, address: str = "",
-                 cache_bytes: int = 2 << 30) -> None:
+                 cache_bytes: int = 2 << 30, metrics: Metrics | None = None) -> None:
         self.node = node
+        self.metrics = metrics or Metrics()
         self.address = address
         self.tls = tls  # our identity when we call other agents
         self.connect = lambda addr, *name: open_channel(addr, tls, *name)
@@ -101,11 +106,12 @@ class AgentService(rpc.AgentServicer):
         self.runtime = runtime
         self.state_dir = state_dir
         self.staging = Staging(state_dir)
-        self.store = Store(state_dir, cache_bytes=cache_bytes, on_evict=self.withdraw)
+        self.store = Store(state_dir, cache_bytes=cache_bytes, on_evict=self.evicted)
+        self.metrics.watch_cache(self.store.size)
         self._published_layers: set[str] = set()
         self.journal = j.Journal(state_dir)
         self.source = SourceSide(runtime, self.staging, self.journal, self.store, lease_seconds,
-                                 self.publish)
+                                 self.publish, self.metrics)
         self._migrating: dict[str, str] = {}  # container -> migration id, at this destination
         self._vouched: dict[tuple[str, str, str], tuple[float, frozenset[str]]] = {}
         self._lock = threading.Lock()
@@ -143,7 +149,9 @@ class AgentService(rpc.AgentServicer):
     def _holdings(self, items: list[Item]) -> list[Holding]:
         return [Holding(i.key, self.node, i.ts, i.size, i.digest) for i in items]
 
-    def withdraw(self, items: list[Item]) -> None:
+    def evicted(self, items: list[Item]) -> None:
+        """The cache let ITEMS go: counted, and the registry no longer names this node."""
+        self.metrics.evictions.inc(len(items))
         if self.registry is not None and items:
             self.registry.withdraw(self.node, self._holdings(items))
 
@@ -280,6 +288,52 @@ class AgentService(rpc.AgentServicer):
     @handler
     def DescribeContainer(self, request: pb.ContainerRef, context: Any) -> pb.ContainerSpec:
         return self.runtime.describe(valid_name("container", request.container))
+
+    @handler
+    def ListContainers(self, request: pb.ListContainersRequest,
+                       context: Any) -> pb.ListContainersReply:
+        return pb.ListContainersReply(containers=self.runtime.list_containers())
+
+    @handler
+    def History(self, request: pb.HistoryRequest, context: Any) -> pb.HistoryReply:
+        if not 0 <= request.limit <= MAX_HISTORY:
+            raise InvalidArgument(f"History: limit {request.limit} is not from 0 to "
+                                  f"{MAX_HISTORY}")
+        reply = pb.HistoryReply()
+        for entry in self.journal.history(request.limit or DEFAULT_HISTORY):
+            report = ParseDict(entry.data.get("report") or {}, pb.MigrationReport(),
+                               ignore_unknown_fields=True)
+            reply.entries.add(migration_id=entry.id, role=entry.role,
+                              container=entry.data.get("name") or report.container
+                              or entry.container,
+                              peer=entry.peer, state=entry.state, updated=entry.updated,
+                              error=entry.data.get("error", ""), report=report)
+        return reply
+
+    @handler
+    def Plan(self, request: pb.PlanRequest, context: Any) -> pb.PlanReply:
+        source = valid_name("source node", request.source_node)
+        if source == self.node:
+            raise InvalidArgument(f"{self.node} cannot plan a migration from itself")
+        spec = plan.checked(request.spec)
+        address = self.address_of(source)
+        link = self.links.measure(address)
+        if link is None:
+            raise Unavailable(f"cannot reach the agent of {source} at {address} to measure "
+                              "the link")
+        channel = self.connect(address, source)
+        try:
+            source_info = rpc.AgentStub(channel).GetNode(pb.GetNodeRequest(), timeout=10)
+        except grpc.RpcError as err:
+            raise peer_error(source, address, err) from None
+        finally:
+            channel.close()
+        reply = plan.estimate(spec, set(self.runtime.missing_layers(list(spec.diff_ids))),
+                              source, self.node, link)
+        reply.problems.extend(preflight_problems(source_info, self.node_info(), spec))
+        # the source's own words (the operator sent its description without the configuration)
+        reply.problems.extend(spec.unsupported)
+        return reply
 
     @handler
     def Authorize(self, request: pb.AuthorizeRequest, context: Any) -> pb.AuthorizeReply:
@@ -478,7 +532,7 @@ class AgentService(rpc.AgentServicer):
                                       journal=self.journal,
                                       local_info=self.node_info, tls=self.tls, store=self.store,
                                       registry=self.registry, links=self.links,
-                                      publish=self.publish)
+                                      publish=self.publish, metrics=self.metrics)
             except MigctlError as err:
                 context.abort(err.code, str(err))
             self._migrating[request.container] = migration.migration_id

@@ -16,8 +16,10 @@ import json
 import os
 import tomllib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 
@@ -26,6 +28,8 @@ from agent.errors import MigctlError
 from agent.security import TLSFiles
 from proto import migctl_pb2 as pb
 from proto import migctl_pb2_grpc as rpc
+
+T = TypeVar("T")
 
 MIGCTL_HOME = Path(os.environ.get("MIGCTL_HOME", "/var/lib/migctl"))
 
@@ -240,19 +244,39 @@ class AgentClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def info(self) -> pb.NodeInfo:
+    def _call(self, method: Callable[..., Any], request: object,
+              timeout: float | None = None) -> Any:
+        """A unary call; an error status becomes the typed AgentError naming this node."""
         try:
-            return self.stub.GetNode(pb.GetNodeRequest(), timeout=self.timeout)
+            return method(request, timeout=timeout or self.timeout)
         except grpc.RpcError as err:
             raise agent_error(self.node, err) from None
 
+    def info(self) -> pb.NodeInfo:
+        return self._call(self.stub.GetNode, pb.GetNodeRequest())
+
     def authorize(self, container: str, destination: Node) -> pb.AuthorizeReply:
         """At the source: the operator's consent to move CONTAINER to DESTINATION."""
-        try:
-            return self.stub.Authorize(pb.AuthorizeRequest(
-                container=container, destination_node=destination.name), timeout=30)
-        except grpc.RpcError as err:
-            raise agent_error(self.node, err) from None
+        return self._call(self.stub.Authorize, pb.AuthorizeRequest(
+            container=container, destination_node=destination.name), timeout=30)
+
+    def history(self, limit: int = 0) -> list[pb.HistoryEntry]:
+        """The node's migrations, newest first (LIMIT of them; 0: the agent's default)."""
+        return list(self._call(self.stub.History, pb.HistoryRequest(limit=limit)).entries)
+
+    def describe(self, container: str) -> pb.ContainerSpec:
+        """CONTAINER's full description (its environment too: secrets)."""
+        return self._call(self.stub.DescribeContainer, pb.ContainerRef(container=container),
+                          timeout=60)
+
+    def plan(self, spec: pb.ContainerSpec, source: Node) -> pb.PlanReply:
+        """At the destination: the dry run of moving SPEC (DescribeContainer at SOURCE) here."""
+        return self._call(self.stub.Plan, pb.PlanRequest(source_node=source.name, spec=spec),
+                          timeout=60)
+
+    def containers(self) -> list[pb.ContainerSummary]:
+        """The node's containers, each with what keeps it from moving (empty: movable)."""
+        return list(self._call(self.stub.ListContainers, pb.ListContainersRequest()).containers)
 
     def migrate(self, container: str, source: Node, migration_id: str,
                 remove_source: bool = False, mode: str = "cooperative",
@@ -266,6 +290,46 @@ class AgentClient:
             yield from self.stub.Migrate(request, wait_for_ready=False)
         except grpc.RpcError as err:
             raise agent_error(self.node, err) from None
+
+
+def each_node(inventory: Inventory, ask: Callable[[AgentClient], T], only: str | None = None,
+              timeout: float = 10.0) -> tuple[dict[str, T], list[AgentError]]:
+    """ASK every node of the inventory (or ONLY that one), in parallel: the answers by node
+    name, in the inventory's order, and the errors of those that failed (a node that does
+    not answer hides none of the others)."""
+    nodes = [inventory.node(only)] if only else list(inventory.nodes.values())
+    tls = inventory.tls()
+
+    def one(node: Node) -> T | AgentError:
+        try:
+            with AgentClient(node, tls, timeout=timeout) as client:
+                return ask(client)
+        except AgentError as err:
+            return err
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(nodes), 16))) as pool:
+        results = list(pool.map(one, nodes))
+    answers = {n.name: r for n, r in zip(nodes, results, strict=True)
+               if not isinstance(r, AgentError)}
+    return answers, [r for r in results if isinstance(r, AgentError)]
+
+
+def plan(inventory: Inventory, container: str, source: str,
+         destination: str) -> pb.PlanReply:
+    """What moving CONTAINER from SOURCE to DESTINATION would move, and how long it would take:
+    the source describes it to the operator, the destination measures and counts. Nothing is
+    authorized. The destination gets the description without the environment and the
+    engine's configuration: a plan needs sizes, not secrets."""
+    src, dest = inventory.node(source), inventory.node(destination)
+    if src == dest:
+        raise ClientError(f"--from and --to are both {src.name}: nothing to plan")
+    tls = inventory.tls()
+    with AgentClient(src, tls) as source_client:
+        spec = source_client.describe(container)
+    del spec.env[:]
+    spec.engine_config_json = ""
+    with AgentClient(dest, tls) as client:
+        return client.plan(spec, src)
 
 
 def migrate(inventory: Inventory, container: str, source: str, destination: str, *,

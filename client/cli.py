@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 from typing import TextIO
 
 import shtab
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from agent.errors import MigctlError
 from client.api import (
@@ -18,7 +31,9 @@ from client.api import (
     ClientError,
     Inventory,
     default_tls_dir,
+    each_node,
     migrate,
+    plan,
 )
 from proto import migctl_pb2 as pb
 
@@ -31,28 +46,71 @@ def _phase(p: int) -> str:
     return pb.Phase.Name(p).lower().replace("_", "-")
 
 
-def render_event(ev: pb.MigrationEvent, out: TextIO | None = None) -> None:
-    out = out or sys.stderr  # looked up now: whoever replaced sys.stderr since import
+def _event_text(ev: pb.MigrationEvent) -> str | None:
+    """An event as one line for the operator; None for those that print nothing (progress,
+    which only a terminal shows, as bars; the report)."""
     kind = ev.WhichOneof("event")
     if kind == "phase_started":
-        print(f"▶ {_phase(ev.phase_started.phase)}", file=out, flush=True)
-    elif kind == "phase_done":
+        return f"▶ {_phase(ev.phase_started.phase)}"
+    if kind == "phase_done":
         p = ev.phase_done
         extra = (f", delta: {_mb(p.literal_bytes)} literal / {_mb(p.matched_bytes)} matched"
                  if p.literal_bytes or p.matched_bytes else "")
-        print(f"✓ {_phase(p.phase)} {p.seconds:.2f} s, {_mb(p.bytes)}{extra}", file=out,
-              flush=True)
-    elif kind == "transfer":
+        return f"✓ {_phase(p.phase)} {p.seconds:.2f} s, {_mb(p.bytes)}{extra}"
+    if kind == "transfer":
         t = ev.transfer
         item = ", ".join(i[:19] if i.startswith("sha256:") else i for i in t.item.split(", "))
         if t.method == "skipped":
-            print(f"  {t.kind} {item}: already on the destination", file=out, flush=True)
-        else:
-            why = f" — {t.reason}" if t.reason else ""
-            print(f"  {t.kind} {item} from {t.origin}: {_mb(t.bytes)} in {t.seconds:.2f} s "
-                  f"({t.method}){why}", file=out, flush=True)
-    elif kind == "log":
-        print(f"  {ev.log}", file=out, flush=True)
+            return f"  {t.kind} {item}: already on the destination"
+        why = f" — {t.reason}" if t.reason else ""
+        return (f"  {t.kind} {item} from {t.origin}: {_mb(t.bytes)} in {t.seconds:.2f} s "
+                f"({t.method}){why}")
+    if kind == "log":
+        return f"  {ev.log}"
+    return None
+
+
+def render_event(ev: pb.MigrationEvent, out: TextIO | None = None) -> None:
+    """An event as a line on OUT (stderr); progress events print nothing."""
+    text = _event_text(ev)
+    if text is not None:
+        print(text, file=out or sys.stderr, flush=True)  # stderr looked up now, not at import
+
+
+class LiveProgress:
+    """On a terminal: a bar for each transfer under way (bytes, rate, time left), above which
+    the other events print as `render_event` prints them; the bars of a kind go when its
+    transfer report arrives, all of them at the end of a phase."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.bars = Progress(TextColumn("  {task.description}"), BarColumn(), DownloadColumn(),
+                             TransferSpeedColumn(), TimeRemainingColumn(),
+                             console=console or Console(stderr=True), transient=True)
+        self.tasks: dict[tuple[str, str], TaskID] = {}
+
+    def __enter__(self) -> LiveProgress:
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bars.stop()
+
+    def __call__(self, ev: pb.MigrationEvent) -> None:
+        kind = ev.WhichOneof("event")
+        if kind == "progress":
+            p = ev.progress
+            key = (p.kind, p.item)
+            if key not in self.tasks:
+                self.tasks[key] = self.bars.add_task(f"{p.kind} {p.item}",
+                                                     total=p.bytes_total or None)
+            self.bars.update(self.tasks[key], completed=p.bytes_done)
+            return
+        if kind in ("transfer", "phase_done"):
+            for key in [k for k in self.tasks if kind == "phase_done" or k[0] == ev.transfer.kind]:
+                self.bars.remove_task(self.tasks.pop(key))
+        text = _event_text(ev)
+        if text is not None:
+            self.bars.console.print(text, highlight=False, markup=False)
 
 
 def render_report(r: pb.MigrationReport, out=sys.stdout) -> None:
@@ -68,9 +126,9 @@ def render_report(r: pb.MigrationReport, out=sys.stdout) -> None:
         print(f"  {o.node:<11} {o.seconds:7.2f} s  {_mb(o.bytes):>12}", file=out)
 
 
-def report_dict(report: pb.MigrationReport) -> dict:
-    """The report as plain JSON: protobuf's mapping writes int64 as strings, byte counts here
-    are numbers."""
+def report_dict(report: Message) -> dict:
+    """A report (or a message holding one) as plain JSON: protobuf's mapping writes int64 as
+    strings, byte counts here are numbers."""
 
     def numbers(obj: object) -> object:
         if isinstance(obj, dict):
@@ -79,16 +137,17 @@ def report_dict(report: pb.MigrationReport) -> dict:
             return [numbers(v) for v in obj]
         return obj
 
-    return numbers(MessageToDict(report, preserving_proto_field_name=True,  # type: ignore
-                                 always_print_fields_with_no_presence=True))
+    return numbers(_dict(report))
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     inv = Inventory.load(args.inventory, args.tls_dir)
-    report = migrate(inv, args.container, args.source, args.dest,
-                     on_event=None if args.quiet else render_event,
-                     remove_source=args.remove_source, mode=args.mode,
-                     allow_privileged=args.allow_privileged)
+    live = LiveProgress() if not args.quiet and sys.stderr.isatty() else None
+    with live or contextlib.nullcontext():
+        report = migrate(inv, args.container, args.source, args.dest,
+                         on_event=None if args.quiet else live or render_event,
+                         remove_source=args.remove_source, mode=args.mode,
+                         allow_privileged=args.allow_privileged)
     if args.json:
         print(json.dumps(report_dict(report)))
     else:
@@ -109,6 +168,86 @@ def cmd_nodes(args: argparse.Namespace) -> int:
             state = f"DOWN: {err.message}"
         print(f"{node.name:<8} {node.address:<22} {state}")
     return 0
+
+
+def _table(headers: list[str], rows: list[list[str]], out: TextIO | None = None) -> None:
+    """Columns as wide as their widest cell; the last one runs on."""
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers) - 1)]
+    for row in [headers, *rows]:
+        print("  ".join([c.ljust(w) for c, w in zip(row, widths, strict=False)] + [row[-1]]),
+              file=out or sys.stdout)
+
+
+def _dict(message: object) -> dict:
+    return MessageToDict(message, preserving_proto_field_name=True,  # type: ignore[arg-type]
+                         always_print_fields_with_no_presence=True)
+
+
+def _unanswered(errors: list[AgentError]) -> int:
+    """Each node that did not answer, on stderr: 1 if any, for the exit status."""
+    for err in errors:
+        print(f"migctl: error: {err}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    inv = Inventory.load(args.inventory, args.tls_dir)
+    found, errors = each_node(inv, AgentClient.containers, args.node)
+    listed = [(node, c) for node, containers in found.items() for c in containers]
+    if args.json:
+        print(json.dumps([{"node": node, **_dict(c), "movable": not c.unsupported}
+                          for node, c in listed]))
+    else:
+        _table(["NODE", "CONTAINER", "IMAGE", "STATE", "VOLUMES", "MOVABLE"],
+               [[node, c.name, c.image, c.state, ",".join(c.volumes) or "-",
+                 "no: " + "; ".join(c.unsupported) if c.unsupported else "yes"]
+                for node, c in listed])
+    return _unanswered(errors)
+
+
+def render_plan(r: pb.PlanReply, container: str, source: str, dest: str,
+                out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    print(f"plan: {container} {source} -> {dest} over a {r.link}", file=out)
+    _table(["KIND", "ITEM", "FROM", "BYTES", "TIME", "WHY"],
+           [[i.kind, i.item[:19] if i.item.startswith("sha256:") else i.item, i.origin,
+             _mb(i.bytes), f"{i.seconds:.2f} s", i.reason or "-"] for i in r.items], out)
+    print(f"total {_mb(r.bytes)}, about {r.seconds:.2f} s of transfers before the freeze "
+          "(the downtime depends on what changes meanwhile)", file=out)
+    for problem in r.problems:
+        print(f"would be refused: {problem}", file=out)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    reply = plan(Inventory.load(args.inventory, args.tls_dir), args.container, args.source,
+                 args.dest)
+    if args.json:
+        print(json.dumps(report_dict(reply)))
+    else:
+        render_plan(reply, args.container, args.source, args.dest)
+    return 0
+
+
+def _limit(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 1000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number from 1 to 1000")
+    return int(text)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    inv = Inventory.load(args.inventory, args.tls_dir)
+    found, errors = each_node(inv, lambda c: c.history(args.limit), args.node)
+    entries = sorted(((node, e) for node, listed in found.items() for e in listed),
+                     key=lambda ne: -ne[1].updated)[:args.limit]
+    if args.json:
+        print(json.dumps([{"node": node, **report_dict(e)} for node, e in entries]))
+    else:
+        _table(["TIME", "NODE", "ROLE", "CONTAINER", "PEER", "STATE", "DOWNTIME", "ERROR"],
+               [[time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.updated)), node, e.role,
+                 e.container, e.peer, e.state,
+                 f"{e.report.downtime_seconds:.2f} s" if e.report.downtime_seconds else "-",
+                 e.error or "-"] for node, e in entries])
+    return _unanswered(errors)
 
 
 def cmd_certs_init(args: argparse.Namespace) -> int:
@@ -164,6 +303,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     n = sub.add_parser("nodes", help="list the inventory's nodes and whether their agents answer")
     n.set_defaults(func=cmd_nodes)
+
+    ps = sub.add_parser("ps", help="list the containers of the inventory's nodes, and whether "
+                        "each can be migrated (and why not)")
+    ps.add_argument("--node", metavar="NODE", help="only this node")
+    ps.add_argument("--json", action="store_true", help="one JSON list, one object a container")
+    ps.set_defaults(func=cmd_ps)
+
+    pl = sub.add_parser("plan", help="a dry run of a migration: what would move, from where, "
+                        "how many bytes and about how long over the measured link")
+    pl.add_argument("--from", dest="source", required=True, metavar="NODE")
+    pl.add_argument("--to", dest="dest", required=True, metavar="NODE")
+    pl.add_argument("--json", action="store_true", help="the plan as one JSON object")
+    pl.add_argument("container")
+    pl.set_defaults(func=cmd_plan)
+
+    h = sub.add_parser("history", help="past migrations of the inventory's nodes, newest first, "
+                       "from their journals (as destination with the report)")
+    h.add_argument("--node", metavar="NODE", help="only this node")
+    h.add_argument("--limit", type=_limit, default=20, metavar="N",
+                   help="the newest N (default 20, at most 1000)")
+    h.add_argument("--json", action="store_true",
+                   help="one JSON list, one object a journal entry, with its report")
+    h.set_defaults(func=cmd_history)
 
     c = sub.add_parser("certs", help="certificates for mutual TLS between agents and clients")
     csub = c.add_subparsers(dest="certs_command", required=True)

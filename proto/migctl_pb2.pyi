@@ -146,7 +146,7 @@ class VolumeSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., destination: _Optional[str] = ..., read_only: _Optional[bool] = ..., driver: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., driver_options: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., volume_id: _Optional[str] = ...) -> None: ...
 
 class ContainerSpec(_message.Message):
-    __slots__ = ("id", "name", "image", "image_id", "image_tags", "diff_ids", "command", "entrypoint", "env", "labels", "working_dir", "user", "hostname", "restart_policy", "ports", "volumes", "networks", "running", "engine_config_json", "memory_bytes", "unsupported")
+    __slots__ = ("id", "name", "image", "image_id", "image_tags", "diff_ids", "command", "entrypoint", "env", "labels", "working_dir", "user", "hostname", "restart_policy", "ports", "volumes", "networks", "running", "engine_config_json", "memory_bytes", "unsupported", "layer_sizes")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,7 @@ class ContainerSpec(_message.Message):
     ENGINE_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     UNSUPPORTED_FIELD_NUMBER: _ClassVar[int]
+    LAYER_SIZES_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     image: str
@@ -196,7 +197,104 @@ class ContainerSpec(_message.Message):
     engine_config_json: str
     memory_bytes: int
     unsupported: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., image: _Optional[str] = ..., image_id: _Optional[str] = ..., image_tags: _Optional[_Iterable[str]] = ..., diff_ids: _Optional[_Iterable[str]] = ..., command: _Optional[_Iterable[str]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., user: _Optional[str] = ..., hostname: _Optional[str] = ..., restart_policy: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[PortBinding, _Mapping]]] = ..., volumes: _Optional[_Iterable[_Union[VolumeSpec, _Mapping]]] = ..., networks: _Optional[_Iterable[str]] = ..., running: _Optional[bool] = ..., engine_config_json: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., unsupported: _Optional[_Iterable[str]] = ...) -> None: ...
+    layer_sizes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., image: _Optional[str] = ..., image_id: _Optional[str] = ..., image_tags: _Optional[_Iterable[str]] = ..., diff_ids: _Optional[_Iterable[str]] = ..., command: _Optional[_Iterable[str]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., user: _Optional[str] = ..., hostname: _Optional[str] = ..., restart_policy: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[PortBinding, _Mapping]]] = ..., volumes: _Optional[_Iterable[_Union[VolumeSpec, _Mapping]]] = ..., networks: _Optional[_Iterable[str]] = ..., running: _Optional[bool] = ..., engine_config_json: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., unsupported: _Optional[_Iterable[str]] = ..., layer_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ListContainersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ContainerSummary(_message.Message):
+    __slots__ = ("id", "name", "image", "state", "volumes", "unsupported")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    UNSUPPORTED_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    image: str
+    state: str
+    volumes: _containers.RepeatedScalarFieldContainer[str]
+    unsupported: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., image: _Optional[str] = ..., state: _Optional[str] = ..., volumes: _Optional[_Iterable[str]] = ..., unsupported: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListContainersReply(_message.Message):
+    __slots__ = ("containers",)
+    CONTAINERS_FIELD_NUMBER: _ClassVar[int]
+    containers: _containers.RepeatedCompositeFieldContainer[ContainerSummary]
+    def __init__(self, containers: _Optional[_Iterable[_Union[ContainerSummary, _Mapping]]] = ...) -> None: ...
+
+class HistoryRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class HistoryEntry(_message.Message):
+    __slots__ = ("migration_id", "role", "container", "peer", "state", "updated", "error", "report")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    role: str
+    container: str
+    peer: str
+    state: str
+    updated: float
+    error: str
+    report: MigrationReport
+    def __init__(self, migration_id: _Optional[str] = ..., role: _Optional[str] = ..., container: _Optional[str] = ..., peer: _Optional[str] = ..., state: _Optional[str] = ..., updated: _Optional[float] = ..., error: _Optional[str] = ..., report: _Optional[_Union[MigrationReport, _Mapping]] = ...) -> None: ...
+
+class HistoryReply(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[HistoryEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[HistoryEntry, _Mapping]]] = ...) -> None: ...
+
+class PlanRequest(_message.Message):
+    __slots__ = ("source_node", "spec")
+    SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    source_node: str
+    spec: ContainerSpec
+    def __init__(self, source_node: _Optional[str] = ..., spec: _Optional[_Union[ContainerSpec, _Mapping]] = ...) -> None: ...
+
+class PlanItem(_message.Message):
+    __slots__ = ("kind", "item", "bytes", "origin", "seconds", "reason")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    item: str
+    bytes: int
+    origin: str
+    seconds: float
+    reason: str
+    def __init__(self, kind: _Optional[str] = ..., item: _Optional[str] = ..., bytes: _Optional[int] = ..., origin: _Optional[str] = ..., seconds: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class PlanReply(_message.Message):
+    __slots__ = ("items", "bytes", "seconds", "link", "problems")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LINK_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[PlanItem]
+    bytes: int
+    seconds: float
+    link: str
+    problems: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, items: _Optional[_Iterable[_Union[PlanItem, _Mapping]]] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., link: _Optional[str] = ..., problems: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class MissingLayersRequest(_message.Message):
     __slots__ = ("diff_ids",)
@@ -532,16 +630,30 @@ class MigrationReport(_message.Message):
     restore_method: str
     def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., source_node: _Optional[str] = ..., destination_node: _Optional[str] = ..., new_container_id: _Optional[str] = ..., total_seconds: _Optional[float] = ..., downtime_seconds: _Optional[float] = ..., phases: _Optional[_Iterable[_Union[PhaseReport, _Mapping]]] = ..., transfers: _Optional[_Iterable[_Union[TransferReport, _Mapping]]] = ..., origins: _Optional[_Iterable[_Union[OriginReport, _Mapping]]] = ..., mode: _Optional[_Union[Mode, str]] = ..., checkpoint_method: _Optional[str] = ..., restore_method: _Optional[str] = ...) -> None: ...
 
+class Progress(_message.Message):
+    __slots__ = ("kind", "item", "bytes_done", "bytes_total")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    item: str
+    bytes_done: int
+    bytes_total: int
+    def __init__(self, kind: _Optional[str] = ..., item: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
+
 class MigrationEvent(_message.Message):
-    __slots__ = ("phase_started", "phase_done", "transfer", "done", "log")
+    __slots__ = ("phase_started", "phase_done", "transfer", "done", "log", "progress")
     PHASE_STARTED_FIELD_NUMBER: _ClassVar[int]
     PHASE_DONE_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     LOG_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     phase_started: PhaseReport
     phase_done: PhaseReport
     transfer: TransferReport
     done: MigrationReport
     log: str
-    def __init__(self, phase_started: _Optional[_Union[PhaseReport, _Mapping]] = ..., phase_done: _Optional[_Union[PhaseReport, _Mapping]] = ..., transfer: _Optional[_Union[TransferReport, _Mapping]] = ..., done: _Optional[_Union[MigrationReport, _Mapping]] = ..., log: _Optional[str] = ...) -> None: ...
+    progress: Progress
+    def __init__(self, phase_started: _Optional[_Union[PhaseReport, _Mapping]] = ..., phase_done: _Optional[_Union[PhaseReport, _Mapping]] = ..., transfer: _Optional[_Union[TransferReport, _Mapping]] = ..., done: _Optional[_Union[MigrationReport, _Mapping]] = ..., log: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...

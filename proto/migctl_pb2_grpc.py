@@ -45,6 +45,21 @@ class AgentStub:
                 request_serializer=proto_dot_migctl__pb2.ContainerRef.SerializeToString,
                 response_deserializer=proto_dot_migctl__pb2.ContainerSpec.FromString,
                 _registered_method=True)
+        self.ListContainers = channel.unary_unary(
+                '/migctl.v1.Agent/ListContainers',
+                request_serializer=proto_dot_migctl__pb2.ListContainersRequest.SerializeToString,
+                response_deserializer=proto_dot_migctl__pb2.ListContainersReply.FromString,
+                _registered_method=True)
+        self.History = channel.unary_unary(
+                '/migctl.v1.Agent/History',
+                request_serializer=proto_dot_migctl__pb2.HistoryRequest.SerializeToString,
+                response_deserializer=proto_dot_migctl__pb2.HistoryReply.FromString,
+                _registered_method=True)
+        self.Plan = channel.unary_unary(
+                '/migctl.v1.Agent/Plan',
+                request_serializer=proto_dot_migctl__pb2.PlanRequest.SerializeToString,
+                response_deserializer=proto_dot_migctl__pb2.PlanReply.FromString,
+                _registered_method=True)
         self.Authorize = channel.unary_unary(
                 '/migctl.v1.Agent/Authorize',
                 request_serializer=proto_dot_migctl__pb2.AuthorizeRequest.SerializeToString,
@@ -170,6 +185,43 @@ class AgentServicer:
         Callers: operator.
         Errors: INVALID_ARGUMENT: a malformed container name; NOT_FOUND: no such container;
         UNAVAILABLE: the engine does not answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListContainers(self, request, context):
+        """The containers of this node, running or not, each with what keeps it from being migrated
+        (nothing: it can move). Light: no volume is walked and no memory is read (DescribeContainer
+        gives those of one container); no environment is listed.
+        Callers: operator.
+        Errors: UNAVAILABLE: the engine does not answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def History(self, request, context):
+        """This node's migrations, newest first, as its journal keeps them: as destination with the
+        report (of a failed or rolled back one too, with its error), as source without.
+        Callers: operator.
+        Errors: INVALID_ARGUMENT: a limit below 0 or above 1000.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Plan(self, request, context):
+        """A dry run of a migration to this node: what would move (the layers this node lacks, the
+        volume snapshots, the checkpoint), from where, how many bytes, and how long over the link
+        to the source as measured now. SPEC is the source's DescribeContainer as the operator
+        got it, taken as untrusted: only its layer ids and sizes are used. Nothing is
+        authorized, frozen or written, and pieces neighbours hold are not looked up (a
+        cooperative migration may get them faster).
+        Callers: operator.
+        Errors: INVALID_ARGUMENT: a malformed source node name or description, or the source is
+        this node; NOT_FOUND: this agent does not know the source node; UNAVAILABLE: the source's
+        agent cannot be reached, or this node's engine does not answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -444,6 +496,21 @@ def add_AgentServicer_to_server(servicer, server):
                     request_deserializer=proto_dot_migctl__pb2.ContainerRef.FromString,
                     response_serializer=proto_dot_migctl__pb2.ContainerSpec.SerializeToString,
             ),
+            'ListContainers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListContainers,
+                    request_deserializer=proto_dot_migctl__pb2.ListContainersRequest.FromString,
+                    response_serializer=proto_dot_migctl__pb2.ListContainersReply.SerializeToString,
+            ),
+            'History': grpc.unary_unary_rpc_method_handler(
+                    servicer.History,
+                    request_deserializer=proto_dot_migctl__pb2.HistoryRequest.FromString,
+                    response_serializer=proto_dot_migctl__pb2.HistoryReply.SerializeToString,
+            ),
+            'Plan': grpc.unary_unary_rpc_method_handler(
+                    servicer.Plan,
+                    request_deserializer=proto_dot_migctl__pb2.PlanRequest.FromString,
+                    response_serializer=proto_dot_migctl__pb2.PlanReply.SerializeToString,
+            ),
             'Authorize': grpc.unary_unary_rpc_method_handler(
                     servicer.Authorize,
                     request_deserializer=proto_dot_migctl__pb2.AuthorizeRequest.FromString,
@@ -605,6 +672,87 @@ class Agent:
             '/migctl.v1.Agent/DescribeContainer',
             proto_dot_migctl__pb2.ContainerRef.SerializeToString,
             proto_dot_migctl__pb2.ContainerSpec.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListContainers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migctl.v1.Agent/ListContainers',
+            proto_dot_migctl__pb2.ListContainersRequest.SerializeToString,
+            proto_dot_migctl__pb2.ListContainersReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def History(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migctl.v1.Agent/History',
+            proto_dot_migctl__pb2.HistoryRequest.SerializeToString,
+            proto_dot_migctl__pb2.HistoryReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Plan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migctl.v1.Agent/Plan',
+            proto_dot_migctl__pb2.PlanRequest.SerializeToString,
+            proto_dot_migctl__pb2.PlanReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,6 +27,8 @@ EVENTS = [
     pb.MigrationEvent(phase_started=pb.PhaseReport(phase=pb.REQUEST)),
     pb.MigrationEvent(transfer=pb.TransferReport(kind="layer", item="sha256:ab", bytes=10)),
     pb.MigrationEvent(log="pre-flight checks passed"),
+    pb.MigrationEvent(progress=pb.Progress(kind="volume snapshot", item="data",
+                                           bytes_done=5, bytes_total=10)),
     pb.MigrationEvent(phase_done=pb.PhaseReport(phase=pb.REQUEST, seconds=0.5)),
 ]
 REPORT = pb.MigrationReport(migration_id="m1", container="web", source_node="nodeA",

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SUBCOMMANDS = ["migrate", "nodes", "certs", "lab", "completion"]
+SUBCOMMANDS = ["migrate", "nodes", "ps", "plan", "history", "certs", "lab", "completion"]
 
 
 def _script(shell: str) -> str:

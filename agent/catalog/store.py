@@ -141,6 +141,11 @@ class Store:
                 return item
         return None
 
+    def size(self) -> int:
+        """Bytes the cache holds now."""
+        with self._lock:
+            return self._db.execute("SELECT COALESCE(SUM(size), 0) FROM items").fetchone()[0]
+
     def _evict(self, keep: str) -> list[Item]:
         """Least recently used first, until the cache fits (never the item just added)."""
         rows = self._db.execute("SELECT key, ts, size, file, digest FROM items ORDER BY used"

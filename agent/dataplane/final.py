@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.dataplane.files import digest, write_stream
+from agent.dataplane.transfer import counted, ignore_bytes
 from agent.delta import DeltaStats, Signature, delta_stream, patch_stream
 from agent.errors import DeltaError, Refused
 from proto import migctl_pb2 as pb
@@ -51,10 +52,13 @@ class Received:
 
 
 def receive(stream: Iterable[pb.FinalChunk], dest_of: Callable[[pb.FinalItem], Path],
-            basis_of: Callable[[str], Path | None]) -> Iterator[Received]:
+            basis_of: Callable[[str], Path | None],
+            meter_of: Callable[[pb.FinalItem], Callable[[int], None]] = lambda _: ignore_bytes
+            ) -> Iterator[Received]:
     """The destination's side: DEST_OF checks each header (path, size) and says where the file
-    goes; BASIS_OF gives the basis of a delta. Yields each file once it is complete and
-    verified; a path sent twice, data before a header or a check that fails raises."""
+    goes; BASIS_OF gives the basis of a delta; METER_OF what to tell the size of each chunk
+    of a file (live progress). Yields each file once it is complete and verified; a path sent
+    twice, data before a header or a check that fails raises."""
     chunks = iter(stream)
     pending: list[pb.FinalItem] = []
     seen: set[str] = set()
@@ -78,7 +82,7 @@ def receive(stream: Iterable[pb.FinalChunk], dest_of: Callable[[pb.FinalItem], P
             dest = dest_of(item)
             start = time.monotonic()
             body = data()
-            result = _one(item, dest, basis_of, body)
+            result = _one(item, dest, basis_of, counted(body, meter_of(item)))
             if next(body, None) is not None:
                 raise Refused(f"the final pass sent more for {item.path!r} than its "
                               f"{item.method} holds")

@@ -17,10 +17,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from google.protobuf.json_format import MessageToDict
 
 from agent.catalog.registry import Registry, checkpoint_keys
 from agent.catalog.store import Store
@@ -41,6 +42,7 @@ from agent.errors import (
     Refused,
     Unavailable,
 )
+from agent.metrics import Metrics
 from agent.migration import journal as j
 from agent.migration.policy import Link, Links
 from agent.migration.recovery import settle
@@ -103,6 +105,7 @@ class Migration:
     registry: Registry | None
     links: Links
     publish: Callable[[list], None]
+    metrics: Metrics = field(default_factory=Metrics)
 
     def __post_init__(self) -> None:
         self.migration_id = self.request.migration_id
@@ -113,8 +116,9 @@ class Migration:
                              data={"created_volumes": [], "new_container": "",
                                    "remove_source": self.request.remove_source})
         self.journal.create(self.entry)  # an id seen before is refused here
+        self.metrics.started.labels(j.DESTINATION).inc()
         self.report = Report(self.migration_id, self.request.container, self.source_name,
-                             self.node, self.emit, self.request.mode)
+                             self.node, self.emit, self.request.mode, self.metrics)
         self.area = self.staging.create(self.migration_id)
         # The source is reached at the address this agent knows for it, and must prove it is
         # that node: its certificate is checked for the node's name, not just for our CA.
@@ -235,7 +239,14 @@ class Migration:
                 remove_container=self.request.remove_source), timeout=60)
         except MigctlError as err:  # the container runs here; the source keeps a stopped copy
             self.report.log(f"warning: could not release the source: {err}")
-        return self.report.done(self.new_container)
+        report = self.report.done(self.new_container)
+        self.keep_report(report)
+        return report
+
+    def keep_report(self, report: pb.MigrationReport) -> None:
+        """REPORT goes into the journal entry, for `migctl history`."""
+        self.entry.data["report"] = MessageToDict(report)
+        self.journal.save(self.entry)
 
     def request_phase(self) -> pb.ContainerSpec:
         source_info = self.call(self.source.GetNode, pb.GetNodeRequest(), timeout=30)
@@ -250,15 +261,21 @@ class Migration:
         self.entry.container = spec.id
         self.journal.save(self.entry)
         if not spec.running:
+            self.metrics.preflight.labels("not_running").inc()
             raise FailedPrecondition(
                 f"container {spec.name!r} on {self.source_name} is not running; migctl moves "
                 "running containers (start it, or move a stopped one with docker save/load)")
         # Computed here from the description, never taken from the source's own verdict.
         problems = unsupported(spec, self.request.allow_privileged)
         if problems:
+            self.metrics.preflight.labels("unsupported").inc()
             raise FailedPrecondition(
                 f"container {spec.name!r} cannot be migrated: " + "; ".join(problems))
-        preflight(source_info, self.local_info(), spec)
+        try:
+            preflight(source_info, self.local_info(), spec)
+        except FailedPrecondition:
+            self.metrics.preflight.labels("nodes").inc()
+            raise
         existing = self.existing_container(spec.name)
         if existing and not self.is_migrated_away(existing["Id"]):
             raise AlreadyExists(
@@ -455,8 +472,10 @@ class Migration:
         total = DeltaStats(literal_bytes=0, matched_bytes=0, wire_bytes=0, new_size=0)
         for f in ckpt.files:
             basis = bases.get(f.path)
-            got = self.guarded(lambda f=f, basis=basis: self.get(f.path, self.area / f.path,
-                                                                 f, basis))
+            meter = self.report.meter("checkpoint", f"{name}: {Path(f.path).name}",
+                                      0 if basis else f.size)
+            got = self.guarded(lambda f=f, basis=basis, meter=meter: self.get(
+                f.path, self.area / f.path, f, basis, meter))
             _add(total, got)
         self.report.transfer("checkpoint", f"{name} ({len(ckpt.files)} files)", self.source_name,
                              phase, total, time.monotonic() - start,
@@ -470,20 +489,21 @@ class Migration:
         archive.snapshot(self.runtime.volume_path(name), path)
         return Basis(path, make_signature(path))
 
-    def get(self, rel: str, dest: Path, info: pb.FileInfo,
-            basis: Basis | None) -> int | DeltaStats:
+    def get(self, rel: str, dest: Path, info: pb.FileInfo, basis: Basis | None,
+            meter: Callable[[int], None]) -> int | DeltaStats:
         """REL of the source's staging area into DEST, held to the size and digest the source
-        announced in INFO, within a deadline derived from that size."""
+        announced in INFO, within a deadline derived from that size; METER counts its bytes."""
         timeout = self.deadline(info.size)
         if basis is None:
             return fetch_whole(self.source, self.migration_id, rel, dest, info.digest,
-                               size=info.size, timeout=timeout)
+                               size=info.size, timeout=timeout, on_bytes=meter)
         return fetch_delta(self.source, self.migration_id, rel, basis.path, basis.signature,
-                           dest, size=info.size, timeout=timeout)
+                           dest, size=info.size, timeout=timeout, on_bytes=meter)
 
     def fetch(self, rel: str, dest: Path, expect: pb.FileInfo, basis: Basis | None, kind: str,
               item: str, phase: int) -> None:
-        self.pull(kind, item, phase, lambda: self.get(rel, dest, expect, basis),
+        meter = self.report.meter(kind, item, 0 if basis else expect.size)
+        self.pull(kind, item, phase, lambda: self.get(rel, dest, expect, basis, meter),
                   "whole" if basis is None else "delta")
 
     def final_sync(self, spec: pb.ContainerSpec, final: pb.CheckpointReply,
@@ -503,6 +523,12 @@ class Migration:
         def basis_of(rel: str) -> Path | None:
             return bases[rel].path if rel in bases else None
 
+        def meter_of(item: pb.FinalItem) -> Callable[[int], None]:
+            kind, name = (("volume snapshot", volumes[item.path].name) if item.path in volumes
+                          else ("root filesystem", spec.name) if item.path == ROOTFS_CHANGES
+                          else ("checkpoint", f"{FINAL_CHECKPOINT}: {Path(item.path).name}"))
+            return self.report.meter(kind, name, item.size if item.method == "whole" else 0)
+
         bound = sum(f.size for f in final.files) + sum(v.size_bytes for v in volumes.values())
         ckpt = DeltaStats(literal_bytes=0, matched_bytes=0, wire_bytes=0, new_size=0)
         ckpt_seconds = 0.0
@@ -512,7 +538,7 @@ class Migration:
             stream = self.source.FinalSync(pb.FinalSyncRequest(
                 migration_id=self.migration_id), timeout=self.deadline(bound))
             got: set[str] = set()
-            for r in final_pass.receive(stream, dest_of, basis_of):
+            for r in final_pass.receive(stream, dest_of, basis_of, meter_of):
                 got.add(r.path)
                 local = self.area / r.path
                 if r.path in volumes:
@@ -575,13 +601,19 @@ class Migration:
         log.warning("migration %s failed: %s", self.migration_id, err)
         self.entry.data["error"] = str(err)
         self.journal.save(self.entry)
-        if self.entry.state in (j.REQUESTED, j.PRE_COPY):
-            settle(self.entry, self.runtime, self.journal, self.staging, self.tls,
-                   self.report.log)
-            return
-        with self.report.phase(pb.ROLLBACK):
-            settle(self.entry, self.runtime, self.journal, self.staging, self.tls,
-                   self.report.log)
+        frozen = self.entry.state not in (j.REQUESTED, j.PRE_COPY)
+        self.metrics.failed(err, self.report.current.phase if self.report.current else
+                            pb.REQUEST, frozen)
+        try:
+            if not frozen:
+                settle(self.entry, self.runtime, self.journal, self.staging, self.tls,
+                       self.report.log)
+                return
+            with self.report.phase(pb.ROLLBACK):
+                settle(self.entry, self.runtime, self.journal, self.staging, self.tls,
+                       self.report.log)
+        finally:
+            self.keep_report(self.report.finish())
 
 
 
@@ -610,8 +642,16 @@ def _expect(path: Path, want: str) -> None:
 
 
 def preflight(source: pb.NodeInfo, here: pb.NodeInfo, spec: pb.ContainerSpec) -> None:
-    """Refuse before anything is frozen what would fail after: engines that cannot checkpoint,
-    CRIU versions that cannot read each other's images, too little disk or memory here."""
+    """Refuse before anything is frozen what would fail after (`preflight_problems`)."""
+    problems = preflight_problems(source, here, spec)
+    if problems:
+        raise FailedPrecondition("pre-flight check failed: " + "; ".join(problems))
+
+
+def preflight_problems(source: pb.NodeInfo, here: pb.NodeInfo,
+                       spec: pb.ContainerSpec) -> list[str]:
+    """What would fail after the freeze: engines that cannot checkpoint, CRIU versions that
+    cannot read each other's images, too little disk or memory here."""
     problems = []
     for info in (source, here):
         if not info.checkpoints_enabled:
@@ -635,8 +675,7 @@ def preflight(source: pb.NodeInfo, here: pb.NodeInfo, spec: pb.ContainerSpec) ->
     if here.memory_available_bytes < spec.memory_bytes:
         problems.append(f"{here.node} has {here.memory_available_bytes / 1e6:.0f} MB of memory "
                         f"available, the container uses {spec.memory_bytes / 1e6:.0f} MB")
-    if problems:
-        raise FailedPrecondition("pre-flight check failed: " + "; ".join(problems))
+    return problems
 
 
 def _version(text: str) -> tuple[int, ...]:

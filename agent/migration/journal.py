@@ -182,6 +182,13 @@ class Journal:
             rows = self._db.execute(query + " ORDER BY updated", args).fetchall()
         return [self._entry(r) for r in rows]
 
+    def history(self, limit: int) -> list[Entry]:
+        """The LIMIT entries changed last, newest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM migrations ORDER BY updated DESC LIMIT ?",
+                                    (limit,)).fetchall()
+        return [self._entry(r) for r in rows]
+
     def strays(self) -> list[Entry]:
         """Ended destination entries that left a created, never started container behind
         (its engine did not answer during the rollback)."""

@@ -33,6 +33,7 @@ from agent.errors import (
     NotFound,
     PermissionDenied,
 )
+from agent.metrics import Metrics
 from agent.migration import journal as j
 from agent.runtime.base import Runtime
 from agent.runtime.spec import checkpoint_path
@@ -80,8 +81,10 @@ def pre_copy_of(final_rel: str) -> str:
 class SourceSide:
     def __init__(self, runtime: Runtime, staging: Staging, journal: j.Journal,
                  store: Store, lease_seconds: float,
-                 publish: Callable[[list[Item]], None] = lambda _: None) -> None:
+                 publish: Callable[[list[Item]], None] = lambda _: None,
+                 metrics: Metrics | None = None) -> None:
         self.publish = publish
+        self.metrics = metrics or Metrics()
         self.runtime = runtime
         self.staging = staging
         self.journal = journal
@@ -145,6 +148,7 @@ class SourceSide:
                                      f"and has expired ({AUTHORIZATION_SECONDS:.0f} s)")
         spec = self.runtime.describe(entry.container)
         self.journal.move(entry.id, j.SOURCE, j.PRE_COPY, by=j.PEER)  # a replay fails here
+        self.metrics.started.labels(j.SOURCE).inc()
         return spec
 
     def vouch(self, migration_id: str, destination: str) -> list[str]:
@@ -315,19 +319,20 @@ class SourceSide:
             if entry.state in (j.PRE_COPY, j.FAILED) and by == j.PEER and \
                     self.runtime.inspect(entry.container)["State"].get("Running"):
                 # never frozen: the destination's rollback only needs the source to let go
-                self.journal.try_move(migration_id, j.SOURCE, j.FAILED, by=j.PEER)
+                if self.journal.try_move(migration_id, j.SOURCE, j.FAILED, by=j.PEER):
+                    self.metrics.source_ended("failed", "destination", entry.state)
                 self.staging.drop(migration_id)
                 return pb.ResumeReply(restored=True, detail="it was never frozen and runs")
             if entry.state != j.RESUMING:
                 entry = self.journal.move(migration_id, j.SOURCE, j.RESUMING, by=by)
             self._resuming.add(migration_id)
         try:
-            return self._resume(entry)
+            return self._resume(entry, by)
         finally:
             with self._lock:
                 self._resuming.discard(migration_id)
 
-    def _resume(self, entry: j.Entry) -> pb.ResumeReply:
+    def _resume(self, entry: j.Entry, by: str) -> pb.ResumeReply:
         migration_id, cid = entry.id, entry.container
         if self.runtime.inspect(cid)["State"].get("Running"):
             reply = pb.ResumeReply(restored=True, detail="it was still running")
@@ -350,6 +355,8 @@ class SourceSide:
         if policy.get("Name", "no") != "no":  # it runs here again: its policy comes back
             self.runtime.set_restart_policy(cid, policy)
         self.journal.move(migration_id, j.SOURCE, j.ROLLED_BACK, data={"resume": reply.detail})
+        self.metrics.source_ended("rolled_back", "destination" if by == j.PEER else "source",
+                                  entry.state)
         self.staging.drop(migration_id)
         return reply
 
@@ -368,8 +375,11 @@ class SourceSide:
             else:
                 self.store.mark_departed(entry.container, entry.id)
             self.journal.move(entry.id, j.SOURCE, j.DONE, by=j.PEER)
+            self.metrics.source_ended("succeeded", "destination", entry.state)
         elif entry.state in (j.AUTHORIZED, j.PRE_COPY):
             self.journal.move(entry.id, j.SOURCE, j.FAILED, by=j.PEER)
+            if entry.state == j.PRE_COPY:  # begun: counted as started
+                self.metrics.source_ended("failed", "destination", entry.state)
         else:
             raise FailedPrecondition(f"migration {entry.id} is {entry.state} here: resume it "
                                      "before releasing it")
@@ -443,6 +453,8 @@ class SourceSide:
 
     def _drop(self, entry: j.Entry) -> None:
         if self.journal.try_move(entry.id, j.SOURCE, j.FAILED) is not None:
+            if entry.state == j.PRE_COPY:  # begun: counted as started
+                self.metrics.source_ended("failed", "source", entry.state)
             self.forget_offers(entry.id)
             self.staging.drop(entry.id)
 

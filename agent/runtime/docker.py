@@ -130,15 +130,52 @@ class DockerRuntime:
 
     def describe(self, container: str) -> pb.ContainerSpec:
         c = self.inspect(container)
-        cfg, host = c["Config"], c["HostConfig"]
         image = self._call("inspect image", self.api.inspect_image, c["Image"])
+        spec = self._spec(c, lambda name: self._call("inspect volume", self.api.inspect_volume,
+                                                     name), tree_size)
+        spec.image_tags.extend(image.get("RepoTags") or [])
+        spec.diff_ids.extend(image["RootFS"].get("Layers") or [])
+        spec.layer_sizes.extend(self.layer_sizes(list(spec.diff_ids)))
+        if spec.running:
+            # one_shot: a single sample (memory is all we read); without it the engine waits
+            # for a second sample to compute CPU usage, about a second of every migration
+            stats = self._call("read container stats", self.api.stats, c["Id"], stream=False,
+                               one_shot=True)
+            spec.memory_bytes = int((stats.get("memory_stats") or {}).get("usage") or 0)
+        spec.unsupported.extend(unsupported(spec))
+        return spec
+
+    def list_containers(self) -> list[pb.ContainerSummary]:
+        """Every container of the engine, running or not, with what keeps it from moving: one
+        inspection each and one listing of volumes; no volume is walked, no memory read."""
+        volumes = {v["Name"]: v for v in
+                   self._call("list volumes", self.api.volumes).get("Volumes") or []}
+        out = []
+        for listed in self._call("list containers", self.api.containers, all=True):
+            try:
+                c = self.inspect(listed["Id"])
+            except NotFound:
+                continue  # removed since the listing
+            spec = self._spec(c, lambda name: volumes.get(name) or {}, lambda _: 0)
+            why = ([] if spec.running else
+                   ["not running (migctl moves running containers)"]) + unsupported(spec)
+            out.append(pb.ContainerSummary(
+                id=spec.id, name=spec.name, image=spec.image,
+                state=str(c["State"].get("Status") or ""),
+                volumes=[v.name for v in spec.volumes], unsupported=why))
+        return out
+
+    @staticmethod
+    def _spec(c: dict[str, Any], volume: Callable[[str], dict[str, Any]],
+              size: Callable[[str], int]) -> pb.ContainerSpec:
+        """The description of inspected container C, but its image's layers and its memory;
+        VOLUME inspects a volume by name, SIZE measures one by its mount source."""
+        cfg, host = c["Config"], c["HostConfig"]
         spec = pb.ContainerSpec(
             id=c["Id"],
             name=c["Name"].lstrip("/"),
             image=cfg.get("Image") or c["Image"],
             image_id=c["Image"],
-            image_tags=image.get("RepoTags") or [],
-            diff_ids=image["RootFS"].get("Layers") or [],
             command=cfg.get("Cmd") or [],
             entrypoint=cfg.get("Entrypoint") or [],
             env=cfg.get("Env") or [],
@@ -151,12 +188,6 @@ class DockerRuntime:
             running=bool(c["State"].get("Running")),
             engine_config_json=json.dumps({"Config": cfg, "HostConfig": host}),
         )
-        if spec.running:
-            # one_shot: a single sample (memory is all we read); without it the engine waits
-            # for a second sample to compute CPU usage, about a second of every migration
-            stats = self._call("read container stats", self.api.stats, c["Id"], stream=False,
-                               one_shot=True)
-            spec.memory_bytes = int((stats.get("memory_stats") or {}).get("usage") or 0)
         for port, bindings in (host.get("PortBindings") or {}).items():
             for b in bindings or [{}]:
                 spec.ports.add(container_port=port, host_ip=b.get("HostIp", ""),
@@ -164,13 +195,13 @@ class DockerRuntime:
         for m in c.get("Mounts") or []:
             if m.get("Type") != "volume":
                 continue
-            vol = self._call("inspect volume", self.api.inspect_volume, m["Name"])
+            vol = volume(m["Name"])
             spec.volumes.add(
                 name=m["Name"], destination=m["Destination"], read_only=not m.get("RW", True),
-                driver=vol.get("Driver") or "local", labels=vol.get("Labels") or {},
-                driver_options=vol.get("Options") or {}, size_bytes=tree_size(m["Source"]),
+                driver=vol.get("Driver") or m.get("Driver") or "local",
+                labels=vol.get("Labels") or {}, driver_options=vol.get("Options") or {},
+                size_bytes=size(m["Source"]),
             )
-        spec.unsupported.extend(unsupported(spec))
         return spec
 
     # -- image layers ------------------------------------------------------------------------
@@ -180,6 +211,20 @@ class DockerRuntime:
         return {img["Id"]: self._call("inspect image", self.api.inspect_image,
                                       img["Id"])["RootFS"].get("Layers") or []
                 for img in self._call("list images", self.api.images, all=True)}
+
+    def layer_sizes(self, diff_ids: list[str]) -> list[int]:
+        """Each layer's size as the engine records it (its layer store keeps a `size` file by
+        chain id, the Engine API gives none); 0 where it is not found, as with another
+        layout."""
+        info = self._call("read engine info", self.api.info)
+        store = self.root_dir() / "image" / (info.get("Driver") or "overlay2") / "layerdb"
+        sizes = []
+        for chain in chain_ids(diff_ids):
+            try:
+                sizes.append(int((store / "sha256" / chain[7:] / "size").read_text()))
+            except (OSError, ValueError):
+                sizes.append(0)
+        return sizes
 
     def local_chain_ids(self) -> set[str]:
         return {c for layers in self._image_layers().values() for c in chain_ids(layers)}

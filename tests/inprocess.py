@@ -1,0 +1,89 @@
+"""Real agents in this process (agent.service behind agent.server's role gate and mutual TLS)
+over fake runtimes, for the operator's commands: no engine, no lab."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from agent import certs
+from agent.errors import NotFound
+from agent.health import NodeHealth
+from agent.security import TLSFiles, server_credentials
+from agent.server import agent_server
+from agent.service import AgentService
+from client import api, cli
+from proto import migctl_pb2 as pb
+
+
+@dataclass
+class FakeRuntime:
+    """What the operator's RPCs ask of a node's engine."""
+
+    containers: list[pb.ContainerSummary] = field(default_factory=list)
+    held: set[str] = field(default_factory=set)  # layers (diff ids) this node has
+    specs: dict[str, pb.ContainerSpec] = field(default_factory=dict)  # by name
+    method: str = "engine"
+
+    def versions(self) -> tuple[str, str, bool]:
+        return "27.5.1", "4.2.1", True
+
+    def root_dir(self) -> Path:
+        return Path("/")
+
+    def free_bytes(self) -> int:
+        return 1 << 40
+
+    def describe(self, container: str) -> pb.ContainerSpec:
+        if container not in self.specs:
+            raise NotFound(f"no container named {container!r} on this node")
+        return self.specs[container]
+
+    def list_containers(self) -> list[pb.ContainerSummary]:
+        return list(self.containers)
+
+    def missing_layers(self, diff_ids: list[str]) -> list[str]:
+        return [d for d in diff_ids if d not in self.held]
+
+
+@dataclass
+class Agents:
+    inventory: api.Inventory
+    path: Path  # the inventory file, which the agents read too
+    services: dict[str, AgentService]
+    runtimes: dict[str, FakeRuntime]
+
+    def cli(self, *args: str) -> int:
+        with pytest.raises(SystemExit) as done:
+            cli.main(["--inventory", str(self.path), *args])
+        return done.value.code  # type: ignore[return-value]
+
+
+@contextmanager
+def agents(pki: Path, state: Path, names: tuple[str, ...] = ("nodeA", "nodeB")
+           ) -> Iterator[Agents]:
+    """An agent per node of NAMES (each with a certificate in PKI), their state under STATE."""
+    path = state / "inventory.json"
+    services, runtimes, servers, nodes = {}, {}, [], {}
+    for name in names:
+        tls = TLSFiles.from_dir(certs.node_dir(pki, name), name)
+        runtimes[name] = FakeRuntime()
+        services[name] = AgentService(name, runtimes[name], state / name, tls,  # type: ignore
+                                      registry="", inventory=path)
+        server = agent_server(services[name], NodeHealth(runtimes[name]))  # type: ignore
+        port = server.add_secure_port("127.0.0.1:0", server_credentials(tls))
+        server.start()
+        servers.append(server)
+        nodes[name] = api.Node(name, f"127.0.0.1:{port}")
+    path.write_text(json.dumps({"tls_dir": str(pki), "nodes": {
+        n.name: {"address": n.address} for n in nodes.values()}}))
+    try:
+        yield Agents(api.Inventory(nodes, path, pki), path, services, runtimes)
+    finally:
+        for server in servers:
+            server.stop(grace=None)
