@@ -39,13 +39,15 @@ def write_plots(out: Path) -> list[Path]:
 
 
 def _line_label(cell: Cell, group: list[Cell]) -> str:
-    """The mode, and whatever else differs between cells at one rate (neighbour's rate,
-    loss, compression), so that no two lines share a label."""
+    """The mode, and whatever else tells apart cells of that mode at one source rate
+    (neighbour's rate, loss): one line per mode unless the grid varies more than the rate."""
+    def same_point(c: Cell) -> bool:
+        return all(c.key[k] == cell.key[k] for k in ("mode", "source_rate_bps"))
+
     label = cell.key["mode"]
-    for key, unit in (("neighbour_rate_bps", "neighbour"), ("loss_pct", "loss"),
-                      ("compression", "compression")):
-        if len({c.key[key] for c in group}) > 1:
-            label += f", {unit} {_rate(cell.key[key]) if key.endswith('bps') else cell.key[key]}"
+    for key, name in (("neighbour_rate_bps", "neighbour"), ("loss_pct", "loss %")):
+        if len({c.key[key] for c in group if same_point(c)}) > 1:
+            label += f", {name} {_rate(cell.key[key]) if key.endswith('bps') else cell.key[key]}"
     return label
 
 
@@ -69,6 +71,10 @@ def _times(group: list[Cell], title: str, path: Path) -> Path:
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
         if max(rates) > LOG_AXIS_SPAN * min(rates):
             ax.set_xscale("log")
+        ticks = sorted({(float(c.key["source_rate_bps"]) / 1e6, c.key["link"]) for c in group})
+        ax.set_xticks([x for x, _ in ticks], [f"{x:g}\n{link}" for x, link in ticks],
+                      fontsize="small")
+        ax.minorticks_off()
         ax.set_xlabel("source link rate, Mbit/s")
         ax.set_ylabel("seconds")
         ax.set_title(name)
@@ -93,13 +99,13 @@ def _bytes(group: list[Cell], title: str, path: Path) -> Path:
     for o, (_, origin) in enumerate(ORIGINS):
         ax.bar([x for x, _, _ in bars], [stack[o] for _, _, stack in bars], width * 0.9,
                bottom=[sum(stack[:o]) for _, _, stack in bars], label=origin, color=f"C{o}")
-    for x, mode, _ in bars:
-        ax.text(x, 0, mode[:4], rotation=90, ha="center", va="bottom", fontsize="x-small",
-                color="white")
-    ax.set_xticks(range(len(links)), [link for _, link in links])
+    ax.set_xticks([x for x, _, _ in bars], [mode for _, mode, _ in bars], fontsize="small",
+                  rotation=30)
+    for li, (_, link) in enumerate(links):
+        ax.text(li, -0.3, link, transform=ax.get_xaxis_transform(), ha="center")
     ax.set_ylabel("MB (median per origin)")
     ax.set_title(f"{title}: bytes by origin, per mode")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     return path
