@@ -340,8 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     ci.set_defaults(func=cmd_certs_init)
 
     from client import lab
+    from client.evaluation import cli as bench
 
     lab.add_parser(sub)
+    bench.add_parser(sub)
 
     k = sub.add_parser("completion", help="print a shell completion script, e.g. "
                        "`migctl completion bash > /etc/bash_completion.d/migctl`, or "

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SUBCOMMANDS = ["migrate", "nodes", "ps", "plan", "history", "certs", "lab", "completion"]
+SUBCOMMANDS = ["migrate", "nodes", "ps", "plan", "history", "certs", "lab", "bench",
+               "completion"]
 
 
 def _script(shell: str) -> str:
@@ -21,6 +22,7 @@ def test_bash_completion_parses_and_names_the_subcommands(tmp_path: Path) -> Non
     script = _script("bash")
     assert f"_shtab_migctl_subparsers=({' '.join(SUBCOMMANDS)})" in script
     assert "_shtab_migctl_lab_subparsers=(up down env toy)" in script
+    assert "_shtab_migctl_bench_subparsers=(run summary plots)" in script
     assert "--allow-privileged" in script and "--tls-dir" in script
     (tmp_path / "migctl.bash").write_text(script)
     subprocess.run(["bash", "-n", str(tmp_path / "migctl.bash")], check=True)
