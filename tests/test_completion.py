@@ -21,7 +21,7 @@ def _script(shell: str) -> str:
 def test_bash_completion_parses_and_names_the_subcommands(tmp_path: Path) -> None:
     script = _script("bash")
     assert f"_shtab_migctl_subparsers=({' '.join(SUBCOMMANDS)})" in script
-    assert "_shtab_migctl_lab_subparsers=(up down env toy)" in script
+    assert "_shtab_migctl_lab_subparsers=(up down env link links toy)" in script
     assert "_shtab_migctl_bench_subparsers=(run summary plots)" in script
     assert "--allow-privileged" in script and "--tls-dir" in script
     (tmp_path / "migctl.bash").write_text(script)
