@@ -210,3 +210,47 @@ def measure(state: dict, a: str, b: str, size: int, port: int = 5201) -> float:
     finally:
         sink.kill()
         sink.wait()
+
+
+_UDP_SINK = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.settimeout(2.0)
+print("ready", flush=True)
+n = 0
+try:
+    while True:
+        s.recv(2048)
+        n += 1
+except TimeoutError:
+    print(n, flush=True)
+"""
+_UDP_SOURCE = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(int(sys.argv[3])):
+    try:
+        s.sendto(b"x" * 64, (sys.argv[1], int(sys.argv[2])))
+    except PermissionError:
+        pass  # dropped on the way out (the loss rule): the sender is told, the flow goes on
+    time.sleep(0.001)
+"""
+
+
+def delivered(state: dict, a: str, b: str, count: int, port: int = 5202) -> float:
+    """The share of COUNT datagrams from node A that node B received (loss, as a flow meets
+    it)."""
+    import sys
+
+    address = state["nodes"][b]["address"].split(":")[0]
+    sink = subprocess.Popen(["ip", "netns", "exec", f"migctl-{b}", sys.executable, "-c",
+                             _UDP_SINK, address, str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert sink.stdout is not None
+        sink.stdout.readline()
+        in_ns(a, sys.executable, "-c", _UDP_SOURCE, address, str(port), str(count))
+        return int(sink.stdout.readline()) / count
+    finally:
+        sink.kill()
+        sink.wait()
