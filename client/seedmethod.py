@@ -8,8 +8,8 @@ container stops), rsync of the final checkpoint into the copy of the first (rsyn
 of every writable volume's folder into the destination's volume; then the container is
 created with the same configuration and started from the checkpoint. The writable layer is not
 migrated, as in the seed. rsync pulls from an rsync daemon in the source's namespace, so every
-byte crosses the lab's (shaped) link; no compression on either side, as migctl sends its
-literals.
+byte crosses the lab's (shaped) link; with `compress`, rsync's zstd (migctl's agents send
+their literals zstd-compressed).
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from pathlib import Path
 
 from agent.runtime.docker import DockerRuntime
 from client.api import ClientError
+from client.lab import LAB_DIR, RUN_DIR
 
 RSYNC_PORT = 8730
-WORK = Path("/var/lib/migctl/lab/seedmethod")
+WORK = LAB_DIR / "seedmethod"
 
 
 @dataclass
@@ -41,11 +42,16 @@ def _ns(node: str, *cmd: str) -> list[str]:
 
 
 class SeedMethod:
-    def __init__(self, state: dict, source: str, destination: str) -> None:
+    def __init__(self, state: dict, source: str, destination: str,
+                 compress: bool = False) -> None:
+        self.compress = ["--compress", "--compress-choice=zstd"] if compress else []
         self.nodes = state["nodes"]
         self.source, self.destination = source, destination
-        self.src = DockerRuntime(self.nodes[source]["docker_host"])
-        self.dst = DockerRuntime(self.nodes[destination]["docker_host"])
+        self.src, self.dst = (DockerRuntime(self.nodes[n]["docker_host"],
+                                            engine_tmp=LAB_DIR / n / "tmp",
+                                            containerd=RUN_DIR / n / "containerd" /
+                                            "containerd.sock")
+                              for n in (source, destination))
         self.src_ip = self.nodes[source]["address"].split(":")[0]
         self.work = WORK / f"{source}-{destination}"
         self.result = Result()
@@ -54,7 +60,7 @@ class SeedMethod:
         """rsync from the source's daemon (module `root` is the source's /), counting bytes."""
         local.parent.mkdir(parents=True, exist_ok=True)
         out = subprocess.run(_ns(self.destination, "rsync", "-a", "--no-whole-file",
-                                 "--delete", "--stats",
+                                 "--delete", "--stats", *self.compress,
                                  f"rsync://{self.src_ip}:{RSYNC_PORT}/root{remote}", str(local)),
                              capture_output=True, text=True)
         if out.returncode:
@@ -82,6 +88,8 @@ class SeedMethod:
     def _migrate(self, container: str) -> Result:
         r, start = self.result, time.monotonic()
         spec = self.src.describe(container)
+        r.phases["request"] = time.monotonic() - start
+        pre = time.monotonic()
         src_dir, dst_dir = self.work / "src", self.work / "dst"
         # 2.1 the image, when the destination lacks it
         if not self.dst.has_image(spec.image_id):
@@ -101,7 +109,7 @@ class SeedMethod:
         # 2.3 a checkpoint leaving the container running, copied whole
         ckpt = self.src.checkpoint(spec.id, "pre", src_dir / "ckpt", leave_running=True)
         self.pull(f"{ckpt}/", dst_dir / "ckpt")
-        r.phases["pre_copy"] = time.monotonic() - start
+        r.phases["pre_copy"] = time.monotonic() - pre
         # 3. the final checkpoint stops the container; 4. rsync's deltas
         frozen = time.monotonic()
         final = self.src.checkpoint(spec.id, "final", src_dir / "ckpt", leave_running=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import random
 import shutil
 import socket
 import subprocess
@@ -19,8 +20,11 @@ from pathlib import Path
 
 import docker
 
+from client.api import MIGCTL_HOME
+
 BASE = "migctl-busybox:1"
 TOY_IMAGE = "toytsm:1"
+CACHE = MIGCTL_HOME / "cache"  # images' inputs built once per machine
 COUNTER = ("i=0; while true; do echo $i | tee -a /testrw/counter; i=$((i+1)); sleep 1; done")
 # A server holding its state in memory (the shell variable): every connection gets the next hit.
 SERVER = ("i=0; while true; do i=$((i+1)); printf 'hits=%d\\n' $i | nc -l -p 8080; done")
@@ -138,7 +142,8 @@ def numbers(text: str) -> list[int]:
     return [int(x) for x in text.split() if x.isdigit()]
 
 
-CLIENT_PORTS = {"redis": 6379, "hits": 8080}  # Redis (INCR), the SERVER script (hits=N)
+CLIENT_PORTS = {"redis": 6379, "hits": 8080}
+TICK = 0.01  # seconds between a client's requests  # Redis (INCR), the SERVER script (hits=N)
 
 
 class Client(threading.Thread):
@@ -146,9 +151,11 @@ class Client(threading.Thread):
     recording when answers came. The longest gap between two answers is the downtime a user
     sees; each answer must be one more than the last (nothing lost)."""
 
-    def __init__(self, kind: str, hosts: list[str]) -> None:
+    def __init__(self, kind: str, hosts: list[str], write_rate: float = 0.0) -> None:
         super().__init__(daemon=True)
         self.kind, self.hosts = kind, hosts
+        # Redis only: bytes/s of 1000-byte SETs sent along with each request (memory dirtied)
+        self.sets = int(write_rate * TICK / 1000)
         self.answers: list[tuple[float, int]] = []
         self.stop = threading.Event()
 
@@ -157,20 +164,28 @@ class Client(threading.Thread):
             with socket.create_connection((host, CLIENT_PORTS[self.kind]), timeout=0.2) as s:
                 s.settimeout(0.5)
                 if self.kind == "redis":
-                    s.sendall(b"*2\r\n$4\r\nINCR\r\n$1\r\nn\r\n")
+                    s.sendall(self._writes() + b"*2\r\n$4\r\nINCR\r\n$1\r\nn\r\n")
                 data = b""
-                while b"\n" not in data:
-                    chunk = s.recv(64)
+                while not _answered(data):
+                    chunk = s.recv(4096)
                     if not chunk:
                         break
                     data += chunk
         except OSError:
             return None
+        data = data.replace(b"+OK\r\n", b"")  # the SETs' answers come first
         if data.startswith(b":"):
-            return int(data[1:].strip())
+            return int(data[1:].split(b"\r\n")[0])
         if data.startswith(b"hits="):
             return int(data[5:].strip())
         return None
+
+    def _writes(self) -> bytes:
+        value = b"x" * 1000
+        return b"".join(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$1000\r\n%s\r\n"
+                        % (len(k), k, value)
+                        for k in (f"w{random.randrange(100_000)}".encode()
+                                  for _ in range(self.sets)))
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -179,7 +194,7 @@ class Client(threading.Thread):
                 if value is not None:
                     self.answers.append((time.monotonic(), value))
                     break
-            time.sleep(0.01)
+            time.sleep(TICK)
 
     def gap(self, start: float, end: float) -> float:
         times = [t for t, _ in self.answers if start - 1 <= t <= end + 5]
@@ -188,3 +203,11 @@ class Client(threading.Thread):
     def lost(self) -> int:
         values = [v for _, v in self.answers]
         return sum(1 for a, b in zip(values, values[1:], strict=False) if b != a + 1)
+
+
+def _answered(data: bytes) -> bool:
+    """A whole answer: the hit server's line, or Redis's INCR reply after any SETs' +OK."""
+    if data.startswith(b"hits="):
+        return b"\n" in data
+    rest = data.replace(b"+OK\r\n", b"")
+    return rest.startswith(b":") and rest.endswith(b"\r\n") or rest.startswith(b"-")

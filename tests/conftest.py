@@ -13,10 +13,8 @@ import docker
 import pytest
 
 from agent import certs
-from client.api import MIGCTL_HOME
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = MIGCTL_HOME / "cache"
 
 
 class LabHandle:

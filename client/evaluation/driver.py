@@ -7,11 +7,25 @@ the whole grid (set the lab up and the links back afterwards), then `run_one(run
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
 from types import TracebackType
 from typing import Protocol
 
+import docker
+import psutil
+
+from client import workloads
+from client.api import ClientError
+from client.evaluation.columns import MEASURED
 from client.evaluation.grid import Grid, Run
 from client.evaluation.runner import Value
+from client.workloads import CACHE
 
 
 class Driver(Protocol):
@@ -23,35 +37,220 @@ class Driver(Protocol):
     def run_one(self, run: Run) -> dict[str, Value]: ...
 
 
-class LabDriver:
-    """Runs each migration on the lab (`migctl lab up --nodes grid.nodes`).
+SOURCE, DESTINATION, NEIGHBOUR = "nodeA", "nodeB", "nodeC"
+NAME = "bench"  # the container every run migrates
+VOLUME = "bench-data"
+SAMPLE = 0.5  # seconds between samples of the nodes' memory
 
-    run_one(run) must, for the run's parameters:
-      - shape the links with tc in the node namespaces: the source's path at
-        run.link.source_rate_bps, the neighbour's at run.link.neighbour_rate_bps (None: not
-        shaped), both with run.link.loss_pct % loss (netem); tc takes f"{bps}bit";
-      - start run.workload.kind with run.size_mb of data (and run.workload.dirty_rate_mb_s of
-        writes per second for the writers) on the source, and for cooperative, let a neighbour
-        hold what it would hold in the scenario (as tests/test_cooperative.py sets it up);
-      - migrate it with run.mode: traditional and cooperative through migctl; reference is the
-        seed's method, checkpoint + rsync, as a baseline;
-      - compress as run.compression says on every side (rsync's zstd for the reference when
-        "zstd"), and raise where a mode cannot honour it, so no run is recorded under a
-        compression it did not use;
-      - return the columns of client.evaluation.columns.MEASURED it measured (numbers, or a
-        string for checkpoint_method); leave out what it does not measure. Raise on failure:
-        the harness records the run as failed with the exception's message and goes on.
+
+class LabDriver:
+    """Runs each migration on the lab (`migctl lab up --nodes 3`): nodeA is the source, nodeB
+    the destination, nodeC the neighbour, which holds the container's image (the cooperative
+    scenario: the service passed through it before).
+
+    Per run: the links are shaped (`client/labnet.py`): nodeA-nodeB at the link's source rate,
+    nodeC-nodeB at its neighbour rate, both with its loss; the workload starts fresh on nodeA
+    (nothing of it left on the other nodes); a client outside the container (Redis INCR, or the
+    hit server for the writers) sends a request every 10 ms to whichever node answers; the
+    migration runs as a `migctl migrate` process (traditional, cooperative) or as the seed's
+    method (`client/seedmethod.py`, reference). The agents' caches persist between runs: what
+    the destination already held is reported as bytes_from_destination, for every mode.
     """
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
 
     def __enter__(self) -> LabDriver:
+        from client.lab import Lab
+
+        self.state = Lab().state()
+        missing = [n for n in (SOURCE, DESTINATION, NEIGHBOUR) if n not in
+                   self.state.get("nodes", {})]
+        if missing:
+            raise ClientError(f"the lab lacks {', '.join(missing)}: run `migctl lab up "
+                              "--nodes 3` first")
+        if self.grid.compression != "zstd":
+            raise ClientError(f"compression {self.grid.compression!r}: migctl's agents always "
+                              "send literals zstd-compressed, so only 'zstd' is measured "
+                              "fairly (the reference then uses rsync's zstd)")
         return self
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
                  tb: TracebackType | None) -> None:
-        return None
+        from client import labnet
+
+        labnet.reset(self.state)
+        self._clean()
+
+    # -- one run ------------------------------------------------------------------------------
 
     def run_one(self, run: Run) -> dict[str, Value]:
-        raise NotImplementedError("written by the lab engineer")
+        from client import labnet
+
+        labnet.reset(self.state)
+        loss = f"{run.link.loss_pct:g}%" if run.link.loss_pct else ""
+        labnet.set_link(self.state, SOURCE, DESTINATION,
+                        labnet.LinkSpec(rate=f"{run.link.source_rate_bps}bit", loss=loss))
+        if run.link.neighbour_rate_bps:
+            labnet.set_link(self.state, NEIGHBOUR, DESTINATION, labnet.LinkSpec(
+                rate=f"{run.link.neighbour_rate_bps}bit", loss=loss))
+        self._clean()
+        client = self._start(run)
+        meters = {n: _NodeMeter(n) for n in (SOURCE, DESTINATION, NEIGHBOUR)}
+        try:
+            if client:
+                client.start()
+                time.sleep(1.0)
+            start = time.monotonic()
+            out = self._migrate(run)
+            end = time.monotonic()
+            if client:
+                time.sleep(2.0)
+                out["client_gap_s"] = round(client.gap(start, end), 3)
+                if client.lost():
+                    raise ClientError(f"the client saw {client.lost()} answers out of order: "
+                                      "requests or memory were lost")
+        finally:
+            if client:
+                client.stop.set()
+                client.join()
+            used = {name: meter.stop() for name, meter in meters.items()}
+        for name, (cpu, rss) in used.items():
+            out[f"cpu_s_{name}"] = round(cpu, 3)
+            out[f"peak_rss_mb_{name}"] = round(rss / 1e6, 1)
+        return out
+
+    def _migrate(self, run: Run) -> dict[str, Value]:
+        if run.mode == "reference":
+            from client.seedmethod import SeedMethod
+
+            r = SeedMethod(self.state, SOURCE, DESTINATION, compress=True).migrate(NAME)
+            return {"total_s": round(r.total, 3), "downtime_s": round(r.downtime, 3),
+                    **{f"{k}_s": round(v, 3) for k, v in r.phases.items()},
+                    "bytes_total": r.bytes_received, "bytes_from_source": r.bytes_received,
+                    "bytes_from_neighbours": 0, "bytes_from_destination": 0,
+                    "checkpoint_method": "engine"}
+        res = subprocess.run([sys.executable, "-m", "client.cli", "migrate", "--json", "--mode",
+                              run.mode, "--from", SOURCE, "--to", DESTINATION, NAME],
+                             capture_output=True, text=True, timeout=1800)
+        if res.returncode:
+            raise ClientError(res.stderr.strip().splitlines()[-1] if res.stderr.strip()
+                              else f"migctl exited with {res.returncode}")
+        report = json.loads(res.stdout)
+        phases = {p["phase"].lower(): p["seconds"] for p in report["phases"]}
+        origins = {o["node"]: int(o["bytes"]) for o in report.get("origins", [])}
+        by_source = origins.pop(SOURCE, 0)
+        by_destination = origins.pop(DESTINATION, 0)
+        return {"total_s": report["total_seconds"], "downtime_s": report["downtime_seconds"],
+                **{f"{k}_s": v for k, v in phases.items() if f"{k}_s" in MEASURED},
+                "bytes_total": by_source + by_destination + sum(origins.values()),
+                "bytes_from_source": by_source, "bytes_from_neighbours": sum(origins.values()),
+                "bytes_from_destination": by_destination,
+                "checkpoint_method": report.get("checkpoint_method", "")}
+
+    # -- workloads ------------------------------------------------------------------------------
+
+    def _engine(self, node: str) -> docker.DockerClient:
+        return docker.DockerClient(base_url=self.state["nodes"][node]["docker_host"],
+                                   timeout=600)
+
+    def _host(self, node: str) -> str:
+        return self.state["nodes"][node]["address"].split(":")[0]
+
+    def _clean(self) -> None:
+        engines = {n: self._engine(n) for n in (SOURCE, DESTINATION, NEIGHBOUR)}
+        workloads.remove_everywhere(engines, [NAME], [VOLUME, "testrw", "testro"])
+
+    def _start(self, run: Run) -> workloads.Client | None:
+        """The workload on the source, its image on the neighbour too; its client."""
+        src, nb = self._engine(SOURCE), self._engine(NEIGHBOUR)
+        hosts = [self._host(n) for n in (SOURCE, DESTINATION)]
+        kind, size = run.workload.kind, run.size_mb
+        if kind == "toy":
+            for engine in (src, nb):
+                workloads.ensure_toy_image(engine, CACHE)
+            workloads.run_toy(src, name=NAME)
+            time.sleep(2)
+            return None
+        if kind in ("redis", "memory-writer"):
+            for engine in (src, nb):
+                workloads.ensure_redis_image(engine, CACHE)
+            src.containers.run(workloads.REDIS_IMAGE, name=NAME, detach=True,
+                               ports={"6379/tcp": 6379})
+            _populate(hosts[0], size)
+            if kind == "memory-writer":
+                return workloads.Client("redis", hosts,
+                                        write_rate=run.workload.dirty_rate_mb_s * 1e6)
+            return workloads.Client("redis", hosts)
+        # volume-writer: SIZE MB in a volume, DIRTY_RATE MB/s appended, and the hit server
+        for engine in (src, nb):
+            workloads.ensure_base(engine, CACHE)
+        src.volumes.create(VOLUME, labels={"rw-guid": f"guid-{time.time_ns()}"})
+        src.containers.run(workloads.BASE, ["sh", "-c", f"dd if=/dev/urandom of=/d/data bs=1M "
+                                            f"count={max(1, int(size))} 2>/dev/null"],
+                           remove=True, volumes={VOLUME: {"bind": "/d", "mode": "rw"}})
+        kb = max(1, int(run.workload.dirty_rate_mb_s * 1000 / 10))  # every 0.1 s
+        writer = (f"(while true; do dd if=/dev/urandom bs=1K count={kb} 2>/dev/null "
+                  f">> /d/log; sleep 0.1; done) & " if run.workload.dirty_rate_mb_s else "")
+        src.containers.run(workloads.BASE, ["sh", "-c", writer + workloads.SERVER], name=NAME,
+                           detach=True, ports={"8080/tcp": 8080},
+                           volumes={VOLUME: {"bind": "/d", "mode": "rw"}})
+        return workloads.Client("hits", hosts)
+
+
+def _populate(host: str, size_mb: float) -> None:
+    """SIZE_MB of Redis data: keys of 1000 bytes (DEBUG POPULATE)."""
+    deadline = time.monotonic() + 20
+    while True:
+        res = subprocess.run(["redis-cli", "-h", host, "DEBUG", "POPULATE",
+                              str(int(size_mb * 1000)), "key", "1000"], capture_output=True,
+                             text=True)
+        if res.returncode == 0 and "OK" in res.stdout:
+            return
+        if time.monotonic() > deadline:
+            raise ClientError(f"Redis on {host} did not take its data: {res.stdout}{res.stderr}")
+        time.sleep(0.3)
+
+
+class _NodeMeter(threading.Thread):
+    """CPU seconds and peak resident memory of a lab node's own processes (those in its
+    network namespace: agent, engine, containerd, shims, CRIU, rsync)."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__(daemon=True)
+        self.ns = os.stat(f"/run/netns/migctl-{node}").st_ino
+        self.cpu0 = self._cpu()
+        self.peak = 0
+        self.done = threading.Event()
+        self.start()
+
+    def _procs(self) -> list[psutil.Process]:
+        out = []
+        for proc in psutil.process_iter():
+            try:
+                if os.stat(f"/proc/{proc.pid}/ns/net").st_ino == self.ns:
+                    out.append(proc)
+            except OSError:
+                continue
+        return out
+
+    def _cpu(self) -> float:
+        total = 0.0
+        for proc in self._procs():
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+        return total
+
+    def run(self) -> None:
+        while not self.done.wait(SAMPLE):
+            rss = 0
+            for proc in self._procs():
+                with contextlib.suppress(psutil.Error):
+                    rss += proc.memory_info().rss
+            self.peak = max(self.peak, rss)
+
+    def stop(self) -> tuple[float, int]:
+        self.done.set()
+        self.join()
+        return max(0.0, self._cpu() - self.cpu0), self.peak
