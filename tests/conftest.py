@@ -13,6 +13,7 @@ import docker
 import pytest
 
 from agent import certs
+from client.workloads import CACHE  # noqa: F401 - the tests import it from here
 
 ROOT = Path(__file__).resolve().parent.parent
 

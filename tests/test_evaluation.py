@@ -14,7 +14,6 @@ import pytest
 from client import cli
 from client.api import ClientError
 from client.evaluation import columns, grid, runner, summary
-from client.evaluation.driver import LabDriver
 from client.evaluation.grid import Grid, GridError, Run, load_grid, parse_rate
 from client.evaluation.plots import write_plots
 
@@ -471,7 +470,6 @@ def test_migctl_bench_run_summary_and_plots(tmp_path: Path,
 
 
 @pytest.mark.parametrize(("driver", "expected"), [
-    ("client.evaluation.driver:LabDriver", "written by the lab engineer"),
     ("no_such_module:X", "cannot import no_such_module"),
     ("client.evaluation.driver:Nothing", "client.evaluation.driver has no Nothing"),
     ("LabDriver", "write MODULE:NAME")])
@@ -482,10 +480,3 @@ def test_migctl_bench_run_names_a_driver_it_cannot_use(
                   "--driver", driver])
     assert done.value.code == 1
     assert expected in capsys.readouterr().err
-
-
-def test_the_lab_driver_is_a_stub_until_written(tmp_path: Path) -> None:
-    run = load_grid(write_grid(tmp_path)).runs()[0]
-    with LabDriver(load_grid(write_grid(tmp_path))) as driver, \
-            pytest.raises(NotImplementedError, match="written by the lab engineer"):
-        driver.run_one(run)
