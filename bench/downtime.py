@@ -99,7 +99,7 @@ def main() -> None:
                for n in NODES}
     hosts = [nodes[n]["address"].split(":")[0] for n in NODES]
     print(f"{'workload':<8} {'run':>3} {'migctl gap':>11} {'local ref':>10} {'ratio':>6} "
-          f"{'agents':>7} {'freeze':>7} {'final':>6} {'restore':>8} {'lost':>5}")
+          f"{'agents':>7} {'freeze':>7} {'final':>6} {'restore':>8} {'forgot':>6}")
     for kind in args.workload or ["redis", "volume"]:
         name = f"bench-{kind}"
         remove_everywhere(engines, [name], ["bench-data"])
@@ -125,7 +125,7 @@ def main() -> None:
             print(f"{kind:<8} {run:>3} {gap:>10.2f}s {ref:>9.2f}s {ratios[-1]:>6.2f} "
                   f"{report['downtime_seconds']:>6.2f}s {phase.get('FREEZE', 0):>6.2f}s "
                   f"{phase.get('FINAL_SYNC', 0):>5.2f}s {phase.get('RESTORE', 0):>7.2f}s "
-                  f"{client.lost():>5}", flush=True)
+                  f"{client.forgotten():>5}", flush=True)
         client.stop.set()
         client.join()
         print(f"{kind}: median client-seen gap / local engine checkpoint+restore = "

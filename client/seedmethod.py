@@ -78,12 +78,21 @@ class SeedMethod:
                                       f"--config={conf}", f"--address={self.src_ip}",
                                       f"--port={RSYNC_PORT}"))
         try:
-            time.sleep(0.3)
+            self._wait_daemon()
             return self._migrate(container)
         finally:
             daemon.terminate()
             daemon.wait()
             shutil.rmtree(self.work, ignore_errors=True)
+
+    def _wait_daemon(self) -> None:
+        """Until the source's rsync daemon lists its module (from the destination)."""
+        deadline = time.monotonic() + 10
+        while subprocess.run(_ns(self.destination, "rsync", f"rsync://{self.src_ip}:"
+                                 f"{RSYNC_PORT}/"), capture_output=True).returncode:
+            if time.monotonic() > deadline:
+                raise ClientError(f"the rsync daemon on {self.source} does not answer")
+            time.sleep(0.1)
 
     def _migrate(self, container: str) -> Result:
         r, start = self.result, time.monotonic()

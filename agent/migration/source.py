@@ -334,7 +334,13 @@ class SourceSide:
 
     def _resume(self, entry: j.Entry, by: str) -> pb.ResumeReply:
         migration_id, cid = entry.id, entry.container
-        if self.runtime.inspect(cid)["State"].get("Running"):
+        gone = self.runtime.gone(cid)
+        if gone:
+            # removed here meanwhile (by an operator): nothing is left to resume, ever
+            reply = pb.ResumeReply(restored=False, detail="the container was removed from "
+                                   "this node meanwhile; nothing to resume")
+            log.warning("migration %s: %s", migration_id, reply.detail)
+        elif self.runtime.inspect(cid)["State"].get("Running"):
             reply = pb.ResumeReply(restored=True, detail="it was still running")
         else:
             folder = self.staging.root / migration_id / "checkpoints" / FINAL_CHECKPOINT
@@ -352,7 +358,7 @@ class SourceSide:
                 reply = pb.ResumeReply(restored=False, detail=f"restore failed ({err}); "
                                        "restarted without its memory")
         policy = entry.data.get("restart_policy") or {"Name": "no"}
-        if policy.get("Name", "no") != "no":  # it runs here again: its policy comes back
+        if policy.get("Name", "no") != "no" and not gone:  # it runs again: its policy too
             self.runtime.set_restart_policy(cid, policy)
         self.journal.move(migration_id, j.SOURCE, j.ROLLED_BACK, data={"resume": reply.detail})
         self.metrics.source_ended("rolled_back", "destination" if by == j.PEER else "source",

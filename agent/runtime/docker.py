@@ -139,9 +139,7 @@ class DockerRuntime:
         if spec.running:
             # one_shot: a single sample (memory is all we read); without it the engine waits
             # for a second sample to compute CPU usage, about a second of every migration
-            stats = self._call("read container stats", self.api.stats, c["Id"], stream=False,
-                               one_shot=True)
-            spec.memory_bytes = int((stats.get("memory_stats") or {}).get("usage") or 0)
+            spec.memory_bytes = self._memory(c["Id"])
         spec.unsupported.extend(unsupported(spec))
         return spec
 
@@ -203,6 +201,21 @@ class DockerRuntime:
                 size_bytes=size(m["Source"]),
             )
         return spec
+
+    def _memory(self, cid: str) -> int:
+        """The container's memory use, for the destination's pre-flight check. A busy engine
+        sometimes answers a stats call with an empty body: asked again once."""
+        for attempt in (1, 2):
+            try:
+                # one_shot: a single sample (memory is all we read); without it the engine
+                # waits for a second sample to compute CPU usage, about a second each time
+                stats = self._call("read container stats", self.api.stats, cid, stream=False,
+                                   one_shot=True)
+                return int((stats.get("memory_stats") or {}).get("usage") or 0)
+            except (Unavailable, ValueError):
+                if attempt == 2:
+                    raise
+        return 0
 
     # -- image layers ------------------------------------------------------------------------
 

@@ -107,9 +107,9 @@ class LabDriver:
             if client:
                 time.sleep(2.0)
                 out["client_gap_s"] = round(client.gap(start, end), 3)
-                if client.lost():
-                    raise ClientError(f"the client saw {client.lost()} answers out of order: "
-                                      "requests or memory were lost")
+                if client.forgotten():
+                    raise ClientError(f"the container forgot its state: {client.forgotten()} "
+                                      "answers were not above the one before")
         finally:
             if client:
                 client.stop.set()
