@@ -52,21 +52,28 @@ def config_path() -> Path | None:
                  if p.is_file()), None)
 
 
+def read_toml(path: Path, what: str, missing: str = "",
+              error: type[ClientError] | None = None) -> dict:
+    """PATH's TOML; an error names WHAT it is and why it could not be read."""
+    error = error or ClientError
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist{missing}") from None
+    except OSError as err:
+        raise error(f"cannot read {what} {path}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise error(f"{what} {path} is not valid TOML: {err}") from None
+
+
 def load_config(path: Path | None = None) -> dict[str, Path]:
     """The settings of the config file (paths relative to the file's folder), checked: an
     unknown key or a value that is not a path is an error naming the file and the key."""
     path = path or config_path()
     if path is None:
         return {}
-    try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ClientError(f"config file {path} does not exist (named by MIGCTL_CONFIG)") from None
-    except OSError as err:
-        raise ClientError(f"cannot read config file {path}: {err.strerror}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ClientError(f"config file {path} is not valid TOML: {err}") from None
+    data = read_toml(path, "config file", " (named by MIGCTL_CONFIG)")
     settings = {}
     for key, value in data.items():
         if key not in SETTINGS:

@@ -68,14 +68,19 @@ def ensure_base(client: docker.DockerClient, cache: Path) -> None:
                                           tag=BASE.split(":")[1])
 
 
+def _has_image(client: docker.DockerClient, tag: str) -> bool:
+    try:
+        client.images.get(tag)
+        return True
+    except docker.errors.ImageNotFound:
+        return False
+
+
 def ensure_toy_image(client: docker.DockerClient, cache: Path) -> None:
     """The seed's toy image: the base plus a layer holding a 1000-line text file."""
     ensure_base(client, cache)
-    try:
-        client.images.get(TOY_IMAGE)
+    if _has_image(client, TOY_IMAGE):
         return
-    except docker.errors.ImageNotFound:
-        pass
     with tempfile.TemporaryDirectory() as ctx:
         Path(ctx, "lines.txt").write_text("".join(f"line {i}\n" for i in range(1000)))
         Path(ctx, "Dockerfile").write_text(f"FROM {BASE}\nCOPY lines.txt /lines.txt\n")
@@ -89,11 +94,8 @@ def ensure_redis_image(client: docker.DockerClient, cache: Path) -> None:
     """Redis without a registry: the host's redis-server and the libraries it links, on the
     base image (built the same way on every node, so its layers match)."""
     ensure_base(client, cache)
-    try:
-        client.images.get(REDIS_IMAGE)
+    if _has_image(client, REDIS_IMAGE):
         return
-    except docker.errors.ImageNotFound:
-        pass
     server = shutil.which("redis-server")
     assert server, "redis-server is missing: run scripts/setup.sh"
     libs = [line.split("=>")[-1].split("(")[0].strip() for line in subprocess.run(

@@ -29,12 +29,11 @@ import hashlib
 import json
 import random
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.api import ClientError
+from client.api import ClientError, read_toml
 
 MODES = ("traditional", "cooperative", "reference")
 KINDS = ("redis", "memory-writer", "volume-writer", "toy")
@@ -230,15 +229,7 @@ def _toml(value: object) -> str:
 
 def load_grid(path: Path) -> Grid:
     """The grid in PATH, checked through: a GridError names the file, the key and the value."""
-    try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise GridError(f"grid file {path} does not exist") from None
-    except OSError as err:
-        raise GridError(f"cannot read grid file {path}: {err.strerror}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise GridError(f"grid file {path} is not valid TOML: {err}") from None
+    data = read_toml(path, "grid file", error=GridError)
     c = _Checker(path)
     c.keys(data, TOP_KEYS, "")
     modes = c.array(c.required(data, "modes", ""), "modes")
