@@ -10,8 +10,8 @@ engine's own path, what the seed's method pays before it copies anything). Runs 
     .venv/bin/python bench/downtime.py [--runs 3] [--redis-mb 100] [--volume-mb 1024]
 
 Workloads:
-  redis   Redis with --redis-mb of data (DEBUG POPULATE); the client sends INCR, and every
-          answer must be one more than the last (no request lost, no memory lost).
+  redis   Redis with --redis-mb of data (keys of 1000 random bytes); the client sends INCR,
+          and every answer must be above the last (no state lost).
   volume  a busybox server (nc) with a --volume-mb volume that holds one large file and a
           counter file rewritten every 100 ms: only the counter changes.
 """
@@ -38,6 +38,7 @@ from client.workloads import (  # noqa: E402
     Client,
     ensure_base,
     ensure_redis_image,
+    fill_redis,
     remove_everywhere,
 )
 from tests.conftest import CACHE  # noqa: E402
@@ -51,9 +52,7 @@ def start(kind: str, client: docker.DockerClient, args: argparse.Namespace, host
         client.containers.run(REDIS_IMAGE, name="bench-redis", detach=True,
                               ports={"6379/tcp": 6379})
         time.sleep(1)
-        keys = args.redis_mb * 1000
-        subprocess.run(["redis-cli", "-h", host, "DEBUG", "POPULATE", str(keys), "key", "1000"],
-                       check=True, capture_output=True)
+        fill_redis(host, args.redis_mb)
         return
     ensure_base(client, CACHE)
     client.volumes.create("bench-data")

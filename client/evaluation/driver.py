@@ -177,7 +177,7 @@ class LabDriver:
                 workloads.ensure_redis_image(engine, CACHE)
             src.containers.run(workloads.REDIS_IMAGE, name=NAME, detach=True,
                                ports={"6379/tcp": 6379})
-            _populate(hosts[0], size)
+            workloads.fill_redis(hosts[0], size)
             if kind == "memory-writer":
                 return workloads.Client("redis", hosts,
                                         write_rate=run.workload.dirty_rate_mb_s * 1e6)
@@ -196,29 +196,6 @@ class LabDriver:
                            detach=True, ports={"8080/tcp": 8080},
                            volumes={VOLUME: {"bind": "/d", "mode": "rw"}})
         return workloads.Client("hits", hosts)
-
-
-def _populate(host: str, size_mb: float) -> None:
-    """SIZE_MB of Redis data as keys of 1000 random bytes: DEBUG POPULATE's values are zero
-    padded and would compress some 50-fold, flattering every mode that compresses."""
-    import redis
-
-    db = redis.Redis(host=host, port=workloads.CLIENT_PORTS["redis"], socket_timeout=30)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            db.ping()
-            break
-        except redis.RedisError:
-            if time.monotonic() > deadline:
-                raise ClientError(f"Redis on {host} does not answer") from None
-            time.sleep(0.3)
-    keys = int(size_mb * 1000)
-    for first in range(0, keys, 1000):
-        pipe = db.pipeline(transaction=False)
-        for i in range(first, min(first + 1000, keys)):
-            pipe.set(f"key:{i}", os.urandom(1000))
-        pipe.execute()
 
 
 class _NodeMeter(threading.Thread):
