@@ -30,6 +30,11 @@ from proto import migctl_pb2_grpc as rpc
 log = logging.getLogger(__name__)
 
 FRESHNESS_KINDS = ("rw", "app", "svc")
+HOLDER_START_S = 5.0  # a holder's set-up and first reply, on top of the link's estimate
+# A holder that has not served an image's layers before first exports the whole image from its
+# engine (`docker save`): tens of seconds for the lab's images on a loaded 2-core machine (one
+# CI run fell back to the source after the 5 s that a held file gets).
+LAYER_EXPORT_S = 60.0
 
 
 class Sourcing:
@@ -74,8 +79,8 @@ class Sourcing:
         except (KeyError, MigctlError):
             return None
 
-    def _deadline(self, c: Choice) -> float:
-        return 5.0 + 4 * c.link.expected(c.holding.size)
+    def _deadline(self, c: Choice, prepare: float = 0.0) -> float:
+        return HOLDER_START_S + prepare + 4 * c.link.expected(c.holding.size)
 
     def fetch_held(self, kind: str, item: str, choices: list[Choice], dest: Path,
                    verify: Callable[[Path], None] | None = None) -> Choice | None:
@@ -122,7 +127,7 @@ class Sourcing:
             start = time.monotonic()
             try:
                 size = self._stream(c, dest, lambda stub, c=c: stub.ExportLayer(
-                    pb.LayerRef(diff_id=diff_id), timeout=self._deadline(c)))
+                    pb.LayerRef(diff_id=diff_id), timeout=self._deadline(c, LAYER_EXPORT_S)))
                 check(dest)
             except (grpc.RpcError, MigctlError, OSError) as err:
                 dest.unlink(missing_ok=True)
