@@ -293,6 +293,7 @@ def test_signature_round_trips_through_bounded_chunks(tmp_path: Path) -> None:
     chunks = list(sig.to_chunks())
     assert len(chunks) > 1 and all(len(c) <= 1 << 20 for c in chunks)
     stream = b"".join(chunks)
+    assert len(stream) == sig.wire_size
     back = Signature.from_chunks(stream[i : i + 99991] for i in range(0, len(stream), 99991))
     assert (back.block_size, back.basis_length, back.basis_hash) == (
         sig.block_size,

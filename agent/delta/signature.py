@@ -92,6 +92,11 @@ class Signature:
     def block_count(self) -> int:
         return len(self.strong_raw) // STRONG_SIZE
 
+    @property
+    def wire_size(self) -> int:
+        """Bytes of :meth:`to_chunks`' output (to size a transfer's deadline)."""
+        return HEADER.size + len(self.weak_raw) + len(self.strong_raw) + TRAILER.size
+
     def to_chunks(self) -> Iterator[bytes]:
         """Serialise as chunks of at most 1 MiB (one gRPC message each)."""
         n = self.block_count

@@ -431,7 +431,7 @@ class Migration:
                     yield pb.BaseOffer(migration_id=self.migration_id,
                                        path=rel if i == 0 else "", signature=part)
 
-        size = sum(b.signature.block_count * 24 for b in bases.values())
+        size = sum(b.signature.wire_size for b in bases.values())
         self.guarded(lambda: self.source.OfferBases(offers(), timeout=self.deadline(size)))
 
     def checkpoint_reply(self, reply: pb.CheckpointReply, name: str) -> pb.CheckpointReply:
