@@ -89,6 +89,20 @@ def caller(context: grpc.ServicerContext) -> str:
     return who.name
 
 
+def advertised_address(listen: str, inventory: InventoryRegistry, node: str) -> str:
+    """Where other agents reach this one, as published in a registry: this node's own entry in
+    its inventory, else the listen address; "" when that is a wildcard (0.0.0.0, [::]), which
+    no peer can dial, and then nothing is published (a peer would fail to reach it)."""
+    with contextlib.suppress(KeyError):
+        return inventory.address(node)
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host in ("", "0.0.0.0", "::"):
+        log.warning("%s listens on %s and is not in its inventory: it publishes nothing to the "
+                    "registry, which could not tell peers where to reach it", node, listen)
+        return ""
+    return listen
+
+
 class AgentService(rpc.AgentServicer):
     def __init__(self, node: str, runtime: Runtime, state_dir: Path, tls: TLSFiles,
                  lease_seconds: float = 60.0, registry: str = "inventory",
@@ -96,11 +110,12 @@ class AgentService(rpc.AgentServicer):
                  cache_bytes: int = 2 << 30, metrics: Metrics | None = None) -> None:
         self.node = node
         self.metrics = metrics or Metrics()
-        self.address = address
         self.tls = tls  # our identity when we call other agents
         self.connect = lambda addr, *name: open_channel(addr, tls, *name)
         self.links = Links(self.connect)
         self.inventory = inventory or Path("/nonexistent")
+        self.address = advertised_address(address, InventoryRegistry(
+            self.inventory, node, self.connect), node)
         self.registry = open_registry(registry, self.inventory, node,
                                       self.connect) if registry else None
         self.runtime = runtime
@@ -158,7 +173,7 @@ class AgentService(rpc.AgentServicer):
     def sync_layers(self) -> None:
         """Tell the registry which layers the engine holds now (Redis needs to be told; the
         inventory backend asks the engine itself, so nothing is inspected for it)."""
-        if self.registry is None or not self.registry.pushed:
+        if self.registry is None or not self.registry.pushed or not self.address:
             return
         held = self.runtime.held_layers()
         added, gone = held - self._published_layers, self._published_layers - held
@@ -171,7 +186,7 @@ class AgentService(rpc.AgentServicer):
         self._published_layers = held
 
     def publish(self, items: list[Item]) -> None:
-        if self.registry is not None and items:
+        if self.registry is not None and items and self.address:
             self.registry.publish(self.node, self.address, self._holdings(items))
 
     @handler

@@ -1,19 +1,32 @@
 """Downtime as a client of the container sees it (a benchmark, not a test).
 
-On the lab (`migctl lab up`), for each workload a client outside the container sends a request
-every 10 ms to whichever node answers, and the longest gap between two answers is the
-downtime. Each run migrates the container nodeA -> nodeB (or back) with `migctl migrate` as a
-process, and the reference, measured in the same run on the same container, is a local
-`docker checkpoint create` + `docker start --checkpoint` on the node that holds it (the
-engine's own path, what the seed's method pays before it copies anything). Runs alternate.
+On the lab (`migctl lab up`), a client outside the container sends a request every 10 ms to
+whichever node answers; the longest gap between two answers is what the client saw. Every
+figure is also given as a ratio to the floor measured in the same run, on the same container:
 
-    .venv/bin/python bench/downtime.py [--runs 3] [--redis-mb 100] [--volume-mb 1024]
+  floor    a local checkpoint + restore on the node that runs it, through the direct path
+           (runc + CRIU, images in a local folder; agent/runtime/direct.py): what CRIU
+           itself costs, with nothing moved
+  engine   a local `docker checkpoint create` + `docker start --checkpoint` (the engine's
+           path, images copied through containerd: what the seed's method pays before it
+           copies anything)
+  migctl   `migctl migrate --json nodeA -> nodeB` as a process (`--mode traditional`: everything
+           from the source, as the seed)
+  seed     the seed's method (client/seedmethod.py: engine checkpoints, docker save/load, tar
+           and rsync)
+
+Each run starts the workload fresh on nodeA twice: once for floor, engine and migctl (in that
+order), once for the seed's method; the link is the lab's, unshaped. Medians over --runs.
+
+    .venv/bin/python bench/downtime.py [--runs 3] [--redis-mb 10 --redis-mb 100] [--volume-mb 1024]
+        [--workload redis --workload volume]
 
 Workloads:
   redis   Redis with --redis-mb of data (keys of 1000 random bytes); the client sends INCR,
           and every answer must be above the last (no state lost).
   volume  a busybox server (nc) with a --volume-mb volume that holds one large file and a
-          counter file rewritten every 100 ms: only the counter changes.
+          counter file rewritten every 100 ms: only the counter changes. Its twin "volume-0"
+          (the same container with an empty volume) shows what the big volume adds.
 """
 
 from __future__ import annotations
@@ -23,14 +36,18 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import docker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client.lab import Lab  # noqa: E402
+from agent.runtime.direct import DirectRuntime  # noqa: E402
+from client.lab import LAB_DIR, RUN_DIR, Lab  # noqa: E402
+from client.seedmethod import SeedMethod  # noqa: E402
 from client.workloads import (  # noqa: E402
     BASE,
     REDIS_IMAGE,
@@ -44,93 +61,161 @@ from client.workloads import (  # noqa: E402
 from tests.conftest import CACHE  # noqa: E402
 
 NODES = ("nodeA", "nodeB")
+METHODS = ("floor", "engine", "migctl", "seed")
+SETTLE = 2.0  # seconds of answers before and after each method, so the gap is bounded by them
 
 
-def start(kind: str, client: docker.DockerClient, args: argparse.Namespace, host: str) -> None:
+def start(kind: str, size_mb: int, client: docker.DockerClient, host: str) -> str:
+    """The workload, fresh on CLIENT's node; returns its container's name."""
     if kind == "redis":
         ensure_redis_image(client, CACHE)
         client.containers.run(REDIS_IMAGE, name="bench-redis", detach=True,
                               ports={"6379/tcp": 6379})
-        time.sleep(1)
-        fill_redis(host, args.redis_mb)
-        return
+        fill_redis(host, size_mb)
+        return "bench-redis"
     ensure_base(client, CACHE)
-    client.volumes.create("bench-data")
-    client.containers.run(BASE, ["sh", "-c", f"dd if=/dev/urandom of=/d/big bs=1M "
-                                 f"count={args.volume_mb} 2>/dev/null"], remove=True,
-                          volumes={"bench-data": {"bind": "/d", "mode": "rw"}})
+    client.volumes.create("bench-data", labels={"rw-guid": f"bench-{time.time_ns()}"})
+    if size_mb:
+        client.containers.run(BASE, ["sh", "-c", f"dd if=/dev/urandom of=/d/big bs=1M "
+                                     f"count={size_mb} 2>/dev/null"], remove=True,
+                              volumes={"bench-data": {"bind": "/d", "mode": "rw"}})
     script = f"(while true; do date > /d/counter; sleep 0.1; done) & {SERVER}"
     client.containers.run(BASE, ["sh", "-c", script], name="bench-volume", detach=True,
                           ports={"8080/tcp": 8080},
                           volumes={"bench-data": {"bind": "/d", "mode": "rw"}})
+    return "bench-volume"
 
 
-def local_cycle(client: docker.DockerClient, name: str) -> None:
-    """The reference: the engine's checkpoint + restore of the container where it runs."""
-    c = client.containers.get(name)
+def runtime(state: dict, node: str) -> DirectRuntime:
+    return DirectRuntime(state["nodes"][node]["docker_host"], engine_tmp=LAB_DIR / node / "tmp",
+                         containerd=RUN_DIR / node / "containerd" / "containerd.sock")
+
+
+def running_at(rt: DirectRuntime, cid: str) -> float:
+    """When CID was first seen running (as the agents mark the end of a downtime)."""
+    seen: list[float] = []
+    rt.wait_running(cid, on_running=lambda: seen.append(time.monotonic()))
+    return seen[0]
+
+
+def floor_cycle(rt: DirectRuntime, name: str) -> dict:
+    """Checkpoint (the container stops) and restore where it runs, the images in a local
+    folder: the CRIU floor (agent/runtime/direct.py)."""
+    cid = rt.inspect(name)["Id"]
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        t0 = time.monotonic()
+        folder = rt.checkpoint(cid, "floor", Path(tmp), leave_running=False)
+        t1 = time.monotonic()
+        rt.start_from_checkpoint(cid, folder, f"floor{time.time_ns()}")
+        t2 = running_at(rt, cid)
+    return {"downtime": t2 - t0, "checkpoint": t1 - t0, "restore": t2 - t1}
+
+
+def engine_cycle(rt: DirectRuntime, name: str) -> dict:
+    """The engine's own checkpoint + restore, images through containerd."""
+    api = rt.api
+    cid = rt.inspect(name)["Id"]
     tag = f"ref{time.time_ns()}"
-    client.api._raise_for_status(client.api._post_json(
-        client.api._url("/containers/{0}/checkpoints", c.id),
-        data={"CheckpointID": tag, "Exit": True}))
-    client.api._raise_for_status(client.api._post(
-        client.api._url("/containers/{0}/start", c.id), params={"checkpoint": tag}))
-    client.api._raise_for_status(client.api._delete(
-        client.api._url("/containers/{0}/checkpoints/{1}", c.id, tag)))
+    t0 = time.monotonic()
+    api._raise_for_status(api._post_json(api._url("/containers/{0}/checkpoints", cid),
+                                         data={"CheckpointID": tag, "Exit": True}))
+    t1 = time.monotonic()
+    api._raise_for_status(api._post(api._url("/containers/{0}/start", cid),
+                                    params={"checkpoint": tag}))
+    t2 = running_at(rt, cid)
+    api._raise_for_status(api._delete(api._url("/containers/{0}/checkpoints/{1}", cid, tag)))
+    return {"downtime": t2 - t0, "checkpoint": t1 - t0, "restore": t2 - t1}
 
 
-def migrate(name: str, src: str, dst: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "client.cli", "migrate", "--json", "--from", src,
-                          "--to", dst, name], capture_output=True, text=True, timeout=900)
+def migctl_cycle(name: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "client.cli", "migrate", "--json", "--mode",
+                          "traditional", "--from", NODES[0], "--to", NODES[1], name],
+                         capture_output=True, text=True, timeout=900)
     if out.returncode:
         raise SystemExit(f"migration failed:\n{out.stderr}")
-    return json.loads(out.stdout)
+    report = json.loads(out.stdout)
+    phase = {ph["phase"]: ph["seconds"] for ph in report["phases"]}
+    return {"downtime": report["downtime_seconds"], "total": report["total_seconds"],
+            "pre-copy": phase.get("PRE_COPY", 0.0), "freeze": phase.get("FREEZE", 0.0),
+            "final": phase.get("FINAL_SYNC", 0.0), "restore": phase.get("RESTORE", 0.0),
+            "method": f"{report['checkpoint_method']}/{report['restore_method']}"}
+
+
+def seed_cycle(state: dict, name: str) -> dict:
+    r = SeedMethod(state, NODES[0], NODES[1]).migrate(name)
+    return {"downtime": r.downtime, "total": r.total}
+
+
+def measured(kind: str, hosts: list[str], fn: Callable[[], dict]) -> dict:
+    """FN's figures, with the client's longest gap and forgotten answers around it."""
+    client = Client("redis" if kind == "redis" else "hits", hosts)
+    client.start()
+    time.sleep(SETTLE)
+    t0 = time.monotonic()
+    out = fn()
+    t1 = time.monotonic()
+    time.sleep(SETTLE)
+    client.stop.set()
+    client.join()
+    return {**out, "gap": client.gap(t0, t1), "forgot": client.forgotten()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--redis-mb", type=int, default=100)
+    p.add_argument("--redis-mb", type=int, action="append")
     p.add_argument("--volume-mb", type=int, default=1024)
     p.add_argument("--workload", choices=["redis", "volume"], action="append")
     args = p.parse_args()
-    nodes = Lab().state()["nodes"]
+    state = Lab().state()
+    nodes = state["nodes"]
     engines = {n: docker.DockerClient(base_url=nodes[n]["docker_host"], timeout=900)
                for n in NODES}
     hosts = [nodes[n]["address"].split(":")[0] for n in NODES]
-    print(f"{'workload':<8} {'run':>3} {'migctl gap':>11} {'local ref':>10} {'ratio':>6} "
-          f"{'agents':>7} {'freeze':>7} {'final':>6} {'restore':>8} {'forgot':>6}")
-    for kind in args.workload or ["redis", "volume"]:
-        name = f"bench-{kind}"
-        remove_everywhere(engines, [name], ["bench-data"])
-        start(kind, engines["nodeA"], args, hosts[0])
-        client = Client("redis" if kind == "redis" else "hits", hosts)
-        client.start()
-        time.sleep(2)
-        ratios = []
-        here = 0
+    rt = runtime(state, NODES[0])
+    cases = [("redis", mb) for mb in (args.redis_mb or [10, 50, 100])
+             if "redis" in (args.workload or ["redis"])]
+    if "volume" in (args.workload or ["volume"]):
+        cases += [("volume", args.volume_mb), ("volume", 0)]
+    print(f"{'workload':<12} {'run':>3} {'method':<7} {'gap s':>6} {'× floor':>7} "
+          f"{'downtime s':>10} {'total s':>7}  details", flush=True)
+    summary = []
+    for kind, mb in cases:
+        label = f"{kind}-{mb}"
+        got: dict[str, list[dict]] = {m: [] for m in METHODS}
         for run in range(args.runs):
-            t0 = time.monotonic()
-            local_cycle(engines[NODES[here]], name)
-            t1 = time.monotonic()
-            time.sleep(2)
-            t2 = time.monotonic()
-            report = migrate(name, NODES[here], NODES[1 - here])
-            t3 = time.monotonic()
-            here = 1 - here
-            time.sleep(2)
-            ref, gap = client.gap(t0, t1), client.gap(t2, t3)
-            ratios.append(gap / ref if ref else float("nan"))
-            phase = {ph["phase"]: ph["seconds"] for ph in report["phases"]}
-            print(f"{kind:<8} {run:>3} {gap:>10.2f}s {ref:>9.2f}s {ratios[-1]:>6.2f} "
-                  f"{report['downtime_seconds']:>6.2f}s {phase.get('FREEZE', 0):>6.2f}s "
-                  f"{phase.get('FINAL_SYNC', 0):>5.2f}s {phase.get('RESTORE', 0):>7.2f}s "
-                  f"{client.forgotten():>5}", flush=True)
-        client.stop.set()
-        client.join()
-        print(f"{kind}: median client-seen gap / local engine checkpoint+restore = "
-              f"{statistics.median(ratios):.2f} over {args.runs} runs "
-              f"({report['checkpoint_method']} checkpoint, {report['restore_method']} restore)")
-        remove_everywhere(engines, [name], ["bench-data"])
+            names = ["bench-redis", "bench-volume"]
+            remove_everywhere(engines, names, ["bench-data"])
+            name = start(kind, mb, engines[NODES[0]], hosts[0])
+            got["floor"].append(measured(kind, hosts, lambda n=name: floor_cycle(rt, n)))
+            got["engine"].append(measured(kind, hosts, lambda n=name: engine_cycle(rt, n)))
+            got["migctl"].append(measured(kind, hosts, lambda n=name: migctl_cycle(n)))
+            remove_everywhere(engines, names, ["bench-data"])
+            name = start(kind, mb, engines[NODES[0]], hosts[0])
+            got["seed"].append(measured(kind, hosts, lambda n=name: seed_cycle(state, n)))
+            remove_everywhere(engines, names, ["bench-data"])
+            floor = got["floor"][-1]["gap"]
+            for m in METHODS:
+                r = got[m][-1]
+                extra = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()
+                         if k not in ("gap", "downtime", "total")}
+                print(f"{label:<12} {run:>3} {m:<7} {r['gap']:>6.2f} "
+                      f"{r['gap'] / floor if floor else float('nan'):>7.2f} "
+                      f"{r['downtime']:>10.2f} {r.get('total', 0):>7.2f}  {extra}", flush=True)
+        med = {m: {k: statistics.median(r[k] for r in got[m]) for k in ("gap", "downtime")}
+               for m in METHODS}
+        for m in ("migctl", "seed"):
+            med[m]["total"] = statistics.median(r["total"] for r in got[m])
+        summary.append((label, med))
+    print("\nmedians over", args.runs, "runs (× floor: the same run's floor gap)")
+    print(f"{'workload':<12} " + " ".join(f"{m + ' gap':>11}" for m in METHODS)
+          + f" {'migctl dt':>9} {'floor dt':>8} {'migctl/seed total':>17}")
+    for label, med in summary:
+        f = med["floor"]["gap"]
+        cells = " ".join(f"{med[m]['gap']:>5.2f} ×{med[m]['gap'] / f:>4.2f}" for m in METHODS)
+        print(f"{label:<12} {cells} {med['migctl']['downtime']:>9.2f} "
+              f"{med['floor']['downtime']:>8.2f} "
+              f"{med['migctl']['total'] / med['seed']['total']:>17.2f}")
 
 
 if __name__ == "__main__":

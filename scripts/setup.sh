@@ -2,7 +2,8 @@
 # scripts/setup.sh - host setup for migctl (Debian 12 hosts, run as root).
 #
 #   1. system packages (docker.io, containerd, runc, iproute2, rsync, busybox-static,
-#      redis-server, tar, xz-utils, procps, util-linux) - never leaves a daemon running
+#      redis-server, tar, xz-utils, procps, util-linux, and for the compose lab docker-compose and
+#      debootstrap) - never leaves a daemon running
 #   2. a CRIU that really works on the running kernel:
 #        /opt/migctl/bin/criu  (wrapper or symlink; put /opt/migctl/bin first on
 #                               dockerd's PATH so runc finds it)
@@ -33,7 +34,7 @@ VENV="$REPO_ROOT/.venv"
 VENV_STAMP="$VENV/.migctl-setup-stamp"
 
 APT_PACKAGES=(docker.io containerd runc iproute2 rsync busybox-static redis-server
-    tar xz-utils procps util-linux)
+    tar xz-utils procps util-linux docker-compose debootstrap)
 # daemons whose packages may try to start them on install (invoke-rc.d)
 WATCHED_DAEMONS=(dockerd containerd redis-server)
 

@@ -1,20 +1,18 @@
-"""The compose lab (docker-compose.yml, lab/compose/) end to end: build the node image, start
-nodeA, nodeB and nodeC as containers, migrate the seed's toy container between them, tear it
-all down.
+"""The compose lab (docker-compose.yml, lab/compose/) end to end: build the node image (or reuse
+it when its inputs have not changed), start the registry and nodeA, nodeB and nodeC as
+containers, move the seed's toy container A -> B -> C -> A, the last hop taking a basis from
+nodeB through the Redis registry, and tear the lab down.
 
-OPT-IN: skipped unless MIGCTL_COMPOSE_TESTS=1 (marked `compose`). The main CI runs the namespace
-lab (tests/test_migrate_e2e.py and the other `lab` tests), not this.
+    .venv/bin/pytest -v -p no:cacheprovider tests/test_compose.py
 
-    MIGCTL_COMPOSE_TESTS=1 .venv/bin/pytest -v -p no:cacheprovider tests/test_compose.py
+Needs root and scripts/setup.sh done (CRIU in /opt/migctl, .venv, docker-compose and
+debootstrap), and PyPI reachable for the image's venv. The first build takes about 2-3 minutes
+(debootstrap ~35 s, apt ~20 s, pip ~25 s, import ~10 s); later runs with the same inputs reuse
+the image (lab/compose/build-node-image.sh labels it with a digest of its inputs).
 
-Needs root, scripts/setup.sh done (CRIU in /opt/migctl, .venv), `apt-get install docker-compose
-debootstrap`, and PyPI reachable (the image's venv). About 2-3 minutes, most of it the image build
-(debootstrap ~35 s, apt ~20 s, pip ~25 s, import ~10 s).
-
-The Docker engine: $DOCKER_HOST if it answers; otherwise a private one started with
-lab/compose/hostd.sh (its own data root, exec root and socket), stopped and purged afterwards.
-MIGCTL_COMPOSE_SKIP_BUILD=1 reuses an existing migctl-node:latest; MIGCTL_COMPOSE_KEEP=1 leaves
-the lab (and a private engine) up.
+The Docker engine: $DOCKER_HOST if it answers; otherwise a private one (lab/compose/hostd.sh:
+its own data root, exec root and socket), stopped afterwards but kept on disk with the image.
+MIGCTL_COMPOSE_KEEP=1 leaves the lab (and a private engine) up.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ import os
 import shutil
 import subprocess
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,18 +31,12 @@ import pytest
 from client.workloads import ensure_toy_image, numbers, remove_everywhere, run_toy
 from tests.conftest import ROOT, migctl
 
-with warnings.catch_warnings():  # the marker is documented here, not in pyproject.toml
-    warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
-    pytestmark = [
-        pytest.mark.compose,
-        pytest.mark.skipif(os.environ.get("MIGCTL_COMPOSE_TESTS") != "1",
-                           reason="compose lab tests are opt-in: set MIGCTL_COMPOSE_TESTS=1"),
-    ]
+pytestmark = pytest.mark.compose
 
 COMPOSE = ROOT / "lab" / "compose"
 INVENTORY = COMPOSE / "inventory.json"
 NODES = ["nodeA", "nodeB", "nodeC"]
-IMAGE = "migctl-node:latest"
+REGISTRY = "migctl-registry"
 PRIVATE_ENGINE = "unix:///run/migctl-compose/docker.sock"
 
 
@@ -85,25 +76,26 @@ def engine() -> Iterator[dict[str, str]]:
         yield env
     finally:
         if started and not os.environ.get("MIGCTL_COMPOSE_KEEP"):
-            run("bash", str(COMPOSE / "hostd.sh"), "purge", env=env, timeout=180)
+            # stopped, not purged: its data root keeps the node image for the next run
+            run("bash", str(COMPOSE / "hostd.sh"), "stop", env=env, timeout=180)
 
 
 @pytest.fixture(scope="module")
 def compose_lab(engine: dict[str, str]) -> Iterator[dict[str, docker.DockerClient]]:
     """The three nodes up and their agents answering; the nodes' engines, by node name."""
-    existing = subprocess.run(["docker", "ps", "-aq", *[f"--filter=name=^{n}$" for n in NODES]],
+    compose = ["docker-compose", "-f", str(ROOT / "docker-compose.yml")]
+    names = [*NODES, REGISTRY]
+    existing = subprocess.run(["docker", "ps", "-aq", *[f"--filter=name=^{n}$" for n in names]],
                               capture_output=True, text=True, env=engine).stdout.split()
-    if existing:
-        pytest.skip(f"containers named {NODES} exist on this engine already (a compose lab "
-                    "is up?): not touching them")
+    if existing and engine.get("DOCKER_HOST") != PRIVATE_ENGINE:
+        pytest.skip(f"containers named {names} exist on {engine.get('DOCKER_HOST')} already "
+                    "(a compose lab is up?): not touching them")
+    if existing:  # a lab left on our own engine by an earlier run: ours to clean
+        run(*compose, "down", "-v", "-t", "30", env=engine, timeout=300)
     t0 = time.monotonic()
-    have_image = subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True,
-                                env=engine).returncode == 0
-    if not (have_image and os.environ.get("MIGCTL_COMPOSE_SKIP_BUILD")):
-        run("bash", str(COMPOSE / "build-node-image.sh"), env=engine)
+    run("bash", str(COMPOSE / "build-node-image.sh"), env=engine)  # skipped when up to date
     t_build = time.monotonic() - t0
     run("bash", str(COMPOSE / "prepare.sh"), env=engine)
-    compose = ["docker-compose", "-f", str(ROOT / "docker-compose.yml")]
     try:
         run(*compose, "up", "-d", env=engine, timeout=300)
         deadline = time.monotonic() + 120
@@ -148,32 +140,50 @@ def test_agents_answer_at_the_inventory_addresses(compose_lab: dict) -> None:
         assert "up, engine" in line, out
 
 
-def test_toy_migrates_across_the_compose_nodes(compose_lab: dict,
-                                               tmp_path_factory: pytest.TempPathFactory) -> None:
+def hop(nodes: dict[str, docker.DockerClient], source: str, destination: str) -> dict:
+    """One migration as a user runs it; afterwards exactly one toytsm runs, on DESTINATION, and
+    its count went on from where it was frozen."""
+    report = json.loads(migctl("migrate", "--json", "--from", source, "--to", destination,
+                               "toytsm", inventory=INVENTORY).stdout)
+    assert report["destination_node"] == destination, report
+    running = [n for n, c in nodes.items()
+               if any(k.name == "toytsm" and k.status == "running"
+                      for k in c.containers.list(filters={"name": "toytsm"}))]
+    assert running == [destination], f"toytsm runs on {running} after {source} -> {destination}"
+    at_freeze = counter(nodes[destination])
+    after = wait_for_count(nodes[destination], len(at_freeze) + 2)
+    assert after == list(range(len(after))), f"the count restarted or skipped: {after}"
+    assert len(after) > len(at_freeze), f"the count stopped on {destination}: {after}"
+    return report
+
+
+def registry_nodes(engine: dict[str, str]) -> set[str]:
+    """The nodes that published their address in the registry service's Redis."""
+    conf = (COMPOSE / "registry" / "redis.conf").read_text().split()
+    password = conf[conf.index("requirepass") + 1]
+    out = run("docker", "exec", REGISTRY, "redis-cli", "-a", password, "--no-auth-warning",
+              "hkeys", "migctl:nodes", env=engine)
+    return set(out.split())
+
+
+def test_toy_moves_a_b_c_a_and_the_last_hop_takes_from_a_neighbour(
+        compose_lab: dict, engine: dict[str, str],
+        tmp_path_factory: pytest.TempPathFactory) -> None:
     nodes = compose_lab
     cache = tmp_path_factory.mktemp("cache")
-    a, b, c = (nodes[n] for n in NODES)
+    a = nodes["nodeA"]
     ensure_toy_image(a, cache)
     remove_everywhere(nodes, ["toytsm"], ["testrw", "testro"])
     run_toy(a)
     before = wait_for_count(a, 4)
     assert len(before) >= 4, before
 
-    # nodeA -> nodeB: the destination pulls from the source at the inventory's address
-    report = json.loads(migctl("migrate", "--json", "--from", "nodeA", "--to", "nodeB", "toytsm",
-                               inventory=INVENTORY).stdout)
-    assert report["destination_node"] == "nodeB"
-    assert a.containers.get("toytsm").status == "exited"
-    at_freeze = counter(b)
-    after = wait_for_count(b, len(at_freeze) + 2)
-    assert after == list(range(len(after))), f"the count restarted or skipped: {after}"
-    assert len(after) > len(at_freeze) >= len(before)
-
-    # nodeB -> nodeC: one more hop, the agents find each other through their own inventory
-    report = json.loads(migctl("migrate", "--json", "--from", "nodeB", "--to", "nodeC", "toytsm",
-                               inventory=INVENTORY).stdout)
-    assert report["destination_node"] == "nodeC"
-    at_freeze = counter(c)
-    after = wait_for_count(c, len(at_freeze) + 2)
-    assert after == list(range(len(after))), f"the count restarted or skipped: {after}"
-    assert report["downtime_seconds"] < 10, report
+    first = hop(nodes, "nodeA", "nodeB")  # the destination pulls from the inventory's address
+    assert {o["node"] for o in first["origins"] if o["bytes"]} == {"nodeA"}, first["origins"]
+    hop(nodes, "nodeB", "nodeC")
+    assert registry_nodes(engine) == set(NODES)
+    back = hop(nodes, "nodeC", "nodeA")
+    basis = [t for t in back["transfers"] if t["kind"] == "volume snapshot basis"]
+    # nodeB held the volume's snapshot since its own hop, and the registry said so
+    assert [t["origin"] for t in basis] == ["nodeB"], back["transfers"]
+    remove_everywhere(nodes, ["toytsm"], ["testrw", "testro"])

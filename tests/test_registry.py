@@ -233,3 +233,30 @@ def test_redis_goes_away(caplog: pytest.LogCaptureFixture) -> None:
         assert reg.lookup([LAYER])[LAYER] == [h(LAYER, "a")]
     assert_degrades(reg, caplog)
     reg.close()
+
+
+def _inventory(tmp_path: Path, nodes: dict) -> Path:
+    import json
+
+    path = tmp_path / "inventory.json"
+    path.write_text(json.dumps({"nodes": nodes}))
+    return path
+
+
+@pytest.mark.parametrize(("listen", "nodes", "published"), [
+    # an agent listening on every address publishes where its inventory says peers reach it
+    ("0.0.0.0:50051", {"nodeA": {"address": "10.1.1.11:50051", "peer_address": "nodeA:50051"}},
+     "nodeA:50051"),
+    ("0.0.0.0:50051", {"nodeA": {"address": "10.1.1.11:50051"}}, "10.1.1.11:50051"),
+    ("10.1.1.11:50051", {}, "10.1.1.11:50051"),
+    # nowhere a peer could dial: nothing is published
+    ("0.0.0.0:50051", {"nodeB": {"address": "10.1.1.12:50051"}}, ""),
+    ("[::]:50051", {}, ""),
+])
+def test_an_agent_publishes_an_address_its_peers_can_dial(tmp_path: Path, listen: str,
+                                                          nodes: dict, published: str) -> None:
+    from agent.catalog.registry import InventoryRegistry
+    from agent.service import advertised_address
+
+    inventory = InventoryRegistry(_inventory(tmp_path, nodes), "nodeA", connect=None)  # type: ignore[arg-type]
+    assert advertised_address(listen, inventory, "nodeA") == published

@@ -3,8 +3,11 @@
 # Dockerfile: a Debian root made with debootstrap, imported into the Docker engine of
 # $DOCKER_HOST with `docker import`.
 #
-#   bash lab/compose/build-node-image.sh [--tag migctl-node:latest] [--git-rev REV] [--keep]
+#   bash lab/compose/build-node-image.sh [--tag migctl-node:latest] [--git-rev REV] [--keep] [--force]
 #
+# The image is labelled with a digest of its inputs (this script, the entry point, the runc
+# wrapper, the code, the CRIU and the Python it copies); when the engine already has TAG with
+# the same digest the build is skipped (--force builds anyway).
 # The image holds:
 #   - Debian bookworm (debootstrap --variant=minbase, from the machine's own Debian mirror,
 #     or $MIGCTL_MIRROR; with bookworm-updates and -security) with docker.io, iproute2, python3
@@ -27,8 +30,9 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 TAG=migctl-node:latest
 GIT_REV=""
 KEEP=0
+FORCE=0
 SUITE=bookworm
-PACKAGES=(docker.io iproute2 python3 python3-venv ca-certificates procps)
+PACKAGES=(docker.io iproute2 python3 python3-venv ca-certificates procps redis-server)
 CRIU_WRAPPER=/opt/migctl/bin/criu
 CRIU_PREFIX=/opt/migctl/criu
 
@@ -37,7 +41,8 @@ while [[ $# -gt 0 ]]; do
         --tag) TAG=$2; shift 2 ;;
         --git-rev) GIT_REV=$2; shift 2 ;;
         --keep) KEEP=1; shift ;;
-        -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+        --force) FORCE=1; shift ;;
+        -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -55,6 +60,29 @@ command -v docker >/dev/null || die "the docker client is missing"
 docker version --format '{{.Server.Version}}' >/dev/null 2>&1 ||
     die "no Docker engine answers at ${DOCKER_HOST:-the default socket} (see lab/compose/hostd.sh)"
 [[ -e $CRIU_WRAPPER ]] || die "$CRIU_WRAPPER is missing: run scripts/setup.sh first (it picks a CRIU that works here)"
+
+CODE=(pyproject.toml agent client proto)
+HOST_PY=$REPO_ROOT/.venv/bin/python
+[[ -x $HOST_PY ]] || HOST_PY=$(command -v python3)
+inputs_digest() { # what the image is made of, as one sha256 (the code without caches)
+    {
+        cat "${BASH_SOURCE[0]}" "$REPO_ROOT/lab/compose/entrypoint.sh" "$REPO_ROOT/agent/runtime/migctl-runc"
+        if [[ -n $GIT_REV ]]; then
+            git -C "$REPO_ROOT" rev-parse "$GIT_REV^{tree}"
+        else
+            tar -C "$REPO_ROOT" --exclude=__pycache__ --exclude='*.pyc' --sort=name \
+                --mtime=@0 --owner=0 --group=0 --numeric-owner -c "${CODE[@]}"
+        fi
+        sha256sum "$(readlink -f "$CRIU_WRAPPER")"
+        [[ -d $CRIU_PREFIX ]] && find "$CRIU_PREFIX" -type f -printf '%P %s %T@\n' | sort
+        "$HOST_PY" -c 'import sys; print(sys.version, sys.base_prefix)'
+    } | sha256sum | cut -c1-32
+}
+INPUTS=$(inputs_digest)
+if [[ $FORCE -eq 0 && $(docker image inspect -f '{{index .Config.Labels "migctl.inputs"}}' "$TAG" 2>/dev/null) == "$INPUTS" ]]; then
+    say "$TAG is up to date (inputs $INPUTS): not rebuilt"
+    exit 0
+fi
 
 # the machine's own Debian mirror (deb822 .sources first, then one-line lists), as setup.sh does
 mirror() {
@@ -150,7 +178,6 @@ JSON
 say "migctl code ($([[ -n $GIT_REV ]] && echo "git $GIT_REV" || echo "working tree of $REPO_ROOT")) + venv"
 SRC=$ROOT/opt/migctl/src
 mkdir -p "$SRC"
-CODE=(pyproject.toml agent client proto)
 if [[ -n $GIT_REV ]]; then
     git -C "$REPO_ROOT" archive "$GIT_REV" "${CODE[@]}" | tar -C "$SRC" -x
     REV=$(git -C "$REPO_ROOT" rev-parse --short "$GIT_REV")
@@ -175,8 +202,6 @@ done
 # when that is it, otherwise a copy of that installation at the same path (a pyenv build has
 # its library path compiled in). Debian 12's python3 is 3.11.2, older than some of the standard
 # library the code uses (tarfile extraction filters, 3.11.4).
-HOST_PY=$REPO_ROOT/.venv/bin/python
-[[ -x $HOST_PY ]] || HOST_PY=$(command -v python3)
 read -r PY_PREFIX PY_VER PY_FULL < <("$HOST_PY" -c 'import sys; print(sys.base_prefix, "%d.%d" % sys.version_info[:2], sys.version.split()[0])')
 if [[ $PY_PREFIX == /usr ]]; then
     IMAGE_PY=/usr/bin/python$PY_VER
@@ -221,7 +246,7 @@ tar -C "$ROOT" --numeric-owner --one-file-system --exclude='./dev/*' --exclude='
         -c 'ENTRYPOINT ["/usr/local/bin/migctl-node"]' \
         -c 'ENV PATH=/opt/migctl/bin:/opt/migctl/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         -c 'EXPOSE 50051' \
-        -c "LABEL org.opencontainers.image.title=migctl-node org.opencontainers.image.revision=$REV" \
+        -c "LABEL org.opencontainers.image.title=migctl-node org.opencontainers.image.revision=$REV migctl.inputs=$INPUTS" \
         -m "migctl node: Debian $SUITE, docker.io, CRIU, migctl $REV" - "$TAG" >/dev/null
 if [[ -n $OLD_ID && $OLD_ID != $(docker image inspect -f '{{.Id}}' "$TAG") ]]; then
     docker rmi "$OLD_ID" >/dev/null 2>&1 || true # the previous build, unless a container uses it

@@ -16,6 +16,9 @@
 #                                                              (default /etc/migctl/inventory.json)
 #   MIGCTL_LISTEN       the agent's address                      (default 0.0.0.0:50051)
 #   MIGCTL_RUN_DIR      an extra engine socket and the logs, for the host (default /run/migctl-node)
+#   MIGCTL_REGISTRY     a file holding the registry's URL (redis://:PASSWORD@HOST:PORT/DB); when
+#                       it exists the agent publishes and looks up holdings there
+#                                                              (default /etc/migctl/registry.url)
 #   MIGCTL_AGENT_ARGS   more migagent arguments (split on spaces)
 set -euo pipefail
 
@@ -24,6 +27,7 @@ TLS_DIR=${MIGCTL_TLS_DIR:-/etc/migctl/tls}
 INVENTORY=${MIGCTL_INVENTORY:-/etc/migctl/inventory.json}
 LISTEN=${MIGCTL_LISTEN:-0.0.0.0:50051}
 RUN_DIR=${MIGCTL_RUN_DIR:-/run/migctl-node}
+REGISTRY=${MIGCTL_REGISTRY:-/etc/migctl/registry.url}
 STATE=/var/lib/migctl # a named volume: the agent's catalog and journal outlive the container
 ENGINE_TMP=$STATE/tmp # the engine's TMPDIR, where containerd leaves checkpoint copies
 SOCK=/var/run/docker.sock
@@ -95,6 +99,10 @@ fi
 # shellcheck disable=SC2206
 args+=(${MIGCTL_AGENT_ARGS:-})
 log "migagent ${args[*]}"
+if [[ -f $REGISTRY ]]; then # not in the line above: the URL holds the registry's password
+    log "registry: the URL in $REGISTRY"
+    args+=(--registry "$(cat "$REGISTRY")")
+fi
 migagent "${args[@]}" &
 agent_pid=$!
 

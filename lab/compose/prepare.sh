@@ -8,6 +8,9 @@
 #   lab/compose/nodes/NODE/etc/        mounted read-only at /etc/migctl in NODE's container:
 #       tls/ca.crt, tls/NODE.crt, tls/NODE.key   (only its own key, not the CA's)
 #       inventory.json                           (for agents that ask the other nodes)
+#       registry.url                             the registry's URL, with its password
+#   lab/compose/registry/redis.conf    the registry service's Redis: a password of its own
+#                                      (kept across runs), no persistence
 #   lab/compose/nodes/NODE/run/        mounted at /run/migctl-node: NODE's engine socket
 #                                      (docker.sock) and its dockerd.log, for the host
 #   lab/compose/inventory.json         for `migctl --inventory`: each node at its fixed address
@@ -51,6 +54,15 @@ for line in subprocess.run(["ip", "-4", "route", "show"], capture_output=True, t
 PY
 
 cd "$REPO_ROOT"
+mkdir -p "$HERE/registry"
+chmod 700 "$HERE/registry"
+conf=$HERE/registry/redis.conf
+password=$(awk '$1 == "requirepass" {print $2}' "$conf" 2>/dev/null || true)
+if [[ -z $password ]]; then
+    password=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+    (umask 077 && printf 'bind 0.0.0.0\nport 6379\nrequirepass %s\nsave ""\nappendonly no\n' \
+        "$password" >"$conf.tmp" && mv "$conf.tmp" "$conf")
+fi
 PYTHONPATH=$REPO_ROOT "$PY" -m agent.certs "$HERE/tls" "${NODES[@]}" --client client
 for n in "${NODES[@]}"; do
     etc=$HERE/nodes/$n/etc
@@ -59,6 +71,7 @@ for n in "${NODES[@]}"; do
     install -m 644 "$src/ca.crt" "$etc/tls/ca.crt"
     install -m 644 "$src/$n.crt" "$etc/tls/$n.crt"
     install -m 600 "$src/$n.key" "$etc/tls/$n.key"
+    (umask 077 && echo "redis://:$password@$NET.10:6379/0" >"$etc/registry.url")
 done
 
 "$PY" - "$HERE" "$NET" "${NODES[@]}" <<'PY'
@@ -85,5 +98,5 @@ for n in nodes:  # what the agents read: the addresses of the compose network
           {"nodes": {m: {"address": d["address"], "peer_address": f"{m}:50051"}
                      for m, d in direct.items()}})
 PY
-say "certificates in $HERE/tls, node files in $HERE/nodes/, inventory $HERE/inventory.json"
+say "certificates in $HERE/tls, node files in $HERE/nodes/, inventory $HERE/inventory.json, registry $NET.10:6379"
 say "nodes: $(for i in "${!NODES[@]}"; do printf '%s=%s.%d:50051 ' "${NODES[$i]}" "$NET" $((11 + i)); done)"
