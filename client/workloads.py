@@ -219,12 +219,12 @@ def _answered(data: bytes) -> bool:
     return rest.startswith(b":") and rest.endswith(b"\r\n") or rest.startswith(b"-")
 
 
-def fill_redis(host: str, size_mb: float) -> None:
+def fill_redis(host: str, size_mb: float, port: int = CLIENT_PORTS["redis"]) -> None:
     """SIZE_MB of Redis data as keys of 1000 random bytes: DEBUG POPULATE's values are zero
     padded and would compress some 50-fold, flattering every mode that compresses."""
     import redis
 
-    db = redis.Redis(host=host, port=CLIENT_PORTS["redis"], socket_timeout=30)
+    db = redis.Redis(host=host, port=port, socket_timeout=30)
     deadline = time.monotonic() + 20
     while True:
         try:

@@ -33,7 +33,13 @@ from agent.dataplane.image import assemble
 from agent.dataplane.rootfs import apply_layer_changes, restore_layer
 from agent.dataplane.staging import Staging
 from agent.dataplane.transfer import fetch_delta, fetch_whole
-from agent.delta import DeltaStats, Signature, make_signature
+from agent.delta import (
+    DEFAULT_BLOCK_SIZE,
+    DeltaStats,
+    Signature,
+    make_signature,
+    signature_block_cap,
+)
 from agent.errors import (
     AlreadyExists,
     DeltaError,
@@ -471,7 +477,7 @@ class Migration:
         start = time.monotonic()
         total = DeltaStats(literal_bytes=0, matched_bytes=0, wire_bytes=0, new_size=0)
         for f in ckpt.files:
-            basis = bases.get(f.path)
+            basis = self.usable(bases.get(f.path), f.size, f.path)
             meter = self.report.meter("checkpoint", f"{name}: {Path(f.path).name}",
                                       0 if basis else f.size)
             got = self.guarded(lambda f=f, basis=basis, meter=meter: self.get(
@@ -500,8 +506,20 @@ class Migration:
         return fetch_delta(self.source, self.migration_id, rel, basis.path, basis.signature,
                            dest, size=info.size, timeout=timeout, on_bytes=meter)
 
+    def usable(self, basis: Basis | None, size: int, rel: str) -> Basis | None:
+        """BASIS, unless its signature is larger than the source accepts for a file of SIZE
+        (signature_block_cap: a cached basis of a much bigger container, a volume that
+        shrank): then the file comes whole rather than the migration failing."""
+        if basis is None or basis.signature.block_count <= signature_block_cap(
+                size, DEFAULT_BLOCK_SIZE):
+            return basis
+        self.report.log(f"{Path(rel).name}: the basis ({basis.signature.basis_length} B) is "
+                        f"too large for a file of {size} B; sent whole")
+        return None
+
     def fetch(self, rel: str, dest: Path, expect: pb.FileInfo, basis: Basis | None, kind: str,
               item: str, phase: int) -> None:
+        basis = self.usable(basis, expect.size, rel)
         meter = self.report.meter(kind, item, 0 if basis else expect.size)
         self.pull(kind, item, phase, lambda: self.get(rel, dest, expect, basis, meter),
                   "whole" if basis is None else "delta")
