@@ -244,6 +244,11 @@ def test_a_service_that_shrank_migrates_though_the_cached_basis_is_far_larger(
     a.containers.run(REDIS_IMAGE, name="shrink", detach=True,
                      ports={"6379/tcp": SHRINK_PORT})
     fill_redis(host_a, 90, SHRINK_PORT)  # a ~100 MB checkpoint: over the 64 MiB always accepted
+    # what the destination's pre-flight checks and `migctl plan` counts: the processes' memory
+    from agent.runtime.docker import DockerRuntime
+
+    memory = DockerRuntime(lab.nodes["nodeA"]["docker_host"]).describe("shrink").memory_bytes
+    assert 90e6 <= memory <= 200e6, memory
     migrate_json("--mode", "traditional", "--from", "nodeA", "--to", "nodeB", "shrink")
     remove_everywhere(lab.docker, ["shrink"], [])  # nodeB's cache keeps the checkpoint
 
