@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -128,14 +129,31 @@ def engine_cycle(rt: DirectRuntime, name: str) -> dict:
 
 
 def migctl_cycle(name: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "client.cli", "migrate", "--json", "--mode",
-                          "traditional", "--from", NODES[0], "--to", NODES[1], name],
-                         capture_output=True, text=True, timeout=900)
-    if out.returncode:
-        raise SystemExit(f"migration failed:\n{out.stderr}")
-    report = json.loads(out.stdout)
+    """`migctl migrate --json` as a process; its live events (stderr) give when the freeze
+    began on this benchmark's clock."""
+    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "migrate", "--json", "--mode",
+                             "traditional", "--from", NODES[0], "--to", NODES[1], name],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    events: list[tuple[float, str]] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            events.append((time.monotonic(), line.rstrip()))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert proc.stdout is not None
+    stdout = proc.stdout.read()  # the report; stderr is the reader's alone
+    proc.wait(timeout=900)
+    reader.join(timeout=10)
+    if proc.returncode:
+        raise RuntimeError("migration failed: " + " | ".join(text for _, text in events[-3:]))
+    report = json.loads(stdout)
     phase = {ph["phase"]: ph["seconds"] for ph in report["phases"]}
+    freeze_at = next(t for t, text in events if text.startswith("▶ freeze"))
     return {"downtime": report["downtime_seconds"], "total": report["total_seconds"],
+            "freeze_at": freeze_at,
             "pre-copy": phase.get("PRE_COPY", 0.0), "freeze": phase.get("FREEZE", 0.0),
             "final": phase.get("FINAL_SYNC", 0.0), "restore": phase.get("RESTORE", 0.0),
             "method": f"{report['checkpoint_method']}/{report['restore_method']}"}
@@ -147,17 +165,40 @@ def seed_cycle(state: dict, name: str) -> dict:
 
 
 def measured(kind: str, hosts: list[str], fn: Callable[[], dict]) -> dict:
-    """FN's figures, with the client's longest gap and forgotten answers around it."""
+    """FN's figures, with the client's longest gap and forgotten answers around it; for a
+    migration also the longest gap while it ran before the freeze (the pre-copy checkpoint's
+    pause: the container is meant to keep running then)."""
     client = Client("redis" if kind == "redis" else "hits", hosts)
     client.start()
     time.sleep(SETTLE)
     t0 = time.monotonic()
-    out = fn()
+    try:
+        out = fn()
+    except Exception as err:  # noqa: BLE001 - a failed run is counted and shown, not fatal
+        out = {"failed": (str(err) or type(err).__name__).splitlines()[0][:160]}
     t1 = time.monotonic()
     time.sleep(SETTLE)
     client.stop.set()
     client.join()
+    if "failed" in out:
+        return out
+    if "freeze_at" in out:
+        freeze = out.pop("freeze_at")
+        times = [t for t, _ in client.answers if t0 - 1 <= t <= freeze]
+        out["pre-copy pause"] = max((b - a for a, b in zip(times, times[1:], strict=False)),
+                                    default=0.0)
+        # where the client's longest gap lies against the freeze and the running container
+        times = [t for t, _ in client.answers if t0 - 1 <= t <= t1 + 5]
+        gaps = [(b - a, a, b) for a, b in zip(times, times[1:], strict=False)]
+        if gaps:
+            _, a, b = max(gaps)
+            out["gap from freeze"] = a - freeze
+            out["gap after running"] = b - (freeze + out["downtime"])
     return {**out, "gap": client.gap(t0, t1), "forgot": client.forgotten()}
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs) if runs else float("nan")
 
 
 def main() -> None:
@@ -194,28 +235,35 @@ def main() -> None:
             name = start(kind, mb, engines[NODES[0]], hosts[0])
             got["seed"].append(measured(kind, hosts, lambda n=name: seed_cycle(state, n)))
             remove_everywhere(engines, names, ["bench-data"])
-            floor = got["floor"][-1]["gap"]
+            floor = got["floor"][-1].get("gap", float("nan"))
             for m in METHODS:
                 r = got[m][-1]
+                if "failed" in r:
+                    print(f"{label:<12} {run:>3} {m:<7} FAILED: {r['failed']}", flush=True)
+                    continue
                 extra = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()
                          if k not in ("gap", "downtime", "total")}
                 print(f"{label:<12} {run:>3} {m:<7} {r['gap']:>6.2f} "
                       f"{r['gap'] / floor if floor else float('nan'):>7.2f} "
                       f"{r['downtime']:>10.2f} {r.get('total', 0):>7.2f}  {extra}", flush=True)
-        med = {m: {k: statistics.median(r[k] for r in got[m]) for k in ("gap", "downtime")}
-               for m in METHODS}
+        ok = {m: [r for r in got[m] if "failed" not in r] for m in METHODS}
+
+        med = {m: {k: _median(ok[m], k) for k in ("gap", "downtime")} for m in METHODS}
         for m in ("migctl", "seed"):
-            med[m]["total"] = statistics.median(r["total"] for r in got[m])
-        summary.append((label, med))
+            med[m]["total"] = _median(ok[m], "total")
+        med["migctl"]["pause"] = _median(ok["migctl"], "pre-copy pause")
+        failed = {m: len(got[m]) - len(ok[m]) for m in METHODS if len(got[m]) > len(ok[m])}
+        summary.append((label + (f" (failed: {failed})" if failed else ""), med))
     print("\nmedians over", args.runs, "runs (× floor: the same run's floor gap)")
     print(f"{'workload':<12} " + " ".join(f"{m + ' gap':>11}" for m in METHODS)
-          + f" {'migctl dt':>9} {'floor dt':>8} {'migctl/seed total':>17}")
+          + f" {'migctl dt':>9} {'floor dt':>8} {'migctl/seed total':>17} {'pre-copy pause':>14}")
     for label, med in summary:
         f = med["floor"]["gap"]
         cells = " ".join(f"{med[m]['gap']:>5.2f} ×{med[m]['gap'] / f:>4.2f}" for m in METHODS)
         print(f"{label:<12} {cells} {med['migctl']['downtime']:>9.2f} "
               f"{med['floor']['downtime']:>8.2f} "
-              f"{med['migctl']['total'] / med['seed']['total']:>17.2f}")
+              f"{med['migctl']['total'] / med['seed']['total']:>17.2f} "
+              f"{med['migctl']['pause']:>14.2f}")
 
 
 if __name__ == "__main__":
