@@ -47,3 +47,10 @@ def write_stream(chunks: Iterable[bytes], path: Path, max_bytes: int | None = No
     finally:
         tmp.unlink(missing_ok=True)
     return total
+
+
+def flush_writes() -> None:
+    """Write back to disk what pre-copy wrote (snapshots, checkpoint images, volumes: up to
+    gigabytes) while the container still runs. Left dirty, that writeback competes with the
+    frozen window: with the journal's fsyncs, CRIU's dump and the final pass's writes."""
+    os.sync()

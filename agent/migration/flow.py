@@ -28,7 +28,7 @@ from agent.catalog.store import Store
 from agent.dataplane import archive
 from agent.dataplane import final as final_pass
 from agent.dataplane.channel import open_channel
-from agent.dataplane.files import digest
+from agent.dataplane.files import digest, flush_writes
 from agent.dataplane.image import assemble
 from agent.dataplane.rootfs import apply_layer_changes, restore_layer
 from agent.dataplane.staging import Staging
@@ -214,6 +214,7 @@ class Migration:
             self.step(j.PRE_COPY)
             with self.report.phase(pb.PRE_COPY):
                 bases = self.pre_copy(spec)
+                flush_writes()
             self.step(j.FROZEN)
             self.take_hold()
             with self.report.phase(pb.FREEZE):
@@ -223,6 +224,8 @@ class Migration:
                     migration_id=self.migration_id, container=spec.id, name=FINAL_CHECKPOINT,
                     leave_running=False))
                 self.report.msg.checkpoint_method = final.method
+                self.report.log(f"final checkpoint on {self.source_name}: {final.seconds:.2f} s "
+                                f"({final.method})")
             self.step(j.TRANSFERRING_FINAL)
             with self.report.phase(pb.FINAL_SYNC):
                 self.final_sync(spec, final, bases)

@@ -21,6 +21,7 @@ from pathlib import Path
 from agent.catalog.registry import checkpoint_keys
 from agent.catalog.store import Item, Store
 from agent.dataplane import archive
+from agent.dataplane.files import flush_writes
 from agent.dataplane.rootfs import snapshot_layer
 from agent.dataplane.staging import Staging
 from agent.dataplane.tree import Manifest
@@ -235,8 +236,10 @@ class SourceSide:
                 self.touch(entry.id)  # the lease counts from the end of the checkpoint
                 if lost:  # the destination's hold broke while CRIU was dumping
                     self._resume_quietly(entry.id)
-        return self.runtime.checkpoint(entry.container, request.name, area / "checkpoints",
-                                       True)
+        folder = self.runtime.checkpoint(entry.container, request.name, area / "checkpoints",
+                                         True)
+        flush_writes()  # the snapshots and this checkpoint, before the freeze
+        return folder
 
     def offer(self, entry: j.Entry, rel: str, chunks: Iterator[bytes]) -> None:
         """Keep the destination's signature of its basis for REL's final pass; REL must be a
