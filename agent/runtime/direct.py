@@ -76,12 +76,16 @@ class DirectRuntime(DockerRuntime):
         self.runtime_name = runtime_name
 
     def method_for(self, container: str) -> str:
-        runs_with = self.inspect(container)["HostConfig"].get("Runtime")
+        return self._method_of(self.inspect(container))
+
+    def _method_of(self, inspected: dict) -> str:
+        runs_with = inspected["HostConfig"].get("Runtime")
         return self.method if runs_with == self.runtime_name else DockerRuntime.method
 
     def checkpoint(self, container: str, name: str, directory: Path, leave_running: bool) -> Path:
-        cid = self.inspect(container)["Id"]
-        if self.method_for(cid) != self.method:
+        inspected = self.inspect(container)  # once: this runs in the frozen window
+        cid = inspected["Id"]
+        if self._method_of(inspected) != self.method:
             return super().checkpoint(cid, name, directory, leave_running)
         target = directory / name
         if target.exists():
