@@ -219,21 +219,26 @@ def _answered(data: bytes) -> bool:
     return rest.startswith(b":") and rest.endswith(b"\r\n") or rest.startswith(b"-")
 
 
-def fill_redis(host: str, size_mb: float, port: int = CLIENT_PORTS["redis"]) -> None:
-    """SIZE_MB of Redis data as keys of 1000 random bytes: DEBUG POPULATE's values are zero
-    padded and would compress some 50-fold, flattering every mode that compresses."""
+def wait_for_redis(host: str, port: int = CLIENT_PORTS["redis"], timeout: float = 20):  # noqa: ANN201
+    """A client of the Redis at HOST:PORT once it answers (a container just started)."""
     import redis
 
     db = redis.Redis(host=host, port=port, socket_timeout=30)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + timeout
     while True:
         try:
             db.ping()
-            break
+            return db
         except redis.RedisError:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"Redis on {host} does not answer") from None
+                raise RuntimeError(f"Redis on {host}:{port} does not answer") from None
             time.sleep(0.3)
+
+
+def fill_redis(host: str, size_mb: float, port: int = CLIENT_PORTS["redis"]) -> None:
+    """SIZE_MB of Redis data as keys of 1000 random bytes: DEBUG POPULATE's values are zero
+    padded and would compress some 50-fold, flattering every mode that compresses."""
+    db = wait_for_redis(host, port)
     keys = int(size_mb * 1000)
     for first in range(0, keys, 1000):
         pipe = db.pipeline(transaction=False)

@@ -216,26 +216,12 @@ def test_bad_input_gets_a_clear_error_and_the_container_keeps_running(
 SHRINK_PORT = 16379  # not Redis's own: a benchmark's Redis may hold that one
 
 
-def _redis(host: str):  # noqa: ANN202
-    import redis
-
-    db = redis.Redis(host=host, port=SHRINK_PORT, socket_timeout=10)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            db.ping()
-            return db
-        except redis.RedisError:
-            assert time.monotonic() < deadline, f"Redis on {host} does not answer"
-            time.sleep(0.2)
-
-
 def test_a_service_that_shrank_migrates_though_the_cached_basis_is_far_larger(
         lab: LabHandle) -> None:
     """The destination caches a service's checkpoint; the next time the service is much
     smaller, that basis's signature is more than the source accepts for the new file
     (signature_block_cap). The file then comes whole: the migration must not fail on it."""
-    from client.workloads import REDIS_IMAGE, ensure_redis_image, fill_redis
+    from client.workloads import REDIS_IMAGE, ensure_redis_image, fill_redis, wait_for_redis
 
     a, b = lab.docker["nodeA"], lab.docker["nodeB"]
     host_a, host_b = (lab.address(n).split(":")[0] for n in ("nodeA", "nodeB"))
@@ -254,10 +240,10 @@ def test_a_service_that_shrank_migrates_though_the_cached_basis_is_far_larger(
 
     a.containers.run(REDIS_IMAGE, name="shrink", detach=True,
                      ports={"6379/tcp": SHRINK_PORT})
-    _redis(host_a).set("kept", "across the move")
+    wait_for_redis(host_a, SHRINK_PORT).set("kept", "across the move")
     report = migrate_json("--mode", "traditional", "--from", "nodeA", "--to", "nodeB", "shrink")
     basis = [t for t in report["transfers"] if t["kind"] == "checkpoint basis"]
     assert basis and basis[0]["origin"] == "nodeB", report["transfers"]  # the big one was found
     assert b.containers.get("shrink").status == "running"
-    assert _redis(host_b).get("kept") == b"across the move"
+    assert wait_for_redis(host_b, SHRINK_PORT).get("kept") == b"across the move"
     remove_everywhere(lab.docker, ["shrink"], [])
