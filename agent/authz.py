@@ -46,6 +46,7 @@ ROLES: dict[str, frozenset[str]] = {
     "Checkpoint": _NODE,
     "OfferBases": _NODE,
     "FinalSync": _NODE,
+    "PageTunnel": _NODE,
     "FetchFile": _NODE,
     "FetchDelta": _NODE,
     "Hold": _NODE,

@@ -449,6 +449,22 @@ class AgentService(rpc.AgentServicer):
                                touch=lambda: self.source.touch(entry.id))
 
     @handler
+    def PageTunnel(self, request_iterator: Iterator[pb.PageBytes], context: Any
+                   ) -> Iterator[pb.PageBytes]:
+        first = next(request_iterator, None)
+        if first is None:
+            raise InvalidArgument("PageTunnel: the first message must name the migration")
+        entry = self.bound(context, first.migration_id)
+        listener = self.source.open_tunnel(entry)
+        try:
+            yield pb.PageBytes()  # ready: the final checkpoint may name it now
+            for data in listener.relay(r.data for r in request_iterator):
+                self.source.touch(entry.id)
+                yield pb.PageBytes(data=data)
+        finally:
+            self.source.close_tunnel(entry.id, listener)
+
+    @handler
     def Checkpoint(self, request: pb.CheckpointRequest, context: Any) -> pb.CheckpointReply:
         start = time.monotonic()
         entry = self.bound(context, request.migration_id, request.container)

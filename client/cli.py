@@ -140,6 +140,9 @@ def report_dict(report: Message) -> dict:
     return numbers(_dict(report))
 
 
+MEMORY_TRANSFER = {"auto": "", "page-server": "page server", "delta": "delta"}
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     inv = Inventory.load(args.inventory, args.tls_dir)
     live = LiveProgress() if not args.quiet and sys.stderr.isatty() else None
@@ -147,7 +150,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         report = migrate(inv, args.container, args.source, args.dest,
                          on_event=None if args.quiet else live or render_event,
                          remove_source=args.remove_source, mode=args.mode,
-                         allow_privileged=args.allow_privileged)
+                         allow_privileged=args.allow_privileged,
+                         memory_transfer=MEMORY_TRANSFER[args.memory_transfer])
     if args.json:
         print(json.dumps(report_dict(report)))
     else:
@@ -298,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let the destination recreate a container with privileged mode, added "
                         "capabilities or security options (they give it power over the node); "
                         "refused without this")
+    m.add_argument("--memory-transfer", choices=list(MEMORY_TRANSFER), default="auto",
+                   help="how the final checkpoint's memory pages travel: page-server (straight "
+                        "from CRIU, for fast links; needs the direct checkpoint path on both "
+                        "nodes), delta (dumped at the source, only what changed since pre-copy, "
+                        "for slow links), or auto: chosen from the measured link (default)")
     m.add_argument("container")
     m.set_defaults(func=cmd_migrate)
 

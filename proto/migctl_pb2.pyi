@@ -459,16 +459,26 @@ class FileInfo(_message.Message):
     def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ("migration_id", "container", "name", "leave_running")
+    __slots__ = ("migration_id", "container", "name", "leave_running", "page_server")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     LEAVE_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SERVER_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     container: str
     name: str
     leave_running: bool
-    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., name: _Optional[str] = ..., leave_running: _Optional[bool] = ...) -> None: ...
+    page_server: bool
+    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., name: _Optional[str] = ..., leave_running: _Optional[bool] = ..., page_server: _Optional[bool] = ...) -> None: ...
+
+class PageBytes(_message.Message):
+    __slots__ = ("migration_id", "data")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    data: bytes
+    def __init__(self, migration_id: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class CheckpointReply(_message.Message):
     __slots__ = ("files", "seconds", "method")
@@ -541,20 +551,22 @@ class ReleaseReply(_message.Message):
     def __init__(self) -> None: ...
 
 class MigrateRequest(_message.Message):
-    __slots__ = ("container", "source_node", "remove_source", "mode", "migration_id", "allow_privileged")
+    __slots__ = ("container", "source_node", "remove_source", "mode", "migration_id", "allow_privileged", "memory_transfer")
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
     REMOVE_SOURCE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     ALLOW_PRIVILEGED_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TRANSFER_FIELD_NUMBER: _ClassVar[int]
     container: str
     source_node: str
     remove_source: bool
     mode: Mode
     migration_id: str
     allow_privileged: bool
-    def __init__(self, container: _Optional[str] = ..., source_node: _Optional[str] = ..., remove_source: _Optional[bool] = ..., mode: _Optional[_Union[Mode, str]] = ..., migration_id: _Optional[str] = ..., allow_privileged: _Optional[bool] = ...) -> None: ...
+    memory_transfer: str
+    def __init__(self, container: _Optional[str] = ..., source_node: _Optional[str] = ..., remove_source: _Optional[bool] = ..., mode: _Optional[_Union[Mode, str]] = ..., migration_id: _Optional[str] = ..., allow_privileged: _Optional[bool] = ..., memory_transfer: _Optional[str] = ...) -> None: ...
 
 class PhaseReport(_message.Message):
     __slots__ = ("phase", "seconds", "bytes", "literal_bytes", "matched_bytes")
@@ -601,7 +613,7 @@ class OriginReport(_message.Message):
     def __init__(self, node: _Optional[str] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class MigrationReport(_message.Message):
-    __slots__ = ("migration_id", "container", "source_node", "destination_node", "new_container_id", "total_seconds", "downtime_seconds", "phases", "transfers", "origins", "mode", "checkpoint_method", "restore_method")
+    __slots__ = ("migration_id", "container", "source_node", "destination_node", "new_container_id", "total_seconds", "downtime_seconds", "phases", "transfers", "origins", "mode", "checkpoint_method", "restore_method", "memory_transfer")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
@@ -615,6 +627,7 @@ class MigrationReport(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_METHOD_FIELD_NUMBER: _ClassVar[int]
     RESTORE_METHOD_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TRANSFER_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     container: str
     source_node: str
@@ -628,7 +641,8 @@ class MigrationReport(_message.Message):
     mode: Mode
     checkpoint_method: str
     restore_method: str
-    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., source_node: _Optional[str] = ..., destination_node: _Optional[str] = ..., new_container_id: _Optional[str] = ..., total_seconds: _Optional[float] = ..., downtime_seconds: _Optional[float] = ..., phases: _Optional[_Iterable[_Union[PhaseReport, _Mapping]]] = ..., transfers: _Optional[_Iterable[_Union[TransferReport, _Mapping]]] = ..., origins: _Optional[_Iterable[_Union[OriginReport, _Mapping]]] = ..., mode: _Optional[_Union[Mode, str]] = ..., checkpoint_method: _Optional[str] = ..., restore_method: _Optional[str] = ...) -> None: ...
+    memory_transfer: str
+    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., source_node: _Optional[str] = ..., destination_node: _Optional[str] = ..., new_container_id: _Optional[str] = ..., total_seconds: _Optional[float] = ..., downtime_seconds: _Optional[float] = ..., phases: _Optional[_Iterable[_Union[PhaseReport, _Mapping]]] = ..., transfers: _Optional[_Iterable[_Union[TransferReport, _Mapping]]] = ..., origins: _Optional[_Iterable[_Union[OriginReport, _Mapping]]] = ..., mode: _Optional[_Union[Mode, str]] = ..., checkpoint_method: _Optional[str] = ..., restore_method: _Optional[str] = ..., memory_transfer: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("kind", "item", "bytes_done", "bytes_total")

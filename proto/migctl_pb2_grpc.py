@@ -135,6 +135,11 @@ class AgentStub:
                 request_serializer=proto_dot_migctl__pb2.CheckpointRequest.SerializeToString,
                 response_deserializer=proto_dot_migctl__pb2.CheckpointReply.FromString,
                 _registered_method=True)
+        self.PageTunnel = channel.stream_stream(
+                '/migctl.v1.Agent/PageTunnel',
+                request_serializer=proto_dot_migctl__pb2.PageBytes.SerializeToString,
+                response_deserializer=proto_dot_migctl__pb2.PageBytes.FromString,
+                _registered_method=True)
         self.FetchFile = channel.unary_stream(
                 '/migctl.v1.Agent/FetchFile',
                 request_serializer=proto_dot_migctl__pb2.FileRef.SerializeToString,
@@ -390,12 +395,32 @@ class AgentServicer:
 
     def Checkpoint(self, request, context):
         """Checkpoint the migration's container into its staging area: "pre" leaves it running,
-        "final" stops it (the freeze).
+        "final" stops it (the freeze). A final checkpoint with page_server sends the memory pages
+        through the caller's open PageTunnel instead of the staging area, and the container stays
+        paused here until the migration ends: a rollback unpauses it, a completed release kills it.
         Callers: bound node.
         Errors: INVALID_ARGUMENT: a malformed migration id, or a name other than "pre" with
-        leave_running or "final" without; PERMISSION_DENIED: the caller is not the bound node, or
-        the container is not the migration's; FAILED_PRECONDITION: the migration's state does not
-        allow this checkpoint now (a replay); ABORTED: CRIU or the engine failed the checkpoint.
+        leave_running or "final" without, or page_server with "pre"; PERMISSION_DENIED: the caller
+        is not the bound node, or the container is not the migration's; FAILED_PRECONDITION: the
+        migration's state does not allow this checkpoint now (a replay), or page_server without an
+        open PageTunnel or on the engine's checkpoint path; ABORTED: CRIU or the engine failed the
+        checkpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PageTunnel(self, request_iterator, context):
+        """The CRIU page server's traffic, through the agents' mutual TLS: opened by the destination
+        before a final checkpoint with page_server. The source listens on its loopback for its own
+        CRIU (and relays nothing from any other process); the bytes CRIU sends arrive in the
+        reply stream, and the caller's messages (its page server's answers) go back to CRIU. The
+        first reply is empty: the tunnel is ready. The first request names the migration.
+        Callers: bound node.
+        Errors: INVALID_ARGUMENT: no first message, or a malformed migration id;
+        PERMISSION_DENIED: the caller is not the bound node; FAILED_PRECONDITION: the migration is
+        not in pre-copy, or a tunnel is already open for it; DEADLINE_EXCEEDED: no checkpoint
+        connected in time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -585,6 +610,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Checkpoint,
                     request_deserializer=proto_dot_migctl__pb2.CheckpointRequest.FromString,
                     response_serializer=proto_dot_migctl__pb2.CheckpointReply.SerializeToString,
+            ),
+            'PageTunnel': grpc.stream_stream_rpc_method_handler(
+                    servicer.PageTunnel,
+                    request_deserializer=proto_dot_migctl__pb2.PageBytes.FromString,
+                    response_serializer=proto_dot_migctl__pb2.PageBytes.SerializeToString,
             ),
             'FetchFile': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchFile,
@@ -1158,6 +1188,33 @@ class Agent:
             '/migctl.v1.Agent/Checkpoint',
             proto_dot_migctl__pb2.CheckpointRequest.SerializeToString,
             proto_dot_migctl__pb2.CheckpointReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PageTunnel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/migctl.v1.Agent/PageTunnel',
+            proto_dot_migctl__pb2.PageBytes.SerializeToString,
+            proto_dot_migctl__pb2.PageBytes.FromString,
             options,
             channel_credentials,
             insecure,

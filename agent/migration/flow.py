@@ -9,6 +9,7 @@ final checkpoint; any failure after FREEZE ends with the source resumed from it 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import shutil
@@ -30,6 +31,7 @@ from agent.dataplane import final as final_pass
 from agent.dataplane.channel import open_channel
 from agent.dataplane.files import digest, flush_writes
 from agent.dataplane.image import assemble
+from agent.dataplane.pages import ACCEPT_S, PageServer
 from agent.dataplane.rootfs import apply_layer_changes, restore_layer
 from agent.dataplane.staging import Staging
 from agent.dataplane.transfer import fetch_delta, fetch_whole
@@ -50,7 +52,7 @@ from agent.errors import (
 )
 from agent.metrics import Metrics
 from agent.migration import journal as j
-from agent.migration.policy import Link, Links
+from agent.migration.policy import DELTA, PAGE_SERVER, Link, Links, memory_transfer
 from agent.migration.recovery import settle
 from agent.migration.report import Report
 from agent.migration.source import (
@@ -63,6 +65,7 @@ from agent.migration.source import (
 )
 from agent.migration.sourcing import Sourcing
 from agent.runtime.base import Runtime
+from agent.runtime.docker import criu_path
 from agent.runtime.spec import check_description, checkpoint_path, unsupported
 from agent.security import TLSFiles
 from proto import migctl_pb2 as pb
@@ -75,6 +78,8 @@ STREAM_SLACK = 30.0    # seconds every stream gets on top of its expected transf
 STREAM_FACTOR = 4.0    # a stream may take this many times the measured link's estimate
 SLOWEST_LINK = 1e6     # bytes/s assumed when the link to the source cannot be measured
 HOLD_BEAT = 0.25       # seconds between the beats of the hold on the frozen source
+PAGE_LIMIT_FACTOR = 4  # the final checkpoint's pages may be this many times the pre-copy's...
+PAGE_LIMIT_SLACK = 256 << 20  # ...or this much more: beyond, a page server stops taking them
 
 
 def peer_error(node: str, address: str, err: grpc.RpcError) -> MigctlError:
@@ -133,6 +138,8 @@ class Migration:
         self.source = rpc.AgentStub(self.channel)
         self.link: Link | None = None  # to the source, measured in the request phase
         self._holding: threading.Event | None = None  # set: the hold on the source ends
+        self.pages: PageServer | None = None  # the final checkpoint's page server, if any
+        self.pre_checkpoint = pb.CheckpointReply()
 
     def step(self, state: str, **data: object) -> None:
         """Journal the step about to be taken, before taking it."""
@@ -204,6 +211,8 @@ class Migration:
             return self._run()
         finally:
             self.release_hold()  # after a rollback, if it failed: the source no longer waits
+            if self.pages is not None:
+                self.pages.stop()
             self.channel.close()
             self.staging.drop(self.migration_id)
 
@@ -215,6 +224,7 @@ class Migration:
             with self.report.phase(pb.PRE_COPY):
                 bases = self.pre_copy(spec)
                 flush_writes()
+            pages = self.open_page_server()
             self.step(j.FROZEN)
             self.take_hold()
             with self.report.phase(pb.FREEZE):
@@ -222,10 +232,14 @@ class Migration:
                 frozen_at = time.time()
                 final = self.call(self.source.Checkpoint, pb.CheckpointRequest(
                     migration_id=self.migration_id, container=spec.id, name=FINAL_CHECKPOINT,
-                    leave_running=False))
+                    leave_running=False, page_server=pages is not None))
                 self.report.msg.checkpoint_method = final.method
                 self.report.log(f"final checkpoint on {self.source_name}: {final.seconds:.2f} s "
                                 f"({final.method})")
+                if pages is not None:
+                    self.report.transfer("checkpoint", f"{FINAL_CHECKPOINT}: memory pages",
+                                         self.source_name, pb.FREEZE, pages.finish(),
+                                         final.seconds, "whole", "through the page server")
             self.step(j.TRANSFERRING_FINAL)
             with self.report.phase(pb.FINAL_SYNC):
                 self.final_sync(spec, final, bases)
@@ -280,6 +294,9 @@ class Migration:
             self.metrics.preflight.labels("unsupported").inc()
             raise FailedPrecondition(
                 f"container {spec.name!r} cannot be migrated: " + "; ".join(problems))
+        if self.request.memory_transfer:  # what was asked for is refused now, not frozen
+            memory_transfer(self.link, source_info.checkpoint_method, criu_path(),
+                            self.request.memory_transfer)
         try:
             preflight(source_info, self.local_info(), spec)
         except FailedPrecondition:
@@ -419,6 +436,7 @@ class Migration:
         ckpt = self.checkpoint_reply(self.call(self.source.Checkpoint, pb.CheckpointRequest(
             migration_id=self.migration_id, container=spec.id, name=PRE_CHECKPOINT,
             leave_running=True)), PRE_CHECKPOINT)
+        self.pre_checkpoint = ckpt
         held = {f.path: Basis(ckpt_basis / Path(f.path).name,
                               make_signature(ckpt_basis / Path(f.path).name))
                 for f in ckpt.files if _plain_file(ckpt_basis / Path(f.path).name)}
@@ -430,6 +448,40 @@ class Migration:
         self.create(spec)
         self.offer(bases)
         return bases
+
+    def open_page_server(self) -> PageServer | None:
+        """A page server for the final checkpoint's memory, fed through the source's page
+        tunnel, when the link is fast enough (agent.migration.policy); None: the pages go in
+        the final pass as deltas."""
+        criu = criu_path()
+        how, why = memory_transfer(self.link, self.pre_checkpoint.method, criu,
+                                   self.request.memory_transfer)
+        pre_pages = sum(f.size for f in self.pre_checkpoint.files
+                        if Path(f.path).name.startswith("pages-"))
+        limit = max(PAGE_LIMIT_FACTOR * pre_pages, pre_pages + PAGE_LIMIT_SLACK)
+        if how == PAGE_SERVER and shutil.disk_usage(self.area).free < limit:
+            how, why = DELTA, f"the staging disk has less than {limit / 1e6:.0f} MB free"
+        self.report.msg.memory_transfer = how
+        self.report.log(f"final checkpoint's memory: {how} ({why})")
+        if how != PAGE_SERVER:
+            return None
+        assert criu is not None
+        server = PageServer(criu, self.area / "checkpoints" / FINAL_CHECKPOINT,
+                            self.area / "page-server", limit)
+        self.pages = server
+        requests = itertools.chain(
+            [pb.PageBytes(migration_id=self.migration_id)],
+            (pb.PageBytes(data=data) for data in server.answers()))
+        call = self.source.PageTunnel(requests, timeout=ACCEPT_S + self.deadline(limit))
+        self.guarded(lambda: next(call))  # ready
+        server.start(self.guarded_stream(r.data for r in call))
+        return server
+
+    def guarded_stream(self, items: Iterator[bytes]) -> Iterator[bytes]:
+        try:
+            yield from items
+        except grpc.RpcError as err:
+            raise peer_error(self.source_name, self.source_address, err) from err
 
     def offer(self, bases: dict[str, Basis]) -> None:
         """The signatures of the final pass's bases go to the source now, not in the

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import grpc
 
 from agent.catalog.registry import Holding
+from agent.errors import FailedPrecondition, InvalidArgument
 from proto import migctl_pb2 as pb
 from proto import migctl_pb2_grpc as rpc
 
@@ -72,6 +73,42 @@ class Links:
         with self._lock:
             self._known[address] = (time.monotonic(), link)
         return link
+
+
+PAGE_SERVER = "page server"
+DELTA = "delta"
+PAGE_SERVER_MIN_RATE = 100e6
+"""Bytes/s of the link to the source from which the final checkpoint's memory pages go
+straight to a page server at the destination. Below it they are dumped at the source and sent
+as a delta against the pre-copy checkpoint's: hashing and patching cost about as much as such
+a link's transfer of the whole memory, and the delta sends only what changed (bench/downtime.py
+measures both)."""
+
+
+def memory_transfer(link: Link | None, source_method: str, criu: str | None,
+                    asked: str = "") -> tuple[str, str]:
+    """How the final checkpoint's memory pages travel, and why, for the report: what the
+    operator ASKED for, else the link decides. A page server that cannot run is refused."""
+    if asked not in ("", PAGE_SERVER, DELTA):
+        raise InvalidArgument(f"memory transfer {asked!r}: it is {PAGE_SERVER!r} or {DELTA!r}")
+    if asked == DELTA:
+        return DELTA, "asked for"
+    cannot = ("the source checkpoints through its engine, which has no page server"
+              if source_method != "direct" else
+              "this node has no CRIU of its own to run a page server" if not criu else "")
+    if cannot and asked == PAGE_SERVER:
+        raise FailedPrecondition(f"no page server for this migration: {cannot}")
+    if cannot:
+        return DELTA, cannot
+    if asked == PAGE_SERVER:
+        return PAGE_SERVER, "asked for"
+    if link is None:
+        return DELTA, "the link to the source could not be measured"
+    rate = f"{link.throughput * 8 / 1e6:.0f} Mbit/s"
+    limit = f"{PAGE_SERVER_MIN_RATE * 8 / 1e6:.0f} Mbit/s"
+    if link.throughput < PAGE_SERVER_MIN_RATE:
+        return DELTA, f"the link measured {rate}, under the page server's {limit}"
+    return PAGE_SERVER, f"the link measured {rate}, at least the page server's {limit}"
 
 
 @dataclass(frozen=True)

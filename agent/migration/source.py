@@ -22,6 +22,7 @@ from agent.catalog.registry import checkpoint_keys
 from agent.catalog.store import Item, Store
 from agent.dataplane import archive
 from agent.dataplane.files import flush_writes
+from agent.dataplane.pages import Listener
 from agent.dataplane.rootfs import snapshot_layer
 from agent.dataplane.staging import Staging
 from agent.dataplane.tree import Manifest
@@ -97,6 +98,7 @@ class SourceSide:
         self._freezing: set[str] = set()  # final checkpoints under way: no lease runs out
         self._hold_lost: set[str] = set()  # holds lost during a final checkpoint
         self._offers: dict[str, dict[str, Signature]] = {}  # bases offered for the final pass
+        self._tunnels: dict[str, Listener] = {}  # page tunnels open for a final checkpoint
 
     def touch(self, migration_id: str) -> None:
         """Every call of the destination about a migration renews its lease."""
@@ -203,6 +205,23 @@ class SourceSide:
                 kept.append(self.store.put(key, ts, area / rel, snap["digest"], move=True))
         self.publish(kept)
 
+    def open_tunnel(self, entry: j.Entry) -> Listener:
+        """A page tunnel for the final checkpoint: opened in pre-copy, one per migration."""
+        with self._lock:
+            if entry.state != j.PRE_COPY:
+                raise j.IllegalTransition(f"migration {entry.id} is {entry.state}: a page "
+                                          "tunnel is opened before the final checkpoint")
+            if entry.id in self._tunnels:
+                raise FailedPrecondition(f"migration {entry.id} already has a page tunnel open")
+            listener = self._tunnels[entry.id] = Listener()
+        return listener
+
+    def close_tunnel(self, migration_id: str, listener: Listener) -> None:
+        with self._lock:
+            if self._tunnels.get(migration_id) is listener:
+                del self._tunnels[migration_id]
+        listener.close()
+
     def checkpoint(self, entry: j.Entry, request: pb.CheckpointRequest) -> Path:
         if (request.name, request.leave_running) not in ((PRE_CHECKPOINT, True),
                                                          (FINAL_CHECKPOINT, False)):
@@ -210,24 +229,32 @@ class SourceSide:
                                   f"{FINAL_CHECKPOINT!r} (stop), not {request.name!r} with "
                                   f"leave_running={request.leave_running}")
         area = self.staging.area(entry.id)
+        if request.page_server and request.name != FINAL_CHECKPOINT:
+            raise InvalidArgument("only the final checkpoint sends its pages to a page server")
         if request.leave_running:
             if entry.state != j.PRE_COPY:
                 raise j.IllegalTransition(f"migration {entry.id} is {entry.state}: no "
                                           "pre-copy checkpoint now")
         else:
+            tunnel = self.tunnel_for(entry) if request.page_server else None
             # Journal first: if the agent dies during the checkpoint, a restart resumes, and
             # puts back the restart policy, which must be "no" while the container is stopped
-            # here (the engine would start it again: a second copy).
+            # here (the engine would start it again: a second copy). With a page server, the
+            # container is paused and stays so: its memory there is the rollback.
             policy = self.runtime.restart_policy(entry.container)
             with self._lock:
                 self.journal.move(entry.id, j.SOURCE, j.FROZEN, by=j.PEER,
-                                  data={"restart_policy": policy})
+                                  data={"restart_policy": policy, "paused": bool(tunnel)})
                 self._freezing.add(entry.id)
             try:
                 if policy.get("Name", "no") != "no":
                     self.runtime.set_restart_policy(entry.container, {"Name": "no"})
+                if tunnel is None:
+                    return self.runtime.checkpoint(entry.container, request.name,
+                                                   area / "checkpoints", False)
+                self.runtime.pause(entry.container)
                 return self.runtime.checkpoint(entry.container, request.name,
-                                               area / "checkpoints", False)
+                                               area / "checkpoints", True, tunnel.address)
             finally:
                 with self._lock:
                     self._freezing.discard(entry.id)
@@ -240,6 +267,18 @@ class SourceSide:
                                          True)
         flush_writes()  # the snapshots and this checkpoint, before the freeze
         return folder
+
+    def tunnel_for(self, entry: j.Entry) -> Listener:
+        """The migration's open page tunnel, on a node that can send pages to it."""
+        with self._lock:
+            tunnel = self._tunnels.get(entry.id)
+        if tunnel is None:
+            raise FailedPrecondition(f"migration {entry.id} has no page tunnel open for the "
+                                     "page server")
+        if self.runtime.method_for(entry.container) != "direct":
+            raise FailedPrecondition(f"{entry.container[:12]} is checkpointed through the "
+                                     "engine, which cannot send pages to a page server")
+        return tunnel
 
     def offer(self, entry: j.Entry, rel: str, chunks: Iterator[bytes]) -> None:
         """Keep the destination's signature of its basis for REL's final pass; REL must be a
@@ -338,16 +377,24 @@ class SourceSide:
     def _resume(self, entry: j.Entry, by: str) -> pb.ResumeReply:
         migration_id, cid = entry.id, entry.container
         gone = self.runtime.gone(cid)
+        state = {} if gone else self.runtime.inspect(cid)["State"]
         if gone:
             # removed here meanwhile (by an operator): nothing is left to resume, ever
             reply = pb.ResumeReply(restored=False, detail="the container was removed from "
                                    "this node meanwhile; nothing to resume")
             log.warning("migration %s: %s", migration_id, reply.detail)
-        elif self.runtime.inspect(cid)["State"].get("Running"):
+        elif state.get("Paused"):  # a page-server checkpoint: its memory never left it
+            self.runtime.unpause(cid)
+            reply = pb.ResumeReply(restored=True, detail="unpaused: it goes on where it was "
+                                   "paused for the final checkpoint")
+        elif state.get("Running"):
             reply = pb.ResumeReply(restored=True, detail="it was still running")
         else:
             folder = self.staging.root / migration_id / "checkpoints" / FINAL_CHECKPOINT
             try:
+                if entry.data.get("paused"):  # stopped meanwhile (an engine restart?)
+                    raise FailedPrecondition("its final checkpoint's memory pages went to the "
+                                             "destination's page server")
                 if not (folder / "inventory.img").exists():
                     raise FailedPrecondition("the final checkpoint was never completed")
                 self.runtime.start_from_checkpoint(cid, folder, f"resume-{migration_id}")
@@ -382,6 +429,9 @@ class SourceSide:
             if remove_container:
                 self.runtime.remove(entry.container)
             else:
+                if self.runtime.inspect(entry.container)["State"].get("Paused"):
+                    self.runtime.kill(entry.container)  # its memory now runs at the destination
+
                 self.store.mark_departed(entry.container, entry.id)
             self.journal.move(entry.id, j.SOURCE, j.DONE, by=j.PEER)
             self.metrics.source_ended("succeeded", "destination", entry.state)

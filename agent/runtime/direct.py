@@ -82,11 +82,14 @@ class DirectRuntime(DockerRuntime):
         runs_with = inspected["HostConfig"].get("Runtime")
         return self.method if runs_with == self.runtime_name else DockerRuntime.method
 
-    def checkpoint(self, container: str, name: str, directory: Path, leave_running: bool) -> Path:
+    def checkpoint(self, container: str, name: str, directory: Path, leave_running: bool,
+                   page_server: str = "") -> Path:
+        """With PAGE_SERVER (HOST:PORT), CRIU sends the memory pages there, and the folder
+        holds every other image."""
         inspected = self.inspect(container)  # once: this runs in the frozen window
         cid = inspected["Id"]
         if self._method_of(inspected) != self.method:
-            return super().checkpoint(cid, name, directory, leave_running)
+            return super().checkpoint(cid, name, directory, leave_running, page_server)
         target = directory / name
         if target.exists():
             shutil.rmtree(target)
@@ -94,9 +97,12 @@ class DirectRuntime(DockerRuntime):
         engine_dir = directory / f".engine-{name}"
         shutil.rmtree(engine_dir, ignore_errors=True)
         try:
-            with staged(cid, "checkpoint", target):
+            with staged(cid, "checkpoint", target, page_server):
                 super().checkpoint(cid, name, engine_dir, leave_running)
             if not (target / INVENTORY).exists():
+                if page_server:  # the pages went nowhere: the checkpoint is no use
+                    raise RuntimeFailure(f"{WRAPPER.name} did not take the checkpoint of "
+                                         f"{cid[:12]}: is its request folder {REQUEST_DIR}?")
                 # the wrapper did not see the request (another MIGCTL_RUNC_DIR?): the images
                 # went the engine's way, and are moved where they were expected
                 shutil.rmtree(target)

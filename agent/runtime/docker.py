@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 
 CRIU_BIN = "/opt/migctl/bin"  # where scripts/setup.sh puts the CRIU it probed
 
+def criu_path() -> str | None:
+    """The CRIU this node's engine uses, for the agent's own CRIU processes (page servers)."""
+    return shutil.which("criu", path=f"{CRIU_BIN}:{os.environ.get('PATH', '')}")
+
+
 def chain_ids(diff_ids: list[str]) -> list[str]:
     """The engine identifies a layer by its chain id: the layer plus every layer below it."""
     out: list[str] = []
@@ -90,7 +95,7 @@ class DockerRuntime:
         """Engine version, CRIU version, and whether the engine can checkpoint at all."""
         info = self._call("read engine info", self.api.info)
         engine = self._call("read engine version", self.api.version).get("Version", "")
-        criu = shutil.which("criu", path=f"{CRIU_BIN}:{os.environ.get('PATH', '')}")
+        criu = criu_path()
         version = ""
         if criu:
             out = subprocess.run([criu, "--version"], capture_output=True, text=True)
@@ -375,8 +380,13 @@ class DockerRuntime:
             subprocess.run([*ctr, "delete", "--sync", lease.stdout.split()[0]],
                            capture_output=True)
 
-    def checkpoint(self, container: str, name: str, directory: Path, leave_running: bool) -> Path:
-        """Checkpoint into DIRECTORY/NAME and return that folder."""
+    def checkpoint(self, container: str, name: str, directory: Path, leave_running: bool,
+                   page_server: str = "") -> Path:
+        """Checkpoint into DIRECTORY/NAME and return that folder. The engine passes CRIU no
+        page server: PAGE_SERVER needs the direct path (agent/runtime/direct.py)."""
+        if page_server:
+            raise FailedPrecondition(f"the checkpoint of {container!r} goes through the engine, "
+                                     "which cannot send its pages to a page server")
         cid = self.inspect(container)["Id"]
         directory.mkdir(parents=True, exist_ok=True)
         self.collect_garbage()
@@ -473,6 +483,15 @@ class DockerRuntime:
                     f"(status {state.get('Status')}, exit code {state.get('ExitCode')}, "
                     f"error {state.get('Error') or '-'})")
             time.sleep(0.1)
+
+    def pause(self, container: str) -> None:
+        self._call(f"pause {container[:12]!r}", self.api.pause, container)
+
+    def unpause(self, container: str) -> None:
+        self._call(f"unpause {container[:12]!r}", self.api.unpause, container)
+
+    def kill(self, container: str) -> None:
+        self._call(f"kill {container[:12]!r}", self.api.kill, container)
 
     def remove(self, container: str) -> None:
         with contextlib.suppress(NotFound):

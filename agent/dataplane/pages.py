@@ -1,0 +1,203 @@
+"""CRIU's page server traffic, carried between the agents over their mutual TLS.
+
+On a fast link the final checkpoint's memory pages go straight from the source's CRIU to a
+`criu page-server` at the destination, with no dump to disk and no delta in the frozen window.
+runc gives CRIU a page server only as HOST:PORT, with no TLS options, so that connection never
+leaves the source node: the source agent listens on its loopback (`Listener`), takes the one
+connection that comes from its own CRIU, and relays it in the PageTunnel stream that the
+destination agent opened. The destination (`PageServer`) hands the stream to a page server it
+started on one end of a socket pair (`--ps-socket`): nothing listens there at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import psutil
+
+from agent.errors import DeltaError, RuntimeFailure, Unavailable
+
+log = logging.getLogger(__name__)
+
+RELAY_CHUNK = 1 << 20  # bytes per stream message, as the other streams
+ACCEPT_S = 60.0        # how long the source waits for its CRIU to connect
+PAGE_SERVER_EXIT_S = 30.0  # how long the page server may take to finish its images
+
+
+class Listener:
+    """The source's end: a loopback port for its own CRIU, relayed to and from a stream."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.rejected: list[str] = []  # what connected and was not this node's CRIU
+
+    def accept(self, timeout: float = ACCEPT_S,
+               trusted: Callable[[tuple[str, int]], str] | None = None) -> socket.socket:
+        """The first connection whose peer TRUSTED accepts (by default: a CRIU process of this
+        node's root in the agent's own mount namespace); anything else is closed unread."""
+        trusted = trusted or criu_peer
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Unavailable(f"no checkpoint connected to the page tunnel in {timeout:.0f} s")
+            self.sock.settimeout(left)
+            try:
+                conn, peer = self.sock.accept()
+            except TimeoutError:
+                continue
+            why = trusted(peer)
+            if not why:
+                conn.settimeout(None)
+                return conn
+            self.rejected.append(why)
+            log.warning("page tunnel: refused a connection: %s", why)
+            conn.close()
+
+    def relay(self, incoming: Iterable[bytes], timeout: float = ACCEPT_S,
+              trusted: Callable[[tuple[str, int]], str] | None = None) -> Iterator[bytes]:
+        """What CRIU sends, as it comes; INCOMING (the page server's answers) goes to CRIU."""
+        conn = self.accept(timeout, trusted)
+        try:
+            yield from _pump(conn, incoming)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def criu_peer(peer: tuple[str, int]) -> str:
+    """Empty when PEER (a loopback address) is a socket of a CRIU process that root runs in this
+    agent's mount namespace; else why not. A container's process (even root with the host's
+    network) lives in a mount namespace of its own, and cannot pose as this node's CRIU."""
+    own_mnt = os.readlink("/proc/self/ns/mnt")
+    for proc in psutil.process_iter(["cmdline", "uids"]):
+        cmd = proc.info["cmdline"] or []
+        # "criu", or the ld.so wrapper's argument; CRIU renames itself "criu: dump ..."
+        if not any(Path(arg).name == "criu" or arg.startswith("criu: ") for arg in cmd[:4]):
+            continue
+        try:
+            if proc.info["uids"].real != 0 or \
+                    os.readlink(f"/proc/{proc.pid}/ns/mnt") != own_mnt:
+                continue
+            if any(c.laddr and tuple(c.laddr) == tuple(peer)
+                   for c in proc.net_connections(kind="tcp4")):
+                return ""
+        except (psutil.Error, OSError):
+            continue
+    return f"{peer[0]}:{peer[1]} is not this node's CRIU"
+
+
+class PageServer:
+    """The destination's end: `criu page-server` writing IMAGES, fed by the tunnel's stream.
+
+    It takes at most LIMIT bytes from the source: a peer that sends more is cut off, and the
+    migration fails (the source unpauses its container)."""
+
+    def __init__(self, criu: str, images: Path, work: Path, limit: int) -> None:
+        self.images = images
+        self.work = work
+        self.limit = limit
+        self.received = 0
+        self.error: BaseException | None = None
+        images.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
+        ours, theirs = socket.socketpair()
+        self.sock = ours
+        try:
+            self.proc = subprocess.Popen(
+                [criu, "page-server", "--images-dir", str(images), "--work-dir", str(work),
+                 "--ps-socket", str(theirs.fileno()), "-o", "page-server.log", "-v2"],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        self._done = threading.Event()
+
+    def answers(self) -> Iterator[bytes]:
+        """The page server's answers to CRIU, for the tunnel's request stream."""
+        while data := _recv(self.sock):
+            yield data
+
+    def feed(self, replies: Iterable[bytes]) -> None:
+        """Write what the source's CRIU sent into the page server, until the stream ends."""
+        try:
+            for data in replies:
+                self.received += len(data)
+                if self.received > self.limit:
+                    raise DeltaError(f"the source sent more than the {self.limit} B of memory "
+                                     "pages this checkpoint can hold")
+                self.sock.sendall(data)
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
+        except BaseException as err:  # noqa: BLE001 - kept for finish(), said there
+            self.error = err
+            self.stop()
+        finally:
+            self._done.set()
+
+    def start(self, replies: Iterable[bytes]) -> None:
+        threading.Thread(target=self.feed, args=(replies,), name="page-server-feed",
+                         daemon=True).start()
+
+    def finish(self, timeout: float = PAGE_SERVER_EXIT_S) -> int:
+        """The bytes received, once the stream ended and the page server wrote its images."""
+        if not self._done.wait(timeout):
+            self.stop()
+            raise Unavailable(f"the page tunnel did not end within {timeout:.0f} s")
+        if self.error is not None:
+            raise self.error
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise RuntimeFailure("the page server did not finish its images") from None
+        if code != 0:
+            raise RuntimeFailure(f"the page server failed (exit {code}): {self.log_tail()}")
+        return self.received
+
+    def log_tail(self) -> str:
+        try:
+            return (self.work / "page-server.log").read_text()[-800:]
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.sock.close()
+
+
+def _recv(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(RELAY_CHUNK)
+    except OSError:
+        return b""
+
+
+def _pump(conn: socket.socket, incoming: Iterable[bytes]) -> Iterator[bytes]:
+    """CONN's bytes out, INCOMING into CONN (in a thread); ends when CONN closes."""
+    def down() -> None:
+        try:
+            for data in incoming:
+                conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    threading.Thread(target=down, name="page-tunnel-down", daemon=True).start()
+    while data := _recv(conn):
+        yield data
