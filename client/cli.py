@@ -117,8 +117,9 @@ def render_report(r: pb.MigrationReport, out=sys.stdout) -> None:
     print(f"{r.container} migrated {r.source_node} -> {r.destination_node}", file=out)
     print(f"new container: {r.new_container_id}", file=out)
     print(f"total {r.total_seconds:.2f} s, downtime {r.downtime_seconds:.2f} s", file=out)
-    print(f"checkpoint {r.checkpoint_method or '-'} on {r.source_node}, restore "
-          f"{r.restore_method or '-'} on {r.destination_node}", file=out)
+    print(f"checkpoint {r.checkpoint_method or '-'} on {r.source_node}, memory by "
+          f"{r.memory_transfer or '-'}, restore {r.restore_method or '-'} on "
+          f"{r.destination_node}", file=out)
     for p in r.phases:
         print(f"  {_phase(p.phase):<11} {p.seconds:7.2f} s  {_mb(p.bytes):>12}", file=out)
     print(f"by origin ({pb.Mode.Name(r.mode).lower()}):", file=out)

@@ -3,8 +3,9 @@ afterwards, its volume is intact, its count goes on, and `migctl` says what went
 
 Faults are injected while the destination agent pauses before a journal step
 (tests/agent_hooks.py, --test-pause): `pre-copy` is before anything was copied,
-`transferring-final` is right after the freeze (the source container is stopped),
-`restoring` is after the commit, with the new container created and not yet started.
+`transferring-final` is right after the freeze (the source container is stopped, or paused
+when its memory went to a page server), `restoring` is after the commit, with the new
+container created and not yet started.
 """
 
 from __future__ import annotations
@@ -140,10 +141,15 @@ def small_staging(lab: LabHandle) -> Iterator[Path]:
 CASES = ["kill-source-agent", "kill-destination-agent", "cut-link", "fill-disk"]
 
 
-@pytest.mark.parametrize("when", ["pre-copy", "transferring-final"])
+# the freeze and after it, both ways the final checkpoint's memory can travel
+WHEN = [("pre-copy", "auto"), ("transferring-final", "delta"),
+        ("transferring-final", "page-server")]
+
+
+@pytest.mark.parametrize("when,memory", WHEN, ids=[f"{w}-{m}" for w, m in WHEN])
 @pytest.mark.parametrize("fault", CASES)
 def test_fault_leaves_exactly_one_running_copy(lab: LabHandle, toy: None, request,
-                                               fault: str, when: str) -> None:
+                                               fault: str, when: str, memory: str) -> None:
     if fault == "fill-disk":
         request.getfixturevalue("small_staging")
     inject = {"kill-source-agent": kill_agent("nodeA"),
@@ -151,7 +157,7 @@ def test_fault_leaves_exactly_one_running_copy(lab: LabHandle, toy: None, reques
               "cut-link": lambda: link("p-nodeA", "down"),
               "fill-disk": fill_disk(lab)}[fault]
     Lab().restart_agent("nodeB", ["--test-pause", f"{when}={PAUSE}"], HOOKS)
-    proc, lines = start_migration()
+    proc, lines = start_migration(["--memory-transfer", memory])
     wait_for_line(lines, f"paused before {when}")
     inject()
     if fault == "cut-link":
@@ -174,18 +180,23 @@ def test_fault_leaves_exactly_one_running_copy(lab: LabHandle, toy: None, reques
     assert "toytsm" not in [c.name for c in lab.docker["nodeB"].containers.list(all=True)]
 
 
-def test_restore_failure_after_the_commit_resumes_the_source(lab: LabHandle, toy: None) -> None:
+@pytest.mark.parametrize("memory,resumed", [
+    ("delta", "restored from its final checkpoint"),
+    ("page-server", "unpaused: it goes on where it was paused for the final checkpoint")])
+def test_restore_failure_after_the_commit_resumes_the_source(lab: LabHandle, toy: None,
+                                                            memory: str, resumed: str) -> None:
     """The destination's restore fails (its checkpoint is damaged) after it committed: the
-    source, told by the destination, resumes from its final checkpoint."""
+    source, told by the destination, resumes from its final checkpoint, or unpauses the
+    container when its memory went to the page server."""
     Lab().restart_agent("nodeB", ["--test-pause", f"restoring={PAUSE}"], HOOKS)
-    proc, lines = start_migration()
+    proc, lines = start_migration(["--memory-transfer", memory])
     wait_for_line(lines, "paused before restoring")
     staging = Lab().node_dir("nodeB") / "agent" / "staging"
     for inventory in staging.glob("*/checkpoints/final/inventory.img"):
         inventory.write_bytes(b"garbage")
     out = finish(proc, lines)
     assert proc.returncode == 1 and "restore of container" in out, out
-    assert "runs again on nodeA (restored from its final checkpoint)" in out, out
+    assert f"runs again on nodeA ({resumed})" in out, out
     wait_one_copy(lab)
     before = numbers(lab.docker["nodeA"].containers.get("toytsm").logs().decode())
     assert before == list(range(len(before))), "the count restarted: memory was lost"

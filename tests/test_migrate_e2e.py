@@ -158,7 +158,10 @@ def hit(address: str, hold: bool = False) -> tuple[int, socket.socket | None]:
         time.sleep(0.2)
 
 
-def test_server_with_connected_client_keeps_its_memory(lab: LabHandle) -> None:
+@pytest.mark.parametrize("memory,expected", [("delta", "delta"),
+                                             ("page-server", "page server")])
+def test_server_with_connected_client_keeps_its_memory(lab: LabHandle, memory: str,
+                                                       expected: str) -> None:
     a, b = lab.docker["nodeA"], lab.docker["nodeB"]
     remove_everywhere(lab.docker, ["hitserver"], [])
     ensure_base(a, CACHE)
@@ -169,11 +172,14 @@ def test_server_with_connected_client_keeps_its_memory(lab: LabHandle) -> None:
     held, conn = hit(addr_a, hold=True)  # a client connected during both checkpoints
     assert held == 4
     try:
-        report = migrate_json("--from", "nodeA", "--to", "nodeB", "hitserver")
+        report = migrate_json("--memory-transfer", memory, "--from", "nodeA", "--to", "nodeB",
+                              "hitserver")
     finally:
         assert conn is not None
         conn.close()
+    assert report["memory_transfer"] == expected
     assert b.containers.get("hitserver").id == report["new_container_id"]
+    assert a.containers.get("hitserver").status == "exited"  # killed, if it was paused
     addr_b = lab.address("nodeB").split(":")[0]
     after = hit(addr_b)[0]
     assert after == 5, f"the server forgot its state: hit {after} after 4"

@@ -142,6 +142,10 @@ class PageServer:
                 self.sock.sendall(data)
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_WR)
+        except OSError as err:  # it exited: CRIU said why in its log
+            self.stop()
+            self.error = RuntimeFailure(f"the page server stopped taking pages ({err}): "
+                                        f"{self.log_tail()}")
         except BaseException as err:  # noqa: BLE001 - kept for finish(), said there
             self.error = err
             self.stop()
@@ -198,6 +202,8 @@ def _pump(conn: socket.socket, incoming: Iterable[bytes]) -> Iterator[bytes]:
         except OSError:
             pass
 
-    threading.Thread(target=down, name="page-tunnel-down", daemon=True).start()
+    answers = threading.Thread(target=down, name="page-tunnel-down", daemon=True)
+    answers.start()
     while data := _recv(conn):
         yield data
+    answers.join(PAGE_SERVER_EXIT_S)  # the last answers still reach CRIU before the close

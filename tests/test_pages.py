@@ -1,0 +1,146 @@
+"""The page tunnel's two ends on real sockets and processes (agent/dataplane/pages.py), and the
+choice between page server and delta (agent/migration/policy.py). The migrations that use them
+are in tests/test_faults.py and tests/test_migrate_e2e.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from agent.dataplane.pages import Listener, PageServer, criu_peer
+from agent.errors import (
+    DeltaError,
+    FailedPrecondition,
+    InvalidArgument,
+    RuntimeFailure,
+    Unavailable,
+)
+from agent.migration.policy import (
+    DELTA,
+    PAGE_SERVER,
+    PAGE_SERVER_MIN_RATE,
+    Link,
+    memory_transfer,
+)
+from agent.runtime.docker import criu_path
+
+# connects to the port in argv[1], sends "from-criu", prints what comes back
+PEER = ("import socket, sys; s = socket.create_connection(('127.0.0.1', int(sys.argv[1]))); "
+        "s.sendall(b'from-criu'); s.shutdown(socket.SHUT_WR); "
+        "print(s.makefile('rb').read().decode(), flush=True)")
+
+
+def peer(listener: Listener, *wrap: str, name: str = "criu") -> subprocess.Popen:
+    """A process that calls itself NAME and connects to LISTENER, run under WRAP."""
+    port = listener.address.rsplit(":", 1)[1]
+    return subprocess.Popen([*wrap, "bash", "-c", f'exec -a "{name}" "$0" -c "$1" "$2"',
+                             sys.executable, PEER, port], stdout=subprocess.PIPE, text=True)
+
+
+def test_a_process_of_this_node_named_criu_is_relayed_both_ways() -> None:
+    listener = Listener()
+    proc = peer(listener)
+    try:
+        got = b"".join(listener.relay(iter([b"from-", b"page-server"]), timeout=10))
+    finally:
+        listener.close()
+    assert got == b"from-criu"
+    assert proc.communicate(timeout=10)[0].strip() == "from-page-server"
+    assert listener.rejected == []
+
+
+def test_a_process_that_is_not_criu_is_refused_unread() -> None:
+    listener = Listener()
+    proc = peer(listener, name="python3")
+    try:
+        with pytest.raises(Unavailable, match="no checkpoint connected"):
+            list(listener.relay(iter([b"secret answers"]), timeout=2))
+    finally:
+        listener.close()
+    assert proc.communicate(timeout=10)[0].strip() == "", "it was sent something"
+    assert len(listener.rejected) == 1 and "is not this node's CRIU" in listener.rejected[0]
+
+
+def test_a_container_process_posing_as_criu_is_refused() -> None:
+    """Root with the node's network but a mount namespace of its own, as a container with the
+    host's network has: its name says criu, and it still gets nothing."""
+    listener = Listener()
+    proc = peer(listener, "unshare", "--mount", "--propagation", "private")
+    try:
+        with pytest.raises(Unavailable):
+            list(listener.relay(iter([b"secret answers"]), timeout=2))
+    finally:
+        listener.close()
+    assert proc.communicate(timeout=10)[0].strip() == ""
+    assert listener.rejected, "the impostor was never seen"
+
+
+def test_criu_peer_names_an_address_no_process_holds() -> None:
+    assert criu_peer(("127.0.0.1", 1)) == "127.0.0.1:1 is not this node's CRIU"
+
+
+# stands in for `criu page-server`: takes everything from its --ps-socket and writes nothing
+SINK = ("import socket, sys; s = socket.socket(fileno=int(sys.argv[sys.argv.index("
+        "'--ps-socket') + 1]))\nwhile s.recv(1 << 20): pass")
+
+
+def test_a_source_sending_more_pages_than_the_limit_is_cut_off(tmp_path: Path) -> None:
+    sink = tmp_path / "criu"
+    sink.write_text(f"#!{sys.executable}\n{SINK}\n")
+    sink.chmod(0o755)
+    server = PageServer(str(sink), tmp_path / "images", tmp_path / "work", limit=1 << 20)
+    endless = (b"\0" * (64 << 10) for _ in range(10_000))  # 640 MiB if it were all taken
+    answers = threading.Thread(target=lambda: list(server.answers()), daemon=True)
+    answers.start()
+    server.start(endless)
+    with pytest.raises(DeltaError, match="more than the 1048576 B"):
+        server.finish(timeout=30)
+    assert server.received <= (1 << 20) + (64 << 10)
+    assert server.proc.poll() is not None, "the page server still runs"
+
+
+@pytest.mark.skipif(criu_path() is None, reason="CRIU is installed by scripts/setup.sh")
+def test_a_page_server_fed_garbage_fails_the_migration(tmp_path: Path) -> None:
+    server = PageServer(criu_path() or "", tmp_path / "images", tmp_path / "work", limit=1 << 30)
+    answers = threading.Thread(target=lambda: list(server.answers()), daemon=True)
+    answers.start()
+    server.start(iter([b"\xff" * 4096] * 16))
+    with pytest.raises(RuntimeFailure, match="page server"):
+        server.finish(timeout=30)
+
+
+FAST = Link(rtt=0.001, throughput=PAGE_SERVER_MIN_RATE * 2, load=0.0)
+SLOW = Link(rtt=0.001, throughput=PAGE_SERVER_MIN_RATE / 2, load=0.0)
+
+
+@pytest.mark.parametrize("link,method,criu,asked,want", [
+    (FAST, "direct", "/criu", "", PAGE_SERVER),
+    (SLOW, "direct", "/criu", "", DELTA),
+    (None, "direct", "/criu", "", DELTA),
+    (FAST, "engine", "/criu", "", DELTA),
+    (FAST, "direct", None, "", DELTA),
+    (SLOW, "direct", "/criu", PAGE_SERVER, PAGE_SERVER),
+    (FAST, "direct", "/criu", DELTA, DELTA),
+    (FAST, "engine", None, DELTA, DELTA),
+])
+def test_the_link_decides_unless_the_operator_asked(link, method, criu, asked, want) -> None:
+    how, why = memory_transfer(link, method, criu, asked)
+    assert how == want and why
+
+
+@pytest.mark.parametrize("method,criu,why", [
+    ("engine", "/criu", "checkpoints through its engine"),
+    ("direct", None, "no CRIU of its own"),
+])
+def test_a_page_server_asked_for_where_none_can_run_is_refused(method, criu, why) -> None:
+    with pytest.raises(FailedPrecondition, match=why):
+        memory_transfer(FAST, method, criu, PAGE_SERVER)
+
+
+def test_an_unknown_memory_transfer_is_refused_by_name() -> None:
+    with pytest.raises(InvalidArgument, match="'rsync'"):
+        memory_transfer(FAST, "direct", "/criu", "rsync")
