@@ -11,12 +11,15 @@ figure is also given as a ratio to the floor measured in the same run, on the sa
            path, images copied through containerd: what the seed's method pays before it
            copies anything)
   migctl   `migctl migrate --json nodeA -> nodeB` as a process (`--mode traditional`: everything
-           from the source, as the seed)
+           from the source, as the seed), the final checkpoint's memory as a delta
+  migctl-ps  the same container back, `migctl migrate --json nodeB -> nodeA`, its memory through
+           the page server (`--memory-transfer page-server`; docs/runtime.md)
   seed     the seed's method (client/seedmethod.py: engine checkpoints, docker save/load, tar
            and rsync)
 
-Each run starts the workload fresh on nodeA twice: once for floor, engine and migctl (in that
-order), once for the seed's method; the link is the lab's, unshaped. Medians over --runs.
+Each run starts the workload fresh on nodeA twice: once for floor, engine, migctl and migctl-ps
+(in that order), once for the seed's method; the link is the lab's, unshaped. Medians over
+--runs.
 
     .venv/bin/python bench/downtime.py [--runs 3] [--redis-mb 10 --redis-mb 100] [--volume-mb 1024]
         [--workload redis --workload volume]
@@ -62,7 +65,8 @@ from client.workloads import (  # noqa: E402
 from tests.conftest import CACHE  # noqa: E402
 
 NODES = ("nodeA", "nodeB")
-METHODS = ("floor", "engine", "migctl", "seed")
+METHODS = ("floor", "engine", "migctl", "migctl-ps", "seed")
+MIGCTL = {"migctl": ("delta", NODES), "migctl-ps": ("page-server", NODES[::-1])}
 SETTLE = 2.0  # seconds of answers before and after each method, so the gap is bounded by them
 
 
@@ -127,11 +131,13 @@ def engine_cycle(rt: DirectRuntime, name: str) -> dict:
     return {"downtime": t2 - t0, "checkpoint": t1 - t0, "restore": t2 - t1}
 
 
-def migctl_cycle(name: str) -> dict:
+def migctl_cycle(name: str, method: str) -> dict:
     """`migctl migrate --json` as a process; its live events (stderr) give when the freeze
     began on this benchmark's clock."""
+    memory, (source, dest) = MIGCTL[method]
     proc = subprocess.Popen([sys.executable, "-m", "client.cli", "migrate", "--json", "--mode",
-                             "traditional", "--from", NODES[0], "--to", NODES[1], name],
+                             "traditional", "--memory-transfer", memory, "--from", source,
+                             "--to", dest, name],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     events: list[tuple[float, str]] = []
 
@@ -155,7 +161,8 @@ def migctl_cycle(name: str) -> dict:
             "freeze_at": freeze_at,
             "pre-copy": phase.get("PRE_COPY", 0.0), "freeze": phase.get("FREEZE", 0.0),
             "final": phase.get("FINAL_SYNC", 0.0), "restore": phase.get("RESTORE", 0.0),
-            "method": f"{report['checkpoint_method']}/{report['restore_method']}"}
+            "method": f"{report['checkpoint_method']}/{report['restore_method']}",
+            "memory": report.get("memory_transfer", "")}
 
 
 def seed_cycle(state: dict, name: str) -> dict:
@@ -229,7 +236,8 @@ def main() -> None:
             name = start(kind, mb, engines[NODES[0]], hosts[0])
             got["floor"].append(measured(kind, hosts, lambda n=name: floor_cycle(rt, n)))
             got["engine"].append(measured(kind, hosts, lambda n=name: engine_cycle(rt, n)))
-            got["migctl"].append(measured(kind, hosts, lambda n=name: migctl_cycle(n)))
+            for m in MIGCTL:
+                got[m].append(measured(kind, hosts, lambda n=name, m=m: migctl_cycle(n, m)))
             remove_everywhere(engines, names, ["bench-data"])
             name = start(kind, mb, engines[NODES[0]], hosts[0])
             got["seed"].append(measured(kind, hosts, lambda n=name: seed_cycle(state, n)))
@@ -248,21 +256,23 @@ def main() -> None:
         ok = {m: [r for r in got[m] if "failed" not in r] for m in METHODS}
 
         med = {m: {k: _median(ok[m], k) for k in ("gap", "downtime")} for m in METHODS}
-        for m in ("migctl", "seed"):
+        for m in (*MIGCTL, "seed"):
             med[m]["total"] = _median(ok[m], "total")
-        med["migctl"]["pause"] = _median(ok["migctl"], "pre-copy pause")
+        for m in MIGCTL:
+            med[m]["pause"] = _median(ok[m], "pre-copy pause")
         failed = {m: len(got[m]) - len(ok[m]) for m in METHODS if len(got[m]) > len(ok[m])}
         summary.append((label + (f" (failed: {failed})" if failed else ""), med))
     print("\nmedians over", args.runs, "runs (× floor: the same run's floor gap)")
     print(f"{'workload':<12} " + " ".join(f"{m + ' gap':>11}" for m in METHODS)
-          + f" {'migctl dt':>9} {'floor dt':>8} {'migctl/seed total':>17} {'pre-copy pause':>14}")
+          + f" {'floor dt':>8} " + " ".join(f"{m + ' dt':>12} {'/seed total':>11} {'pause':>6}"
+                                            for m in MIGCTL))
     for label, med in summary:
         f = med["floor"]["gap"]
         cells = " ".join(f"{med[m]['gap']:>5.2f} ×{med[m]['gap'] / f:>4.2f}" for m in METHODS)
-        print(f"{label:<12} {cells} {med['migctl']['downtime']:>9.2f} "
-              f"{med['floor']['downtime']:>8.2f} "
-              f"{med['migctl']['total'] / med['seed']['total']:>17.2f} "
-              f"{med['migctl']['pause']:>14.2f}")
+        seed = med["seed"]["total"]
+        mig = " ".join(f"{med[m]['downtime']:>12.2f} {med[m]['total'] / seed:>11.2f}"
+                       f" {med[m]['pause']:>6.2f}" for m in MIGCTL)
+        print(f"{label:<12} {cells} {med['floor']['downtime']:>8.2f} {mig}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,6 +113,51 @@ def test_2_a_stranger_cannot_dump_memory(lab: LabHandle, victim: None) -> None:
     refused(lambda: a.FetchFile(pb.FileRef(migration_id=grant.migration_id,
                                            path="checkpoints/pre/pages-1.img"), timeout=10))
     assert not list((staging("nodeA") / grant.migration_id).rglob("*.img"))
+    alone_on_a(lab)
+
+
+def test_2_a_page_tunnel_is_the_bound_destinations_alone_and_only_before_the_freeze(
+        lab: LabHandle, victim: None) -> None:
+    c, b = stub(lab, "nodeA", "nodeC"), stub(lab, "nodeA", "nodeB")
+
+    def tunnel(who: rpc.AgentStub, mid: str, hold: threading.Event | None = None):
+        def requests():
+            yield pb.PageBytes(migration_id=mid)
+            if hold is not None:
+                hold.wait(30)
+        return who.PageTunnel(requests(), timeout=30)
+
+    err = refused(lambda: tunnel(c, "invented4"), grpc.StatusCode.PERMISSION_DENIED)
+    assert "has no migration invented4" in err.details()
+    grant = stub(lab, "nodeA", "client").Authorize(pb.AuthorizeRequest(
+        container="toytsm", destination_node="nodeB"), timeout=30)
+    mid = grant.migration_id
+    refused(lambda: tunnel(c, mid), grpc.StatusCode.PERMISSION_DENIED)
+    refused(lambda: c.Checkpoint(pb.CheckpointRequest(
+        migration_id=mid, container="toytsm", name="final", page_server=True), timeout=10),
+        grpc.StatusCode.PERMISSION_DENIED)
+    # the bound destination, out of order: no tunnel before Begin...
+    refused(lambda: tunnel(b, mid), grpc.StatusCode.FAILED_PRECONDITION)
+    b.Begin(pb.BeginRequest(migration_id=mid, container="toytsm"), timeout=30)
+    # ...no page server for the pre-copy checkpoint, none without a tunnel...
+    refused(lambda: b.Checkpoint(pb.CheckpointRequest(
+        migration_id=mid, container="toytsm", name="pre", leave_running=True,
+        page_server=True), timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
+    err = refused(lambda: b.Checkpoint(pb.CheckpointRequest(
+        migration_id=mid, container="toytsm", name="final", page_server=True), timeout=30),
+        grpc.StatusCode.FAILED_PRECONDITION)
+    assert "no page tunnel open" in err.details()
+    state = lab.docker["nodeA"].containers.get("toytsm").attrs["State"]
+    assert state["Running"] and not state["Paused"], "a refused checkpoint froze it"
+    # ...and one tunnel at a time
+    hold = threading.Event()
+    first = tunnel(b, mid, hold)
+    assert next(first).data == b""  # ready
+    err = refused(lambda: tunnel(b, mid), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "already has a page tunnel open" in err.details()
+    first.cancel()
+    hold.set()
+    b.Release(pb.ReleaseRequest(migration_id=mid, container="toytsm"), timeout=30)
     alone_on_a(lab)
 
 

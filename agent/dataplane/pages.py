@@ -57,6 +57,9 @@ class Listener:
                 conn, peer = self.sock.accept()
             except TimeoutError:
                 continue
+            except OSError as err:  # closed: the stream ended (close() from the RPC's end)
+                raise Unavailable(f"the page tunnel closed before a checkpoint connected "
+                                  f"({err})") from None
             why = trusted(peer)
             if not why:
                 conn.settimeout(None)
