@@ -456,7 +456,7 @@ class AgentService(rpc.AgentServicer):
             raise InvalidArgument("PageTunnel: the first message must name the migration")
         entry = self.bound(context, first.migration_id)
         listener = self.source.open_tunnel(entry)
-        context.add_callback(listener.close)  # a cancelled stream stops waiting for CRIU
+        context.add_callback(listener.abort)  # a cancelled stream: CRIU stops waiting on it
         try:
             yield pb.PageBytes()  # ready: the final checkpoint may name it now
             for data in listener.relay(r.data for r in request_iterator):

@@ -4,6 +4,7 @@ are in tests/test_faults.py and tests/test_migrate_e2e.py."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -32,13 +33,16 @@ from agent.runtime.docker import criu_path
 PEER = ("import socket, sys; s = socket.create_connection(('127.0.0.1', int(sys.argv[1]))); "
         "s.sendall(b'from-criu'); s.shutdown(socket.SHUT_WR); "
         "print(s.makefile('rb').read().decode(), flush=True)")
+# the same, but it keeps its side open while it waits for the answer, as CRIU does
+WAITING_PEER = PEER.replace(" s.shutdown(socket.SHUT_WR);", "")
 
 
-def peer(listener: Listener, *wrap: str, name: str = "criu") -> subprocess.Popen:
+def peer(listener: Listener, *wrap: str, name: str = "criu", code: str = PEER
+         ) -> subprocess.Popen:
     """A process that calls itself NAME and connects to LISTENER, run under WRAP."""
     port = listener.address.rsplit(":", 1)[1]
     return subprocess.Popen([*wrap, "bash", "-c", f'exec -a "{name}" "$0" -c "$1" "$2"',
-                             sys.executable, PEER, port], stdout=subprocess.PIPE, text=True)
+                             sys.executable, code, port], stdout=subprocess.PIPE, text=True)
 
 
 def test_a_process_of_this_node_named_criu_is_relayed_both_ways() -> None:
@@ -58,7 +62,7 @@ def test_a_process_that_is_not_criu_is_refused_unread() -> None:
     proc = peer(listener, name="python3")
     try:
         with pytest.raises(Unavailable, match="no checkpoint connected"):
-            list(listener.relay(iter([b"secret answers"]), timeout=2))
+            list(listener.relay(iter([b"secret answers"]), timeout=5))
     finally:
         listener.close()
     assert proc.communicate(timeout=10)[0].strip() == "", "it was sent something"
@@ -72,11 +76,63 @@ def test_a_container_process_posing_as_criu_is_refused() -> None:
     proc = peer(listener, "unshare", "--mount", "--propagation", "private")
     try:
         with pytest.raises(Unavailable):
-            list(listener.relay(iter([b"secret answers"]), timeout=2))
+            list(listener.relay(iter([b"secret answers"]), timeout=5))
     finally:
         listener.close()
     assert proc.communicate(timeout=10)[0].strip() == ""
     assert listener.rejected, "the impostor was never seen"
+
+
+def test_an_aborted_tunnel_stops_waiting_for_criu() -> None:
+    """The stream was cancelled (or the destination's hold broke) before CRIU connected: the
+    wait ends then, not when its long timeout runs out."""
+    listener = Listener()
+    ended: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            list(listener.relay(iter([]), timeout=600))
+        except Unavailable as err:
+            ended.append(err)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    listener.abort()
+    waiter.join(120)
+    listener.close()
+    assert ended and "ended before a checkpoint connected" in str(ended[0])
+
+
+def test_a_broken_stream_cuts_criu_off_instead_of_leaving_it_waiting() -> None:
+    """The destination died while CRIU waits for its page server's answer: CRIU's
+    connection is shut down, so its dump fails and the source can resume the container."""
+    def broken():
+        yield b"from-"
+        raise RuntimeError("the stream broke")  # as grpc.RpcError: not an OSError
+
+    listener = Listener()
+    proc = peer(listener, code=WAITING_PEER)
+    try:
+        got = b"".join(listener.relay(broken(), timeout=30))
+    finally:
+        listener.close()
+    assert got == b"from-criu"
+    assert proc.communicate(timeout=60)[0].strip() == "from-", "CRIU was not cut off"
+
+
+def test_the_port_stays_bound_while_a_checkpoint_holds_it() -> None:
+    """runc may still send CRIU to the port after the stream ended: no other process may
+    take it until the checkpoint lets go."""
+    listener = Listener()
+    port = int(listener.address.rsplit(":", 1)[1])
+    assert listener.hold()  # the checkpoint
+    listener.close()  # the stream ends
+    with socket.socket() as other, pytest.raises(OSError):
+        other.bind(("127.0.0.1", port))
+    listener.release()  # the checkpoint ends
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", port))
+    assert not listener.hold(), "a closed tunnel was given to a checkpoint"
 
 
 def test_criu_peer_names_an_address_no_process_holds() -> None:

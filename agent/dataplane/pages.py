@@ -30,10 +30,15 @@ log = logging.getLogger(__name__)
 RELAY_CHUNK = 1 << 20  # bytes per stream message, as the other streams
 ACCEPT_S = 60.0        # how long the source waits for its CRIU to connect
 PAGE_SERVER_EXIT_S = 30.0  # how long the page server may take to finish its images
+IDLE_S = 60.0          # a relay with no byte from CRIU for this long is cut (CRIU then fails)
 
 
 class Listener:
-    """The source's end: a loopback port for its own CRIU, relayed to and from a stream."""
+    """The source's end: a loopback port for its own CRIU, relayed to and from a stream.
+
+    Its port stays bound until every holder let go (`hold`/`release`: the tunnel's stream and
+    a checkpoint that was given the port): no other process can take the port while runc may
+    still send CRIU to it. `abort` ends the relay and any wait at once (shutdown, not close)."""
 
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -41,6 +46,10 @@ class Listener:
         self.sock.listen(4)
         self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.rejected: list[str] = []  # what connected and was not this node's CRIU
+        self.conn: socket.socket | None = None
+        self.aborted = False
+        self._holders = 1  # the tunnel's stream
+        self._lock = threading.Lock()
 
     def accept(self, timeout: float = ACCEPT_S,
                trusted: Callable[[tuple[str, int]], str] | None = None) -> socket.socket:
@@ -52,17 +61,24 @@ class Listener:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise Unavailable(f"no checkpoint connected to the page tunnel in {timeout:.0f} s")
-            self.sock.settimeout(left)
+            self.sock.settimeout(min(left, 0.5))
             try:
                 conn, peer = self.sock.accept()
             except TimeoutError:
+                if self.aborted:
+                    raise Unavailable("the page tunnel ended before a checkpoint connected") \
+                        from None
                 continue
-            except OSError as err:  # closed: the stream ended (close() from the RPC's end)
-                raise Unavailable(f"the page tunnel closed before a checkpoint connected "
+            except OSError as err:  # shut down: the stream ended
+                raise Unavailable(f"the page tunnel ended before a checkpoint connected "
                                   f"({err})") from None
             why = trusted(peer)
             if not why:
-                conn.settimeout(None)
+                conn.settimeout(IDLE_S)
+                with self._lock:
+                    self.conn = conn
+                    if self.aborted:
+                        conn.shutdown(socket.SHUT_RDWR)
                 return conn
             self.rejected.append(why)
             log.warning("page tunnel: refused a connection: %s", why)
@@ -77,8 +93,36 @@ class Listener:
         finally:
             conn.close()
 
+    def hold(self) -> bool:
+        """One more holder of the port; False when it is already closed or aborted."""
+        with self._lock:
+            if self._holders == 0 or self.aborted:
+                return False
+            self._holders += 1
+            return True
+
+    def release(self) -> None:
+        """A holder lets go; the last one closes the port."""
+        with self._lock:
+            self._holders -= 1
+            last = self._holders == 0
+        if last:
+            self.abort()
+            self.sock.close()
+
+    def abort(self) -> None:
+        """End the wait for CRIU and the relay now: CRIU's connection and the wait both fail,
+        so a checkpoint blocked on either ends (and the source can resume the container)."""
+        with self._lock:
+            self.aborted = True
+            conn = self.conn
+        for sock in (self.sock, conn):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
-        self.sock.close()
+        self.release()
 
 
 def criu_peer(peer: tuple[str, int]) -> str:
@@ -119,12 +163,16 @@ class PageServer:
         work.mkdir(parents=True, exist_ok=True)
         ours, theirs = socket.socketpair()
         self.sock = ours
+        self.cancel: Callable[[], object] = lambda: None  # ends the tunnel's stream
         try:
             self.proc = subprocess.Popen(
                 [criu, "page-server", "--images-dir", str(images), "--work-dir", str(work),
                  "--ps-socket", str(theirs.fileno()), "-o", "page-server.log", "-v2"],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError:
+            ours.close()
+            raise
         finally:
             theirs.close()
         self._done = threading.Event()
@@ -182,6 +230,9 @@ class PageServer:
             return "(no log)"
 
     def stop(self) -> None:
+        """The page server and the tunnel end now: the source's CRIU fails at once, and the
+        source can resume its container."""
+        self.cancel()
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
@@ -196,17 +247,27 @@ def _recv(sock: socket.socket) -> bytes:
 
 
 def _pump(conn: socket.socket, incoming: Iterable[bytes]) -> Iterator[bytes]:
-    """CONN's bytes out, INCOMING into CONN (in a thread); ends when CONN closes."""
+    """CONN's bytes out, INCOMING into CONN (in a thread); ends when CONN closes. Whatever ends
+    INCOMING (its end, a broken stream) shuts CONN down: CRIU never waits on a dead tunnel."""
     def down() -> None:
         try:
             for data in incoming:
                 conn.sendall(data)
             conn.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        except Exception:  # noqa: BLE001 - a broken stream or socket: CRIU must not wait
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     answers = threading.Thread(target=down, name="page-tunnel-down", daemon=True)
     answers.start()
-    while data := _recv(conn):
+    while True:
+        try:
+            data = conn.recv(RELAY_CHUNK)
+        except TimeoutError:
+            raise Unavailable(f"the page tunnel carried nothing for {IDLE_S:.0f} s") from None
+        except OSError:
+            data = b""
+        if not data:
+            break
         yield data
     answers.join(PAGE_SERVER_EXIT_S)  # the last answers still reach CRIU before the close

@@ -473,6 +473,7 @@ class Migration:
             [pb.PageBytes(migration_id=self.migration_id)],
             (pb.PageBytes(data=data) for data in server.answers()))
         call = self.source.PageTunnel(requests, timeout=ACCEPT_S + self.deadline(limit))
+        server.cancel = call.cancel
         self.guarded(lambda: next(call))  # ready
         server.start(self.guarded_stream(r.data for r in call))
         return server

@@ -208,19 +208,28 @@ class SourceSide:
     def open_tunnel(self, entry: j.Entry) -> Listener:
         """A page tunnel for the final checkpoint: opened in pre-copy, one per migration."""
         with self._lock:
-            if entry.state != j.PRE_COPY:
-                raise j.IllegalTransition(f"migration {entry.id} is {entry.state}: a page "
-                                          "tunnel is opened before the final checkpoint")
+            now = self.journal.get(entry.id, j.SOURCE)
+            if now is None or now.state != j.PRE_COPY:
+                raise j.IllegalTransition(f"migration {entry.id} is "
+                                          f"{now.state if now else 'gone'}: a page tunnel is "
+                                          "opened before the final checkpoint")
             if entry.id in self._tunnels:
                 raise FailedPrecondition(f"migration {entry.id} already has a page tunnel open")
             listener = self._tunnels[entry.id] = Listener()
         return listener
 
     def close_tunnel(self, migration_id: str, listener: Listener) -> None:
+        """The stream ended; the port stays bound while a checkpoint still holds it."""
         with self._lock:
             if self._tunnels.get(migration_id) is listener:
                 del self._tunnels[migration_id]
-        listener.close()
+        listener.release()
+
+    def _abort_tunnel(self, migration_id: str) -> None:
+        with self._lock:
+            tunnel = self._tunnels.get(migration_id)
+        if tunnel is not None:
+            tunnel.abort()
 
     def checkpoint(self, entry: j.Entry, request: pb.CheckpointRequest) -> Path:
         if (request.name, request.leave_running) not in ((PRE_CHECKPOINT, True),
@@ -241,11 +250,16 @@ class SourceSide:
             # puts back the restart policy, which must be "no" while the container is stopped
             # here (the engine would start it again: a second copy). With a page server, the
             # container is paused and stays so: its memory there is the rollback.
-            policy = self.runtime.restart_policy(entry.container)
-            with self._lock:
-                self.journal.move(entry.id, j.SOURCE, j.FROZEN, by=j.PEER,
-                                  data={"restart_policy": policy, "paused": bool(tunnel)})
-                self._freezing.add(entry.id)
+            try:
+                policy = self.runtime.restart_policy(entry.container)
+                with self._lock:
+                    self.journal.move(entry.id, j.SOURCE, j.FROZEN, by=j.PEER,
+                                      data={"restart_policy": policy, "paused": bool(tunnel)})
+                    self._freezing.add(entry.id)
+            except BaseException:
+                if tunnel is not None:
+                    tunnel.release()
+                raise
             try:
                 if policy.get("Name", "no") != "no":
                     self.runtime.set_restart_policy(entry.container, {"Name": "no"})
@@ -256,6 +270,8 @@ class SourceSide:
                 return self.runtime.checkpoint(entry.container, request.name,
                                                area / "checkpoints", True, tunnel.address)
             finally:
+                if tunnel is not None:
+                    tunnel.release()  # runc is done with the port
                 with self._lock:
                     self._freezing.discard(entry.id)
                     lost = entry.id in self._hold_lost
@@ -270,15 +286,24 @@ class SourceSide:
 
     def tunnel_for(self, entry: j.Entry) -> Listener:
         """The migration's open page tunnel, on a node that can send pages to it."""
-        with self._lock:
-            tunnel = self._tunnels.get(entry.id)
-        if tunnel is None:
-            raise FailedPrecondition(f"migration {entry.id} has no page tunnel open for the "
-                                     "page server")
         if self.runtime.method_for(entry.container) != "direct":
             raise FailedPrecondition(f"{entry.container[:12]} is checkpointed through the "
                                      "engine, which cannot send pages to a page server")
+        with self._lock:
+            tunnel = self._tunnels.get(entry.id)
+            if tunnel is None or not tunnel.hold():  # held: the port stays ours until released
+                raise FailedPrecondition(f"migration {entry.id} has no page tunnel open for "
+                                         "the page server")
         return tunnel
+
+    def still_paused(self, entry: j.Entry) -> None:
+        """A container paused for a page-server checkpoint must still be paused when its
+        changes are read and when it is handed over: run since, its memory is newer than the
+        pages sent (someone unpaused it, or its engine stopped it)."""
+        if entry.data.get("paused") and not self.runtime.inspect(
+                entry.container)["State"].get("Paused"):
+            raise FailedPrecondition(f"{entry.container[:12]} is no longer paused here since its "
+                                     "final checkpoint: its memory moved on")
 
     def offer(self, entry: j.Entry, rel: str, chunks: Iterator[bytes]) -> None:
         """Keep the destination's signature of its basis for REL's final pass; REL must be a
@@ -300,6 +325,7 @@ class SourceSide:
         if entry.state != j.FROZEN or entry.id in self._freezing:
             raise j.IllegalTransition(f"migration {entry.id} is {entry.state}: the final pass "
                                       "follows the final checkpoint")
+        self.still_paused(entry)
         area = self.staging.area(entry.id)
         folder = area / "checkpoints" / FINAL_CHECKPOINT
         for path in sorted(folder.iterdir()):
@@ -332,6 +358,7 @@ class SourceSide:
             self._offers.pop(migration_id, None)
 
     def commit(self, entry: j.Entry) -> None:
+        self.still_paused(entry)
         # Under the same lock as a lease's resume: one of the two wins, never both.
         with self._lock:
             committed = self.journal.try_move(entry.id, j.SOURCE, j.COMMITTED, by=j.PEER)
@@ -422,6 +449,9 @@ class SourceSide:
                 raise FailedPrecondition(
                     f"migration {entry.id} was never committed here ({entry.state}); "
                     "refusing to treat the container as moved")
+            if entry.data.get("paused") and not self.runtime.gone(entry.container) and \
+                    self.runtime.inspect(entry.container)["State"].get("Running"):
+                self.runtime.kill(entry.container)  # paused (or not): it now runs there
             try:
                 self.keep_last_snapshots(entry)
             except (MigctlError, OSError) as err:
@@ -429,8 +459,6 @@ class SourceSide:
             if remove_container:
                 self.runtime.remove(entry.container)
             else:
-                if self.runtime.inspect(entry.container)["State"].get("Paused"):
-                    self.runtime.kill(entry.container)  # its memory now runs at the destination
 
                 self.store.mark_departed(entry.container, entry.id)
             self.journal.move(entry.id, j.SOURCE, j.DONE, by=j.PEER)
@@ -502,6 +530,8 @@ class SourceSide:
             freezing = entry.id in self._freezing
             if freezing:
                 self._hold_lost.add(entry.id)  # resumed as soon as the checkpoint ends
+        if freezing:
+            self._abort_tunnel(entry.id)  # a dump into a dead tunnel ends now, not in minutes
         if now is None or (now.state != j.FROZEN and not freezing):
             return  # committed (the hold's normal end), resumed, ended, or never frozen
         why = "broke" if ended.is_set() else f"fell silent for {HOLD_SILENCE:.0f} s"
