@@ -203,6 +203,47 @@ def test_restore_failure_after_the_commit_resumes_the_source(lab: LabHandle, toy
     assert_intact_and_counting(lab.docker["nodeA"])
 
 
+def test_a_retry_after_a_failed_way_back_succeeds(lab: LabHandle, toy: None) -> None:
+    """toytsm goes to nodeB, leaving its stopped copy on nodeA; the way back fails after the
+    new container replaced that copy at nodeA (its restore fails). The volume nodeA keeps is
+    an older copy of the same volume, now used by no container: a retry must not be refused
+    for it (it was: "already has a volume named 'testrw' (used by no container)")."""
+    migctl("migrate", "--from", "nodeA", "--to", "nodeB", "toytsm")
+    Lab().restart_agent("nodeA", ["--test-pause", f"restoring={PAUSE}"], HOOKS)
+    proc, lines = start_migration(["--from", "nodeB", "--to", "nodeA"])
+    wait_for_line(lines, "paused before restoring")
+    staging = Lab().node_dir("nodeA") / "agent" / "staging"
+    for inventory in staging.glob("*/checkpoints/final/inventory.img"):
+        inventory.write_bytes(b"garbage")
+    out = finish(proc, lines)
+    assert proc.returncode == 1 and "runs again on nodeB" in out, out
+    assert wait_one_copy(lab) == "nodeB"
+    assert [c.name for c in lab.docker["nodeA"].containers.list(all=True)] == []
+    Lab().restart_agent("nodeA")
+    migctl("migrate", "--from", "nodeB", "--to", "nodeA", "toytsm")
+    assert wait_one_copy(lab) == "nodeA"
+    assert_intact_and_counting(lab.docker["nodeA"])
+
+
+def test_someone_elses_volume_of_the_same_name_is_never_overwritten(
+        lab: LabHandle, toy: None) -> None:
+    """nodeB has a volume named as the container's, used by no container and never part of
+    a migration: the migration is refused before anything is frozen, and its data stays."""
+    b = lab.docker["nodeB"]
+    b.volumes.create("testrw")
+    ensure_toy_image(b, CACHE)
+    b.containers.run("toytsm:1", ["sh", "-c", "echo mine > /v/data"], remove=True,
+                     volumes={"testrw": {"bind": "/v", "mode": "rw"}})
+    res = migctl("migrate", "--from", "nodeA", "--to", "nodeB", "toytsm", check=False)
+    assert res.returncode == 1
+    assert "nodeB already has a volume named 'testrw' (used by no container)" in res.stderr
+    assert "freeze" not in res.stderr
+    out = b.containers.run("toytsm:1", ["cat", "/v/data"], remove=True,
+                           volumes={"testrw": {"bind": "/v", "mode": "ro"}})
+    assert out.strip() == b"mine"
+    assert running_copies(lab) == ["nodeA"]
+
+
 def test_the_disk_check_refuses_before_the_freeze(lab: LabHandle, toy: None) -> None:
     staging = Lab().node_dir("nodeB") / "agent" / "staging"
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "migctl-test-tiny", str(staging)],

@@ -35,6 +35,11 @@ CREATE TABLE IF NOT EXISTS items (
     used REAL NOT NULL,
     PRIMARY KEY (key, ts)
 );
+CREATE TABLE IF NOT EXISTS departed_volumes (
+    volume TEXT PRIMARY KEY,
+    container_id TEXT NOT NULL,
+    at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS volume_ids (
     volume TEXT PRIMARY KEY,
     id TEXT NOT NULL
@@ -71,6 +76,25 @@ class Store:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO departed VALUES (?, ?, ?)",
                              (container_id, migration_id, time.time()))
+
+    def mark_volumes_departed(self, container_id: str, volumes: list[str]) -> None:
+        """The departed CONTAINER_ID is removed here (a migration back replaces it): its
+        VOLUMES stay, used by no container, and may be replaced by a later migration too."""
+        with self._lock:
+            self._db.executemany("INSERT OR REPLACE INTO departed_volumes VALUES (?, ?, ?)",
+                                 [(v, container_id, time.time()) for v in volumes])
+
+    def is_departed_volume(self, volume: str) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM departed_volumes WHERE volume = ?",
+                                   (volume,)).fetchone()
+        return row is not None
+
+    def forget_departed_volumes(self, volumes: list[str]) -> None:
+        """VOLUMES belong to a running container again."""
+        with self._lock:
+            self._db.executemany("DELETE FROM departed_volumes WHERE volume = ?",
+                                 [(v,) for v in volumes])
 
     def is_departed(self, container_id: str) -> bool:
         with self._lock:

@@ -252,16 +252,17 @@ class Migration:
             self.fail(err)
             raise
         self.step(j.DONE)
-        try:
-            self.keep(spec, frozen_at)
-        except (MigctlError, OSError) as err:  # the container runs; only the cache suffers
-            self.report.log(f"warning: could not keep a copy for later migrations: {err}")
-        try:
+        self.store.forget_departed_volumes([v.name for v in spec.volumes])
+        try:  # first: a source paused for a page server still holds its clients' connections
             self.call(self.source.Release, pb.ReleaseRequest(
                 migration_id=self.migration_id, container=spec.id, completed=True,
                 remove_container=self.request.remove_source), timeout=60)
         except MigctlError as err:  # the container runs here; the source keeps a stopped copy
             self.report.log(f"warning: could not release the source: {err}")
+        try:
+            self.keep(spec, frozen_at)
+        except (MigctlError, OSError) as err:  # the container runs; only the cache suffers
+            self.report.log(f"warning: could not keep a copy for later migrations: {err}")
         report = self.report.done(self.new_container)
         self.keep_report(report)
         return report
@@ -308,7 +309,7 @@ class Migration:
                 f"{self.node} already has a container named {spec.name!r} "
                 f"({existing['Id'][:12]}); remove or rename it first")
         for vol in spec.volumes:
-            self.check_volume_free(vol.name)
+            self.check_volume_free(vol)
         return spec
 
     def existing_container(self, name: str) -> dict | None:
@@ -317,13 +318,18 @@ class Migration:
         except MigctlError:
             return None
 
-    def check_volume_free(self, name: str) -> None:
+    def check_volume_free(self, vol: pb.VolumeSpec) -> None:
         """A volume of the same name may only be reused when it belongs to the stale copy this
-        node left when the container migrated away from it; anything else could be lost."""
+        node left when the container migrated away from it, or, used by no container, when
+        this node removed that stale copy (a migration back that then failed: `create`);
+        anything else could be lost. Decided from this node's own records alone."""
+        name = vol.name
         if not self.runtime.volume_exists(name):
             return
         users = self.runtime.volume_users(name)
         if users and all(self.is_migrated_away(u["Id"]) for u in users):
+            return
+        if not users and self.store.is_departed_volume(name):
             return
         who = ", ".join(u["Names"][0].lstrip("/") for u in users) or "no container"
         raise AlreadyExists(
@@ -641,7 +647,9 @@ class Migration:
         """Create the new container before the freeze, so that the restore only starts it;
         until it runs, a rollback removes it (agent/migration/recovery.py)."""
         stale = self.existing_container(spec.name)
-        if stale:
+        if stale:  # departed (request_phase): its volumes stay replaceable once it is gone
+            self.store.mark_volumes_departed(stale["Id"], [
+                m["Name"] for m in stale.get("Mounts") or [] if m.get("Type") == "volume"])
             self.runtime.remove(stale["Id"])
         self.entry.data["new_container"] = self.runtime.create_like(
             spec, self.request.allow_privileged)
