@@ -8,23 +8,13 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-import shtab
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from agent.errors import MigctlError
+from client import completion
 from client.api import (
     AgentClient,
     AgentError,
@@ -36,6 +26,10 @@ from client.api import (
     plan,
 )
 from proto import migctl_pb2 as pb
+
+if TYPE_CHECKING:  # rich is imported by a live progress only (~40 ms of start-up)
+    from rich.console import Console
+    from rich.progress import TaskID
 
 
 def _mb(n: int) -> str:
@@ -83,6 +77,16 @@ class LiveProgress:
     transfer report arrives, all of them at the end of a phase."""
 
     def __init__(self, console: Console | None = None) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
         self.bars = Progress(TextColumn("  {task.description}"), BarColumn(), DownloadColumn(),
                              TransferSpeedColumn(), TimeRemainingColumn(),
                              console=console or Console(stderr=True), transient=True)
@@ -271,7 +275,7 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 
 
 def cmd_completion(args: argparse.Namespace) -> int:
-    print(shtab.complete(build_parser(), shell=args.shell))
+    print(completion.script(build_parser(), args.shell))
     return 0
 
 
@@ -281,12 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inventory", type=Path, default=None,
                    help="node inventory (default: $MIGCTL_INVENTORY, else the config file's "
                         "inventory, else $MIGCTL_HOME/inventory.json)"
-                   ).complete = shtab.FILE  # type: ignore[attr-defined]
+                   ).complete = completion.FILE  # type: ignore[attr-defined]
     p.add_argument("--tls-dir", type=Path, default=None,
                    help="the operator's ca.crt, client.crt and client.key (default: the "
                         "inventory's tls_dir, else $MIGCTL_TLS_DIR, else the config file's "
                         "tls_dir, else $MIGCTL_HOME/tls)"
-                   ).complete = shtab.DIRECTORY  # type: ignore[attr-defined]
+                   ).complete = completion.DIRECTORY  # type: ignore[attr-defined]
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("migrate", help="move a running container to another node")
@@ -343,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "client, in DIR (default: --tls-dir, else $MIGCTL_TLS_DIR, else the "
                          "config file's tls_dir, else $MIGCTL_HOME/tls)")
     ci.add_argument("--dir", type=Path, default=None
-                    ).complete = shtab.DIRECTORY  # type: ignore[attr-defined]
+                    ).complete = completion.DIRECTORY  # type: ignore[attr-defined]
     ci.add_argument("--client", action="append", default=None, metavar="NAME",
                     help="client certificate names (default: client)")
     ci.add_argument("nodes", nargs="+", metavar="NODE")

@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 
 from agent import certs
-from agent.runtime.direct import DIRECT_RUNTIME
-from agent.runtime.direct import WRAPPER as RUNC_WRAPPER
 from agent.security import TLSFiles
 from client.api import MIGCTL_HOME, AgentClient, ClientError, Node, default_inventory
 
@@ -162,6 +160,11 @@ class Lab:
                                     env=env, start_new_session=True)
 
     def ensure_dockerd(self, name: str, node: dict) -> None:
+        # here, not at the top: every migctl command imports this module, the Docker SDK
+        # (under agent.runtime) costs ~0.15 s of start-up
+        from agent.runtime.direct import DIRECT_RUNTIME
+        from agent.runtime.direct import WRAPPER as RUNC_WRAPPER
+
         d = self.node_dir(name)
         config = d / "daemon.json"
         exec_root = RUN_DIR / name

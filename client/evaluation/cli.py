@@ -7,12 +7,14 @@ import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import shtab
-
+from client import completion
 from client.api import ClientError
-from client.evaluation.driver import Driver
 from client.evaluation.grid import Grid, load_grid
+
+if TYPE_CHECKING:  # the driver imports the Docker SDK: only `bench run` loads it
+    from client.evaluation.driver import Driver
 
 DEFAULT_OUT = Path("bench-results")
 DEFAULT_DRIVER = "client.evaluation.driver:LabDriver"
@@ -25,10 +27,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run = bsub.add_parser("run", help="run a grid file's runs in random order; write "
                           "runs.csv, summary and plots")
     run.add_argument("grid", type=Path, metavar="GRID.toml"
-                     ).complete = shtab.FILE  # type: ignore[attr-defined]
+                     ).complete = completion.FILE  # type: ignore[attr-defined]
     run.add_argument("--out", type=Path, default=None, metavar="DIR",
                      help=f"results folder (default: {DEFAULT_OUT}/GRID_NAME)"
-                     ).complete = shtab.DIRECTORY  # type: ignore[attr-defined]
+                     ).complete = completion.DIRECTORY  # type: ignore[attr-defined]
     run.add_argument("--resume", action="store_true",
                      help="go on with DIR/runs.csv: skip the runs it holds as ok")
     run.add_argument("--driver", default=DEFAULT_DRIVER, metavar="MODULE:NAME",
@@ -39,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                              ("plots", cmd_plots, "PNG plots")):
         p = bsub.add_parser(name, help=f"write {what} from DIR/runs.csv")
         p.add_argument("dir", type=Path, metavar="DIR"
-                       ).complete = shtab.DIRECTORY  # type: ignore[attr-defined]
+                       ).complete = completion.DIRECTORY  # type: ignore[attr-defined]
         p.set_defaults(func=func)
 
 
