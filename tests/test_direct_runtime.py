@@ -11,6 +11,7 @@ import docker
 import pytest
 
 from agent.runtime import direct
+from client.lab import Lab
 from client.workloads import COUNTER, TOY_IMAGE, ensure_toy_image, remove_everywhere, run_toy
 from tests.conftest import CACHE, LabHandle, migrate_json
 from tests.test_migrate_e2e import check_moved, logs, wait_for_count
@@ -76,3 +77,27 @@ def test_a_container_on_plain_runc_takes_the_engines_path(lab: LabHandle) -> Non
     assert new.status == "running"
     wait_for_count(c, "toytsm", 2)
     remove_everywhere(lab.docker, ["toytsm"], ["testrw", "testro"])
+
+
+def test_an_agent_starting_sweeps_the_requests_a_killed_one_left(lab: LabHandle) -> None:
+    """A request left by an agent killed mid-checkpoint would send an operator's later
+    `docker checkpoint create` of the container to an old folder, or its memory to a loopback
+    port anyone may hold by then. The agent of the engine that runs the container removes it
+    when it starts; a request for a container of another engine stays."""
+    a = lab.docker["nodeA"]
+    remove_everywhere(lab.docker, ["toytsm"], ["testrw", "testro"])
+    ensure_toy_image(a, CACHE)
+    toy = run_toy(a)
+    direct.REQUEST_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    stale = direct.REQUEST_DIR / f"{toy.id}.checkpoint"
+    stale.write_text("/var/tmp/old-folder\n127.0.0.1:40000\ntoken\n")
+    elsewhere = direct.REQUEST_DIR / f"{'f' * 64}.checkpoint"  # no engine of the lab has it
+    elsewhere.write_text("/var/tmp/other\n\ntoken\n")
+    try:
+        Lab().restart_agent("nodeA")
+        assert not stale.exists(), "the stale request survived the agent's start"
+        assert elsewhere.exists(), "another engine's request was removed"
+    finally:
+        stale.unlink(missing_ok=True)
+        elsewhere.unlink(missing_ok=True)
+        remove_everywhere(lab.docker, ["toytsm"], ["testrw", "testro"])

@@ -83,5 +83,7 @@ def open_runtime(docker_host: str, engine_tmp: Path, containerd: Path) -> Runtim
         name = ""
     if not name:
         return engine
-    return DirectRuntime(docker_host, engine_tmp=engine_tmp, containerd=containerd,
-                         runtime_name=name)
+    direct = DirectRuntime(docker_host, engine_tmp=engine_tmp, containerd=containerd,
+                           runtime_name=name)
+    direct.sweep_requests()
+    return direct

@@ -75,6 +75,23 @@ class DirectRuntime(DockerRuntime):
         super().__init__(*args, **kwargs)
         self.runtime_name = runtime_name
 
+    def sweep_requests(self) -> int:
+        """Remove the requests an agent killed mid-call left for this engine's containers:
+        one would send a later checkpoint of the container (an operator's own) to an old
+        folder, or its memory to a loopback port anyone may hold by now. Other engines'
+        requests (nodes of a lab share the folder) are theirs."""
+        removed = 0
+        for c in self._call("list containers", self.api.containers, all=True, quiet=True):
+            for action in ("checkpoint", "restore"):
+                request = REQUEST_DIR / f"{c['Id']}.{action}"
+                if request.exists():
+                    request.unlink(missing_ok=True)
+                    removed += 1
+        if removed:
+            log.warning("removed %d stale request(s) for %s from %s", removed, WRAPPER.name,
+                        REQUEST_DIR)
+        return removed
+
     def method_for(self, container: str) -> str:
         return self._method_of(self.inspect(container))
 
