@@ -49,7 +49,7 @@ import docker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.runtime.direct import DirectRuntime  # noqa: E402
+from agent.runtime.direct import DirectRuntime, token  # noqa: E402
 from client.lab import LAB_DIR, RUN_DIR, Lab  # noqa: E402
 from client.seedmethod import SeedMethod  # noqa: E402
 from client.workloads import (  # noqa: E402
@@ -125,6 +125,10 @@ def engine_cycle(rt: DirectRuntime, name: str) -> dict:
     api._raise_for_status(api._post_json(api._url("/containers/{0}/checkpoints", cid),
                                          data={"CheckpointID": tag, "Exit": True}))
     t1 = time.monotonic()
+    # content of its own: an idle container's checkpoint can be byte-identical to one restored
+    # earlier on this engine, and containerd refuses to store it again ("already exists")
+    folder = rt.root_dir() / "containers" / cid / "checkpoints" / tag
+    (folder / "bench-token").write_text(token())
     rt.engine_start_checkpoint(cid, tag)
     t2 = running_at(rt, cid)
     api._raise_for_status(api._delete(api._url("/containers/{0}/checkpoints/{1}", cid, tag)))
