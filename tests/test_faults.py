@@ -180,6 +180,20 @@ def test_fault_leaves_exactly_one_running_copy(lab: LabHandle, toy: None, reques
     assert "toytsm" not in [c.name for c in lab.docker["nodeB"].containers.list(all=True)]
 
 
+def failed_restore(destination: str, args: list[str]) -> str:
+    """A migration whose restore at DESTINATION fails after the commit (its final checkpoint
+    is damaged while the destination pauses before restoring); its output."""
+    Lab().restart_agent(destination, ["--test-pause", f"restoring={PAUSE}"], HOOKS)
+    proc, lines = start_migration(args)
+    wait_for_line(lines, "paused before restoring")
+    staging = Lab().node_dir(destination) / "agent" / "staging"
+    for inventory in staging.glob("*/checkpoints/final/inventory.img"):
+        inventory.write_bytes(b"garbage")
+    out = finish(proc, lines)
+    assert proc.returncode == 1, out
+    return out
+
+
 @pytest.mark.parametrize("memory,resumed", [
     ("delta", "restored from its final checkpoint"),
     ("page-server", "unpaused: it goes on where it was paused for the final checkpoint")])
@@ -188,14 +202,8 @@ def test_restore_failure_after_the_commit_resumes_the_source(lab: LabHandle, toy
     """The destination's restore fails (its checkpoint is damaged) after it committed: the
     source, told by the destination, resumes from its final checkpoint, or unpauses the
     container when its memory went to the page server."""
-    Lab().restart_agent("nodeB", ["--test-pause", f"restoring={PAUSE}"], HOOKS)
-    proc, lines = start_migration(["--memory-transfer", memory])
-    wait_for_line(lines, "paused before restoring")
-    staging = Lab().node_dir("nodeB") / "agent" / "staging"
-    for inventory in staging.glob("*/checkpoints/final/inventory.img"):
-        inventory.write_bytes(b"garbage")
-    out = finish(proc, lines)
-    assert proc.returncode == 1 and "restore of container" in out, out
+    out = failed_restore("nodeB", ["--memory-transfer", memory])
+    assert "restore of container" in out, out
     assert f"runs again on nodeA ({resumed})" in out, out
     wait_one_copy(lab)
     before = numbers(lab.docker["nodeA"].containers.get("toytsm").logs().decode())
@@ -209,14 +217,8 @@ def test_a_retry_after_a_failed_way_back_succeeds(lab: LabHandle, toy: None) -> 
     an older copy of the same volume, now used by no container: a retry must not be refused
     for it (it was: "already has a volume named 'testrw' (used by no container)")."""
     migctl("migrate", "--from", "nodeA", "--to", "nodeB", "toytsm")
-    Lab().restart_agent("nodeA", ["--test-pause", f"restoring={PAUSE}"], HOOKS)
-    proc, lines = start_migration(["--from", "nodeB", "--to", "nodeA"])
-    wait_for_line(lines, "paused before restoring")
-    staging = Lab().node_dir("nodeA") / "agent" / "staging"
-    for inventory in staging.glob("*/checkpoints/final/inventory.img"):
-        inventory.write_bytes(b"garbage")
-    out = finish(proc, lines)
-    assert proc.returncode == 1 and "runs again on nodeB" in out, out
+    out = failed_restore("nodeA", ["--from", "nodeB", "--to", "nodeA"])
+    assert "runs again on nodeB" in out, out
     assert wait_one_copy(lab) == "nodeB"
     assert [c.name for c in lab.docker["nodeA"].containers.list(all=True)] == []
     Lab().restart_agent("nodeA")
