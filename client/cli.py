@@ -309,9 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "refused without this")
     m.add_argument("--memory-transfer", choices=list(MEMORY_TRANSFER), default="auto",
                    help="how the final checkpoint's memory pages travel: page-server (straight "
-                        "from CRIU, for fast links; needs the direct checkpoint path on both "
-                        "nodes), delta (dumped at the source, only what changed since pre-copy, "
-                        "for slow links), or auto: chosen from the measured link (default)")
+                        "from CRIU, for fast links; needs the direct checkpoint path at the "
+                        "source and CRIU at the destination), delta (dumped at the source, only "
+                        "what changed since pre-copy, for slow links), or auto: chosen from the "
+                        "measured link (default)")
     m.add_argument("container")
     m.set_defaults(func=cmd_migrate)
 

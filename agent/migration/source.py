@@ -459,7 +459,6 @@ class SourceSide:
             if remove_container:
                 self.runtime.remove(entry.container)
             else:
-
                 self.store.mark_departed(entry.container, entry.id)
             self.journal.move(entry.id, j.SOURCE, j.DONE, by=j.PEER)
             self.metrics.source_ended("succeeded", "destination", entry.state)

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 CRIU_BIN = "/opt/migctl/bin"  # where scripts/setup.sh puts the CRIU it probed
 
+
 def criu_path() -> str | None:
     """The CRIU this node's engine uses, for the agent's own CRIU processes (page servers)."""
     return shutil.which("criu", path=f"{CRIU_BIN}:{os.environ.get('PATH', '')}")
