@@ -9,7 +9,8 @@
 #                               dockerd's PATH so runc finds it)
 #        /opt/migctl/criu/     (private prefix when CRIU comes from Debian sid)
 #   3. /etc/criu/runc.conf with tcp-established, tcp-close and skip-in-flight, and the runc wrapper
-#      /opt/migctl/bin/migctl-runc (the direct checkpoint path)
+#      /opt/migctl/bin/migctl-runc (the direct checkpoint path); fs.pipe-max-size of at least
+#      4 MiB (post-copy)
 #   4. .venv in the repo root with `pip install -e '.[dev]'` (editable_mode=compat: fast start-up)
 #   5. a quick self-check of the installed tools
 #
@@ -465,6 +466,23 @@ step_runc_wrapper() {
     fi
 }
 
+# Post-copy (`--memory-transfer post-copy`): CRIU's lazy page server sizes its pipes to 4 MiB.
+# Beyond fs.pipe-max-size that needs CAP_SYS_RESOURCE, which hosts run in containers or
+# sandboxed VMs drop even for root; CRIU ignores the failure, and its first page read then
+# fails ("page-pipe: tee: 65536"). Raised here (never lowered); the agent checks it too.
+PIPE_MAX_FOR_CRIU=4194304
+step_pipe_size() {
+    local now
+    now=$(cat /proc/sys/fs/pipe-max-size)
+    if [[ $now -ge $PIPE_MAX_FOR_CRIU ]]; then
+        say "fs.pipe-max-size: $now (CRIU's lazy page server fits)"
+    elif echo "$PIPE_MAX_FOR_CRIU" >/proc/sys/fs/pipe-max-size 2>/dev/null; then
+        say "fs.pipe-max-size: raised from $now to $PIPE_MAX_FOR_CRIU for CRIU's lazy page server"
+    else
+        say "fs.pipe-max-size: $now and cannot be raised here: post-copy will be refused"
+    fi
+}
+
 # ---------------------------------------------------------------------------
 # 4. Python environment
 # ---------------------------------------------------------------------------
@@ -534,6 +552,7 @@ step_packages
 step_criu
 step_runc_conf
 step_runc_wrapper
+step_pipe_size
 step_python
 step_selfcheck
 say "done in $(elapsed_ms "$SETUP_START") ms"

@@ -24,8 +24,15 @@ def run(tmp_path: Path):
     requests = tmp_path / "requests"
     requests.mkdir()
 
+    # nsenter stands in too: it prints where it would have run the rest
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nsenter").write_text('#!/bin/sh\nns=$1; shift\nexec "$@" "(in $ns)"\n')
+    (bin_dir / "nsenter").chmod(0o755)
+
     def call(*args: str) -> list[str]:
-        env = dict(os.environ, MIGCTL_RUNC=str(fake), MIGCTL_RUNC_DIR=str(requests))
+        env = dict(os.environ, MIGCTL_RUNC=str(fake), MIGCTL_RUNC_DIR=str(requests),
+                   PATH=f"{bin_dir}:{os.environ['PATH']}")
         out = subprocess.run([str(direct.WRAPPER), *args], env=env, capture_output=True,
                              text=True)
         if out.returncode:
@@ -87,6 +94,23 @@ def test_a_page_server_is_added_to_the_checkpoint_only(run) -> None:
                    "--page-server", "10.0.0.2:27000", CID]
 
 
+def test_a_lazy_checkpoint_runs_in_its_network_namespace(run) -> None:
+    """Post-copy: CRIU's page server listens on every address of the namespace it runs in."""
+    (run.requests / f"{CID}.checkpoint").write_text(
+        "/s/img\n127.0.0.1:27000\ntok\nlazy\n/run/netns/migctl-pc-x\n")
+    got = run("--root", "/r", "checkpoint", "--image-path", "/e", "--leave-running", CID)
+    assert got == ["--root", "/r", "checkpoint", "--image-path", "/s/img", "--leave-running",
+                   "--page-server", "127.0.0.1:27000", "--lazy-pages", CID,
+                   "(in --net=/run/netns/migctl-pc-x)"]
+
+
+def test_a_lazy_restore_finds_its_daemon_in_the_image_folder(run) -> None:
+    (run.requests / f"{CID}.restore").write_text("/s/img\n\ntok\nlazy\n")
+    got = run("--root", "/r", "restore", "--image-path", "/e", "--work-path", "/w", CID)
+    assert got == ["--root", "/r", "restore", "--image-path", "/s/img", "--work-path", "/w",
+                   "--lazy-pages", "--work-path", "/s/img", CID]
+
+
 def test_a_request_for_another_container_or_action_changes_nothing(run) -> None:
     (run.requests / f"{'b' * 64}.checkpoint").write_text("/s/img\n")
     (run.requests / f"{CID}.restore").write_text("/s/img\n")
@@ -104,6 +128,9 @@ def test_a_request_lives_only_while_staged(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(direct, "REQUEST_DIR", tmp_path / "rq")
     with direct.staged(CID, "restore", Path("/s/img")):
         assert (tmp_path / "rq" / f"{CID}.restore").read_text().startswith("/s/img\n\n")
+    with direct.staged(CID, "checkpoint", Path("/s/img"), "127.0.0.1:1", True, Path("/n")):
+        lines = (tmp_path / "rq" / f"{CID}.checkpoint").read_text().splitlines()
+        assert lines[1] == "127.0.0.1:1" and lines[3:] == ["lazy", "/n"]
         assert (tmp_path / "rq").stat().st_mode & 0o077 == 0
     assert not (tmp_path / "rq" / f"{CID}.restore").exists()
 

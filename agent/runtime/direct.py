@@ -46,14 +46,18 @@ def wrapper_runtime(info: dict) -> str:
 
 
 @contextlib.contextmanager
-def staged(container_id: str, action: str, images: Path, page_server: str = "") -> Iterator[None]:
-    """While inside, the wrapper sends CONTAINER_ID's ACTION (checkpoint/restore) to IMAGES."""
+def staged(container_id: str, action: str, images: Path, page_server: str = "",
+           lazy: bool = False, netns: Path | None = None) -> Iterator[None]:
+    """While inside, the wrapper sends CONTAINER_ID's ACTION (checkpoint/restore) to IMAGES;
+    LAZY keeps (or fetches) the memory pages through CRIU's lazy pages, and NETNS is where runc
+    and CRIU run (a lazy checkpoint's page server listens there)."""
     if not valid_container_id(container_id):
         raise RuntimeFailure(f"not a container id: {container_id!r}")
     REQUEST_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
     request = REQUEST_DIR / f"{container_id}.{action}"
     tmp = request.with_suffix(".part")
-    tmp.write_text(f"{images}\n{page_server}\n{token()}\n")
+    tmp.write_text(f"{images}\n{page_server}\n{token()}\n{'lazy' if lazy else ''}\n"
+                   f"{netns or ''}\n")
     os.replace(tmp, request)
     try:
         yield
@@ -100,13 +104,15 @@ class DirectRuntime(DockerRuntime):
         return self.method if runs_with == self.runtime_name else DockerRuntime.method
 
     def checkpoint(self, container: str, name: str, directory: Path, leave_running: bool,
-                   page_server: str = "") -> Path:
+                   page_server: str = "", lazy_in: Path | None = None) -> Path:
         """With PAGE_SERVER (HOST:PORT), CRIU sends the memory pages there, and the folder
-        holds every other image."""
+        holds every other image. With LAZY_IN (a network namespace's file), CRIU instead keeps
+        the pages and serves them from PAGE_SERVER's port in that namespace, and this returns
+        only once they were all served (post-copy: the images are complete before that)."""
         inspected = self.inspect(container)  # once: this runs in the frozen window
         cid = inspected["Id"]
         if self._method_of(inspected) != self.method:
-            return super().checkpoint(cid, name, directory, leave_running, page_server)
+            return super().checkpoint(cid, name, directory, leave_running, page_server, lazy_in)
         target = directory / name
         if target.exists():
             shutil.rmtree(target)
@@ -114,7 +120,7 @@ class DirectRuntime(DockerRuntime):
         engine_dir = directory / f".engine-{name}"
         shutil.rmtree(engine_dir, ignore_errors=True)
         try:
-            with staged(cid, "checkpoint", target, page_server):
+            with staged(cid, "checkpoint", target, page_server, lazy_in is not None, lazy_in):
                 super().checkpoint(cid, name, engine_dir, leave_running)
             if not (target / INVENTORY).exists():
                 if page_server:  # the pages went nowhere: the checkpoint is no use
@@ -130,9 +136,12 @@ class DirectRuntime(DockerRuntime):
             shutil.rmtree(engine_dir, ignore_errors=True)
         return target
 
-    def start_from_checkpoint(self, cid: str, checkpoint_dir: Path, name: str) -> None:
+    def start_from_checkpoint(self, cid: str, checkpoint_dir: Path, name: str,
+                              lazy: bool = False) -> None:
+        """LAZY: a lazy-pages daemon waits in CHECKPOINT_DIR (agent/dataplane/pages.py) and
+        the process starts before its memory arrived."""
         if self.method_for(cid) != self.method:
-            super().start_from_checkpoint(cid, checkpoint_dir, name)
+            super().start_from_checkpoint(cid, checkpoint_dir, name, lazy)
             return
         # The engine wants a checkpoint folder of its own to exist; the images stay where they
         # were staged and are read by CRIU from there.
@@ -141,7 +150,7 @@ class DirectRuntime(DockerRuntime):
         target.mkdir(parents=True)
         (target / "migctl-direct").write_text(token())  # content of its own (migctl-runc)
         try:
-            with staged(cid, "restore", checkpoint_dir.resolve()):
+            with staged(cid, "restore", checkpoint_dir.resolve(), lazy=lazy):
                 self.engine_start_checkpoint(cid, name)
         finally:
             shutil.rmtree(target, ignore_errors=True)

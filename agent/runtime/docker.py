@@ -382,10 +382,10 @@ class DockerRuntime:
                            capture_output=True)
 
     def checkpoint(self, container: str, name: str, directory: Path, leave_running: bool,
-                   page_server: str = "") -> Path:
+                   page_server: str = "", lazy_in: Path | None = None) -> Path:
         """Checkpoint into DIRECTORY/NAME and return that folder. The engine passes CRIU no
         page server: PAGE_SERVER needs the direct path (agent/runtime/direct.py)."""
-        if page_server:
+        if page_server or lazy_in:
             raise FailedPrecondition(f"the checkpoint of {container!r} goes through the engine, "
                                      "which cannot send its pages to a page server")
         cid = self.inspect(container)["Id"]
@@ -425,12 +425,16 @@ class DockerRuntime:
                        cid, net)
         return cid
 
-    def start_from_checkpoint(self, cid: str, checkpoint_dir: Path, name: str) -> None:
+    def start_from_checkpoint(self, cid: str, checkpoint_dir: Path, name: str,
+                              lazy: bool = False) -> None:
         """Start CID from the checkpoint files in CHECKPOINT_DIR.
 
         The engine refuses a custom checkpoint dir on start, so the files go where it looks
         for its own checkpoints: <DockerRootDir>/containers/<id>/checkpoints/<name>/.
         """
+        if lazy:
+            raise FailedPrecondition(f"{cid[:12]} is restored through the engine, which cannot "
+                                     "restore memory pages lazily")
         target = self.root_dir() / "containers" / cid / "checkpoints" / name
         if target.exists():
             shutil.rmtree(target)
