@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.dataplane.pages import Listener, PageServer, criu_peer
+from agent.dataplane.pages import (
+    Listener,
+    PageServer,
+    PrivateNetns,
+    connect_in,
+    criu_peer,
+    sweep_netns,
+)
 from agent.errors import (
     DeltaError,
     FailedPrecondition,
@@ -167,6 +174,78 @@ def test_a_page_server_fed_garbage_fails_the_migration(tmp_path: Path) -> None:
     server.start(iter([b"\xff" * 4096] * 16))
     with pytest.raises(RuntimeFailure, match="page server"):
         server.finish(timeout=30)
+
+
+# listens on every address of its namespace, as CRIU's lazy page server does, and answers
+SERVE = ("import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, "
+         "socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 27000)); s.listen(1); "
+         "c, _ = s.accept(); c.sendall(b'pages:' + c.recv(64)); c.close()")
+
+
+@pytest.fixture
+def netns():
+    ns = PrivateNetns(f"migctl-pc-test-{threading.get_ident() % 100000}")
+    yield ns
+    ns.remove()
+
+
+def test_a_lazy_page_server_in_its_namespace_is_reached_from_inside_only(netns) -> None:
+    """Post-copy: CRIU's page server listens on every address; in the checkpoint's own
+    namespace no container and no process of the host's network can reach it."""
+    server = subprocess.Popen(["nsenter", f"--net={netns.path}", sys.executable, "-c", SERVE])
+    try:
+        conn = connect_in(netns.path, 27000, give_up=lambda: server.poll() is not None,
+                          timeout=30)
+        with pytest.raises(OSError):  # from the agent's own network: nothing there
+            socket.create_connection(("127.0.0.1", 27000), timeout=1).close()
+        conn.sendall(b"get")
+        assert conn.recv(64) == b"pages:get"
+    finally:
+        server.kill()
+
+
+def test_waiting_for_a_page_server_ends_when_the_checkpoint_failed(netns) -> None:
+    with pytest.raises(Unavailable, match="never listened"):
+        connect_in(netns.path, 27000, give_up=lambda: True)
+
+
+def test_a_lazy_tunnel_relays_the_connection_the_checkpoint_attached() -> None:
+    listener = Listener(lazy=True)
+    assert listener.sock is None and listener.address == ""  # nothing listens
+    ours, criu = socket.socketpair()
+    threading.Timer(0.1, listener.attach, args=(ours,)).start()
+    criu.sendall(b"page-data")
+    criu.shutdown(socket.SHUT_WR)
+    got = b"".join(listener.relay(iter([b"request"]), timeout=10))
+    assert got == b"page-data"
+    assert criu.recv(64) == b"request"
+
+
+def test_an_aborted_lazy_tunnel_stops_waiting_for_the_checkpoint() -> None:
+    listener = Listener(lazy=True)
+    threading.Timer(0.1, listener.abort).start()
+    with pytest.raises(Unavailable):
+        listener.accept(timeout=30)
+
+
+def test_stale_namespaces_of_this_node_are_swept(netns) -> None:
+    assert sweep_netns(netns.name) == [netns.name]
+    assert not netns.path.exists()
+
+
+@pytest.mark.skipif(criu_path() is None, reason="CRIU is installed by scripts/setup.sh")
+def test_a_failed_lazy_daemon_is_reported_and_its_guard_stopped(tmp_path: Path) -> None:
+    """No images: the daemon fails. A failure leaves it (and its guard, which keeps its socket
+    open) to the caller, who removes the container first; stop() then ends both."""
+    server = PageServer(criu_path() or "", tmp_path / "images", tmp_path / "images",
+                        limit=1 << 30, lazy=True)
+    assert len(server.pids) == 2
+    server.start(iter([]))
+    with pytest.raises(RuntimeFailure, match="failed"):
+        server.finish(timeout=30)
+    assert server.guard is not None and server.guard.poll() is None
+    server.stop()
+    assert server.guard.poll() is not None
 
 
 FAST = Link(rtt=0.001, throughput=PAGE_SERVER_MIN_RATE * 2, load=0.0)

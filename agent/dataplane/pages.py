@@ -7,11 +7,20 @@ leaves the source node: the source agent listens on its loopback (`Listener`), t
 connection that comes from its own CRIU, and relays it in the PageTunnel stream that the
 destination agent opened. The destination (`PageServer`) hands the stream to a page server it
 started on one end of a socket pair (`--ps-socket`): nothing listens there at all.
+
+Post-copy reverses the roles. The source's CRIU keeps the pages after its (lazy) checkpoint and
+serves them: its page server listens on every address, so runc and CRIU run in a network
+namespace the source agent made for this checkpoint (`PrivateNetns`), which only root in the
+agent's mount namespace can enter; the agent connects from inside (`connect_in`) and relays that
+connection. At the destination a `criu lazy-pages` daemon on a socket pair asks for the pages
+the restored process faults on, and pushes the rest (`PageServer(lazy=True)`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import logging
 import os
 import socket
@@ -31,6 +40,9 @@ RELAY_CHUNK = 1 << 20  # bytes per stream message, as the other streams
 ACCEPT_S = 60.0        # how long the source waits for its CRIU to connect
 PAGE_SERVER_EXIT_S = 30.0  # how long the page server may take to finish its images
 IDLE_S = 60.0          # a relay with no byte from CRIU for this long is cut (CRIU then fails)
+LAZY_PORT = 27000      # CRIU's lazy page server, alone in its namespace: any port will do
+NETNS_DIR = Path("/run/netns")
+CLONE_NEWNET = 0x40000000
 
 
 class Listener:
@@ -40,21 +52,43 @@ class Listener:
     a checkpoint that was given the port): no other process can take the port while runc may
     still send CRIU to it. `abort` ends the relay and any wait at once (shutdown, not close)."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(4)
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+    def __init__(self, lazy: bool = False) -> None:
+        """LAZY: nothing listens; a lazy checkpoint `attach`es its connection to CRIU."""
+        self.lazy = lazy
+        self.sock: socket.socket | None = None
+        self.address = ""
+        if not lazy:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.bind(("127.0.0.1", 0))
+            self.sock.listen(4)
+            self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.rejected: list[str] = []  # what connected and was not this node's CRIU
         self.conn: socket.socket | None = None
         self.aborted = False
+        self._attached = threading.Event()
         self._holders = 1  # the tunnel's stream
         self._lock = threading.Lock()
+
+    def attach(self, conn: socket.socket) -> None:
+        """A lazy checkpoint's connection to its CRIU page server, for the relay."""
+        conn.settimeout(IDLE_S)
+        with self._lock:
+            self.conn = conn
+            if self.aborted:
+                conn.shutdown(socket.SHUT_RDWR)
+        self._attached.set()
 
     def accept(self, timeout: float = ACCEPT_S,
                trusted: Callable[[tuple[str, int]], str] | None = None) -> socket.socket:
         """The first connection whose peer TRUSTED accepts (by default: a CRIU process of this
-        node's root in the agent's own mount namespace); anything else is closed unread."""
+        node's root in the agent's own mount namespace); anything else is closed unread. Lazy:
+        the connection the checkpoint attached."""
+        if self.lazy:
+            if not self._attached.wait(timeout) or self.conn is None:
+                raise Unavailable("no checkpoint attached its page server to the page tunnel in "
+                                  f"{timeout:.0f} s")
+            return self.conn
+        assert self.sock is not None
         trusted = trusted or criu_peer
         deadline = time.monotonic() + timeout
         while True:
@@ -108,7 +142,8 @@ class Listener:
             last = self._holders == 0
         if last:
             self.abort()
-            self.sock.close()
+            if self.sock is not None:
+                self.sock.close()
 
     def abort(self) -> None:
         """End the wait for CRIU and the relay now: CRIU's connection and the wait both fail,
@@ -116,6 +151,7 @@ class Listener:
         with self._lock:
             self.aborted = True
             conn = self.conn
+        self._attached.set()
         for sock in (self.sock, conn):
             if sock is not None:
                 with contextlib.suppress(OSError):
@@ -147,35 +183,140 @@ def criu_peer(peer: tuple[str, int]) -> str:
     return f"{peer[0]}:{peer[1]} is not this node's CRIU"
 
 
+class PrivateNetns:
+    """A network namespace of its own for a lazy checkpoint's CRIU (`ip netns`, named NAME):
+    only its loopback, up. Its page server there is out of reach of every container and of
+    every process of the host's network; the agent enters it to connect."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.path = NETNS_DIR / name
+        self.remove()  # one left by an agent killed mid-checkpoint
+        _ip("netns", "add", name)
+        try:
+            _ip("-n", name, "link", "set", "lo", "up")
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        if self.path.exists():
+            with contextlib.suppress(RuntimeFailure):
+                _ip("netns", "delete", self.name)
+
+
+def sweep_netns(prefix: str) -> list[str]:
+    """Remove the namespaces named PREFIX* an agent killed mid-checkpoint left (only this
+    node's: agents of a lab share /run/netns)."""
+    gone = []
+    for path in sorted(NETNS_DIR.glob(prefix + "*")) if NETNS_DIR.is_dir() else []:
+        with contextlib.suppress(RuntimeFailure):
+            _ip("netns", "delete", path.name)
+            gone.append(path.name)
+    return gone
+
+
+def _ip(*args: str) -> None:
+    out = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeFailure(f"ip {' '.join(args)}: {out.stderr.strip()}")
+
+
+def connect_in(netns: Path, port: int, give_up: Callable[[], bool],
+               timeout: float = ACCEPT_S) -> socket.socket:
+    """A connection to 127.0.0.1:PORT inside NETNS, made as soon as something listens there
+    (CRIU's page server, once its images are written); GIVE_UP ends the wait (the checkpoint
+    failed). The socket is made by a thread that entered NETNS, and stays in it."""
+    result: list[socket.socket | BaseException] = []
+
+    def inside() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            with open(netns) as ns:
+                if libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns into {netns}")
+            deadline = time.monotonic() + timeout
+            while True:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                try:
+                    sock.connect(("127.0.0.1", port))
+                    result.append(sock)
+                    return
+                except OSError as err:
+                    sock.close()
+                    if err.errno != errno.ECONNREFUSED:
+                        raise
+                if give_up() or time.monotonic() > deadline:
+                    raise Unavailable(f"CRIU's page server never listened in {netns.name}")
+                time.sleep(0.002)
+        except BaseException as err:  # noqa: BLE001 - raised in the caller's thread
+            result.append(err)
+
+    thread = threading.Thread(target=inside, name="page-server-connect", daemon=True)
+    thread.start()
+    thread.join()
+    got = result[0]
+    if isinstance(got, BaseException):
+        raise got
+    return got
+
+
 class PageServer:
-    """The destination's end: `criu page-server` writing IMAGES, fed by the tunnel's stream.
+    """The destination's end: `criu page-server` writing IMAGES, fed by the tunnel's stream;
+    or, LAZY, a `criu lazy-pages` daemon for a restore from IMAGES, asking the source's CRIU for
+    the pages the process needs.
 
     It takes at most LIMIT bytes from the source: a peer that sends more is cut off, and the
-    migration fails (the source unpauses its container)."""
+    migration fails (the source unpauses its container).
 
-    def __init__(self, criu: str, images: Path, work: Path, limit: int) -> None:
+    A lazy daemon that exits closes its userfaultfds, and the process then reads zeros where
+    pages had not arrived. So a failure never stops it before the caller removed the container
+    (`stop` comes after), and a guard process holds this end of its socket, so that it still
+    waits (and the process blocks on a missing page) if this agent dies: the restarted agent
+    removes the container, then stops both (agent/migration/recovery.py)."""
+
+    def __init__(self, criu: str, images: Path, work: Path, limit: int,
+                 lazy: bool = False) -> None:
         self.images = images
         self.work = work
         self.limit = limit
+        self.lazy = lazy
         self.received = 0
         self.error: BaseException | None = None
+        self.guard: subprocess.Popen | None = None
         images.mkdir(parents=True, exist_ok=True)
         work.mkdir(parents=True, exist_ok=True)
         ours, theirs = socket.socketpair()
         self.sock = ours
         self.cancel: Callable[[], object] = lambda: None  # ends the tunnel's stream
+        ps = str(theirs.fileno())
+        self.log_name = "lazy-pages.log" if lazy else "page-server.log"
+        cmd = ([criu, "lazy-pages", "--page-server", "--ps-socket", ps, "--images-dir",
+                str(images), "--work-dir", str(work)] if lazy else
+               [criu, "page-server", "--images-dir", str(images), "--work-dir", str(work),
+                "--ps-socket", ps])
         try:
             self.proc = subprocess.Popen(
-                [criu, "page-server", "--images-dir", str(images), "--work-dir", str(work),
-                 "--ps-socket", str(theirs.fileno()), "-o", "page-server.log", "-v2"],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                [*cmd, "-o", self.log_name, "-v2"], pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=lazy)
+            if lazy:
+                self.guard = subprocess.Popen(
+                    ["sleep", "infinity"], pass_fds=[ours.fileno()], stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         except OSError:
             ours.close()
+            if getattr(self, "proc", None) is not None:
+                self.proc.kill()
             raise
         finally:
             theirs.close()
         self._done = threading.Event()
+
+    @property
+    def pids(self) -> list[int]:
+        """The daemon's and the guard's, for the journal (a restarted agent stops them)."""
+        return [self.proc.pid] + ([self.guard.pid] if self.guard else [])
 
     def answers(self) -> Iterator[bytes]:
         """The page server's answers to CRIU, for the tunnel's request stream."""
@@ -191,15 +332,18 @@ class PageServer:
                     raise DeltaError(f"the source sent more than the {self.limit} B of memory "
                                      "pages this checkpoint can hold")
                 self.sock.sendall(data)
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_WR)
+            if not self.lazy:  # lazy: the daemon says when it has every page; an EOF ends it
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_WR)
         except OSError as err:  # it exited: CRIU said why in its log
-            self.stop()
             self.error = RuntimeFailure(f"the page server stopped taking pages ({err}): "
                                         f"{self.log_tail()}")
+            if not self.lazy:
+                self.stop()
         except BaseException as err:  # noqa: BLE001 - kept for finish(), said there
             self.error = err
-            self.stop()
+            if not self.lazy:  # lazy: the caller removes the container first, then stops it
+                self.stop()
         finally:
             self._done.set()
 
@@ -208,10 +352,18 @@ class PageServer:
                          daemon=True).start()
 
     def finish(self, timeout: float = PAGE_SERVER_EXIT_S) -> int:
-        """The bytes received, once the stream ended and the page server wrote its images."""
-        if not self._done.wait(timeout):
-            self.stop()
-            raise Unavailable(f"the page tunnel did not end within {timeout:.0f} s")
+        """The bytes received, once the stream ended and the page server wrote its images
+        (lazy: once the daemon has every page, or failed)."""
+        deadline = time.monotonic() + timeout
+        while not self._done.wait(0.05):
+            if self.lazy and self.proc.poll() is not None:
+                break  # the daemon ended (done, or failed): the stream need not
+            if time.monotonic() > deadline:
+                if not self.lazy:
+                    self.stop()
+                raise Unavailable(f"the page tunnel did not end within {timeout:.0f} s")
+        if self.lazy:
+            return self._lazy_finish()
         if self.error is not None:
             raise self.error
         try:
@@ -223,9 +375,22 @@ class PageServer:
             raise RuntimeFailure(f"the page server failed (exit {code}): {self.log_tail()}")
         return self.received
 
+    def _lazy_finish(self) -> int:
+        """The daemon's verdict: it exits 0 once every page arrived. A stream that ended
+        cleanly leaves it a moment to say so; a broken one is a failure at once."""
+        try:
+            code = self.proc.wait(PAGE_SERVER_EXIT_S if self.error is None else 0.2)
+        except subprocess.TimeoutExpired:
+            raise self.error or Unavailable("the source ended the page tunnel before every "
+                                            "page had arrived") from None
+        if code != 0:
+            raise RuntimeFailure(f"the lazy-pages daemon failed (exit {code}): "
+                                 f"{self.log_tail()}")
+        return self.received
+
     def log_tail(self) -> str:
         try:
-            return (self.work / "page-server.log").read_text()[-800:]
+            return (self.work / self.log_name).read_text()[-800:]
         except OSError:
             return "(no log)"
 
@@ -233,9 +398,10 @@ class PageServer:
         """The page server and the tunnel end now: the source's CRIU fails at once, and the
         source can resume its container."""
         self.cancel()
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        for proc in (self.proc, self.guard):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
         self.sock.close()
 
 
