@@ -126,7 +126,7 @@ class AgentService(rpc.AgentServicer):
         self._published_layers: set[str] = set()
         self.journal = j.Journal(state_dir)
         self.source = SourceSide(runtime, self.staging, self.journal, self.store, lease_seconds,
-                                 self.publish, self.metrics)
+                                 self.publish, self.metrics, netns_prefix=f"migctl-pc-{node}-")
         self._migrating: dict[str, str] = {}  # container -> migration id, at this destination
         self._vouched: dict[tuple[str, str, str], tuple[float, frozenset[str]]] = {}
         self._lock = threading.Lock()
@@ -298,7 +298,8 @@ class AgentService(rpc.AgentServicer):
             engine_free_bytes=self.runtime.free_bytes(),
             memory_available_bytes=psutil.virtual_memory().available,
             load=psutil.getloadavg()[0] / (psutil.cpu_count() or 1),
-            checkpoint_method=self.runtime.method)
+            checkpoint_method=self.runtime.method,
+            no_post_copy=self.runtime.post_copy_problem())
 
     @handler
     def DescribeContainer(self, request: pb.ContainerRef, context: Any) -> pb.ContainerSpec:
@@ -455,7 +456,7 @@ class AgentService(rpc.AgentServicer):
         if first is None:
             raise InvalidArgument("PageTunnel: the first message must name the migration")
         entry = self.bound(context, first.migration_id)
-        listener = self.source.open_tunnel(entry)
+        listener = self.source.open_tunnel(entry, lazy=first.lazy)
         context.add_callback(listener.abort)  # a cancelled stream: CRIU stops waiting on it
         try:
             yield pb.PageBytes()  # ready: the final checkpoint may name it now

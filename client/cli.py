@@ -120,7 +120,9 @@ class LiveProgress:
 def render_report(r: pb.MigrationReport, out=sys.stdout) -> None:
     print(f"{r.container} migrated {r.source_node} -> {r.destination_node}", file=out)
     print(f"new container: {r.new_container_id}", file=out)
-    print(f"total {r.total_seconds:.2f} s, downtime {r.downtime_seconds:.2f} s", file=out)
+    print(f"total {r.total_seconds:.2f} s, downtime {r.downtime_seconds:.2f} s"
+          + (f", every memory page {r.pages_seconds:.2f} s after the restore"
+             if r.memory_transfer == "post-copy" else ""), file=out)
     print(f"checkpoint {r.checkpoint_method or '-'} on {r.source_node}, memory by "
           f"{r.memory_transfer or '-'}, restore {r.restore_method or '-'} on "
           f"{r.destination_node}", file=out)
@@ -145,7 +147,8 @@ def report_dict(report: Message) -> dict:
     return numbers(_dict(report))
 
 
-MEMORY_TRANSFER = {"auto": "", "page-server": "page server", "delta": "delta"}
+MEMORY_TRANSFER = {"auto": "", "page-server": "page server", "delta": "delta",
+                   "post-copy": "post-copy"}
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -311,8 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the final checkpoint's memory pages travel: page-server (straight "
                         "from CRIU, for fast links; needs the direct checkpoint path at the "
                         "source and CRIU at the destination), delta (dumped at the source, only "
-                        "what changed since pre-copy, for slow links), or auto: chosen from the "
-                        "measured link (default)")
+                        "what changed since pre-copy, for slow links), auto: chosen from the "
+                        "measured link (default), or post-copy: the container starts at the "
+                        "destination at once and faults its memory in from the source. RISK: "
+                        "until its last page has arrived (the report's 'pages'), its memory is "
+                        "on both nodes, and losing the source or the link loses what it did "
+                        "at the destination (it goes on at the source from the freeze) or, "
+                        "with the source gone, the container; never chosen by auto")
     m.add_argument("container")
     m.set_defaults(func=cmd_migrate)
 

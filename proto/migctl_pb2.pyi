@@ -21,6 +21,7 @@ class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINAL_SYNC: _ClassVar[Phase]
     RESTORE: _ClassVar[Phase]
     ROLLBACK: _ClassVar[Phase]
+    PAGE_IN: _ClassVar[Phase]
 COOPERATIVE: Mode
 TRADITIONAL: Mode
 PHASE_UNSPECIFIED: Phase
@@ -30,13 +31,14 @@ FREEZE: Phase
 FINAL_SYNC: Phase
 RESTORE: Phase
 ROLLBACK: Phase
+PAGE_IN: Phase
 
 class GetNodeRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node", "engine_version", "criu_version", "docker_root_dir", "checkpoints_enabled", "staging_free_bytes", "engine_free_bytes", "memory_available_bytes", "load", "checkpoint_method")
+    __slots__ = ("node", "engine_version", "criu_version", "docker_root_dir", "checkpoints_enabled", "staging_free_bytes", "engine_free_bytes", "memory_available_bytes", "load", "checkpoint_method", "no_post_copy")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
     CRIU_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +49,7 @@ class NodeInfo(_message.Message):
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_METHOD_FIELD_NUMBER: _ClassVar[int]
+    NO_POST_COPY_FIELD_NUMBER: _ClassVar[int]
     node: str
     engine_version: str
     criu_version: str
@@ -57,7 +60,8 @@ class NodeInfo(_message.Message):
     memory_available_bytes: int
     load: float
     checkpoint_method: str
-    def __init__(self, node: _Optional[str] = ..., engine_version: _Optional[str] = ..., criu_version: _Optional[str] = ..., docker_root_dir: _Optional[str] = ..., checkpoints_enabled: _Optional[bool] = ..., staging_free_bytes: _Optional[int] = ..., engine_free_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., load: _Optional[float] = ..., checkpoint_method: _Optional[str] = ...) -> None: ...
+    no_post_copy: str
+    def __init__(self, node: _Optional[str] = ..., engine_version: _Optional[str] = ..., criu_version: _Optional[str] = ..., docker_root_dir: _Optional[str] = ..., checkpoints_enabled: _Optional[bool] = ..., staging_free_bytes: _Optional[int] = ..., engine_free_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., load: _Optional[float] = ..., checkpoint_method: _Optional[str] = ..., no_post_copy: _Optional[str] = ...) -> None: ...
 
 class AuthorizeRequest(_message.Message):
     __slots__ = ("container", "destination_node")
@@ -459,26 +463,30 @@ class FileInfo(_message.Message):
     def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ("migration_id", "container", "name", "leave_running", "page_server")
+    __slots__ = ("migration_id", "container", "name", "leave_running", "page_server", "lazy_pages")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     LEAVE_RUNNING_FIELD_NUMBER: _ClassVar[int]
     PAGE_SERVER_FIELD_NUMBER: _ClassVar[int]
+    LAZY_PAGES_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     container: str
     name: str
     leave_running: bool
     page_server: bool
-    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., name: _Optional[str] = ..., leave_running: _Optional[bool] = ..., page_server: _Optional[bool] = ...) -> None: ...
+    lazy_pages: bool
+    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., name: _Optional[str] = ..., leave_running: _Optional[bool] = ..., page_server: _Optional[bool] = ..., lazy_pages: _Optional[bool] = ...) -> None: ...
 
 class PageBytes(_message.Message):
-    __slots__ = ("migration_id", "data")
+    __slots__ = ("migration_id", "data", "lazy")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    LAZY_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     data: bytes
-    def __init__(self, migration_id: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+    lazy: bool
+    def __init__(self, migration_id: _Optional[str] = ..., data: _Optional[bytes] = ..., lazy: _Optional[bool] = ...) -> None: ...
 
 class CheckpointReply(_message.Message):
     __slots__ = ("files", "seconds", "method")
@@ -613,7 +621,7 @@ class OriginReport(_message.Message):
     def __init__(self, node: _Optional[str] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class MigrationReport(_message.Message):
-    __slots__ = ("migration_id", "container", "source_node", "destination_node", "new_container_id", "total_seconds", "downtime_seconds", "phases", "transfers", "origins", "mode", "checkpoint_method", "restore_method", "memory_transfer")
+    __slots__ = ("migration_id", "container", "source_node", "destination_node", "new_container_id", "total_seconds", "downtime_seconds", "phases", "transfers", "origins", "mode", "checkpoint_method", "restore_method", "memory_transfer", "pages_seconds")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
@@ -628,6 +636,7 @@ class MigrationReport(_message.Message):
     CHECKPOINT_METHOD_FIELD_NUMBER: _ClassVar[int]
     RESTORE_METHOD_FIELD_NUMBER: _ClassVar[int]
     MEMORY_TRANSFER_FIELD_NUMBER: _ClassVar[int]
+    PAGES_SECONDS_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     container: str
     source_node: str
@@ -642,7 +651,8 @@ class MigrationReport(_message.Message):
     checkpoint_method: str
     restore_method: str
     memory_transfer: str
-    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., source_node: _Optional[str] = ..., destination_node: _Optional[str] = ..., new_container_id: _Optional[str] = ..., total_seconds: _Optional[float] = ..., downtime_seconds: _Optional[float] = ..., phases: _Optional[_Iterable[_Union[PhaseReport, _Mapping]]] = ..., transfers: _Optional[_Iterable[_Union[TransferReport, _Mapping]]] = ..., origins: _Optional[_Iterable[_Union[OriginReport, _Mapping]]] = ..., mode: _Optional[_Union[Mode, str]] = ..., checkpoint_method: _Optional[str] = ..., restore_method: _Optional[str] = ..., memory_transfer: _Optional[str] = ...) -> None: ...
+    pages_seconds: float
+    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., source_node: _Optional[str] = ..., destination_node: _Optional[str] = ..., new_container_id: _Optional[str] = ..., total_seconds: _Optional[float] = ..., downtime_seconds: _Optional[float] = ..., phases: _Optional[_Iterable[_Union[PhaseReport, _Mapping]]] = ..., transfers: _Optional[_Iterable[_Union[TransferReport, _Mapping]]] = ..., origins: _Optional[_Iterable[_Union[OriginReport, _Mapping]]] = ..., mode: _Optional[_Union[Mode, str]] = ..., checkpoint_method: _Optional[str] = ..., restore_method: _Optional[str] = ..., memory_transfer: _Optional[str] = ..., pages_seconds: _Optional[float] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("kind", "item", "bytes_done", "bytes_total")

@@ -398,6 +398,9 @@ class AgentServicer:
         "final" stops it (the freeze). A final checkpoint with page_server sends the memory pages
         through the caller's open PageTunnel instead of the staging area, and the container stays
         paused here until the migration ends: a rollback unpauses it, a completed release kills it.
+        One with lazy_pages (post-copy) returns once every other image is written, and its CRIU
+        then serves the pages through the caller's lazy PageTunnel from a network namespace of its
+        own; the container stays paused the same way.
         Callers: bound node.
         Errors: INVALID_ARGUMENT: a malformed migration id, or a name other than "pre" with
         leave_running or "final" without, or page_server with "pre"; PERMISSION_DENIED: the caller
@@ -415,7 +418,9 @@ class AgentServicer:
         before a final checkpoint with page_server. The source listens on its loopback for its own
         CRIU (and relays nothing from any other process); the bytes CRIU sends arrive in the
         reply stream, and the caller's messages (its page server's answers) go back to CRIU. The
-        first reply is empty: the tunnel is ready. The first request names the migration.
+        first reply is empty: the tunnel is ready. The first request names the migration. A lazy
+        tunnel (first request's lazy) carries a lazy_pages checkpoint's pages the other way: the
+        caller's lazy-pages daemon asks, the source's CRIU answers.
         Callers: bound node.
         Errors: INVALID_ARGUMENT: no first message, or a malformed migration id;
         PERMISSION_DENIED: the caller is not the bound node; FAILED_PRECONDITION: the migration is

@@ -39,6 +39,9 @@ class FakeRuntime:
     def free_bytes(self) -> int:
         return 1 << 40
 
+    def post_copy_problem(self) -> str:
+        return "its engine has no lazy pages" if self.method == "engine" else ""
+
     def describe(self, container: str) -> pb.ContainerSpec:
         if container not in self.specs:
             raise NotFound(f"no container named {container!r} on this node")

@@ -239,10 +239,10 @@ def test_a_failed_lazy_daemon_is_reported_and_its_guard_stopped(tmp_path: Path) 
     open) to the caller, who removes the container first; stop() then ends both."""
     server = PageServer(criu_path() or "", tmp_path / "images", tmp_path / "images",
                         limit=1 << 30, lazy=True)
+    assert server.pids == []  # launched once the images are there
+    with pytest.raises(RuntimeFailure, match="lazy-pages daemon failed"):
+        server.launch()
     assert len(server.pids) == 2
-    server.start(iter([]))
-    with pytest.raises(RuntimeFailure, match="failed"):
-        server.finish(timeout=30)
     assert server.guard is not None and server.guard.poll() is None
     server.stop()
     assert server.guard.poll() is not None

@@ -23,6 +23,7 @@ import ctypes
 import errno
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -43,6 +44,7 @@ IDLE_S = 60.0          # a relay with no byte from CRIU for this long is cut (CR
 LAZY_PORT = 27000      # CRIU's lazy page server, alone in its namespace: any port will do
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
+GUARD = "migctl-page-guard"  # the guard's argv[0], with the images' folder: found by that
 
 
 class Listener:
@@ -65,6 +67,8 @@ class Listener:
         self.rejected: list[str] = []  # what connected and was not this node's CRIU
         self.conn: socket.socket | None = None
         self.aborted = False
+        self.on_close: Callable[[], object] = lambda: None  # once the last holder let go
+        self.netns: Path | None = None  # lazy: where the checkpoint's CRIU serves its pages
         self._attached = threading.Event()
         self._holders = 1  # the tunnel's stream
         self._lock = threading.Lock()
@@ -144,6 +148,7 @@ class Listener:
             self.abort()
             if self.sock is not None:
                 self.sock.close()
+            self.on_close()
 
     def abort(self) -> None:
         """End the wait for CRIU and the relay now: CRIU's connection and the wait both fail,
@@ -286,37 +291,59 @@ class PageServer:
         self.guard: subprocess.Popen | None = None
         images.mkdir(parents=True, exist_ok=True)
         work.mkdir(parents=True, exist_ok=True)
-        ours, theirs = socket.socketpair()
-        self.sock = ours
+        self.sock, self._theirs = socket.socketpair()
         self.cancel: Callable[[], object] = lambda: None  # ends the tunnel's stream
-        ps = str(theirs.fileno())
         self.log_name = "lazy-pages.log" if lazy else "page-server.log"
-        cmd = ([criu, "lazy-pages", "--page-server", "--ps-socket", ps, "--images-dir",
-                str(images), "--work-dir", str(work)] if lazy else
-               [criu, "page-server", "--images-dir", str(images), "--work-dir", str(work),
+        self.criu = criu
+        self.proc: subprocess.Popen | None = None
+        self._done = threading.Event()
+        if not lazy:
+            self.launch()
+
+    def launch(self) -> None:
+        """Start CRIU (lazy: once the restore's images are here; its socket was ready before,
+        so the tunnel could open before the freeze)."""
+        ps = str(self._theirs.fileno())
+        images, work = str(self.images), str(self.work)
+        cmd = ([self.criu, "lazy-pages", "--page-server", "--ps-socket", ps, "--images-dir",
+                images, "--work-dir", work] if self.lazy else
+               [self.criu, "page-server", "--images-dir", images, "--work-dir", work,
                 "--ps-socket", ps])
         try:
             self.proc = subprocess.Popen(
-                [*cmd, "-o", self.log_name, "-v2"], pass_fds=[theirs.fileno()],
+                [*cmd, "-o", self.log_name, "-v2"], pass_fds=[self._theirs.fileno()],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                start_new_session=lazy)
-            if lazy:
+                start_new_session=self.lazy)
+            if self.lazy:
                 self.guard = subprocess.Popen(
-                    ["sleep", "infinity"], pass_fds=[ours.fileno()], stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                    [f"{GUARD} {self.images}", "infinity"], executable=shutil.which("sleep"),
+                    pass_fds=[self.sock.fileno()],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL, start_new_session=True)
         except OSError:
-            ours.close()
-            if getattr(self, "proc", None) is not None:
-                self.proc.kill()
+            self.stop()
             raise
         finally:
-            theirs.close()
-        self._done = threading.Event()
+            self._theirs.close()
+        if self.lazy:
+            self._wait_ready()
+
+    def _wait_ready(self, timeout: float = PAGE_SERVER_EXIT_S) -> None:
+        """A lazy restore needs the daemon's socket to exist when it starts."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while not (self.work / "lazy-pages.socket").exists():
+            if self.proc.poll() is not None:
+                raise RuntimeFailure(f"the lazy-pages daemon failed (exit {self.proc.returncode})"
+                                     f": {self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeFailure(f"the lazy-pages daemon was not ready in {timeout:.0f} s")
+            time.sleep(0.002)
 
     @property
     def pids(self) -> list[int]:
         """The daemon's and the guard's, for the journal (a restarted agent stops them)."""
-        return [self.proc.pid] + ([self.guard.pid] if self.guard else [])
+        return [p.pid for p in (self.proc, self.guard) if p is not None]
 
     def answers(self) -> Iterator[bytes]:
         """The page server's answers to CRIU, for the tunnel's request stream."""
@@ -354,6 +381,7 @@ class PageServer:
     def finish(self, timeout: float = PAGE_SERVER_EXIT_S) -> int:
         """The bytes received, once the stream ended and the page server wrote its images
         (lazy: once the daemon has every page, or failed)."""
+        assert self.proc is not None, "finish() of a page server never launched"
         deadline = time.monotonic() + timeout
         while not self._done.wait(0.05):
             if self.lazy and self.proc.poll() is not None:
@@ -378,6 +406,7 @@ class PageServer:
     def _lazy_finish(self) -> int:
         """The daemon's verdict: it exits 0 once every page arrived. A stream that ended
         cleanly leaves it a moment to say so; a broken one is a failure at once."""
+        assert self.proc is not None
         try:
             code = self.proc.wait(PAGE_SERVER_EXIT_S if self.error is None else 0.2)
         except subprocess.TimeoutExpired:
@@ -398,11 +427,26 @@ class PageServer:
         """The page server and the tunnel end now: the source's CRIU fails at once, and the
         source can resume its container."""
         self.cancel()
+        self._theirs.close()
         for proc in (self.proc, self.guard):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
         self.sock.close()
+
+
+def stop_lazy_pages(images: Path) -> int:
+    """Kill the lazy-pages daemon and the guard of a restore from IMAGES that a stopped agent
+    left (call it once the container is gone); returns how many."""
+    mine = 0
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        daemon = "lazy-pages" in cmd and str(images) in cmd
+        if daemon or (cmd[:1] == [f"{GUARD} {images}"]):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+                mine += 1
+    return mine
 
 
 def _recv(sock: socket.socket) -> bytes:

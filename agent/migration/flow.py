@@ -52,7 +52,7 @@ from agent.errors import (
 )
 from agent.metrics import Metrics
 from agent.migration import journal as j
-from agent.migration.policy import DELTA, PAGE_SERVER, Link, Links, memory_transfer
+from agent.migration.policy import DELTA, PAGE_SERVER, POST_COPY, Link, Links, memory_transfer
 from agent.migration.recovery import settle
 from agent.migration.report import Report
 from agent.migration.source import (
@@ -140,6 +140,7 @@ class Migration:
         self._holding: threading.Event | None = None  # set: the hold on the source ends
         self.pages: PageServer | None = None  # the final checkpoint's page server, if any
         self.pre_checkpoint = pb.CheckpointReply()
+        self.source_info = pb.NodeInfo()
 
     def step(self, state: str, **data: object) -> None:
         """Journal the step about to be taken, before taking it."""
@@ -224,7 +225,8 @@ class Migration:
             with self.report.phase(pb.PRE_COPY):
                 bases = self.pre_copy(spec)
                 flush_writes()
-            pages = self.open_page_server()
+            pages = self.open_page_server(spec)
+            lazy = pages is not None and pages.lazy
             self.step(j.FROZEN)
             self.take_hold()
             with self.report.phase(pb.FREEZE):
@@ -232,11 +234,12 @@ class Migration:
                 frozen_at = time.time()
                 final = self.call(self.source.Checkpoint, pb.CheckpointRequest(
                     migration_id=self.migration_id, container=spec.id, name=FINAL_CHECKPOINT,
-                    leave_running=False, page_server=pages is not None))
+                    leave_running=False, page_server=pages is not None and not lazy,
+                    lazy_pages=lazy))
                 self.report.msg.checkpoint_method = final.method
                 self.report.log(f"final checkpoint on {self.source_name}: {final.seconds:.2f} s "
                                 f"({final.method})")
-                if pages is not None:
+                if pages is not None and not lazy:
                     self.report.transfer("checkpoint", f"{FINAL_CHECKPOINT}: memory pages",
                                          self.source_name, pb.FREEZE, pages.finish(),
                                          final.seconds, "whole", "through the page server")
@@ -247,7 +250,11 @@ class Migration:
                 self.runtime.ping()  # no commit while this node's engine cannot restore
                 self.call(self.source.Commit, pb.CommitRequest(migration_id=self.migration_id))
                 self.release_hold()
-                self.restore(spec)
+                self.restore(spec, pages if lazy else None)
+            if lazy:
+                assert pages is not None
+                with self.report.phase(pb.PAGE_IN):
+                    self.page_in(pages)
         except BaseException as err:
             self.fail(err)
             raise
@@ -295,9 +302,10 @@ class Migration:
             self.metrics.preflight.labels("unsupported").inc()
             raise FailedPrecondition(
                 f"container {spec.name!r} cannot be migrated: " + "; ".join(problems))
+        self.source_info = source_info
         if self.request.memory_transfer:  # what was asked for is refused now, not frozen
             memory_transfer(self.link, source_info.checkpoint_method, criu_path(),
-                            self.request.memory_transfer)
+                            self.request.memory_transfer, self.no_post_copy())
         try:
             preflight(source_info, self.local_info(), spec)
         except FailedPrecondition:
@@ -439,6 +447,11 @@ class Migration:
                    pb.PRE_COPY)
         bases[ROOTFS_CHANGES] = Basis(self.area / ROOTFS, make_signature(self.area / ROOTFS))
 
+        if self.request.memory_transfer == POST_COPY:
+            # no memory before the freeze (its pages come after the restore), and no pause
+            self.create(spec)
+            self.offer(bases)
+            return bases
         ckpt = self.checkpoint_reply(self.call(self.source.Checkpoint, pb.CheckpointRequest(
             migration_id=self.migration_id, container=spec.id, name=PRE_CHECKPOINT,
             leave_running=True)), PRE_CHECKPOINT)
@@ -455,28 +468,39 @@ class Migration:
         self.offer(bases)
         return bases
 
-    def open_page_server(self) -> PageServer | None:
+    def no_post_copy(self) -> str:
+        """Why post-copy cannot run between the source and this node; empty when it can."""
+        there, here = self.source_info.no_post_copy, self.runtime.post_copy_problem()
+        return (f"{self.source_name}: {there}" if there else
+                f"{self.node}: {here}" if here else "")
+
+    def open_page_server(self, spec: pb.ContainerSpec) -> PageServer | None:
         """A page server for the final checkpoint's memory, fed through the source's page
-        tunnel, when the link is fast enough (agent.migration.policy); None: the pages go in
-        the final pass as deltas."""
+        tunnel, when the link is fast enough (agent.migration.policy), or a lazy-pages daemon
+        when post-copy was asked for (launched once the images are here); None: the pages go
+        in the final pass as deltas."""
         criu = criu_path()
-        how, why = memory_transfer(self.link, self.pre_checkpoint.method, criu,
-                                   self.request.memory_transfer)
-        pre_pages = sum(f.size for f in self.pre_checkpoint.files
-                        if Path(f.path).name.startswith("pages-"))
+        asked = self.request.memory_transfer
+        how, why = memory_transfer(self.link, self.pre_checkpoint.method, criu, asked,
+                                   self.no_post_copy() if asked == POST_COPY else "")
+        lazy = how == POST_COPY
+        pre_pages = spec.memory_bytes if lazy else sum(
+            f.size for f in self.pre_checkpoint.files if Path(f.path).name.startswith("pages-"))
         limit = max(PAGE_LIMIT_FACTOR * pre_pages, pre_pages + PAGE_LIMIT_SLACK)
         if how == PAGE_SERVER and shutil.disk_usage(self.area).free < limit:
             how, why = DELTA, f"the staging disk has less than {limit / 1e6:.0f} MB free"
         self.report.msg.memory_transfer = how
         self.report.log(f"final checkpoint's memory: {how} ({why})")
-        if how != PAGE_SERVER:
+        if how == DELTA:
             return None
         assert criu is not None
-        server = PageServer(criu, self.area / "checkpoints" / FINAL_CHECKPOINT,
-                            self.area / "page-server", limit)
+        images = self.area / "checkpoints" / FINAL_CHECKPOINT
+        # lazy: the restore finds the daemon's socket in its work folder, the images' (migctl-runc)
+        server = PageServer(criu, images, images if lazy else self.area / "page-server", limit,
+                            lazy=lazy)
         self.pages = server
         requests = itertools.chain(
-            [pb.PageBytes(migration_id=self.migration_id)],
+            [pb.PageBytes(migration_id=self.migration_id, lazy=lazy)],
             (pb.PageBytes(data=data) for data in server.answers()))
         call = self.source.PageTunnel(requests, timeout=ACCEPT_S + self.deadline(limit))
         server.cancel = call.cancel
@@ -656,13 +680,29 @@ class Migration:
         self.journal.save(self.entry)
         self.apply_rootfs(self.new_container, self.area / ROOTFS)
 
-    def restore(self, spec: pb.ContainerSpec) -> None:
+    def restore(self, spec: pb.ContainerSpec, pages: PageServer | None = None) -> None:
+        """PAGES: post-copy; its lazy-pages daemon starts first (journaled as lazy: a restarted
+        agent removes a copy whose pages may not all have arrived, then stops the daemon)."""
         cid = self.new_container
-        self.step(j.RESTORING)
+        self.step(j.RESTORING, lazy=pages is not None)
         self.report.msg.restore_method = self.runtime.method_for(cid)
+        if pages is not None:
+            pages.launch()
         self.runtime.start_from_checkpoint(
-            cid, self.area / "checkpoints" / FINAL_CHECKPOINT, f"migctl-{self.migration_id}")
+            cid, self.area / "checkpoints" / FINAL_CHECKPOINT, f"migctl-{self.migration_id}",
+            lazy=pages is not None)
         self.runtime.wait_running(cid, on_running=self.report.running)
+
+    def page_in(self, pages: PageServer) -> None:
+        """Post-copy: the container runs; it is done once the daemon has every page."""
+        self.step(j.PAGING_IN)
+        got = pages.finish(self.deadline(pages.limit))
+        done = time.monotonic()
+        running = self.report.running_at or done
+        self.report.msg.pages_seconds = done - running
+        self.report.transfer("checkpoint", f"{FINAL_CHECKPOINT}: memory pages",
+                             self.source_name, pb.PAGE_IN, got, done - running, "whole",
+                             "post-copy: faulted in, the rest pushed")
 
     def apply_rootfs(self, cid: str, layer: Path, changes: bool = False) -> None:
         """What the container wrote to its root filesystem goes into the new container's

@@ -28,6 +28,7 @@ PRE_COPY = "pre-copy"
 FROZEN = "frozen"
 TRANSFERRING_FINAL = "transferring-final"
 RESTORING = "restoring"
+PAGING_IN = "paging-in"  # destination, post-copy: it runs here; memory pages still arrive
 COMMITTED = "committed"  # source only: the destination owns the container from now on
 RESUMING = "resuming"    # source only: the container is being started again here
 DONE = "done"
@@ -56,7 +57,10 @@ TRANSITIONS: dict[tuple[str, str], dict[str, frozenset[str]]] = {
     (DESTINATION, PRE_COPY): {FROZEN: _SELF, FAILED: _SELF},
     (DESTINATION, FROZEN): {TRANSFERRING_FINAL: _SELF, ROLLED_BACK: _SELF},
     (DESTINATION, TRANSFERRING_FINAL): {RESTORING: _SELF, ROLLED_BACK: _SELF},
-    (DESTINATION, RESTORING): {DONE: _SELF, ROLLED_BACK: _SELF},
+    (DESTINATION, RESTORING): {PAGING_IN: _SELF, DONE: _SELF, ROLLED_BACK: _SELF},
+    # Post-copy: until the last page arrived the copy here is incomplete; a failure removes it,
+    # and the source (paused since the freeze) goes on from there.
+    (DESTINATION, PAGING_IN): {DONE: _SELF, ROLLED_BACK: _SELF},
 }
 
 

@@ -77,6 +77,7 @@ class Links:
 
 PAGE_SERVER = "page server"
 DELTA = "delta"
+POST_COPY = "post-copy"
 PAGE_SERVER_MIN_RATE = 100e6
 """Bytes/s of the link to the source from which the final checkpoint's memory pages go
 straight to a page server at the destination. Below it they are dumped at the source and sent
@@ -86,13 +87,20 @@ measures both)."""
 
 
 def memory_transfer(link: Link | None, source_method: str, criu: str | None,
-                    asked: str = "") -> tuple[str, str]:
+                    asked: str = "", no_post_copy: str = "") -> tuple[str, str]:
     """How the final checkpoint's memory pages travel, and why, for the report: what the
-    operator ASKED for, else the link decides. A page server that cannot run is refused."""
-    if asked not in ("", PAGE_SERVER, DELTA):
-        raise InvalidArgument(f"memory transfer {asked!r}: it is {PAGE_SERVER!r} or {DELTA!r}")
+    operator ASKED for, else the link decides. A page server that cannot run is refused, and
+    so is post-copy (never chosen unasked: until the last page arrived, the container's memory
+    is on two nodes) where NO_POST_COPY says why it cannot run."""
+    if asked not in ("", PAGE_SERVER, DELTA, POST_COPY):
+        raise InvalidArgument(f"memory transfer {asked!r}: it is {PAGE_SERVER!r}, {DELTA!r} "
+                              f"or {POST_COPY!r}")
     if asked == DELTA:
         return DELTA, "asked for"
+    if asked == POST_COPY:
+        if no_post_copy:
+            raise FailedPrecondition(f"no post-copy for this migration: {no_post_copy}")
+        return POST_COPY, "asked for"
     cannot = ("the source checkpoints through its engine, which has no page server"
               if source_method != "direct" else
               "this node has no CRIU of its own to run a page server" if not criu else "")

@@ -16,9 +16,11 @@ from collections.abc import Callable
 import grpc
 
 from agent.dataplane.channel import open_channel
+from agent.dataplane.pages import stop_lazy_pages
 from agent.dataplane.staging import Staging
 from agent.errors import MigctlError, NotFound
 from agent.migration import journal as j
+from agent.migration.source import FINAL_CHECKPOINT
 from agent.runtime.base import Runtime
 from agent.security import TLSFiles
 from proto import migctl_pb2 as pb
@@ -36,8 +38,9 @@ def settle(entry: j.Entry, runtime: Runtime, journal: j.Journal, staging: Stagin
     """Leave exactly one copy running. Returns False when the rollback must wait (this node's
     engine or the source could not be reached): the caller tries again later."""
     new = entry.data.get("new_container", "")
+    lazy = bool(entry.data.get("lazy"))  # post-copy: running is not done until every page came
     try:
-        if entry.state == j.RESTORING and new and _running(runtime, new):
+        if entry.state == j.RESTORING and new and not lazy and _running(runtime, new):
             # The restore went through (the agent stopped before it could say so): finish.
             _release(entry, tls, completed=True)
             journal.move(entry.id, j.DESTINATION, j.DONE)
@@ -60,6 +63,8 @@ def settle(entry: j.Entry, runtime: Runtime, journal: j.Journal, staging: Stagin
                 entry.data["stray_container"] = new
                 entry.data["new_container"] = ""
                 journal.save(entry)
+        if lazy:  # the copy is gone: its lazy-pages daemon may end now (never before)
+            stop_lazy_pages(staging.root / entry.id / "checkpoints" / FINAL_CHECKPOINT)
         for name in entry.data.get("created_volumes", []):
             try:
                 runtime.remove_volume(name)

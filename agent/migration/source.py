@@ -22,7 +22,13 @@ from agent.catalog.registry import checkpoint_keys
 from agent.catalog.store import Item, Store
 from agent.dataplane import archive
 from agent.dataplane.files import flush_writes
-from agent.dataplane.pages import Listener
+from agent.dataplane.pages import (
+    LAZY_PORT,
+    Listener,
+    PrivateNetns,
+    connect_in,
+    sweep_netns,
+)
 from agent.dataplane.rootfs import snapshot_layer
 from agent.dataplane.staging import Staging
 from agent.dataplane.tree import Manifest
@@ -34,6 +40,7 @@ from agent.errors import (
     MigctlError,
     NotFound,
     PermissionDenied,
+    Unavailable,
 )
 from agent.metrics import Metrics
 from agent.migration import journal as j
@@ -84,8 +91,9 @@ class SourceSide:
     def __init__(self, runtime: Runtime, staging: Staging, journal: j.Journal,
                  store: Store, lease_seconds: float,
                  publish: Callable[[list[Item]], None] = lambda _: None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, netns_prefix: str = "migctl-pc-") -> None:
         self.publish = publish
+        self.netns_prefix = netns_prefix  # this node's lazy checkpoints' network namespaces
         self.metrics = metrics or Metrics()
         self.runtime = runtime
         self.staging = staging
@@ -99,6 +107,7 @@ class SourceSide:
         self._hold_lost: set[str] = set()  # holds lost during a final checkpoint
         self._offers: dict[str, dict[str, Signature]] = {}  # bases offered for the final pass
         self._tunnels: dict[str, Listener] = {}  # page tunnels open for a final checkpoint
+        self._serving: dict[str, threading.Thread] = {}  # lazy checkpoints serving their pages
 
     def touch(self, migration_id: str) -> None:
         """Every call of the destination about a migration renews its lease."""
@@ -205,7 +214,7 @@ class SourceSide:
                 kept.append(self.store.put(key, ts, area / rel, snap["digest"], move=True))
         self.publish(kept)
 
-    def open_tunnel(self, entry: j.Entry) -> Listener:
+    def open_tunnel(self, entry: j.Entry, lazy: bool = False) -> Listener:
         """A page tunnel for the final checkpoint: opened in pre-copy, one per migration."""
         with self._lock:
             now = self.journal.get(entry.id, j.SOURCE)
@@ -215,7 +224,10 @@ class SourceSide:
                                           "opened before the final checkpoint")
             if entry.id in self._tunnels:
                 raise FailedPrecondition(f"migration {entry.id} already has a page tunnel open")
-            listener = self._tunnels[entry.id] = Listener()
+            listener = self._tunnels[entry.id] = Listener(lazy)
+        if lazy:  # made now, not in the frozen window; gone with the last holder of the tunnel
+            netns = PrivateNetns(f"{self.netns_prefix}{entry.id[:12]}")
+            listener.netns, listener.on_close = netns.path, netns.remove
         return listener
 
     def close_tunnel(self, migration_id: str, listener: Listener) -> None:
@@ -238,14 +250,18 @@ class SourceSide:
                                   f"{FINAL_CHECKPOINT!r} (stop), not {request.name!r} with "
                                   f"leave_running={request.leave_running}")
         area = self.staging.area(entry.id)
-        if request.page_server and request.name != FINAL_CHECKPOINT:
+        if (request.page_server or request.lazy_pages) and request.name != FINAL_CHECKPOINT:
             raise InvalidArgument("only the final checkpoint sends its pages to a page server")
+        if request.page_server and request.lazy_pages:
+            raise InvalidArgument("a final checkpoint sends its pages to a page server or serves "
+                                  "them lazily, not both")
         if request.leave_running:
             if entry.state != j.PRE_COPY:
                 raise j.IllegalTransition(f"migration {entry.id} is {entry.state}: no "
                                           "pre-copy checkpoint now")
         else:
-            tunnel = self.tunnel_for(entry) if request.page_server else None
+            lazy = request.lazy_pages
+            tunnel = self.tunnel_for(entry, lazy) if request.page_server or lazy else None
             # Journal first: if the agent dies during the checkpoint, a restart resumes, and
             # puts back the restart policy, which must be "no" while the container is stopped
             # here (the engine would start it again: a second copy). With a page server, the
@@ -254,12 +270,14 @@ class SourceSide:
                 policy = self.runtime.restart_policy(entry.container)
                 with self._lock:
                     self.journal.move(entry.id, j.SOURCE, j.FROZEN, by=j.PEER,
-                                      data={"restart_policy": policy, "paused": bool(tunnel)})
+                                      data={"restart_policy": policy, "paused": bool(tunnel),
+                                            "lazy": lazy})
                     self._freezing.add(entry.id)
             except BaseException:
                 if tunnel is not None:
                     tunnel.release()
                 raise
+            serving = False
             try:
                 if policy.get("Name", "no") != "no":
                     self.runtime.set_restart_policy(entry.container, {"Name": "no"})
@@ -267,10 +285,13 @@ class SourceSide:
                     return self.runtime.checkpoint(entry.container, request.name,
                                                    area / "checkpoints", False)
                 self.runtime.pause(entry.container)
+                if lazy:
+                    serving = True  # the checkpoint's thread releases the tunnel
+                    return self._lazy_checkpoint(entry, tunnel, area / "checkpoints")
                 return self.runtime.checkpoint(entry.container, request.name,
                                                area / "checkpoints", True, tunnel.address)
             finally:
-                if tunnel is not None:
+                if tunnel is not None and not serving:
                     tunnel.release()  # runc is done with the port
                 with self._lock:
                     self._freezing.discard(entry.id)
@@ -284,17 +305,72 @@ class SourceSide:
         flush_writes()  # the snapshots and this checkpoint, before the freeze
         return folder
 
-    def tunnel_for(self, entry: j.Entry) -> Listener:
-        """The migration's open page tunnel, on a node that can send pages to it."""
+    def tunnel_for(self, entry: j.Entry, lazy: bool = False) -> Listener:
+        """The migration's open page tunnel (LAZY: one for a lazy checkpoint), on a node that
+        can send pages to it."""
         if self.runtime.method_for(entry.container) != "direct":
             raise FailedPrecondition(f"{entry.container[:12]} is checkpointed through the "
                                      "engine, which cannot send pages to a page server")
         with self._lock:
             tunnel = self._tunnels.get(entry.id)
-            if tunnel is None or not tunnel.hold():  # held: the port stays ours until released
-                raise FailedPrecondition(f"migration {entry.id} has no page tunnel open for "
-                                         "the page server")
+            if tunnel is None or tunnel.lazy != lazy or not tunnel.hold():
+                # held: the port stays ours until released
+                raise FailedPrecondition(f"migration {entry.id} has no "
+                                         f"{'lazy ' if lazy else ''}page tunnel open for the "
+                                         "page server")
         return tunnel
+
+    def _lazy_checkpoint(self, entry: j.Entry, tunnel: Listener, directory: Path) -> Path:
+        """Post-copy: CRIU dumps all but the memory pages, then serves those from its page server
+        in a network namespace of this checkpoint's own, until the destination's lazy-pages
+        daemon has them all. Returns once the other images are written (the page server then
+        listens): the connection this agent makes to it goes into the lazy tunnel; the
+        checkpoint's thread ends with CRIU, and only then is the container free to resume."""
+        netns = tunnel.netns
+        assert netns is not None
+        start = time.monotonic()
+        done = threading.Event()
+        failed: list[BaseException] = []
+
+        def serve() -> None:
+            try:
+                self.runtime.checkpoint(entry.container, FINAL_CHECKPOINT, directory, True,
+                                        f"127.0.0.1:{LAZY_PORT}", netns)
+            except BaseException as err:  # noqa: BLE001 - said by the caller, or logged
+                failed.append(err)
+                log.warning("migration %s: the lazy checkpoint ended: %s", entry.id, err)
+            finally:
+                done.set()
+                tunnel.abort()  # CRIU is gone: the relay ends too
+                tunnel.release()  # the last holder removes the namespace
+                log.info("migration %s: the lazy checkpoint ended after %.2f s", entry.id,
+                         time.monotonic() - start)
+                with self._lock:
+                    self._serving.pop(entry.id, None)
+
+        thread = threading.Thread(target=serve, name=f"lazy-{entry.id}", daemon=True)
+        with self._lock:
+            self._serving[entry.id] = thread
+        thread.start()
+        try:
+            tunnel.attach(connect_in(netns, LAZY_PORT, give_up=done.is_set))
+        except Unavailable:
+            done.wait()
+            if failed:
+                raise failed[0] from None
+            raise
+        log.info("migration %s: the lazy checkpoint's page server serves after %.2f s",
+                 entry.id, time.monotonic() - start)
+        return directory / FINAL_CHECKPOINT
+
+    def stop_serving(self, migration_id: str, timeout: float = 60.0) -> None:
+        """A lazy checkpoint's CRIU stops serving pages (its tunnel is cut), and is waited for:
+        the container must not run here while CRIU still hands its memory out."""
+        self._abort_tunnel(migration_id)
+        with self._lock:
+            thread = self._serving.get(migration_id)
+        if thread is not None:
+            thread.join(timeout)
 
     def still_paused(self, entry: j.Entry) -> None:
         """A container paused for a page-server checkpoint must still be paused when its
@@ -403,6 +479,7 @@ class SourceSide:
 
     def _resume(self, entry: j.Entry, by: str) -> pb.ResumeReply:
         migration_id, cid = entry.id, entry.container
+        self.stop_serving(migration_id)
         gone = self.runtime.gone(cid)
         state = {} if gone else self.runtime.inspect(cid)["State"]
         if gone:
@@ -449,6 +526,7 @@ class SourceSide:
                 raise FailedPrecondition(
                     f"migration {entry.id} was never committed here ({entry.state}); "
                     "refusing to treat the container as moved")
+            self.stop_serving(entry.id)  # it ended when the destination had every page
             if entry.data.get("paused") and not self.runtime.gone(entry.container) and \
                     self.runtime.inspect(entry.container)["State"].get("Running"):
                 self.runtime.kill(entry.container)  # paused (or not): it now runs there
@@ -476,6 +554,8 @@ class SourceSide:
 
     def recover_on_start(self) -> None:
         """Uncommitted frozen containers resume at once: the destination cannot have committed."""
+        for name in sweep_netns(self.netns_prefix):
+            log.warning("removed the network namespace %s of a lazy checkpoint", name)
         for entry in self.journal.in_flight(j.SOURCE):
             self.last_seen[entry.id] = time.monotonic()
             if entry.state in (j.FROZEN, j.RESUMING):

@@ -15,15 +15,17 @@ the engine's path, as on a node without the wrapper.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from agent.errors import RuntimeFailure
-from agent.runtime.docker import DockerRuntime
+from agent.runtime.docker import DockerRuntime, criu_path
 from agent.runtime.spec import valid_container_id
 from proto import migctl_pb2 as pb
 
@@ -65,6 +67,38 @@ def staged(container_id: str, action: str, images: Path, page_server: str = "",
         request.unlink(missing_ok=True)
 
 
+PIPE_MAX_FOR_CRIU = 4 << 20
+"""CRIU's lazy page server sizes its pipes to this; beyond fs.pipe-max-size that takes
+CAP_SYS_RESOURCE, and without it CRIU's first page read fails (scripts/setup.sh raises it)."""
+CAP_SYS_RESOURCE = 24
+
+
+def pipe_size_problem() -> str:
+    limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    status = Path("/proc/self/status").read_text()
+    caps = int(next(line.split()[1] for line in status.splitlines()
+                    if line.startswith("CapEff:")), 16)
+    if limit >= PIPE_MAX_FOR_CRIU or caps >> CAP_SYS_RESOURCE & 1:
+        return ""
+    return (f"fs.pipe-max-size is {limit} and CRIU's lazy page server needs "
+            f"{PIPE_MAX_FOR_CRIU} without CAP_SYS_RESOURCE (scripts/setup.sh raises it)")
+
+
+@functools.cache
+def uffd_problem() -> str:
+    """Whether this kernel lets CRIU restore pages lazily (checked once: it does not change)."""
+    criu = criu_path()
+    if criu is None:
+        return "this node has no CRIU of its own"
+    if shutil.which("ip") is None:
+        return "this node has no ip (iproute2) for a checkpoint's network namespace"
+    out = subprocess.run([criu, "check", "--feature", "uffd-noncoop"], capture_output=True,
+                         text=True, check=False, timeout=60)
+    if out.returncode:
+        return "CRIU finds no non-cooperative userfaultfd in this kernel"
+    return ""
+
+
 def token() -> str:
     """Unique content for the engine's checkpoint folder (see migctl-runc)."""
     return uuid.uuid4().hex
@@ -98,6 +132,9 @@ class DirectRuntime(DockerRuntime):
 
     def method_for(self, container: str) -> str:
         return self._method_of(self.inspect(container))
+
+    def post_copy_problem(self) -> str:
+        return uffd_problem() or pipe_size_problem()
 
     def _method_of(self, inspected: dict) -> str:
         runs_with = inspected["HostConfig"].get("Runtime")

@@ -349,6 +349,10 @@ class DockerRuntime:
 
     # -- checkpoint / restore ----------------------------------------------------------------
 
+    def post_copy_problem(self) -> str:
+        """Why this node cannot take part in post-copy; empty when it can."""
+        return "it checkpoints and restores through its engine, which has no lazy pages"
+
     def method_for(self, container: str) -> str:
         """How CONTAINER's checkpoints and restores move: "engine" or "direct"."""
         return self.method
