@@ -161,6 +161,64 @@ def test_2_a_page_tunnel_is_the_bound_destinations_alone_and_only_before_the_fre
     alone_on_a(lab)
 
 
+def test_2_lazy_pages_are_served_to_the_bound_destination_alone_and_only_as_asked(
+        lab: LabHandle, victim: None) -> None:
+    """Post-copy's checkpoint keeps the memory at the source and serves it: a stranger
+    cannot open its tunnel; the bound node cannot have it without a lazy tunnel, through a page
+    server's tunnel, for "pre", or both ways at once; none of that pauses the container, and a
+    lazy tunnel's network namespace goes with it."""
+    c, b = stub(lab, "nodeA", "nodeC"), stub(lab, "nodeA", "nodeB")
+
+    def tunnel(who: rpc.AgentStub, mid: str, lazy: bool, hold: threading.Event | None = None):
+        def requests():
+            yield pb.PageBytes(migration_id=mid, lazy=lazy)
+            if hold is not None:
+                hold.wait(30)
+        return who.PageTunnel(requests(), timeout=30)
+
+    grant = stub(lab, "nodeA", "client").Authorize(pb.AuthorizeRequest(
+        container="toytsm", destination_node="nodeB"), timeout=30)
+    mid = grant.migration_id
+    refused(lambda: tunnel(c, mid, True), grpc.StatusCode.PERMISSION_DENIED)
+    refused(lambda: c.Checkpoint(pb.CheckpointRequest(
+        migration_id=mid, container="toytsm", name="final", lazy_pages=True), timeout=10),
+        grpc.StatusCode.PERMISSION_DENIED)
+    b.Begin(pb.BeginRequest(migration_id=mid, container="toytsm"), timeout=30)
+    final = pb.CheckpointRequest(migration_id=mid, container="toytsm", name="final",
+                                 lazy_pages=True)
+    err = refused(lambda: b.Checkpoint(final, timeout=30), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "no lazy page tunnel open" in err.details()
+    refused(lambda: b.Checkpoint(pb.CheckpointRequest(
+        migration_id=mid, container="toytsm", name="pre", leave_running=True, lazy_pages=True),
+        timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
+    err = refused(lambda: b.Checkpoint(pb.CheckpointRequest(
+        migration_id=mid, container="toytsm", name="final", lazy_pages=True, page_server=True),
+        timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "not both" in err.details()
+    hold = threading.Event()
+    plain = tunnel(b, mid, False, hold)  # a page server's tunnel is not a lazy one
+    assert next(plain).data == b""
+    err = refused(lambda: b.Checkpoint(final, timeout=30), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "no lazy page tunnel open" in err.details()
+    plain.cancel()
+    hold.set()
+    state = lab.docker["nodeA"].containers.get("toytsm").attrs["State"]
+    assert state["Running"] and not state["Paused"], "a refused checkpoint froze it"
+    netns = Path(f"/run/netns/migctl-pc-nodeA-{mid[:12]}")
+    hold = threading.Event()
+    lazy = tunnel(b, mid, True, hold)
+    assert next(lazy).data == b""
+    assert netns.exists(), "a lazy tunnel has its namespace, made before any freeze"
+    lazy.cancel()
+    hold.set()
+    deadline = time.monotonic() + 10
+    while netns.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not netns.exists(), "a closed lazy tunnel left its network namespace"
+    b.Release(pb.ReleaseRequest(migration_id=mid, container="toytsm"), timeout=30)
+    alone_on_a(lab)
+
+
 def test_3_a_stranger_cannot_stop_or_delete_a_container(lab: LabHandle, victim: None) -> None:
     a = stub(lab, "nodeA", "nodeC")
     mid = "invented3"
