@@ -23,6 +23,7 @@ from agent.dataplane import archive, final
 from agent.dataplane.channel import open_channel
 from agent.dataplane.files import digest, iter_file
 from agent.dataplane.image import config_of, iter_layer
+from agent.dataplane.pages import netns_prefix, stop_lazy_leftovers
 from agent.dataplane.rootfs import snapshot_layer
 from agent.dataplane.staging import Staging, valid_migration_id
 from agent.delta import DEFAULT_BLOCK_SIZE, Signature, delta_stream, signature_block_cap
@@ -126,7 +127,7 @@ class AgentService(rpc.AgentServicer):
         self._published_layers: set[str] = set()
         self.journal = j.Journal(state_dir)
         self.source = SourceSide(runtime, self.staging, self.journal, self.store, lease_seconds,
-                                 self.publish, self.metrics, netns_prefix=f"migctl-pc-{node}-")
+                                 self.publish, self.metrics, netns_prefix=netns_prefix(node))
         self._migrating: dict[str, str] = {}  # container -> migration id, at this destination
         self._vouched: dict[tuple[str, str, str], tuple[float, frozenset[str]]] = {}
         self._lock = threading.Lock()
@@ -134,6 +135,9 @@ class AgentService(rpc.AgentServicer):
     def start_background(self, interval: float = 2.0) -> None:
         """Resolve what a previous run left in flight, then keep leases and rollbacks going."""
         self.source.recover_on_start()
+        in_flight = {e.id for e in self.journal.in_flight(j.DESTINATION)}
+        if stop_lazy_leftovers(self.staging.root, in_flight):
+            log.warning("stopped lazy-pages processes of migrations that had ended")
 
         def loop() -> None:
             rounds = 0

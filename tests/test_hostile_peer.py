@@ -24,6 +24,7 @@ import pytest
 
 from agent import certs
 from agent.dataplane.channel import open_channel
+from agent.dataplane.pages import netns_prefix
 from agent.delta.signature import HEADER, MAGIC, VERSION
 from agent.security import TLSFiles
 from client.lab import Lab
@@ -204,7 +205,7 @@ def test_2_lazy_pages_are_served_to_the_bound_destination_alone_and_only_as_aske
     hold.set()
     state = lab.docker["nodeA"].containers.get("toytsm").attrs["State"]
     assert state["Running"] and not state["Paused"], "a refused checkpoint froze it"
-    netns = Path(f"/run/netns/migctl-pc-nodeA-{mid[:12]}")
+    netns = Path(f"/run/netns/{netns_prefix('nodeA')}{mid[:12]}")
     hold = threading.Event()
     lazy = tunnel(b, mid, True, hold)
     assert next(lazy).data == b""

@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 
 from agent.dataplane.pages import (
+    GUARD,
     Listener,
     PageServer,
     PrivateNetns,
     connect_in,
     criu_peer,
+    stop_lazy_leftovers,
     sweep_netns,
 )
 from agent.errors import (
@@ -31,6 +33,7 @@ from agent.migration.policy import (
     DELTA,
     PAGE_SERVER,
     PAGE_SERVER_MIN_RATE,
+    POST_COPY,
     Link,
     memory_transfer,
 )
@@ -248,6 +251,26 @@ def test_a_failed_lazy_daemon_is_reported_and_its_guard_stopped(tmp_path: Path) 
     assert server.guard.poll() is not None
 
 
+def test_guards_of_ended_migrations_are_stopped_and_no_others(tmp_path: Path) -> None:
+    """An agent that stopped between a post-copy's end and stopping its guard left it."""
+    def guard(mid: str, root: Path = tmp_path) -> subprocess.Popen:
+        return subprocess.Popen([f"{GUARD} {root / mid / 'checkpoints' / 'final'}", "60"],
+                                executable="sleep")
+
+    ended, live, elsewhere = guard("m-ended"), guard("m-live"), guard("m-x", tmp_path / "other")
+    try:
+        assert stop_lazy_leftovers(tmp_path / "staging", {"m-live"}) == 0  # none under it
+        ended.kill()
+        ended = guard("m-ended", tmp_path / "staging")
+        live = guard("m-live", tmp_path / "staging")
+        assert stop_lazy_leftovers(tmp_path / "staging", {"m-live"}) == 1
+        assert ended.wait(10) is not None
+        assert live.poll() is None and elsewhere.poll() is None
+    finally:
+        for proc in (ended, live, elsewhere):
+            proc.kill()
+
+
 FAST = Link(rtt=0.001, throughput=PAGE_SERVER_MIN_RATE * 2, load=0.0)
 SLOW = Link(rtt=0.001, throughput=PAGE_SERVER_MIN_RATE / 2, load=0.0)
 
@@ -279,3 +302,15 @@ def test_a_page_server_asked_for_where_none_can_run_is_refused(method, criu, why
 def test_an_unknown_memory_transfer_is_refused_by_name() -> None:
     with pytest.raises(InvalidArgument, match="'rsync'"):
         memory_transfer(FAST, "direct", "/criu", "rsync")
+
+
+def test_post_copy_is_never_chosen_unasked() -> None:
+    for link in (FAST, SLOW, None):
+        assert memory_transfer(link, "direct", "/criu", "")[0] != POST_COPY
+
+
+def test_post_copy_asked_for_runs_or_is_refused_with_the_reason() -> None:
+    assert memory_transfer(SLOW, "direct", "/criu", POST_COPY) == (POST_COPY, "asked for")
+    with pytest.raises(FailedPrecondition, match="no post-copy for this migration: nodeA: "
+                                                 "fs.pipe-max-size"):
+        memory_transfer(FAST, "direct", "/criu", POST_COPY, "nodeA: fs.pipe-max-size is 1")

@@ -104,11 +104,11 @@ def test_a_lazy_checkpoint_runs_in_its_network_namespace(run) -> None:
                    "(in --net=/run/netns/migctl-pc-x)"]
 
 
-def test_a_lazy_restore_finds_its_daemon_in_the_image_folder(run) -> None:
-    (run.requests / f"{CID}.restore").write_text("/s/img\n\ntok\nlazy\n")
+def test_a_lazy_restore_finds_its_daemon_in_its_work_folder(run) -> None:
+    (run.requests / f"{CID}.restore").write_text("/s/img\n\ntok\nlazy\n/s/lazy\n")
     got = run("--root", "/r", "restore", "--image-path", "/e", "--work-path", "/w", CID)
     assert got == ["--root", "/r", "restore", "--image-path", "/s/img", "--work-path", "/w",
-                   "--lazy-pages", "--work-path", "/s/img", CID]
+                   "--lazy-pages", "--work-path", "/s/lazy", CID]
 
 
 def test_a_request_for_another_container_or_action_changes_nothing(run) -> None:

@@ -21,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import logging
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -74,8 +76,9 @@ class Listener:
         self._lock = threading.Lock()
 
     def attach(self, conn: socket.socket) -> None:
-        """A lazy checkpoint's connection to its CRIU page server, for the relay."""
-        conn.settimeout(IDLE_S)
+        """A lazy checkpoint's connection to its CRIU page server, for the relay. No idle cut:
+        nothing is asked before the destination restored (the tunnel's end cuts it)."""
+        conn.settimeout(None)
         with self._lock:
             self.conn = conn
             if self.aborted:
@@ -188,6 +191,12 @@ def criu_peer(peer: tuple[str, int]) -> str:
     return f"{peer[0]}:{peer[1]} is not this node's CRIU"
 
 
+def netns_prefix(node: str) -> str:
+    """The start of NODE's namespace names: a digest, since node names may contain what
+    separates them (node "a" must never sweep node "a-b"'s)."""
+    return f"migctl-pc-{hashlib.sha256(node.encode()).hexdigest()[:8]}-"
+
+
 class PrivateNetns:
     """A network namespace of its own for a lazy checkpoint's CRIU (`ip netns`, named NAME):
     only its loopback, up. Its page server there is out of reach of every container and of
@@ -206,15 +215,36 @@ class PrivateNetns:
 
     def remove(self) -> None:
         if self.path.exists():
+            stop_criu_in(self.path)
             with contextlib.suppress(RuntimeFailure):
                 _ip("netns", "delete", self.name)
 
 
+def stop_criu_in(netns: Path) -> int:
+    """Kill what runs in NETNS (a lazy checkpoint's runc and CRIU): a CRIU page server nobody
+    connected to waits in accept() for ever, holding the container. Its tasks stay paused
+    (their freezer cgroup) for the caller to resume or kill; returns how many were killed."""
+    try:
+        want = f"net:[{netns.stat().st_ino}]"
+    except OSError:
+        return 0
+    killed = 0
+    for proc in psutil.process_iter():
+        try:
+            if os.readlink(f"/proc/{proc.pid}/ns/net") == want:
+                proc.kill()
+                killed += 1
+        except (OSError, psutil.Error):
+            continue
+    return killed
+
+
 def sweep_netns(prefix: str) -> list[str]:
-    """Remove the namespaces named PREFIX* an agent killed mid-checkpoint left (only this
-    node's: agents of a lab share /run/netns)."""
+    """Remove the namespaces named PREFIX* an agent killed mid-checkpoint left, and stop what
+    still runs in them (only this node's: agents of a lab share /run/netns)."""
     gone = []
     for path in sorted(NETNS_DIR.glob(prefix + "*")) if NETNS_DIR.is_dir() else []:
+        stop_criu_in(path)
         with contextlib.suppress(RuntimeFailure):
             _ip("netns", "delete", path.name)
             gone.append(path.name)
@@ -293,6 +323,7 @@ class PageServer:
         work.mkdir(parents=True, exist_ok=True)
         self.sock, self._theirs = socket.socketpair()
         self.cancel: Callable[[], object] = lambda: None  # ends the tunnel's stream
+        self.on_fail: Callable[[], object] = lambda: None  # lazy: the daemon failed
         self.log_name = "lazy-pages.log" if lazy else "page-server.log"
         self.criu = criu
         self.proc: subprocess.Popen | None = None
@@ -305,13 +336,15 @@ class PageServer:
         so the tunnel could open before the freeze)."""
         ps = str(self._theirs.fileno())
         images, work = str(self.images), str(self.work)
+        ready, status = os.pipe() if self.lazy else (-1, -1)
         cmd = ([self.criu, "lazy-pages", "--page-server", "--ps-socket", ps, "--images-dir",
-                images, "--work-dir", work] if self.lazy else
+                images, "--work-dir", work, "--status-fd", str(status)] if self.lazy else
                [self.criu, "page-server", "--images-dir", images, "--work-dir", work,
                 "--ps-socket", ps])
         try:
             self.proc = subprocess.Popen(
-                [*cmd, "-o", self.log_name, "-v2"], pass_fds=[self._theirs.fileno()],
+                [*cmd, "-o", self.log_name, "-v2"],
+                pass_fds=[self._theirs.fileno()] + ([status] if self.lazy else []),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=self.lazy)
             if self.lazy:
@@ -325,20 +358,35 @@ class PageServer:
             raise
         finally:
             self._theirs.close()
+            if self.lazy:
+                os.close(status)
         if self.lazy:
-            self._wait_ready()
+            with contextlib.suppress(OSError):  # the OOM killer spares it (see the class)
+                Path(f"/proc/{self.proc.pid}/oom_score_adj").write_text("-1000")
+            self._wait_ready(ready)
+            threading.Thread(target=self._watch, name="lazy-pages-watch", daemon=True).start()
 
-    def _wait_ready(self, timeout: float = PAGE_SERVER_EXIT_S) -> None:
-        """A lazy restore needs the daemon's socket to exist when it starts."""
+    def _wait_ready(self, ready: int) -> None:
+        """A lazy restore needs the daemon listening when it starts: CRIU writes a byte into
+        its status pipe then (the pipe closes unwritten if it fails)."""
+        try:
+            got = os.read(ready, 1) if select.select([ready], [], [], PAGE_SERVER_EXIT_S)[0] \
+                else b""
+        finally:
+            os.close(ready)
+        if got != b"\0":
+            assert self.proc is not None
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(PAGE_SERVER_EXIT_S)
+            raise RuntimeFailure(f"the lazy-pages daemon failed (exit {self.proc.returncode}): "
+                                 f"{self.log_tail()}")
+
+    def _watch(self) -> None:
+        """A daemon that fails leaves missing pages to read as zeros: the process must stop at
+        once, before any of the flow's rollback (on_fail: a kill, by pid, of the container)."""
         assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while not (self.work / "lazy-pages.socket").exists():
-            if self.proc.poll() is not None:
-                raise RuntimeFailure(f"the lazy-pages daemon failed (exit {self.proc.returncode})"
-                                     f": {self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeFailure(f"the lazy-pages daemon was not ready in {timeout:.0f} s")
-            time.sleep(0.002)
+        if self.proc.wait() != 0:
+            self.on_fail()
 
     @property
     def pids(self) -> list[int]:
@@ -433,6 +481,24 @@ class PageServer:
                 proc.kill()
                 proc.wait()
         self.sock.close()
+
+
+def stop_lazy_leftovers(staging: Path, in_flight: set[str]) -> int:
+    """Kill lazy-pages daemons and guards of restores under STAGING whose migration is no
+    longer IN_FLIGHT (an agent that stopped after the end left a guard); returns how many."""
+    mine = 0
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        where = (cmd[0][len(GUARD) + 1:] if cmd and cmd[0].startswith(GUARD + " ") else
+                 cmd[cmd.index("--images-dir") + 1] if "lazy-pages" in cmd and
+                 "--images-dir" in cmd[:-1] else "")
+        path = Path(where)
+        if where and path.is_relative_to(staging) and len(path.relative_to(staging).parts) > 1 \
+                and path.relative_to(staging).parts[0] not in in_flight:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+                mine += 1
+    return mine
 
 
 def stop_lazy_pages(images: Path) -> int:

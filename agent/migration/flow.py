@@ -8,6 +8,7 @@ final checkpoint; any failure after FREEZE ends with the source resumed from it 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import psutil
 from google.protobuf.json_format import MessageToDict
 
 from agent.catalog.registry import Registry, checkpoint_keys
@@ -212,7 +214,9 @@ class Migration:
             return self._run()
         finally:
             self.release_hold()  # after a rollback, if it failed: the source no longer waits
-            if self.pages is not None:
+            if self.pages is not None and (not self.pages.lazy or self.ended()):
+                # a lazy daemon outlives a rollback still pending: its copy may still run,
+                # and would read zeros; the rollback's retry removes it, then stops the daemon
                 self.pages.stop()
             self.channel.close()
             self.staging.drop(self.migration_id)
@@ -248,6 +252,8 @@ class Migration:
                 self.final_sync(spec, final, bases)
             with self.report.phase(pb.RESTORE):
                 self.runtime.ping()  # no commit while this node's engine cannot restore
+                if lazy and pages is not None and pages.error is not None:
+                    raise pages.error  # the tunnel broke: no page would come after the commit
                 self.call(self.source.Commit, pb.CommitRequest(migration_id=self.migration_id))
                 self.release_hold()
                 self.restore(spec, pages if lazy else None)
@@ -273,6 +279,10 @@ class Migration:
         report = self.report.done(self.new_container)
         self.keep_report(report)
         return report
+
+    def ended(self) -> bool:
+        now = self.journal.get(self.migration_id, j.DESTINATION)
+        return now is None or now.state in j.ENDED
 
     def keep_report(self, report: pb.MigrationReport) -> None:
         """REPORT goes into the journal entry, for `migctl history`."""
@@ -495,9 +505,10 @@ class Migration:
             return None
         assert criu is not None
         images = self.area / "checkpoints" / FINAL_CHECKPOINT
-        # lazy: the restore finds the daemon's socket in its work folder, the images' (migctl-runc)
-        server = PageServer(criu, images, images if lazy else self.area / "page-server", limit,
-                            lazy=lazy)
+        # lazy: the restore finds the daemon's socket in its work folder (migctl-runc), one the
+        # source's files never go to
+        server = PageServer(criu, images, self.area / ("lazy-pages" if lazy else "page-server"),
+                            limit, lazy=lazy)
         self.pages = server
         requests = itertools.chain(
             [pb.PageBytes(migration_id=self.migration_id, lazy=lazy)],
@@ -690,8 +701,12 @@ class Migration:
             pages.launch()
         self.runtime.start_from_checkpoint(
             cid, self.area / "checkpoints" / FINAL_CHECKPOINT, f"migctl-{self.migration_id}",
-            lazy=pages is not None)
+            lazy_in=pages.work if pages is not None else None)
         self.runtime.wait_running(cid, on_running=self.report.running)
+        if pages is not None:  # should the daemon fail, the process stops before it reads zeros
+            pages.on_fail = kill_now(self.runtime.inspect(cid)["State"].get("Pid", 0))
+            if pages.proc is not None and pages.proc.poll() not in (None, 0):
+                pages.on_fail()
 
     def page_in(self, pages: PageServer) -> None:
         """Post-copy: the container runs; it is done once the daemon has every page."""
@@ -737,6 +752,22 @@ class Migration:
         finally:
             self.keep_report(self.report.finish())
 
+
+
+def kill_now(pid: int) -> Callable[[], None]:
+    """A kill of the container's first process (and so its PID namespace) by pid: faster than
+    any engine call; psutil checks that the pid is still that process."""
+    try:
+        proc = psutil.Process(pid) if pid > 0 else None
+    except psutil.Error:
+        proc = None
+
+    def kill() -> None:
+        log.warning("the lazy-pages daemon failed: killing the restored process %d", pid)
+        if proc is not None:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+    return kill
 
 
 def _add(total: DeltaStats, got: int | DeltaStats) -> None:

@@ -27,6 +27,7 @@ from agent.dataplane.pages import (
     Listener,
     PrivateNetns,
     connect_in,
+    stop_criu_in,
     sweep_netns,
 )
 from agent.dataplane.rootfs import snapshot_layer
@@ -40,7 +41,6 @@ from agent.errors import (
     MigctlError,
     NotFound,
     PermissionDenied,
-    Unavailable,
 )
 from agent.metrics import Metrics
 from agent.migration import journal as j
@@ -224,10 +224,18 @@ class SourceSide:
                                           "opened before the final checkpoint")
             if entry.id in self._tunnels:
                 raise FailedPrecondition(f"migration {entry.id} already has a page tunnel open")
-            listener = self._tunnels[entry.id] = Listener(lazy)
+        listener = Listener(lazy)
         if lazy:  # made now, not in the frozen window; gone with the last holder of the tunnel
+            problem = self.runtime.post_copy_problem()  # this node's own word, not the peer's
+            if problem:
+                raise FailedPrecondition(f"this node cannot serve pages lazily: {problem}")
             netns = PrivateNetns(f"{self.netns_prefix}{entry.id[:12]}")
             listener.netns, listener.on_close = netns.path, netns.remove
+        with self._lock:
+            if entry.id in self._tunnels:  # a racing open won
+                listener.release()
+                raise FailedPrecondition(f"migration {entry.id} already has a page tunnel open")
+            self._tunnels[entry.id] = listener
         return listener
 
     def close_tunnel(self, migration_id: str, listener: Listener) -> None:
@@ -353,9 +361,12 @@ class SourceSide:
             self._serving[entry.id] = thread
         thread.start()
         try:
-            tunnel.attach(connect_in(netns, LAZY_PORT, give_up=done.is_set))
-        except Unavailable:
-            done.wait()
+            tunnel.attach(connect_in(netns, LAZY_PORT,
+                                     give_up=lambda: done.is_set() or tunnel.aborted))
+        except BaseException:
+            if not done.wait(1.0):  # CRIU may be waiting for a connection no one will make
+                stop_criu_in(netns)
+                done.wait(60)
             if failed:
                 raise failed[0] from None
             raise
@@ -366,11 +377,19 @@ class SourceSide:
     def stop_serving(self, migration_id: str, timeout: float = 60.0) -> None:
         """A lazy checkpoint's CRIU stops serving pages (its tunnel is cut), and is waited for:
         the container must not run here while CRIU still hands its memory out."""
-        self._abort_tunnel(migration_id)
         with self._lock:
             thread = self._serving.get(migration_id)
-        if thread is not None:
+            tunnel = self._tunnels.get(migration_id)
+        self._abort_tunnel(migration_id)
+        if thread is None:
+            return
+        thread.join(timeout)
+        if thread.is_alive() and tunnel is not None and tunnel.netns is not None:
+            stop_criu_in(tunnel.netns)  # it never had its connection: kill it
             thread.join(timeout)
+        if thread.is_alive():
+            raise FailedPrecondition(f"migration {migration_id}: CRIU still serves the "
+                                     "container's pages here; it cannot resume yet")
 
     def still_paused(self, entry: j.Entry) -> None:
         """A container paused for a page-server checkpoint must still be paused when its
@@ -435,6 +454,12 @@ class SourceSide:
 
     def commit(self, entry: j.Entry) -> None:
         self.still_paused(entry)
+        with self._lock:
+            serving = entry.id in self._serving
+        if entry.data.get("lazy") and not serving:
+            raise FailedPrecondition(f"migration {entry.id}: the lazy checkpoint no longer "
+                                     "serves the container's pages here; it cannot be handed "
+                                     "over")
         # Under the same lock as a lease's resume: one of the two wins, never both.
         with self._lock:
             committed = self.journal.try_move(entry.id, j.SOURCE, j.COMMITTED, by=j.PEER)

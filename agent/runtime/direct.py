@@ -49,17 +49,18 @@ def wrapper_runtime(info: dict) -> str:
 
 @contextlib.contextmanager
 def staged(container_id: str, action: str, images: Path, page_server: str = "",
-           lazy: bool = False, netns: Path | None = None) -> Iterator[None]:
+           lazy: bool = False, place: Path | None = None) -> Iterator[None]:
     """While inside, the wrapper sends CONTAINER_ID's ACTION (checkpoint/restore) to IMAGES;
-    LAZY keeps (or fetches) the memory pages through CRIU's lazy pages, and NETNS is where runc
-    and CRIU run (a lazy checkpoint's page server listens there)."""
+    LAZY keeps (or fetches) the memory pages through CRIU's lazy pages; PLACE is, for a lazy
+    checkpoint, the network namespace runc and CRIU run in (its page server listens there),
+    for a lazy restore its work folder (the lazy-pages daemon's socket is there)."""
     if not valid_container_id(container_id):
         raise RuntimeFailure(f"not a container id: {container_id!r}")
     REQUEST_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
     request = REQUEST_DIR / f"{container_id}.{action}"
     tmp = request.with_suffix(".part")
     tmp.write_text(f"{images}\n{page_server}\n{token()}\n{'lazy' if lazy else ''}\n"
-                   f"{netns or ''}\n")
+                   f"{place or ''}\n")
     os.replace(tmp, request)
     try:
         yield
@@ -141,7 +142,8 @@ class DirectRuntime(DockerRuntime):
         return self.method if runs_with == self.runtime_name else DockerRuntime.method
 
     def checkpoint(self, container: str, name: str, directory: Path, leave_running: bool,
-                   page_server: str = "", lazy_in: Path | None = None) -> Path:
+                   page_server: str = "", lazy_in: Path | None = None, *,
+                   unbounded: bool = False) -> Path:
         """With PAGE_SERVER (HOST:PORT), CRIU sends the memory pages there, and the folder
         holds every other image. With LAZY_IN (a network namespace's file), CRIU instead keeps
         the pages and serves them from PAGE_SERVER's port in that namespace, and this returns
@@ -158,7 +160,8 @@ class DirectRuntime(DockerRuntime):
         shutil.rmtree(engine_dir, ignore_errors=True)
         try:
             with staged(cid, "checkpoint", target, page_server, lazy_in is not None, lazy_in):
-                super().checkpoint(cid, name, engine_dir, leave_running)
+                super().checkpoint(cid, name, engine_dir, leave_running,
+                                   unbounded=lazy_in is not None)
             if not (target / INVENTORY).exists():
                 if page_server:  # the pages went nowhere: the checkpoint is no use
                     raise RuntimeFailure(f"{WRAPPER.name} did not take the checkpoint of "
@@ -174,11 +177,11 @@ class DirectRuntime(DockerRuntime):
         return target
 
     def start_from_checkpoint(self, cid: str, checkpoint_dir: Path, name: str,
-                              lazy: bool = False) -> None:
-        """LAZY: a lazy-pages daemon waits in CHECKPOINT_DIR (agent/dataplane/pages.py) and
+                              lazy_in: Path | None = None) -> None:
+        """LAZY_IN: a lazy-pages daemon waits in that folder (agent/dataplane/pages.py), and
         the process starts before its memory arrived."""
         if self.method_for(cid) != self.method:
-            super().start_from_checkpoint(cid, checkpoint_dir, name, lazy)
+            super().start_from_checkpoint(cid, checkpoint_dir, name, lazy_in)
             return
         # The engine wants a checkpoint folder of its own to exist; the images stay where they
         # were staged and are read by CRIU from there.
@@ -187,7 +190,8 @@ class DirectRuntime(DockerRuntime):
         target.mkdir(parents=True)
         (target / "migctl-direct").write_text(token())  # content of its own (migctl-runc)
         try:
-            with staged(cid, "restore", checkpoint_dir.resolve(), lazy=lazy):
+            with staged(cid, "restore", checkpoint_dir.resolve(), lazy=lazy_in is not None,
+                        place=lazy_in):
                 self.engine_start_checkpoint(cid, name)
         finally:
             shutil.rmtree(target, ignore_errors=True)

@@ -386,9 +386,11 @@ class DockerRuntime:
                            capture_output=True)
 
     def checkpoint(self, container: str, name: str, directory: Path, leave_running: bool,
-                   page_server: str = "", lazy_in: Path | None = None) -> Path:
+                   page_server: str = "", lazy_in: Path | None = None, *,
+                   unbounded: bool = False) -> Path:
         """Checkpoint into DIRECTORY/NAME and return that folder. The engine passes CRIU no
-        page server: PAGE_SERVER needs the direct path (agent/runtime/direct.py)."""
+        page server: PAGE_SERVER needs the direct path (agent/runtime/direct.py). UNBOUNDED:
+        no client timeout (a lazy checkpoint lasts as long as its pages take to go)."""
         if page_server or lazy_in:
             raise FailedPrecondition(f"the checkpoint of {container!r} goes through the engine, "
                                      "which cannot send its pages to a page server")
@@ -401,6 +403,7 @@ class DockerRuntime:
                 self.api._url("/containers/{0}/checkpoints", cid),
                 data={"CheckpointID": name, "CheckpointDir": str(directory),
                       "Exit": not leave_running},
+                **({"timeout": None} if unbounded else {}),
             )
             self.api._raise_for_status(res)
         except docker.errors.APIError as err:
@@ -430,13 +433,13 @@ class DockerRuntime:
         return cid
 
     def start_from_checkpoint(self, cid: str, checkpoint_dir: Path, name: str,
-                              lazy: bool = False) -> None:
+                              lazy_in: Path | None = None) -> None:
         """Start CID from the checkpoint files in CHECKPOINT_DIR.
 
         The engine refuses a custom checkpoint dir on start, so the files go where it looks
         for its own checkpoints: <DockerRootDir>/containers/<id>/checkpoints/<name>/.
         """
-        if lazy:
+        if lazy_in is not None:
             raise FailedPrecondition(f"{cid[:12]} is restored through the engine, which cannot "
                                      "restore memory pages lazily")
         target = self.root_dir() / "containers" / cid / "checkpoints" / name
