@@ -14,15 +14,21 @@ figure is also given as a ratio to the floor measured in the same run, on the sa
            from the source, as the seed), the final checkpoint's memory as a delta
   migctl-ps  the same container back, `migctl migrate --json nodeB -> nodeA`, its memory through
            the page server (`--memory-transfer page-server`; docs/runtime.md)
+  migctl-pc  the same container again nodeA -> nodeB by post-copy (`--memory-transfer
+           post-copy`): it runs at nodeB before its memory arrived. Its row adds "pages" (from
+           running until the last page arrived), that time against the memory's size over a
+           raw TCP transfer's rate between the same nodes measured at the start of the run
+           (the issue's 1.2 x target), and the client's p99 latency in the 3 s after the
+           restore against its p99 before the migration (the page-in's cost to requests)
   seed     the seed's method (client/seedmethod.py: engine checkpoints, docker save/load, tar
            and rsync)
 
-Each run starts the workload fresh on nodeA twice: once for floor, engine, migctl and migctl-ps
-(in that order), once for the seed's method; the link is the lab's, unshaped. Medians over
---runs.
+Each run starts the workload fresh on nodeA twice: once for floor, engine, migctl, migctl-ps
+and migctl-pc (in that order), once for the seed's method; the link is the lab's, unshaped.
+Medians over --runs; --method runs only those named (the floor always runs: it is the yardstick).
 
     .venv/bin/python bench/downtime.py [--runs 3] [--redis-mb 10 --redis-mb 100] [--volume-mb 1024]
-        [--workload redis --workload volume]
+        [--workload redis --workload volume] [--method migctl-pc ...]
 
 Workloads:
   redis   Redis with --redis-mb of data (keys of 1000 random bytes); the client sends INCR,
@@ -50,6 +56,7 @@ import docker
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.runtime.direct import DirectRuntime, token  # noqa: E402
+from client import labnet  # noqa: E402
 from client.lab import LAB_DIR, RUN_DIR, Lab  # noqa: E402
 from client.seedmethod import SeedMethod  # noqa: E402
 from client.workloads import (  # noqa: E402
@@ -65,8 +72,10 @@ from client.workloads import (  # noqa: E402
 from tests.conftest import CACHE  # noqa: E402
 
 NODES = ("nodeA", "nodeB")
-METHODS = ("floor", "engine", "migctl", "migctl-ps", "seed")
-MIGCTL = {"migctl": ("delta", NODES), "migctl-ps": ("page-server", NODES[::-1])}
+METHODS = ("floor", "engine", "migctl", "migctl-ps", "migctl-pc", "seed")
+MIGCTL = {"migctl": ("delta", NODES), "migctl-ps": ("page-server", NODES[::-1]),
+          "migctl-pc": ("post-copy", NODES)}
+PAGE_IN_WINDOW = 3.0  # seconds after the restore over which the client's p99 is taken
 SETTLE = 2.0  # seconds of answers before and after each method, so the gap is bounded by them
 
 
@@ -157,12 +166,17 @@ def migctl_cycle(name: str, method: str) -> dict:
     proc.wait(timeout=900)
     reader.join(timeout=10)
     if proc.returncode:
-        raise RuntimeError("migration failed: " + " | ".join(text for _, text in events[-3:]))
+        raise RuntimeError("migration failed: " + " | ".join(text for _, text in events[-6:]))
     report = json.loads(stdout)
     phase = {ph["phase"]: ph["seconds"] for ph in report["phases"]}
     freeze_at = next(t for t, text in events if text.startswith("▶ freeze"))
+    extra = {}
+    if memory == "post-copy":
+        pages = [t for t in report["transfers"] if t["item"] == "final: memory pages"]
+        extra = {"pages": report.get("pages_seconds", 0.0),
+                 "pages MB": int(pages[0]["bytes"]) / 1e6 if pages else 0.0}
     return {"downtime": report["downtime_seconds"], "total": report["total_seconds"],
-            "freeze_at": freeze_at,
+            "freeze_at": freeze_at, **extra,
             "pre-copy": phase.get("PRE_COPY", 0.0), "freeze": phase.get("FREEZE", 0.0),
             "final": phase.get("FINAL_SYNC", 0.0), "restore": phase.get("RESTORE", 0.0),
             "method": f"{report['checkpoint_method']}/{report['restore_method']}",
@@ -174,7 +188,8 @@ def seed_cycle(state: dict, name: str) -> dict:
     return {"downtime": r.downtime, "total": r.total}
 
 
-def measured(kind: str, hosts: list[str], fn: Callable[[], dict]) -> dict:
+def measured(kind: str, hosts: list[str], fn: Callable[[], dict], tcp_rate: float = 0.0
+             ) -> dict:
     """FN's figures, with the client's longest gap and forgotten answers around it; for a
     migration also the longest gap while it ran before the freeze (the pre-copy checkpoint's
     pause: the container is meant to keep running then)."""
@@ -185,7 +200,7 @@ def measured(kind: str, hosts: list[str], fn: Callable[[], dict]) -> dict:
     try:
         out = fn()
     except Exception as err:  # noqa: BLE001 - a failed run is counted and shown, not fatal
-        out = {"failed": (str(err) or type(err).__name__).splitlines()[0][:160]}
+        out = {"failed": (str(err) or type(err).__name__).splitlines()[0][:600]}
     t1 = time.monotonic()
     time.sleep(SETTLE)
     client.stop.set()
@@ -204,6 +219,12 @@ def measured(kind: str, hosts: list[str], fn: Callable[[], dict]) -> dict:
             _, a, b = max(gaps)
             out["gap from freeze"] = a - freeze
             out["gap after running"] = b - (freeze + out["downtime"])
+        if "pages" in out:
+            running = freeze + out["downtime"]
+            out["p99 page-in ms"] = 1000 * client.p99(running, running + PAGE_IN_WINDOW)
+            out["p99 before ms"] = 1000 * client.p99(t0 - SETTLE, freeze)
+            if tcp_rate:
+                out["pages ÷ tcp"] = out["pages"] / (out["pages MB"] * 1e6 / tcp_rate)
     return {**out, "gap": client.gap(t0, t1), "forgot": client.forgotten()}
 
 
@@ -217,13 +238,17 @@ def main() -> None:
     p.add_argument("--redis-mb", type=int, action="append")
     p.add_argument("--volume-mb", type=int, default=1024)
     p.add_argument("--workload", choices=["redis", "volume"], action="append")
+    p.add_argument("--method", choices=METHODS, action="append")
     args = p.parse_args()
+    methods = [m for m in METHODS if m == "floor" or m in (args.method or METHODS)]
     state = Lab().state()
     nodes = state["nodes"]
     engines = {n: docker.DockerClient(base_url=nodes[n]["docker_host"], timeout=900)
                for n in NODES}
     hosts = [nodes[n]["address"].split(":")[0] for n in NODES]
     rt = runtime(state, NODES[0])
+    tcp_rate = labnet.measure(state, NODES[0], NODES[1], 256 << 20) / 8  # bytes/s
+    print(f"raw TCP {NODES[0]} -> {NODES[1]}: {tcp_rate / 1e6:.0f} MB/s", flush=True)
     cases = [("redis", mb) for mb in (args.redis_mb or [10, 50, 100])
              if "redis" in (args.workload or ["redis"])]
     if "volume" in (args.workload or ["volume"]):
@@ -233,21 +258,33 @@ def main() -> None:
     summary = []
     for kind, mb in cases:
         label = f"{kind}-{mb}"
-        got: dict[str, list[dict]] = {m: [] for m in METHODS}
+        got: dict[str, list[dict]] = {m: [] for m in methods}
         for run in range(args.runs):
             names = ["bench-redis", "bench-volume"]
             remove_everywhere(engines, names, ["bench-data"])
             name = start(kind, mb, engines[NODES[0]], hosts[0])
             got["floor"].append(measured(kind, hosts, lambda n=name: floor_cycle(rt, n)))
-            got["engine"].append(measured(kind, hosts, lambda n=name: engine_cycle(rt, n)))
-            for m in MIGCTL:
-                got[m].append(measured(kind, hosts, lambda n=name, m=m: migctl_cycle(n, m)))
+            if "engine" in methods:
+                got["engine"].append(measured(kind, hosts, lambda n=name: engine_cycle(rt, n)))
+            at = NODES[0]  # where the container runs now
+            for m in (m for m in MIGCTL if m in methods):
+                source, dest = MIGCTL[m][1]
+                if source != at:
+                    got[m].append({"failed": f"the container is on {at}, not {source}"})
+                    continue
+                got[m].append(measured(kind, hosts, lambda n=name, m=m: migctl_cycle(n, m),
+                                       tcp_rate))
+                if "failed" not in got[m][-1]:
+                    at = dest
             remove_everywhere(engines, names, ["bench-data"])
-            name = start(kind, mb, engines[NODES[0]], hosts[0])
-            got["seed"].append(measured(kind, hosts, lambda n=name: seed_cycle(state, n)))
-            remove_everywhere(engines, names, ["bench-data"])
+            if "seed" in methods:
+                name = start(kind, mb, engines[NODES[0]], hosts[0])
+                got["seed"].append(measured(kind, hosts, lambda n=name: seed_cycle(state, n)))
+                remove_everywhere(engines, names, ["bench-data"])
             floor = got["floor"][-1].get("gap", float("nan"))
-            for m in METHODS:
+            for m in methods:
+                if not got[m]:
+                    continue
                 r = got[m][-1]
                 if "failed" in r:
                     print(f"{label:<12} {run:>3} {m:<7} FAILED: {r['failed']}", flush=True)
@@ -257,26 +294,33 @@ def main() -> None:
                 print(f"{label:<12} {run:>3} {m:<7} {r['gap']:>6.2f} "
                       f"{r['gap'] / floor if floor else float('nan'):>7.2f} "
                       f"{r['downtime']:>10.2f} {r.get('total', 0):>7.2f}  {extra}", flush=True)
-        ok = {m: [r for r in got[m] if "failed" not in r] for m in METHODS}
-
-        med = {m: {k: _median(ok[m], k) for k in ("gap", "downtime")} for m in METHODS}
-        for m in (*MIGCTL, "seed"):
-            med[m]["total"] = _median(ok[m], "total")
-        for m in MIGCTL:
-            med[m]["pause"] = _median(ok[m], "pre-copy pause")
-        failed = {m: len(got[m]) - len(ok[m]) for m in METHODS if len(got[m]) > len(ok[m])}
+        ok = {m: [r for r in got[m] if "failed" not in r] for m in methods}
+        med = {m: {k: _median(ok[m], k) for k in MEDIANS if ok[m] and all(k in r for r in ok[m])}
+               for m in methods}
+        failed = {m: len(got[m]) - len(ok[m]) for m in methods if len(got[m]) > len(ok[m])}
         summary.append((label + (f" (failed: {failed})" if failed else ""), med))
-    print("\nmedians over", args.runs, "runs (× floor: the same run's floor gap)")
-    print(f"{'workload':<12} " + " ".join(f"{m + ' gap':>11}" for m in METHODS)
-          + f" {'floor dt':>8} " + " ".join(f"{m + ' dt':>12} {'/seed total':>11} {'pause':>6}"
-                                            for m in MIGCTL))
+    print("\nmedians over", args.runs, "runs (× floor: the same run's floor gap; dt: downtime;"
+          " /seed: total time against the seed's)")
     for label, med in summary:
         f = med["floor"]["gap"]
-        cells = " ".join(f"{med[m]['gap']:>5.2f} ×{med[m]['gap'] / f:>4.2f}" for m in METHODS)
-        seed = med["seed"]["total"]
-        mig = " ".join(f"{med[m]['downtime']:>12.2f} {med[m]['total'] / seed:>11.2f}"
-                       f" {med[m]['pause']:>6.2f}" for m in MIGCTL)
-        print(f"{label:<12} {cells} {med['floor']['downtime']:>8.2f} {mig}")
+        print(f"{label}: floor gap {f:.2f} s, dt {med['floor']['downtime']:.2f} s")
+        for m in methods[1:]:
+            got_m = med[m]
+            if "gap" not in got_m:
+                continue
+            cells = [f"gap {got_m['gap']:.2f} s ×{got_m['gap'] / f:.2f}",
+                     f"dt {got_m['downtime']:.2f} s"]
+            if "total" in got_m and "total" in med.get("seed", {}):
+                cells.append(f"/seed {got_m['total'] / med['seed']['total']:.2f}")
+            for key, unit in (("pre-copy pause", " s"), ("pages", " s"), ("pages ÷ tcp", ""),
+                              ("p99 before ms", ""), ("p99 page-in ms", ""), ("forgot", "")):
+                if key in got_m:
+                    cells.append(f"{key} {got_m[key]:.2f}{unit}")
+            print(f"  {m:<10} " + ", ".join(cells))
+
+
+MEDIANS = ("gap", "downtime", "total", "pre-copy pause", "pages", "pages ÷ tcp", "p99 before ms",
+           "p99 page-in ms", "forgot")
 
 
 if __name__ == "__main__":

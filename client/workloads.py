@@ -160,6 +160,7 @@ class Client(threading.Thread):
         # Redis only: bytes/s of 1000-byte SETs sent along with each request (memory dirtied)
         self.sets = int(write_rate * TICK / 1000)
         self.answers: list[tuple[float, int]] = []
+        self.latencies: list[tuple[float, float]] = []  # (answered at, seconds it took)
         self.stop = threading.Event()
 
     def ask(self, host: str) -> int | None:
@@ -193,15 +194,23 @@ class Client(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             for host in self.hosts:
+                asked = time.monotonic()
                 value = self.ask(host)
                 if value is not None:
-                    self.answers.append((time.monotonic(), value))
+                    now = time.monotonic()
+                    self.answers.append((now, value))
+                    self.latencies.append((now, now - asked))
                     break
             time.sleep(TICK)
 
     def gap(self, start: float, end: float) -> float:
         times = [t for t, _ in self.answers if start - 1 <= t <= end + 5]
         return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+
+    def p99(self, start: float, end: float) -> float:
+        """The 99th percentile of the answers' latency between START and END (0: none)."""
+        got = sorted(lat for t, lat in self.latencies if start <= t <= end)
+        return got[min(len(got) - 1, int(len(got) * 0.99))] if got else 0.0
 
     def forgotten(self) -> int:
         """Answers not above the one before: the container's memory went back (lost state).

@@ -698,7 +698,9 @@ class Migration:
         self.step(j.RESTORING, lazy=pages is not None)
         self.report.msg.restore_method = self.runtime.method_for(cid)
         if pages is not None:
+            start = time.monotonic()
             pages.launch()
+            self.report.log(f"lazy-pages daemon ready in {time.monotonic() - start:.2f} s")
         self.runtime.start_from_checkpoint(
             cid, self.area / "checkpoints" / FINAL_CHECKPOINT, f"migctl-{self.migration_id}",
             lazy_in=pages.work if pages is not None else None)
@@ -763,7 +765,8 @@ def kill_now(pid: int) -> Callable[[], None]:
         proc = None
 
     def kill() -> None:
-        log.warning("the lazy-pages daemon failed: killing the restored process %d", pid)
+        log.warning("the lazy-pages daemon ended before every page arrived: killing the restored "
+                    "process %d (if it still runs)", pid)
         if proc is not None:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
