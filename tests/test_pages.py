@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ from agent.migration.policy import (
     Link,
     memory_transfer,
 )
-from agent.runtime.docker import criu_path
+from agent.runtime.docker import criu_path, refuse_new_connections
 
 # connects to the port in argv[1], sends "from-criu", prints what comes back
 PEER = ("import socket, sys; s = socket.create_connection(('127.0.0.1', int(sys.argv[1]))); "
@@ -314,3 +315,24 @@ def test_post_copy_asked_for_runs_or_is_refused_with_the_reason() -> None:
     with pytest.raises(FailedPrecondition, match="no post-copy for this migration: nodeA: "
                                                  "fs.pipe-max-size"):
         memory_transfer(FAST, "direct", "/criu", POST_COPY, "nodeA: fs.pipe-max-size is 1")
+
+
+def test_a_paused_copy_resets_new_connections_until_it_resumes(netns) -> None:
+    """Clients that try the paused source first are reset at once instead of waiting for their
+    own timeout; after a rollback it takes connections again (and the rule goes once)."""
+    server = subprocess.Popen(["nsenter", f"--net={netns.path}", sys.executable, "-c", SERVE])
+    try:
+        time.sleep(0.5)  # listening
+        refuse_new_connections(netns.path, True)
+        refuse_new_connections(netns.path, True)  # once only
+        start = time.monotonic()
+        with pytest.raises(Unavailable):  # reset, not left waiting
+            connect_in(netns.path, 27000, give_up=lambda: True, timeout=5)
+        assert time.monotonic() - start < 1
+        refuse_new_connections(netns.path, False)
+        conn = connect_in(netns.path, 27000, give_up=lambda: server.poll() is not None,
+                          timeout=30)
+        conn.sendall(b"x")
+        assert conn.recv(64) == b"pages:x"
+    finally:
+        server.kill()

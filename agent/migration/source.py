@@ -295,9 +295,12 @@ class SourceSide:
                 self.runtime.pause(entry.container)
                 if lazy:
                     serving = True  # the checkpoint's thread releases the tunnel
-                    return self._lazy_checkpoint(entry, tunnel, area / "checkpoints")
-                return self.runtime.checkpoint(entry.container, request.name,
-                                               area / "checkpoints", True, tunnel.address)
+                    folder = self._lazy_checkpoint(entry, tunnel, area / "checkpoints")
+                else:
+                    folder = self.runtime.checkpoint(entry.container, request.name,
+                                                     area / "checkpoints", True, tunnel.address)
+                self._refuse(entry.container, True)  # after the images: never in them
+                return folder
             finally:
                 if tunnel is not None and not serving:
                     tunnel.release()  # runc is done with the port
@@ -373,6 +376,14 @@ class SourceSide:
         log.info("migration %s: the lazy checkpoint's page server serves after %.2f s",
                  entry.id, time.monotonic() - start)
         return directory / FINAL_CHECKPOINT
+
+    def _refuse(self, container: str, refuse: bool) -> None:
+        """A paused copy resets new connections (its clients try elsewhere at once), and
+        takes them again when it resumes; a failure here only costs clients time."""
+        try:
+            self.runtime.refuse_connections(container, refuse)
+        except MigctlError as err:
+            log.warning("%s: connections: %s", container[:12], err)
 
     def stop_serving(self, migration_id: str, timeout: float = 60.0) -> None:
         """A lazy checkpoint's CRIU stops serving pages (its tunnel is cut), and is waited for:
@@ -513,6 +524,7 @@ class SourceSide:
                                    "this node meanwhile; nothing to resume")
             log.warning("migration %s: %s", migration_id, reply.detail)
         elif state.get("Paused"):  # a page-server checkpoint: its memory never left it
+            self._refuse(cid, False)
             self.runtime.unpause(cid)
             reply = pb.ResumeReply(restored=True, detail="unpaused: it goes on where it was "
                                    "paused for the final checkpoint")

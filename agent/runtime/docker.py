@@ -33,6 +33,29 @@ log = logging.getLogger(__name__)
 CRIU_BIN = "/opt/migctl/bin"  # where scripts/setup.sh puts the CRIU it probed
 
 
+REFUSE_RULE = ["INPUT", "-p", "tcp", "--syn", "-m", "comment", "--comment",
+               "migctl: paused for a migration", "-j", "REJECT", "--reject-with", "tcp-reset"]
+
+
+def refuse_new_connections(netns: Path, refuse: bool) -> None:
+    """Reset new TCP connections in NETNS (REFUSE), or stop doing so; idempotent."""
+    def iptables(*args: str) -> bool:
+        out = subprocess.run(["nsenter", f"--net={netns}", "iptables", "-w", *args],
+                             capture_output=True, text=True, check=False)
+        return out.returncode == 0
+
+    present = iptables("-C", *REFUSE_RULE)
+    if refuse and not present and not iptables("-I", *REFUSE_RULE):
+        log.warning("could not make %s refuse new connections", netns)
+    for _ in range(8 if not refuse else 0):  # one per earlier insert, if any repeated
+        if not present:
+            return
+        iptables("-D", *REFUSE_RULE)
+        present = iptables("-C", *REFUSE_RULE)
+    if not refuse and present:
+        log.warning("could not make %s accept new connections again", netns)
+
+
 def criu_path() -> str | None:
     """The CRIU this node's engine uses, for the agent's own CRIU processes (page servers)."""
     return shutil.which("criu", path=f"{CRIU_BIN}:{os.environ.get('PATH', '')}")
@@ -501,6 +524,17 @@ class DockerRuntime:
 
     def unpause(self, container: str) -> None:
         self._call(f"unpause {container[:12]!r}", self.api.unpause, container)
+
+    def refuse_connections(self, container: str, refuse: bool) -> None:
+        """While a paused copy waits at the source, its network stack still accepts new
+        connections that nothing answers: clients that try it first wait for their own
+        timeout. REFUSE resets them at once instead (a rule in the container's own network
+        namespace, added after its checkpoint, so never in it); off again for a rollback."""
+        info = self.inspect(container)
+        sandbox = (info.get("NetworkSettings") or {}).get("SandboxKey") or ""
+        if info["HostConfig"].get("NetworkMode") == "host" or not sandbox:
+            return  # the host's network is not the container's to change
+        refuse_new_connections(Path(sandbox), refuse)
 
     def kill(self, container: str) -> None:
         self._call(f"kill {container[:12]!r}", self.api.kill, container)
