@@ -17,9 +17,11 @@ figure is also given as a ratio to the floor measured in the same run, on the sa
   migctl-pc  the same container again nodeA -> nodeB by post-copy (`--memory-transfer
            post-copy`): it runs at nodeB before its memory arrived. Its row adds "pages" (from
            running until the last page arrived), that time against the memory's size over a
-           raw TCP transfer's rate between the same nodes measured at the start of the run
-           (the issue's 1.2 x target), and the client's p99 latency in the 3 s after the
-           restore against its p99 before the migration (the page-in's cost to requests)
+           raw TCP transfer's rate between the same nodes measured at the start of the run,
+           and against the rate the destination agent's own probe measured before the freeze
+           (what migctl believes the link gives it: the issue's 1.2 x target), and the
+           client's p99 latency in the 3 s after the restore against its p99 before the
+           migration (the page-in's cost to requests)
   seed     the seed's method (client/seedmethod.py: engine checkpoints, docker save/load, tar
            and rsync)
 
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -173,8 +176,10 @@ def migctl_cycle(name: str, method: str) -> dict:
     extra = {}
     if memory == "post-copy":
         pages = [t for t in report["transfers"] if t["item"] == "final: memory pages"]
+        probe = re.search(r"the link measured (\d+) MB/s", pages[0]["reason"] if pages else "")
         extra = {"pages": report.get("pages_seconds", 0.0),
-                 "pages MB": int(pages[0]["bytes"]) / 1e6 if pages else 0.0}
+                 "pages MB": int(pages[0]["bytes"]) / 1e6 if pages else 0.0,
+                 "probe MB/s": float(probe.group(1)) if probe else 0.0}
     return {"downtime": report["downtime_seconds"], "total": report["total_seconds"],
             "freeze_at": freeze_at, **extra,
             "pre-copy": phase.get("PRE_COPY", 0.0), "freeze": phase.get("FREEZE", 0.0),
@@ -225,6 +230,8 @@ def measured(kind: str, hosts: list[str], fn: Callable[[], dict], tcp_rate: floa
             out["p99 before ms"] = 1000 * client.p99(t0 - SETTLE, freeze)
             if tcp_rate:
                 out["pages ÷ tcp"] = out["pages"] / (out["pages MB"] * 1e6 / tcp_rate)
+            if out["probe MB/s"]:
+                out["pages ÷ probe"] = out["pages"] / (out["pages MB"] / out["probe MB/s"])
     return {**out, "gap": client.gap(t0, t1), "forgot": client.forgotten()}
 
 
@@ -313,13 +320,15 @@ def main() -> None:
             if "total" in got_m and "total" in med.get("seed", {}):
                 cells.append(f"/seed {got_m['total'] / med['seed']['total']:.2f}")
             for key, unit in (("pre-copy pause", " s"), ("pages", " s"), ("pages ÷ tcp", ""),
+                              ("pages ÷ probe", ""),
                               ("p99 before ms", ""), ("p99 page-in ms", ""), ("forgot", "")):
                 if key in got_m:
                     cells.append(f"{key} {got_m[key]:.2f}{unit}")
             print(f"  {m:<10} " + ", ".join(cells))
 
 
-MEDIANS = ("gap", "downtime", "total", "pre-copy pause", "pages", "pages ÷ tcp", "p99 before ms",
+MEDIANS = ("gap", "downtime", "total", "pre-copy pause", "pages", "pages ÷ tcp", "pages ÷ probe",
+           "p99 before ms",
            "p99 page-in ms", "forgot")
 
 

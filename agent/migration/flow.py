@@ -717,9 +717,11 @@ class Migration:
         done = time.monotonic()
         running = self.report.running_at or done
         self.report.msg.pages_seconds = done - running
+        rate = (f"; the link measured {self.link.throughput / 1e6:.0f} MB/s before the freeze"
+                if self.link else "")
         self.report.transfer("checkpoint", f"{FINAL_CHECKPOINT}: memory pages",
                              self.source_name, pb.PAGE_IN, got, done - running, "whole",
-                             "post-copy: faulted in, the rest pushed")
+                             f"post-copy: faulted in, the rest pushed{rate}")
 
     def apply_rootfs(self, cid: str, layer: Path, changes: bool = False) -> None:
         """What the container wrote to its root filesystem goes into the new container's
