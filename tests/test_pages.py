@@ -20,8 +20,10 @@ from agent.dataplane.pages import (
     PrivateNetns,
     connect_in,
     criu_peer,
+    end_criu,
+    processes_in,
+    stale_netns,
     stop_lazy_leftovers,
-    sweep_netns,
 )
 from agent.errors import (
     DeltaError,
@@ -232,9 +234,15 @@ def test_an_aborted_lazy_tunnel_stops_waiting_for_the_checkpoint() -> None:
         listener.accept(timeout=30)
 
 
-def test_stale_namespaces_of_this_node_are_swept(netns) -> None:
-    assert sweep_netns(netns.name) == [netns.name]
-    assert not netns.path.exists()
+def test_a_criu_nobody_connected_to_is_ended_by_a_connection_not_a_kill(netns) -> None:
+    """It waits in accept(): a connection that closes at once ends it (a kill would leave
+    the container thawed); stale namespaces are this node's by name."""
+    server = subprocess.Popen(["nsenter", f"--net={netns.path}", sys.executable, "-c", SERVE])
+    frozen: list[bool] = []
+    assert stale_netns(netns.name) == [netns.path]
+    end_criu(netns.path, lambda: server.poll() is None, lambda: frozen.append(True), timeout=30)
+    assert server.wait(10) == 0, "it was killed, not ended"
+    assert not frozen and not processes_in(netns.path)
 
 
 @pytest.mark.skipif(criu_path() is None, reason="CRIU is installed by scripts/setup.sh")

@@ -214,45 +214,73 @@ class PrivateNetns:
             raise
 
     def remove(self) -> None:
+        """Only once nothing runs in it (the caller ended its CRIU)."""
         if self.path.exists():
-            stop_criu_in(self.path)
-            with contextlib.suppress(RuntimeFailure):
-                _ip("netns", "delete", self.name)
+            remove_netns(self.path)
 
 
-def stop_criu_in(netns: Path) -> int:
-    """Kill what runs in NETNS (a lazy checkpoint's runc and CRIU): a CRIU page server nobody
-    connected to waits in accept() for ever, holding the container. Its tasks stay paused
-    (their freezer cgroup) for the caller to resume or kill; returns how many were killed."""
+def processes_in(netns: Path) -> list[psutil.Process]:
+    """What runs in NETNS (a lazy checkpoint's runc and CRIU)."""
     try:
         want = f"net:[{netns.stat().st_ino}]"
     except OSError:
-        return 0
-    killed = 0
+        return []
+    found = []
     for proc in psutil.process_iter():
-        try:
+        with contextlib.suppress(OSError):
             if os.readlink(f"/proc/{proc.pid}/ns/net") == want:
-                proc.kill()
-                killed += 1
-        except (OSError, psutil.Error):
-            continue
+                found.append(proc)
+    return found
+
+
+def stop_criu_in(netns: Path) -> int:
+    """Kill what runs in NETNS; returns how many. A last resort (see end_criu)."""
+    killed = 0
+    for proc in processes_in(netns):
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+            killed += 1
     return killed
 
 
-def sweep_netns(prefix: str) -> list[str]:
-    """Remove the namespaces named PREFIX* an agent killed mid-checkpoint left, and stop what
-    still runs in them (only this node's: agents of a lab share /run/netns)."""
-    gone = []
-    for path in sorted(NETNS_DIR.glob(prefix + "*")) if NETNS_DIR.is_dir() else []:
-        stop_criu_in(path)
-        with contextlib.suppress(RuntimeFailure):
-            _ip("netns", "delete", path.name)
-            gone.append(path.name)
-    return gone
+def end_criu(netns: Path, running: Callable[[], bool], freeze: Callable[[], object],
+             timeout: float = 60.0) -> None:
+    """End a lazy checkpoint's CRIU in NETNS the clean way: a connection that closes at once
+    ends its page server (one nobody connected to waits in accept() for ever), and CRIU then
+    leaves the container as it found it, paused. Killing it would not: CRIU thaws the tasks
+    it holds and re-freezes them only when it exits by itself. So a kill is the last resort,
+    after FREEZE froze the container's cgroup again. RUNNING says whether CRIU still runs."""
+    deadline = time.monotonic() + timeout
+    while running() and time.monotonic() < deadline:
+        with contextlib.suppress(Unavailable, OSError):
+            connect_in(netns, LAZY_PORT, give_up=lambda: True).close()
+        time.sleep(0.05)
+    if not running():
+        return
+    log.error("CRIU in %s did not end: freezing its container, then killing it", netns.name)
+    try:
+        freeze()
+    finally:
+        stop_criu_in(netns)
+
+
+def stale_netns(prefix: str) -> list[Path]:
+    """The namespaces named PREFIX*: after a restart, those an agent killed mid-checkpoint left
+    (only this node's: agents of a lab share /run/netns)."""
+    return sorted(NETNS_DIR.glob(prefix + "*")) if NETNS_DIR.is_dir() else []
+
+
+def remove_netns(path: Path) -> None:
+    with contextlib.suppress(RuntimeFailure):
+        _ip("netns", "delete", path.name)
 
 
 def _ip(*args: str) -> None:
-    out = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    try:
+        out = subprocess.run(["ip", *args], capture_output=True, text=True, check=False,
+                             timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise RuntimeFailure(f"ip {' '.join(args)}: {err}") from err
     if out.returncode:
         raise RuntimeFailure(f"ip {' '.join(args)}: {out.stderr.strip()}")
 
@@ -327,6 +355,7 @@ class PageServer:
         self.log_name = "lazy-pages.log" if lazy else "page-server.log"
         self.criu = criu
         self.proc: subprocess.Popen | None = None
+        self._stopping = False
         self._done = threading.Event()
         if not lazy:
             self.launch()
@@ -354,6 +383,8 @@ class PageServer:
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL, start_new_session=True)
         except OSError:
+            if self.lazy:
+                os.close(ready)
             self.stop()
             raise
         finally:
@@ -370,8 +401,9 @@ class PageServer:
         """A lazy restore needs the daemon listening when it starts: CRIU writes a byte into
         its status pipe then (the pipe closes unwritten if it fails)."""
         try:
-            got = os.read(ready, 1) if select.select([ready], [], [], PAGE_SERVER_EXIT_S)[0] \
-                else b""
+            poller = select.poll()
+            poller.register(ready, select.POLLIN)
+            got = os.read(ready, 1) if poller.poll(PAGE_SERVER_EXIT_S * 1000) else b""
         finally:
             os.close(ready)
         if got != b"\0":
@@ -385,8 +417,13 @@ class PageServer:
         """A daemon that fails leaves missing pages to read as zeros: the process must stop at
         once, before any of the flow's rollback (on_fail: a kill, by pid, of the container)."""
         assert self.proc is not None
-        if self.proc.wait() != 0:
+        if self.proc.wait() != 0 and not self._stopping:
             self.on_fail()
+
+    @property
+    def ended(self) -> bool:
+        """The tunnel's stream ended (or broke): nothing more comes from the source."""
+        return self._done.is_set()
 
     @property
     def pids(self) -> list[int]:
@@ -474,6 +511,7 @@ class PageServer:
     def stop(self) -> None:
         """The page server and the tunnel end now: the source's CRIU fails at once, and the
         source can resume its container."""
+        self._stopping = True  # the container is gone (or never ran): no kill to make
         self.cancel()
         self._theirs.close()
         for proc in (self.proc, self.guard):

@@ -34,7 +34,8 @@ def private_dir(path: Path) -> Path:
 class Staging:
     def __init__(self, state_dir: Path) -> None:
         private_dir(state_dir)
-        self.root = private_dir(state_dir / "staging")
+        # absolute: CRIU's processes are told these paths, and found again by them
+        self.root = private_dir(state_dir.resolve() / "staging")
 
     def create(self, migration_id: str) -> Path:
         path = self.root / valid_migration_id(migration_id)

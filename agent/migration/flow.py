@@ -214,12 +214,14 @@ class Migration:
             return self._run()
         finally:
             self.release_hold()  # after a rollback, if it failed: the source no longer waits
-            if self.pages is not None and (not self.pages.lazy or self.ended()):
-                # a lazy daemon outlives a rollback still pending: its copy may still run,
-                # and would read zeros; the rollback's retry removes it, then stops the daemon
+            # a lazy daemon outlives a rollback still pending: its copy may still run, and
+            # would read zeros; the rollback's retry removes it, stops the daemon, drops staging
+            pending = self.pages is not None and self.pages.lazy and not self.ended()
+            if self.pages is not None and not pending:
                 self.pages.stop()
             self.channel.close()
-            self.staging.drop(self.migration_id)
+            if not pending:
+                self.staging.drop(self.migration_id)
 
     def _run(self) -> pb.MigrationReport:
         try:
@@ -252,8 +254,9 @@ class Migration:
                 self.final_sync(spec, final, bases)
             with self.report.phase(pb.RESTORE):
                 self.runtime.ping()  # no commit while this node's engine cannot restore
-                if lazy and pages is not None and pages.error is not None:
-                    raise pages.error  # the tunnel broke: no page would come after the commit
+                if lazy and pages is not None and pages.ended:
+                    # the tunnel ended: no page would come after the commit
+                    raise pages.error or Unavailable("the page tunnel ended before the commit")
                 self.call(self.source.Commit, pb.CommitRequest(migration_id=self.migration_id))
                 self.release_hold()
                 self.restore(spec, pages if lazy else None)
@@ -686,8 +689,15 @@ class Migration:
             self.store.mark_volumes_departed(stale["Id"], [
                 m["Name"] for m in stale.get("Mounts") or [] if m.get("Type") == "volume"])
             self.runtime.remove(stale["Id"])
-        self.entry.data["new_container"] = self.runtime.create_like(
+        new = self.entry.data["new_container"] = self.runtime.create_like(
             spec, self.request.allow_privileged)
+        if self.request.memory_transfer == POST_COPY:
+            # until every page arrived, a restart (after the kill of a copy whose pages cannot
+            # come) would run it afresh, without its memory: its policy comes at the end
+            policy = self.runtime.restart_policy(new)
+            if policy.get("Name", "no") != "no":
+                self.runtime.set_restart_policy(new, {"Name": "no"})
+                self.entry.data["restart_policy"] = policy
         self.journal.save(self.entry)
         self.apply_rootfs(self.new_container, self.area / ROOTFS)
 
@@ -717,6 +727,8 @@ class Migration:
         done = time.monotonic()
         running = self.report.running_at or done
         self.report.msg.pages_seconds = done - running
+        if self.entry.data.get("restart_policy"):  # complete: it may be restarted now
+            self.runtime.set_restart_policy(self.new_container, self.entry.data["restart_policy"])
         rate = (f"; the link measured {self.link.throughput / 1e6:.0f} MB/s before the freeze"
                 if self.link else "")
         self.report.transfer("checkpoint", f"{FINAL_CHECKPOINT}: memory pages",

@@ -11,6 +11,7 @@ concern that container (`bound`), and every state change goes through the journa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -27,8 +28,10 @@ from agent.dataplane.pages import (
     Listener,
     PrivateNetns,
     connect_in,
-    stop_criu_in,
-    sweep_netns,
+    end_criu,
+    processes_in,
+    remove_netns,
+    stale_netns,
 )
 from agent.dataplane.rootfs import snapshot_layer
 from agent.dataplane.staging import Staging
@@ -108,6 +111,8 @@ class SourceSide:
         self._offers: dict[str, dict[str, Signature]] = {}  # bases offered for the final pass
         self._tunnels: dict[str, Listener] = {}  # page tunnels open for a final checkpoint
         self._serving: dict[str, threading.Thread] = {}  # lazy checkpoints serving their pages
+        self._lazy_done: dict[str, threading.Event] = {}  # set when such a checkpoint ended
+        self._refusing: dict[str, threading.Thread] = {}  # connection resets being set up
 
     def touch(self, migration_id: str) -> None:
         """Every call of the destination about a migration renews its lease."""
@@ -224,18 +229,18 @@ class SourceSide:
                                           "opened before the final checkpoint")
             if entry.id in self._tunnels:
                 raise FailedPrecondition(f"migration {entry.id} already has a page tunnel open")
-        listener = Listener(lazy)
-        if lazy:  # made now, not in the frozen window; gone with the last holder of the tunnel
+            listener = self._tunnels[entry.id] = Listener(lazy)  # the slot, before anything
+        if not lazy:
+            return listener
+        try:  # made now, not in the frozen window; gone with the last holder of the tunnel
             problem = self.runtime.post_copy_problem()  # this node's own word, not the peer's
             if problem:
                 raise FailedPrecondition(f"this node cannot serve pages lazily: {problem}")
             netns = PrivateNetns(f"{self.netns_prefix}{entry.id[:12]}")
             listener.netns, listener.on_close = netns.path, netns.remove
-        with self._lock:
-            if entry.id in self._tunnels:  # a racing open won
-                listener.release()
-                raise FailedPrecondition(f"migration {entry.id} already has a page tunnel open")
-            self._tunnels[entry.id] = listener
+        except BaseException:
+            self.close_tunnel(entry.id, listener)
+            raise
         return listener
 
     def close_tunnel(self, migration_id: str, listener: Listener) -> None:
@@ -299,7 +304,12 @@ class SourceSide:
                 else:
                     folder = self.runtime.checkpoint(entry.container, request.name,
                                                      area / "checkpoints", True, tunnel.address)
-                self._refuse(entry.container, True)  # after the images: never in them
+                # after the images (never in them), and off the frozen window
+                refusing = threading.Thread(target=self._refuse, args=(entry.container, True),
+                                            name=f"refuse-{entry.id}", daemon=True)
+                with self._lock:
+                    self._refusing[entry.id] = refusing
+                refusing.start()
                 return folder
             finally:
                 if tunnel is not None and not serving:
@@ -351,25 +361,25 @@ class SourceSide:
                 failed.append(err)
                 log.warning("migration %s: the lazy checkpoint ended: %s", entry.id, err)
             finally:
+                with self._lock:  # first: a commit from now on is refused
+                    self._serving.pop(entry.id, None)
                 done.set()
                 tunnel.abort()  # CRIU is gone: the relay ends too
-                tunnel.release()  # the last holder removes the namespace
+                with contextlib.suppress(Exception):
+                    tunnel.release()  # the last holder removes the namespace
                 log.info("migration %s: the lazy checkpoint ended after %.2f s", entry.id,
                          time.monotonic() - start)
-                with self._lock:
-                    self._serving.pop(entry.id, None)
 
         thread = threading.Thread(target=serve, name=f"lazy-{entry.id}", daemon=True)
         with self._lock:
             self._serving[entry.id] = thread
+            self._lazy_done[entry.id] = done
         thread.start()
         try:
             tunnel.attach(connect_in(netns, LAZY_PORT,
                                      give_up=lambda: done.is_set() or tunnel.aborted))
         except BaseException:
-            if not done.wait(1.0):  # CRIU may be waiting for a connection no one will make
-                stop_criu_in(netns)
-                done.wait(60)
+            self._end_criu(entry.container, netns, done)
             if failed:
                 raise failed[0] from None
             raise
@@ -378,12 +388,29 @@ class SourceSide:
         return directory / FINAL_CHECKPOINT
 
     def _refuse(self, container: str, refuse: bool) -> None:
-        """A paused copy resets new connections (its clients try elsewhere at once), and
-        takes them again when it resumes; a failure here only costs clients time."""
+        """A paused copy resets new connections (its clients try elsewhere at once); failing
+        to set that up only costs clients time."""
         try:
             self.runtime.refuse_connections(container, refuse)
         except MigctlError as err:
             log.warning("%s: connections: %s", container[:12], err)
+
+    def take_connections_again(self, migration_id: str, container: str) -> None:
+        """Before a paused copy runs here again: the resets go (after their setup ended). A
+        failure fails the resume, which is retried: a copy that refuses every client would
+        look like it runs."""
+        with self._lock:
+            refusing = self._refusing.pop(migration_id, None)
+        if refusing is not None:
+            refusing.join(30)
+        self.runtime.refuse_connections(container, False)
+
+    def _end_criu(self, container: str, netns: Path, done: threading.Event,
+                  timeout: float = 60.0) -> None:
+        """End a lazy checkpoint's CRIU (pages.end_criu), and wait for its checkpoint."""
+        end_criu(netns, lambda: not done.is_set(),
+                 lambda: self.runtime.freeze(container) if container else None, timeout)
+        done.wait(timeout)
 
     def stop_serving(self, migration_id: str, timeout: float = 60.0) -> None:
         """A lazy checkpoint's CRIU stops serving pages (its tunnel is cut), and is waited for:
@@ -391,12 +418,14 @@ class SourceSide:
         with self._lock:
             thread = self._serving.get(migration_id)
             tunnel = self._tunnels.get(migration_id)
+            done = self._lazy_done.get(migration_id)
         self._abort_tunnel(migration_id)
         if thread is None:
             return
-        thread.join(timeout)
-        if thread.is_alive() and tunnel is not None and tunnel.netns is not None:
-            stop_criu_in(tunnel.netns)  # it never had its connection: kill it
+        thread.join(min(timeout, 5.0))
+        if thread.is_alive() and tunnel is not None and tunnel.netns is not None and done:
+            entry = self.journal.get(migration_id, j.SOURCE)
+            self._end_criu(entry.container if entry else "", tunnel.netns, done, timeout)
             thread.join(timeout)
         if thread.is_alive():
             raise FailedPrecondition(f"migration {migration_id}: CRIU still serves the "
@@ -518,13 +547,14 @@ class SourceSide:
         self.stop_serving(migration_id)
         gone = self.runtime.gone(cid)
         state = {} if gone else self.runtime.inspect(cid)["State"]
+        if entry.data.get("paused") and not gone:  # whatever it is now, it takes clients again
+            self.take_connections_again(migration_id, cid)
         if gone:
             # removed here meanwhile (by an operator): nothing is left to resume, ever
             reply = pb.ResumeReply(restored=False, detail="the container was removed from "
                                    "this node meanwhile; nothing to resume")
             log.warning("migration %s: %s", migration_id, reply.detail)
         elif state.get("Paused"):  # a page-server checkpoint: its memory never left it
-            self._refuse(cid, False)
             self.runtime.unpause(cid)
             reply = pb.ResumeReply(restored=True, detail="unpaused: it goes on where it was "
                                    "paused for the final checkpoint")
@@ -563,10 +593,13 @@ class SourceSide:
                 raise FailedPrecondition(
                     f"migration {entry.id} was never committed here ({entry.state}); "
                     "refusing to treat the container as moved")
-            self.stop_serving(entry.id)  # it ended when the destination had every page
             if entry.data.get("paused") and not self.runtime.gone(entry.container) and \
                     self.runtime.inspect(entry.container)["State"].get("Running"):
                 self.runtime.kill(entry.container)  # paused (or not): it now runs there
+            self.stop_serving(entry.id)  # ended when the destination had every page
+            with self._lock:
+                self._refusing.pop(entry.id, None)
+                self._lazy_done.pop(entry.id, None)
             try:
                 self.keep_last_snapshots(entry)
             except (MigctlError, OSError) as err:
@@ -591,8 +624,14 @@ class SourceSide:
 
     def recover_on_start(self) -> None:
         """Uncommitted frozen containers resume at once: the destination cannot have committed."""
-        for name in sweep_netns(self.netns_prefix):
-            log.warning("removed the network namespace %s of a lazy checkpoint", name)
+        entries = self.journal.in_flight(j.SOURCE)
+        for netns in stale_netns(self.netns_prefix):  # a lazy checkpoint's, from before
+            mid = netns.name[len(self.netns_prefix):]
+            container = next((e.container for e in entries if e.id.startswith(mid)), "")
+            end_criu(netns, lambda n=netns: bool(processes_in(n)),
+                     lambda c=container: self.runtime.freeze(c) if c else None, timeout=10)
+            remove_netns(netns)
+            log.warning("removed the network namespace %s of a lazy checkpoint", netns.name)
         for entry in self.journal.in_flight(j.SOURCE):
             self.last_seen[entry.id] = time.monotonic()
             if entry.state in (j.FROZEN, j.RESUMING):

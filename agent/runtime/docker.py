@@ -38,22 +38,26 @@ REFUSE_RULE = ["INPUT", "-p", "tcp", "--syn", "-m", "comment", "--comment",
 
 
 def refuse_new_connections(netns: Path, refuse: bool) -> None:
-    """Reset new TCP connections in NETNS (REFUSE), or stop doing so; idempotent."""
+    """Reset new TCP connections in NETNS (REFUSE), or stop doing so; idempotent. Raises
+    RuntimeFailure when it cannot (the xtables lock is waited for 2 s at most)."""
     def iptables(*args: str) -> bool:
-        out = subprocess.run(["nsenter", f"--net={netns}", "iptables", "-w", *args],
-                             capture_output=True, text=True, check=False)
+        try:
+            out = subprocess.run(["nsenter", f"--net={netns}", "iptables", "-w", "2", *args],
+                                 capture_output=True, text=True, check=False, timeout=10)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise RuntimeFailure(f"iptables in {netns}: {err}") from err
         return out.returncode == 0
 
     present = iptables("-C", *REFUSE_RULE)
     if refuse and not present and not iptables("-I", *REFUSE_RULE):
-        log.warning("could not make %s refuse new connections", netns)
+        raise RuntimeFailure(f"could not make {netns} reset new connections")
     for _ in range(8 if not refuse else 0):  # one per earlier insert, if any repeated
         if not present:
             return
         iptables("-D", *REFUSE_RULE)
         present = iptables("-C", *REFUSE_RULE)
     if not refuse and present:
-        log.warning("could not make %s accept new connections again", netns)
+        raise RuntimeFailure(f"could not make {netns} take new connections again")
 
 
 def criu_path() -> str | None:
@@ -524,6 +528,25 @@ class DockerRuntime:
 
     def unpause(self, container: str) -> None:
         self._call(f"unpause {container[:12]!r}", self.api.unpause, container)
+
+    def freeze(self, container: str) -> None:
+        """Freeze CONTAINER's cgroup now, whatever the engine believes (it may think it paused
+        already): for when CRIU, which thawed the tasks it held, must be killed."""
+        pid = self.inspect(container)["State"].get("Pid") or 0
+        try:
+            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines() if pid else []
+        except OSError:
+            lines = []
+        for line in lines:
+            _, controllers, path = line.split(":", 2)
+            target = (Path("/sys/fs/cgroup/freezer") / path.lstrip("/") / "freezer.state"
+                      if "freezer" in controllers.split(",") else
+                      Path("/sys/fs/cgroup") / path.lstrip("/") / "cgroup.freeze"
+                      if controllers == "" else None)
+            if target is not None and target.exists():
+                target.write_text("FROZEN" if target.name == "freezer.state" else "1")
+                return
+        raise RuntimeFailure(f"cannot find the freezer of {container[:12]}")
 
     def refuse_connections(self, container: str, refuse: bool) -> None:
         """While a paused copy waits at the source, its network stack still accepts new
