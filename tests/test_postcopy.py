@@ -178,3 +178,33 @@ def test_a_node_without_post_copy_is_refused_before_the_freeze(lab: LabHandle,
     assert "no post-copy for this migration: nodeA: fs.pipe-max-size is 1048576" in res.stderr
     assert copies(lab) == {"nodeA": "running"}
     assert count(ask(host(lab, "nodeA"), "DBSIZE")) == redis
+
+
+def test_a_restore_that_fails_after_the_commit_unpauses_the_source(lab: LabHandle,
+                                                                   redis: int) -> None:
+    """The destination's images are damaged after the commit: its lazy-pages daemon or its
+    restore fails. The source's CRIU is ended (not killed: a killed CRIU would leave the
+    container thawed while still marked paused), the container is unpaused, takes new
+    connections again, and has every key."""
+    from tests.test_faults import HOOKS, PAUSE
+
+    source_log = Lab().node_dir("nodeA") / "agent.log"
+    seen = source_log.stat().st_size
+    Lab().restart_agent("nodeB", ["--test-pause", f"restoring={PAUSE}"], HOOKS)
+    proc, lines = start([*POST_COPY, "--from", "nodeA", "--to", "nodeB", NAME])
+    wait_for(lines, "paused before restoring", proc)
+    staging = Lab().node_dir("nodeB") / "agent" / "staging"
+    for inventory in staging.glob("*/checkpoints/final/inventory.img"):
+        inventory.write_bytes(b"garbage")
+    proc.wait(timeout=300)
+    time.sleep(0.2)
+    out = "".join(lines)
+    assert proc.returncode == 1, out
+    assert "runs again on nodeA (unpaused" in out, out
+    assert wait_one_running(lab) == "nodeA"
+    a = host(lab, "nodeA")
+    assert count(ask(a, "DBSIZE")) == redis  # over the network: it takes connections again
+    assert ask(a, "GET", "kept") == b"$15\r\nacross the move\r\n"
+    with source_log.open() as f:
+        f.seek(seen)
+        assert "did not end" not in f.read(), "CRIU had to be killed"
