@@ -779,10 +779,10 @@ def kill_now(pid: int) -> Callable[[], None]:
         proc = None
 
     def kill() -> None:
-        log.warning("the lazy-pages daemon ended before every page arrived: killing the restored "
-                    "process %d (if it still runs)", pid)
-        if proc is not None:
-            with contextlib.suppress(psutil.Error):
+        with contextlib.suppress(psutil.Error):
+            if proc is not None and proc.is_running():
+                log.warning("the lazy-pages daemon ended before every page arrived: killing "
+                            "the restored process %d", pid)
                 proc.kill()
     return kill
 
