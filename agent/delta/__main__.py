@@ -14,10 +14,10 @@ few tens of milliseconds.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from typing import BinaryIO
 
 from agent.delta import DeltaStats, Signature, delta_stream, make_signature, patch_stream
 from agent.delta.signature import DEFAULT_BLOCK_SIZE
@@ -35,7 +35,7 @@ def _read_chunks(path: str) -> Iterator[bytes]:
         yield from _chunks_of(f)
 
 
-def _chunks_of(f: BinaryIO) -> Iterator[bytes]:
+def _chunks_of(f: io.BufferedIOBase) -> Iterator[bytes]:
     while chunk := f.read(_READ):
         yield chunk
 

@@ -32,8 +32,6 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from agent.delta.checksum import (
     EMPTY_HASH,
@@ -46,9 +44,10 @@ from agent.delta.checksum import (
     strong_hashes,
 )
 from agent.delta.signature import Signature
-from agent.delta.stats import DeltaStats
+from agent.delta.stats import Counters, DeltaStats
 from agent.delta.wire import LITERAL_MAX, Header, WireWriter
 
+TYPE_CHECKING = False  # typing costs a delta process ~10 ms to import
 if TYPE_CHECKING:
     from agent.delta.weak import WeakFilter
 
@@ -80,21 +79,21 @@ scanned of weak-sum hits that the strong hash refutes: honest data has almost no
 signature crafted so that weak sums collide everywhere costs no more than this."""
 
 
-@dataclass
-class MatchWork:
-    """What a delta cost the matcher, for tests and benchmarks to bound (not timing)."""
+class MatchWork(Counters):
+    """What a delta cost the matcher, for tests and benchmarks to bound (not timing):
+    batch_hashes, blocks strong-hashed to check the prediction; search_hashes, offsets
+    strong-hashed while searching (direct or as weak-sum candidates); refuted, weak-sum
+    candidates that the strong hash refuted; scanned, offsets whose weak sum a vectorised
+    search computed; searches; given_up, vectorised searches stopped by the FALSE_HITS
+    bound."""
 
-    batch_hashes: int = 0
-    """Blocks strong-hashed to check the prediction."""
-    search_hashes: int = 0
-    """Offsets strong-hashed while searching (direct or as weak-sum candidates)."""
-    refuted: int = 0
-    """Weak-sum candidates that the strong hash refuted."""
-    scanned: int = 0
-    """Offsets whose weak sum a vectorised search computed."""
-    searches: int = 0
-    given_up: int = 0
-    """Vectorised searches stopped by the FALSE_HITS bound."""
+    __slots__ = ("batch_hashes", "search_hashes", "refuted", "scanned", "searches", "given_up")
+    batch_hashes: int
+    search_hashes: int
+    refuted: int
+    scanned: int
+    searches: int
+    given_up: int
 
 
 class _Index:
