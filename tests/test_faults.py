@@ -4,8 +4,8 @@ afterwards, its volume is intact, its count goes on, and `migctl` says what went
 Faults are injected while the destination agent pauses before a journal step
 (tests/agent_hooks.py, --test-pause): `pre-copy` is before anything was copied,
 `transferring-final` is right after the freeze (the source container is stopped, or paused
-when its memory went to a page server), `restoring` is after the commit, with the new
-container created and not yet started.
+when its memory went to a page server or stays there for post-copy), `restoring` is after the
+commit, with the new container created and not yet started.
 """
 
 from __future__ import annotations
@@ -141,9 +141,10 @@ def small_staging(lab: LabHandle) -> Iterator[Path]:
 CASES = ["kill-source-agent", "kill-destination-agent", "cut-link", "fill-disk"]
 
 
-# the freeze and after it, both ways the final checkpoint's memory can travel
+# the freeze and after it, every way the final checkpoint's memory can travel (post-copy's
+# faults while its pages arrive are in tests/test_postcopy.py)
 WHEN = [("pre-copy", "auto"), ("transferring-final", "delta"),
-        ("transferring-final", "page-server")]
+        ("transferring-final", "page-server"), ("transferring-final", "post-copy")]
 
 
 @pytest.mark.parametrize("when,memory", WHEN, ids=[f"{w}-{m}" for w, m in WHEN])
