@@ -143,7 +143,7 @@ class DirectRuntime(DockerRuntime):
 
     def checkpoint(self, container: str, name: str, directory: Path, leave_running: bool,
                    page_server: str = "", lazy_in: Path | None = None, *,
-                   unbounded: bool = False) -> Path:
+                   serving: bool = False) -> Path:
         """With PAGE_SERVER (HOST:PORT), CRIU sends the memory pages there, and the folder
         holds every other image. With LAZY_IN (a network namespace's file), CRIU instead keeps
         the pages and serves them from PAGE_SERVER's port in that namespace, and this returns
@@ -161,7 +161,7 @@ class DirectRuntime(DockerRuntime):
         try:
             with staged(cid, "checkpoint", target, page_server, lazy_in is not None, lazy_in):
                 super().checkpoint(cid, name, engine_dir, leave_running,
-                                   unbounded=lazy_in is not None)
+                                   serving=lazy_in is not None)
             if not (target / INVENTORY).exists():
                 if page_server:  # the pages went nowhere: the checkpoint is no use
                     raise RuntimeFailure(f"{WRAPPER.name} did not take the checkpoint of "

@@ -414,23 +414,26 @@ class DockerRuntime:
 
     def checkpoint(self, container: str, name: str, directory: Path, leave_running: bool,
                    page_server: str = "", lazy_in: Path | None = None, *,
-                   unbounded: bool = False) -> Path:
+                   serving: bool = False) -> Path:
         """Checkpoint into DIRECTORY/NAME and return that folder. The engine passes CRIU no
-        page server: PAGE_SERVER needs the direct path (agent/runtime/direct.py). UNBOUNDED:
-        no client timeout (a lazy checkpoint lasts as long as its pages take to go)."""
+        page server: PAGE_SERVER needs the direct path (agent/runtime/direct.py). SERVING: a
+        lazy checkpoint (through migctl-runc), which lasts as long as its pages take to go: no
+        client timeout, and no garbage collection first (off the frozen window: a collision
+        in containerd's store can only fail the call once every page was served)."""
         if page_server or lazy_in:
             raise FailedPrecondition(f"the checkpoint of {container!r} goes through the engine, "
                                      "which cannot send its pages to a page server")
         cid = self.inspect(container)["Id"]
         directory.mkdir(parents=True, exist_ok=True)
-        self.collect_garbage()
+        if not serving:
+            self.collect_garbage()
         before = self._engine_temp()
         try:
             res = self.api._post_json(
                 self.api._url("/containers/{0}/checkpoints", cid),
                 data={"CheckpointID": name, "CheckpointDir": str(directory),
                       "Exit": not leave_running},
-                **({"timeout": None} if unbounded else {}),
+                **({"timeout": None} if serving else {}),
             )
             self.api._raise_for_status(res)
         except docker.errors.APIError as err:
