@@ -714,11 +714,16 @@ class Migration:
         self.runtime.start_from_checkpoint(
             cid, self.area / "checkpoints" / FINAL_CHECKPOINT, f"migctl-{self.migration_id}",
             lazy_in=pages.work if pages is not None else None)
-        self.runtime.wait_running(cid, on_running=self.report.running)
-        if pages is not None:  # should the daemon fail, the process stops before it reads zeros
-            pages.on_fail = kill_now(self.runtime.inspect(cid)["State"].get("Pid", 0))
-            if pages.proc is not None and pages.proc.poll() not in (None, 0):
-                pages.on_fail()
+
+        def running() -> None:
+            self.report.running()
+            if pages is not None:  # should the daemon fail, the process stops before it reads
+                # zeros (set as soon as it runs, not after the restore's settle)
+                pages.on_fail = kill_now(self.runtime.inspect(cid)["State"].get("Pid", 0))
+                if pages.proc is not None and pages.proc.poll() not in (None, 0):
+                    pages.on_fail()
+
+        self.runtime.wait_running(cid, on_running=running)
 
     def page_in(self, pages: PageServer) -> None:
         """Post-copy: the container runs; it is done once the daemon has every page."""
