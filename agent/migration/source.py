@@ -334,7 +334,8 @@ class SourceSide:
                                      "engine, which cannot send pages to a page server")
         with self._lock:
             tunnel = self._tunnels.get(entry.id)
-            if tunnel is None or tunnel.lazy != lazy or not tunnel.hold():
+            if tunnel is None or tunnel.lazy != lazy or (lazy and tunnel.netns is None) \
+                    or not tunnel.hold():  # a lazy one is ready once its namespace is
                 # held: the port stays ours until released
                 raise FailedPrecondition(f"migration {entry.id} has no "
                                          f"{'lazy ' if lazy else ''}page tunnel open for the "
