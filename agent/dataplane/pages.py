@@ -521,36 +521,40 @@ class PageServer:
         self.sock.close()
 
 
+def _images_of(cmd: list[str]) -> Path | None:
+    """The images' folder of a lazy-pages daemon or guard (from its command line), else None."""
+    if cmd and cmd[0].startswith(GUARD + " "):
+        return Path(cmd[0][len(GUARD) + 1:])
+    if "lazy-pages" in cmd and "--images-dir" in cmd[:-1]:
+        return Path(cmd[cmd.index("--images-dir") + 1])
+    return None
+
+
+def _kill_lazy(which: Callable[[Path], bool]) -> int:
+    """Kill the lazy-pages daemons and guards whose images' folder WHICH picks; how many."""
+    killed = 0
+    for proc in psutil.process_iter(["cmdline"]):
+        images = _images_of(proc.info["cmdline"] or [])
+        if images is not None and which(images):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+                killed += 1
+    return killed
+
+
 def stop_lazy_leftovers(staging: Path, in_flight: set[str]) -> int:
     """Kill lazy-pages daemons and guards of restores under STAGING whose migration is no
     longer IN_FLIGHT (an agent that stopped after the end left a guard); returns how many."""
-    mine = 0
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info["cmdline"] or []
-        where = (cmd[0][len(GUARD) + 1:] if cmd and cmd[0].startswith(GUARD + " ") else
-                 cmd[cmd.index("--images-dir") + 1] if "lazy-pages" in cmd and
-                 "--images-dir" in cmd[:-1] else "")
-        path = Path(where)
-        if where and path.is_relative_to(staging) and len(path.relative_to(staging).parts) > 1 \
-                and path.relative_to(staging).parts[0] not in in_flight:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-                mine += 1
-    return mine
+    def ended(images: Path) -> bool:
+        parts = images.relative_to(staging).parts if images.is_relative_to(staging) else ()
+        return len(parts) > 1 and parts[0] not in in_flight
+    return _kill_lazy(ended)
 
 
 def stop_lazy_pages(images: Path) -> int:
     """Kill the lazy-pages daemon and the guard of a restore from IMAGES that a stopped agent
     left (call it once the container is gone); returns how many."""
-    mine = 0
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info["cmdline"] or []
-        daemon = "lazy-pages" in cmd and str(images) in cmd
-        if daemon or (cmd[:1] == [f"{GUARD} {images}"]):
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-                mine += 1
-    return mine
+    return _kill_lazy(lambda found: found == images)
 
 
 def _recv(sock: socket.socket) -> bytes:
