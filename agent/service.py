@@ -474,6 +474,9 @@ class AgentService(rpc.AgentServicer):
     def Checkpoint(self, request: pb.CheckpointRequest, context: Any) -> pb.CheckpointReply:
         start = time.monotonic()
         entry = self.bound(context, request.migration_id, request.container)
+        # asked while it runs: right after a final checkpoint the engine answers only once it
+        # has handled the container's exit (0.2 s measured), all of it in the frozen window
+        method = self.runtime.method_for(entry.container)
         folder = self.source.checkpoint(entry, request)
         seconds = time.monotonic() - start
         area = self.staging.area(entry.id)
@@ -482,8 +485,7 @@ class AgentService(rpc.AgentServicer):
         files = [pb.FileInfo(path=str(p.relative_to(area)), size=p.stat().st_size,
                              digest=digest(p) if request.leave_running else "")
                  for p in sorted(folder.rglob("*")) if p.is_file()]
-        return pb.CheckpointReply(files=files, seconds=seconds,
-                                  method=self.runtime.method_for(entry.container))
+        return pb.CheckpointReply(files=files, seconds=seconds, method=method)
 
     def staged_file(self, context: Any, migration_id: str, relative: str) -> Path:
         self.bound(context, migration_id)

@@ -232,7 +232,22 @@ def measured(kind: str, hosts: list[str], fn: Callable[[], dict], tcp_rate: floa
                 out["pages ÷ tcp"] = out["pages"] / (out["pages MB"] * 1e6 / tcp_rate)
             if out["probe MB/s"]:
                 out["pages ÷ probe"] = out["pages"] / (out["pages MB"] / out["probe MB/s"])
-    return {**out, "gap": client.gap(t0, t1), "forgot": client.forgotten()}
+    return {**out, "gap": client.gap(t0, t1), "forgot": client.forgotten(),
+            "gap trace": trace(client.gap_attempts(t0, t1), hosts)}
+
+
+def trace(attempts: list[tuple[float, float, str, str]], hosts: list[str]) -> str:
+    """Where the gap's time went: each node and outcome, in the order they first came, with
+    how many attempts ended so, the seconds they took together, and when the first began
+    after the gap's start (e.g. "B connect TimeoutError x4 0.80 s @1.02")."""
+    seen: dict[tuple[str, str], list[float]] = {}
+    t0 = attempts[0][0] if attempts else 0.0
+    for asked, done, host, outcome in attempts:
+        key = ("AB"[hosts.index(host)] if host in hosts else host, outcome)
+        got = seen.setdefault(key, [0, 0.0, asked - t0])
+        got[0] += 1
+        got[1] += done - asked
+    return "; ".join(f"{h} {o} x{n:.0f} {t:.2f} s @{at:.2f}" for (h, o), (n, t, at) in seen.items())
 
 
 def _median(runs: list[dict], key: str) -> float:

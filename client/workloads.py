@@ -161,11 +161,15 @@ class Client(threading.Thread):
         self.sets = int(write_rate * TICK / 1000)
         self.answers: list[tuple[float, int]] = []
         self.latencies: list[tuple[float, float]] = []  # (answered at, seconds it took)
+        # every attempt: (asked at, done at, host, how it ended): where a gap's time went
+        self.attempts: list[tuple[float, float, str, str]] = []
         self.stop = threading.Event()
 
     def ask(self, host: str) -> int | None:
+        asked, step, outcome = time.monotonic(), "connect", "answer"
         try:
             with socket.create_connection((host, CLIENT_PORTS[self.kind]), timeout=0.2) as s:
+                step = "answer"
                 s.settimeout(0.5)
                 if self.kind == "redis":
                     s.sendall(self._writes() + b"*2\r\n$4\r\nINCR\r\n$1\r\nn\r\n")
@@ -173,10 +177,14 @@ class Client(threading.Thread):
                 while not _answered(data):
                     chunk = s.recv(4096)
                     if not chunk:
+                        outcome = "closed"
                         break
                     data += chunk
-        except OSError:
+        except OSError as err:
+            outcome = f"{step} {type(err).__name__}"
             return None
+        finally:
+            self.attempts.append((asked, time.monotonic(), host, outcome))
         data = data.replace(b"+OK\r\n", b"")  # the SETs' answers come first
         if data.startswith(b":"):
             return int(data[1:].split(b"\r\n")[0])
@@ -206,6 +214,15 @@ class Client(threading.Thread):
     def gap(self, start: float, end: float) -> float:
         times = [t for t, _ in self.answers if start - 1 <= t <= end + 5]
         return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+
+    def gap_attempts(self, start: float, end: float) -> list[tuple[float, float, str, str]]:
+        """The attempts inside the longest gap between START and END (see gap())."""
+        times = [t for t, _ in self.answers if start - 1 <= t <= end + 5]
+        gaps = [(b - a, a, b) for a, b in zip(times, times[1:], strict=False)]
+        if not gaps:
+            return []
+        _, a, b = max(gaps)
+        return [x for x in self.attempts if a <= x[1] <= b]
 
     def p99(self, start: float, end: float) -> float:
         """The 99th percentile of the answers' latency between START and END (0: none)."""

@@ -19,7 +19,6 @@ the restored process faults on, and pushes the rest (`PageServer(lazy=True)`).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import logging
@@ -36,6 +35,7 @@ from pathlib import Path
 import psutil
 
 from agent.errors import DeltaError, RuntimeFailure, Unavailable
+from agent.runtime.netns import inside
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ PAGE_SERVER_EXIT_S = 30.0  # how long the page server may take to finish its ima
 IDLE_S = 60.0          # a relay with no byte from CRIU for this long is cut (CRIU then fails)
 LAZY_PORT = 27000      # CRIU's lazy page server, alone in its namespace: any port will do
 NETNS_DIR = Path("/run/netns")
-CLONE_NEWNET = 0x40000000
 GUARD = "migctl-page-guard"  # the guard's argv[0], with the images' folder: found by that
 
 
@@ -289,39 +288,23 @@ def connect_in(netns: Path, port: int, give_up: Callable[[], bool],
                timeout: float = ACCEPT_S) -> socket.socket:
     """A connection to 127.0.0.1:PORT inside NETNS, made as soon as something listens there
     (CRIU's page server, once its images are written); GIVE_UP ends the wait (the checkpoint
-    failed). The socket is made by a thread that entered NETNS, and stays in it."""
-    result: list[socket.socket | BaseException] = []
+    failed). The socket is made by a thread that entered NETNS, so it belongs to NETNS."""
+    def connect() -> socket.socket:
+        deadline = time.monotonic() + timeout
+        while True:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.connect(("127.0.0.1", port))
+                return sock
+            except OSError as err:
+                sock.close()
+                if err.errno != errno.ECONNREFUSED:
+                    raise
+            if give_up() or time.monotonic() > deadline:
+                raise Unavailable(f"CRIU's page server never listened in {netns.name}")
+            time.sleep(0.002)
 
-    def inside() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            with open(netns) as ns:
-                if libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns into {netns}")
-            deadline = time.monotonic() + timeout
-            while True:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                try:
-                    sock.connect(("127.0.0.1", port))
-                    result.append(sock)
-                    return
-                except OSError as err:
-                    sock.close()
-                    if err.errno != errno.ECONNREFUSED:
-                        raise
-                if give_up() or time.monotonic() > deadline:
-                    raise Unavailable(f"CRIU's page server never listened in {netns.name}")
-                time.sleep(0.002)
-        except BaseException as err:  # noqa: BLE001 - raised in the caller's thread
-            result.append(err)
-
-    thread = threading.Thread(target=inside, name="page-server-connect", daemon=True)
-    thread.start()
-    thread.join()
-    got = result[0]
-    if isinstance(got, BaseException):
-        raise got
-    return got
+    return inside(netns, connect, name="page-server-connect")
 
 
 class PageServer:

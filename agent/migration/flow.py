@@ -66,7 +66,7 @@ from agent.migration.source import (
     snapshot_path,
 )
 from agent.migration.sourcing import Sourcing
-from agent.runtime.base import Runtime
+from agent.runtime.base import Runtime, restarts
 from agent.runtime.docker import criu_path
 from agent.runtime.spec import check_description, checkpoint_path, unsupported
 from agent.security import TLSFiles
@@ -695,7 +695,7 @@ class Migration:
             # until every page arrived, a restart (after the kill of a copy whose pages cannot
             # come) would run it afresh, without its memory: its policy comes at the end
             policy = self.runtime.restart_policy(new)
-            if policy.get("Name", "no") != "no":
+            if restarts(policy):
                 self.runtime.set_restart_policy(new, {"Name": "no"})
                 self.entry.data["restart_policy"] = policy
         self.journal.save(self.entry)

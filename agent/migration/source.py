@@ -47,7 +47,7 @@ from agent.errors import (
 )
 from agent.metrics import Metrics
 from agent.migration import journal as j
-from agent.runtime.base import Runtime
+from agent.runtime.base import Runtime, restarts
 from agent.runtime.spec import checkpoint_path
 from proto import migctl_pb2 as pb
 
@@ -292,7 +292,7 @@ class SourceSide:
                 raise
             serving = False
             try:
-                if policy.get("Name", "no") != "no":
+                if restarts(policy):
                     self.runtime.set_restart_policy(entry.container, {"Name": "no"})
                 if tunnel is None:
                     return self.runtime.checkpoint(entry.container, request.name,
@@ -580,7 +580,7 @@ class SourceSide:
                 reply = pb.ResumeReply(restored=False, detail=f"restore failed ({err}); "
                                        "restarted without its memory")
         policy = entry.data.get("restart_policy") or {"Name": "no"}
-        if policy.get("Name", "no") != "no" and not gone:  # it runs again: its policy too
+        if restarts(policy) and not gone:  # it runs again: its policy too
             self.runtime.set_restart_policy(cid, policy)
         self.journal.move(migration_id, j.SOURCE, j.ROLLED_BACK, data={"resume": reply.detail})
         self.metrics.source_ended("rolled_back", "destination" if by == j.PEER else "source",

@@ -16,6 +16,12 @@ from agent.errors import MigctlError
 from proto import migctl_pb2 as pb
 
 
+def restarts(policy: dict[str, Any]) -> bool:
+    """Whether a restart policy would have the engine start the container again ("no" and the
+    engine's own empty default would not)."""
+    return (policy.get("Name") or "no") != "no"
+
+
 class Runtime(Protocol):
     method: str
     """"direct" or "engine": how checkpoints move, as `migctl nodes` and reports say."""

@@ -25,6 +25,7 @@ import docker.errors
 import psutil
 
 from agent.errors import FailedPrecondition, MigctlError, NotFound, RuntimeFailure, Unavailable
+from agent.runtime import netns
 from agent.runtime.spec import create_request, unsupported
 from proto import migctl_pb2 as pb
 
@@ -58,6 +59,15 @@ def refuse_new_connections(netns: Path, refuse: bool) -> None:
         present = iptables("-C", *REFUSE_RULE)
     if not refuse and present:
         raise RuntimeFailure(f"could not make {netns} take new connections again")
+
+
+def _sandbox(info: dict[str, Any]) -> Path | None:
+    """The container's own network namespace; None for the host's (not the container's to
+    change) or none at all."""
+    sandbox = (info.get("NetworkSettings") or {}).get("SandboxKey") or ""
+    if info["HostConfig"].get("NetworkMode") == "host" or not sandbox:
+        return None
+    return Path(sandbox)
 
 
 def criu_path() -> str | None:
@@ -108,6 +118,9 @@ class DockerRuntime:
         # Concurrent CRIU restores on one engine failed here ("criu failed: type NOTIFY"),
         # so restores take turns; checkpoints run concurrently.
         self._restore_lock = threading.Lock()
+        # containers whose last checkpoint left the content store collected (collect_garbage)
+        self._collected: set[str] = set()
+        self._uppers: dict[str, Path | None] = {}  # by container ID, for its whole life
         self.client = docker.DockerClient(base_url=docker_host, timeout=300)
         self.api = self.client.api
         self._root_dir: Path | None = None
@@ -134,9 +147,15 @@ class DockerRuntime:
     def upper_dir(self, container: str) -> Path | None:
         """Where the engine keeps what CONTAINER wrote to its root filesystem (overlay's upper
         directory); None with a storage driver that has none."""
-        driver = self.inspect(container).get("GraphDriver") or {}
+        if container in self._uppers:  # a final pass asks while the engine handles the
+            return self._uppers[container]  # exit of the container (0.2 s measured, frozen)
+        info = self.inspect(container)
+        driver = info.get("GraphDriver") or {}
         upper = (driver.get("Data") or {}).get("UpperDir")
-        return Path(upper) if driver.get("Name") in ("overlay2", "overlay") and upper else None
+        found = Path(upper) if driver.get("Name") in ("overlay2", "overlay") and upper else None
+        if container == info["Id"]:  # by ID only: a name may be given to another container
+            self._uppers[container] = found  # a container's upper directory is its own
+        return found
 
     def ping(self) -> None:
         """Unavailable unless the engine answers now."""
@@ -425,8 +444,11 @@ class DockerRuntime:
                                      "which cannot send its pages to a page server")
         cid = self.inspect(container)["Id"]
         directory.mkdir(parents=True, exist_ok=True)
-        if not serving:
+        # Collected before a checkpoint, unless the one before it (pre-copy's) was collected
+        # after itself: then the frozen window does not pay the collector (~50 ms).
+        if not serving and not (not leave_running and cid in self._collected):
             self.collect_garbage()
+        self._collected.discard(cid)
         before = self._engine_temp()
         try:
             res = self.api._post_json(
@@ -441,6 +463,9 @@ class DockerRuntime:
                                  f"{err.explanation or err}") from err
         finally:
             self._drop_engine_temp(before)
+        if leave_running and not serving:  # a final checkpoint comes next: collect now
+            self.collect_garbage()
+            self._collected.add(cid)
         return directory / name
 
     def create_like(self, spec: pb.ContainerSpec, allow_privileged: bool = False,
@@ -512,8 +537,10 @@ class DockerRuntime:
         marks the moment it was first seen running (the end of the downtime)."""
         deadline = time.monotonic() + timeout
         while True:
-            state = self.inspect(cid)["State"]
+            info = self.inspect(cid)
+            state = info["State"]
             if state.get("Running"):
+                self.announce(info)
                 on_running()
                 time.sleep(settle)
                 state = self.inspect(cid)["State"]
@@ -551,21 +578,32 @@ class DockerRuntime:
                 return
         raise RuntimeFailure(f"cannot find the freezer of {container[:12]}")
 
+    def announce(self, info: dict[str, Any]) -> None:
+        """Tell the container's network segment where its addresses are, as soon as it runs
+        again (agent/runtime/netns.py: without it, clients waited up to 1 s more). Best
+        effort: a container it cannot announce still runs, and is found within that second."""
+        sandbox = _sandbox(info)
+        if sandbox is None:
+            return
+        try:
+            log.debug("announced %s", ", ".join(netns.announce(sandbox)) or "nothing")
+        except OSError as err:
+            log.warning("could not announce %s's addresses: %s", info["Id"][:12], err)
+
     def refuse_connections(self, container: str, refuse: bool) -> None:
         """While a paused copy waits at the source, its network stack still accepts new
         connections that nothing answers: clients that try it first wait for their own
         timeout. REFUSE resets them at once instead (a rule in the container's own network
         namespace, added after its checkpoint, so never in it); off again for a rollback."""
-        info = self.inspect(container)
-        sandbox = (info.get("NetworkSettings") or {}).get("SandboxKey") or ""
-        if info["HostConfig"].get("NetworkMode") == "host" or not sandbox:
-            return  # the host's network is not the container's to change
-        refuse_new_connections(Path(sandbox), refuse)
+        sandbox = _sandbox(self.inspect(container))
+        if sandbox is not None:
+            refuse_new_connections(sandbox, refuse)
 
     def kill(self, container: str) -> None:
         self._call(f"kill {container[:12]!r}", self.api.kill, container)
 
     def remove(self, container: str) -> None:
+        self._uppers.pop(container, None)
         with contextlib.suppress(NotFound):
             self._call(f"remove {container!r}", self.api.remove_container, container, force=True)
 

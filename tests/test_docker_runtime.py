@@ -1,0 +1,101 @@
+"""DockerRuntime's own decisions, on a stand-in engine (the lab tests drive real ones)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from agent.runtime import docker as docker_runtime
+from agent.runtime.docker import DockerRuntime
+
+CID = "c" * 64
+
+
+class _Engine(DockerRuntime):
+    """Only inspect, as a restored container answers it."""
+
+    def __init__(self, info: dict | None = None) -> None:  # noqa: D107 - no engine behind it
+        self.info = info or {"Id": CID}
+        self.engine_tmp = Path("/nonexistent")
+        self._collected: set[str] = set()
+        self._uppers: dict[str, Path | None] = {}
+        self.calls: list[str] = []
+        self.api = SimpleNamespace(
+            _url=lambda *a: "url", _raise_for_status=lambda res: None,
+            _post_json=lambda url, data, **kw: self.calls.append(
+                "checkpoint " + ("leave running" if not data["Exit"] else "stop")))
+
+    def collect_garbage(self) -> None:
+        self.calls.append("collect")
+
+    def inspect(self, container: str) -> dict:
+        return self.info
+
+
+def test_a_container_seen_running_is_announced_before_its_downtime_ends(monkeypatch) -> None:
+    order: list[str] = []
+    monkeypatch.setattr(docker_runtime.netns, "announce",
+                        lambda path: order.append(f"announce {path}") or [])
+    engine = _Engine({"Id": CID, "State": {"Running": True},
+                      "HostConfig": {"NetworkMode": "bridge"},
+                      "NetworkSettings": {"SandboxKey": "/var/run/docker/netns/abc"}})
+    engine.wait_running(CID, on_running=lambda: order.append("running"), settle=0)
+    assert order == ["announce /var/run/docker/netns/abc", "running"]
+    order.clear()
+    engine.info["HostConfig"]["NetworkMode"] = "host"  # the host's network: not its to speak for
+    engine.wait_running(CID, on_running=lambda: order.append("running"), settle=0)
+    assert order == ["running"]
+
+
+def test_an_announcement_that_fails_does_not_fail_the_restore(monkeypatch) -> None:
+    def broken(path: Path) -> list[str]:
+        raise OSError("no such namespace")
+
+    monkeypatch.setattr(docker_runtime.netns, "announce", broken)
+    engine = _Engine({"Id": CID, "State": {"Running": True},
+                      "HostConfig": {"NetworkMode": "bridge"},
+                      "NetworkSettings": {"SandboxKey": "/var/run/docker/netns/gone"}})
+    seen: list[bool] = []
+    engine.wait_running(CID, on_running=lambda: seen.append(True), settle=0)
+    assert seen == [True]
+
+
+def test_the_frozen_window_does_not_pay_the_collector_after_a_collected_pre_copy(tmp_path) -> None:
+    """containerd must have collected a container's earlier checkpoint before the next one
+    (or the final checkpoint fails after CRIU killed the process); pre-copy's checkpoint
+    collects after itself, so the final one need not, in the frozen window."""
+    engine = _Engine()
+    engine.checkpoint(CID, "pre", tmp_path, leave_running=True)
+    engine.checkpoint(CID, "final", tmp_path, leave_running=False)
+    assert engine.calls == ["collect", "checkpoint leave running", "collect", "checkpoint stop"]
+
+
+def test_a_final_checkpoint_with_no_collected_one_before_it_collects_first(tmp_path) -> None:
+    engine = _Engine()
+    engine.checkpoint(CID, "final", tmp_path, leave_running=False)
+    engine.checkpoint(CID, "final", tmp_path, leave_running=False)  # after a rollback, again
+    assert engine.calls == ["collect", "checkpoint stop", "collect", "checkpoint stop"]
+
+
+def test_a_lazy_checkpoint_never_runs_the_collector_while_frozen(tmp_path) -> None:
+    engine = _Engine()
+    engine.checkpoint(CID, "final", tmp_path, leave_running=True, serving=True)
+    assert engine.calls == ["checkpoint leave running"]
+
+
+def test_a_container_s_upper_directory_is_asked_of_the_engine_once() -> None:
+    """The final pass needs it while the engine is busy with the container's exit."""
+    asked: list[str] = []
+
+    class Counting(_Engine):
+        def inspect(self, container: str) -> dict:
+            asked.append(container)
+            return {"Id": CID, "GraphDriver": {"Name": "overlay2",
+                                               "Data": {"UpperDir": "/var/lib/x/diff"}}}
+
+    engine = Counting()
+    assert engine.upper_dir(CID) == engine.upper_dir(CID) == Path("/var/lib/x/diff")
+    assert asked == [CID]
+    engine.upper_dir("bench-redis")  # a name: asked each time (it may name another later)
+    engine.upper_dir("bench-redis")
+    assert asked == [CID, "bench-redis", "bench-redis"]

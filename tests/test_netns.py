@@ -1,0 +1,106 @@
+"""A restored container announces its addresses (agent/runtime/netns.py), on real namespaces.
+
+Two namespaces joined by a veth pair play the node (its bridge side) and the container."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from agent.dataplane.pages import PrivateNetns
+from agent.runtime.netns import announce, inside
+
+NODE_IP, CTR_IP = "10.77.0.1", "10.77.0.2"
+SERVE = ("import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, "
+         "socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 8099)); s.listen(1); "
+         "c, _ = s.accept(); c.sendall(b'hi'); c.close()")
+
+
+def ip(*args: str) -> str:
+    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def pair():
+    tag = threading.get_ident() % 100000
+    node, ctr = PrivateNetns(f"migctl-garp-node-{tag}"), PrivateNetns(f"migctl-garp-ctr-{tag}")
+    try:
+        ip("link", "add", "veth-ctr", "netns", node.name, "type", "veth", "peer", "name",
+           "eth0", "netns", ctr.name)
+        for ns, dev, addr in ((node, "veth-ctr", NODE_IP), (ctr, "eth0", CTR_IP)):
+            ip("-n", ns.name, "addr", "add", f"{addr}/24", "dev", dev)
+            ip("-n", ns.name, "link", "set", dev, "up")
+        yield node, ctr
+    finally:
+        node.remove()
+        ctr.remove()
+
+
+def mac_of(ns: PrivateNetns, dev: str) -> str:
+    return ip("-n", ns.name, "-br", "link", "show", dev).split()[2]
+
+
+def neighbour(ns: PrivateNetns) -> str:
+    return ip("-n", ns.name, "neigh", "show", CTR_IP, "dev", "veth-ctr").strip()
+
+
+def test_a_neighbour_holding_the_old_copy_s_address_learns_the_new_one(pair) -> None:
+    node, ctr = pair
+    ip("-n", node.name, "neigh", "add", CTR_IP, "lladdr", "02:00:00:00:00:99", "dev",
+       "veth-ctr", "nud", "stale")
+    assert announce(ctr.path) == [f"eth0 {CTR_IP}"]
+    for _ in range(100):
+        if mac_of(ctr, "eth0") in neighbour(node):
+            break
+        time.sleep(0.02)
+    assert mac_of(ctr, "eth0") in neighbour(node), neighbour(node)
+
+
+def test_packets_waiting_for_the_address_go_out_on_the_announcement(pair) -> None:
+    """The lab's case: a client's SYN waits in the node's unresolved neighbour entry. Here the
+    container never answers ARP, so only the announcement can let the connection through."""
+    node, ctr = pair
+    subprocess.run(["ip", "netns", "exec", ctr.name, "sysctl", "-qw",
+                    "net.ipv4.conf.eth0.arp_ignore=8"], check=True)
+    server = subprocess.Popen(["nsenter", f"--net={ctr.path}", sys.executable, "-c", SERVE])
+    got: list[bytes | BaseException] = []
+
+    def client() -> None:
+        def connect() -> bytes:
+            with socket.create_connection((CTR_IP, 8099), timeout=10) as s:
+                return s.recv(2)
+        try:
+            got.append(inside(node.path, connect))
+        except OSError as err:
+            got.append(err)
+
+    try:
+        for _ in range(200):  # the server listens
+            if "8099" in subprocess.run(["nsenter", f"--net={ctr.path}", "ss", "-ltn"],
+                                        capture_output=True, text=True).stdout:
+                break
+            time.sleep(0.02)
+        waiting = threading.Thread(target=client)
+        waiting.start()
+        for _ in range(200):
+            if "INCOMPLETE" in neighbour(node):
+                break
+            time.sleep(0.01)
+        assert "INCOMPLETE" in neighbour(node)
+        announce(ctr.path)
+        waiting.join()
+        assert got == [b"hi"]
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_a_namespace_with_only_its_loopback_announces_nothing(pair) -> None:
+    node, _ = pair
+    ip("-n", node.name, "link", "del", "veth-ctr")
+    assert announce(node.path) == []
