@@ -1,13 +1,14 @@
 """Rebuilding (rsync's receiver role): basis + delta -> new file, verified before it appears.
 
 The output is assembled in a temporary file beside ``out_path`` and renamed over it only
-after its length and xxh3_128 match the END token and the basis matches the hash the sender
-worked from.  Any failure raises :class:`DeltaError` and removes the temporary file, so a
-reader of ``out_path`` sees either the old file or the complete new one.
+after its length and xxh3_128 match the END token (as rsync, the result's hash is the proof: a
+wrong basis cannot produce the right result).  Any failure raises :class:`DeltaError` and
+removes the temporary file, so a reader of ``out_path`` sees either the old file or the
+complete new one.
 
 Runs of matched blocks are copied by the kernel (``copy_file_range``: a reflink on filesystems
 that share extents), so rebuilding a file that barely changed costs about what ``cp`` does;
-only hashing the result reads the basis in user space.
+only hashing the result, read back once at the end, goes through user space.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import mmap
 import os
 from collections.abc import Iterable
 
-from agent.delta.checksum import HashThread, hash_in_background
+from agent.delta.checksum import hash_mapped
 from agent.delta.signature import EMPTY_HASH
 from agent.delta.stats import DeltaStats
 from agent.delta.wire import Copy, End, Header, Literal, WireReader
@@ -46,17 +47,15 @@ class _Rebuild:
             self.mm = mmap.mmap(basis_fd, self.size, prot=mmap.PROT_READ)
             self.view = memoryview(self.mm)
         self.blocks = -(-self.size // header.block_size)
-        self.hasher = HashThread(self.mm)  # the result's hash, in output order
         self.written = 0
-        self.pending: tuple[int, int] | None = None  # basis prefix copied but not yet hashed
-        self.deferred = 0  # bytes of that prefix not copied yet either (lazy mode)
+        self.deferred = 0  # lazy mode: a prefix identical to the basis, not copied yet
         self.use_copy_file_range = hasattr(os, "copy_file_range")
         if not lazy:
             self.open_output()
 
     def open_output(self) -> int:
         if self.out_fd < 0:
-            self.out_fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            self.out_fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
             _preallocate(self.out_fd, self.header.new_length)
             if self.deferred:
                 self._copy_range(0, 0, self.deferred)
@@ -67,7 +66,6 @@ class _Rebuild:
         if self.out_fd >= 0:
             os.close(self.out_fd)
             self.out_fd = -1
-        self.hasher.finish()
         if self.view is not None:
             self.view.release()
         if self.mm is not None:
@@ -83,32 +81,20 @@ class _Rebuild:
         start = token.index * bs
         stop = min(self.size, (token.index + token.count) * bs)
         self._check_room(stop - start)
-        if self.pending is not None and self.pending[1] == start:
-            self.pending = (self.pending[0], stop)
-        elif self.written == 0 and start == 0:
-            self.pending = (0, stop)
+        if self.out_fd < 0 and start == self.written == self.deferred:
+            self.deferred = stop  # still the basis' own prefix: maybe never copied (lazy)
         else:
-            self.open_output()
-            self.flush_hash()
-            self.hasher.add_range(start, stop)
-        # A prefix identical to the basis may never need hashing (see identity()), nor even
-        # copying yet (lazy mode).
-        if self.out_fd < 0:
-            self.deferred = stop
-        else:
-            self._copy_range(start, self.written, stop - start)
+            self._copy_range(start, self.written, stop - start, self.open_output())
         self.written += stop - start
         return stop - start
 
     def literal(self, token: Literal) -> int:
         data = memoryview(token.data)
         self._check_room(len(data))
-        self.open_output()
-        self.flush_hash()
+        out = self.open_output()
         done = 0
         while done < len(data):
-            done += os.pwrite(self.out_fd, data[done:], self.written + done)
-        self.hasher.add(data)
+            done += os.pwrite(out, data[done:], self.written + done)
         self.written += len(data)
         return len(data)
 
@@ -119,24 +105,31 @@ class _Rebuild:
                 f"delta writes past the {self.header.new_length} bytes its header announced"
             )
 
-    def flush_hash(self) -> None:
-        if self.pending is not None:
-            self.hasher.add_range(*self.pending)
-            self.pending = None
-
     def identity(self) -> bool:
-        """True while the output so far is exactly the whole basis, unhashed."""
-        return self.pending == (0, self.size) and self.written == self.size
+        """True while the output is exactly the whole basis, not copied (lazy mode)."""
+        return self.out_fd < 0 and self.deferred == self.written == self.size
 
-    def _copy_range(self, start: int, dst: int, length: int) -> None:
+    def digest(self) -> bytes:
+        """The result's hash, read back once it is complete: the basis itself when that is
+        the result. Hashing alongside the copies cost more than this pass: xxhash holds the
+        GIL (page faults included) while the kernel copies wait for it between calls."""
+        fd = self.basis_fd if self.identity() else self.open_output()
+        if not self.written:
+            return EMPTY_HASH
+        assert fd is not None
+        with mmap.mmap(fd, self.written, prot=mmap.PROT_READ) as mm:
+            return hash_mapped(mm).digest()
+
+    def _copy_range(self, start: int, dst: int, length: int, out: int = -1) -> None:
         """Copy basis bytes into the output in the kernel (a reflink where the filesystem
         shares extents, no trip through user space otherwise); buffered writes where it
         cannot (another filesystem, an old kernel)."""
         assert self.basis_fd is not None and self.view is not None
+        out = self.out_fd if out < 0 else out
         src, left = start, length
         while left and self.use_copy_file_range:
             try:
-                done = os.copy_file_range(self.basis_fd, self.out_fd, left, src, dst)
+                done = os.copy_file_range(self.basis_fd, out, left, src, dst)
             except OSError as exc:
                 if exc.errno not in _NO_COPY_FILE_RANGE:
                     raise
@@ -146,7 +139,7 @@ class _Rebuild:
                 raise DeltaError("basis file shrank while the delta was being applied")
             src, dst, left = src + done, dst + done, left - done
         while left:
-            done = os.pwrite(self.out_fd, self.view[src : src + min(left, _WRITE_STEP)], dst)
+            done = os.pwrite(out, self.view[src : src + min(left, _WRITE_STEP)], dst)
             src, dst, left = src + done, dst + done, left - done
 
 
@@ -161,9 +154,9 @@ def patch_stream(
 ) -> DeltaStats:
     """Apply a delta to ``basis_path`` (None: no basis) and atomically create ``out_path``.
 
-    ``verify_basis`` hashes the basis alongside the rebuild and rejects a basis that is not
-    the one the sender's signature described; ``fsync`` makes the result durable before the
-    rename (off by default, like rsync, since migration verifies end to end anyway).
+    ``verify_basis``: when the result's hash fails, hash the basis too, to say whether it was
+    not the one the sender's signature described ("wrong basis"); ``fsync`` makes the result
+    durable before the rename (off by default, like rsync: migration verifies end to end).
     ``expect_length`` is the size the file was announced with elsewhere: a header promising
     another size is refused before any output is opened or preallocated, so a tiny hostile
     delta cannot make this side reserve a huge file.
@@ -185,7 +178,6 @@ def patch_stream(
             raise DeltaError(f"basis file {os.fspath(basis_path)!r} does not exist") from exc
     tmp_path = os.path.join(directory, f".{name}.{os.urandom(4).hex()}.delta-tmp")
     rebuild: _Rebuild | None = None
-    check: HashThread | None = None
     try:
         basis_stat = os.fstat(basis_fd) if basis_fd is not None else None
         basis_size = basis_stat.st_size if basis_stat is not None else 0
@@ -197,9 +189,7 @@ def patch_stream(
         if header.basis_length == 0 and header.basis_hash != EMPTY_HASH:
             raise DeltaError("delta header is corrupted (empty basis with a non-empty hash)")
         in_place = basis_stat is not None and _same_file(basis_stat, out_path)
-        rebuild = _Rebuild(header, basis_fd, tmp_path, lazy=in_place and verify_basis)
-        if verify_basis and rebuild.mm is not None:
-            check = hash_in_background(rebuild.mm)
+        rebuild = _Rebuild(header, basis_fd, tmp_path, lazy=in_place)
         stats = DeltaStats()
         end: End | None = None
         for token in reader.tokens():
@@ -210,20 +200,18 @@ def patch_stream(
             else:
                 end = token
         assert end is not None  # the reader raises on a stream without END
-        if check is not None and check.digest() != header.basis_hash:
-            raise DeltaError(
-                "wrong basis: its contents differ from the file the delta was made against"
-            )
         if not end.length == header.new_length == rebuild.written:
             raise DeltaError(
                 f"rebuilt file has {rebuild.written} bytes but the delta promised {end.length}"
             )
-        if check is not None and rebuild.identity():
-            digest = header.basis_hash  # output == verified basis, byte for byte
-        else:
-            rebuild.flush_hash()
-            digest = rebuild.hasher.digest()
-        if digest != end.digest:
+        if rebuild.digest() != end.digest:
+            # The result's hash is the proof; the basis is hashed only now, to say whether it
+            # was the wrong one (not a pass over it on every patch)
+            if (verify_basis and rebuild.mm is not None
+                    and hash_mapped(rebuild.mm).digest() != header.basis_hash):
+                raise DeltaError(
+                    "wrong basis: its contents differ from the file the delta was made against"
+                )
             raise DeltaError("rebuilt file does not match the delta's checksum")
         stats.wire_bytes = reader.wire_bytes
         stats.new_size = rebuild.written
@@ -240,8 +228,6 @@ def patch_stream(
             os.unlink(tmp_path)
         raise
     finally:
-        if check is not None:
-            check.finish()
         if rebuild is not None:
             rebuild.close()
         if basis_fd is not None:
