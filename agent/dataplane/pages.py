@@ -340,6 +340,9 @@ class PageServer:
         self.proc: subprocess.Popen | None = None
         self._stopping = False
         self._done = threading.Event()
+        # when the lazy daemon exited (monotonic): every page there, if it exited 0. Read by
+        # the report: the flow learns it only after the restore's settle
+        self.exited_at: float | None = None
         if not lazy:
             self.launch()
 
@@ -400,7 +403,9 @@ class PageServer:
         """A daemon that fails leaves missing pages to read as zeros: the process must stop at
         once, before any of the flow's rollback (on_fail: a kill, by pid, of the container)."""
         assert self.proc is not None
-        if self.proc.wait() != 0 and not self._stopping:
+        code = self.proc.wait()
+        self.exited_at = time.monotonic()
+        if code != 0 and not self._stopping:
             self.on_fail()
 
     @property

@@ -729,7 +729,7 @@ class Migration:
         """Post-copy: the container runs; it is done once the daemon has every page."""
         self.step(j.PAGING_IN)
         got = pages.finish(self.deadline(pages.limit))
-        done = time.monotonic()
+        done = pages.exited_at or time.monotonic()
         running = self.report.running_at or done
         self.report.msg.pages_seconds = done - running
         if self.entry.data.get("restart_policy"):  # complete: it may be restarted now
