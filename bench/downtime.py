@@ -25,6 +25,10 @@ figure is also given as a ratio to the floor measured in the same run, on the sa
   seed     the seed's method (client/seedmethod.py: engine checkpoints, docker save/load, tar
            and rsync)
 
+Each row's details end with its "gap trace": every attempt of the client inside the longest
+gap, by node and outcome (refused, a connect or an answer timing out, answered), with their
+count, the seconds they took, and when the first began: where a gap's time went.
+
 Each run starts the workload fresh on nodeA twice: once for floor, engine, migctl, migctl-ps
 and migctl-pc (in that order), once for the seed's method; the link is the lab's, unshaped.
 Medians over --runs; --method runs only those named (the floor always runs: it is the yardstick).
