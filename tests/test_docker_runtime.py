@@ -35,12 +35,13 @@ class _Engine(DockerRuntime):
 def test_a_container_seen_running_is_announced_before_its_downtime_ends(monkeypatch) -> None:
     order: list[str] = []
     monkeypatch.setattr(docker_runtime.netns, "announce",
-                        lambda path: order.append(f"announce {path}") or [])
+                        lambda path, addresses: order.append(f"announce {path} {addresses}") or [])
     engine = _Engine({"Id": CID, "State": {"Running": True},
                       "HostConfig": {"NetworkMode": "bridge"},
-                      "NetworkSettings": {"SandboxKey": "/var/run/docker/netns/abc"}})
+                      "NetworkSettings": {"SandboxKey": "/var/run/docker/netns/abc",
+                                          "Networks": {"bridge": {"IPAddress": "172.17.0.2"}}}})
     engine.wait_running(CID, on_running=lambda: order.append("running"), settle=0)
-    assert order == ["announce /var/run/docker/netns/abc", "running"]
+    assert order == ["announce /var/run/docker/netns/abc {'172.17.0.2'}", "running"]
     order.clear()
     engine.info["HostConfig"]["NetworkMode"] = "host"  # the host's network: not its to speak for
     engine.wait_running(CID, on_running=lambda: order.append("running"), settle=0)
@@ -48,13 +49,14 @@ def test_a_container_seen_running_is_announced_before_its_downtime_ends(monkeypa
 
 
 def test_an_announcement_that_fails_does_not_fail_the_restore(monkeypatch) -> None:
-    def broken(path: Path) -> list[str]:
+    def broken(path: Path, addresses: set[str]) -> list[str]:
         raise OSError("no such namespace")
 
     monkeypatch.setattr(docker_runtime.netns, "announce", broken)
     engine = _Engine({"Id": CID, "State": {"Running": True},
                       "HostConfig": {"NetworkMode": "bridge"},
-                      "NetworkSettings": {"SandboxKey": "/var/run/docker/netns/gone"}})
+                      "NetworkSettings": {"SandboxKey": "/var/run/docker/netns/gone",
+                                          "Networks": {"bridge": {"IPAddress": "172.17.0.2"}}}})
     seen: list[bool] = []
     engine.wait_running(CID, on_running=lambda: seen.append(True), settle=0)
     assert seen == [True]

@@ -53,7 +53,7 @@ def test_a_neighbour_holding_the_old_copy_s_address_learns_the_new_one(pair) -> 
     node, ctr = pair
     ip("-n", node.name, "neigh", "add", CTR_IP, "lladdr", "02:00:00:00:00:99", "dev",
        "veth-ctr", "nud", "stale")
-    assert announce(ctr.path) == [f"eth0 {CTR_IP}"]
+    assert announce(ctr.path, {CTR_IP}) == [f"eth0 {CTR_IP}"]
     for _ in range(100):
         if mac_of(ctr, "eth0") in neighbour(node):
             break
@@ -92,7 +92,7 @@ def test_packets_waiting_for_the_address_go_out_on_the_announcement(pair) -> Non
                 break
             time.sleep(0.01)
         assert "INCOMPLETE" in neighbour(node)
-        announce(ctr.path)
+        announce(ctr.path, {CTR_IP})
         waiting.join()
         assert got == [b"hi"]
     finally:
@@ -103,4 +103,17 @@ def test_packets_waiting_for_the_address_go_out_on_the_announcement(pair) -> Non
 def test_a_namespace_with_only_its_loopback_announces_nothing(pair) -> None:
     node, _ = pair
     ip("-n", node.name, "link", "del", "veth-ctr")
-    assert announce(node.path) == []
+    assert announce(node.path, {NODE_IP}) == []
+
+
+def test_only_the_addresses_the_engine_assigned_are_announced(pair) -> None:
+    """A container that took another address (it may, with NET_ADMIN: say its neighbour's)
+    does not get the agent to claim that address for it on the segment."""
+    node, ctr = pair
+    ip("-n", node.name, "neigh", "add", "10.77.0.9", "lladdr", "02:00:00:00:00:99", "dev",
+       "veth-ctr", "nud", "stale")
+    ip("-n", ctr.name, "addr", "flush", "dev", "eth0")
+    ip("-n", ctr.name, "addr", "add", "10.77.0.9/24", "dev", "eth0")
+    assert announce(ctr.path, {CTR_IP}) == []
+    time.sleep(0.2)
+    assert "02:00:00:00:00:99" in ip("-n", node.name, "neigh", "show", "10.77.0.9")

@@ -583,10 +583,12 @@ class DockerRuntime:
         again (agent/runtime/netns.py: without it, clients waited up to 1 s more). Best
         effort: a container it cannot announce still runs, and is found within that second."""
         sandbox = _sandbox(info)
-        if sandbox is None:
+        networks = ((info.get("NetworkSettings") or {}).get("Networks") or {}).values()
+        addresses = {n["IPAddress"] for n in networks if n.get("IPAddress")}
+        if sandbox is None or not addresses:
             return
         try:
-            log.debug("announced %s", ", ".join(netns.announce(sandbox)) or "nothing")
+            log.debug("announced %s", ", ".join(netns.announce(sandbox, addresses)) or "nothing")
         except OSError as err:
             log.warning("could not announce %s's addresses: %s", info["Id"][:12], err)
 

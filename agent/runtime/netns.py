@@ -74,14 +74,15 @@ def _addresses(name: str) -> tuple[bytes, bytes] | None:
     return (mac, ip) if any(mac) else None
 
 
-def announce(netns: Path) -> list[str]:
-    """Send a gratuitous ARP for every IPv4 address of NETNS's Ethernet interfaces; returns
-    "name ip" of those announced (nothing for a namespace with none)."""
+def announce(netns: Path, addresses: set[str]) -> list[str]:
+    """Send a gratuitous ARP for each of ADDRESSES (IPv4, as the engine assigned them) that an
+    Ethernet interface of NETNS holds; returns "name ip" of those announced. Only those: what
+    the container configured itself (say, its neighbour's address) is never spoken for."""
     def send() -> list[str]:
         done = []
         for _, name in socket.if_nameindex():
             got = _addresses(name) if name != "lo" else None
-            if got is None:
+            if got is None or socket.inet_ntoa(got[1]) not in addresses:
                 continue
             mac, ip = got
             with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
