@@ -730,7 +730,7 @@ class Migration:
         self.step(j.PAGING_IN)
         got = pages.finish(self.deadline(pages.limit))
         done = pages.exited_at or time.monotonic()
-        running = self.report.running_at or done
+        running = min(self.report.running_at or done, done)  # a small one may beat the mark
         self.report.msg.pages_seconds = done - running
         if self.entry.data.get("restart_policy"):  # complete: it may be restarted now
             self.runtime.set_restart_policy(self.new_container, self.entry.data["restart_policy"])

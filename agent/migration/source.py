@@ -322,7 +322,7 @@ class SourceSide:
                 if lost:  # the destination's hold broke while CRIU was dumping
                     self._resume_quietly(entry.id)
         folder = self.runtime.checkpoint(entry.container, request.name, area / "checkpoints",
-                                         True)
+                                         True, before_final=True)
         flush_writes()  # the snapshots and this checkpoint, before the freeze
         return folder
 

@@ -143,7 +143,7 @@ class DirectRuntime(DockerRuntime):
 
     def checkpoint(self, container: str, name: str, directory: Path, leave_running: bool,
                    page_server: str = "", lazy_in: Path | None = None, *,
-                   serving: bool = False) -> Path:
+                   serving: bool = False, before_final: bool = False) -> Path:
         """With PAGE_SERVER (HOST:PORT), CRIU sends the memory pages there, and the folder
         holds every other image. With LAZY_IN (a network namespace's file), CRIU instead keeps
         the pages and serves them from PAGE_SERVER's port in that namespace, and this returns
@@ -151,7 +151,8 @@ class DirectRuntime(DockerRuntime):
         inspected = self.inspect(container)  # once: this runs in the frozen window
         cid = inspected["Id"]
         if self._method_of(inspected) != self.method:
-            return super().checkpoint(cid, name, directory, leave_running, page_server, lazy_in)
+            return super().checkpoint(cid, name, directory, leave_running, page_server, lazy_in,
+                                      before_final=before_final)
         target = directory / name
         if target.exists():
             shutil.rmtree(target)
@@ -161,7 +162,7 @@ class DirectRuntime(DockerRuntime):
         try:
             with staged(cid, "checkpoint", target, page_server, lazy_in is not None, lazy_in):
                 super().checkpoint(cid, name, engine_dir, leave_running,
-                                   serving=lazy_in is not None)
+                                   serving=lazy_in is not None, before_final=before_final)
             if not (target / INVENTORY).exists():
                 if page_server:  # the pages went nowhere: the checkpoint is no use
                     raise RuntimeFailure(f"{WRAPPER.name} did not take the checkpoint of "

@@ -32,6 +32,10 @@ from proto import migctl_pb2 as pb
 log = logging.getLogger(__name__)
 
 CRIU_BIN = "/opt/migctl/bin"  # where scripts/setup.sh puts the CRIU it probed
+# A checkpoint this soon after one that collected containerd's garbage after itself skips the
+# collection: pre-copy's, then the final one of the same migration (its freeze comes seconds
+# to minutes later); anything older collects again.
+COLLECTED_FRESH_S = 600.0
 
 
 REFUSE_RULE = ["INPUT", "-p", "tcp", "--syn", "-m", "comment", "--comment",
@@ -118,8 +122,10 @@ class DockerRuntime:
         # Concurrent CRIU restores on one engine failed here ("criu failed: type NOTIFY"),
         # so restores take turns; checkpoints run concurrently.
         self._restore_lock = threading.Lock()
-        # containers whose last checkpoint left the content store collected (collect_garbage)
-        self._collected: set[str] = set()
+        # containers whose last checkpoint was followed by a collection (collect_garbage),
+        # and when: the next one within COLLECTED_FRESH_S need not collect first
+        self._collected: dict[str, float] = {}
+        self._collected_lock = threading.Lock()
         self._uppers: dict[str, Path | None] = {}  # by container ID, for its whole life
         self.client = docker.DockerClient(base_url=docker_host, timeout=300)
         self.api = self.client.api
@@ -413,8 +419,9 @@ class DockerRuntime:
         for leftover in self._engine_temp() - before:
             shutil.rmtree(leftover, ignore_errors=True)
 
-    def collect_garbage(self) -> None:
-        """Make containerd drop what earlier checkpoints left in its content store, now.
+    def collect_garbage(self) -> bool:
+        """Make containerd drop what earlier checkpoints left in its content store, now; True
+        once it did.
 
         containerd stores each checkpoint's container spec as content and collects it a little
         later. A final checkpoint taken meanwhile stores the same spec again, which fails with
@@ -424,31 +431,34 @@ class DockerRuntime:
         if not self.containerd.exists() or not shutil.which("ctr"):
             log.warning("cannot reach containerd at %s: checkpoints may collide with content "
                         "of earlier ones", self.containerd)
-            return
+            return False
         ctr = ["ctr", "--address", str(self.containerd), "--namespace", "moby", "leases"]
         lease = subprocess.run([*ctr, "create"], capture_output=True, text=True)
-        if lease.returncode == 0 and lease.stdout.split():
-            subprocess.run([*ctr, "delete", "--sync", lease.stdout.split()[0]],
-                           capture_output=True)
+        if lease.returncode != 0 or not lease.stdout.split():
+            return False
+        return subprocess.run([*ctr, "delete", "--sync", lease.stdout.split()[0]],
+                              capture_output=True).returncode == 0
 
     def checkpoint(self, container: str, name: str, directory: Path, leave_running: bool,
                    page_server: str = "", lazy_in: Path | None = None, *,
-                   serving: bool = False) -> Path:
+                   serving: bool = False, before_final: bool = False) -> Path:
         """Checkpoint into DIRECTORY/NAME and return that folder. The engine passes CRIU no
         page server: PAGE_SERVER needs the direct path (agent/runtime/direct.py). SERVING: a
         lazy checkpoint (through migctl-runc), which lasts as long as its pages take to go: no
         client timeout, and no garbage collection first (off the frozen window: a collision
-        in containerd's store can only fail the call once every page was served)."""
+        in containerd's store can only fail the call once every page was served).
+        BEFORE_FINAL: pre-copy's, which a final checkpoint follows: it collects after itself,
+        so that the final one, in the frozen window, need not (~50 ms)."""
         if page_server or lazy_in:
             raise FailedPrecondition(f"the checkpoint of {container!r} goes through the engine, "
                                      "which cannot send its pages to a page server")
         cid = self.inspect(container)["Id"]
         directory.mkdir(parents=True, exist_ok=True)
-        # Collected before a checkpoint, unless the one before it (pre-copy's) was collected
-        # after itself: then the frozen window does not pay the collector (~50 ms).
-        if not serving and not (not leave_running and cid in self._collected):
+        with self._collected_lock:
+            fresh = time.monotonic() - self._collected.pop(cid, -COLLECTED_FRESH_S) \
+                < COLLECTED_FRESH_S
+        if not serving and not fresh:
             self.collect_garbage()
-        self._collected.discard(cid)
         before = self._engine_temp()
         try:
             res = self.api._post_json(
@@ -463,9 +473,9 @@ class DockerRuntime:
                                  f"{err.explanation or err}") from err
         finally:
             self._drop_engine_temp(before)
-        if leave_running and not serving:  # a final checkpoint comes next: collect now
-            self.collect_garbage()
-            self._collected.add(cid)
+        if before_final and self.collect_garbage():
+            with self._collected_lock:
+                self._collected[cid] = time.monotonic()
         return directory / name
 
     def create_like(self, spec: pb.ContainerSpec, allow_privileged: bool = False,
@@ -540,8 +550,8 @@ class DockerRuntime:
             info = self.inspect(cid)
             state = info["State"]
             if state.get("Running"):
+                on_running()  # first: post-copy arms its kill of a copy missing pages there
                 self.announce(info)
-                on_running()
                 time.sleep(settle)
                 state = self.inspect(cid)["State"]
                 if state.get("Running"):

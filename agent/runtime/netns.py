@@ -29,12 +29,16 @@ CLONE_NEWNET = 0x40000000
 SIOCGIFADDR = 0x8915
 SIOCGIFHWADDR = 0x8927
 ETH_P_ARP = 0x0806
+ARPHRD_ETHER = 1
+ANNOUNCE_S = 1.0  # the most an announcement may hold up a restored container's report
 
 T = TypeVar("T")
 
 
-def inside(netns: Path, fn: Callable[[], T], name: str = "netns") -> T:
-    """FN's result, computed by a thread that entered NETNS (its exception is raised here)."""
+def inside(netns: Path, fn: Callable[[], T], name: str = "netns",
+           timeout: float | None = None) -> T:
+    """FN's result, computed by a thread that entered NETNS (its exception is raised here);
+    TimeoutError after TIMEOUT seconds (the thread then ends on its own)."""
     result: list[T | BaseException] = []
 
     def run() -> None:
@@ -49,7 +53,9 @@ def inside(netns: Path, fn: Callable[[], T], name: str = "netns") -> T:
 
     thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
-    thread.join()
+    thread.join(timeout)
+    if not result:
+        raise TimeoutError(f"{name} in {netns} took over {timeout} s")
     got = result[0]
     if isinstance(got, BaseException):
         raise got
@@ -68,10 +74,11 @@ def _addresses(name: str) -> tuple[bytes, bytes] | None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
             ip = fcntl.ioctl(s.fileno(), SIOCGIFADDR, request)[20:24]
-            mac = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, request)[18:24]
+            hw = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, request)
         except OSError:
             return None
-    return (mac, ip) if any(mac) else None
+    family, mac = struct.unpack_from("H", hw, 16)[0], hw[18:24]
+    return (mac, ip) if family == ARPHRD_ETHER and any(mac) else None
 
 
 def announce(netns: Path, addresses: set[str]) -> list[str]:
@@ -85,10 +92,13 @@ def announce(netns: Path, addresses: set[str]) -> list[str]:
             if got is None or socket.inet_ntoa(got[1]) not in addresses:
                 continue
             mac, ip = got
-            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
-                raw.bind((name, ETH_P_ARP))
-                raw.send(garp_frame(mac, ip))
+            try:
+                with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+                    raw.bind((name, ETH_P_ARP))
+                    raw.send(garp_frame(mac, ip))
+            except OSError:  # this interface is down: the others are still announced
+                continue
             done.append(f"{name} {socket.inet_ntoa(ip)}")
         return done
 
-    return inside(netns, send, name="announce")
+    return inside(netns, send, name="announce", timeout=ANNOUNCE_S)
