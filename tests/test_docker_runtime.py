@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -123,3 +125,20 @@ def test_a_container_s_upper_directory_is_asked_of_the_engine_once() -> None:
     engine.upper_dir("bench-redis")  # a name: asked each time (it may name another later)
     engine.upper_dir("bench-redis")
     assert asked == [CID, "bench-redis", "bench-redis"]
+
+
+def test_a_container_whose_process_is_gone_is_not_believed_running() -> None:
+    """Right after a checkpoint that stopped it, the engine still says "running" for a moment:
+    a rollback that believed it would leave the container stopped (no copy at all)."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    answers = iter([{"Running": True, "Pid": dead.pid}, {"Running": True, "Pid": dead.pid},
+                    {"Running": False, "Pid": 0}])
+
+    class Exiting(_Engine):
+        def inspect(self, container: str) -> dict:
+            return {"Id": CID, "State": next(answers)}
+
+    assert Exiting().running(CID) is False
+    alive = _Engine({"Id": CID, "State": {"Running": True, "Pid": os.getpid()}})
+    assert alive.running(CID) is True

@@ -20,7 +20,7 @@ class Engine:
     """A fake engine: containers by id, and a switch that makes it stop answering."""
 
     def __init__(self, running: set[str], answers: bool = True, removes: bool = True) -> None:
-        self.running = set(running)
+        self.containers = set(running)
         self.answers = answers
         self.removes = removes
 
@@ -30,14 +30,17 @@ class Engine:
 
     def inspect(self, cid: str) -> dict:
         self._up()
-        if cid not in self.running:
+        if cid not in self.containers:
             raise NotFound(f"no container {cid}")
         return {"State": {"Running": True}}
+
+    def running(self, cid: str) -> bool:
+        return self.inspect(cid)["State"]["Running"]
 
     def remove(self, cid: str) -> None:
         self._up()
         if self.removes:
-            self.running.discard(cid)
+            self.containers.discard(cid)
 
     def gone(self, cid: str) -> bool:
         try:
@@ -88,10 +91,10 @@ def test_a_never_started_container_does_not_hold_the_source_back(setup, state: s
     after = journal.get("m1", j.DESTINATION)
     assert after.state == j.ROLLED_BACK and after.data["stray_container"] == "new1"
     recovery.remove_strays(engine, journal)  # still silent (or still failing): kept
-    assert journal.strays() and "new1" in engine.running
+    assert journal.strays() and "new1" in engine.containers
     engine.answers, engine.removes = True, True
     recovery.remove_strays(engine, journal)
-    assert not journal.strays() and "new1" not in engine.running
+    assert not journal.strays() and "new1" not in engine.containers
 
 
 @pytest.mark.parametrize("state", [j.RESTORING])
@@ -102,7 +105,7 @@ def test_no_resume_until_the_copy_here_is_gone(setup, state: str, engine: Engine
     journal, staging, tls, asked, entry = setup
     e = entry(state)
     if state == j.RESTORING and engine.answers:
-        engine.running = {"new1"}  # it runs: the migration is completed, not undone
+        engine.containers = {"new1"}  # it runs: the migration is completed, not undone
         assert recovery.settle(e, engine, journal, staging, tls) is True
         assert journal.get("m1", j.DESTINATION).state == j.DONE
         assert asked == ["Release"]
@@ -113,7 +116,7 @@ def test_no_resume_until_the_copy_here_is_gone(setup, state: str, engine: Engine
     assert after.state == state and after.data["rollback"].startswith("pending")
     engine.answers, engine.removes = True, True  # the engine is back and removes work
     if state == j.RESTORING:
-        engine.running = set()  # it came back without the container (else: completed)
+        engine.containers = set()  # it came back without the container (else: completed)
     assert recovery.settle(after, engine, journal, staging, tls) is True
     assert asked == ["Resume"]
     assert journal.get("m1", j.DESTINATION).state == j.ROLLED_BACK

@@ -128,7 +128,7 @@ def _pending(entry: j.Entry, journal: j.Journal, why: str) -> None:
 def _running(runtime: Runtime, cid: str) -> bool:
     """Whether CID runs; NotFound is "no"; an engine that does not answer raises."""
     try:
-        return bool(runtime.inspect(cid)["State"].get("Running"))
+        return runtime.running(cid)
     except NotFound:
         return False
 

@@ -559,7 +559,7 @@ class SourceSide:
             self.runtime.unpause(cid)
             reply = pb.ResumeReply(restored=True, detail="unpaused: it goes on where it was "
                                    "paused for the final checkpoint")
-        elif state.get("Running"):
+        elif state.get("Running") and self.runtime.running(cid):  # not a stop just taken
             reply = pb.ResumeReply(restored=True, detail="it was still running")
         else:
             folder = self.staging.root / migration_id / "checkpoints" / FINAL_CHECKPOINT

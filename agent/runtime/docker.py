@@ -65,6 +65,14 @@ def refuse_new_connections(netns: Path, refuse: bool) -> None:
         raise RuntimeFailure(f"could not make {netns} take new connections again")
 
 
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (killed, not yet reaped)."""
+    try:
+        return pid > 0 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def _sandbox(info: dict[str, Any]) -> Path | None:
     """The container's own network namespace; None for the host's (not the container's to
     change) or none at all."""
@@ -562,6 +570,19 @@ class DockerRuntime:
                     f"(status {state.get('Status')}, exit code {state.get('ExitCode')}, "
                     f"error {state.get('Error') or '-'})")
             time.sleep(0.1)
+
+    def running(self, container: str, settle: float = 10.0) -> bool:
+        """Whether CONTAINER runs. Right after a checkpoint that stopped it, the engine still
+        says "running" until it has handled the exit (0.2 s measured): a process that is gone
+        is waited out for up to SETTLE seconds, not believed."""
+        deadline = time.monotonic() + settle
+        while True:
+            state = self.inspect(container)["State"]
+            if not state.get("Running"):
+                return False
+            if _alive(state.get("Pid") or 0) or time.monotonic() > deadline:
+                return True
+            time.sleep(0.05)
 
     def pause(self, container: str) -> None:
         self._call(f"pause {container[:12]!r}", self.api.pause, container)
