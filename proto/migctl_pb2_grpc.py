@@ -505,9 +505,9 @@ class AgentServicer:
         container or volume of that name is here; PERMISSION_DENIED: the source did not authorize
         this migration for this node and container; FAILED_PRECONDITION: a pre-flight check or a
         rule refused it (not running, bind mounts, privileged without allow_privileged, CRIU or
-        space, an expired authorization, data that failed verification); UNAVAILABLE: the
-        source's agent cannot be reached; ABORTED: CRIU or the engine failed a checkpoint or the
-        restore.
+        space, a host port taken here, an expired authorization, data that failed verification);
+        UNAVAILABLE: the source's agent cannot be reached; ABORTED: CRIU or the engine failed a
+        checkpoint or the restore.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

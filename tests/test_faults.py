@@ -24,7 +24,15 @@ import psutil
 import pytest
 
 from client.lab import SWITCH_NS, Lab
-from client.workloads import ensure_toy_image, numbers, remove_everywhere, run_toy
+from client.workloads import (
+    BASE,
+    SERVER,
+    ensure_base,
+    ensure_toy_image,
+    numbers,
+    remove_everywhere,
+    run_toy,
+)
 from tests.conftest import CACHE, ROOT, LabHandle, migctl
 
 pytestmark = pytest.mark.lab
@@ -267,6 +275,26 @@ def test_someone_elses_volume_of_the_same_name_is_never_overwritten(
                            volumes={"testrw": {"bind": "/v", "mode": "ro"}})
     assert out.strip() == b"mine"
     assert running_copies(lab) == ["nodeA"]
+
+
+def test_a_host_port_taken_at_the_destination_is_refused_before_the_freeze(
+        lab: LabHandle) -> None:
+    """The container publishes a host port that a container at nodeB already publishes: its
+    restore there would fail after the freeze; the migration is refused before it, by name."""
+    names = ["porty", "blocker"]
+    remove_everywhere(lab.docker, names, [])
+    try:
+        for node, name in (("nodeA", "porty"), ("nodeB", "blocker")):
+            ensure_base(lab.docker[node], CACHE)
+            lab.docker[node].containers.run(BASE, ["sh", "-c", SERVER], name=name, detach=True,
+                                            ports={"8080/tcp": 18080})
+        res = migctl("migrate", "--from", "nodeA", "--to", "nodeB", "porty", check=False)
+        assert res.returncode == 1, res.stderr
+        assert "nodeB already uses host port 18080/tcp (used by blocker)" in res.stderr
+        assert "freeze" not in res.stderr
+        assert running_copies(lab, "porty") == ["nodeA"]
+    finally:
+        remove_everywhere(lab.docker, names, [])
 
 
 def test_the_disk_check_refuses_before_the_freeze(lab: LabHandle, toy: None) -> None:

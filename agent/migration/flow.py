@@ -67,7 +67,7 @@ from agent.migration.source import (
 )
 from agent.migration.sourcing import Sourcing
 from agent.runtime.base import Runtime, restarts
-from agent.runtime.docker import criu_path
+from agent.runtime.docker import criu_path, host_listeners
 from agent.runtime.spec import check_description, checkpoint_path, unsupported
 from agent.security import TLSFiles
 from proto import migctl_pb2 as pb
@@ -331,6 +331,12 @@ class Migration:
                 f"({existing['Id'][:12]}); remove or rename it first")
         for vol in spec.volumes:
             self.check_volume_free(vol)
+        taken = ports_taken(spec, self.runtime.port_users(), host_listeners())
+        if taken:
+            self.metrics.preflight.labels("ports").inc()
+            raise FailedPrecondition(
+                f"{self.node} already uses host port {', '.join(taken)}: the container could "
+                "not publish it here (its restore would fail after the freeze); free it first")
         return spec
 
     def existing_container(self, name: str) -> dict | None:
@@ -851,6 +857,21 @@ def preflight_problems(source: pb.NodeInfo, here: pb.NodeInfo,
         problems.append(f"{here.node} has {here.memory_available_bytes / 1e6:.0f} MB of memory "
                         f"available, the container uses {spec.memory_bytes / 1e6:.0f} MB")
     return problems
+
+
+def ports_taken(spec: pb.ContainerSpec, users: dict[tuple[str, int], str],
+                listening: set[tuple[str, int]]) -> list[str]:
+    """The host ports SPEC publishes that a running container (USERS) or a process of this
+    node (LISTENING) already holds, as "PORT/PROTO (used by WHO)"."""
+    taken = []
+    for binding in spec.ports:
+        if not binding.host_port.isdigit():  # none: the engine picks a free one
+            continue
+        key = ((binding.container_port.split("/") + ["tcp"])[1], int(binding.host_port))
+        who = users.get(key) or ("a process of this node" if key in listening else "")
+        if who:
+            taken.append(f"{key[1]}/{key[0]} (used by {who})")
+    return taken
 
 
 def _version(text: str) -> tuple[int, ...]:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -63,6 +64,16 @@ def refuse_new_connections(netns: Path, refuse: bool) -> None:
         present = iptables("-C", *REFUSE_RULE)
     if not refuse and present:
         raise RuntimeFailure(f"could not make {netns} take new connections again")
+
+
+def host_listeners() -> set[tuple[str, int]]:
+    """(protocol, port) of every TCP socket listening and UDP socket bound in this node's
+    network namespace: what a container publishing that port would collide with."""
+    found = set()
+    for conn in psutil.net_connections(kind="inet"):
+        if conn.laddr and (conn.type == socket.SOCK_DGRAM or conn.status == psutil.CONN_LISTEN):
+            found.add(("udp" if conn.type == socket.SOCK_DGRAM else "tcp", conn.laddr.port))
+    return found
 
 
 def _alive(pid: int) -> bool:
@@ -570,6 +581,16 @@ class DockerRuntime:
                     f"(status {state.get('Status')}, exit code {state.get('ExitCode')}, "
                     f"error {state.get('Error') or '-'})")
             time.sleep(0.1)
+
+    def port_users(self) -> dict[tuple[str, int], str]:
+        """(protocol, host port) -> name of the running container publishing it."""
+        users = {}
+        for c in self._call("list containers", self.api.containers):
+            for port in c.get("Ports") or []:
+                if port.get("PublicPort"):
+                    users[(port.get("Type", "tcp"), int(port["PublicPort"]))] = \
+                        (c.get("Names") or ["?"])[0].lstrip("/")
+        return users
 
     def running(self, container: str, settle: float = 10.0) -> bool:
         """Whether CONTAINER runs. Right after a checkpoint that stopped it, the engine still
