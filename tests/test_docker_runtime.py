@@ -8,6 +8,9 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
+from agent.errors import RuntimeFailure
 from agent.runtime import docker as docker_runtime
 from agent.runtime.docker import DockerRuntime
 
@@ -142,3 +145,14 @@ def test_a_container_whose_process_is_gone_is_not_believed_running() -> None:
     assert Exiting().running(CID) is False
     alive = _Engine({"Id": CID, "State": {"Running": True, "Pid": os.getpid()}})
     assert alive.running(CID) is True
+
+
+def test_a_restarting_container_is_not_running_and_a_gone_process_is_not_waited_forever(
+        ) -> None:
+    """Restarting: no process now. A process gone while the engine still says "running" past
+    the settle time is neither answer: the caller retries (RuntimeFailure)."""
+    restarting = _Engine({"Id": CID, "State": {"Running": True, "Restarting": True, "Pid": 0}})
+    assert restarting.running(CID) is False
+    stuck = _Engine({"Id": CID, "State": {"Running": True, "Pid": 0}})
+    with pytest.raises(RuntimeFailure, match="process 0 is gone"):
+        stuck.running(CID, settle=0.1)

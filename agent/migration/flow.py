@@ -231,6 +231,7 @@ class Migration:
             with self.report.phase(pb.PRE_COPY):
                 bases = self.pre_copy(spec)
                 flush_writes()
+                self.check_ports_free(spec)
             pages = self.open_page_server(spec)
             lazy = pages is not None and pages.lazy
             self.step(j.FROZEN)
@@ -331,13 +332,21 @@ class Migration:
                 f"({existing['Id'][:12]}); remove or rename it first")
         for vol in spec.volumes:
             self.check_volume_free(vol)
-        taken = ports_taken(spec, self.runtime.port_users(), host_listeners())
+        self.check_ports_free(spec)
+        return spec
+
+    def check_ports_free(self, spec: pb.ContainerSpec) -> None:
+        """The host ports the container publishes must be free here, or its restore fails,
+        after the freeze. Asked at the request and again before the freeze (pre-copy takes
+        time); containers other migrations created here count as already started."""
+        others = [e.data["new_container"] for e in self.journal.in_flight(j.DESTINATION)
+                  if e.id != self.migration_id and e.data.get("new_container")]
+        taken = ports_taken(spec, self.runtime.port_users(others), host_listeners())
         if taken:
             self.metrics.preflight.labels("ports").inc()
             raise FailedPrecondition(
                 f"{self.node} already uses host port {', '.join(taken)}: the container could "
-                "not publish it here (its restore would fail after the freeze); free it first")
-        return spec
+                "not publish it here; free it first")
 
     def existing_container(self, name: str) -> dict | None:
         try:
@@ -859,19 +868,32 @@ def preflight_problems(source: pb.NodeInfo, here: pb.NodeInfo,
     return problems
 
 
-def ports_taken(spec: pb.ContainerSpec, users: dict[tuple[str, int], str],
-                listening: set[tuple[str, int]]) -> list[str]:
-    """The host ports SPEC publishes that a running container (USERS) or a process of this
-    node (LISTENING) already holds, as "PORT/PROTO (used by WHO)"."""
+def ports_taken(spec: pb.ContainerSpec, users: dict[tuple[str, str, int], str],
+                listening: set[tuple[str, str, int]]) -> list[str]:
+    """The host ports SPEC publishes that a container (USERS) or a process of this node
+    (LISTENING) already holds on an overlapping address, as "PORT/PROTO (used by WHO)"."""
     taken = []
     for binding in spec.ports:
         if not binding.host_port.isdigit():  # none: the engine picks a free one
             continue
-        key = ((binding.container_port.split("/") + ["tcp"])[1], int(binding.host_port))
-        who = users.get(key) or ("a process of this node" if key in listening else "")
+        proto = (binding.container_port.split("/") + ["tcp"])[1]
+        port = int(binding.host_port)
+        who = next((name for (p, address, n), name in users.items()
+                    if (p, n) == (proto, port) and _overlap(address, binding.host_ip)), "")
+        if not who and any((p, n) == (proto, port) and _overlap(address, binding.host_ip)
+                           for p, address, n in listening):
+            who = "a process of this node"
         if who:
-            taken.append(f"{key[1]}/{key[0]} (used by {who})")
+            taken.append(f"{port}/{proto} (used by {who})")
     return taken
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Two bind addresses that would collide: the same, or either one every address."""
+    return a in ANY_ADDRESS or b in ANY_ADDRESS or a == b
+
+
+ANY_ADDRESS = ("", "0.0.0.0", "::")
 
 
 def _version(text: str) -> tuple[int, ...]:

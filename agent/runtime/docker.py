@@ -15,9 +15,10 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,20 +67,40 @@ def refuse_new_connections(netns: Path, refuse: bool) -> None:
         raise RuntimeFailure(f"could not make {netns} take new connections again")
 
 
-def host_listeners() -> set[tuple[str, int]]:
-    """(protocol, port) of every TCP socket listening and UDP socket bound in this node's
-    network namespace: what a container publishing that port would collide with."""
+def host_listeners() -> set[tuple[str, str, int]]:
+    """(protocol, address, port) of every TCP socket listening, and UDP socket bound and not
+    connected, in this node's network namespace: what a container publishing that port would
+    collide with. Read from /proc/net (psutil would walk every process's files for owners
+    this does not need)."""
     found = set()
-    for conn in psutil.net_connections(kind="inet"):
-        if conn.laddr and (conn.type == socket.SOCK_DGRAM or conn.status == psutil.CONN_LISTEN):
-            found.add(("udp" if conn.type == socket.SOCK_DGRAM else "tcp", conn.laddr.port))
+    for proto, table in (("tcp", "tcp"), ("tcp", "tcp6"), ("udp", "udp"), ("udp", "udp6")):
+        try:
+            lines = Path(f"/proc/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, remote, state = fields[1], fields[2], fields[3]
+            if (state != "0A") if proto == "tcp" else not remote.endswith(":0000"):
+                continue  # tcp: not listening (0A); udp: a connected (client) socket
+            address, port = local.split(":")
+            found.add((proto, _proc_address(address), int(port, 16)))
     return found
+
+
+def _proc_address(hexa: str) -> str:
+    """An address as /proc/net prints it: each 32-bit word in the host's byte order."""
+    raw = bytes.fromhex(hexa)
+    if sys.byteorder == "little":
+        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
 
 
 def _alive(pid: int) -> bool:
     """A process that exists and is not a zombie (killed, not yet reaped)."""
     try:
-        return pid > 0 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return pid > 0 and psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE,
+                                                                 psutil.STATUS_DEAD)
     except psutil.Error:
         return False
 
@@ -582,27 +603,41 @@ class DockerRuntime:
                     f"error {state.get('Error') or '-'})")
             time.sleep(0.1)
 
-    def port_users(self) -> dict[tuple[str, int], str]:
-        """(protocol, host port) -> name of the running container publishing it."""
+    def port_users(self, created: Iterable[str] = ()) -> dict[tuple[str, str, int], str]:
+        """(protocol, host address, host port) -> the name of the container publishing it:
+        every running one, and CREATED (containers made for migrations not restored yet)."""
         users = {}
         for c in self._call("list containers", self.api.containers):
             for port in c.get("Ports") or []:
                 if port.get("PublicPort"):
-                    users[(port.get("Type", "tcp"), int(port["PublicPort"]))] = \
-                        (c.get("Names") or ["?"])[0].lstrip("/")
+                    users[(port.get("Type", "tcp"), port.get("IP", ""),
+                           int(port["PublicPort"]))] = (c.get("Names") or ["?"])[0].lstrip("/")
+        for cid in created:
+            try:
+                info = self.inspect(cid)
+            except NotFound:
+                continue
+            for port, bindings in (info["HostConfig"].get("PortBindings") or {}).items():
+                for b in bindings or []:
+                    if str(b.get("HostPort", "")).isdigit():
+                        users[((port.split("/") + ["tcp"])[1], b.get("HostIp", ""),
+                               int(b["HostPort"]))] = info["Name"].lstrip("/")
         return users
 
     def running(self, container: str, settle: float = 10.0) -> bool:
         """Whether CONTAINER runs. Right after a checkpoint that stopped it, the engine still
         says "running" until it has handled the exit (0.2 s measured): a process that is gone
-        is waited out for up to SETTLE seconds, not believed."""
+        is waited out for up to SETTLE seconds, not believed (RuntimeFailure after that)."""
         deadline = time.monotonic() + settle
         while True:
             state = self.inspect(container)["State"]
-            if not state.get("Running"):
-                return False
-            if _alive(state.get("Pid") or 0) or time.monotonic() > deadline:
+            if not state.get("Running") or state.get("Restarting"):
+                return False  # restarting: no process now (it crashed, and may again)
+            if _alive(state.get("Pid") or 0):
                 return True
+            if time.monotonic() > deadline:  # neither answer is safe: the caller retries
+                raise RuntimeFailure(f"the engine says {container[:12]} runs, but its process "
+                                     f"{state.get('Pid')} is gone")
             time.sleep(0.05)
 
     def pause(self, container: str) -> None:
