@@ -25,7 +25,9 @@ from agent.delta import (
     make_signature,
     patch_stream,
 )
-from agent.delta.match import DIRECT_BUDGET, MatchWork
+from agent.delta.checksum import HashThread
+from agent.delta.match import DIRECT_BUDGET, SMALL_GAP_BLOCKS, MatchWork
+from agent.delta.patch import FOLLOW_STEP
 from agent.delta.weak import block_weak, rolling_weak, weak_of
 from agent.delta.wire import CHUNK_MAX, Header, WireWriter
 from agent.errors import DeltaError
@@ -593,6 +595,32 @@ def test_other_blocks_in_place_of_predicted_ones_are_copied_without_searching_on
     assert_linear(work, 512 * 4096)
 
 
+def test_a_small_gap_of_rewritten_pages_is_checked_block_by_block(tmp_path: Path) -> None:
+    """Two or three pages rewritten side by side cost one hash per page, not one per offset
+    (4097 before); a page there that the basis holds elsewhere is still copied."""
+    basis = rand(256 * 4096, 37)
+    new = bytearray(basis)
+    new[40 * 4096 : 42 * 4096] = rand(2 * 4096, 38)  # two pages side by side
+    new[100 * 4096 : 101 * 4096] = rand(4096, 39)  # three: new, basis page 7, new
+    new[101 * 4096 : 102 * 4096] = basis[7 * 4096 : 8 * 4096]
+    new[102 * 4096 : 103 * 4096] = rand(4096, 40)
+    stats, work = counted_delta(tmp_path, basis, bytes(new))
+    assert stats.literal_bytes == 4 * 4096
+    assert work.search_hashes <= 5
+    assert_linear(work, len(new))
+
+
+def test_a_moved_block_inside_a_larger_gap_is_still_found_off_the_grid(tmp_path: Path) -> None:
+    """Past SMALL_GAP_BLOCKS the gap is searched at every offset, as before."""
+    basis = rand(256 * 4096, 41)
+    new = bytearray(basis)
+    gap = rand((SMALL_GAP_BLOCKS + 1) * 4096, 42)
+    moved = basis[200 * 4096 : 201 * 4096]
+    new[50 * 4096 : 50 * 4096 + len(gap)] = gap[:100] + moved + gap[100 + 4096 :]
+    stats, _ = counted_delta(tmp_path, basis, bytes(new))
+    assert stats.literal_bytes == len(gap) - 4096
+
+
 # -- a command that starts fast -----------------------------------------------------------------
 
 _LOADED = """
@@ -644,7 +672,7 @@ def test_console_script_is_the_rdiff_like_command(tmp_path: Path) -> None:
     from agent.delta.__main__ import main
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["migctl-delta"] == "agent.delta.__main__:main"
+    assert scripts["migctl-delta"] == "agent.delta.__main__:run"
     (tmp_path / "basis").write_bytes(rand(50 * KIB, 42))
     (tmp_path / "new").write_bytes(rand(50 * KIB, 42) + b"more")
     assert main(["signature", "-b", "1024", str(tmp_path / "basis"), str(tmp_path / "sig")]) == 0
@@ -704,3 +732,50 @@ def test_matched_runs_are_copied_by_the_kernel_with_a_buffered_fallback(
     monkeypatch.setattr(os, "copy_file_range", unsupported)
     patch_stream(tmp_path / "basis", chunks, tmp_path / "out2")
     assert (tmp_path / "out2").read_bytes() == new
+
+
+def test_the_result_is_hashed_as_read_back_so_a_bad_kernel_copy_is_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The proof is the output file as written, not the pieces meant to be written: a copy
+    that puts the wrong bytes in place fails the patch, and nothing replaces OUT."""
+    basis = rand(6 * 1024 * KIB, 52)
+    new = basis[:9000] + b"edit" + basis[9000:]
+    chunks = delta_chunks(tmp_path, basis, new)
+    real = os.copy_file_range
+
+    def sloppy(src: int, dst: int, count: int, offset_src: int, offset_dst: int) -> int:
+        done = real(src, dst, count, offset_src, offset_dst)
+        if offset_dst <= 5 * 1024 * KIB < offset_dst + done:
+            os.pwrite(dst, b"\0", 5 * 1024 * KIB)  # one byte the basis does not have there
+        return done
+
+    monkeypatch.setattr(os, "copy_file_range", sloppy)
+    (tmp_path / "out").write_bytes(b"old")
+    with pytest.raises(DeltaError, match="checksum"):
+        patch_stream(tmp_path / "basis", chunks, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["basis", "new", "out"]
+
+
+def test_the_result_is_hashed_while_it_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hashing thread follows the writer in pieces, not in one pass at the end."""
+    basis = rand(24 * 1024 * KIB, 53)
+    new = bytearray(basis[:100] + b"inserted" + basis[100:])
+    new[12 * 1024 * KIB : 12 * 1024 * KIB + 4096] = rand(4096, 54)
+    chunks = delta_chunks(tmp_path, basis, bytes(new))
+    handed: list[tuple[int, int]] = []
+    real = HashThread.add_range
+
+    def recording(self: HashThread, start: int, stop: int) -> None:
+        handed.append((start, stop))
+        real(self, start, stop)
+
+    monkeypatch.setattr(HashThread, "add_range", recording)
+    patch_stream(tmp_path / "basis", chunks, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == new
+    assert len(handed) >= len(new) // FOLLOW_STEP
+    assert [a for a, _ in handed[1:]] == [b for _, b in handed[:-1]]  # contiguous, in order
+    assert handed[0][0] == 0 and handed[-1][1] == len(new)

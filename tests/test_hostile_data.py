@@ -342,3 +342,16 @@ def test_fetch_delta_refuses_a_delta_of_another_length(tmp_path: Path) -> None:
         fetch_delta(peer, "m1", "f", None, Signature.empty(), dest,  # type: ignore[arg-type]
                     442, 5.0)
     assert peer.timeouts == [5.0] and list(dest.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("announced", [64 << 30, 1 << 62])
+def test_delta_announcing_a_huge_length_fails_and_leaves_nothing(
+    tmp_path: Path, announced: int
+) -> None:
+    """Without a length to check against (the command's use), a header promising more than
+    any disk (or any mapping) holds costs this side a few hundred bytes of output, then a
+    clear error, and no file."""
+    with pytest.raises(DeltaError, match=f"rebuilt file has 400 bytes but the delta promised "
+                                         f"{announced}"):
+        patch_stream(None, tiny_delta_announcing(announced), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

@@ -14,6 +14,7 @@ few tens of milliseconds.
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import os
 import sys
@@ -124,5 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The command's entry: a short-lived process that keeps no cycles needs neither the
+    cyclic collector (~3 % of a delta's time) nor the interpreter's teardown (~10 ms)."""
+    gc.disable()
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # a closed pipe: what could be said is lost either way
+        code = code or 2
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

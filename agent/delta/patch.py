@@ -7,8 +7,9 @@ removes the temporary file, so a reader of ``out_path`` sees either the old file
 complete new one.
 
 Runs of matched blocks are copied by the kernel (``copy_file_range``: a reflink on filesystems
-that share extents), so rebuilding a file that barely changed costs about what ``cp`` does;
-only hashing the result, read back once at the end, goes through user space.
+that share extents), so rebuilding a file that barely changed costs about what ``cp`` does.
+The result is read back and hashed on another thread as it is written (xxhash releases the
+GIL, so on a second core), a few MiB behind the writer.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import mmap
 import os
 from collections.abc import Iterable
 
-from agent.delta.checksum import hash_mapped
+from agent.delta.checksum import HashThread, hash_mapped
 from agent.delta.signature import EMPTY_HASH
 from agent.delta.stats import DeltaStats
 from agent.delta.wire import Copy, End, Header, Literal, WireReader
 from agent.errors import DeltaError
 
-_WRITE_STEP = 8 << 20
+FOLLOW_STEP = 4 << 20
+"""The result is written, and handed to the hashing thread, in pieces of about this much."""
 _NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
 
 
@@ -49,6 +51,9 @@ class _Rebuild:
         self.blocks = -(-self.size // header.block_size)
         self.written = 0
         self.deferred = 0  # lazy mode: a prefix identical to the basis, not copied yet
+        self.hashed = 0  # output bytes handed to the follower
+        self.out_mm: mmap.mmap | None = None
+        self.follower: HashThread | None = None
         self.use_copy_file_range = hasattr(os, "copy_file_range")
         if not lazy:
             self.open_output()
@@ -57,12 +62,34 @@ class _Rebuild:
         if self.out_fd < 0:
             self.out_fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
             _preallocate(self.out_fd, self.header.new_length)
+            self._start_follower()
             if self.deferred:
                 self._copy_range(0, 0, self.deferred)
                 self.deferred = 0
         return self.out_fd
 
+    def _start_follower(self) -> None:
+        """Map the output at its announced length (only bytes already written are ever read);
+        a length no mapping can hold (a hostile header) leaves the hash to the end."""
+        try:
+            self.out_mm = mmap.mmap(self.out_fd, self.header.new_length, prot=mmap.PROT_READ)
+        except (OSError, OverflowError, ValueError):
+            return
+        self.follower = HashThread(self.out_mm)
+
+    def _follow(self, upto: int, final: bool = False) -> None:
+        """Hand the output up to ``upto`` (all written) to the hashing thread."""
+        if self.follower is not None and (
+            upto - self.hashed >= FOLLOW_STEP or (final and upto > self.hashed)
+        ):
+            self.follower.add_range(self.hashed, upto)
+            self.hashed = upto
+
     def close(self) -> None:
+        if self.follower is not None:
+            self.follower.finish()
+        if self.out_mm is not None:
+            self.out_mm.close()
         if self.out_fd >= 0:
             os.close(self.out_fd)
             self.out_fd = -1
@@ -96,6 +123,7 @@ class _Rebuild:
         while done < len(data):
             done += os.pwrite(out, data[done:], self.written + done)
         self.written += len(data)
+        self._follow(self.written)
         return len(data)
 
     def _check_room(self, length: int) -> None:
@@ -110,15 +138,19 @@ class _Rebuild:
         return self.out_fd < 0 and self.deferred == self.written == self.size
 
     def digest(self) -> bytes:
-        """The result's hash, read back once it is complete: the basis itself when that is
-        the result. Hashing alongside the copies cost more than this pass: xxhash holds the
-        GIL (page faults included) while the kernel copies wait for it between calls."""
-        fd = self.basis_fd if self.identity() else self.open_output()
+        """The result's hash, as read back from the output (the basis itself when that is
+        the result and nothing was written)."""
         if not self.written:
             return EMPTY_HASH
-        assert fd is not None
-        with mmap.mmap(fd, self.written, prot=mmap.PROT_READ) as mm:
-            return hash_mapped(mm).digest()
+        if self.identity():
+            assert self.mm is not None
+            return hash_mapped(self.mm).digest()
+        fd = self.open_output()
+        if self.follower is None:
+            with mmap.mmap(fd, self.written, prot=mmap.PROT_READ) as mm:
+                return hash_mapped(mm).digest()
+        self._follow(self.written, final=True)
+        return self.follower.digest()
 
     def _copy_range(self, start: int, dst: int, length: int, out: int = -1) -> None:
         """Copy basis bytes into the output in the kernel (a reflink where the filesystem
@@ -128,8 +160,8 @@ class _Rebuild:
         out = self.out_fd if out < 0 else out
         src, left = start, length
         while left and self.use_copy_file_range:
-            try:
-                done = os.copy_file_range(self.basis_fd, out, left, src, dst)
+            try:  # in pieces the hashing thread can follow
+                done = os.copy_file_range(self.basis_fd, out, min(left, FOLLOW_STEP), src, dst)
             except OSError as exc:
                 if exc.errno not in _NO_COPY_FILE_RANGE:
                     raise
@@ -138,9 +170,11 @@ class _Rebuild:
             if done == 0:
                 raise DeltaError("basis file shrank while the delta was being applied")
             src, dst, left = src + done, dst + done, left - done
+            self._follow(dst)
         while left:
-            done = os.pwrite(out, self.view[src : src + min(left, _WRITE_STEP)], dst)
+            done = os.pwrite(out, self.view[src : src + min(left, FOLLOW_STEP)], dst)
             src, dst, left = src + done, dst + done, left - done
+            self._follow(dst)
 
 
 def patch_stream(
