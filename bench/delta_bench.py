@@ -30,9 +30,10 @@ kind of bench/delta_data.py (random, and content that is repetitive or crafted s
 collide) with the same edit as "changed", plus "colliding-sig": the random pair with a signature
 whose weak sums a hostile receiver set all to one value.  In each of --repeat rounds, per row
 and one after the other on a destination freshly copied from the basis (``sync`` before every
-timed step): ``rsync --no-whole-file -I --stats -B 4096 NEW DEST``; then ``python -m
-agent.delta delta SIG NEW DELTA`` and ``... patch DEST DELTA DEST`` (what the migctl-delta
-console script runs; bytecode cached, as when installed); then rdiff's ``delta`` and ``patch``
+timed step): ``rsync --no-whole-file -I --stats -B 4096 NEW DEST``; then ``migctl-delta
+delta SIG NEW DELTA`` and ``migctl-delta patch DEST DELTA DEST`` (the console script the venv
+installed, run on this worktree's code, bytecode cached; ``python -m agent.delta`` where no
+script is installed); then rdiff's ``delta`` and ``patch``
 into a new file renamed over DEST (rdiff cannot patch in place), if rdiff is installed.  Both
 signatures are made before the timed steps (the engine's before the container freezes).
 Reported: medians of the rounds; delta+patch against rsync's wall time and bytes sent, each row
@@ -288,7 +289,8 @@ def socket_throughput(total: int, msg: int = MIB) -> float:
 # -- processes: the commands as a user runs them ---------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINE = [sys.executable, "-m", "agent.delta"]
+_SCRIPT = Path(sys.executable).with_name("migctl-delta")
+ENGINE = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "agent.delta"]
 GNU_TIME = "/usr/bin/time" if os.path.exists("/usr/bin/time") else None
 PROCESS_ROWS = (*KINDS, "colliding-sig")
 """``colliding-sig``: the random pair, with a signature whose weak sums a hostile receiver

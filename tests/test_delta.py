@@ -29,7 +29,7 @@ from agent.delta.checksum import HashThread
 from agent.delta.match import DIRECT_BUDGET, SMALL_GAP_BLOCKS, MatchWork
 from agent.delta.patch import FOLLOW_STEP
 from agent.delta.weak import block_weak, rolling_weak, weak_of
-from agent.delta.wire import CHUNK_MAX, Header, WireWriter
+from agent.delta.wire import CHUNK_MAX, LITERAL_MAX, Header, WireWriter, _varint
 from agent.errors import DeltaError
 from bench.delta_data import KINDS, basis_of, colliding_signature, edited
 
@@ -434,6 +434,10 @@ def test_well_formed_but_inconsistent_deltas_are_rejected(tmp_path: Path) -> Non
         ("truncated", 4096, [("copy", 0, 1)]),
         ("wrong length", 4096, [("literal_frame", 4096, zstandard.compress(b"x" * 4095))]),
         ("not a zstd frame", 4096, [("literal_frame", 4096, b"junk" * 100)]),
+        ("impossible length", 4096, [("_add", b"R\x00")]),
+        ("impossible length", 4096, [("_add", b"R" + _varint(LITERAL_MAX + 1))]),
+        ("past the 100 bytes", 100, [("_add", b"R" + _varint(200) + b"x" * 200)]),
+        ("truncated", 4096, [("_add", b"R" + _varint(4096) + b"x" * 10)]),
     ]
     for message, length, tokens in cases:
         with pytest.raises(DeltaError, match=message):
@@ -627,7 +631,7 @@ _LOADED = """
 import sys
 from agent.delta.__main__ import main
 code = main(sys.argv[1:])
-print(code, *(name for name in ("grpc", "docker", "numpy") if name in sys.modules))
+print(code, *(name for name in ("grpc", "docker", "numpy", "zstandard") if name in sys.modules))
 """
 
 
@@ -652,8 +656,16 @@ def test_command_loads_no_grpc_or_docker_and_numpy_only_where_needed(tmp_path: P
     (tmp_path / "basis").write_bytes(basis)
     (tmp_path / "new").write_bytes(new)
     assert loaded_by("signature", tmp_path / "basis", tmp_path / "sig") == ["0", "numpy"]
-    assert loaded_by("delta", tmp_path / "sig", tmp_path / "new", tmp_path / "delta") == ["0"]
+    delta = ("delta", tmp_path / "sig", tmp_path / "new", tmp_path / "delta")
+    assert loaded_by(*delta) == ["0", "zstandard"]
+    # Random edits go out STORED: nothing to decompress, zstandard stays unloaded
     assert loaded_by("patch", tmp_path / "basis", tmp_path / "delta", tmp_path / "out") == ["0"]
+    assert (tmp_path / "out").read_bytes() == new
+    new[500_000:500_000] = b"compressible " * 200
+    (tmp_path / "new").write_bytes(new)
+    assert loaded_by(*delta) == ["0", "zstandard"]
+    assert loaded_by("patch", tmp_path / "basis", tmp_path / "delta", tmp_path / "out") == [
+        "0", "zstandard"]
     assert (tmp_path / "out").read_bytes() == new
 
 
@@ -779,3 +791,16 @@ def test_the_result_is_hashed_while_it_is_written(
     assert len(handed) >= len(new) // FOLLOW_STEP
     assert [a for a, _ in handed[1:]] == [b for _, b in handed[:-1]]  # contiguous, in order
     assert handed[0][0] == 0 and handed[-1][1] == len(new)
+
+
+def test_incompressible_literals_go_stored_and_compressible_ones_compressed(
+    tmp_path: Path,
+) -> None:
+    basis = rand(64 * KIB, 55)
+    noise, text = rand(3000, 56), b"compressible " * 300
+    new = basis[:8192] + noise + basis[8192:40_000] + text + basis[40_000:]
+    stream = b"".join(delta_chunks(tmp_path, basis, new))
+    assert b"R" + _varint(len(noise)) + noise in stream  # as is, no frame around it
+    assert text not in stream  # compressed
+    patch_stream(tmp_path / "basis", [stream], tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == new

@@ -6,12 +6,17 @@ Layout, all integers little-endian, ``varint`` = unsigned LEB128::
              u64 new_length                                  (repeated, and checked, in END)
     COPY     b"C" varint first_block varint block_count     run of consecutive basis blocks
     LITERAL  b"L" varint raw_length varint zstd_length zstd_frame
+    STORED   b"R" varint raw_length raw_bytes               a literal zstd could not shrink
     END      b"E" u64 new_length 16s new_hash (xxh3_128)    must be the last byte of the stream
 
 The stream is cut into chunks on token boundaries (<= 1 MiB each, ~256 KiB typical) so each
 chunk fits one gRPC message, but the decoder treats the chunks as one byte stream and does not
 depend on where they were cut.  Every length is bounded before anything is allocated, so a
 corrupted or hostile stream costs at most ~1 MiB and ends in :class:`DeltaError`.
+
+Incompressible literals (random data, encrypted or already compressed pages) go out STORED:
+no frame overhead, nothing to decompress, and a receiver that meets no compressed literal
+never loads zstandard (~10 ms of a patch command's start-up).
 """
 
 from __future__ import annotations
@@ -20,17 +25,17 @@ import struct
 from collections import namedtuple
 from collections.abc import Iterable, Iterator
 
-import zstandard
-
 from agent.errors import DeltaError
 
 MAGIC = b"MGDL"
-VERSION = 1
+VERSION = 2
+"""2: STORED literals."""
 HEADER = struct.Struct("<4sBBIQ16sQ")
 END = struct.Struct("<Q16s")
 
 TAG_COPY = 0x43
 TAG_LITERAL = 0x4C
+TAG_STORED = 0x52
 TAG_END = 0x45
 
 CHUNK_TARGET = 256 << 10
@@ -71,6 +76,8 @@ class WireWriter:
         self._parts: list[bytes] = []
         self._size = 0
         self._ready: list[bytes] = []
+        import zstandard
+
         self._zstd = zstandard.ZstdCompressor(level=level, write_checksum=False)
         self.wire_bytes = 0
         self._add(HEADER.pack(MAGIC, VERSION, 0, *header))
@@ -83,7 +90,10 @@ class WireWriter:
         if len(raw) > LITERAL_MAX:
             raise ValueError("literal too large for one token")
         frame = self._zstd.compress(raw)
-        self.literal_frame(len(raw), frame)
+        if len(frame) < len(raw):
+            self.literal_frame(len(raw), frame)
+        else:
+            self._add(bytes([TAG_STORED]) + _varint(len(raw)), bytes(raw))
 
     def literal_frame(self, raw_length: int, frame: bytes) -> None:
         """Append a literal compressed elsewhere (e.g. by a worker thread)."""
@@ -182,7 +192,7 @@ class WireReader:
 
     def __init__(self, chunks: Iterable[bytes]) -> None:
         self._stream = _ByteStream(chunks)
-        self._zstd = zstandard.ZstdDecompressor()
+        self._zstd = None  # loaded with the first compressed literal
         raw = self._stream.read(HEADER.size)
         magic, version, flags, block_size, basis_length, basis_hash, new_length = HEADER.unpack(raw)
         if magic != MAGIC:
@@ -209,6 +219,11 @@ class WireReader:
                 yield Copy(index, count)
             elif tag == TAG_LITERAL:
                 yield Literal(self._literal())
+            elif tag == TAG_STORED:
+                raw_length = stream.varint()
+                if not 0 < raw_length <= LITERAL_MAX:
+                    raise DeltaError("delta literal has an impossible length")
+                yield Literal(bytes(stream.read(raw_length)))
             elif tag == TAG_END:
                 length, digest = END.unpack(stream.read(END.size))
                 if not stream.at_end():
@@ -225,6 +240,10 @@ class WireReader:
         if not 0 < raw_length <= LITERAL_MAX or not 0 < frame_length <= CHUNK_MAX:
             raise DeltaError("delta literal has an impossible length")
         frame = stream.read(frame_length)
+        import zstandard
+
+        if self._zstd is None:
+            self._zstd = zstandard.ZstdDecompressor()
         try:
             declared = zstandard.frame_content_size(frame)
         except zstandard.ZstdError as exc:
