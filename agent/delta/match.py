@@ -38,7 +38,6 @@ from agent.delta.checksum import (
     EMPTY_HASH,
     STRONG_SIZE,
     HashThread,
-    hash_in_background,
     hash_mapped,
     release,
     strong_digest,
@@ -159,7 +158,8 @@ class _Matcher:
         self.run_count = 0
         self.lit_start = 0  # pending literal [lit_start, lit_end)
         self.lit_end = 0
-        self.released = 0
+        self.released = 0  # pages before this are dropped (or handed to the hasher)
+        self.hasher: HashThread | None = None  # the whole-file hash, trailing the cursor
         self.no_roll_until = 0  # no rolling probe before this offset (backing off)
         self.skip = SKIP_MIN
         self.batch = BATCH_BLOCKS  # the aligned start is a prediction like any other
@@ -202,9 +202,15 @@ class _Matcher:
         self.lit_start = end
 
     def release_behind(self, pos: int) -> None:
+        """Drop the pages behind the cursor: through the whole-file hash, which trails the
+        cursor on another core and so finds them still mapped (had it read ahead, each page
+        would be faulted in and dropped twice)."""
         upto = min(pos, self.lit_start) if self.lit_end > self.lit_start else pos
         if upto - self.released >= (4 << 20):
-            release(self.mm, self.released, upto)
+            if self.hasher is None:
+                release(self.mm, self.released, upto)
+            else:
+                self.hasher.add_range(self.released, upto)
             self.released = upto
 
     # -- search -------------------------------------------------------------------------
@@ -295,7 +301,6 @@ class _Matcher:
 
     def run(self) -> Iterator[bytes]:
         sig, n, writer = self.sig, self.size, self.writer
-        hasher_thread: HashThread | None = None
         if n == sig.basis_length and self._ends_match():
             digest = hash_mapped(self.mm).digest()
             if digest == sig.basis_hash:
@@ -305,16 +310,17 @@ class _Matcher:
                 yield from writer.drain()
                 return
         else:
-            hasher_thread = hash_in_background(self.mm)
+            self.hasher = HashThread(self.mm)
         try:
             yield from self._walk()
+            self.flush_run()
+            self.flush_literal()
+            if self.hasher is not None:
+                self.hasher.add_range(self.released, n)
+                digest = self.hasher.digest()
         finally:
-            if hasher_thread is not None:
-                hasher_thread.finish()
-        if hasher_thread is not None:
-            digest = hasher_thread.digest()
-        self.flush_run()
-        self.flush_literal()
+            if self.hasher is not None:
+                self.hasher.finish()
         writer.end(n, digest)
         yield from writer.drain()
 
