@@ -8,6 +8,8 @@ Strategy, cheapest first:
    of predicted blocks is strong-hashed and compared with the signature's bytes at once.
    In-place page changes and long shifted regions cost only this.
 3. Search, only where prediction failed: find the first offset whose block is in the basis.
+   A gap of at most ``SMALL_GAP_BLOCKS`` between two runs on one grid (pages rewritten in
+   place) is only checked block by block.
    Each candidate offset costs one strong hash and one dict lookup, because the index keeps one
    entry per distinct block (equal blocks collapse).  The first searches hash every offset
    directly; past ``DIRECT_BUDGET`` offsets, weak sums at every offset of a window (numpy
