@@ -26,7 +26,13 @@ from agent.dataplane.image import config_of, iter_layer
 from agent.dataplane.pages import netns_prefix, stop_lazy_leftovers
 from agent.dataplane.rootfs import snapshot_layer
 from agent.dataplane.staging import Staging, valid_migration_id
-from agent.delta import DEFAULT_BLOCK_SIZE, Signature, delta_stream, signature_block_cap
+from agent.delta import (
+    DEFAULT_BLOCK_SIZE,
+    Signature,
+    agreed_format,
+    delta_stream,
+    signature_block_cap,
+)
 from agent.errors import InvalidArgument, MigctlError, NotFound, PermissionDenied, Unavailable
 from agent.metrics import Metrics
 from agent.migration import journal as j
@@ -451,7 +457,8 @@ class AgentService(rpc.AgentServicer):
         upper = self.runtime.upper_dir(entry.container)
         yield from final.serve(self.source.final_items(entry, upper),
                                self.source.offers(entry.id),
-                               touch=lambda: self.source.touch(entry.id))
+                               touch=lambda: self.source.touch(entry.id),
+                               delta_format=agreed_format(request.delta_format))
 
     @handler
     def PageTunnel(self, request_iterator: Iterator[pb.PageBytes], context: Any
@@ -511,7 +518,8 @@ class AgentService(rpc.AgentServicer):
         signature = Signature.from_chunks(
             (r.signature for r in request_iterator),
             max_blocks=signature_block_cap(path.stat().st_size, DEFAULT_BLOCK_SIZE))
-        for data in delta_stream(signature, path):
+        for data in delta_stream(signature, path,
+                                 delta_format=agreed_format(first.delta_format)):
             self.source.touch(mid)
             yield pb.Chunk(data=data)
 

@@ -427,10 +427,12 @@ class OfferReply(_message.Message):
     def __init__(self, accepted: _Optional[int] = ...) -> None: ...
 
 class FinalSyncRequest(_message.Message):
-    __slots__ = ("migration_id",)
+    __slots__ = ("migration_id", "delta_format")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FORMAT_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
-    def __init__(self, migration_id: _Optional[str] = ...) -> None: ...
+    delta_format: int
+    def __init__(self, migration_id: _Optional[str] = ..., delta_format: _Optional[int] = ...) -> None: ...
 
 class FinalChunk(_message.Message):
     __slots__ = ("item", "data")
@@ -507,12 +509,14 @@ class FileRef(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
 
 class DeltaRequest(_message.Message):
-    __slots__ = ("target", "signature")
+    __slots__ = ("target", "signature", "delta_format")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FORMAT_FIELD_NUMBER: _ClassVar[int]
     target: FileRef
     signature: bytes
-    def __init__(self, target: _Optional[_Union[FileRef, _Mapping]] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    delta_format: int
+    def __init__(self, target: _Optional[_Union[FileRef, _Mapping]] = ..., signature: _Optional[bytes] = ..., delta_format: _Optional[int] = ...) -> None: ...
 
 class HoldBeat(_message.Message):
     __slots__ = ("migration_id",)

@@ -8,18 +8,23 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+import xxhash
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import agent.delta.match as match_module
+import agent.delta.patch as patch_module
 from agent.delta import (
+    DELTA_FORMAT,
     DeltaStats,
     Signature,
+    agreed_format,
     delta_stream,
     local_delta,
     make_signature,
@@ -267,6 +272,7 @@ def test_abandoned_delta_generator_cleans_up(tmp_path: Path) -> None:
     stream = delta_stream(make_signature(tmp_path / "basis"), tmp_path / "new")
     next(stream)
     stream.close()
+    assert not [t for t in threading.enumerate() if t.name == "delta-hash"]
 
 
 # -- checksums and signatures -------------------------------------------------------------------
@@ -746,11 +752,15 @@ def test_matched_runs_are_copied_by_the_kernel_with_a_buffered_fallback(
     assert (tmp_path / "out2").read_bytes() == new
 
 
+@pytest.mark.parametrize("follow", [True, False], ids=["while-written", "at-the-end"])
 def test_the_result_is_hashed_as_read_back_so_a_bad_kernel_copy_is_caught(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, follow: bool
 ) -> None:
     """The proof is the output file as written, not the pieces meant to be written: a copy
-    that puts the wrong bytes in place fails the patch, and nothing replaces OUT."""
+    that puts the wrong bytes in place fails the patch, and nothing replaces OUT (whether the
+    result is hashed as it is written, or at the end when it cannot be mapped)."""
+    if not follow:
+        monkeypatch.setattr(patch_module._Rebuild, "_start_follower", lambda self: None)
     basis = rand(6 * 1024 * KIB, 52)
     new = basis[:9000] + b"edit" + basis[9000:]
     chunks = delta_chunks(tmp_path, basis, new)
@@ -782,6 +792,7 @@ def test_the_result_is_hashed_while_it_is_written(
     real = HashThread.add_range
 
     def recording(self: HashThread, start: int, stop: int) -> None:
+        assert self._mm is not None and self._mm[start:stop] == new[start:stop]  # written
         handed.append((start, stop))
         real(self, start, stop)
 
@@ -804,3 +815,74 @@ def test_incompressible_literals_go_stored_and_compressible_ones_compressed(
     assert text not in stream  # compressed
     patch_stream(tmp_path / "basis", [stream], tmp_path / "out")
     assert (tmp_path / "out").read_bytes() == new
+
+
+def test_an_in_place_patch_hashes_a_long_unchanged_prefix_once_it_differs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In place, the output is opened only at the first difference: the prefix copied then
+    (longer than one hashing piece here) is hashed like the rest."""
+    basis = rand(3 * FOLLOW_STEP, 57)
+    new = bytearray(basis)
+    new[2 * FOLLOW_STEP + 5000 : 2 * FOLLOW_STEP + 9096] = rand(4096, 58)
+    chunks = delta_chunks(tmp_path, basis, bytes(new))
+    handed: list[tuple[int, int]] = []
+    real = HashThread.add_range
+
+    def recording(self: HashThread, start: int, stop: int) -> None:
+        assert self._mm is not None and self._mm[start:stop] == new[start:stop]  # written
+        handed.append((start, stop))
+        real(self, start, stop)
+
+    monkeypatch.setattr(HashThread, "add_range", recording)
+    patch_stream(tmp_path / "basis", chunks, tmp_path / "basis")
+    assert (tmp_path / "basis").read_bytes() == new
+    assert handed[0][0] == 0 and handed[-1][1] == len(new)
+    assert [a for a, _ in handed[1:]] == [b for _, b in handed[:-1]]
+
+
+def test_a_hashing_thread_that_cannot_start_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    basis = rand(256 * KIB, 59)
+    chunks = delta_chunks(tmp_path, basis, basis[:1000] + b"x" + basis[1000:])
+
+    def refused(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(HashThread, "start", refused)
+    with pytest.raises(RuntimeError, match="start new thread"):
+        patch_stream(tmp_path / "basis", chunks, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["basis", "new"]
+
+
+# -- delta formats --------------------------------------------------------------------------------
+
+
+def test_a_receiver_of_format_1_gets_format_1_and_every_format_is_read(tmp_path: Path) -> None:
+    """A receiver older than STORED literals asks for nothing (0) and gets format 1, which
+    this side still reads; a peer asking for more than it knows gets the newest."""
+    assert [agreed_format(n) for n in (0, 1, 2, 99)] == [1, 1, 2, DELTA_FORMAT]
+    basis = rand(64 * KIB, 60)
+    noise = rand(3000, 61)
+    new = basis[:8192] + noise + basis[8192:]
+    (tmp_path / "basis").write_bytes(basis)
+    (tmp_path / "new").write_bytes(new)
+    sig = make_signature(tmp_path / "basis")
+    for fmt in (1, 2):
+        stream = b"".join(delta_stream(sig, tmp_path / "new", delta_format=fmt))
+        assert stream[4] == fmt and (b"R" + _varint(len(noise)) + noise in stream) == (fmt == 2)
+        patch_stream(tmp_path / "basis", [stream], tmp_path / f"out{fmt}")
+        assert (tmp_path / f"out{fmt}").read_bytes() == new
+
+
+def test_a_stored_literal_in_a_format_1_stream_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "basis").write_bytes(rand(40_000, 62))
+    sig = make_signature(tmp_path / "basis")
+    header = Header(sig.block_size, sig.basis_length, sig.basis_hash, 4096)
+    writer = WireWriter(header, delta_format=1)
+    writer._add(b"R" + _varint(4096) + b"x" * 4096)
+    writer.end(4096, xxhash.xxh3_128_digest(b"x" * 4096))
+    with pytest.raises(DeltaError, match="unknown token 0x52"):
+        patch_stream(tmp_path / "basis", writer.drain(final=True), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

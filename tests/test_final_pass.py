@@ -46,6 +46,19 @@ def test_every_file_arrives_verified_delta_or_whole(tmp_path: Path, files) -> No
         assert (tmp_path / "out" / rel).read_bytes() == src.read_bytes()
 
 
+@pytest.mark.parametrize("delta_format", [1, 2])
+def test_deltas_go_out_in_the_format_the_destination_reads(
+    tmp_path: Path, files, delta_format: int
+) -> None:
+    offers = {"checkpoints/final/pages-1.img": make_signature(tmp_path / "basis")}
+    stream = list(final.serve(files.items(), offers, delta_format=delta_format))
+    first_data = next(c.data for c in stream if c.WhichOneof("part") == "data")
+    assert first_data[:5] == b"MGDL" + bytes([delta_format])
+    run(tmp_path, stream, {"checkpoints/final/pages-1.img": tmp_path / "basis"})
+    for rel, src in files.items():
+        assert (tmp_path / "out" / rel).read_bytes() == src.read_bytes()
+
+
 def header(path: str, size: int, method: str = "whole", digest: str = "") -> pb.FinalChunk:
     return pb.FinalChunk(item=pb.FinalItem(path=path, size=size, method=method, digest=digest))
 

@@ -9,13 +9,22 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import agent.delta.match as match_module
 import agent.delta.patch as patch_module
 from agent.dataplane import archive
 from agent.dataplane.files import write_stream
 from agent.dataplane.transfer import fetch_delta, fetch_whole
-from agent.delta import Signature, delta_stream, make_signature, patch_stream, signature_block_cap
+from agent.delta import (
+    DELTA_FORMAT,
+    Signature,
+    delta_stream,
+    make_signature,
+    patch_stream,
+    signature_block_cap,
+)
 from agent.delta.signature import EMPTY_HASH, HEADER, MAGIC, VERSION
 from agent.delta.wire import CHUNK_MAX, Header, WireWriter
 from agent.errors import DeltaError, Refused
@@ -314,7 +323,7 @@ class FakePeer:
     def FetchDelta(self, requests: Iterator[pb.DeltaRequest], timeout: float | None = None
                    ) -> Iterator[pb.Chunk]:
         self.timeouts.append(timeout)
-        list(requests)
+        self.requests = list(requests)
         return self._send()
 
 
@@ -342,16 +351,84 @@ def test_fetch_delta_refuses_a_delta_of_another_length(tmp_path: Path) -> None:
         fetch_delta(peer, "m1", "f", None, Signature.empty(), dest,  # type: ignore[arg-type]
                     442, 5.0)
     assert peer.timeouts == [5.0] and list(dest.parent.iterdir()) == []
+    assert peer.requests[0].delta_format == DELTA_FORMAT  # asks for the newest it reads
 
 
 @pytest.mark.parametrize("announced", [64 << 30, 1 << 62])
 def test_delta_announcing_a_huge_length_fails_and_leaves_nothing(
-    tmp_path: Path, announced: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, announced: int
 ) -> None:
     """Without a length to check against (the command's use), a header promising more than
-    any disk (or any mapping) holds costs this side a few hundred bytes of output, then a
-    clear error, and no file."""
+    any mapping holds (or a large one the output is mapped at, to be hashed as written) ends
+    in a clear error and no file.  Preallocation is left out: on a disk with more free space
+    than announced it would reserve it (until the failure), which is another test's matter."""
+    monkeypatch.setattr(patch_module, "_preallocate", lambda fd, n: None)
     with pytest.raises(DeltaError, match=f"rebuilt file has 400 bytes but the delta promised "
                                          f"{announced}"):
         patch_stream(None, tiny_delta_announcing(announced), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- a signature crafted against the sender's block index ----------------------------------------
+
+
+def chaining_heads(m: int, rng: np.random.Generator) -> np.ndarray:
+    """64-bit values that, used as int dict keys (an int hashes to itself), make a dict of
+    2^m slots probe along one long chain on every insert: 60 % fill one stretch of the probe
+    cycle i -> 5i + 1, the rest start elsewhere and perturb their way onto that stretch."""
+    size = 1 << m
+    mask = size - 1
+    filler = np.empty(int(0.6 * size), dtype=np.uint64)
+    c = 0
+    for k in range(len(filler)):
+        filler[k] = c
+        c = (5 * c + 1) & mask
+    taken = np.zeros(size, dtype=bool)
+    taken[filler] = True
+    cand = np.arange(size, 1 << 21, dtype=np.uint64)
+    i, p, ok = cand & np.uint64(mask), cand.copy(), np.ones(len(cand), dtype=bool)
+    ok &= taken[i]
+    while p.any():
+        p >>= np.uint64(5)
+        i = (i * np.uint64(5) + p + np.uint64(1)) & np.uint64(mask)
+        ok &= taken[i]
+    attackers = cand[ok]
+    rng.shuffle(attackers)
+    return np.concatenate([filler, attackers[: (2 * size) // 3 - len(filler) - 16]])
+
+
+def dict_probes(hashes: list[int], size: int, cap: int) -> int:
+    """Collisions met inserting HASHES into CPython's open-addressed table of SIZE slots
+    (its probe sequence: i = hash & mask, then i = 5i + perturb + 1, perturb >>= 5)."""
+    used, mask, probes = bytearray(size), size - 1, 0
+    for h in hashes:
+        h &= (1 << 64) - 1
+        i, perturb = h & mask, h
+        while used[i]:
+            probes += 1
+            if probes > cap:
+                return probes
+            perturb >>= 5
+            i = (i * 5 + perturb + 1) & mask
+        used[i] = 1
+    return probes
+
+
+def test_a_signature_cannot_make_the_block_index_chain() -> None:
+    """A hostile receiver picks the strong hashes its signature announces.  Keys whose hash
+    it could predict (ints: 64-bit heads) let it chain every insert (seconds for 100 000
+    blocks, minutes at the block cap, with the GIL held); the index's keys must hash as the
+    peer cannot foresee.  Counted on CPython's probe sequence, not timed."""
+    m = 14
+    rng = np.random.default_rng(3)
+    heads = chaining_heads(m, rng)
+    n = len(heads)
+    strong = np.empty((n, 2), dtype=np.uint64)
+    strong[:, 0] = heads
+    strong[:, 1] = rng.integers(0, 1 << 63, n, dtype=np.uint64)
+    weak = rng.integers(0, 1 << 32, n, dtype=np.uint32).astype("<u4").tobytes()
+    sig = Signature(4096, n * 4096, weak, strong.tobytes(), b"\1" * 16)
+    assert dict_probes([int(h) for h in heads], 1 << m, cap=10 * n) > 10 * n  # the attack
+    index = match_module._Index(sig)
+    assert len(index.blocks) == n
+    assert dict_probes([hash(k) for k in index.blocks], 1 << m, cap=10 * n) <= 2 * n

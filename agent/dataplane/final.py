@@ -24,14 +24,16 @@ CHUNK = 1 << 20
 
 
 def serve(items: Iterable[tuple[str, Path]], offers: dict[str, Signature],
-          touch: Callable[[], None] = lambda: None) -> Iterator[pb.FinalChunk]:
-    """The source's side: each (staging path, file) as a header, then its delta or content."""
+          touch: Callable[[], None] = lambda: None, delta_format: int = 1
+          ) -> Iterator[pb.FinalChunk]:
+    """The source's side: each (staging path, file) as a header, then its delta (in the
+    format the destination reads) or content."""
     for rel, path in items:
         size = path.stat().st_size
         signature = offers.get(rel)
         if signature is not None:
             yield pb.FinalChunk(item=pb.FinalItem(path=rel, size=size, method="delta"))
-            for data in delta_stream(signature, path):
+            for data in delta_stream(signature, path, delta_format=delta_format):
                 touch()
                 yield pb.FinalChunk(data=data)
             continue

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from agent.dataplane.files import digest, write_stream
-from agent.delta import DeltaStats, Signature, patch_stream
+from agent.delta import DELTA_FORMAT, DeltaStats, Signature, patch_stream
 from agent.errors import DeltaError
 from proto import migctl_pb2 as pb
 from proto import migctl_pb2_grpc as rpc
@@ -58,7 +58,8 @@ def fetch_delta(peer: rpc.AgentStub, migration_id: str, path: str, basis: Path,
     dest.parent.mkdir(parents=True, exist_ok=True)
 
     def requests() -> Iterator[pb.DeltaRequest]:
-        yield pb.DeltaRequest(target=pb.FileRef(migration_id=migration_id, path=path))
+        yield pb.DeltaRequest(target=pb.FileRef(migration_id=migration_id, path=path),
+                              delta_format=DELTA_FORMAT)
         for part in signature.to_chunks():
             yield pb.DeltaRequest(signature=part)
 

@@ -22,11 +22,15 @@ from agent.delta.signature import (
     signature_block_cap,
 )
 from agent.delta.stats import DeltaStats
+from agent.delta.wire import VERSION as DELTA_FORMAT
+from agent.delta.wire import agreed_format
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
+    "DELTA_FORMAT",
     "DeltaStats",
     "Signature",
+    "agreed_format",
     "delta_stream",
     "local_delta",
     "make_signature",

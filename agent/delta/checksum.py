@@ -112,3 +112,9 @@ class HashThread(threading.Thread):
             raise self._error
         return self._hasher.digest()
 
+
+def hash_in_background(mm: mmap.mmap) -> HashThread:
+    """The whole-file hash of a mapped file, overlapped with matching or rebuilding."""
+    thread = HashThread(mm)
+    thread.add_range(0, len(mm))
+    return thread

@@ -33,13 +33,15 @@ from __future__ import annotations
 
 import mmap
 import os
-import sys
+import struct
 from collections.abc import Iterable, Iterator
+from operator import itemgetter
 
 from agent.delta.checksum import (
     EMPTY_HASH,
     STRONG_SIZE,
     HashThread,
+    hash_in_background,
     hash_mapped,
     release,
     strong_digest,
@@ -47,7 +49,7 @@ from agent.delta.checksum import (
 )
 from agent.delta.signature import Signature
 from agent.delta.stats import Counters, DeltaStats
-from agent.delta.wire import LITERAL_MAX, Header, WireWriter
+from agent.delta.wire import LITERAL_MAX, VERSION, Header, WireWriter
 
 TYPE_CHECKING = False  # typing costs a delta process ~10 ms to import
 if TYPE_CHECKING:
@@ -114,22 +116,14 @@ class _Index:
     def __init__(self, sig: Signature) -> None:
         n = sig.basis_length // sig.block_size  # the short last block never rolls
         self.full = n
-        self.strong = sig.strong_raw
-        # Keyed by the hash's first 64 bits, read as ints in one C call (a third of the time
-        # slicing out byte-string keys took); get() checks all 128
-        heads = memoryview(self.strong[: n * STRONG_SIZE]).cast("Q")[::2].tolist()
-        self._by_head = dict(zip(heads, range(n), strict=True))
+        # Bytes keys: their hash is salted per process, so no signature can be crafted to make
+        # this dict's inserts chain (int keys hash to themselves: a peer choosing the hashes'
+        # heads made building it quadratic).  iter_unpack cuts them in C.
+        raw = sig.strong_raw[: n * STRONG_SIZE]
+        keys = map(itemgetter(0), struct.iter_unpack(f"{STRONG_SIZE}s", raw))
+        self.blocks = dict(zip(keys, range(n), strict=True))
         self._weak_raw = sig.weak_raw
         self._weak: WeakFilter | None = None
-
-    def get(self, digest: bytes) -> int | None:
-        """A basis block whose strong hash is ``digest``, if any.  Distinct hashes sharing a
-        head (only a crafted signature has them) keep one entry: a missed match, never a
-        wrong one."""
-        j = self._by_head.get(int.from_bytes(digest[:8], sys.byteorder))
-        if j is None or self.strong[j * STRONG_SIZE : (j + 1) * STRONG_SIZE] != digest:
-            return None
-        return j
 
     @property
     def weak(self) -> WeakFilter:
@@ -142,7 +136,8 @@ class _Index:
 
 class _Matcher:
     def __init__(
-        self, sig: Signature, mm: mmap.mmap, size: int, stats: DeltaStats, work: MatchWork
+        self, sig: Signature, mm: mmap.mmap, size: int, stats: DeltaStats, work: MatchWork,
+        delta_format: int,
     ) -> None:
         self.sig = sig
         self.L = sig.block_size
@@ -151,7 +146,8 @@ class _Matcher:
         self.size = size
         self.stats = stats
         self.work = work
-        self.writer = WireWriter(Header(sig.block_size, sig.basis_length, sig.basis_hash, size))
+        self.writer = WireWriter(Header(sig.block_size, sig.basis_length, sig.basis_hash, size),
+                                 delta_format=delta_format)
         self.basis_full = sig.basis_length // self.L
         self.basis_tail = sig.basis_length % self.L
         self.strong = sig.strong_raw
@@ -160,8 +156,7 @@ class _Matcher:
         self.run_count = 0
         self.lit_start = 0  # pending literal [lit_start, lit_end)
         self.lit_end = 0
-        self.released = 0  # pages before this are dropped (or handed to the hasher)
-        self.hasher: HashThread | None = None  # the whole-file hash, trailing the cursor
+        self.released = 0
         self.no_roll_until = 0  # no rolling probe before this offset (backing off)
         self.skip = SKIP_MIN
         self.batch = BATCH_BLOCKS  # the aligned start is a prediction like any other
@@ -204,15 +199,9 @@ class _Matcher:
         self.lit_start = end
 
     def release_behind(self, pos: int) -> None:
-        """Drop the pages behind the cursor: through the whole-file hash, which trails the
-        cursor on another core and so finds them still mapped (had it read ahead, each page
-        would be faulted in and dropped twice)."""
         upto = min(pos, self.lit_start) if self.lit_end > self.lit_start else pos
         if upto - self.released >= (4 << 20):
-            if self.hasher is None:
-                release(self.mm, self.released, upto)
-            else:
-                self.hasher.add_range(self.released, upto)
+            release(self.mm, self.released, upto)
             self.released = upto
 
     # -- search -------------------------------------------------------------------------
@@ -229,7 +218,7 @@ class _Matcher:
         from the right copy, and runs stay consecutive and batch into one COPY.
         """
         assert self._index is not None
-        view, L, full, index = self.view, self.L, self.basis_full, self._index
+        view, L, full, blocks = self.view, self.L, self.basis_full, self._index.blocks
         hashed = 0
         found = None
         near_k, near = -1, (b"", b"")
@@ -243,7 +232,7 @@ class _Matcher:
             if digest in near:
                 found = off, k + near.index(digest)
                 break
-            j = index.get(digest)
+            j = blocks.get(digest)
             if j is not None:
                 found = off, j
                 break
@@ -303,6 +292,7 @@ class _Matcher:
 
     def run(self) -> Iterator[bytes]:
         sig, n, writer = self.sig, self.size, self.writer
+        hasher_thread: HashThread | None = None
         if n == sig.basis_length and self._ends_match():
             digest = hash_mapped(self.mm).digest()
             if digest == sig.basis_hash:
@@ -312,17 +302,16 @@ class _Matcher:
                 yield from writer.drain()
                 return
         else:
-            self.hasher = HashThread(self.mm)
+            hasher_thread = hash_in_background(self.mm)
         try:
             yield from self._walk()
-            self.flush_run()
-            self.flush_literal()
-            if self.hasher is not None:
-                self.hasher.add_range(self.released, n)
-                digest = self.hasher.digest()
         finally:
-            if self.hasher is not None:
-                self.hasher.finish()
+            if hasher_thread is not None:
+                hasher_thread.finish()
+        if hasher_thread is not None:
+            digest = hasher_thread.digest()
+        self.flush_run()
+        self.flush_literal()
         writer.end(n, digest)
         yield from writer.drain()
 
@@ -513,12 +502,14 @@ def delta_stream(
     *,
     stats: DeltaStats | None = None,
     work: MatchWork | None = None,
+    delta_format: int = VERSION,
 ) -> Iterator[bytes]:
     """Yield the delta from ``sig``'s basis to ``new_path`` as wire chunks (<= 1 MiB each).
 
     ``stats`` and ``work``, if given, are filled in as the stream is consumed and are final
     once the generator is exhausted.  ``new_path`` is mapped, not copied: it must not be truncated
     while the stream is being consumed (checkpoint images and archives are write-once).
+    ``delta_format``: the one the receiver reads (see :func:`agent.delta.wire.agreed_format`).
     """
     if stats is None:
         stats = DeltaStats()
@@ -527,14 +518,15 @@ def delta_stream(
         size = os.fstat(f.fileno()).st_size
         stats.new_size = size
         if size == 0:
-            writer = WireWriter(Header(sig.block_size, sig.basis_length, sig.basis_hash, 0))
+            writer = WireWriter(Header(sig.block_size, sig.basis_length, sig.basis_hash, 0),
+                                delta_format=delta_format)
             writer.end(0, EMPTY_HASH)
             for chunk in writer.drain():
                 stats.wire_bytes += len(chunk)
                 yield chunk
             return
         mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
-        matcher = _Matcher(sig, mm, size, stats, work or MatchWork())
+        matcher = _Matcher(sig, mm, size, stats, work or MatchWork(), delta_format)
         try:
             for chunk in matcher.run():
                 stats.wire_bytes += len(chunk)

@@ -37,7 +37,7 @@ class _Rebuild:
     order", nothing is written at all: the file already holds the result.
     """
 
-    def __init__(self, header: Header, basis_fd: int | None, tmp_path: str, lazy: bool) -> None:
+    def __init__(self, header: Header, basis_fd: int | None, tmp_path: str) -> None:
         self.header = header
         self.basis_fd = basis_fd
         self.tmp_path = tmp_path
@@ -55,8 +55,6 @@ class _Rebuild:
         self.out_mm: mmap.mmap | None = None
         self.follower: HashThread | None = None
         self.use_copy_file_range = hasattr(os, "copy_file_range")
-        if not lazy:
-            self.open_output()
 
     def open_output(self) -> int:
         if self.out_fd < 0:
@@ -223,7 +221,9 @@ def patch_stream(
         if header.basis_length == 0 and header.basis_hash != EMPTY_HASH:
             raise DeltaError("delta header is corrupted (empty basis with a non-empty hash)")
         in_place = basis_stat is not None and _same_file(basis_stat, out_path)
-        rebuild = _Rebuild(header, basis_fd, tmp_path, lazy=in_place)
+        rebuild = _Rebuild(header, basis_fd, tmp_path)
+        if not in_place:  # in place, the output is opened once it differs from the basis
+            rebuild.open_output()
         stats = DeltaStats()
         end: End | None = None
         for token in reader.tokens():

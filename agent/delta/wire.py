@@ -29,7 +29,8 @@ from agent.errors import DeltaError
 
 MAGIC = b"MGDL"
 VERSION = 2
-"""2: STORED literals."""
+"""The newest delta format: 2 added STORED literals.  A reader takes every format up to it;
+a writer writes the one its receiver asked for (:func:`agreed_format`)."""
 HEADER = struct.Struct("<4sBBIQ16sQ")
 END = struct.Struct("<Q16s")
 
@@ -60,6 +61,12 @@ End = namedtuple("End", "length digest")
 Token = Copy | Literal | End
 
 
+def agreed_format(asked: int) -> int:
+    """The format to write for a receiver that reads formats up to ASKED (a peer's number: 0,
+    from a receiver older than the question, means 1; more than this side knows, VERSION)."""
+    return min(max(asked, 1), VERSION)
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while value >= 0x80:
@@ -72,7 +79,8 @@ def _varint(value: int) -> bytes:
 class WireWriter:
     """Buffers tokens and hands out chunks; one instance per delta stream."""
 
-    def __init__(self, header: Header, *, level: int = ZSTD_LEVEL) -> None:
+    def __init__(self, header: Header, *, level: int = ZSTD_LEVEL, delta_format: int = VERSION
+                 ) -> None:
         self._parts: list[bytes] = []
         self._size = 0
         self._ready: list[bytes] = []
@@ -80,7 +88,8 @@ class WireWriter:
 
         self._zstd = zstandard.ZstdCompressor(level=level, write_checksum=False)
         self.wire_bytes = 0
-        self._add(HEADER.pack(MAGIC, VERSION, 0, *header))
+        self._stored = delta_format >= 2
+        self._add(HEADER.pack(MAGIC, delta_format, 0, *header))
 
     def copy(self, index: int, count: int) -> None:
         self._add(bytes([TAG_COPY]) + _varint(index) + _varint(count))
@@ -90,7 +99,7 @@ class WireWriter:
         if len(raw) > LITERAL_MAX:
             raise ValueError("literal too large for one token")
         frame = self._zstd.compress(raw)
-        if len(frame) < len(raw):
+        if len(frame) < len(raw) or not self._stored:
             self.literal_frame(len(raw), frame)
         else:
             self._add(bytes([TAG_STORED]) + _varint(len(raw)), bytes(raw))
@@ -197,8 +206,10 @@ class WireReader:
         magic, version, flags, block_size, basis_length, basis_hash, new_length = HEADER.unpack(raw)
         if magic != MAGIC:
             raise DeltaError("not a migctl delta stream (bad magic)")
-        if version != VERSION:
-            raise DeltaError(f"unsupported delta format version {version}; expected {VERSION}")
+        if not 1 <= version <= VERSION:
+            raise DeltaError(f"unsupported delta format version {version}; expected 1 to "
+                             f"{VERSION}")
+        self.delta_format = version
         if flags != 0 or not 0 < block_size <= MAX_BLOCK_SIZE:
             raise DeltaError("delta header is corrupted")
         self.header = Header(block_size, basis_length, bytes(basis_hash), new_length)
@@ -219,7 +230,7 @@ class WireReader:
                 yield Copy(index, count)
             elif tag == TAG_LITERAL:
                 yield Literal(self._literal())
-            elif tag == TAG_STORED:
+            elif tag == TAG_STORED and self.delta_format >= 2:
                 raw_length = stream.varint()
                 if not 0 < raw_length <= LITERAL_MAX:
                     raise DeltaError("delta literal has an impossible length")

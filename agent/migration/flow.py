@@ -39,6 +39,7 @@ from agent.dataplane.staging import Staging
 from agent.dataplane.transfer import fetch_delta, fetch_whole
 from agent.delta import (
     DEFAULT_BLOCK_SIZE,
+    DELTA_FORMAT,
     DeltaStats,
     Signature,
     make_signature,
@@ -669,7 +670,8 @@ class Migration:
         def run() -> set[str]:
             nonlocal ckpt_seconds
             stream = self.source.FinalSync(pb.FinalSyncRequest(
-                migration_id=self.migration_id), timeout=self.deadline(bound))
+                migration_id=self.migration_id, delta_format=DELTA_FORMAT),
+                timeout=self.deadline(bound))
             got: set[str] = set()
             for r in final_pass.receive(stream, dest_of, basis_of, meter_of):
                 got.add(r.path)
