@@ -52,3 +52,10 @@ def test_a_bound_udp_port_is_taken_and_a_client_s_is_not() -> None:
         listening = host_listeners()
         assert ("udp", "::", server.getsockname()[1]) in listening
         assert not any(port == client.getsockname()[1] for _, _, port in listening)
+
+
+def test_a_port_both_a_container_and_a_process_hold_names_the_container() -> None:
+    """docker-proxy listens for every published port: the container is the user to name."""
+    got = ports_taken(spec(("80", "", "8080")), {("tcp", "", 8080): "web-old"},
+                      {("tcp", "0.0.0.0", 8080)})
+    assert got == ["8080/tcp (used by web-old)"]  # a bare container port is TCP

@@ -69,7 +69,7 @@ from agent.migration.source import (
 from agent.migration.sourcing import Sourcing
 from agent.runtime.base import Runtime, restarts
 from agent.runtime.docker import criu_path, host_listeners
-from agent.runtime.spec import check_description, checkpoint_path, unsupported
+from agent.runtime.spec import check_description, checkpoint_path, port_protocol, unsupported
 from agent.security import TLSFiles
 from proto import migctl_pb2 as pb
 from proto import migctl_pb2_grpc as rpc
@@ -874,17 +874,14 @@ def ports_taken(spec: pb.ContainerSpec, users: dict[tuple[str, str, int], str],
                 listening: set[tuple[str, str, int]]) -> list[str]:
     """The host ports SPEC publishes that a container (USERS) or a process of this node
     (LISTENING) already holds on an overlapping address, as "PORT/PROTO (used by WHO)"."""
+    holders = [*users.items(), *((key, "a process of this node") for key in listening)]
     taken = []
     for binding in spec.ports:
         if not binding.host_port.isdigit():  # none: the engine picks a free one
             continue
-        proto = (binding.container_port.split("/") + ["tcp"])[1]
-        port = int(binding.host_port)
-        who = next((name for (p, address, n), name in users.items()
+        proto, port = port_protocol(binding.container_port), int(binding.host_port)
+        who = next((name for (p, address, n), name in holders  # containers named first
                     if (p, n) == (proto, port) and _overlap(address, binding.host_ip)), "")
-        if not who and any((p, n) == (proto, port) and _overlap(address, binding.host_ip)
-                           for p, address, n in listening):
-            who = "a process of this node"
         if who:
             taken.append(f"{port}/{proto} (used by {who})")
     return taken

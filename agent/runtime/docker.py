@@ -28,7 +28,7 @@ import psutil
 
 from agent.errors import FailedPrecondition, MigctlError, NotFound, RuntimeFailure, Unavailable
 from agent.runtime import netns
-from agent.runtime.spec import create_request, unsupported
+from agent.runtime.spec import create_request, port_protocol, unsupported
 from proto import migctl_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -620,7 +620,7 @@ class DockerRuntime:
             for port, bindings in (info["HostConfig"].get("PortBindings") or {}).items():
                 for b in bindings or []:
                     if str(b.get("HostPort", "")).isdigit():
-                        users[((port.split("/") + ["tcp"])[1], b.get("HostIp", ""),
+                        users[(port_protocol(port), b.get("HostIp", ""),
                                int(b["HostPort"]))] = info["Name"].lstrip("/")
         return users
 

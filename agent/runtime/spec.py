@@ -175,6 +175,11 @@ def create_request(spec: pb.ContainerSpec, allow_privileged: bool,
     return out
 
 
+def port_protocol(container_port: str) -> str:
+    """The protocol of an engine port key ("80/tcp", "53/udp"; a bare "80" is TCP)."""
+    return (container_port.split("/") + ["tcp"])[1]
+
+
 def checkpoint_path(path: str, name: str) -> str:
     """A checkpoint file's staging path as the source announced it, if it is one of ours:
     checkpoints/NAME/FILE with a plain file name."""
