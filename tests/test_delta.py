@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import agent.delta.checksum as checksum_module
 import agent.delta.match as match_module
 import agent.delta.patch as patch_module
 from agent.delta import (
@@ -273,6 +275,29 @@ def test_abandoned_delta_generator_cleans_up(tmp_path: Path) -> None:
     next(stream)
     stream.close()
     assert not [t for t in threading.enumerate() if t.name == "delta-hash"]
+
+
+def test_an_abandoned_delta_stops_hashing_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receiver that drops the stream does not leave this side hashing the whole file (a
+    peer could drop streams over and over): the hash stops after the step under way."""
+    (tmp_path / "basis").write_bytes(rand(100 * KIB, 22))
+    (tmp_path / "new").write_bytes(rand(64 * 1024 * KIB, 23))  # 8 hashing steps
+    steps: list[int] = []
+    real = checksum_module.hash_mapped
+
+    def slow(mm, start=0, end=None, hasher=None):  # type: ignore[no-untyped-def]
+        steps.append(start)
+        time.sleep(0.2)
+        return real(mm, start, end, hasher)
+
+    monkeypatch.setattr(checksum_module, "hash_mapped", slow)
+    stream = delta_stream(make_signature(tmp_path / "basis"), tmp_path / "new")
+    next(stream)
+    stream.close()
+    assert not [t for t in threading.enumerate() if t.name == "delta-hash"]
+    assert len(steps) <= 2
 
 
 # -- checksums and signatures -------------------------------------------------------------------

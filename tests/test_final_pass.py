@@ -119,3 +119,33 @@ def test_the_destination_names_where_a_file_goes(tmp_path: Path, files) -> None:
     stream = final.serve([("volumes/v.changes.tar", files["volumes/v.changes.tar"])], {})
     with pytest.raises(Refused, match="not one of ours"):
         list(final.receive(stream, dest_of, lambda _: None))
+
+
+@pytest.mark.parametrize("asked, written", [(0, 1), (1, 1), (2, 2), ((1 << 32) - 1, 2)])
+def test_the_source_agent_writes_the_format_its_receiver_asked_for(
+    tmp_path: Path, files, asked: int, written: int
+) -> None:
+    """Both of the agent's delta senders: a receiver that names no format (older than the
+    field) gets format 1; one naming more than this agent knows gets the newest."""
+    from types import SimpleNamespace
+
+    from agent.service import AgentService
+
+    pages = files["checkpoints/final/pages-1.img"]
+    offers = {"checkpoints/final/pages-1.img": make_signature(tmp_path / "basis")}
+    entry = SimpleNamespace(id="m1", container="c1")
+    agent = SimpleNamespace(
+        staged_file=lambda context, mid, rel: pages,
+        bound=lambda context, mid: entry,
+        runtime=SimpleNamespace(upper_dir=lambda container: None),
+        source=SimpleNamespace(touch=lambda mid: None, offers=lambda mid: offers,
+                               final_items=lambda entry, upper: list(files.items())[:1]))
+    signature = [pb.DeltaRequest(signature=part)
+                 for part in offers["checkpoints/final/pages-1.img"].to_chunks()]
+    first = pb.DeltaRequest(target=pb.FileRef(migration_id="m1", path="p"), delta_format=asked)
+    chunks = list(AgentService.FetchDelta.__wrapped__(agent, iter([first, *signature]), None))
+    assert chunks[0].data[:5] == b"MGDL" + bytes([written])
+    final_sync = AgentService.FinalSync.__wrapped__(
+        agent, pb.FinalSyncRequest(migration_id="m1", delta_format=asked), None)
+    data = next(c.data for c in final_sync if c.WhichOneof("part") == "data")
+    assert data[:5] == b"MGDL" + bytes([written])

@@ -34,6 +34,9 @@ def strong_hashes(view: memoryview, start: int, count: int, block_size: int) -> 
     return b"".join([strong_digest(view[p : p + L]) for p in range(start, start + count * L, L)])
 
 
+_HASH_STEP = 8 << 20
+
+
 def hash_mapped(
     mm: mmap.mmap, start: int = 0, end: int | None = None, hasher: xxhash.xxh3_128 | None = None
 ) -> xxhash.xxh3_128:
@@ -41,7 +44,7 @@ def hash_mapped(
     end = len(mm) if end is None else end
     hasher = xxhash.xxh3_128() if hasher is None else hasher
     view = memoryview(mm)
-    step = 8 << 20
+    step = _HASH_STEP
     try:
         for off in range(start, end, step):
             stop = min(end, off + step)
@@ -66,35 +69,30 @@ def release(mm: mmap.mmap, start: int, end: int) -> None:
 
 
 class HashThread(threading.Thread):
-    """A strong hash of pieces given in order (ranges of a mapped file, or bytes), computed on
-    a thread of its own.  xxhash keeps the GIL while it hashes, but the other side of the work
-    (kernel copies, matching in numpy) mostly does not, so on 2 cores it costs almost nothing.
-    """
+    """The strong hash of ranges of a mapped file, given in order, on a thread of its own.
+    xxhash releases the GIL while it hashes, so this runs on the other core."""
 
-    def __init__(self, mm: mmap.mmap | None) -> None:
+    def __init__(self, mm: mmap.mmap) -> None:
         super().__init__(name="delta-hash", daemon=True)
         self._mm = mm
-        self._queue: queue.SimpleQueue[tuple[int, int] | BytesLike | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
         self._hasher = xxhash.xxh3_128()
         self._error: BaseException | None = None
+        self._cancelled = False
         self.start()
 
     def add_range(self, start: int, stop: int) -> None:
         """Hash ``mm[start:stop]`` next."""
         self._queue.put((start, stop))
 
-    def add(self, data: BytesLike) -> None:
-        """Hash ``data`` next (it must not change until the hash is taken)."""
-        self._queue.put(data)
-
     def run(self) -> None:
         try:
             while (item := self._queue.get()) is not None:
-                if isinstance(item, tuple):
-                    assert self._mm is not None
-                    hash_mapped(self._mm, *item, hasher=self._hasher)
-                else:
-                    self._hasher.update(item)
+                start, stop = item
+                for off in range(start, stop, _HASH_STEP):
+                    if self._cancelled:
+                        break
+                    hash_mapped(self._mm, off, min(stop, off + _HASH_STEP), self._hasher)
         except BaseException as exc:  # re-raised in the caller's thread by digest()
             self._error = exc
             while self._queue.get() is not None:
@@ -106,10 +104,18 @@ class HashThread(threading.Thread):
             self._queue.put(None)
             self.join()
 
+    def cancel(self) -> None:
+        """Stop after the current step: the stream was abandoned, and a peer that drops
+        streams must not keep this node hashing whole files for nothing."""
+        self._cancelled = True
+        self.finish()
+
     def digest(self) -> bytes:
         self.finish()
         if self._error is not None:
             raise self._error
+        if self._cancelled:
+            raise RuntimeError("the hash was cancelled")
         return self._hasher.digest()
 
 

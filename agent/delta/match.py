@@ -305,9 +305,10 @@ class _Matcher:
             hasher_thread = hash_in_background(self.mm)
         try:
             yield from self._walk()
-        finally:
+        except BaseException:  # abandoned (the receiver went away) or failed
             if hasher_thread is not None:
-                hasher_thread.finish()
+                hasher_thread.cancel()
+            raise
         if hasher_thread is not None:
             digest = hasher_thread.digest()
         self.flush_run()

@@ -85,7 +85,7 @@ class _Rebuild:
 
     def close(self) -> None:
         if self.follower is not None:
-            self.follower.finish()
+            self.follower.cancel()  # after digest() a no-op; after a failure, no more reading
         if self.out_mm is not None:
             self.out_mm.close()
         if self.out_fd >= 0:

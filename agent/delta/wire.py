@@ -88,6 +88,8 @@ class WireWriter:
 
         self._zstd = zstandard.ZstdCompressor(level=level, write_checksum=False)
         self.wire_bytes = 0
+        if not 1 <= delta_format <= VERSION:
+            raise ValueError(f"no delta format {delta_format}")
         self._stored = delta_format >= 2
         self._add(HEADER.pack(MAGIC, delta_format, 0, *header))
 
