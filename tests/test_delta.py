@@ -805,6 +805,25 @@ def test_the_result_is_hashed_as_read_back_so_a_bad_kernel_copy_is_caught(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["basis", "new", "out"]
 
 
+def record_handed(monkeypatch: pytest.MonkeyPatch, new: bytes) -> list[tuple[int, int]]:
+    """The ranges the patch hands its hashing thread, each checked to hold NEW's bytes by then."""
+    handed: list[tuple[int, int]] = []
+    real = HashThread.add_range
+
+    def recording(self: HashThread, start: int, stop: int) -> None:
+        assert self._mm[start:stop] == new[start:stop]  # already written
+        handed.append((start, stop))
+        real(self, start, stop)
+
+    monkeypatch.setattr(HashThread, "add_range", recording)
+    return handed
+
+
+def assert_contiguous(handed: list[tuple[int, int]], length: int) -> None:
+    assert handed[0][0] == 0 and handed[-1][1] == length
+    assert [a for a, _ in handed[1:]] == [b for _, b in handed[:-1]]  # in order, no gap
+
+
 def test_the_result_is_hashed_while_it_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -813,20 +832,11 @@ def test_the_result_is_hashed_while_it_is_written(
     new = bytearray(basis[:100] + b"inserted" + basis[100:])
     new[12 * 1024 * KIB : 12 * 1024 * KIB + 4096] = rand(4096, 54)
     chunks = delta_chunks(tmp_path, basis, bytes(new))
-    handed: list[tuple[int, int]] = []
-    real = HashThread.add_range
-
-    def recording(self: HashThread, start: int, stop: int) -> None:
-        assert self._mm is not None and self._mm[start:stop] == new[start:stop]  # written
-        handed.append((start, stop))
-        real(self, start, stop)
-
-    monkeypatch.setattr(HashThread, "add_range", recording)
+    handed = record_handed(monkeypatch, bytes(new))
     patch_stream(tmp_path / "basis", chunks, tmp_path / "out")
     assert (tmp_path / "out").read_bytes() == new
     assert len(handed) >= len(new) // FOLLOW_STEP
-    assert [a for a, _ in handed[1:]] == [b for _, b in handed[:-1]]  # contiguous, in order
-    assert handed[0][0] == 0 and handed[-1][1] == len(new)
+    assert_contiguous(handed, len(new))
 
 
 def test_incompressible_literals_go_stored_and_compressible_ones_compressed(
@@ -851,19 +861,10 @@ def test_an_in_place_patch_hashes_a_long_unchanged_prefix_once_it_differs(
     new = bytearray(basis)
     new[2 * FOLLOW_STEP + 5000 : 2 * FOLLOW_STEP + 9096] = rand(4096, 58)
     chunks = delta_chunks(tmp_path, basis, bytes(new))
-    handed: list[tuple[int, int]] = []
-    real = HashThread.add_range
-
-    def recording(self: HashThread, start: int, stop: int) -> None:
-        assert self._mm is not None and self._mm[start:stop] == new[start:stop]  # written
-        handed.append((start, stop))
-        real(self, start, stop)
-
-    monkeypatch.setattr(HashThread, "add_range", recording)
+    handed = record_handed(monkeypatch, bytes(new))
     patch_stream(tmp_path / "basis", chunks, tmp_path / "basis")
     assert (tmp_path / "basis").read_bytes() == new
-    assert handed[0][0] == 0 and handed[-1][1] == len(new)
-    assert [a for a, _ in handed[1:]] == [b for _, b in handed[:-1]]
+    assert_contiguous(handed, len(new))
 
 
 def test_a_hashing_thread_that_cannot_start_leaves_no_temporary_file(
