@@ -206,6 +206,12 @@ class _Matcher:
 
     # -- search -------------------------------------------------------------------------
 
+    def build_index(self) -> None:
+        """The block index, on the first search that needs it (a delta without one never
+        pays for it)."""
+        if self._index is None:
+            self._index = _Index(self.sig)
+
     def _strong_of(self, j: int) -> bytes:
         return self.strong[j * STRONG_SIZE : (j + 1) * STRONG_SIZE]
 
@@ -244,8 +250,7 @@ class _Matcher:
         L = self.L
         if self.basis_full == 0 or limit - start < L:
             return None
-        if self._index is None:
-            self._index = _Index(self.sig)
+        self.build_index()
         self.work.searches += 1
         last = limit - L  # last offset to try
         if last - start < DIRECT_OFFSETS:
@@ -460,8 +465,7 @@ class _Matcher:
     def _fill_on_grid(self, p: int, e: int, prefer: int) -> None:
         """A small gap, block by block: each one the basis holds anywhere is copied."""
         L = self.L
-        if self._index is None:
-            self._index = _Index(self.sig)
+        self.build_index()
         for q in range(p, e, L):
             found = self._scan((q,), q, prefer) if self.basis_full else None
             if found is None:
