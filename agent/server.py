@@ -21,6 +21,7 @@ from agent.errors import MigctlError
 from agent.health import NodeHealth
 from agent.metrics import DEFAULT_PORT, Metrics
 from agent.metrics import serve as serve_metrics
+from agent.migration.policy import PAGE_SERVER_MIN_RATE
 from agent.runtime.base import open_runtime
 from agent.security import TLSFiles, server_credentials
 from agent.service import AgentService
@@ -45,7 +46,8 @@ def agent_server(service: rpc.AgentServicer, node_health: NodeHealth) -> grpc.Se
 
 def serve(node: str, listen: str, docker_host: str, state_dir: Path, engine_tmp: Path,
           containerd: Path, lease_seconds: float, tls_dir: Path, registry: str,
-          inventory: Path, cache_mb: int, metrics_port: int = DEFAULT_PORT) -> None:
+          inventory: Path, cache_mb: int, metrics_port: int = DEFAULT_PORT,
+          page_server_min_mbit: float = 0.0) -> None:
     try:
         tls = TLSFiles.from_dir(tls_dir, node)
         credentials = server_credentials(tls)
@@ -55,7 +57,8 @@ def serve(node: str, listen: str, docker_host: str, state_dir: Path, engine_tmp:
     metrics = Metrics(REGISTRY)  # the default registry: with the process collectors
     service = AgentService(node, runtime, state_dir, tls, lease_seconds=lease_seconds,
                            registry=registry, inventory=inventory, address=listen,
-                           cache_bytes=cache_mb << 20, metrics=metrics)
+                           cache_bytes=cache_mb << 20, metrics=metrics,
+                           page_server_min_rate=page_server_min_mbit * 1e6 / 8)
     node_health = NodeHealth(runtime)
     server = agent_server(service, node_health)
     if server.add_secure_port(listen, credentials) == 0:
@@ -108,14 +111,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lease-seconds", type=float, default=60.0,
                    help="as a source: resume a frozen container whose destination has been "
                         "silent this long and has not committed")
+    p.add_argument("--page-server-min-mbit", type=float,
+                   default=PAGE_SERVER_MIN_RATE * 8 / 1e6,
+                   help="as a destination: the link to the source (Mbit/s) from which the final "
+                        "checkpoint's memory goes to a page server when --memory-transfer is "
+                        "auto; a link within 25%% of it keeps what it chose before")
     args = p.parse_args(argv)
+    if args.page_server_min_mbit <= 0:
+        p.error(f"--page-server-min-mbit {args.page_server_min_mbit:g}: give a rate above 0")
     if not 0 <= args.metrics_port <= 65535:
         p.error(f"--metrics-port {args.metrics_port} is not a port (0 to 65535; 0: no metrics)")
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s {args.node} %(levelname)s %(name)s: %(message)s")
     serve(args.node, args.listen, args.docker_host, args.state_dir, args.engine_tmp,
           args.containerd, args.lease_seconds, args.tls_dir, args.registry, args.inventory,
-          args.cache_mb, args.metrics_port)
+          args.cache_mb, args.metrics_port, args.page_server_min_mbit)
 
 
 if __name__ == "__main__":

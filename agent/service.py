@@ -114,12 +114,13 @@ class AgentService(rpc.AgentServicer):
     def __init__(self, node: str, runtime: Runtime, state_dir: Path, tls: TLSFiles,
                  lease_seconds: float = 60.0, registry: str = "inventory",
                  inventory: Path | None = None, address: str = "",
-                 cache_bytes: int = 2 << 30, metrics: Metrics | None = None) -> None:
+                 cache_bytes: int = 2 << 30, metrics: Metrics | None = None,
+                 page_server_min_rate: float = 0.0) -> None:
         self.node = node
         self.metrics = metrics or Metrics()
         self.tls = tls  # our identity when we call other agents
         self.connect = lambda addr, *name: open_channel(addr, tls, *name)
-        self.links = Links(self.connect)
+        self.links = Links(self.connect, page_server_min_rate)
         self.inventory = inventory or Path("/nonexistent")
         self.address = advertised_address(address, InventoryRegistry(
             self.inventory, node, self.connect), node)

@@ -11,7 +11,8 @@
 #   3. /etc/criu/runc.conf with tcp-established, tcp-close and skip-in-flight, and the runc wrapper
 #      /opt/migctl/bin/migctl-runc (the direct checkpoint path); fs.pipe-max-size of at least
 #      4 MiB (post-copy)
-#   4. .venv in the repo root with `pip install -e '.[dev]'` (editable_mode=compat: fast start-up)
+#   4. .venv in the repo root: requirements.lock (exact versions and hashes; scripts/lock.sh
+#      updates it), then migctl itself editable (editable_mode=compat: fast start-up)
 #   5. a quick self-check of the installed tools
 #
 # Idempotent and safe to re-run; non-interactive (CI=true, no stdin).
@@ -504,24 +505,35 @@ step_python() {
         say "python: created $VENV with $py ($pyver)"
     fi
 
-    stamp="$(sha256sum "$REPO_ROOT/pyproject.toml" | cut -d' ' -f1) $("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])') $REPO_ROOT editable=compat"
+    stamp="$(cat "$REPO_ROOT/pyproject.toml" "$REPO_ROOT/requirements.lock" | sha256sum | cut -d' ' -f1) $("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])') $REPO_ROOT editable=compat"
     if [[ -f "$VENV_STAMP" && "$(cat "$VENV_STAMP")" == "$stamp" ]] &&
         "$VENV/bin/python" -c 'import importlib.metadata as m; m.version("migctl"); m.version("pytest")' 2>/dev/null; then
-        say "python: already set up ($VENV, python $("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])'), pyproject.toml unchanged)"
+        say "python: already set up ($VENV, python $("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])'), pyproject.toml and requirements.lock unchanged)"
         return 0
     fi
-    say "python: pip install -e '.[dev]' into $VENV ..."
+    say "python: installing requirements.lock (exact versions, hashes checked) into $VENV ..."
     : >"$log"
+    # the lock holds every dependency, runtime and dev, and the build backend: nothing is
+    # resolved here, so a fresh machine gets the versions the project was tested with
+    (cd "$REPO_ROOT" && "$VENV/bin/python" -m pip install -q --require-hashes --no-deps \
+        -r requirements.lock) >>"$log" 2>&1 </dev/null || {
+        show_log "$log"
+        die "python: pip install -r requirements.lock failed (see $log)"
+    }
     # compat: a plain path entry in a .pth file. The default editable finder costs every
     # Python process of the venv ~60 ms at start-up (importlib machinery), which every
     # migctl and migctl-delta command would pay.
-    (cd "$REPO_ROOT" && "$VENV/bin/python" -m pip install -q -e '.[dev]' \
-        --config-settings editable_mode=compat) >>"$log" 2>&1 </dev/null || {
+    (cd "$REPO_ROOT" && "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation \
+        -e . --config-settings editable_mode=compat) >>"$log" 2>&1 </dev/null || {
         show_log "$log"
-        die "python: pip install -e '.[dev]' failed (see $log)"
+        die "python: pip install -e . failed (see $log)"
+    }
+    "$VENV/bin/python" -m pip check >>"$log" 2>&1 || {
+        show_log "$log"
+        die "python: the installed packages do not fit together (pip check; see $log)"
     }
     echo "$stamp" >"$VENV_STAMP"
-    say "python: installed migctl $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("migctl"))') + dev deps ($(elapsed_ms "$t0") ms)"
+    say "python: installed migctl $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("migctl"))') + the locked dependencies ($(elapsed_ms "$t0") ms)"
 }
 
 # ---------------------------------------------------------------------------

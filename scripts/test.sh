@@ -1,9 +1,24 @@
 #!/usr/bin/env bash
-# The test command on a fresh machine: set up (idempotent), check the code, run every test.
-# End-to-end tests start their own lab (namespaces, engines, agents) and remove it afterwards,
-# unless one was up already, which they reuse.
+# The test command on a fresh machine: set up (idempotent), check the code, run the tests.
+#   bash scripts/test.sh               every test; end-to-end tests start their own lab
+#                                      (namespaces, engines, agents) and remove it afterwards,
+#                                      unless one was up already, which they reuse
+#   bash scripts/test.sh --fast        only the tests that need no lab (-m "not lab and not
+#                                      compose"): the loop while changing code
+#   bash scripts/test.sh --lab-link-rate 100mbit
+#                                      every test, with every pair of lab nodes shaped to that
+#                                      rate (the suite must pass unshaped and shaped)
+# Any other argument goes to pytest (a file, -k EXPR, -x ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+args=()
+for a in "$@"; do
+    if [[ "$a" == --fast ]]; then
+        args+=(-m "not lab and not compose")
+    else
+        args+=("$a")
+    fi
+done
 bash scripts/setup.sh
 .venv/bin/ruff check .
-.venv/bin/pytest -v -p no:cacheprovider "$@"
+.venv/bin/pytest -v -p no:cacheprovider "${args[@]}"

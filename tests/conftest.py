@@ -28,9 +28,23 @@ class LabHandle:
         return self.nodes[node]["address"]
 
 
+MEMORY_TRANSFERS = ("delta", "page-server", "post-copy")
+DELTA = ["--memory-transfer", "delta"]
+
+
+def names_its_transfer(args: tuple[str, ...] | list[str]) -> None:
+    """A lab migration names how its memory travels: left to the measured link, the transfer
+    differs between machines, and between runs on one (tests of the automatic choice pass
+    `--memory-transfer auto` and set the link and the threshold themselves)."""
+    if args and args[0] == "migrate" and "--memory-transfer" not in args:
+        raise AssertionError(f"`migctl {' '.join(args)}`: name the memory transfer the test "
+                             f"needs (--memory-transfer {' | '.join(MEMORY_TRANSFERS)})")
+
+
 def migctl(*args: str, check: bool = True, inventory: Path | None = None
            ) -> subprocess.CompletedProcess[str]:
     """Run the real `migctl` command, as a user would."""
+    names_its_transfer(args)
     cmd = [sys.executable, "-m", "client.cli"]
     if inventory:
         cmd += ["--inventory", str(inventory)]
@@ -54,16 +68,61 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--lab-link-rate", default="", metavar="RATE",
+                     help="shape every pair of lab nodes to RATE (tc's units, e.g. 100mbit) for "
+                          "the whole session: the suite must pass with the links unshaped and "
+                          "shaped (a test that shapes links itself gets these back after it)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses the lab is a lab test, marked or not (`--fast` leaves it out)."""
+    for item in items:
+        if "lab" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.lab)
+
+
+def session_links(rate: str) -> None:
+    """Every pair of lab nodes shaped to RATE, and nothing else; unshaped when RATE is ''."""
+    from client import labnet
+    from client.lab import Lab
+
+    lab = Lab()
+    state = lab.state()
+    labnet.reset(state)
+    nodes = sorted(state["nodes"])
+    if rate:
+        for i, a in enumerate(nodes):
+            for b in nodes[i + 1:]:
+                labnet.set_link(state, a, b, labnet.LinkSpec(rate=rate))
+    lab.save(state)
+
+
 @pytest.fixture(scope="session")
-def lab() -> Iterator[LabHandle]:
-    """Starts (or reuses) a 3-node lab; removes it afterwards only if this session made it."""
+def lab(request: pytest.FixtureRequest) -> Iterator[LabHandle]:
+    """Starts (or reuses) a 3-node lab; removes it afterwards only if this session made it.
+    With --lab-link-rate, its links are shaped for the session."""
     from client.lab import Lab
 
     lab = Lab()
     existed = bool(lab.state().get("nodes"))
-    state = lab.up(3)
+    lab.up(3)
+    rate = request.config.getoption("--lab-link-rate")
     try:
-        yield LabHandle(state)
+        session_links(rate)
+        print(f"\n[lab] links: {rate or 'unshaped'}")
+        yield LabHandle(lab.state())
     finally:
         if not existed and not os.environ.get("MIGCTL_KEEP_LAB"):
             lab.down()
+        elif rate:
+            session_links("")
+
+
+@pytest.fixture(autouse=True)
+def _session_links_after(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A lab test that shaped or reset links leaves the session's shaping behind it."""
+    yield
+    rate = request.config.getoption("--lab-link-rate")
+    if rate and "lab" in request.fixturenames:
+        session_links(rate)

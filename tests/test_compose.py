@@ -29,7 +29,7 @@ import docker
 import pytest
 
 from client.workloads import ensure_toy_image, numbers, remove_everywhere, run_toy
-from tests.conftest import ROOT, migctl
+from tests.conftest import DELTA, ROOT, migctl
 
 pytestmark = pytest.mark.compose
 
@@ -143,7 +143,7 @@ def test_agents_answer_at_the_inventory_addresses(compose_lab: dict) -> None:
 def hop(nodes: dict[str, docker.DockerClient], source: str, destination: str) -> dict:
     """One migration as a user runs it; afterwards exactly one toytsm runs, on DESTINATION, and
     its count went on from where it was frozen."""
-    report = json.loads(migctl("migrate", "--json", "--from", source, "--to", destination,
+    report = json.loads(migctl("migrate", "--json", *DELTA, "--from", source, "--to", destination,
                                "toytsm", inventory=INVENTORY).stdout)
     assert report["destination_node"] == destination, report
     running = [n for n, c in nodes.items()

@@ -26,7 +26,7 @@ import pytest
 from client.lab import Lab
 from client.workloads import TOY_IMAGE, ensure_toy_image, numbers, remove_everywhere
 from client.workloads import run_toy as run_counter
-from tests.conftest import CACHE, LabHandle, migrate_json
+from tests.conftest import CACHE, DELTA, LabHandle, migrate_json
 
 pytestmark = pytest.mark.lab
 
@@ -67,9 +67,9 @@ def passed_through_c(lab: LabHandle, name: str) -> None:
     assert c.exec_run(["sh", "-c", f"head -c {VOLUME_MB * 1_000_000} /dev/urandom "
                                    "> /testrw/data"]).exit_code == 0
     time.sleep(1)
-    migrate_json("--mode", "traditional", "--from", "nodeA", "--to", "nodeC", name)
+    migrate_json(*DELTA, "--mode", "traditional", "--from", "nodeA", "--to", "nodeC", name)
     time.sleep(1)
-    migrate_json("--mode", "traditional", "--from", "nodeC", "--to", "nodeA", name)
+    migrate_json(*DELTA, "--mode", "traditional", "--from", "nodeC", "--to", "nodeA", name)
     grow = a.containers.get(name).exec_run(
         ["sh", "-c", f"head -c {VOLUME_MB * 50_000} /dev/urandom >> /testrw/data"])
     assert grow.exit_code == 0
@@ -129,7 +129,7 @@ def registry(request, lab: LabHandle) -> Iterator[str]:
 
 def test_cooperative_takes_far_less_from_the_source(lab: LabHandle, registry: str) -> None:
     passed_through_c(lab, "coop")
-    coop = migrate_json("--mode", "cooperative", "--from", "nodeA", "--to", "nodeB", "coop")
+    coop = migrate_json(*DELTA, "--mode", "cooperative", "--from", "nodeA", "--to", "nodeB", "coop")
     check_same_result(lab, "coop", coop)
     layers = [t for t in coop["transfers"] if t["kind"] == "layer" and t["method"] != "skipped"]
     assert layers and all(t["origin"] == "nodeC" for t in layers), \
@@ -138,7 +138,7 @@ def test_cooperative_takes_far_less_from_the_source(lab: LabHandle, registry: st
     assert [t["origin"] for t in basis] == ["nodeC"] and basis[0]["reason"], basis
 
     passed_through_c(lab, "trad")
-    trad = migrate_json("--mode", "traditional", "--from", "nodeA", "--to", "nodeB", "trad")
+    trad = migrate_json(*DELTA, "--mode", "traditional", "--from", "nodeA", "--to", "nodeB", "trad")
     check_same_result(lab, "trad", trad)
     assert all(o["node"] == "nodeA" for o in trad["origins"])
 
@@ -176,7 +176,7 @@ def test_a_neighbour_dying_mid_fetch_falls_back_to_the_source(lab: LabHandle,
 
     killer = threading.Thread(target=kill_c_when_it_serves)
     killer.start()
-    report = migrate_json("--from", "nodeA", "--to", "nodeB", "coop")
+    report = migrate_json(*DELTA, "--from", "nodeA", "--to", "nodeB", "coop")
     killer.join()
     check_same_result(lab, "coop", report)
     basis = [t for t in report["transfers"] if t["kind"] == "volume snapshot basis"]
@@ -210,7 +210,7 @@ def test_stale_or_corrupted_copies_are_never_used_unverified(lab: LabHandle,
                 fh.write(b"\xff" * 64)
             corrupted += 1
     assert corrupted >= 2  # the volume snapshot and the checkpoint, at least
-    report = migrate_json("--from", "nodeA", "--to", "nodeB", "coop")
+    report = migrate_json(*DELTA, "--from", "nodeA", "--to", "nodeB", "coop")
     check_same_result(lab, "coop", report)
     used_from_c = [t for t in report["transfers"]
                    if t["origin"] == "nodeC" and t["kind"] != "layer"]

@@ -13,7 +13,7 @@ import pytest
 from agent.runtime import direct
 from client.lab import Lab
 from client.workloads import COUNTER, TOY_IMAGE, ensure_toy_image, remove_everywhere, run_toy
-from tests.conftest import CACHE, LabHandle, migrate_json
+from tests.conftest import CACHE, DELTA, LabHandle, migrate_json
 from tests.test_migrate_e2e import check_moved, logs, wait_for_count
 
 pytestmark = pytest.mark.lab
@@ -26,7 +26,9 @@ def engine_checkpoint_files(client: docker.DockerClient, cid: str) -> list[str]:
     return [str(p) for p in folder.rglob("*") if p.is_file()]
 
 
-def test_the_direct_path_moves_the_toy_and_docker_still_manages_it(lab: LabHandle) -> None:
+@pytest.mark.parametrize("memory,how", [("delta", "delta"), ("page-server", "page server")])
+def test_the_direct_path_moves_the_toy_and_docker_still_manages_it(lab: LabHandle, memory: str,
+                                                                   how: str) -> None:
     a, b = lab.docker["nodeA"], lab.docker["nodeB"]
     remove_everywhere(lab.docker, ["toytsm"], ["testrw", "testro"])
     ensure_toy_image(a, CACHE)
@@ -34,7 +36,9 @@ def test_the_direct_path_moves_the_toy_and_docker_still_manages_it(lab: LabHandl
     assert a.containers.get(old.id).attrs["HostConfig"]["Runtime"] == direct.DIRECT_RUNTIME
     wait_for_count(a, "toytsm", 3)
 
-    report = migrate_json("--from", "nodeA", "--to", "nodeB", "toytsm")
+    report = migrate_json("--memory-transfer", memory, "--from", "nodeA", "--to", "nodeB",
+                          "toytsm")
+    assert report["memory_transfer"] == how
     assert report["checkpoint_method"] == "direct"
     assert report["restore_method"] == "direct"
     check_moved(lab, "nodeA", "nodeB", report)
@@ -70,7 +74,7 @@ def test_a_container_on_plain_runc_takes_the_engines_path(lab: LabHandle) -> Non
                      runtime="runc", volumes={"testrw": {"bind": "/testrw", "mode": "rw"},
                                               "testro": {"bind": "/testro", "mode": "ro"}})
     wait_for_count(a, "toytsm", 3)
-    report = migrate_json("--from", "nodeA", "--to", "nodeC", "toytsm")
+    report = migrate_json(*DELTA, "--from", "nodeA", "--to", "nodeC", "toytsm")
     assert report["checkpoint_method"] == "engine"
     assert report["restore_method"] == "direct", "the destination creates it with the wrapper"
     new = c.containers.get("toytsm")

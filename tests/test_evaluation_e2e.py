@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from client import labnet
 from client.evaluation.columns import COLUMNS, MEASURED
+from client.lab import Lab
 from tests.conftest import LabHandle, migctl
 
 pytestmark = pytest.mark.lab
@@ -31,7 +33,15 @@ sizes_mb = [5]
 """
 
 
+def shaping() -> dict[str, str]:
+    """What tc holds on every lab node's link, as set: the bench must give it back."""
+    state = Lab().state()
+    return {n: labnet.in_ns(n, "tc", "class", "show", "dev", "eth0").stdout
+            for n in sorted(state["nodes"])}
+
+
 def test_a_tiny_grid_runs_every_mode_on_the_lab(lab: LabHandle, tmp_path: Path) -> None:
+    links_before, shaping_before = migctl("lab", "links").stdout, shaping()
     grid = tmp_path / "tiny.toml"
     grid.write_text(TINY)
     out = tmp_path / "out"
@@ -52,4 +62,5 @@ def test_a_tiny_grid_runs_every_mode_on_the_lab(lab: LabHandle, tmp_path: Path) 
     assert {r["checkpoint_method"] for r in rows} == {"direct", "engine"}
     assert (out / "summary.md").read_text().count("| edge-200 | redis |") == 3
     assert (out / "time-redis-5mb.png").stat().st_size > 0
-    assert migctl("lab", "links").stdout.strip() == "no link is shaped", "links left shaped"
+    assert migctl("lab", "links").stdout == links_before, "the links were not given back"
+    assert shaping() == shaping_before, "the links were not given back"

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from client.lab import Lab
-from tests.conftest import LabHandle
+from tests.conftest import DELTA, LabHandle
 from tests.test_faults import (
     HOOKS,
     PAUSE,
@@ -48,7 +48,7 @@ def report(capsys: pytest.CaptureFixture, what: str, seconds: float) -> None:
 def frozen_then(fault) -> tuple:
     """A migration paused right after the freeze (the source is stopped), then FAULT."""
     Lab().restart_agent("nodeB", ["--test-pause", f"transferring-final={PAUSE * 5}"], HOOKS)
-    proc, lines = start_migration()
+    proc, lines = start_migration(DELTA)
     wait_for_line(lines, "paused before transferring-final")
     at = time.monotonic()
     fault()
@@ -92,7 +92,7 @@ def test_destination_engine_stopped_after_the_freeze(lab: LabHandle, toy: None, 
                                            str(lab_ctl.node_dir("nodeB") / "daemon.json"))
     try:
         Lab().restart_agent("nodeB", ["--test-pause", "transferring-final=20"], HOOKS)
-        proc, lines = start_migration()
+        proc, lines = start_migration(DELTA)
         wait_for_line(lines, "paused before transferring-final")
         at = time.monotonic()
         stop_engine()  # returns once the engine is gone, while the destination still pauses

@@ -33,7 +33,7 @@ from client.workloads import (
     remove_everywhere,
     run_toy,
 )
-from tests.conftest import CACHE, ROOT, LabHandle, migctl
+from tests.conftest import CACHE, DELTA, ROOT, LabHandle, migctl, names_its_transfer
 
 pytestmark = pytest.mark.lab
 
@@ -48,8 +48,11 @@ def running_copies(lab: LabHandle, name: str = "toytsm") -> list[str]:
 
 def really_running(c: docker.models.containers.Container) -> bool:
     """The engine lists a container as running until it has handled its exit (0.2 s after
-    a final checkpoint here): its process must exist too."""
+    a final checkpoint here): its process must exist too. A paused one (the source whose
+    memory went to a page server) is frozen, not running."""
     try:
+        if c.attrs["State"].get("Paused"):
+            return False
         return psutil.Process(c.attrs["State"]["Pid"]).status() != psutil.STATUS_ZOMBIE
     except (psutil.Error, KeyError, ValueError):
         return False
@@ -94,10 +97,11 @@ def assert_intact_and_counting(client: docker.DockerClient, node: str = "nodeA")
     assert len(later) > len(history) and later[: len(history)] == history, "it stopped counting"
 
 
-def start_migration(extra: list[str] | None = None) -> tuple[subprocess.Popen, list[str]]:
+def start_migration(extra: list[str]) -> tuple[subprocess.Popen, list[str]]:
+    names_its_transfer(["migrate", *extra])
     proc = subprocess.Popen(
         [sys.executable, "-m", "client.cli", "migrate", "--from", "nodeA", "--to", "nodeB",
-         *(extra or []), "toytsm"],
+         *extra, "toytsm"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
@@ -247,13 +251,13 @@ def test_a_retry_after_a_failed_way_back_succeeds(lab: LabHandle, toy: None) -> 
     new container replaced that copy at nodeA (its restore fails). The volume nodeA keeps is
     an older copy of the same volume, now used by no container: a retry must not be refused
     for it (it was: "already has a volume named 'testrw' (used by no container)")."""
-    migctl("migrate", "--from", "nodeA", "--to", "nodeB", "toytsm")
-    out = failed_restore("nodeA", ["--from", "nodeB", "--to", "nodeA"])
+    migctl("migrate", *DELTA, "--from", "nodeA", "--to", "nodeB", "toytsm")
+    out = failed_restore("nodeA", [*DELTA, "--from", "nodeB", "--to", "nodeA"])
     assert "runs again on nodeB" in out, out
     assert wait_one_copy(lab) == "nodeB"
     assert [c.name for c in lab.docker["nodeA"].containers.list(all=True)] == []
     Lab().restart_agent("nodeA")
-    migctl("migrate", "--from", "nodeB", "--to", "nodeA", "toytsm")
+    migctl("migrate", *DELTA, "--from", "nodeB", "--to", "nodeA", "toytsm")
     assert wait_one_copy(lab) == "nodeA"
     assert_intact_and_counting(lab.docker["nodeA"])
 
@@ -267,7 +271,7 @@ def test_someone_elses_volume_of_the_same_name_is_never_overwritten(
     ensure_toy_image(b, CACHE)
     b.containers.run("toytsm:1", ["sh", "-c", "echo mine > /v/data"], remove=True,
                      volumes={"testrw": {"bind": "/v", "mode": "rw"}})
-    res = migctl("migrate", "--from", "nodeA", "--to", "nodeB", "toytsm", check=False)
+    res = migctl("migrate", *DELTA, "--from", "nodeA", "--to", "nodeB", "toytsm", check=False)
     assert res.returncode == 1
     assert "nodeB already has a volume named 'testrw' (used by no container)" in res.stderr
     assert "freeze" not in res.stderr
@@ -288,7 +292,7 @@ def test_a_host_port_taken_at_the_destination_is_refused_before_the_freeze(
             ensure_base(lab.docker[node], CACHE)
             lab.docker[node].containers.run(BASE, ["sh", "-c", SERVER], name=name, detach=True,
                                             ports={"8080/tcp": 18080})
-        res = migctl("migrate", "--from", "nodeA", "--to", "nodeB", "porty", check=False)
+        res = migctl("migrate", *DELTA, "--from", "nodeA", "--to", "nodeB", "porty", check=False)
         assert res.returncode == 1, res.stderr
         assert "nodeB already uses host port 18080/tcp (used by blocker)" in res.stderr
         assert "freeze" not in res.stderr
@@ -302,7 +306,7 @@ def test_the_disk_check_refuses_before_the_freeze(lab: LabHandle, toy: None) -> 
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "migctl-test-tiny", str(staging)],
                    check=True)
     try:
-        res = migctl("migrate", "--from", "nodeA", "--to", "nodeB", "toytsm", check=False)
+        res = migctl("migrate", *DELTA, "--from", "nodeA", "--to", "nodeB", "toytsm", check=False)
     finally:
         subprocess.run(["umount", "-l", str(staging)], check=False)
     assert res.returncode == 1
@@ -313,10 +317,10 @@ def test_the_disk_check_refuses_before_the_freeze(lab: LabHandle, toy: None) -> 
 
 def test_two_migrations_of_one_container_are_refused(lab: LabHandle, toy: None) -> None:
     Lab().restart_agent("nodeB", ["--test-pause", f"pre-copy={PAUSE}"], HOOKS)
-    proc, lines = start_migration()
+    proc, lines = start_migration(DELTA)
     wait_for_line(lines, "paused before pre-copy")
-    to_b = migctl("migrate", "--from", "nodeA", "--to", "nodeB", "toytsm", check=False)
-    to_c = migctl("migrate", "--from", "nodeA", "--to", "nodeC", "toytsm", check=False)
+    to_b = migctl("migrate", *DELTA, "--from", "nodeA", "--to", "nodeB", "toytsm", check=False)
+    to_c = migctl("migrate", *DELTA, "--from", "nodeA", "--to", "nodeC", "toytsm", check=False)
     out = finish(proc, lines)
     assert proc.returncode == 0, out
     assert to_b.returncode == 1 and "already being migrated" in to_b.stderr, to_b.stderr
@@ -333,7 +337,7 @@ def test_five_concurrent_migrations_all_succeed(lab: LabHandle) -> None:
     for i, name in enumerate(names):
         run_toy(a, name=name, rw=f"rw{i}", ro=f"ro{i}")
     time.sleep(3)
-    procs = [subprocess.Popen([sys.executable, "-m", "client.cli", "migrate", "--from",
+    procs = [subprocess.Popen([sys.executable, "-m", "client.cli", "migrate", *DELTA, "--from",
                                "nodeA", "--to", "nodeB", "-q", name], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in names]
     for name, p in zip(names, procs, strict=True):
@@ -350,16 +354,17 @@ def test_five_concurrent_migrations_all_succeed(lab: LabHandle) -> None:
                       [f"ro{i}" for i in range(5)])
 
 
+@pytest.mark.parametrize("memory", ["delta", "page-server"])
 def test_the_source_resumes_by_itself_when_the_destination_vanishes(
-        lab: LabHandle, toy: None) -> None:
+        lab: LabHandle, toy: None, memory: str) -> None:
     """No agent is restarted, and the destination took no hold (the last resort): the source's
-    lease on the frozen container runs out and it resumes the container itself, since the
-    destination never committed."""
+    lease on the frozen container (stopped, or paused for a page server) runs out and it
+    resumes the container itself, since the destination never committed."""
     Lab().restart_agent("nodeA", extra_args=["--lease-seconds", "5"])
     Lab().restart_agent("nodeB", ["--test-no-hold", "--test-pause",
                                   f"transferring-final={PAUSE}"], HOOKS)
     since = agent_log_size("nodeA")
-    proc, lines = start_migration()
+    proc, lines = start_migration(["--memory-transfer", memory])
     wait_for_line(lines, "paused before transferring-final")
     kill_agent("nodeB")()
     out = finish(proc, lines)

@@ -31,7 +31,7 @@ from client.lab import Lab
 from client.workloads import ensure_toy_image, remove_everywhere, run_toy
 from proto import migctl_pb2 as pb
 from proto import migctl_pb2_grpc as rpc
-from tests.conftest import CACHE, ROOT, LabHandle, migctl
+from tests.conftest import CACHE, DELTA, ROOT, LabHandle, migctl
 from tests.hostile_source import OUTSIDE
 from tests.test_faults import (
     HOOKS,
@@ -257,7 +257,7 @@ def test_4_secrets_and_roles(lab: LabHandle, victim: None) -> None:
 
 
 def test_5_a_finished_migration_is_never_resumed(lab: LabHandle, victim: None) -> None:
-    report = migctl("migrate", "--json", "--from", "nodeA", "--to", "nodeB", "toytsm")
+    report = migctl("migrate", "--json", *DELTA, "--from", "nodeA", "--to", "nodeB", "toytsm")
     mid = __import__("json").loads(report.stdout)["migration_id"]
     for identity in ("nodeB", "client", "nodeC"):
         err = refused(lambda identity=identity: stub(lab, "nodeA", identity).Resume(
@@ -274,7 +274,7 @@ def test_1_2_cached_memory_and_volumes_are_served_only_to_a_vouched_destination(
         lab: LabHandle, victim: None) -> None:
     """After A->B, nodeB caches toytsm's checkpoint (its memory) and volume snapshots for later
     migrations. nodeC, with no live migration of that container, asks nodeB for them."""
-    report = migctl("migrate", "--json", "--from", "nodeA", "--to", "nodeB", "toytsm")
+    report = migctl("migrate", "--json", *DELTA, "--from", "nodeA", "--to", "nodeB", "toytsm")
     mid = __import__("json").loads(report.stdout)["migration_id"]
     b = stub(lab, "nodeB", "nodeC")
     held = b.Holdings(pb.HoldingsRequest(keys=["svc:toytsm:1:toytsm", "app:toytsm:1"]),
@@ -308,7 +308,7 @@ def test_5_a_replayed_begin_does_not_thaw_a_frozen_migration(lab: LabHandle,
                                                              victim: None) -> None:
     Lab().restart_agent("nodeB", ["--test-pause", "transferring-final=6"], HOOKS)
     try:
-        proc, lines = start_migration()
+        proc, lines = start_migration(DELTA)
         wait_for_line(lines, "paused before transferring-final")
         mid = _source_migration_id()
         b = stub(lab, "nodeA", "nodeB")
@@ -371,8 +371,8 @@ def _has_toy(lab: LabHandle) -> bool:
 
 
 def from_c(*extra: str) -> subprocess.CompletedProcess[str]:
-    res = migctl("migrate", "--mode", "traditional", *extra, "--from", "nodeC", "--to", "nodeB",
-                 "toytsm", check=False)
+    res = migctl("migrate", *DELTA, "--mode", "traditional", *extra, "--from", "nodeC",
+                 "--to", "nodeB", "toytsm", check=False)
     assert res.returncode == 1, res.stdout + res.stderr
     assert "Traceback" not in res.stderr, res.stderr
     return res

@@ -10,7 +10,7 @@ import pytest
 
 from agent.metrics import DEFAULT_PORT
 from client.workloads import ensure_toy_image, remove_everywhere, run_toy
-from tests.conftest import CACHE, LabHandle, migctl, migrate_json
+from tests.conftest import CACHE, DELTA, LabHandle, migctl, migrate_json
 from tests.test_metrics import Samples, scrape
 from tests.test_migrate_e2e import wait_for_count
 
@@ -35,7 +35,7 @@ def test_a_migration_shows_in_the_destination_metrics_and_history(lab: LabHandle
     metrics_b = f"{lab.address('nodeB').rpartition(':')[0]}:{DEFAULT_PORT}"
     before = scrape(metrics_b)
 
-    report = migrate_json("--from", "nodeA", "--to", "nodeB", "toytsm")
+    report = migrate_json(*DELTA, "--from", "nodeA", "--to", "nodeB", "toytsm")
     after = scrape(metrics_b)
 
     def grew(name: str) -> float:

@@ -20,7 +20,7 @@ from client.workloads import (
     remove_everywhere,
     run_toy,
 )
-from tests.conftest import CACHE, LabHandle, migctl, migrate_json
+from tests.conftest import CACHE, DELTA, LabHandle, migctl, migrate_json
 
 pytestmark = pytest.mark.lab
 
@@ -92,7 +92,7 @@ def test_toy_migrates_there_and_back(lab: LabHandle) -> None:
     run_toy(a)
     wait_for_count(a, "toytsm", 4)
 
-    report = migrate_json("--from", "nodeA", "--to", "nodeB", "toytsm")
+    report = migrate_json(*DELTA, "--from", "nodeA", "--to", "nodeB", "toytsm")
     check_moved(lab, "nodeA", "nodeB", report)
     assert b.images.get(TOY_IMAGE).id == a.images.get(TOY_IMAGE).id
     assert b.volumes.get("testrw").attrs["Labels"] == a.volumes.get("testrw").attrs["Labels"]
@@ -100,7 +100,7 @@ def test_toy_migrates_there_and_back(lab: LabHandle) -> None:
     assert sent == {"testrw", "testro"}
 
     wait_for_count(b, "toytsm", 6)
-    back = migrate_json("--from", "nodeB", "--to", "nodeA", "toytsm")
+    back = migrate_json(*DELTA, "--from", "nodeB", "--to", "nodeA", "toytsm")
     check_moved(lab, "nodeB", "nodeA", back)
     layer_bytes = sum(t["bytes"] for t in back["transfers"] if t["kind"] == "layer")
     assert layer_bytes == 0, "nodeA holds every layer already"
@@ -120,7 +120,7 @@ def test_layers_the_destination_has_are_not_sent(lab: LabHandle) -> None:
     run_toy(a)
     wait_for_count(a, "toytsm", 2)
 
-    report = migrate_json("--from", "nodeA", "--to", "nodeC", "toytsm")
+    report = migrate_json(*DELTA, "--from", "nodeA", "--to", "nodeC", "toytsm")
     layers = [t for t in report["transfers"] if t["kind"] == "layer"]
     skipped = {t["item"] for t in layers if t["method"] == "skipped"}
     assert skipped == {base_layer}
@@ -194,13 +194,13 @@ def test_bad_input_gets_a_clear_error_and_the_container_keeps_running(
     ensure_toy_image(a, CACHE)
     run_toy(a)
 
-    res = migctl("migrate", "--from", "nodeA", "--to", "nodeB", "no-such-container",
+    res = migctl("migrate", *DELTA, "--from", "nodeA", "--to", "nodeB", "no-such-container",
                  check=False)
     assert res.returncode == 1
     assert "no-such-container" in res.stderr and "nodeA" in res.stderr
     assert "Traceback" not in res.stderr
 
-    res = migctl("migrate", "--from", "nodeA", "--to", "nodeZ", "toytsm", check=False)
+    res = migctl("migrate", *DELTA, "--from", "nodeA", "--to", "nodeZ", "toytsm", check=False)
     assert res.returncode == 1 and "unknown node 'nodeZ'" in res.stderr
 
     inventory = json.loads(migctl("lab", "env", "nodeA").stdout and
@@ -241,13 +241,14 @@ def test_a_service_that_shrank_migrates_though_the_cached_basis_is_far_larger(
 
     memory = DockerRuntime(lab.nodes["nodeA"]["docker_host"]).describe("shrink").memory_bytes
     assert 90e6 <= memory <= 200e6, memory
-    migrate_json("--mode", "traditional", "--from", "nodeA", "--to", "nodeB", "shrink")
+    migrate_json(*DELTA, "--mode", "traditional", "--from", "nodeA", "--to", "nodeB", "shrink")
     remove_everywhere(lab.docker, ["shrink"], [])  # nodeB's cache keeps the checkpoint
 
     a.containers.run(REDIS_IMAGE, name="shrink", detach=True,
                      ports={"6379/tcp": SHRINK_PORT})
     wait_for_redis(host_a, SHRINK_PORT).set("kept", "across the move")
-    report = migrate_json("--mode", "traditional", "--from", "nodeA", "--to", "nodeB", "shrink")
+    report = migrate_json(*DELTA, "--mode", "traditional", "--from", "nodeA", "--to", "nodeB",
+                          "shrink")
     basis = [t for t in report["transfers"] if t["kind"] == "checkpoint basis"]
     assert basis and basis[0]["origin"] == "nodeB", report["transfers"]  # the big one was found
     assert b.containers.get("shrink").status == "running"

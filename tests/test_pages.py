@@ -299,6 +299,41 @@ def test_the_link_decides_unless_the_operator_asked(link, method, criu, asked, w
     assert how == want and why
 
 
+def at(share: float) -> Link:
+    return Link(rtt=0.001, throughput=PAGE_SERVER_MIN_RATE * share, load=0.0)
+
+
+@pytest.mark.parametrize("share,last,want", [
+    (0.74, PAGE_SERVER, DELTA),        # under the band: the link decides, whatever came before
+    (1.25, DELTA, PAGE_SERVER),        # above it
+    (0.80, PAGE_SERVER, PAGE_SERVER),  # inside: what this link chose before stays
+    (1.20, DELTA, DELTA),
+    (1.00, "", DELTA),                 # inside, nothing before: the transfer every source can do
+    (1.20, "", DELTA),
+])
+def test_a_link_near_the_threshold_keeps_its_choice(share, last, want) -> None:
+    how, why = memory_transfer(at(share), "direct", "/criu", last=last)
+    assert how == want, why
+    assert f"{share * 800:.0f} Mbit/s" in why and "600-1000 Mbit/s" in why
+
+
+def test_runs_measuring_both_sides_of_the_threshold_keep_one_transfer() -> None:
+    """The lab's unshaped links measured 770-1000 Mbit/s from run to run: one transfer for all."""
+    last, seen = "", set()
+    for share in (0.97, 1.05, 0.96, 1.2, 0.8, 1.1):
+        last, _ = memory_transfer(at(share), "direct", "/criu", last=last)
+        seen.add(last)
+    assert seen == {DELTA}
+
+
+def test_the_threshold_is_the_agents_to_set() -> None:
+    link = at(1.0)  # 800 Mbit/s
+    assert memory_transfer(link, "direct", "/criu", min_rate=PAGE_SERVER_MIN_RATE / 4)[0] == \
+        PAGE_SERVER
+    how, why = memory_transfer(link, "direct", "/criu", min_rate=PAGE_SERVER_MIN_RATE * 4)
+    assert how == DELTA and "2400-4000 Mbit/s" in why
+
+
 @pytest.mark.parametrize("method,criu,why", [
     ("engine", "/criu", "checkpoints through its engine"),
     ("direct", None, "no CRIU of its own"),

@@ -19,7 +19,7 @@ import pytest
 from client import labnet
 from client.lab import Lab
 from client.workloads import REDIS_IMAGE, ensure_redis_image, fill_redis, remove_everywhere
-from tests.conftest import CACHE, ROOT, LabHandle, migctl, migrate_json
+from tests.conftest import CACHE, ROOT, LabHandle, migctl, migrate_json, names_its_transfer
 from tests.test_faults import kill_agent, link
 
 pytestmark = pytest.mark.lab
@@ -105,6 +105,7 @@ def test_post_copy_moves_redis_with_every_key(lab: LabHandle, redis: int) -> Non
 
 
 def start(args: list[str]) -> tuple[subprocess.Popen, list[str]]:
+    names_its_transfer(["migrate", *args])
     proc = subprocess.Popen([sys.executable, "-m", "client.cli", "migrate", *args],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)

@@ -12,7 +12,7 @@ import pytest
 
 from client.lab import Lab
 from client.workloads import ensure_toy_image, remove_everywhere, run_toy
-from tests.conftest import CACHE, LabHandle, migctl
+from tests.conftest import CACHE, DELTA, LabHandle, migctl
 from tests.test_faults import (
     HOOKS,
     assert_intact_and_counting,
@@ -53,7 +53,7 @@ def policy_of(lab: LabHandle, node: str) -> dict:
                          ids=[p for p, _ in POLICIES])
 def test_a_container_with_a_restart_policy_moves_once(lab: LabHandle,
                                                       toy_with_policy: dict) -> None:
-    migctl("migrate", "--from", "nodeA", "--to", "nodeB", "toytsm")
+    migctl("migrate", *DELTA, "--from", "nodeA", "--to", "nodeB", "toytsm")
     time.sleep(3)  # long enough for the source engine to have restarted it, if it would
     assert running_copies(lab) == ["nodeB"]
     assert policy_of(lab, "nodeB") == toy_with_policy
@@ -61,14 +61,19 @@ def test_a_container_with_a_restart_policy_moves_once(lab: LabHandle,
     assert_intact_and_counting(lab.docker["nodeB"], "nodeB")
 
 
+FROZEN = {"delta": "exited", "page-server": "paused"}  # the source after the freeze
+
+
+@pytest.mark.parametrize("memory", list(FROZEN))
 @pytest.mark.parametrize("toy_with_policy", POLICIES, indirect=True,
                          ids=[p for p, _ in POLICIES])
-def test_a_rollback_gives_the_source_its_policy_back(lab: LabHandle,
-                                                     toy_with_policy: dict) -> None:
+def test_a_rollback_gives_the_source_its_policy_back(lab: LabHandle, toy_with_policy: dict,
+                                                     memory: str) -> None:
     Lab().restart_agent("nodeB", ["--test-pause", "transferring-final=6"], HOOKS)
-    proc, lines = start_migration()
+    proc, lines = start_migration(["--memory-transfer", memory])
     wait_for_line(lines, "paused before transferring-final")
     assert policy_of(lab, "nodeA")["Name"] == "no"  # frozen: the engine must not restart it
+    assert lab.docker["nodeA"].containers.get("toytsm").status == FROZEN[memory]
     assert running_copies(lab) == []
     kill_agent("nodeB")()
     finish(proc, lines)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from client.workloads import TOY_IMAGE, ensure_toy_image, numbers, remove_everywhere
-from tests.conftest import CACHE, LabHandle, migrate_json
+from tests.conftest import CACHE, DELTA, LabHandle, migrate_json
 from tests.test_faults import running_copies
 
 pytestmark = pytest.mark.lab
@@ -41,7 +41,7 @@ def test_root_filesystem_changes_move_with_the_container(lab: LabHandle, writer:
     a, b = lab.docker["nodeA"], lab.docker["nodeB"]
     before = numbers(sh(a, "rootw", "cat /app.log").output.decode())
     assert before[:3] == [0, 1, 2]
-    report = migrate_json("--from", "nodeA", "--to", "nodeB", "rootw")
+    report = migrate_json(*DELTA, "--from", "nodeA", "--to", "nodeB", "rootw")
     assert running_copies(lab, "rootw") == ["nodeB"]
 
     time.sleep(1)

@@ -511,7 +511,11 @@ class Migration:
         criu = criu_path()
         asked = self.request.memory_transfer
         how, why = memory_transfer(self.link, self.pre_checkpoint.method, criu, asked,
-                                   self.no_post_copy() if asked == POST_COPY else "")
+                                   self.no_post_copy() if asked == POST_COPY else "",
+                                   min_rate=self.links.page_server_min_rate,
+                                   last=self.links.chosen(self.source_address))
+        if not asked and self.link is not None:
+            self.links.choose(self.source_address, how)
         lazy = how == POST_COPY
         pre_pages = spec.memory_bytes if lazy else sum(
             f.size for f in self.pre_checkpoint.files if Path(f.path).name.startswith("pages-"))

@@ -45,10 +45,23 @@ LOCAL = Link(rtt=0.0, throughput=float("inf"), load=0.0)
 class Links:
     """Measured links to other nodes, refreshed when older than LINK_TTL."""
 
-    def __init__(self, connect: Callable[[str], grpc.Channel]) -> None:
+    def __init__(self, connect: Callable[[str], grpc.Channel],
+                 page_server_min_rate: float = 0.0) -> None:
         self.connect = connect
+        self.page_server_min_rate = page_server_min_rate or PAGE_SERVER_MIN_RATE
         self._known: dict[str, tuple[float, Link]] = {}
+        self._chosen: dict[str, str] = {}  # the memory transfer the link last chose, by address
         self._lock = threading.Lock()
+
+    def chosen(self, address: str) -> str:
+        with self._lock:
+            return self._chosen.get(address, "")
+
+    def choose(self, address: str, how: str) -> None:
+        """Remembers what the link chose, so that a later measure inside the page server's
+        band keeps it (PAGE_SERVER_BAND)."""
+        with self._lock:
+            self._chosen[address] = how
 
     def measure(self, address: str) -> Link | None:
         with self._lock:
@@ -86,12 +99,21 @@ a link's transfer of the whole memory, and the delta sends only what changed (be
 measures both)."""
 
 
+PAGE_SERVER_BAND = 0.25
+"""Hysteresis around the page server's rate: a link measuring within 25 % of it keeps the
+transfer it chose last (delta, which every source can do, when it chose none). The lab's
+unshaped links measured 770-1000 Mbit/s from run to run, both sides of 800: without the band
+two runs on one machine moved memory two ways."""
+
+
 def memory_transfer(link: Link | None, source_method: str, criu: str | None,
-                    asked: str = "", no_post_copy: str = "") -> tuple[str, str]:
+                    asked: str = "", no_post_copy: str = "", *,
+                    min_rate: float = PAGE_SERVER_MIN_RATE, last: str = "") -> tuple[str, str]:
     """How the final checkpoint's memory pages travel, and why, for the report: what the
-    operator ASKED for, else the link decides. A page server that cannot run is refused, and
-    so is post-copy (never chosen unasked: until the last page arrived, the container's memory
-    is on two nodes) where NO_POST_COPY says why it cannot run."""
+    operator ASKED for, else the link decides against MIN_RATE, keeping LAST (what it chose
+    before) inside the band. A page server that cannot run is refused, and so is post-copy
+    (never chosen unasked: until the last page arrived, the container's memory is on two
+    nodes) where NO_POST_COPY says why it cannot run."""
     if asked not in ("", PAGE_SERVER, DELTA, POST_COPY):
         raise InvalidArgument(f"memory transfer {asked!r}: it is {PAGE_SERVER!r}, {DELTA!r} "
                               f"or {POST_COPY!r}")
@@ -112,11 +134,20 @@ def memory_transfer(link: Link | None, source_method: str, criu: str | None,
         return PAGE_SERVER, "asked for"
     if link is None:
         return DELTA, "the link to the source could not be measured"
-    rate = f"{link.throughput * 8 / 1e6:.0f} Mbit/s"
-    limit = f"{PAGE_SERVER_MIN_RATE * 8 / 1e6:.0f} Mbit/s"
-    if link.throughput < PAGE_SERVER_MIN_RATE:
-        return DELTA, f"the link measured {rate}, under the page server's {limit}"
-    return PAGE_SERVER, f"the link measured {rate}, at least the page server's {limit}"
+    low, high = min_rate * (1 - PAGE_SERVER_BAND), min_rate * (1 + PAGE_SERVER_BAND)
+    rate = f"the link measured {_mbit(link.throughput)} Mbit/s"
+    band = f"the page server's band of {_mbit(low)}-{_mbit(high)} Mbit/s"
+    if link.throughput < low:
+        return DELTA, f"{rate}, under {band}"
+    if link.throughput >= high:
+        return PAGE_SERVER, f"{rate}, above {band}"
+    if last in (DELTA, PAGE_SERVER):
+        return last, f"{rate}, inside {band}: {last} as this link chose before"
+    return DELTA, f"{rate}, inside {band}, and this link chose nothing before"
+
+
+def _mbit(rate: float) -> str:
+    return f"{rate * 8 / 1e6:.0f}"
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ class LabDriver:
         from client.lab import Lab
 
         self.state = Lab().state()
+        self.found_links = dict(self.state.get("links", {}))  # given back at the end
         missing = [n for n in (SOURCE, DESTINATION, NEIGHBOUR) if n not in
                    self.state.get("nodes", {})]
         if missing:
@@ -80,6 +81,8 @@ class LabDriver:
         from client import labnet
 
         labnet.reset(self.state)
+        for name, spec in self.found_links.items():
+            labnet.set_link(self.state, *name.split("|"), labnet.LinkSpec(**spec))
         self._clean()
 
     # -- one run ------------------------------------------------------------------------------
