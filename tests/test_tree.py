@@ -136,11 +136,16 @@ def test_a_layer_gets_whiteouts_in_place(tmp_path: Path, not_racy) -> None:
 
 # -- what a hostile source would try -----------------------------------------------------------
 
+FOLDER = b"<folder>"  # an entry's data: the entry is a folder
+
+
 def hostile(path: Path, *entries: tuple[str, bytes | None, dict]) -> Path:
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
         for name, data, pax in entries:
             info = tarfile.TarInfo(name)
             info.pax_headers.update(pax)
+            if data == FOLDER:
+                info.type, info.mode, data = tarfile.DIRTYPE, 0o755, b""
             info.size = len(data or b"")
             tar.addfile(info, io.BytesIO(data or b""))
     return path
@@ -153,6 +158,8 @@ def dest(tmp_path: Path) -> Path:
     (d / "keep" / "file").write_text("mine")
     (tmp_path / "outside").mkdir()
     (tmp_path / "outside" / "secret").write_text("host data")
+    (tmp_path / "outside" / "sub").mkdir()
+    (tmp_path / "outside" / "sub" / "more").write_text("host data")
     (d / "escape").symlink_to(tmp_path / "outside")  # the container planted this link
     return d
 
@@ -164,6 +171,10 @@ def dest(tmp_path: Path) -> Path:
     [("../outside/secret", None, {tree.DELETED: "1"})],
     [("../outside/new", b"x", {})],
     [("keep/file", b"a", {}), ("keep/file", b"b", {})],
+    # the red team's: the link's name as a folder of the archive, and deletions below it
+    [("escape", FOLDER, {}), ("escape/secret", None, {tree.DELETED: "1"})],
+    [("escape", FOLDER, {}), ("escape/sub", None, {tree.DELETED: "1"})],
+    [("escape/secret", None, {tree.DELETED: "1"}), ("escape", FOLDER, {})],
 ])
 def test_a_changes_archive_never_leaves_the_tree(tmp_path: Path, dest: Path, entries) -> None:
     bad = hostile(tmp_path / "bad.tar", *entries)
@@ -171,7 +182,54 @@ def test_a_changes_archive_never_leaves_the_tree(tmp_path: Path, dest: Path, ent
     with pytest.raises(Refused):
         archive.apply_changes(bad, dest)
     assert (tmp_path / "outside" / "secret").read_text() == "host data"
+    assert (tmp_path / "outside" / "sub" / "more").read_text() == "host data"
     assert listing(tmp_path) == before, "a refused archive must touch nothing"
+
+
+def test_a_link_replaced_by_a_folder_loses_only_the_link(tmp_path: Path, dest: Path) -> None:
+    """What an honest source sends when a link became a folder: the folder and its files."""
+    archive.apply_changes(hostile(tmp_path / "ok.tar", ("escape", FOLDER, {}),
+                                  ("escape/new", b"x", {})), dest)
+    assert (dest / "escape").is_dir() and not (dest / "escape").is_symlink()
+    assert (dest / "escape" / "new").read_text() == "x"
+    assert sorted(os.listdir(tmp_path / "outside")) == ["secret", "sub"]
+
+
+def test_removal_never_follows_a_link_out_of_its_root(tmp_path: Path, dest: Path) -> None:
+    with pytest.raises(Refused, match="outside"):
+        archive.remove_entry(dest / "escape" / "sub", dest)
+    assert (tmp_path / "outside" / "sub" / "more").exists()
+    archive.remove_entry(dest / "escape", dest)  # the link itself is the tree's
+    assert not (dest / "escape").exists() and (tmp_path / "outside").exists()
+
+
+@pytest.mark.parametrize("mode", ["w:gz", "w:bz2", "w:xz"])
+def test_a_compressed_archive_is_refused_before_it_inflates(tmp_path: Path, dest: Path,
+                                                            mode: str) -> None:
+    """Size limits count what came over the wire: a 64 MiB file of zeros in a few KB."""
+    bomb = tmp_path / "bomb.tar"
+    with tarfile.open(bomb, mode) as tar:
+        info = tarfile.TarInfo("zeros")
+        info.size = 64 << 20
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    assert bomb.stat().st_size < 1 << 20
+    for apply in (archive.restore, archive.apply_changes):
+        with pytest.raises(Refused, match="not a plain tar"):
+            apply(bomb, dest)
+    assert not (dest / "zeros").exists()
+
+
+def test_an_archive_announcing_more_than_it_holds_is_refused(tmp_path: Path, dest: Path) -> None:
+    """A sparse entry is one way to announce a size whose bytes the archive never carries."""
+    big = tmp_path / "sparse.tar"
+    with tarfile.open(big, "w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("hole")
+        info.type = tarfile.GNUTYPE_SPARSE
+        info.size = 1 << 40
+        tar.addfile(info)
+    with pytest.raises(Refused):
+        archive.restore(big, dest)
+    assert not (dest / "hole").exists()
 
 
 def test_a_changed_file_replaces_a_link_instead_of_writing_through_it(tmp_path: Path,

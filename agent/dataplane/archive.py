@@ -63,23 +63,42 @@ def _check(members: list[tarfile.TarInfo]) -> None:
         kinds[path] = "file" if member.isreg() else "dir" if member.isdir() else "link"
 
 
+def open_plain(archive: Path) -> tarfile.TarFile:
+    """ARCHIVE as the plain tar our snapshots are. tarfile.open alone inflates gzip, bzip2 and
+    xz on the fly, past every size limit counted in the bytes that came over the wire (1.6 KB
+    wrote 2 GiB); and the archive must carry every byte it extracts, so a sparse entry cannot
+    announce more than it holds either."""
+    try:
+        tar = tarfile.open(archive, "r:")  # noqa: SIM115 - the caller closes it
+    except tarfile.ReadError as err:
+        raise Refused(f"archive {archive.name} is not a plain tar archive ({err}); migctl's "
+                      "snapshots are never compressed") from None
+    try:
+        members = tar.getmembers()
+    except tarfile.TarError as err:
+        tar.close()
+        raise Refused(f"archive {archive.name} is malformed: {err}") from None
+    declared = sum(m.size for m in members if m.isreg())
+    if declared > archive.stat().st_size:
+        tar.close()
+        raise Refused(f"archive {archive.name} announces {declared} bytes of files in "
+                      f"{archive.stat().st_size} bytes: it would extract more than it holds")
+    return tar
+
+
 def restore(archive: Path, target_dir: Path, *, keep_modes: bool = False) -> list[tarfile.TarInfo]:
     """Replace TARGET_DIR's content with ARCHIVE's. Every entry is checked before anything is
     touched, so a hostile archive leaves the volume as it was. KEEP_MODES keeps setuid bits
     and numeric owners as they are (a container's root filesystem needs them); otherwise the
     `tar` filter drops them. Returns the entries extracted."""
-    with tarfile.open(archive) as tar:
+    with open_plain(archive) as tar:
         members = tar.getmembers()
         try:
             _check(members)
         except _Hostile as err:
             raise Refused(f"archive {archive.name} has a hostile entry: {err}") from None
         for entry in os.listdir(target_dir):
-            path = target_dir / entry
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+            remove_entry(target_dir / entry, target_dir)
         if keep_modes:  # paths and links were checked above, whole
             tar.extractall(target_dir, filter="fully_trusted", numeric_owner=True)
         else:
@@ -93,8 +112,10 @@ def apply_changes(archive: Path, target_dir: Path, *,
     first, then the changed entries over what is there. Checked whole before anything is
     touched, and every entry's parents in TARGET_DIR must be real folders (a symlink the
     container left there could otherwise carry a write out of it). Returns the entries
-    extracted."""
-    with tarfile.open(archive) as tar:
+    extracted. A deletion names what is here, so its parents must be folders here: a folder
+    of the archive replaces a link only after the deletions (a link `esc -> /` plus a folder
+    `esc` and a deletion `esc/etc` once removed the host's /etc)."""
+    with open_plain(archive) as tar:
         members = tar.getmembers()
         gone = [m for m in members if DELETED in m.pax_headers]
         rest = [m for m in members if DELETED not in m.pax_headers]
@@ -102,19 +123,20 @@ def apply_changes(archive: Path, target_dir: Path, *,
             _check(rest)
             for m in gone:
                 _inside(m.name, m)
+                _real_parents(target_dir, m, set())
             folders = {PurePosixPath(m.name) for m in rest if m.isdir()}
-            for m in members:
+            for m in rest:
                 _real_parents(target_dir, m, folders)
         except _Hostile as err:
             raise Refused(f"archive {archive.name} has a hostile entry: {err}") from None
         for m in gone:
-            remove_entry(target_dir / m.name)
+            remove_entry(target_dir / m.name, target_dir)
         for m in rest:
             path = target_dir / m.name
             with contextlib.suppress(FileNotFoundError):
                 st = path.lstat()
                 if not (m.isdir() and stat.S_ISDIR(st.st_mode)):
-                    remove_entry(path)  # replaced, never written through
+                    remove_entry(path, target_dir)  # replaced, never written through
         if keep_modes:  # paths, links and parents were checked above
             tar.extractall(target_dir, members=rest, filter="fully_trusted", numeric_owner=True)
         else:
@@ -140,7 +162,13 @@ def _real_parents(target_dir: Path, member: tarfile.TarInfo,
                                    "which is not a folder here")
 
 
-def remove_entry(path: Path) -> None:
+def remove_entry(path: Path, root: Path) -> None:
+    """Remove PATH (a folder with its content), which must lie in ROOT as the kernel resolves
+    its parents now: the last guard, after the checks, against a link in the way."""
+    real_root = os.path.realpath(root)
+    parent = os.path.realpath(path.parent)
+    if os.path.commonpath([real_root, parent]) != real_root:
+        raise Refused(f"{path} resolves to {parent}, outside {root}: not removed")
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISDIR(path.lstat().st_mode):
             shutil.rmtree(path)

@@ -17,7 +17,7 @@ import stat
 import tarfile
 from pathlib import Path
 
-from agent.dataplane.archive import apply_changes, remove_entry, restore
+from agent.dataplane.archive import apply_changes, open_plain, remove_entry, restore
 from agent.dataplane.tree import (
     OPAQUE,
     OPAQUE_XATTR,
@@ -49,7 +49,7 @@ def apply_layer_changes(archive: Path, upper: Path) -> None:
 
 
 def _check_layer(archive: Path) -> None:
-    with tarfile.open(archive) as tar:
+    with open_plain(archive) as tar:
         for m in tar.getmembers():
             _check_layer_entry(archive, m)
 
@@ -65,7 +65,7 @@ def _finish(upper: Path, members: list[tarfile.TarInfo]) -> None:
         elif base.startswith(WHITEOUT):
             path.unlink()
             hidden = path.parent / base[len(WHITEOUT):]
-            remove_entry(hidden)  # a changes archive may whiteout what the layer held
+            remove_entry(hidden, upper)  # a changes archive may whiteout what the layer held
             os.mknod(hidden, stat.S_IFCHR, os.makedev(0, 0))
         for key, value in m.pax_headers.items():
             if key.startswith(XATTR_KEY):
