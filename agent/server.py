@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY
 
 from agent.authz import SERVICE, Authorization
+from agent.bounds import SERVER_RPCS, SERVER_WORKERS, Bounds
 from agent.dataplane.channel import OPTIONS
 from agent.errors import MigctlError
 from agent.health import NodeHealth
@@ -29,14 +30,16 @@ from proto import migctl_pb2_grpc as rpc
 
 
 def agent_server(service: rpc.AgentServicer, node_health: NodeHealth) -> grpc.Server:
-    """The server every agent runs: the role gate (agent.authz) in front of the Agent service
+    """The server every agent runs: the role gate (agent.authz) and the bounds on what one
+    caller may hold (agent.bounds) in front of the Agent service
     and of the standard health and reflection services, which tools like `grpcurl` and
     `grpc_health_probe` use with an operator's or a node's certificate."""
     # Without SO_REUSEPORT a second agent on the same port fails to start instead of silently
     # sharing the port with the first (and answering half of its calls with its own code).
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32),
-                         interceptors=[Authorization()],
-                         options=[*OPTIONS, ("grpc.so_reuseport", 0)])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=SERVER_WORKERS),
+                         interceptors=[Authorization(), Bounds()],
+                         options=[*OPTIONS, ("grpc.so_reuseport", 0)],
+                         maximum_concurrent_rpcs=SERVER_RPCS)
     rpc.add_AgentServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(node_health.servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),

@@ -136,7 +136,7 @@ class AgentService(rpc.AgentServicer):
         self.source = SourceSide(runtime, self.staging, self.journal, self.store, lease_seconds,
                                  self.publish, self.metrics, netns_prefix=netns_prefix(node))
         self._migrating: dict[str, str] = {}  # container -> migration id, at this destination
-        self._vouched: dict[tuple[str, str, str], tuple[float, frozenset[str]]] = {}
+        self._vouched: dict[tuple[str, str, str, str], tuple[float, frozenset[str]]] = {}
         self._lock = threading.Lock()
 
     def start_background(self, interval: float = 2.0) -> None:
@@ -218,8 +218,8 @@ class AgentService(rpc.AgentServicer):
     @handler
     def Vouch(self, request: pb.VouchRequest, context: Any) -> pb.VouchReply:
         valid_migration_id(request.migration_id)
-        return pb.VouchReply(keys=self.source.vouch(request.migration_id,
-                                                     request.destination_node))
+        vouched = set(self.source.vouch(request.migration_id, request.destination_node))
+        return pb.VouchReply(keys=[k for k in request.keys if k in vouched])
 
     def vouched(self, context: Any, request: pb.HeldRef) -> None:
         """Serve a cached item only to the bound destination of a live migration whose source
@@ -227,13 +227,19 @@ class AgentService(rpc.AgentServicer):
         who = caller(context)
         valid_migration_id(request.migration_id)
         valid_name("source node", request.source_node)
-        key = (request.migration_id, request.source_node, who)
+        if request.source_node == who:  # its own agent would vouch for anything
+            raise PermissionDenied(f"{who} names itself as the source of migration "
+                                   f"{request.migration_id}: a destination is never its own "
+                                   "source")
+        key = (request.migration_id, request.source_node, who, request.key)
         with self._lock:
             cached = self._vouched.get(key)
         if cached is None or time.monotonic() - cached[0] > VOUCH_SECONDS:
-            ask = pb.VouchRequest(migration_id=request.migration_id, destination_node=who)
+            ask = pb.VouchRequest(migration_id=request.migration_id, destination_node=who,
+                                  keys=[request.key])
             if request.source_node == self.node:
-                keys = self.source.vouch(ask.migration_id, ask.destination_node)
+                keys = set(self.source.vouch(ask.migration_id, ask.destination_node)) & \
+                    {request.key}
             else:
                 channel = self.connect(self.address_of(request.source_node),
                                        request.source_node)
@@ -260,6 +266,11 @@ class AgentService(rpc.AgentServicer):
         item = self.store.get(request.key, request.timestamp)
         if item is None:
             raise NotFound(f"{self.node} no longer holds {request.key}")
+        if request.source_node not in item.entitled:
+            raise PermissionDenied(f"{self.node}'s copy of {request.key} came from "
+                                   f"{', '.join(sorted(item.entitled)) or 'an older agent'}, "
+                                   f"not from {request.source_node}: not served for its "
+                                   "migration")
         for data in self.serve_held(item.path):
             yield pb.Chunk(data=data)
 

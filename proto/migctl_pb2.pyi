@@ -371,12 +371,14 @@ class HeldRef(_message.Message):
     def __init__(self, key: _Optional[str] = ..., timestamp: _Optional[float] = ..., migration_id: _Optional[str] = ..., source_node: _Optional[str] = ...) -> None: ...
 
 class VouchRequest(_message.Message):
-    __slots__ = ("migration_id", "destination_node")
+    __slots__ = ("migration_id", "destination_node", "keys")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_NODE_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     destination_node: str
-    def __init__(self, migration_id: _Optional[str] = ..., destination_node: _Optional[str] = ...) -> None: ...
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, migration_id: _Optional[str] = ..., destination_node: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class VouchReply(_message.Message):
     __slots__ = ("keys",)

@@ -308,11 +308,14 @@ class AgentServicer:
     def FetchHeld(self, request, context):
         """One held item (a volume snapshot, a read-only volume's content, a checkpoint archive), for
         the destination of a live migration: the holder asks that migration's source (Vouch)
-        whether the caller is its bound destination and the item belongs to its container.
-        Callers: node (vouched for by the migration's source).
+        whether the caller is its bound destination and the item belongs to its container, and
+        serves it only if its copy came from that source (the two ends of the migration that made
+        the copy held its content: no other node's migration gets it).
+        Callers: node (vouched for by the migration's source, which is not the caller).
         Errors: INVALID_ARGUMENT: a malformed migration id or source node name; NOT_FOUND: the
         source node is unknown to this agent, or the item is no longer held; PERMISSION_DENIED:
-        the source does not vouch for the caller, or the item is not part of the migration.
+        the caller names itself as the source, the source does not vouch for the caller, the item
+        is not part of the migration, or this copy did not come from that source.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -320,8 +323,8 @@ class AgentServicer:
 
     def Vouch(self, request, context):
         """Asked of a migration's source by a holder of cached items: whether DESTINATION_NODE is the
-        bound destination of this live migration, and which cached items (keys) belong to its
-        container.
+        bound destination of this live migration, and which of the cached items named (KEYS)
+        belong to its container. It never lists keys it was not asked about.
         Callers: node.
         Errors: INVALID_ARGUMENT: a malformed migration id; PERMISSION_DENIED: DESTINATION_NODE
         has no live migration of that id from this node.

@@ -32,6 +32,7 @@ from proto import migctl_pb2 as pb
 from proto import migctl_pb2_grpc as rpc
 
 OUTSIDE = "/tmp/migctl-hostile-outside"  # a file outside staging that an attack aims at
+LEAKS = "/tmp/migctl-hostile-leaks"  # what the destination revealed of a cached basis
 BIG = 400 << 20
 
 SCENARIOS = {
@@ -48,6 +49,10 @@ SCENARIOS = {
     "final-path": "a final pass that sends checkpoints/final/../../../..{OUTSIDE}",
     "changes-escape": "a final pass whose volume changes delete ../../../..{OUTSIDE}",
     "final-twice": "a final pass that sends the same checkpoint file twice",
+    "changes-escape-folder": "a volume snapshot with a link esc -> /tmp, then volume changes "
+                             "that make esc a folder and delete esc/<the outside file>",
+    "cache-basis": "a container described with another container's image (its cache key), to "
+                   "get the destination's cached checkpoint of it as a delta basis",
 }
 
 
@@ -84,6 +89,24 @@ def deleting_tar() -> bytes:
     gone = tarfile.TarInfo("../../../../../../../.." + OUTSIDE)
     gone.pax_headers = {"MIGCTL.deleted": "1"}
     return _tar([(gone, b"")])
+
+
+def link_tar() -> bytes:
+    """A snapshot whose link points out of the volume (links may point anywhere)."""
+    link = tarfile.TarInfo("esc")
+    link.type = tarfile.SYMTYPE
+    link.linkname = os.path.dirname(OUTSIDE)
+    return _tar([(link, b"")])
+
+
+def folder_deleting_tar() -> bytes:
+    """Changes: esc is now a folder, and a file below it is gone: applied in the wrong order,
+    the deletion goes through the link."""
+    folder = tarfile.TarInfo("esc")
+    folder.type, folder.mode = tarfile.DIRTYPE, 0o755
+    gone = tarfile.TarInfo("esc/" + os.path.basename(OUTSIDE))
+    gone.pax_headers = {"MIGCTL.deleted": "1"}
+    return _tar([(folder, b""), (gone, b"")])
 
 
 def plain_tar() -> bytes:
@@ -128,7 +151,7 @@ class Hostile(rpc.AgentServicer):
                                 networks=["bridge"])
         if self.scenario == "volume-name":
             spec.volumes.add(name="../../../../tmp/x", destination="/data")
-        if self.scenario in ("hardlink", "oversize", "changes-escape"):
+        if self.scenario in ("hardlink", "oversize", "changes-escape", "changes-escape-folder"):
             self.volumes.append("hostilevol")
             spec.volumes.add(name="hostilevol", destination="/data", driver="local",
                              volume_id="hostile-guid")
@@ -158,6 +181,8 @@ class Hostile(rpc.AgentServicer):
         path = f"volumes/{request.volume}.tar"
         if self.scenario == "hardlink":
             return self._info(path, hardlink_tar())
+        if self.scenario == "changes-escape-folder":
+            return self._info(path, link_tar())
         if self.scenario == "oversize":
             self._info(path, os.urandom(50 << 20))
             return pb.FileInfo(path=path, size=10_000, digest="0" * 32)
@@ -183,9 +208,19 @@ class Hostile(rpc.AgentServicer):
         for i in range(0, len(data), 1 << 20):
             yield pb.Chunk(data=data[i:i + (1 << 20)])
 
+    def Vouch(self, request: Any, context: Any) -> pb.VouchReply:
+        """A hostile node's own agent vouches for anything: what it is asked about, and the
+        keys it wants (the toy's, which any node learns from Holdings)."""
+        return pb.VouchReply(keys=[*request.keys, "svc:toytsm:1:toytsm", "app:toytsm:1"])
+
     def FetchDelta(self, request_iterator: Any, context: Any) -> Iterator[pb.Chunk]:
         target = next(request_iterator).target.path
         sig = Signature.from_chunks(r.signature for r in request_iterator)
+        if sig.basis_length and target.startswith("checkpoints/"):
+            # the size and hash of the destination's copy: enough for a delta that copies it
+            # whole, which then ends with the very hash the destination expects
+            with open(LEAKS, "a") as f:
+                f.write(f"{target} {sig.basis_length} {sig.basis_hash.hex()}\n")
         for data in self._delta(sig, self.files.get(target, b"")):
             yield pb.Chunk(data=data)
 
@@ -212,8 +247,9 @@ class Hostile(rpc.AgentServicer):
         if self.scenario == "final-twice":
             items = [(pages, self.pages), (pages, self.pages)]
         for name in self.volumes:
-            items.append((f"volumes/{name}.changes.tar",
-                          deleting_tar() if self.scenario == "changes-escape" else _tar([])))
+            changes = {"changes-escape": deleting_tar,
+                       "changes-escape-folder": folder_deleting_tar}.get(self.scenario)
+            items.append((f"volumes/{name}.changes.tar", changes() if changes else _tar([])))
         items.append(("rootfs.changes.tar", _tar([])))
         for path, data in items:
             sig = self.offers.get(path)

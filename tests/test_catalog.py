@@ -84,3 +84,37 @@ def test_policy_prefers_fresh_snapshots_and_fast_holders() -> None:
         ["nodeC", "nodeE", "nodeD"]
     cached = rank([Holding("ro:r", "me", 0.0, 5, "r")], links, freshness=False)
     assert "this node's cache" in cached[0].reason
+
+
+def test_a_cached_item_serves_only_migrations_from_the_nodes_that_held_it(
+        tmp_path: Path) -> None:
+    """Cache keys follow from a description its source writes: a hostile source naming another
+    container's image must not get that container's checkpoint (second red team, 2)."""
+    store = Store(tmp_path)
+    src = tmp_path / "ckpt"
+    src.write_bytes(b"memory of the victim")
+    store.put("app:toytsm:1", 1.0, src, "d1", entitled=("nodeA", "nodeB"))
+    assert [i.entitled for i in store.find("app:toytsm:1")] == [frozenset({"nodeA", "nodeB"})]
+    assert store.find("app:toytsm:1", for_source="nodeA")
+    assert store.find("app:toytsm:1", for_source="nodeC") == []
+    assert store.get("app:toytsm:1", 1.0, for_source="nodeC") is None
+    store.entitle("app:toytsm:1", 1.0, ["nodeC"])  # the same content came from nodeC too
+    assert store.get("app:toytsm:1", 1.0, for_source="nodeC") is not None
+    reopened = Store(tmp_path)  # the entitlement is on disk
+    assert reopened.find("app:toytsm:1", for_source="nodeC")
+
+
+def test_items_of_an_older_catalog_serve_nobody(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "catalog.db")
+    db.execute("CREATE TABLE items (key TEXT NOT NULL, ts REAL NOT NULL, size INTEGER NOT NULL, "
+               "digest TEXT NOT NULL, file TEXT NOT NULL, used REAL NOT NULL, "
+               "PRIMARY KEY (key, ts))")
+    db.execute("INSERT INTO items VALUES ('rw:v', 1.0, 4, 'd', 'old', 1.0)")
+    db.commit()
+    db.close()
+    store = Store(tmp_path)
+    (store.cache_dir / "old").write_bytes(b"data")
+    assert [i.entitled for i in store.find("rw:v")] == [frozenset()]
+    assert store.find("rw:v", for_source="nodeA") == []

@@ -9,6 +9,7 @@ a message that says why; nothing is written outside staging; the victim keeps ru
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import stat
@@ -19,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import docker
 import grpc
 import pytest
 
@@ -32,7 +34,7 @@ from client.workloads import ensure_toy_image, remove_everywhere, run_toy
 from proto import migctl_pb2 as pb
 from proto import migctl_pb2_grpc as rpc
 from tests.conftest import CACHE, DELTA, ROOT, LabHandle, migctl
-from tests.hostile_source import OUTSIDE
+from tests.hostile_source import LEAKS, OUTSIDE
 from tests.test_faults import (
     HOOKS,
     finish,
@@ -293,6 +295,43 @@ def test_1_2_cached_memory_and_volumes_are_served_only_to_a_vouched_destination(
         grpc.StatusCode.PERMISSION_DENIED)
 
 
+def test_3_a_node_cannot_vouch_for_itself(lab: LabHandle, hostile_c) -> None:
+    """nodeC's agent is hostile and vouches for anything; nodeC names itself as the source of a
+    made-up migration and asks nodeB for toytsm's cached memory (second red team, 3)."""
+    migctl("migrate", "--json", *DELTA, "--from", "nodeA", "--to", "nodeB", "toytsm")
+    hostile_c("final-twice")  # any scenario: its Vouch says yes to everything
+    b = stub(lab, "nodeB", "nodeC")
+    held = b.Holdings(pb.HoldingsRequest(keys=["svc:toytsm:1:toytsm", "app:toytsm:1"]),
+                      timeout=10).holdings
+    assert held, "nodeB should hold the checkpoint after the migration"
+    for h in held:
+        err = refused(lambda h=h: b.FetchHeld(pb.HeldRef(
+            key=h.key, timestamp=h.timestamp, migration_id="madeup01", source_node="nodeC"),
+            timeout=20), grpc.StatusCode.PERMISSION_DENIED)
+        assert "names itself as the source" in err.details(), err.details()
+    assert running_copies(lab) == ["nodeB"]
+
+
+def test_3_vouch_names_no_key_it_was_not_asked_about(lab: LabHandle, victim: None) -> None:
+    """During a live migration A->B, nodeC asks nodeA to vouch for nodeB: it learns nothing of
+    the container's cache keys (it may only ask about a key it already knows)."""
+    Lab().restart_agent("nodeB", ["--test-pause", "transferring-final=6"], HOOKS)
+    try:
+        proc, lines = start_migration(DELTA)
+        wait_for_line(lines, "paused before transferring-final")
+        mid = _source_migration_id()
+        c = stub(lab, "nodeA", "nodeC")
+        reply = c.Vouch(pb.VouchRequest(migration_id=mid, destination_node="nodeB"), timeout=10)
+        assert list(reply.keys) == [], "Vouch listed keys it was not asked about"
+        known = "app:toytsm:1"
+        reply = c.Vouch(pb.VouchRequest(migration_id=mid, destination_node="nodeB",
+                                        keys=[known, "app:other:1"]), timeout=10)
+        assert list(reply.keys) == [known]
+        assert proc.wait(timeout=300) == 0, finish(proc, lines)
+    finally:
+        Lab().restart_agent("nodeB")
+
+
 def _source_migration_id(node: str = "nodeA") -> str:
     db = sqlite3.connect(Lab().node_dir(node) / "agent" / "journal.db")
     try:
@@ -388,6 +427,7 @@ def from_c(*extra: str) -> subprocess.CompletedProcess[str]:
     ("rootfs-xattr", "trusted.overlay.redirect"),
     ("final-path", "is not a plain file of checkpoint"),
     ("changes-escape", "outside the volume"),
+    ("changes-escape-folder", "which is not a folder here"),
     ("final-twice", "twice"),
 ])
 def test_6_to_8_a_hostile_source_writes_nothing_outside(lab: LabHandle, hostile_c,
@@ -401,6 +441,27 @@ def test_6_to_8_a_hostile_source_writes_nothing_outside(lab: LabHandle, hostile_
     assert not [p for p in staging("nodeB").rglob("*") if p.is_file()
                 and p.stat().st_size > 64 << 20], "a hostile stream was written whole"
     assert running_copies(lab) == ["nodeA"]
+
+
+def test_2_a_hostile_source_gets_no_cached_checkpoint_of_another_container_as_a_basis(
+        lab: LabHandle, hostile_c) -> None:
+    """toytsm moved A->B, so nodeB caches its checkpoint (its memory and environment) under
+    app:toytsm:1. Hostile nodeC describes a container 'evil' of the same image: nodeB must not
+    offer that checkpoint as a delta basis (its signature gives its size and hash, and a delta
+    that copies it whole would pass; second red team, 2)."""
+    migctl("migrate", "--json", *DELTA, "--from", "nodeA", "--to", "nodeB", "toytsm")
+    Path(LEAKS).unlink(missing_ok=True)
+    hostile_c("cache-basis")
+    try:
+        migctl("migrate", *DELTA, "--mode", "traditional", "--from", "nodeC", "--to", "nodeB",
+               "evil", check=False)
+        leaks = Path(LEAKS).read_text() if Path(LEAKS).exists() else ""
+        assert leaks == "", f"nodeB offered its cache of toytsm to nodeC: {leaks}"
+    finally:
+        Path(LEAKS).unlink(missing_ok=True)
+        with contextlib.suppress(docker.errors.NotFound):
+            lab.docker["nodeB"].containers.get("evil").remove(force=True)
+    assert running_copies(lab) == ["nodeB"]
 
 
 def test_6_a_hostile_source_cannot_choose_host_powers(lab: LabHandle, hostile_c) -> None:
@@ -425,6 +486,32 @@ def test_6_a_hostile_source_cannot_retag_local_images(lab: LabHandle, hostile_c)
 
 
 # -- 8: a hostile destination ---------------------------------------------------------------
+
+
+def test_6_authorize_refuses_what_every_destination_refuses(lab: LabHandle,
+                                                            tmp_path: Path) -> None:
+    """A container whose volume is a host folder (local driver, o=bind): an honest destination
+    refuses it, so the source must not authorize it for a destination that would not, and
+    would read the folder through SnapshotVolume (second red team, 6)."""
+    a = lab.docker["nodeA"]
+    remove_everywhere(lab.docker, ["hostfolder"], ["hostbound"])
+    folder = tmp_path / "host-folder"
+    folder.mkdir()
+    (folder / "secret").write_text("the host's\n")
+    a.volumes.create("hostbound", driver="local", driver_opts={
+        "type": "none", "o": "bind", "device": str(folder)})
+    ensure_toy_image(a, CACHE)
+    a.containers.run("toytsm:1", ["sleep", "1000"], name="hostfolder", detach=True,
+                     volumes={"hostbound": {"bind": "/data", "mode": "rw"}})
+    try:
+        err = refused(lambda: stub(lab, "nodeA", "client").Authorize(pb.AuthorizeRequest(
+            container="hostfolder", destination_node="nodeC"), timeout=30),
+            grpc.StatusCode.FAILED_PRECONDITION)
+        assert "hostbound" in err.details() and "driver options" in err.details(), \
+            err.details()
+        assert a.containers.get("hostfolder").status == "running"
+    finally:
+        remove_everywhere(lab.docker, ["hostfolder"], ["hostbound"])
 
 
 def test_8_an_oversized_signature_is_refused_at_once(lab: LabHandle, victim: None) -> None:

@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +54,11 @@ class Item:
     size: int
     digest: str
     path: Path
+    entitled: frozenset[str] = frozenset()
+    """The nodes that held what this item holds (the two ends of the migration that made it):
+    only a migration from one of them may use it, as a basis here or fetched from here. Cache
+    keys follow from a container's description, which its source writes; a hostile source
+    naming another container's keys must not get its memory or volumes."""
 
 
 class Store:
@@ -67,6 +72,9 @@ class Store:
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(items)")}
+        if "entitled" not in columns:  # a catalog of an older agent: its items serve nobody
+            self._db.execute("ALTER TABLE items ADD COLUMN entitled TEXT NOT NULL DEFAULT ''")
         self._lock = threading.RLock()
 
     # -- departed containers ----------------------------------------------------------------
@@ -95,6 +103,18 @@ class Store:
         with self._lock:
             self._db.executemany("DELETE FROM departed_volumes WHERE volume = ?",
                                  [(v,) for v in volumes])
+
+    def departure(self, container_id: str = "", volume: str = "") -> str:
+        """The migration that took CONTAINER_ID (or the departed container that left VOLUME)
+        away from here; "" when none did."""
+        with self._lock:
+            if volume:
+                row = self._db.execute("SELECT container_id FROM departed_volumes WHERE "
+                                       "volume = ?", (volume,)).fetchone()
+                container_id = row[0] if row else ""
+            row = self._db.execute("SELECT migration_id FROM departed WHERE container_id = ?",
+                                   (container_id,)).fetchone()
+        return row[0] if row else ""
 
     def is_departed(self, container_id: str) -> bool:
         with self._lock:
@@ -127,8 +147,11 @@ class Store:
 
     # -- cached items -----------------------------------------------------------------------
 
-    def put(self, key: str, ts: float, source: Path, digest: str, move: bool = False) -> Item:
-        """Keep SOURCE under KEY (a copy, or the file itself with MOVE); evict as needed."""
+    def put(self, key: str, ts: float, source: Path, digest: str, move: bool = False,
+            entitled: Iterable[str] = ()) -> Item:
+        """Keep SOURCE under KEY (a copy, or the file itself with MOVE) for the ENTITLED nodes'
+        migrations (Item.entitled); evict as needed."""
+        nodes = frozenset(n for n in entitled if n)
         name = f"{abs(hash((key, ts))):x}-{uuid.uuid4().hex[:8]}"
         target = self.cache_dir / name
         if move:
@@ -139,25 +162,40 @@ class Store:
         with self._lock:
             old = self._db.execute("SELECT file FROM items WHERE key = ? AND ts = ?",
                                    (key, ts)).fetchone()
-            self._db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?)",
-                             (key, ts, size, digest, name, time.time()))
+            self._db.execute("INSERT OR REPLACE INTO items (key, ts, size, digest, file, used, "
+                             "entitled) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (key, ts, size, digest, name, time.time(), _nodes(nodes)))
             if old:
                 (self.cache_dir / old[0]).unlink(missing_ok=True)
             evicted = self._evict(keep=name)
         self.on_evict(evicted)
-        return Item(key, ts, size, digest, target)
+        return Item(key, ts, size, digest, target, nodes)
 
-    def find(self, key: str) -> list[Item]:
-        """Copies held under KEY, newest first (only those whose file is still there)."""
+    def entitle(self, key: str, ts: float, nodes: Iterable[str]) -> None:
+        """NODES may use the item too: content-addressed items (`ro:<digest>`) are kept once,
+        whichever migrations brought the same content."""
+        with self._lock:
+            row = self._db.execute("SELECT entitled FROM items WHERE key = ? AND ts = ?",
+                                   (key, ts)).fetchone()
+            if row:
+                merged = set(filter(None, row[0].split(","))) | {n for n in nodes if n}
+                self._db.execute("UPDATE items SET entitled = ? WHERE key = ? AND ts = ?",
+                                 (_nodes(merged), key, ts))
+
+    def find(self, key: str, for_source: str | None = None) -> list[Item]:
+        """Copies held under KEY, newest first (only those whose file is still there); with
+        FOR_SOURCE only those a migration from that node may use."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT key, ts, size, digest, file FROM items WHERE key = ? ORDER BY ts DESC",
-                (key,)).fetchall()
-        return [Item(k, ts, size, dg, self.cache_dir / f) for k, ts, size, dg, f in rows
-                if (self.cache_dir / f).exists()]
+                "SELECT key, ts, size, digest, file, entitled FROM items WHERE key = ? "
+                "ORDER BY ts DESC", (key,)).fetchall()
+        items = [Item(k, ts, size, dg, self.cache_dir / f,
+                      frozenset(filter(None, e.split(","))))
+                 for k, ts, size, dg, f, e in rows if (self.cache_dir / f).exists()]
+        return [i for i in items if for_source is None or for_source in i.entitled]
 
-    def get(self, key: str, ts: float) -> Item | None:
-        for item in self.find(key):
+    def get(self, key: str, ts: float, for_source: str | None = None) -> Item | None:
+        for item in self.find(key, for_source):
             if item.ts == ts:
                 with self._lock:
                     self._db.execute("UPDATE items SET used = ? WHERE key = ? AND ts = ?",
@@ -188,3 +226,7 @@ class Store:
             total -= size
             evicted.append(Item(key, ts, size, dg, with_file))
         return evicted
+
+
+def _nodes(nodes: Iterable[str]) -> str:
+    return ",".join(sorted(nodes))

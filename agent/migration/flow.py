@@ -355,6 +355,17 @@ class Migration:
         except MigctlError:
             return None
 
+    def departed_to(self, volume: str) -> str:
+        """The node that the container which left VOLUME here went to ("" if none or several)."""
+        migrations = {self.store.departure(u["Id"]) for u in self.runtime.volume_users(volume)}
+        if not migrations:
+            migrations = {self.store.departure(volume=volume)}
+        peers = set()
+        for mid in migrations:
+            entry = self.journal.get(mid, j.SOURCE) if mid else None
+            peers.add(entry.peer if entry else "")
+        return peers.pop() if len(peers) == 1 else ""
+
     def check_volume_free(self, vol: pb.VolumeSpec) -> None:
         """A volume of the same name may only be reused when it belongs to the stale copy this
         node left when the container migrated away from it, or, used by no container, when
@@ -574,6 +585,7 @@ class Migration:
         each writable volume, read-only contents, the checkpoint; the registry learns it."""
         kept = []
         app, svc = checkpoint_keys(spec)
+        ends = (self.source_name, self.node)  # the nodes that held it (Item.entitled)
         for vol in spec.volumes:
             path = self.area / snapshot_path(vol.name)
             if vol.read_only:
@@ -583,11 +595,14 @@ class Migration:
             else:
                 continue
             if path.exists() and (ts or not self.store.find(key)):
-                kept.append(self.store.put(key, ts, path, digest(path), move=True))
+                kept.append(self.store.put(key, ts, path, digest(path), move=True,
+                                           entitled=ends))
+            elif path.exists():
+                self.store.entitle(key, ts, ends)
         ckpt = self.area / "basis" / "final-checkpoint.tar"
         archive.snapshot(self.area / "checkpoints" / FINAL_CHECKPOINT, ckpt)
         for key in (svc, app):
-            kept.append(self.store.put(key, frozen_at, ckpt, digest(ckpt)))
+            kept.append(self.store.put(key, frozen_at, ckpt, digest(ckpt), entitled=ends))
         self.publish(kept)
 
     def fetch_checkpoint(self, name: str, ckpt: pb.CheckpointReply, bases: dict[str, Basis],
@@ -608,8 +623,15 @@ class Migration:
                              "delta" if bases else "whole")
 
     def local_volume_basis(self, name: str) -> Basis | None:
-        """A volume this node already holds (a stale copy) is a good basis for its snapshot."""
+        """A volume this node already holds (a stale copy) is a good basis for its snapshot,
+        when the container that left it here went to this migration's source: a basis is read
+        by the delta the source sends, and a source naming another container's volume must
+        not read it (check_volume_free lets it replace a stale copy, not read it)."""
         if not self.runtime.volume_exists(name):
+            return None
+        if self.departed_to(name) != self.source_name:
+            self.report.log(f"volume {name}: the copy here left with a container that went to "
+                            f"another node than {self.source_name}; not used as a basis")
             return None
         path = self.area / "basis" / f"{name}.tar"
         archive.snapshot(self.runtime.volume_path(name), path)

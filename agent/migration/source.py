@@ -48,7 +48,7 @@ from agent.errors import (
 from agent.metrics import Metrics
 from agent.migration import journal as j
 from agent.runtime.base import Runtime, restarts
-from agent.runtime.spec import checkpoint_path
+from agent.runtime.spec import checkpoint_path, unsupported
 from proto import migctl_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,16 @@ class SourceSide:
     # -- binding -----------------------------------------------------------------------------
 
     def authorize(self, container: str, destination: str) -> tuple[str, str]:
-        """The operator's consent: a new migration id bound to CONTAINER and DESTINATION."""
+        """The operator's consent: a new migration id bound to CONTAINER and DESTINATION.
+        What every destination refuses, whatever the operator allows, is refused here too: a
+        hostile bound destination would otherwise snapshot what an honest one refuses (a
+        volume over a host folder). Privileged powers are the operator's to allow at the
+        destination; they reveal nothing of this node."""
         spec = self.runtime.describe(container)
+        problems = unsupported(spec, allow_privileged=True)
+        if problems:
+            raise FailedPrecondition(f"container {spec.name!r} cannot be migrated: "
+                                     + "; ".join(problems))
         migration_id = uuid.uuid4().hex[:16]
         with self._lock:
             for other in self.journal.in_flight(j.SOURCE):
@@ -211,12 +219,15 @@ class SourceSide:
             if vol.get("read_only"):
                 key, ts = f"ro:{snap['digest']}", 0.0
                 if self.store.find(key):
+                    self.store.entitle(key, ts, [entry.peer])
                     continue
             else:  # the pre-copy snapshot: an older copy is still a good basis
                 vid = self.store.volume_id(snap["volume"], vol.get("guid", ""))
                 key, ts = f"rw:{vid}", snap["ts"]
             if (area / rel).exists():
-                kept.append(self.store.put(key, ts, area / rel, snap["digest"], move=True))
+                # the container's data: for a migration back from where it went (Item.entitled)
+                kept.append(self.store.put(key, ts, area / rel, snap["digest"], move=True,
+                                           entitled=[entry.peer]))
         self.publish(kept)
 
     def open_tunnel(self, entry: j.Entry, lazy: bool = False) -> Listener:

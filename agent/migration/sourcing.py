@@ -63,7 +63,7 @@ class Sourcing:
                 found[key] = [h for h in holders if h.node not in (self.me, self.source)]
         for key in keys:
             found[key] += [Holding(key, self.me, i.ts, i.size, i.digest)
-                           for i in self.store.find(key)]
+                           for i in self.store.find(key, for_source=self.source)]
         nodes = {h.node for hs in found.values() for h in hs} - {self.me}
         links: dict[str, Link] = {self.me: LOCAL}
         with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
@@ -89,7 +89,8 @@ class Sourcing:
             start = time.monotonic()
             try:
                 if c.holding.node == self.me:
-                    cached = self.store.get(c.holding.key, c.holding.timestamp)
+                    cached = self.store.get(c.holding.key, c.holding.timestamp,
+                                            for_source=self.source)
                     if cached is None:
                         continue
                     shutil.copyfile(cached.path, dest)
