@@ -485,6 +485,32 @@ def test_6_a_hostile_source_cannot_retag_local_images(lab: LabHandle, hostile_c)
     b.images.remove("victim:latest")
 
 
+def test_6_a_network_internal_to_the_destination_is_not_joined(lab: LabHandle) -> None:
+    """A description naming nodeB's internal network (its own services' segment): the
+    destination refuses before anything moves, unless the operator allows it."""
+    a, b = lab.docker["nodeA"], lab.docker["nodeB"]
+    remove_everywhere(lab.docker, ["netty"], [])
+    for client, internal in ((a, False), (b, True)):
+        for n in client.networks.list(names=["db-internal"]):
+            n.remove()
+        client.networks.create("db-internal", driver="bridge", internal=internal)
+    ensure_toy_image(a, CACHE)
+    a.containers.run("toytsm:1", ["sleep", "1000"], name="netty", detach=True,
+                     network="db-internal")
+    try:
+        res = migctl("migrate", *DELTA, "--from", "nodeA", "--to", "nodeB", "netty",
+                     check=False)
+        assert res.returncode == 1 and "an internal network of nodeB" in res.stderr, \
+            res.stdout + res.stderr
+        assert a.containers.get("netty").status == "running"
+        assert "netty" not in [c.name for c in b.containers.list(all=True)]
+    finally:
+        remove_everywhere(lab.docker, ["netty"], [])
+        for client in (a, b):
+            for n in client.networks.list(names=["db-internal"]):
+                n.remove()
+
+
 # -- 8: a hostile destination ---------------------------------------------------------------
 
 

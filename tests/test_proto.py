@@ -21,3 +21,16 @@ def test_generated_stubs_are_current(tmp_path: Path) -> None:
         fresh = (tmp_path / "proto" / name).read_text()
         committed = (ROOT / "proto" / name).read_text()
         assert fresh == committed, f"proto/{name} is stale: run scripts/gen-proto.sh"
+
+
+def test_the_criu_image_reader_is_current(tmp_path: Path) -> None:
+    folder = tmp_path / "agent" / "runtime" / "criu"
+    folder.mkdir(parents=True)
+    (folder / "images.proto").write_bytes(
+        (ROOT / "agent" / "runtime" / "criu" / "images.proto").read_bytes())
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.",
+                    "--pyi_out=.", "agent/runtime/criu/images.proto"], cwd=tmp_path, check=True)
+    for name in ("images_pb2.py", "images_pb2.pyi"):
+        assert (folder / name).read_text() == \
+            (ROOT / "agent" / "runtime" / "criu" / name).read_text(), \
+            f"agent/runtime/criu/{name} is stale: run scripts/gen-proto.sh"

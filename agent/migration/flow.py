@@ -68,6 +68,7 @@ from agent.migration.source import (
 )
 from agent.migration.sourcing import Sourcing
 from agent.runtime.base import Runtime, restarts
+from agent.runtime.criu.images import check_images, container_capabilities, seccomp_expected
 from agent.runtime.docker import criu_path, host_listeners
 from agent.runtime.spec import check_description, checkpoint_path, port_protocol, unsupported
 from agent.security import TLSFiles
@@ -140,6 +141,7 @@ class Migration:
         self.connect = lambda address, *name: open_channel(address, self.tls, *name)
         self.source = rpc.AgentStub(self.channel)
         self.link: Link | None = None  # to the source, measured in the request phase
+        self.confinement: tuple[frozenset[str], bool] | None = None  # caps, seccomp (create)
         self._holding: threading.Event | None = None  # set: the hold on the source ends
         self.pages: PageServer | None = None  # the final checkpoint's page server, if any
         self.pre_checkpoint = pb.CheckpointReply()
@@ -317,6 +319,14 @@ class Migration:
             self.metrics.preflight.labels("unsupported").inc()
             raise FailedPrecondition(
                 f"container {spec.name!r} cannot be migrated: " + "; ".join(problems))
+        internal = self.runtime.internal_networks(list(spec.networks))
+        if internal and not self.request.allow_privileged:
+            self.metrics.preflight.labels("unsupported").inc()
+            raise FailedPrecondition(
+                f"container {spec.name!r} would join {', '.join(map(repr, internal))}, an "
+                f"internal network of {self.node} (its own services'): the source's description "
+                "alone cannot put a container there; the operator must allow it with "
+                "--allow-privileged")
         self.source_info = source_info
         if self.request.memory_transfer:  # what was asked for is refused now, not frozen
             memory_transfer(self.link, source_info.checkpoint_method, criu_path(),
@@ -734,6 +744,10 @@ class Migration:
             self.runtime.remove(stale["Id"])
         new = self.entry.data["new_container"] = self.runtime.create_like(
             spec, self.request.allow_privileged)
+        # what the engine gave it, which the checkpoint's images may not exceed (restore)
+        host = self.runtime.inspect(new)["HostConfig"]
+        self.confinement = (container_capabilities(host),
+                            seccomp_expected(host, self.runtime.confines_with_seccomp()))
         if self.request.memory_transfer == POST_COPY:
             # until every page arrived, a restart (after the kill of a copy whose pages cannot
             # come) would run it afresh, without its memory: its policy comes at the end
@@ -748,6 +762,11 @@ class Migration:
         """PAGES: post-copy; its lazy-pages daemon starts first (journaled as lazy: a restarted
         agent removes a copy whose pages may not all have arrived, then stops the daemon)."""
         cid = self.new_container
+        if self.confinement is None:  # created by an agent that restarted since
+            host = self.runtime.inspect(cid)["HostConfig"]
+            self.confinement = (container_capabilities(host),
+                                seccomp_expected(host, self.runtime.confines_with_seccomp()))
+        check_images(self.area / "checkpoints" / FINAL_CHECKPOINT, *self.confinement)
         self.step(j.RESTORING, lazy=pages is not None)
         self.report.msg.restore_method = self.runtime.method_for(cid)
         if pages is not None:

@@ -31,6 +31,9 @@ class Runtime(Protocol):
     def root_dir(self) -> Path: ...
     def ping(self) -> None: ...
     def free_bytes(self) -> int: ...
+    def confines_with_seccomp(self) -> bool:
+        """Whether the engine gives its containers a seccomp filter by default."""
+        ...
 
     # containers
     def inspect(self, container: str) -> dict[str, Any]: ...
@@ -83,6 +86,9 @@ class Runtime(Protocol):
     def remove_volume(self, name: str) -> None: ...
     def volume_users(self, name: str) -> list[dict[str, Any]]: ...
 
+    # networks
+    def internal_networks(self, names: list[str]) -> list[str]: ...
+
 
 def open_runtime(docker_host: str, engine_tmp: Path, containerd: Path) -> Runtime:
     """The direct runtime where the engine has migctl-runc registered, else the engine's."""
@@ -94,6 +100,7 @@ def open_runtime(docker_host: str, engine_tmp: Path, containerd: Path) -> Runtim
         name = wrapper_runtime(engine._call("read engine info", engine.api.info))
     except MigctlError:  # an engine not up yet: the agent runs, checkpoints go the long way
         name = ""
+    engine.sweep_checkpoints()
     if not name:
         return engine
     direct = DirectRuntime(docker_host, engine_tmp=engine_tmp, containerd=containerd,

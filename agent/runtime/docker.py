@@ -32,6 +32,9 @@ from agent.runtime.spec import create_request, port_protocol, unsupported
 from proto import migctl_pb2 as pb
 
 log = logging.getLogger(__name__)
+OUR_CHECKPOINTS = tuple(f"{kind}-{'[0-9a-f]' * 16}" for kind in ("migctl", "resume"))
+"""The names of the checkpoints our restores hand the engine: a destination's (migctl-ID) and a
+source's after a rollback (resume-ID)."""
 
 CRIU_BIN = "/opt/migctl/bin"  # where scripts/setup.sh puts the CRIU it probed
 # A checkpoint this soon after one that collected containerd's garbage after itself skips the
@@ -167,6 +170,7 @@ class DockerRuntime:
         self._collected: dict[str, float] = {}
         self._collected_lock = threading.Lock()
         self._uppers: dict[str, Path | None] = {}  # by container ID, for its whole life
+        self._seccomp: bool | None = None  # whether the engine confines with seccomp
         self.client = docker.DockerClient(base_url=docker_host, timeout=300)
         self.api = self.client.api
         self._root_dir: Path | None = None
@@ -189,6 +193,13 @@ class DockerRuntime:
             version = next((line.split()[-1] for line in out.stdout.splitlines()
                             if line.startswith("Version")), "")
         return engine, version, bool(info.get("ExperimentalBuild"))
+
+    def confines_with_seccomp(self) -> bool:
+        if self._seccomp is None:
+            info = self._call("read engine info", self.api.info)
+            self._seccomp = any("name=seccomp" in str(o)
+                                for o in info.get("SecurityOptions") or [])
+        return self._seccomp
 
     def upper_dir(self, container: str) -> Path | None:
         """Where the engine keeps what CONTAINER wrote to its root filesystem (overlay's upper
@@ -431,6 +442,18 @@ class DockerRuntime:
 
     # -- networks ----------------------------------------------------------------------------
 
+    def internal_networks(self, names: list[str]) -> list[str]:
+        """Those of NAMES that exist here as internal networks (`--internal`: no way out, what
+        a node keeps for its own services)."""
+        out = []
+        for name in names:
+            if name in ("bridge", "host", "none"):
+                continue
+            found = self._call("list networks", self.api.networks, names=[name])
+            if any(n.get("Name") == name and n.get("Internal") for n in found):
+                out.append(name)
+        return out
+
     def ensure_networks(self, names: list[str]) -> None:
         for name in names:
             if name in ("bridge", "host", "none"):
@@ -551,7 +574,25 @@ class DockerRuntime:
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(checkpoint_dir, target)
-        self.engine_start_checkpoint(cid, name)
+        try:
+            self.engine_start_checkpoint(cid, name)
+        finally:  # the container's memory, at rest in the engine's folder otherwise
+            shutil.rmtree(target, ignore_errors=True)
+
+    def sweep_checkpoints(self) -> int:
+        """Remove the checkpoint folders of our restores from the engine's containers (a killed
+        agent leaves them): each holds a container's memory."""
+        removed = 0
+        with contextlib.suppress(MigctlError, OSError):
+            root = self.root_dir() / "containers"
+            for pattern in OUR_CHECKPOINTS:
+                for folder in root.glob(f"*/checkpoints/{pattern}"):
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed += 1
+        if removed:
+            log.warning("removed %d checkpoint folder(s) of earlier restores from the engine",
+                        removed)
+        return removed
 
     def engine_start_checkpoint(self, cid: str, name: str) -> None:
         """`docker start --checkpoint NAME`, one restore at a time."""

@@ -31,11 +31,12 @@ SAFE_CONFIG = ("Hostname", "Domainname", "User", "ExposedPorts", "Env", "Cmd", "
 SAFE_HOST = ("RestartPolicy", "PortBindings", "PublishAllPorts", "AutoRemove", "Memory",
              "MemoryReservation", "MemorySwap", "MemorySwappiness", "NanoCpus", "CpuShares",
              "CpuPeriod", "CpuQuota", "CpusetCpus", "CpusetMems", "BlkioWeight", "PidsLimit",
-             "OomKillDisable", "OomScoreAdj", "Init", "ShmSize", "Tmpfs", "Dns", "DnsOptions",
-             "DnsSearch", "ExtraHosts", "ReadonlyRootfs", "Ulimits", "Sysctls", "GroupAdd",
-             "CapDrop", "LogConfig")
-# Given only when the operator allows privileged containers for this migration.
-PRIVILEGED_HOST = ("Privileged", "CapAdd", "SecurityOpt", "MaskedPaths", "ReadonlyPaths")
+             "Init", "ShmSize", "Tmpfs", "Dns", "DnsOptions", "DnsSearch", "ExtraHosts",
+             "ReadonlyRootfs", "Sysctls", "GroupAdd", "CapDrop", "LogConfig")
+# Given only when the operator allows privileged containers for this migration: the OOM
+# settings and resource limits ask the node for what only CAP_SYS_RESOURCE may take.
+PRIVILEGED_HOST = ("Privileged", "CapAdd", "SecurityOpt", "MaskedPaths", "ReadonlyPaths",
+                   "OomKillDisable", "OomScoreAdj", "Ulimits")
 LOCAL_LOG_DRIVERS = ("json-file", "local", "journald", "none", "")
 # CgroupnsMode is left out: "host" is the engine's default on cgroup v1, and it is not copied
 # (the destination's engine applies its own default).
@@ -93,6 +94,14 @@ def _privileged(host: dict[str, Any]) -> list[str]:
              if not str(o).startswith("no-new-privileges")]
     if risky:
         out.append(f"security options {', '.join(map(str, risky))}")
+    if host.get("OomKillDisable"):
+        out.append("the OOM killer disabled")
+    if (host.get("OomScoreAdj") or 0) < 0:
+        out.append(f"OOM score adjustment {host['OomScoreAdj']} (spared before the node's own "
+                   "processes)")
+    if host.get("Ulimits"):
+        out.append("resource limits (--ulimit) " + ", ".join(
+            f"{u.get('Name')}={u.get('Soft')}:{u.get('Hard')}" for u in host["Ulimits"]))
     return out
 
 
@@ -162,6 +171,8 @@ def create_request(spec: pb.ContainerSpec, allow_privileged: bool,
     new_host = {k: host[k] for k in SAFE_HOST if k in host}
     if allow_privileged:
         new_host.update({k: host[k] for k in PRIVILEGED_HOST if k in host})
+    elif (host.get("OomScoreAdj") or 0) > 0:  # killed sooner: no power over the node
+        new_host["OomScoreAdj"] = host["OomScoreAdj"]
     new_host["Mounts"] = [m for m in host.get("Mounts") or [] if m.get("Type") == "tmpfs"]
     # Volumes are attached by name, so that anonymous ones keep the name they were given.
     mounted = {v.destination for v in spec.volumes}

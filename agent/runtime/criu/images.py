@@ -1,0 +1,117 @@
+"""What a checkpoint's images would give the restored process, checked before the restore.
+
+CRIU restores every thread's credentials and seccomp mode as the dump wrote them, over what
+the engine gave the container it created. The dump comes from the source, which is not
+trusted: a container described with no added capabilities came back with SYS_ADMIN,
+NET_ADMIN and SYS_PTRACE and no seccomp filter. So every thread's capability sets must lie
+within the container's (the engine's defaults, plus what was added with the operator's
+leave, minus what was dropped), and its seccomp mode must be a filter where the engine
+would give the container one.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from agent.errors import Refused
+from agent.runtime.criu import images_pb2 as img
+
+IMG_COMMON_MAGIC = 0x54564319
+CORE_MAGIC = 0x55053847
+MAX_ENTRY = 1 << 20  # a core entry is a few KB
+
+# Linux capability numbers (include/uapi/linux/capability.h)
+CAPABILITIES = (
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+    "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
+    "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
+    "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
+    "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
+    "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
+)
+ENGINE_DEFAULT = frozenset({
+    "CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID", "SETUID",
+    "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE",
+})
+"""What Docker gives a container that adds and drops nothing (moby oci/caps/defaults.go)."""
+SECCOMP_FILTER = img.filter
+
+
+def container_capabilities(host: dict) -> frozenset[str]:
+    """The capabilities the engine gives a container created with HOST (its HostConfig as
+    this node created it): everything when privileged, else the defaults with CapAdd and
+    without CapDrop ("ALL" in either, names with or without CAP_)."""
+    if host.get("Privileged"):
+        return frozenset(CAPABILITIES)
+
+    def names(key: str) -> set[str]:
+        out = {str(c).upper().removeprefix("CAP_") for c in host.get(key) or []}
+        return set(CAPABILITIES) if "ALL" in out else out
+
+    return frozenset((ENGINE_DEFAULT | names("CapAdd")) - names("CapDrop"))
+
+
+def seccomp_expected(host: dict, engine_has_seccomp: bool) -> bool:
+    """Whether the engine confines the container with a seccomp filter."""
+    if not engine_has_seccomp or host.get("Privileged"):
+        return False
+    opts = [str(o).replace(":", "=", 1) for o in host.get("SecurityOpt") or []]
+    return "seccomp=unconfined" not in opts
+
+
+def cores(images: Path) -> Iterator[tuple[str, img.core_entry]]:
+    """Every core-*.img of a checkpoint folder, read as CRIU wrote it."""
+    for path in sorted(images.glob("core-*.img")):
+        data = path.read_bytes()
+        if len(data) < 12:
+            raise Refused(f"checkpoint image {path.name} is truncated")
+        magic, kind, size = struct.unpack_from("<III", data)
+        if (magic, kind) != (IMG_COMMON_MAGIC, CORE_MAGIC):
+            raise Refused(f"checkpoint image {path.name} is not a CRIU core image")
+        if size > MAX_ENTRY or 12 + size > len(data):
+            raise Refused(f"checkpoint image {path.name} announces an entry of {size} bytes")
+        core = img.core_entry()
+        try:
+            core.ParseFromString(data[12:12 + size])
+        except Exception as err:  # noqa: BLE001 - any decoding failure is a refusal
+            raise Refused(f"checkpoint image {path.name} cannot be read: {err}") from None
+        yield path.name, core
+
+
+def _caps(words: Iterable[int]) -> set[str]:
+    out = set()
+    for i, word in enumerate(words):
+        for bit in range(32):
+            if word >> bit & 1:
+                n = i * 32 + bit
+                out.add(CAPABILITIES[n] if n < len(CAPABILITIES) else f"capability {n}")
+    return out
+
+
+def check_images(images: Path, allowed: frozenset[str], seccomp: bool) -> int:
+    """Refuses a checkpoint whose threads would hold a capability outside ALLOWED, or run
+    without a seccomp filter when SECCOMP; returns the number of threads checked."""
+    checked = 0
+    for name, core in cores(images):
+        if not core.HasField("thread_core") or not core.thread_core.HasField("creds"):
+            raise Refused(f"checkpoint image {name} carries no credentials to check")
+        creds = core.thread_core.creds
+        comm = core.thread_core.comm or core.tc.comm or name
+        extra = set()
+        for field in ("cap_prm", "cap_eff", "cap_inh", "cap_bnd", "cap_amb"):
+            extra |= _caps(getattr(creds, field)) - allowed
+        if extra:
+            raise Refused(f"checkpoint image {name} ({comm}) gives the process "
+                          f"{', '.join(sorted(extra))}, which its container does not have "
+                          "here (a source cannot grant capabilities)")
+        mode = core.thread_core.seccomp_mode if core.thread_core.HasField("seccomp_mode") \
+            else core.tc.old_seccomp_mode
+        if seccomp and mode != SECCOMP_FILTER:
+            raise Refused(f"checkpoint image {name} ({comm}) runs the process without the "
+                          "seccomp filter its container has here (a source cannot lift it)")
+        checked += 1
+    if not checked:
+        raise Refused(f"checkpoint {images.name} holds no core image")
+    return checked

@@ -1,0 +1,81 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class seccomp_mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    disabled: _ClassVar[seccomp_mode]
+    strict: _ClassVar[seccomp_mode]
+    filter: _ClassVar[seccomp_mode]
+disabled: seccomp_mode
+strict: seccomp_mode
+filter: seccomp_mode
+
+class creds_entry(_message.Message):
+    __slots__ = ("uid", "gid", "euid", "egid", "suid", "sgid", "fsuid", "fsgid", "cap_inh", "cap_prm", "cap_eff", "cap_bnd", "secbits", "groups", "lsm_profile", "no_new_privs", "cap_amb")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    GID_FIELD_NUMBER: _ClassVar[int]
+    EUID_FIELD_NUMBER: _ClassVar[int]
+    EGID_FIELD_NUMBER: _ClassVar[int]
+    SUID_FIELD_NUMBER: _ClassVar[int]
+    SGID_FIELD_NUMBER: _ClassVar[int]
+    FSUID_FIELD_NUMBER: _ClassVar[int]
+    FSGID_FIELD_NUMBER: _ClassVar[int]
+    CAP_INH_FIELD_NUMBER: _ClassVar[int]
+    CAP_PRM_FIELD_NUMBER: _ClassVar[int]
+    CAP_EFF_FIELD_NUMBER: _ClassVar[int]
+    CAP_BND_FIELD_NUMBER: _ClassVar[int]
+    SECBITS_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    LSM_PROFILE_FIELD_NUMBER: _ClassVar[int]
+    NO_NEW_PRIVS_FIELD_NUMBER: _ClassVar[int]
+    CAP_AMB_FIELD_NUMBER: _ClassVar[int]
+    uid: int
+    gid: int
+    euid: int
+    egid: int
+    suid: int
+    sgid: int
+    fsuid: int
+    fsgid: int
+    cap_inh: _containers.RepeatedScalarFieldContainer[int]
+    cap_prm: _containers.RepeatedScalarFieldContainer[int]
+    cap_eff: _containers.RepeatedScalarFieldContainer[int]
+    cap_bnd: _containers.RepeatedScalarFieldContainer[int]
+    secbits: int
+    groups: _containers.RepeatedScalarFieldContainer[int]
+    lsm_profile: str
+    no_new_privs: int
+    cap_amb: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, uid: _Optional[int] = ..., gid: _Optional[int] = ..., euid: _Optional[int] = ..., egid: _Optional[int] = ..., suid: _Optional[int] = ..., sgid: _Optional[int] = ..., fsuid: _Optional[int] = ..., fsgid: _Optional[int] = ..., cap_inh: _Optional[_Iterable[int]] = ..., cap_prm: _Optional[_Iterable[int]] = ..., cap_eff: _Optional[_Iterable[int]] = ..., cap_bnd: _Optional[_Iterable[int]] = ..., secbits: _Optional[int] = ..., groups: _Optional[_Iterable[int]] = ..., lsm_profile: _Optional[str] = ..., no_new_privs: _Optional[int] = ..., cap_amb: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class task_core_entry(_message.Message):
+    __slots__ = ("comm", "old_seccomp_mode")
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    OLD_SECCOMP_MODE_FIELD_NUMBER: _ClassVar[int]
+    comm: str
+    old_seccomp_mode: seccomp_mode
+    def __init__(self, comm: _Optional[str] = ..., old_seccomp_mode: _Optional[_Union[seccomp_mode, str]] = ...) -> None: ...
+
+class thread_core_entry(_message.Message):
+    __slots__ = ("creds", "seccomp_mode", "comm")
+    CREDS_FIELD_NUMBER: _ClassVar[int]
+    SECCOMP_MODE_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    creds: creds_entry
+    seccomp_mode: seccomp_mode
+    comm: str
+    def __init__(self, creds: _Optional[_Union[creds_entry, _Mapping]] = ..., seccomp_mode: _Optional[_Union[seccomp_mode, str]] = ..., comm: _Optional[str] = ...) -> None: ...
+
+class core_entry(_message.Message):
+    __slots__ = ("tc", "thread_core")
+    TC_FIELD_NUMBER: _ClassVar[int]
+    THREAD_CORE_FIELD_NUMBER: _ClassVar[int]
+    tc: task_core_entry
+    thread_core: thread_core_entry
+    def __init__(self, tc: _Optional[_Union[task_core_entry, _Mapping]] = ..., thread_core: _Optional[_Union[thread_core_entry, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,97 @@
+"""The destination reads what a checkpoint's images would give the restored process, and
+refuses more than its container has (second red team: a container described with no added
+capabilities was restored with SYS_ADMIN, NET_ADMIN, SYS_PTRACE and no seccomp filter)."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from agent.errors import Refused
+from agent.runtime.criu import images_pb2 as img
+from agent.runtime.criu.images import (
+    CAPABILITIES,
+    CORE_MAGIC,
+    ENGINE_DEFAULT,
+    IMG_COMMON_MAGIC,
+    check_images,
+    container_capabilities,
+    seccomp_expected,
+)
+
+
+def words(caps: set[str]) -> list[int]:
+    bits = sum(1 << CAPABILITIES.index(c) for c in caps)
+    return [bits & 0xFFFFFFFF, bits >> 32]
+
+
+def core(folder: Path, pid: int, caps: set[str], seccomp: int | None = img.filter,
+         comm: str = "sh") -> Path:
+    entry = img.core_entry()
+    entry.tc.comm = comm
+    creds = entry.thread_core.creds
+    creds.uid = 0
+    for field in ("cap_prm", "cap_eff", "cap_bnd"):
+        getattr(creds, field).extend(words(caps))
+    if seccomp is not None:
+        entry.thread_core.seccomp_mode = seccomp
+    data = entry.SerializeToString()
+    path = folder / f"core-{pid}.img"
+    path.write_bytes(struct.pack("<III", IMG_COMMON_MAGIC, CORE_MAGIC, len(data)) + data)
+    return path
+
+
+def test_a_dump_within_its_containers_powers_passes(tmp_path: Path) -> None:
+    core(tmp_path, 1, set(ENGINE_DEFAULT))
+    core(tmp_path, 7, set())  # a thread that dropped everything
+    assert check_images(tmp_path, ENGINE_DEFAULT, seccomp=True) == 2
+
+
+@pytest.mark.parametrize("caps", [{"SYS_ADMIN"}, {"NET_ADMIN", "SYS_PTRACE"},
+                                  {"CHECKPOINT_RESTORE"}])
+def test_a_capability_the_container_lacks_is_refused_by_name(tmp_path: Path, caps) -> None:
+    core(tmp_path, 1, set(ENGINE_DEFAULT))
+    core(tmp_path, 9, set(ENGINE_DEFAULT) | caps, comm="victim")
+    with pytest.raises(Refused, match="core-9.img \\(victim\\) gives the process " +
+                       ", ".join(sorted(caps))):
+        check_images(tmp_path, ENGINE_DEFAULT, seccomp=True)
+
+
+@pytest.mark.parametrize("mode", [img.disabled, img.strict, None])
+def test_a_process_without_the_seccomp_filter_is_refused(tmp_path: Path, mode) -> None:
+    core(tmp_path, 1, set(ENGINE_DEFAULT), seccomp=mode)
+    with pytest.raises(Refused, match="without the seccomp filter"):
+        check_images(tmp_path, ENGINE_DEFAULT, seccomp=True)
+    assert check_images(tmp_path, ENGINE_DEFAULT, seccomp=False) == 1  # unconfined here
+
+
+@pytest.mark.parametrize("content,why", [
+    (b"", "truncated"),
+    (struct.pack("<III", 0x1234, CORE_MAGIC, 0), "not a CRIU core image"),
+    (struct.pack("<III", IMG_COMMON_MAGIC, CORE_MAGIC, 1 << 30), "announces"),
+    (struct.pack("<III", IMG_COMMON_MAGIC, CORE_MAGIC, 4) + b"\xff\xff\xff\xff", "read"),
+    (struct.pack("<III", IMG_COMMON_MAGIC, CORE_MAGIC, 0), "no credentials"),
+])
+def test_a_malformed_core_image_is_refused(tmp_path: Path, content: bytes, why: str) -> None:
+    (tmp_path / "core-1.img").write_bytes(content)
+    with pytest.raises(Refused, match=why):
+        check_images(tmp_path, ENGINE_DEFAULT, seccomp=False)
+
+
+def test_a_checkpoint_without_core_images_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(Refused, match="no core image"):
+        check_images(tmp_path, ENGINE_DEFAULT, seccomp=False)
+
+
+def test_the_containers_powers_follow_its_host_config() -> None:
+    assert container_capabilities({}) == ENGINE_DEFAULT
+    assert container_capabilities({"CapAdd": ["CAP_NET_ADMIN"], "CapDrop": ["mknod"]}) == \
+        (ENGINE_DEFAULT | {"NET_ADMIN"}) - {"MKNOD"}
+    assert container_capabilities({"CapDrop": ["ALL"]}) == frozenset()
+    assert container_capabilities({"Privileged": True}) == frozenset(CAPABILITIES)
+    assert seccomp_expected({}, engine_has_seccomp=True)
+    assert not seccomp_expected({}, engine_has_seccomp=False)
+    assert not seccomp_expected({"SecurityOpt": ["seccomp:unconfined"]}, True)
+    assert not seccomp_expected({"Privileged": True}, True)
