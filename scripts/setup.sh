@@ -2,13 +2,14 @@
 # scripts/setup.sh - host setup for migctl (Debian 12 hosts, run as root).
 #
 #   1. system packages (docker.io, containerd, runc, iproute2, rsync, busybox-static,
-#      redis-server, tar, xz-utils, procps, util-linux, and for the compose lab docker-compose and
-#      debootstrap) - never leaves a daemon running
+#      redis-server, tar, xz-utils, procps, util-linux, for the compose lab docker-compose and
+#      debootstrap, for the lock tests' static helpers gcc and libc6-dev) - never leaves a daemon
+#      running
 #   2. a CRIU that really works on the running kernel:
 #        /opt/migctl/bin/criu  (wrapper or symlink; put /opt/migctl/bin first on
 #                               dockerd's PATH so runc finds it)
 #        /opt/migctl/criu/     (private prefix when CRIU comes from Debian sid)
-#   3. /etc/criu/runc.conf with tcp-established, tcp-close and skip-in-flight, and the runc wrapper
+#   3. /etc/criu/runc.conf with tcp-established, tcp-close, skip-in-flight and file-locks, and the runc wrapper
 #      /opt/migctl/bin/migctl-runc (the direct checkpoint path); fs.pipe-max-size of at least
 #      4 MiB (post-copy)
 #   4. .venv in the repo root: requirements.lock (exact versions and hashes; scripts/lock.sh
@@ -36,7 +37,7 @@ VENV="$REPO_ROOT/.venv"
 VENV_STAMP="$VENV/.migctl-setup-stamp"
 
 APT_PACKAGES=(docker.io containerd runc iproute2 rsync busybox-static redis-server
-    tar xz-utils procps util-linux docker-compose debootstrap)
+    tar xz-utils procps util-linux docker-compose debootstrap gcc libc6-dev)
 # daemons whose packages may try to start them on install (invoke-rc.d)
 WATCHED_DAEMONS=(dockerd containerd redis-server)
 
@@ -439,8 +440,10 @@ step_runc_conf() {
     mkdir -p "$(dirname "$RUNC_CONF")"
     [[ -e "$RUNC_CONF" ]] || : >"$RUNC_CONF"
     # skip-in-flight: a server that clients keep connecting to has connections not yet
-    # accepted at any moment, and CRIU refuses to dump those; they are dropped, clients retry
-    for opt in tcp-established tcp-close skip-in-flight; do
+    # accepted at any moment, and CRIU refuses to dump those; they are dropped, clients retry.
+    # file-locks: services hold flock, POSIX and OFD locks (MariaDB, SQLite); CRIU refuses to
+    # dump them without it, and with it they are taken again at the restore
+    for opt in tcp-established tcp-close skip-in-flight file-locks; do
         if ! grep -qxE "[[:space:]]*$opt[[:space:]]*" "$RUNC_CONF"; then
             # make sure the file ends with a newline before appending
             [[ -s "$RUNC_CONF" && -n "$(tail -c1 "$RUNC_CONF")" ]] && echo >>"$RUNC_CONF"
@@ -449,7 +452,7 @@ step_runc_conf() {
         fi
     done
     if [[ ${#added[@]} -eq 0 ]]; then
-        say "runc.conf: already has tcp-established, tcp-close and skip-in-flight ($RUNC_CONF)"
+        say "runc.conf: already has tcp-established, tcp-close, skip-in-flight and file-locks ($RUNC_CONF)"
     else
         say "runc.conf: added ${added[*]} to $RUNC_CONF"
     fi

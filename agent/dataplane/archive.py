@@ -5,23 +5,41 @@ the same bytes in two snapshots and the delta engine only sends what changed.
 
 An archive comes from a peer, and nothing a peer sends is believed: :func:`restore` refuses
 anything :func:`snapshot` would never have written before it touches the target directory.
+Safety comes from checking the entries (names, links, types, attributes), never from changing
+what they carry: what is extracted is exactly what was archived (agent/dataplane/tree.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import stat
 import tarfile
 from pathlib import Path, PurePosixPath
 
-from agent.dataplane.tree import DELETED, Manifest, pack
+from agent.dataplane.tree import (
+    DELETED,
+    MTIME_NS,
+    ROOT,
+    SPARSE,
+    SPARSE_SIZE,
+    XATTR_KEY,
+    Manifest,
+    copied_xattr,
+    pack,
+)
 from agent.errors import Refused
+
+MAX_SPARSE_SIZE = 1 << 44  # ext4's largest file: a sparse entry announcing more is refused
+# Python 3.11.4 and later filter what they extract unless told not to; the checks here are
+# ours, and 3.11.2 (Debian 12's) has no filters at all
+_AS_ARCHIVED = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
 
 
 def snapshot(source_dir: Path, archive: Path, since: Manifest | None = None) -> Manifest:
-    """Archive SOURCE_DIR (devices, FIFOs and sockets left out: they hold no data, and
+    """Archive SOURCE_DIR exactly (devices and sockets left out: they hold no data, and
     :func:`restore` refuses them); with SINCE only what changed (agent/dataplane/tree.py)."""
     return pack(source_dir, archive, layer=False, since=since)
 
@@ -47,7 +65,13 @@ def _check(members: list[tarfile.TarInfo]) -> None:
     targets, and no filter sees a link followed by a file of the same name, which then writes
     through the link to wherever it points."""
     kinds: dict[PurePosixPath, str] = {}  # normalised name -> "file", "dir" or "link"
-    for member in members:
+    for i, member in enumerate(members):
+        _check_headers(member)
+        if member.name == ROOT:
+            if i or not member.isdir():
+                raise _Hostile(member, "names the volume itself, not as its first folder entry")
+            kinds[PurePosixPath(ROOT)] = "dir"
+            continue
         path = _inside(member.name, member)
         if path in kinds:
             raise _Hostile(member, "repeats an earlier entry (it could write through it)")
@@ -58,9 +82,47 @@ def _check(members: list[tarfile.TarInfo]) -> None:
             if kinds.get(_inside(member.linkname, member)) != "file":
                 raise _Hostile(member, f"is a hard link to {member.linkname!r}, "
                                        "not to an earlier regular file of the archive")
-        elif not (member.isreg() or member.isdir() or member.issym()):
-            raise _Hostile(member, "is a device, FIFO or other special file")
+        elif not (member.isreg() or member.isdir() or member.issym() or member.isfifo()):
+            raise _Hostile(member, "is a device or other special file")
         kinds[path] = "file" if member.isreg() else "dir" if member.isdir() else "link"
+
+
+def _check_headers(member: tarfile.TarInfo) -> None:
+    """Attributes only of the namespaces we copy, in hex; sparse extents that fit the file."""
+    for key, value in member.pax_headers.items():
+        if key.startswith(XATTR_KEY):
+            attr = key[len(XATTR_KEY):]
+            if not copied_xattr(attr) or member.issym() or member.islnk():
+                raise _Hostile(member, f"carries attribute {attr!r}, which migctl never copies "
+                                       "there")
+            try:
+                bytes.fromhex(value)
+            except ValueError:
+                raise _Hostile(member, f"carries attribute {attr!r} with a malformed value") \
+                    from None
+    if SPARSE in member.pax_headers:
+        _sparse_extents(member)
+    if not member.pax_headers.get(MTIME_NS, "0").isdigit():
+        raise _Hostile(member, "has a malformed mtime")
+
+
+def _sparse_extents(member: tarfile.TarInfo) -> tuple[list[tuple[int, int]], int]:
+    """A sparse member's extents and size, as checked: in order, apart, inside the size, and
+    adding up to the data the member holds."""
+    try:
+        extents = [(int(o), int(n)) for o, n in json.loads(member.pax_headers[SPARSE])]
+        size = int(member.pax_headers[SPARSE_SIZE])
+    except (KeyError, ValueError, TypeError):
+        raise _Hostile(member, "has malformed sparse extents") from None
+    end = 0
+    for offset, length in extents:
+        if offset < end or length < 0:
+            raise _Hostile(member, "has sparse extents out of order or overlapping")
+        end = offset + length
+    if not member.isreg() or end > size or size > MAX_SPARSE_SIZE or \
+            sum(n for _, n in extents) != member.size:
+        raise _Hostile(member, "has sparse extents that do not fit the file")
+    return extents, size
 
 
 def open_plain(archive: Path) -> tarfile.TarFile:
@@ -86,11 +148,10 @@ def open_plain(archive: Path) -> tarfile.TarFile:
     return tar
 
 
-def restore(archive: Path, target_dir: Path, *, keep_modes: bool = False) -> list[tarfile.TarInfo]:
-    """Replace TARGET_DIR's content with ARCHIVE's. Every entry is checked before anything is
-    touched, so a hostile archive leaves the volume as it was. KEEP_MODES keeps setuid bits
-    and numeric owners as they are (a container's root filesystem needs them); otherwise the
-    `tar` filter drops them. Returns the entries extracted."""
+def restore(archive: Path, target_dir: Path) -> list[tarfile.TarInfo]:
+    """Replace TARGET_DIR's content with ARCHIVE's, exactly. Every entry is checked before
+    anything is touched, so a hostile archive leaves the volume as it was. Returns the entries
+    extracted."""
     with open_plain(archive) as tar:
         members = tar.getmembers()
         try:
@@ -99,15 +160,11 @@ def restore(archive: Path, target_dir: Path, *, keep_modes: bool = False) -> lis
             raise Refused(f"archive {archive.name} has a hostile entry: {err}") from None
         for entry in os.listdir(target_dir):
             remove_entry(target_dir / entry, target_dir)
-        if keep_modes:  # paths and links were checked above, whole
-            tar.extractall(target_dir, filter="fully_trusted", numeric_owner=True)
-        else:
-            tar.extractall(target_dir, filter="tar")  # and still drop setuid bits, check paths
+        _extract(tar, target_dir, members)  # paths and links were checked above, whole
         return members
 
 
-def apply_changes(archive: Path, target_dir: Path, *,
-                  keep_modes: bool = False) -> list[tarfile.TarInfo]:
+def apply_changes(archive: Path, target_dir: Path) -> list[tarfile.TarInfo]:
     """Apply a changes archive (tree.pack with `since`) to TARGET_DIR in place: deletions
     first, then the changed entries over what is there. Checked whole before anything is
     touched, and every entry's parents in TARGET_DIR must be real folders (a symlink the
@@ -133,14 +190,13 @@ def apply_changes(archive: Path, target_dir: Path, *,
             remove_entry(target_dir / m.name, target_dir)
         for m in rest:
             path = target_dir / m.name
+            if m.name == ROOT:
+                continue
             with contextlib.suppress(FileNotFoundError):
                 st = path.lstat()
                 if not (m.isdir() and stat.S_ISDIR(st.st_mode)):
                     remove_entry(path, target_dir)  # replaced, never written through
-        if keep_modes:  # paths, links and parents were checked above
-            tar.extractall(target_dir, members=rest, filter="fully_trusted", numeric_owner=True)
-        else:
-            tar.extractall(target_dir, members=rest, filter="tar")
+        _extract(tar, target_dir, rest)  # paths, links and parents were checked above
         return rest
 
 
@@ -148,6 +204,8 @@ def _real_parents(target_dir: Path, member: tarfile.TarInfo,
                   folders: set[PurePosixPath]) -> None:
     """MEMBER's parents are folders here, or folders of the archive (which replace whatever
     holds their name here before anything is extracted)."""
+    if member.name == ROOT:
+        return
     here = target_dir
     for parent in reversed(_inside(member.name, member).parents[:-1]):
         if parent in folders:
@@ -174,3 +232,53 @@ def remove_entry(path: Path, root: Path) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+def _extract(tar: tarfile.TarFile, target_dir: Path, members: list[tarfile.TarInfo]) -> None:
+    """MEMBERS (checked) into TARGET_DIR as archived: modes, numeric owners, times, attributes,
+    sparse files with their holes, and the tree's own folder."""
+    sparse = {m.name for m in members if SPARSE in m.pax_headers}
+    later = [m for m in members if m.name == ROOT or m.name in sparse
+             or (m.islnk() and m.linkname in sparse)]
+    tar.extractall(target_dir, members=[m for m in members if m not in later],
+                   numeric_owner=True, **_AS_ARCHIVED)
+    for m in later:
+        path = target_dir if m.name == ROOT else target_dir / m.name
+        if m.name in sparse:
+            _write_sparse(tar, m, path)
+        elif m.islnk():
+            os.link(target_dir / m.linkname, path)
+            continue
+        os.chown(path, m.uid, m.gid)
+        os.chmod(path, m.mode)
+    for m in members:
+        for key, value in m.pax_headers.items():
+            if key.startswith(XATTR_KEY):
+                path = target_dir if m.name == ROOT else target_dir / m.name
+                os.setxattr(path, key[len(XATTR_KEY):], bytes.fromhex(value),
+                            follow_symlinks=False)
+    # times last, deepest first: writing into a folder moves the folder's own
+    for m in sorted(members, key=lambda m: m.name, reverse=True):
+        path = target_dir if m.name == ROOT else target_dir / m.name
+        ns = int(m.pax_headers.get(MTIME_NS) or int(m.mtime) * 10**9)
+        os.utime(path, ns=(ns, ns), follow_symlinks=False)
+
+
+def _write_sparse(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> None:
+    extents, size = _sparse_extents(member)
+    data = tar.extractfile(member)
+    assert data is not None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        for offset, length in extents:
+            os.lseek(fd, offset, os.SEEK_SET)
+            left = length
+            while left:
+                chunk = data.read(min(left, 1 << 20))
+                if not chunk:
+                    raise Refused(f"{member.name!r} holds less data than its extents say")
+                os.write(fd, chunk)
+                left -= len(chunk)
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)

@@ -23,8 +23,8 @@ from agent.dataplane.tree import (
     OPAQUE_XATTR,
     WHITEOUT,
     XATTR_KEY,
-    XATTR_SPACES,
     Manifest,
+    copied_xattr,
     pack,
 )
 from agent.errors import Refused
@@ -39,13 +39,13 @@ def restore_layer(archive: Path, upper: Path) -> None:
     """Rebuild UPPER (a new container's empty upper directory) from ARCHIVE: checked whole
     first, like every archive from a peer, then whiteouts and attributes put back."""
     _check_layer(archive)
-    _finish(upper, restore(archive, upper, keep_modes=True))
+    _finish(upper, restore(archive, upper))
 
 
 def apply_layer_changes(archive: Path, upper: Path) -> None:
     """Apply a changes archive of the layer to UPPER in place (archive.apply_changes)."""
     _check_layer(archive)
-    _finish(upper, apply_changes(archive, upper, keep_modes=True))
+    _finish(upper, apply_changes(archive, upper))
 
 
 def _check_layer(archive: Path) -> None:
@@ -55,7 +55,8 @@ def _check_layer(archive: Path) -> None:
 
 
 def _finish(upper: Path, members: list[tarfile.TarInfo]) -> None:
-    """Markers become overlay's own whiteouts and opaque folders; attributes are set."""
+    """Markers become overlay's own whiteouts and opaque folders (attributes were set with
+    the extraction)."""
     for m in members:
         path = upper / m.name
         base = os.path.basename(m.name)
@@ -67,10 +68,6 @@ def _finish(upper: Path, members: list[tarfile.TarInfo]) -> None:
             hidden = path.parent / base[len(WHITEOUT):]
             remove_entry(hidden, upper)  # a changes archive may whiteout what the layer held
             os.mknod(hidden, stat.S_IFCHR, os.makedev(0, 0))
-        for key, value in m.pax_headers.items():
-            if key.startswith(XATTR_KEY):
-                os.setxattr(path, key[len(XATTR_KEY):], bytes.fromhex(value),
-                            follow_symlinks=False)
 
 
 def _check_layer_entry(archive: Path, m: tarfile.TarInfo) -> None:
@@ -92,7 +89,7 @@ def _check_layer_entry(archive: Path, m: tarfile.TarInfo) -> None:
             bytes.fromhex(value)
         except ValueError:
             why = f"carries attribute {attr!r} with a malformed value"
-        if not attr.startswith(XATTR_SPACES) or m.issym() or m.islnk():
+        if not copied_xattr(attr) or m.issym() or m.islnk():
             why = f"carries attribute {attr!r}, which a layer does not"
     if why:
         raise Refused(f"archive {archive.name}: {m.name!r} {why}")

@@ -13,8 +13,16 @@ it is read: the walk opens every directory and file relative to its parent with 
 so it never leaves the tree. Entries are sorted and carry lstat metadata, so an unchanged file
 yields the same bytes in two archives and travels as matched delta blocks.
 
+Files move exactly: every mode bit (setuid, setgid and sticky included), numeric owners,
+mtimes to the nanosecond (MIGCTL.mtime), extended attributes (user.*, security.* and
+POSIX ACLs) in pax headers, hard links, symlinks, FIFOs, the tree's own root (entry ".") and
+the holes of sparse files (their data extents, MIGCTL.sparse). A process holding a file open is
+restored only if its mode is what it was (CRIU checks), and a service's files need their
+owners. Devices and sockets are left out: they hold no data, and a device from a peer would be
+a door to the node's hardware.
+
 A writable layer (LAYER) carries overlay's whiteouts as image layers do (`.wh.NAME`,
-`.wh..wh..opq`) and extended attributes (user.* and security.*) in pax headers.
+`.wh..wh..opq`).
 """
 
 from __future__ import annotations
@@ -33,6 +41,11 @@ OPAQUE = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
 XATTR_KEY = "MIGCTL.xattr."  # pax header of an extended attribute, its value in hex
 XATTR_SPACES = ("user.", "security.")  # trusted.* would steer overlay itself: never copied
+ACLS = ("system.posix_acl_access", "system.posix_acl_default")
+SPARSE = "MIGCTL.sparse"  # pax header of a sparse file: its data extents, [[offset, length]...]
+SPARSE_SIZE = "MIGCTL.size"  # and its size, holes included (the member holds only the data)
+ROOT = "."  # the tree's own folder: its mode, owner, times and attributes
+MTIME_NS = "MIGCTL.mtime"  # pax header of an entry's mtime in nanoseconds (tar's is seconds)
 DELETED = "MIGCTL.deleted"  # pax header of an entry that is gone since the first archive
 RACY_NS = 2_000_000_000
 """Entries modified this close to the first walk are always archived again."""
@@ -62,6 +75,10 @@ class Manifest:
         return cls(data["taken_ns"], {k: tuple(v) for k, v in data["entries"].items()})
 
 
+def copied_xattr(name: str) -> bool:
+    return name.startswith(XATTR_SPACES) or name in ACLS
+
+
 def pack(root: Path, archive: Path, *, layer: bool, since: Manifest | None = None) -> Manifest:
     """Archive ROOT into ARCHIVE: all of it, or with SINCE only what changed since that
     manifest (and deletion marks). Returns the manifest of what ROOT holds now."""
@@ -72,11 +89,13 @@ def pack(root: Path, archive: Path, *, layer: bool, since: Manifest | None = Non
         if root.is_dir():
             top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
             try:
-                _Walk(tar, layer, since, now).walk(top, "")
+                walk = _Walk(tar, layer, since, now)
+                walk.root(top)
+                walk.walk(top, "")
             finally:
                 os.close(top)
         if since is not None:
-            for name in sorted(set(since.entries) - set(now.entries)):
+            for name in sorted(set(since.entries) - set(now.entries) - {ROOT}):
                 gone = _empty(name)
                 gone.pax_headers[DELETED] = "1"
                 tar.addfile(gone)
@@ -92,6 +111,19 @@ class _Walk:
     now: Manifest
     links: dict[tuple[int, int], str] = field(default_factory=dict)
 
+    def root(self, fd: int) -> None:
+        """The tree's own folder, first: its mode and owner matter (a database's data folder
+        belongs to the database's user)."""
+        st = os.fstat(fd)
+        key = (st.st_mode, st.st_uid, st.st_gid, 0, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        self.now.entries[ROOT] = key
+        if self.since is None or self.since.changed(ROOT, key):
+            info = _info(ROOT, st)
+            info.type = tarfile.DIRTYPE
+            if not self.layer:  # a layer's root is the engine's
+                _xattrs(fd, info)
+                self.tar.addfile(info)
+
     def walk(self, dir_fd: int, prefix: str) -> None:
         for name in sorted(os.listdir(dir_fd)):
             arcname = f"{prefix}{name}"
@@ -102,18 +134,17 @@ class _Walk:
             key = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
                    st.st_ctime_ns, st.st_ino)
             kept = stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode) or \
-                stat.S_ISLNK(st.st_mode) or (self.layer and _is_whiteout(st))
+                stat.S_ISLNK(st.st_mode) or stat.S_ISFIFO(st.st_mode) or \
+                (self.layer and _is_whiteout(st))
             if not kept:
-                continue  # sockets, FIFOs and devices hold no data and cannot be restored
+                continue  # sockets and devices hold no data, and a device is the node's
             self.now.entries[arcname] = key
             write = self.since is None or self.since.changed(arcname, key)
             self.entry(dir_fd, name, arcname, st, write)
 
     def entry(self, dir_fd: int, name: str, arcname: str, st: os.stat_result,
               write: bool) -> None:
-        info = tarfile.TarInfo(arcname)
-        info.mode, info.uid, info.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
-        info.mtime = int(st.st_mtime)
+        info = _info(arcname, st)
         tar = self.tar
         if _is_whiteout(st):
             if write:
@@ -123,6 +154,10 @@ class _Walk:
             if write:
                 info.type, info.linkname = tarfile.SYMTYPE, os.readlink(name, dir_fd=dir_fd)
                 tar.addfile(info)
+        elif stat.S_ISFIFO(st.st_mode):
+            if write:  # opened, a FIFO would block: its attributes stay behind
+                info.type = tarfile.FIFOTYPE
+                tar.addfile(info)
         elif stat.S_ISDIR(st.st_mode):
             fd = _open(name, dir_fd, os.O_DIRECTORY)
             if fd is None:
@@ -130,7 +165,7 @@ class _Walk:
             try:
                 if write:
                     info.type = tarfile.DIRTYPE
-                    opaque = _xattrs(fd, info) if self.layer else False
+                    opaque = _xattrs(fd, info)
                     tar.addfile(info)
                     if opaque:
                         tar.addfile(_empty(f"{arcname}/{OPAQUE}"))
@@ -148,9 +183,15 @@ class _Walk:
                 return
             with os.fdopen(fd, "rb") as f:
                 info.size = os.fstat(fd).st_size
-                if self.layer:
-                    _xattrs(fd, info)
-                tar.addfile(info, f)
+                _xattrs(fd, info)
+                extents = _extents(fd, info.size) if st.st_blocks * 512 < info.size else None
+                if extents is None:
+                    tar.addfile(info, f)
+                else:
+                    info.pax_headers[SPARSE] = json.dumps(extents, separators=(",", ":"))
+                    info.pax_headers[SPARSE_SIZE] = str(info.size)
+                    info.size = sum(length for _, length in extents)
+                    tar.addfile(info, _Extents(fd, extents))
             self.links[key] = arcname
 
 
@@ -164,6 +205,53 @@ def _open(name: str, dir_fd: int, flags: int) -> int | None:
     return None
 
 
+def _info(name: str, st: os.stat_result) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.mode, info.uid, info.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+    info.mtime = st.st_mtime // 1
+    info.pax_headers[MTIME_NS] = str(st.st_mtime_ns)
+    return info
+
+
+def _extents(fd: int, size: int) -> list[list[int]] | None:
+    """The data extents of a file with holes ([offset, length]...); None without holes."""
+    extents, pos = [], 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # no data after POS: a hole to the end
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        extents.append([start, end - start])
+        pos = end
+    os.lseek(fd, 0, os.SEEK_SET)
+    if extents == [[0, size]]:
+        return None
+    return extents
+
+
+class _Extents:
+    """A sparse file's data extents, read one after another (what the member holds)."""
+
+    def __init__(self, fd: int, extents: list[list[int]]) -> None:
+        self.fd = fd
+        self.parts = [(o, n) for o, n in extents if n]
+
+    def read(self, size: int = -1) -> bytes:
+        """SIZE bytes (all with -1), across extents: tarfile wants full reads."""
+        out = bytearray()
+        while self.parts and (size < 0 or len(out) < size):
+            offset, length = self.parts[0]
+            want = length if size < 0 else min(size - len(out), length)
+            data = os.pread(self.fd, want, offset)
+            out += data + bytes(want - len(data))  # truncated meanwhile: the final pass corrects
+            if want == length:
+                self.parts.pop(0)
+            else:
+                self.parts[0] = (offset + want, length - want)
+        return bytes(out)
+
+
 def _empty(name: str) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.mode = 0o600
@@ -171,11 +259,12 @@ def _empty(name: str) -> tarfile.TarInfo:
 
 
 def _xattrs(fd: int, info: tarfile.TarInfo) -> bool:
-    """Copy FD's user.* and security.* attributes into INFO; True if it is an opaque dir."""
+    """Copy FD's attributes that move (copied_xattr) into INFO; True if it is an opaque
+    folder of a layer."""
     opaque = False
-    for attr in os.listxattr(fd):
+    for attr in sorted(os.listxattr(fd)):
         if attr == OPAQUE_XATTR:
             opaque = os.getxattr(fd, attr) == b"y"
-        elif attr.startswith(XATTR_SPACES):
+        elif copied_xattr(attr):
             info.pax_headers[XATTR_KEY + attr] = os.getxattr(fd, attr).hex()
     return opaque
