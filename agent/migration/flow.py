@@ -315,6 +315,9 @@ class Migration:
                 "running containers (start it, or move a stopped one with docker save/load)")
         # Computed here from the description, never taken from the source's own verdict.
         problems = unsupported(spec, self.request.allow_privileged)
+        # and what only the source can see, in its processes (what CRIU would refuse): a
+        # refusal, so believing it costs nothing
+        problems += [p for p in spec.unsupported if p not in unsupported(spec)]
         if problems:
             self.metrics.preflight.labels("unsupported").inc()
             raise FailedPrecondition(

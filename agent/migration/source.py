@@ -127,7 +127,9 @@ class SourceSide:
         volume over a host folder). Privileged powers are the operator's to allow at the
         destination; they reveal nothing of this node."""
         spec = self.runtime.describe(container)
-        problems = unsupported(spec, allow_privileged=True)
+        described = unsupported(spec)  # what the description alone shows; the rest is what
+        problems = unsupported(spec, allow_privileged=True) + [  # its processes hold (CRIU)
+            p for p in spec.unsupported if p not in described]
         if problems:
             raise FailedPrecondition(f"container {spec.name!r} cannot be migrated: "
                                      + "; ".join(problems))

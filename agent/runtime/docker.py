@@ -27,7 +27,7 @@ import docker.errors
 import psutil
 
 from agent.errors import FailedPrecondition, MigctlError, NotFound, RuntimeFailure, Unavailable
-from agent.runtime import netns
+from agent.runtime import dumpable, netns
 from agent.runtime.spec import create_request, port_protocol, unsupported
 from proto import migctl_pb2 as pb
 
@@ -171,6 +171,7 @@ class DockerRuntime:
         self._collected_lock = threading.Lock()
         self._uppers: dict[str, Path | None] = {}  # by container ID, for its whole life
         self._seccomp: bool | None = None  # whether the engine confines with seccomp
+        self._sys_resource: bool | None = None  # whether the agent holds CAP_SYS_RESOURCE
         self.client = docker.DockerClient(base_url=docker_host, timeout=300)
         self.api = self.client.api
         self._root_dir: Path | None = None
@@ -247,8 +248,23 @@ class DockerRuntime:
         spec.layer_sizes.extend(self.layer_sizes(list(spec.diff_ids)))
         if spec.running:
             spec.memory_bytes = self._memory(c)
-        spec.unsupported.extend(unsupported(spec))
+        spec.unsupported.extend(unsupported(spec) + self.dump_problems(c))
         return spec
+
+    def dump_problems(self, c: dict[str, Any]) -> list[str]:
+        """What CRIU would refuse in the processes of inspected container C (its init and
+        every descendant: the tree a checkpoint dumps), read from /proc (agent.runtime.dumpable).
+        """
+        pid = c["State"].get("Pid") or 0
+        if not pid:
+            return []
+        try:
+            pids = [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
+        except psutil.Error:
+            return []
+        if self._sys_resource is None:
+            self._sys_resource = dumpable.has_sys_resource()
+        return dumpable.problems(pids, self._sys_resource)
 
     def list_containers(self) -> list[pb.ContainerSummary]:
         """Every container of the engine, running or not, with what keeps it from moving: one
@@ -263,7 +279,8 @@ class DockerRuntime:
                 continue  # removed since the listing
             spec = self._spec(c, lambda name: volumes.get(name) or {}, lambda _: 0)
             why = ([] if spec.running else
-                   ["not running (migctl moves running containers)"]) + unsupported(spec)
+                   ["not running (migctl moves running containers)"]) + unsupported(spec) + \
+                self.dump_problems(c)
             out.append(pb.ContainerSummary(
                 id=spec.id, name=spec.name, image=spec.image,
                 state=str(c["State"].get("Status") or ""),
