@@ -26,6 +26,7 @@ from agent.migration.policy import PAGE_SERVER_MIN_RATE
 from agent.runtime.base import open_runtime
 from agent.security import TLSFiles, server_credentials
 from agent.service import AgentService
+from agent.version import VersionAction
 from proto import migctl_pb2_grpc as rpc
 
 
@@ -88,6 +89,7 @@ def serve(node: str, listen: str, docker_host: str, state_dir: Path, engine_tmp:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="migagent", description=__doc__)
+    p.add_argument("--version", action=VersionAction)
     p.add_argument("--node", required=True, help="this node's name (e.g. nodeA)")
     p.add_argument("--listen", default="0.0.0.0:50051", help="host:port to serve gRPC on")
     p.add_argument("--docker-host", default="unix:///var/run/docker.sock",

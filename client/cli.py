@@ -14,6 +14,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from agent.errors import MigctlError
+from agent.version import VersionAction
 from client import completion
 from client.api import (
     AgentClient,
@@ -285,6 +286,7 @@ def cmd_completion(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="migctl", description="Live migration of stateful "
                                 "containers between nodes (CRIU + gRPC + delta transfer).")
+    p.add_argument("--version", action=VersionAction)
     p.add_argument("--inventory", type=Path, default=None,
                    help="node inventory (default: $MIGCTL_INVENTORY, else the config file's "
                         "inventory, else $MIGCTL_HOME/inventory.json)"

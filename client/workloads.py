@@ -119,6 +119,69 @@ def ensure_redis_image(client: docker.DockerClient, cache: Path) -> None:
         client.images.build(path=ctx, tag=REDIS_IMAGE, rm=True)
 
 
+MARIADB_IMAGE = "migctl-mariadb:1"
+DEBIAN_SUITE = "bookworm"
+# InnoDB uses io_uring by default, which CRIU cannot dump (docs/runtime.md); the server runs
+# as root because this machine's root lacks CAP_SYS_RESOURCE (HOST.md); no grant tables: a
+# test server, reached only on the lab's segment
+MARIADB = ("mkdir -p /run/mysqld && "
+           "{ [ -d /var/lib/mysql/mysql ] || mariadb-install-db --user=root "
+           "--datadir=/var/lib/mysql --auth-root-authentication-method=normal >/dev/null; } && "
+           "exec mariadbd --user=root --datadir=/var/lib/mysql --bind-address=0.0.0.0 "
+           "--skip-grant-tables --innodb-use-native-aio=0 --innodb-flush-log-at-trx-commit=1")
+
+
+def debian_mirror() -> str:
+    """The machine's own Debian mirror (no other registry is reachable)."""
+    for f in [*Path("/etc/apt/sources.list.d").glob("*.sources")]:
+        for line in f.read_text().splitlines():
+            if line.lower().startswith("uris:"):
+                return line.split(":", 1)[1].split()[0]
+    for f in [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*.list")]:
+        if f.exists():
+            for line in f.read_text().splitlines():
+                parts = [x for x in line.split() if not x.startswith("[")]
+                if parts[:1] == ["deb"] and len(parts) > 1:
+                    return parts[1]
+    return "http://deb.debian.org/debian"
+
+
+def debian_rootfs(cache: Path, name: str, packages: list[str]) -> Path:
+    """A minimal Debian root with PACKAGES from the machine's mirror (debootstrap, a few
+    minutes once), as a tar in CACHE: the same bytes for every node's import."""
+    out = cache / f"{name}-rootfs.tar"
+    if out.exists():
+        return out
+    assert shutil.which("debootstrap"), "debootstrap is missing: run scripts/setup.sh"
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        root = Path(tmp, "root")
+        res = subprocess.run(["debootstrap", "--variant=minbase",
+                              f"--include={','.join(packages)}", DEBIAN_SUITE, str(root),
+                              debian_mirror()], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise AssertionError(f"debootstrap of {packages} failed: {res.stdout[-2000:]}"
+                                 f"{res.stderr[-2000:]}")
+        for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            shutil.rmtree(root / junk, ignore_errors=True)
+        part = out.with_suffix(".part")
+        subprocess.run(["tar", "-C", str(root), "--numeric-owner", "--xattrs", "-cf",
+                        str(part), "--exclude=./proc/*", "--exclude=./sys/*",
+                        "--exclude=./dev/*", "."], check=True)
+        part.rename(out)
+    return out
+
+
+def ensure_mariadb_image(client: docker.DockerClient, cache: Path) -> None:
+    """MariaDB from Debian's packages (no registry is reachable), imported the same on every
+    node."""
+    if _has_image(client, MARIADB_IMAGE):
+        return
+    rootfs = debian_rootfs(cache, "mariadb", ["mariadb-server"])
+    repo, tag = MARIADB_IMAGE.split(":")
+    client.api.import_image_from_file(str(rootfs), repository=repo, tag=tag)
+
+
 def remove_everywhere(clients: dict[str, docker.DockerClient], containers: list[str],
                       volumes: list[str]) -> None:
     for client in clients.values():

@@ -34,7 +34,7 @@ CRIU_APT=$MIGCTL_HOME/criu-apt
 LOG_DIR=$MIGCTL_HOME/log
 RUNC_CONF=/etc/criu/runc.conf
 VENV="$REPO_ROOT/.venv"
-VENV_STAMP="$VENV/.migctl-setup-stamp"
+SYSTEM_VENV="$REPO_ROOT/.venv-system"  # the distribution's python3, when it is another
 
 APT_PACKAGES=(docker.io containerd runc iproute2 rsync busybox-static redis-server
     tar xz-utils procps util-linux docker-compose debootstrap gcc libc6-dev)
@@ -490,35 +490,34 @@ step_pipe_size() {
 # ---------------------------------------------------------------------------
 # 4. Python environment
 # ---------------------------------------------------------------------------
-step_python() {
-    local t0 py pyver stamp log="$LOG_DIR/pip.log"
+# install_venv VENV PYTHON: VENV with requirements.lock and migctl itself (editable)
+install_venv() {
+    local venv=$1 py=$2 t0 pyver stamp log="$LOG_DIR/pip.log" vstamp="$1/.migctl-setup-stamp"
     t0=$(date +%s%N)
-    py=$(command -v python3.11 || command -v python3 || true)
-    [[ -n "$py" ]] || die "python: neither python3.11 nor python3 on PATH"
     pyver=$("$py" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')
-    "$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11, 4) else 1)' ||
-        die "python: $py is $pyver, migctl needs >= 3.11.4 (tarfile extraction filters refuse hostile archives)"
+    "$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' ||
+        die "python: $py is $pyver, migctl needs >= 3.11"
 
-    if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11, 4) else 1)' 2>/dev/null; then
+    if [[ -x "$venv/bin/python" ]] && "$venv/bin/python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
         :
     else
-        [[ -e "$VENV" ]] && say "python: $VENV is unusable, recreating it"
-        rm -rf "$VENV"
-        "$py" -m venv "$VENV" || die "python: '$py -m venv $VENV' failed"
-        say "python: created $VENV with $py ($pyver)"
+        [[ -e "$venv" ]] && say "python: $venv is unusable, recreating it"
+        rm -rf "$venv"
+        "$py" -m venv "$venv" || die "python: '$py -m venv $venv' failed"
+        say "python: created $venv with $py ($pyver)"
     fi
 
-    stamp="$(cat "$REPO_ROOT/pyproject.toml" "$REPO_ROOT/requirements.lock" | sha256sum | cut -d' ' -f1) $("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])') $REPO_ROOT editable=compat"
-    if [[ -f "$VENV_STAMP" && "$(cat "$VENV_STAMP")" == "$stamp" ]] &&
-        "$VENV/bin/python" -c 'import importlib.metadata as m; m.version("migctl"); m.version("pytest")' 2>/dev/null; then
-        say "python: already set up ($VENV, python $("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])'), pyproject.toml and requirements.lock unchanged)"
+    stamp="$(cat "$REPO_ROOT/pyproject.toml" "$REPO_ROOT/requirements.lock" | sha256sum | cut -d' ' -f1) $("$venv/bin/python" -c 'import sys; print(sys.version.split()[0])') $REPO_ROOT editable=compat"
+    if [[ -f "$vstamp" && "$(cat "$vstamp")" == "$stamp" ]] &&
+        "$venv/bin/python" -c 'import importlib.metadata as m; m.version("migctl"); m.version("pytest")' 2>/dev/null; then
+        say "python: already set up ($venv, python $("$venv/bin/python" -c 'import sys; print(sys.version.split()[0])'), pyproject.toml and requirements.lock unchanged)"
         return 0
     fi
-    say "python: installing requirements.lock (exact versions, hashes checked) into $VENV ..."
+    say "python: installing requirements.lock (exact versions, hashes checked) into $venv ..."
     : >"$log"
     # the lock holds every dependency, runtime and dev, and the build backend: nothing is
     # resolved here, so a fresh machine gets the versions the project was tested with
-    (cd "$REPO_ROOT" && "$VENV/bin/python" -m pip install -q --require-hashes --no-deps \
+    (cd "$REPO_ROOT" && "$venv/bin/python" -m pip install -q --require-hashes --no-deps \
         -r requirements.lock) >>"$log" 2>&1 </dev/null || {
         show_log "$log"
         die "python: pip install -r requirements.lock failed (see $log)"
@@ -526,17 +525,39 @@ step_python() {
     # compat: a plain path entry in a .pth file. The default editable finder costs every
     # Python process of the venv ~60 ms at start-up (importlib machinery), which every
     # migctl and migctl-delta command would pay.
-    (cd "$REPO_ROOT" && "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation \
+    (cd "$REPO_ROOT" && "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation \
         -e . --config-settings editable_mode=compat) >>"$log" 2>&1 </dev/null || {
         show_log "$log"
         die "python: pip install -e . failed (see $log)"
     }
-    "$VENV/bin/python" -m pip check >>"$log" 2>&1 || {
+    "$venv/bin/python" -m pip check >>"$log" 2>&1 || {
         show_log "$log"
         die "python: the installed packages do not fit together (pip check; see $log)"
     }
-    echo "$stamp" >"$VENV_STAMP"
-    say "python: installed migctl $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("migctl"))') + the locked dependencies ($(elapsed_ms "$t0") ms)"
+    echo "$stamp" >"$vstamp"
+    say "python: installed migctl $("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("migctl"))') + the locked dependencies into $venv ($(elapsed_ms "$t0") ms)"
+}
+
+step_python() {
+    local py
+    py=$(command -v python3.11 || command -v python3 || true)
+    [[ -n "$py" ]] || die "python: neither python3.11 nor python3 on PATH"
+    install_venv "$VENV" "$py"
+}
+
+# The distribution's own python (Debian 12's is 3.11.2, older than the one on PATH here):
+# scripts/test.sh runs the data plane's and the hostile-peer unit tests under it too.
+step_python_system() {
+    local sys=/usr/bin/python3
+    if [[ ! -x $sys ]] || ! "$sys" -c 'import sys, venv; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+        say "python: no distribution python3 >= 3.11 with venv at $sys; its tests are left out"
+        return 0
+    fi
+    if [[ "$("$sys" -c 'import sys; print(sys.version)')" == "$("$VENV/bin/python" -c 'import sys; print(sys.version)')" ]]; then
+        say "python: the distribution's python is the one of $VENV"
+        return 0
+    fi
+    install_venv "$SYSTEM_VENV" "$sys"
 }
 
 # ---------------------------------------------------------------------------
@@ -569,5 +590,6 @@ step_runc_conf
 step_runc_wrapper
 step_pipe_size
 step_python
+step_python_system
 step_selfcheck
 say "done in $(elapsed_ms "$SETUP_START") ms"

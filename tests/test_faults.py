@@ -175,9 +175,10 @@ def small_staging(lab: LabHandle) -> Iterator[Path]:
 CASES = ["kill-source-agent", "kill-destination-agent", "cut-link", "fill-disk"]
 
 
-# the freeze and after it, every way the final checkpoint's memory can travel (post-copy's
-# faults while its pages arrive are in tests/test_postcopy.py)
-WHEN = [("pre-copy", "auto"), ("transferring-final", "delta"),
+# before the freeze (where the memory has not travelled yet, so any named transfer does), the
+# freeze and after it, every way the final checkpoint's memory can travel (post-copy's faults
+# while its pages arrive are in tests/test_postcopy.py)
+WHEN = [("pre-copy", "delta"), ("transferring-final", "delta"),
         ("transferring-final", "page-server"), ("transferring-final", "post-copy")]
 
 

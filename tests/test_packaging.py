@@ -53,3 +53,19 @@ def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
                          text=True)
     # systemd only warns about a setting it cannot parse, and ignores it: no word is allowed
     assert (res.returncode, res.stderr) == (0, "")
+
+
+def test_every_command_says_the_same_version() -> None:
+    """`--version` works on every command (it was a usage error) and they agree."""
+    import importlib.metadata
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bindir = Path(sys.executable).parent
+    want = importlib.metadata.version("migctl")
+    for command in ("migctl", "migagent", "migctl-delta"):
+        res = subprocess.run([str(bindir / command), "--version"], capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 0 and res.stdout.strip() == f"{command} {want}", \
+            (command, res.returncode, res.stdout, res.stderr)

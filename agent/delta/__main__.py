@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 from agent.delta import DeltaStats, Signature, delta_stream, make_signature, patch_stream
 from agent.delta.signature import DEFAULT_BLOCK_SIZE
 from agent.errors import DeltaError
+from agent.version import VersionAction
 
 _READ = 1 << 20
 STDIO = "-"
@@ -76,6 +77,7 @@ def _summary(stats: DeltaStats) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="migctl-delta", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action=VersionAction)
     parser.add_argument(
         "-s", "--statistics", action="store_true", help="print statistics on standard error"
     )
