@@ -50,6 +50,7 @@ from agent.migration.source import (
 from agent.runtime.base import Runtime
 from agent.runtime.spec import valid_name
 from agent.security import TLSFiles, caller_of
+from agent.version import PROTOCOL_VERSION, version
 from proto import migctl_pb2 as pb
 from proto import migctl_pb2_grpc as rpc
 
@@ -117,6 +118,7 @@ class AgentService(rpc.AgentServicer):
                  cache_bytes: int = 2 << 30, metrics: Metrics | None = None,
                  page_server_min_rate: float = 0.0) -> None:
         self.node = node
+        self.version = version()
         self.metrics = metrics or Metrics()
         self.tls = tls  # our identity when we call other agents
         self.connect = lambda addr, *name: open_channel(addr, tls, *name)
@@ -321,7 +323,8 @@ class AgentService(rpc.AgentServicer):
             memory_available_bytes=psutil.virtual_memory().available,
             load=psutil.getloadavg()[0] / (psutil.cpu_count() or 1),
             checkpoint_method=self.runtime.method,
-            no_post_copy=self.runtime.post_copy_problem())
+            no_post_copy=self.runtime.post_copy_problem(),
+            version=self.version, protocol_version=PROTOCOL_VERSION)
 
     @handler
     def DescribeContainer(self, request: pb.ContainerRef, context: Any) -> pb.ContainerSpec:

@@ -6,6 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+PROTOCOL_VERSION = 2
+"""Raised whenever agents of the old and the new code could not migrate between them (2:
+Vouch answers only the keys it is asked about, and cached items carry their entitled nodes)."""
+
 
 def version() -> str:
     from importlib.metadata import PackageNotFoundError

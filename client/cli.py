@@ -152,9 +152,16 @@ MEMORY_TRANSFER = {"auto": "", "page-server": "page server", "delta": "delta",
                    "post-copy": "post-copy"}
 
 
+def _has_rich() -> bool:
+    """rich comes with the `progress` extra; without it progress is plain lines."""
+    import importlib.util
+
+    return importlib.util.find_spec("rich") is not None
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     inv = Inventory.load(args.inventory, args.tls_dir)
-    live = LiveProgress() if not args.quiet and sys.stderr.isatty() else None
+    live = LiveProgress() if not args.quiet and sys.stderr.isatty() and _has_rich() else None
     with live or contextlib.nullcontext():
         report = migrate(inv, args.container, args.source, args.dest,
                          on_event=None if args.quiet else live or render_event,
@@ -175,7 +182,8 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         try:
             with AgentClient(node, tls, timeout=3) as c:
                 info = c.info()
-            state = (f"up, engine {info.engine_version}, CRIU {info.criu_version or '-'}, "
+            state = (f"up, migctl {info.version or '-'} (protocol {info.protocol_version}), "
+                     f"engine {info.engine_version}, CRIU {info.criu_version or '-'}, "
                      f"{info.checkpoint_method or 'engine'} checkpoints")
         except AgentError as err:
             state = f"DOWN: {err.message}"

@@ -38,7 +38,7 @@ class GetNodeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node", "engine_version", "criu_version", "docker_root_dir", "checkpoints_enabled", "staging_free_bytes", "engine_free_bytes", "memory_available_bytes", "load", "checkpoint_method", "no_post_copy")
+    __slots__ = ("node", "engine_version", "criu_version", "docker_root_dir", "checkpoints_enabled", "staging_free_bytes", "engine_free_bytes", "memory_available_bytes", "load", "checkpoint_method", "no_post_copy", "version", "protocol_version")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
     CRIU_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,8 @@ class NodeInfo(_message.Message):
     LOAD_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_METHOD_FIELD_NUMBER: _ClassVar[int]
     NO_POST_COPY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     node: str
     engine_version: str
     criu_version: str
@@ -61,7 +63,9 @@ class NodeInfo(_message.Message):
     load: float
     checkpoint_method: str
     no_post_copy: str
-    def __init__(self, node: _Optional[str] = ..., engine_version: _Optional[str] = ..., criu_version: _Optional[str] = ..., docker_root_dir: _Optional[str] = ..., checkpoints_enabled: _Optional[bool] = ..., staging_free_bytes: _Optional[int] = ..., engine_free_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., load: _Optional[float] = ..., checkpoint_method: _Optional[str] = ..., no_post_copy: _Optional[str] = ...) -> None: ...
+    version: str
+    protocol_version: int
+    def __init__(self, node: _Optional[str] = ..., engine_version: _Optional[str] = ..., criu_version: _Optional[str] = ..., docker_root_dir: _Optional[str] = ..., checkpoints_enabled: _Optional[bool] = ..., staging_free_bytes: _Optional[int] = ..., engine_free_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., load: _Optional[float] = ..., checkpoint_method: _Optional[str] = ..., no_post_copy: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class AuthorizeRequest(_message.Message):
     __slots__ = ("container", "destination_node")

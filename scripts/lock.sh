@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-resolves requirements.lock: every runtime and dev dependency of pyproject.toml at an exact
+# Re-resolves requirements.lock: every runtime, extra and dev dependency of pyproject.toml at an exact
 # version, with the hashes of every file PyPI has for it, for any platform and Python >= 3.11.
 # scripts/setup.sh installs only this file (pip --require-hashes); run this after changing
 # pyproject.toml's dependencies, or to take newer releases (--upgrade, or
@@ -7,6 +7,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UV=${UV:-.venv/bin/uv}
-"$UV" pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
+"$UV" pip compile pyproject.toml --all-extras --universal --python-version 3.11 \
     --generate-hashes --index-url https://pypi.org/simple \
     --custom-compile-command "bash scripts/lock.sh" -o requirements.lock "$@"

@@ -137,7 +137,7 @@ def test_agents_answer_at_the_inventory_addresses(compose_lab: dict) -> None:
     out = migctl("nodes", inventory=INVENTORY).stdout
     for name in NODES:
         line = next(line for line in out.splitlines() if line.startswith(name))
-        assert "up, engine" in line, out
+        assert "up, migctl " in line and "(protocol " in line and ", engine " in line, out
 
 
 def hop(nodes: dict[str, docker.DockerClient], source: str, destination: str) -> dict:

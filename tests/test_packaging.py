@@ -69,3 +69,21 @@ def test_every_command_says_the_same_version() -> None:
                              text=True, timeout=60)
         assert res.returncode == 0 and res.stdout.strip() == f"{command} {want}", \
             (command, res.returncode, res.stdout, res.stderr)
+
+
+def test_a_node_installs_only_what_an_agent_needs() -> None:
+    """matplotlib, rich, redis and grpcio-tools come as extras (lab, progress, registry, dev);
+    the minimum versions of grpc and protobuf are what the generated stubs check at import."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    core = {re.split(r"[<>=\[ ]", d)[0] for d in project["project"]["dependencies"]}
+    assert not core & {"matplotlib", "rich", "redis", "grpcio-tools", "pytest"}, core
+    extras = project["project"]["optional-dependencies"]
+    assert any(d.startswith("redis") for d in extras["registry"])
+    assert any(d.startswith("rich") for d in extras["progress"])
+    stubs = (Path(__file__).parent.parent / "proto" / "migctl_pb2_grpc.py").read_text()
+    made_with = re.search(r"GRPC_GENERATED_VERSION = '([\d.]+)'", stubs).group(1)
+    assert f"grpcio>={made_with}" in project["project"]["dependencies"]

@@ -72,6 +72,7 @@ from agent.runtime.criu.images import check_images, container_capabilities, secc
 from agent.runtime.docker import criu_path, host_listeners
 from agent.runtime.spec import check_description, checkpoint_path, port_protocol, unsupported
 from agent.security import TLSFiles
+from agent.version import PROTOCOL_VERSION, version
 from proto import migctl_pb2 as pb
 from proto import migctl_pb2_grpc as rpc
 
@@ -298,6 +299,13 @@ class Migration:
 
     def request_phase(self) -> pb.ContainerSpec:
         source_info = self.call(self.source.GetNode, pb.GetNodeRequest(), timeout=30)
+        if source_info.protocol_version != PROTOCOL_VERSION:
+            self.metrics.preflight.labels("nodes").inc()
+            raise FailedPrecondition(
+                f"{self.source_name} runs migctl {source_info.version or 'older than 0.1'} "
+                f"(protocol {source_info.protocol_version}), {self.node} migctl {version()} "
+                f"(protocol {PROTOCOL_VERSION}): agents migrate only between the same protocol; "
+                "upgrade the older one")
         self.link = self.links.measure(self.source_address)  # for the streams' deadlines
         spec = self.call(self.source.Begin, pb.BeginRequest(
             migration_id=self.migration_id, container=self.request.container), timeout=60)
