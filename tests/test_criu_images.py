@@ -104,8 +104,34 @@ def test_the_containers_powers_follow_its_host_config() -> None:
     assert container_capabilities({"CapAdd": ["CAP_NET_ADMIN"], "CapDrop": ["mknod"]}) == \
         (ENGINE_DEFAULT | {"NET_ADMIN"}) - {"MKNOD"}
     assert container_capabilities({"CapDrop": ["ALL"]}) == frozenset()
+    # the engine's rule, not set arithmetic: ALL dropped keeps exactly what is added
+    assert container_capabilities({"CapDrop": ["ALL"], "CapAdd": ["NET_BIND_SERVICE"]}) == \
+        {"NET_BIND_SERVICE"}
+    assert container_capabilities({"CapAdd": ["ALL"], "CapDrop": ["SYS_ADMIN"]}) == \
+        frozenset(CAPABILITIES) - {"SYS_ADMIN"}
     assert container_capabilities({"Privileged": True}) == frozenset(CAPABILITIES)
     assert seccomp_expected({}, engine_has_seccomp=True)
     assert not seccomp_expected({}, engine_has_seccomp=False)
     assert not seccomp_expected({"SecurityOpt": ["seccomp:unconfined"]}, True)
     assert not seccomp_expected({"Privileged": True}, True)
+
+
+def test_the_task_parts_old_seccomp_field_wins_as_in_criu(tmp_path: Path) -> None:
+    """CRIU's restore takes tc.old_seccomp_mode over the thread's mode (check_core): a leader
+    saying filter in one and disabled in the other is restored unfiltered (found in review)."""
+    path = core(tmp_path, 1, set(ENGINE_DEFAULT))
+    entry = img.core_entry()
+    data = path.read_bytes()
+    entry.ParseFromString(data[12:])
+    entry.tc.old_seccomp_mode = img.disabled
+    raw = entry.SerializeToString()
+    path.write_bytes(struct.pack("<III", IMG_COMMON_MAGIC, CORE_MAGIC, len(raw)) + raw)
+    with pytest.raises(Refused, match="without the seccomp filter"):
+        check_images(tmp_path, ENGINE_DEFAULT, seccomp=True)
+
+
+def test_a_thread_carrying_a_mode_must_carry_the_filter(tmp_path: Path) -> None:
+    core(tmp_path, 1, set(ENGINE_DEFAULT))
+    core(tmp_path, 8, set(ENGINE_DEFAULT), seccomp=img.strict, comm="worker", thread=True)
+    with pytest.raises(Refused, match=r"core-8.img \(worker\) runs the process without"):
+        check_images(tmp_path, ENGINE_DEFAULT, seccomp=True)

@@ -111,6 +111,15 @@ HOSTILE = {
     "the volume itself, not first": [("a", REG), (".", DIR)],
     "the volume itself as a file": [(".", REG)],
     "an attribute of a namespace never copied": [("a", REG)],  # pax header set in the test
+    "a FIFO with a user attribute": [("p", FIFO)],
+    "an mtime of other digits": [("a", REG)],
+    "sparse extents nested deep": [("a", REG)],
+}
+PAX = {
+    "an attribute of a namespace never copied": {"MIGCTL.xattr.trusted.overlay.redirect": "2f"},
+    "a FIFO with a user attribute": {"MIGCTL.xattr.user.x": "01"},
+    "an mtime of other digits": {"MIGCTL.mtime": "\u00b2"},
+    "sparse extents nested deep": {"MIGCTL.sparse": "[" * 5000 + "]" * 5000, "MIGCTL.size": "4"},
 }
 
 
@@ -127,8 +136,7 @@ def test_hostile_archives_are_refused_before_anything_is_touched(
     os.symlink("keep", volume / "sub" / "link")
     before = tree(volume)
     bad = tmp_path / "bad.tar"
-    build(bad, HOSTILE[case], outside,
-          pax={"MIGCTL.xattr.trusted.overlay.redirect": "2f"} if "attribute" in case else None)
+    build(bad, HOSTILE[case], outside, pax=PAX.get(case))
 
     with pytest.raises(Refused, match="hostile entry") as err:
         archive.restore(bad, volume)
@@ -439,3 +447,27 @@ def test_a_signature_cannot_make_the_block_index_chain() -> None:
     index = match_module._Index(sig)
     assert len(index.blocks) == n
     assert dict_probes([hash(k) for k in index.blocks], 1 << m, cap=10 * n) <= 2 * n
+
+
+def test_what_the_kernel_refuses_at_extraction_is_a_refusal(tmp_path: Path) -> None:
+    """An ACL value the kernel finds invalid passes the checks (its bytes are the kernel's to
+    read) and fails at setxattr: a Refused, which the migration rolls back, not a crash."""
+    bad = tmp_path / "bad.tar"
+    build(bad, [("a", REG)], tmp_path / "outside",
+          pax={"MIGCTL.xattr.system.posix_acl_access": "00"})
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    with pytest.raises(Refused, match="could not be extracted as archived"):
+        archive.restore(bad, volume)
+
+
+def test_a_file_from_before_1970_moves(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "old").write_text("punched cards")
+    os.utime(src / "old", ns=(-86_400 * 10**9 - 5, -86_400 * 10**9 - 5))
+    archive.snapshot(src, tmp_path / "snap.tar")
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    archive.restore(tmp_path / "snap.tar", volume)
+    assert (volume / "old").stat().st_mtime_ns == -86_400 * 10**9 - 5

@@ -209,7 +209,7 @@ def test_bad_input_gets_a_clear_error_and_the_container_keeps_running(
     bad = tmp_path / "inventory.json"
     bad.write_text(json.dumps(inventory))
     for args in (["--from", "nodeDead", "--to", "nodeB"], ["--from", "nodeA", "--to", "nodeDead"]):
-        res = migctl("migrate", *args, "toytsm", check=False, inventory=bad)
+        res = migctl("migrate", *DELTA, *args, "toytsm", check=False, inventory=bad)
         assert res.returncode == 1
         assert "cannot reach the agent of nodeDead at 127.0.0.1:1" in res.stderr, res.stderr
 

@@ -40,3 +40,11 @@ def test_a_container_killed_sooner_keeps_its_setting() -> None:
     spec = described(OomScoreAdj=300)
     assert unsupported(spec) == []
     assert create_request(spec, allow_privileged=False)["HostConfig"]["OomScoreAdj"] == 300
+
+
+def test_a_network_named_by_its_id_is_refused() -> None:
+    """The engine matches an id before any name: a network 'named' by the id of the
+    destination's internal one would join it (found in review)."""
+    spec = described()
+    spec.networks[:] = ["0123456789abcdef0123"]
+    assert any("looks like a network's id" in p for p in unsupported(spec)), unsupported(spec)

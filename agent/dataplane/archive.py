@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import stat
 import tarfile
@@ -32,6 +33,7 @@ from agent.dataplane.tree import (
 )
 from agent.errors import Refused
 
+_MTIME = re.compile(r"-?[0-9]{1,20}")  # nanoseconds, before 1970 too
 MAX_SPARSE_SIZE = 1 << 44  # ext4's largest file: a sparse entry announcing more is refused
 # Python 3.11.4 and later filter what they extract unless told not to; the checks here are
 # ours, and 3.11.2 (Debian 12's) has no filters at all
@@ -102,8 +104,10 @@ def _check_headers(member: tarfile.TarInfo) -> None:
                     from None
     if SPARSE in member.pax_headers:
         _sparse_extents(member)
-    if not member.pax_headers.get(MTIME_NS, "0").isdigit():
+    if not _MTIME.fullmatch(member.pax_headers.get(MTIME_NS, "0")):
         raise _Hostile(member, "has a malformed mtime")
+    if member.isfifo() and any(k.startswith(XATTR_KEY + "user.") for k in member.pax_headers):
+        raise _Hostile(member, "is a FIFO with a user.* attribute, which the kernel refuses")
 
 
 def _sparse_extents(member: tarfile.TarInfo) -> tuple[list[tuple[int, int]], int]:
@@ -112,7 +116,7 @@ def _sparse_extents(member: tarfile.TarInfo) -> tuple[list[tuple[int, int]], int
     try:
         extents = [(int(o), int(n)) for o, n in json.loads(member.pax_headers[SPARSE])]
         size = int(member.pax_headers[SPARSE_SIZE])
-    except (KeyError, ValueError, TypeError):
+    except (KeyError, ValueError, TypeError, RecursionError):
         raise _Hostile(member, "has malformed sparse extents") from None
     end = 0
     for offset, length in extents:
@@ -235,8 +239,19 @@ def remove_entry(path: Path, root: Path) -> None:
 
 
 def _extract(tar: tarfile.TarFile, target_dir: Path, members: list[tarfile.TarInfo]) -> None:
-    """MEMBERS (checked) into TARGET_DIR as archived: modes, numeric owners, times, attributes,
-    sparse files with their holes, and the tree's own folder."""
+    """MEMBERS (checked) into TARGET_DIR as archived; what the kernel still refuses (an
+    attribute value it finds invalid) is a refusal too, the migration's to roll back."""
+    try:
+        _extract_checked(tar, target_dir, members)
+    except (OSError, ValueError, tarfile.TarError) as err:
+        raise Refused(f"an entry of the archive could not be extracted as archived: {err}") \
+            from None
+
+
+def _extract_checked(tar: tarfile.TarFile, target_dir: Path,
+                     members: list[tarfile.TarInfo]) -> None:
+    """MEMBERS into TARGET_DIR as archived: modes, numeric owners, times, attributes, sparse
+    files with their holes, and the tree's own folder."""
     sparse = {m.name for m in members if SPARSE in m.pax_headers}
     later = [m for m in members if m.name == ROOT or m.name in sparse
              or (m.islnk() and m.linkname in sparse)]

@@ -189,7 +189,9 @@ class SourceSide:
             raise PermissionDenied(f"{destination} has no live migration {migration_id} from "
                                    "this node")
         volumes = entry.data.get("volumes", {})
-        keys = list(entry.data.get("keys", []))
+        # the service's checkpoints only: an application's (app:<image>) may be another
+        # container's of the same image, and a destination would read its memory
+        keys = [k for k in entry.data.get("keys", []) if not k.startswith("app:")]
         keys += [f"rw:{self.store.volume_id(name, v.get('guid', ''))}"
                  for name, v in volumes.items() if not v.get("read_only")]
         keys += [f"ro:{snap['digest']}" for snap in entry.data.get("snapshots", {}).values()

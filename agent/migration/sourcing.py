@@ -30,6 +30,9 @@ from proto import migctl_pb2_grpc as rpc
 log = logging.getLogger(__name__)
 
 FRESHNESS_KINDS = ("rw", "app", "svc")
+LOCAL_ONLY = ("app:",)
+"""An application's checkpoints (by image) may be another container's: a basis from this node's
+own cache only (a source of a node that held it), never fetched from a neighbour."""
 HOLDER_START_S = 5.0  # a holder's set-up and first reply, on top of the link's estimate
 # A holder that has not served an image's layers before first exports the whole image from its
 # engine (`docker save`): tens of seconds for the lab's images on a loaded 2-core machine (one
@@ -57,9 +60,10 @@ class Sourcing:
         """Ranked holders of each key: this node's cache and, in cooperative mode, the
         neighbours the registry names (whose links are measured in parallel)."""
         found: dict[str, list[Holding]] = {k: [] for k in keys}
-        if self.cooperative and keys:
+        shared = [k for k in keys if not k.startswith(LOCAL_ONLY)]
+        if self.cooperative and shared:
             assert self.registry is not None
-            for key, holders in self.registry.lookup(keys).items():
+            for key, holders in self.registry.lookup(shared).items():
                 found[key] = [h for h in holders if h.node not in (self.me, self.source)]
         for key in keys:
             found[key] += [Holding(key, self.me, i.ts, i.size, i.digest)

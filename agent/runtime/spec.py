@@ -22,6 +22,7 @@ _IMAGE_REF = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._/:@-]{0,254}$")
 _CHECKPOINT_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _CONTAINER_ID = re.compile(r"^[0-9a-f]{64}$")
+_NETWORK_ID = re.compile(r"^[0-9a-f]{12,64}$")
 
 # Copied as they are: none of them reaches outside the container's own namespaces and cgroup.
 SAFE_CONFIG = ("Hostname", "Domainname", "User", "ExposedPorts", "Env", "Cmd", "Entrypoint",
@@ -117,6 +118,8 @@ def unsupported(spec: pb.ContainerSpec, allow_privileged: bool = False) -> list[
         out.append("volumes from another container (--volumes-from)")
     out += [f"network {n!r}: it is not a network of its own (host, none or another "
             "container's)" for n in spec.networks if n in ("host", "none")]
+    out += [f"network {n!r} looks like a network's id, which the engine would match before "
+            "any name: networks move by name" for n in spec.networks if _NETWORK_ID.match(n)]
     if spec.networks and str(host.get("NetworkMode") or "") not in (spec.networks[0], "default"):
         out.append(f"network mode {host.get('NetworkMode')!r} differs from its first network "
                    f"{spec.networks[0]!r}")

@@ -47,10 +47,16 @@ def container_capabilities(host: dict) -> frozenset[str]:
         return frozenset(CAPABILITIES)
 
     def names(key: str) -> set[str]:
-        out = {str(c).upper().removeprefix("CAP_") for c in host.get(key) or []}
-        return set(CAPABILITIES) if "ALL" in out else out
+        return {str(c).upper().removeprefix("CAP_") for c in host.get(key) or []}
 
-    return frozenset((ENGINE_DEFAULT | names("CapAdd")) - names("CapDrop"))
+    adds, drops = names("CapAdd"), names("CapDrop")
+    # the engine's own rule (moby's TweakCapabilities): ALL added is everything but what is
+    # dropped, ALL dropped leaves only what is added, else the defaults less drops plus adds
+    if "ALL" in adds:
+        return frozenset(set(CAPABILITIES) - drops)
+    if "ALL" in drops:
+        return frozenset(adds)
+    return frozenset((ENGINE_DEFAULT - drops) | adds)
 
 
 def seccomp_expected(host: dict, engine_has_seccomp: bool) -> bool:
@@ -106,11 +112,14 @@ def check_images(images: Path, allowed: frozenset[str], seccomp: bool) -> int:
             raise Refused(f"checkpoint image {name} ({comm}) gives the process "
                           f"{', '.join(sorted(extra))}, which its container does not have "
                           "here (a source cannot grant capabilities)")
-        mode = core.thread_core.seccomp_mode if core.thread_core.HasField("seccomp_mode") \
-            else core.tc.old_seccomp_mode
+        # as CRIU reads it (cr-restore.c, check_core): the task part's old field wins
+        mode = core.tc.old_seccomp_mode if core.tc.HasField("old_seccomp_mode") \
+            else core.thread_core.seccomp_mode
         # A task's leader (its core has the task part) carries the mode; CRIU 4.2 writes none
-        # for the other threads, which the restore gives the leader's filter (seen here).
-        if seccomp and core.HasField("tc") and mode != SECCOMP_FILTER:
+        # for the other threads, which the restore gives the leader's filter (Redis's threads,
+        # seen here: Seccomp 2 after the restore). A mode a thread does carry must be one.
+        carries = core.HasField("tc") or core.thread_core.HasField("seccomp_mode")
+        if seccomp and carries and mode != SECCOMP_FILTER:
             raise Refused(f"checkpoint image {name} ({comm}) runs the process without the "
                           "seccomp filter its container has here (a source cannot lift it)")
         checked += 1
