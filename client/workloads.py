@@ -123,12 +123,13 @@ MARIADB_IMAGE = "migctl-mariadb:1"
 DEBIAN_SUITE = "bookworm"
 # InnoDB uses io_uring by default, which CRIU cannot dump (docs/runtime.md); the server runs
 # as root because this machine's root lacks CAP_SYS_RESOURCE (HOST.md); no grant tables: a
-# test server, reached only on the lab's segment
+# test server, reached only on the lab's segment; no reverse lookups of clients (no DNS here)
 MARIADB = ("mkdir -p /run/mysqld && "
            "{ [ -d /var/lib/mysql/mysql ] || mariadb-install-db --user=root "
            "--datadir=/var/lib/mysql --auth-root-authentication-method=normal >/dev/null; } && "
            "exec mariadbd --user=root --datadir=/var/lib/mysql --bind-address=0.0.0.0 "
-           "--skip-grant-tables --innodb-use-native-aio=0 --innodb-flush-log-at-trx-commit=1")
+           "--skip-grant-tables --skip-name-resolve --innodb-use-native-aio=0 "
+           "--innodb-flush-log-at-trx-commit=1")
 
 
 def debian_mirror() -> str:

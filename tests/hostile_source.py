@@ -28,6 +28,7 @@ from agent.dataplane.channel import OPTIONS
 from agent.delta import Signature, delta_stream
 from agent.delta.wire import Header, WireWriter
 from agent.security import TLSFiles, server_credentials
+from agent.version import PROTOCOL_VERSION, version
 from proto import migctl_pb2 as pb
 from proto import migctl_pb2_grpc as rpc
 
@@ -132,6 +133,7 @@ class Hostile(rpc.AgentServicer):
 
     def GetNode(self, request: Any, context: Any) -> pb.NodeInfo:
         return pb.NodeInfo(node=self.args.node, engine_version="20.10.24",
+                           version=version(), protocol_version=PROTOCOL_VERSION,
                            criu_version=self.args.criu_version, checkpoints_enabled=True,
                            staging_free_bytes=1 << 40, engine_free_bytes=1 << 40,
                            memory_available_bytes=1 << 34, load=0.0)

@@ -47,7 +47,11 @@ def manifest(root: Path) -> dict[str, tuple]:
 
 @pytest.fixture
 def every_kind(tmp_path: Path) -> Path:
-    src = tmp_path / "src"
+    return fill(tmp_path / "src")
+
+
+def fill(src: Path) -> Path:
+    """SRC made to hold every kind of entry (created if missing)."""
     (src / "modes").mkdir(parents=True)
     for mode in range(0o10000):
         f = src / "modes" / f"{mode:04o}"
@@ -131,11 +135,9 @@ def _fill_layer(root: Path) -> None:
     os.mkfifo(root / "exact" / "fifo")
 
 
-def test_a_migration_moves_a_volume_and_the_layer_exactly(lab, every_kind: Path) -> None:
+def test_a_migration_moves_a_volume_and_the_layer_exactly(lab) -> None:
     """The manifest of both sides, after a real migration: the volume (every mode, owners,
     attributes, ACLs, links, holes, a FIFO, times, its own folder) and the writable layer."""
-    import shutil
-
     from client.workloads import TOY_IMAGE, ensure_toy_image, remove_everywhere
     from tests.conftest import CACHE, DELTA, migrate_json
 
@@ -143,8 +145,7 @@ def test_a_migration_moves_a_volume_and_the_layer_exactly(lab, every_kind: Path)
     remove_everywhere(lab.docker, ["exact"], ["exactvol"])
     ensure_toy_image(a, CACHE)
     volume = Path(a.volumes.create("exactvol").attrs["Mountpoint"])
-    shutil.rmtree(volume)
-    os.rename(every_kind, volume)  # the same file system: links and holes as made
+    fill(volume)  # in place: links and holes as made
     c = a.containers.run(TOY_IMAGE, ["sleep", "1000"], name="exact", detach=True,
                          volumes={"exactvol": {"bind": "/data", "mode": "rw"}})
     c.reload()

@@ -42,7 +42,7 @@ class Writer(threading.Thread):
             for host in self.hosts:
                 try:
                     return pymysql.connect(host=host, port=PORT, user="root", database="m",
-                                           autocommit=True, connect_timeout=1,
+                                           autocommit=True, connect_timeout=2,
                                            read_timeout=5, write_timeout=5)
                 except pymysql.MySQLError:
                     continue
