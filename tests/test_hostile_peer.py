@@ -315,11 +315,7 @@ def test_3_a_node_cannot_vouch_for_itself(lab: LabHandle, hostile_c) -> None:
 def test_3_vouch_names_no_key_it_was_not_asked_about(lab: LabHandle, victim: None) -> None:
     """During a live migration A->B, nodeC asks nodeA to vouch for nodeB: it learns nothing of
     the container's cache keys (it may only ask about a key it already knows)."""
-    Lab().restart_agent("nodeB", ["--test-pause", "transferring-final=6"], HOOKS)
-    try:
-        proc, lines = start_migration(DELTA)
-        wait_for_line(lines, "paused before transferring-final")
-        mid = _source_migration_id()
+    with frozen_migration() as (proc, lines, mid):
         c = stub(lab, "nodeA", "nodeC")
         reply = c.Vouch(pb.VouchRequest(migration_id=mid, destination_node="nodeB"), timeout=10)
         assert list(reply.keys) == [], "Vouch listed keys it was not asked about"
@@ -330,6 +326,17 @@ def test_3_vouch_names_no_key_it_was_not_asked_about(lab: LabHandle, victim: Non
         # an application's checkpoints (by image) may be another container's: never vouched
         assert list(reply.keys) == [known]
         assert proc.wait(timeout=300) == 0, finish(proc, lines)
+
+
+@contextlib.contextmanager
+def frozen_migration() -> Iterator[tuple[subprocess.Popen, list[str], str]]:
+    """A migration A->B of the victim, held by nodeB right after the freeze for 6 s; yields
+    the migctl process, its lines and the migration id; nodeB's agent is normal afterwards."""
+    Lab().restart_agent("nodeB", ["--test-pause", "transferring-final=6"], HOOKS)
+    try:
+        proc, lines = start_migration(DELTA)
+        wait_for_line(lines, "paused before transferring-final")
+        yield proc, lines, _source_migration_id()
     finally:
         Lab().restart_agent("nodeB")
 
@@ -347,11 +354,7 @@ def _source_migration_id(node: str = "nodeA") -> str:
 
 def test_5_a_replayed_begin_does_not_thaw_a_frozen_migration(lab: LabHandle,
                                                              victim: None) -> None:
-    Lab().restart_agent("nodeB", ["--test-pause", "transferring-final=6"], HOOKS)
-    try:
-        proc, lines = start_migration(DELTA)
-        wait_for_line(lines, "paused before transferring-final")
-        mid = _source_migration_id()
+    with frozen_migration() as (proc, lines, mid):
         b = stub(lab, "nodeA", "nodeB")
         err = refused(lambda: b.Begin(pb.BeginRequest(migration_id=mid, container="toytsm"),
                                       timeout=10), grpc.StatusCode.FAILED_PRECONDITION)
@@ -362,8 +365,6 @@ def test_5_a_replayed_begin_does_not_thaw_a_frozen_migration(lab: LabHandle,
             migration_id=mid), timeout=10), grpc.StatusCode.PERMISSION_DENIED)
         out = finish(proc, lines)
         assert proc.returncode == 0, out
-    finally:
-        Lab().restart_agent("nodeB")
     time.sleep(1)
     assert running_copies(lab) == ["nodeB"]
 
