@@ -6,7 +6,8 @@ and the operator's GetNode timed out. This gate sits behind the role gate (agent
   - a caller (one certificate) has at most PER_CALLER_RPCS calls in flight; the server at most
     SERVER_RPCS (grpc's own limit), so that others always find a worker;
   - a client stream's first message must come within FIRST_MESSAGE_S, and each later one
-    within the method's NEXT_MESSAGE_S: otherwise the call is cancelled and its worker freed.
+    within the method's NEXT_MESSAGE_S: otherwise the call is cancelled and its worker freed;
+    the Agent service's unary requests are read the same way (_read_by_us).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from agent.authz import SERVICE
 from agent.security import caller_of
 
 PER_CALLER_RPCS = 48
@@ -123,6 +125,9 @@ class Bounds(grpc.ServerInterceptor):
             return None
         name = details.method.rpartition("/")[2]
         then = NEXT_MESSAGE_S.get(name, DEFAULT_NEXT_MESSAGE_S)
+        streamed = handler.request_streaming
+        if not streamed and details.method.startswith(f"/{SERVICE}/"):
+            handler = _read_by_us(handler)  # its one request is waited for with a deadline
 
         def guard(behaviour: Callable) -> Callable:
             @functools.wraps(behaviour)
@@ -145,3 +150,23 @@ class Bounds(grpc.ServerInterceptor):
         kind = ("stream" if handler.request_streaming else "unary") + "_" + (
             "stream" if handler.response_streaming else "unary")
         return handler._replace(**{kind: guard(getattr(handler, kind))})
+
+
+def _read_by_us(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """HANDLER of a unary request, served as a request stream: grpc's server reads a unary
+    request in a worker before any interceptor sees the call, so a caller that never sent it
+    held the worker for good (165 such calls from one node key starved the operator). Read as
+    a stream, the one request is waited for under FIRST_MESSAGE_S like any first message. The
+    wire is the same: a request stream of one message."""
+    behaviour = handler.unary_stream if handler.response_streaming else handler.unary_unary
+
+    def first(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        request = next(requests, None)
+        if request is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call sent no request")
+        return behaviour(request, context)
+
+    make = (grpc.stream_stream_rpc_method_handler if handler.response_streaming
+            else grpc.stream_unary_rpc_method_handler)
+    return make(first, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)

@@ -80,6 +80,55 @@ def test_silent_streams_of_one_node_key_do_not_starve_the_agent(
         assert err is not None and err.code() == grpc.StatusCode.PERMISSION_DENIED, err
 
 
+def test_silent_unary_calls_do_not_starve_the_agent_either(
+        pki: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A unary call whose request never comes (found in review: grpc read it in a worker
+    before any interceptor saw the call, and 165 of them made the operator's GetNode
+    RESOURCE_EXHAUSTED). The same wire as a request stream that never sends."""
+    monkeypatch.setattr(bounds, "FIRST_MESSAGE_S", 2.0)
+    with agents(pki, tmp_path) as cluster:
+        address = cluster.inventory.nodes["nodeA"].address
+        channel = open_channel(address, TLSFiles.from_dir(certs.node_dir(pki, "nodeB"), "nodeB"),
+                               server_name="nodeA")
+        silent_get_node = channel.stream_unary(
+            "/migctl.v1.Agent/GetNode",
+            request_serializer=pb.GetNodeRequest.SerializeToString,
+            response_deserializer=pb.NodeInfo.FromString)
+        never = threading.Event()
+
+        def silence() -> Iterator[pb.GetNodeRequest]:
+            never.wait()
+            yield pb.GetNodeRequest()
+
+        codes: list[grpc.StatusCode] = []
+        lock = threading.Lock()
+
+        def open_one() -> None:
+            try:
+                silent_get_node(silence(), timeout=60)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as err:
+                code = err.code()
+            with lock:
+                codes.append(code)
+
+        threads = [threading.Thread(target=open_one, daemon=True) for _ in range(165)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        info = stub(pki, address, "client").GetNode(pb.GetNodeRequest(), timeout=5)
+        assert info.node == "nodeA"
+        for t in threads:
+            t.join(timeout=30)
+        never.set()
+        assert not any(t.is_alive() for t in threads), "a silent call was never cut"
+        assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}, \
+            codes
+        # and an honest unary call of that node is served as before
+        assert stub(pki, address, "nodeB").GetNode(pb.GetNodeRequest(), timeout=5).node == \
+            "nodeA"
+
+
 class FakeContext:
     """What bounded() needs of a call: cancel, which ends the wait for the next message."""
 
