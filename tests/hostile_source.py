@@ -52,6 +52,8 @@ SCENARIOS = {
     "final-twice": "a final pass that sends the same checkpoint file twice",
     "changes-escape-folder": "a volume snapshot with a link esc -> /tmp, then volume changes "
                              "that make esc a folder and delete esc/<the outside file>",
+    "caps": "a container described with no added capabilities whose checkpoint's core image "
+            "gives its process SYS_ADMIN, NET_ADMIN and SYS_PTRACE, and no seccomp filter",
     "cache-basis": "a container described with another container's image (its cache key), to "
                    "get the destination's cached checkpoint of it as a delta basis",
 }
@@ -108,6 +110,21 @@ def folder_deleting_tar() -> bytes:
     gone = tarfile.TarInfo("esc/" + os.path.basename(OUTSIDE))
     gone.pax_headers = {"MIGCTL.deleted": "1"}
     return _tar([(folder, b""), (gone, b"")])
+
+
+def powerful_core() -> bytes:
+    """A CRIU core image of a process holding every capability and no seccomp filter."""
+    import struct
+
+    from agent.runtime.criu import images_pb2 as img
+    from agent.runtime.criu.images import CORE_MAGIC, IMG_COMMON_MAGIC
+
+    core = img.core_entry()
+    core.tc.comm = "sleep"
+    for field in ("cap_prm", "cap_eff", "cap_bnd"):
+        getattr(core.thread_core.creds, field).extend([0xFFFFFFFF, 0x1FF])
+    data = core.SerializeToString()
+    return struct.pack("<III", IMG_COMMON_MAGIC, CORE_MAGIC, len(data)) + data
 
 
 def plain_tar() -> bytes:
@@ -202,8 +219,10 @@ class Hostile(rpc.AgentServicer):
             return pb.CheckpointReply(files=[self._info(OUTSIDE, b"pwned\n")])
         if self.scenario == "tags":
             context.abort(grpc.StatusCode.INTERNAL, "hostile source stops here")
-        return pb.CheckpointReply(files=[self._info(f"checkpoints/{name}/pages-1.img",
-                                                    self.pages)])
+        files = [self._info(f"checkpoints/{name}/pages-1.img", self.pages)]
+        if self.scenario == "caps":
+            files.append(self._info(f"checkpoints/{name}/core-1.img", powerful_core()))
+        return pb.CheckpointReply(files=files)
 
     def FetchFile(self, request: Any, context: Any) -> Iterator[pb.Chunk]:
         data = self.files.get(request.path, b"")
@@ -248,6 +267,8 @@ class Hostile(rpc.AgentServicer):
             items = [(f"checkpoints/final/../../../../../..{OUTSIDE}", b"pwned\n")]
         if self.scenario == "final-twice":
             items = [(pages, self.pages), (pages, self.pages)]
+        if self.scenario == "caps":
+            items.append(("checkpoints/final/core-1.img", powerful_core()))
         for name in self.volumes:
             changes = {"changes-escape": deleting_tar,
                        "changes-escape-folder": folder_deleting_tar}.get(self.scenario)

@@ -431,6 +431,8 @@ def from_c(*extra: str) -> subprocess.CompletedProcess[str]:
     ("final-path", "is not a plain file of checkpoint"),
     ("changes-escape", "outside the volume"),
     ("changes-escape-folder", "which is not a folder here"),
+    # the CRIU images are the source's: they may not give the process more than its container
+    ("caps", "gives the process AUDIT_CONTROL, AUDIT_READ, BLOCK_SUSPEND"),
     ("final-twice", "twice"),
 ])
 def test_6_to_8_a_hostile_source_writes_nothing_outside(lab: LabHandle, hostile_c,

@@ -259,6 +259,7 @@ class Migration:
                 self.final_sync(spec, final, bases)
             with self.report.phase(pb.RESTORE):
                 self.runtime.ping()  # no commit while this node's engine cannot restore
+                self.check_images()  # nor for images that would give the process more
                 if lazy and pages is not None and pages.ended:
                     # the tunnel ended: no page would come after the commit
                     raise pages.error or Unavailable("the page tunnel ended before the commit")
@@ -769,15 +770,20 @@ class Migration:
         self.journal.save(self.entry)
         self.apply_rootfs(self.new_container, self.area / ROOTFS)
 
+    def check_images(self) -> None:
+        """The final checkpoint's images give each thread no capability and no seccomp mode
+        beyond what the engine gave the created container (agent/runtime/criu/images.py):
+        checked before the commit, so that a refusal leaves the source to resume."""
+        if self.confinement is None:  # created by an agent that restarted since
+            host = self.runtime.inspect(self.new_container)["HostConfig"]
+            self.confinement = (container_capabilities(host),
+                                seccomp_expected(host, self.runtime.confines_with_seccomp()))
+        check_images(self.area / "checkpoints" / FINAL_CHECKPOINT, *self.confinement)
+
     def restore(self, spec: pb.ContainerSpec, pages: PageServer | None = None) -> None:
         """PAGES: post-copy; its lazy-pages daemon starts first (journaled as lazy: a restarted
         agent removes a copy whose pages may not all have arrived, then stops the daemon)."""
         cid = self.new_container
-        if self.confinement is None:  # created by an agent that restarted since
-            host = self.runtime.inspect(cid)["HostConfig"]
-            self.confinement = (container_capabilities(host),
-                                seccomp_expected(host, self.runtime.confines_with_seccomp()))
-        check_images(self.area / "checkpoints" / FINAL_CHECKPOINT, *self.confinement)
         self.step(j.RESTORING, lazy=pages is not None)
         self.report.msg.restore_method = self.runtime.method_for(cid)
         if pages is not None:
