@@ -8,9 +8,12 @@ kinds and a fixed set of reasons derived from the error's class, never an error'
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
+from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from agent.errors import (
@@ -84,10 +87,23 @@ class Metrics:
         self.evictions = Counter("migctl_cache_evictions", "Items evicted from the cache",
                                  registry=r)
         self.cache = Gauge("migctl_cache_size_bytes", "Bytes held in the cache", registry=r)
+        self.certificate = Gauge("migctl_certificate_expiry_seconds", "Seconds until this "
+                                 "agent's certificate expires (negative: expired)", registry=r)
 
     def watch_cache(self, size: Callable[[], int]) -> None:
         """The cache gauge reads SIZE at every scrape: always current, no hook to forget."""
         self.cache.set_function(size)
+
+    def watch_certificate(self, cert: Path) -> None:
+        """Read CERT at every scrape: a renewed certificate shows at once."""
+        def left() -> float:
+            try:
+                expires = x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc
+            except (OSError, ValueError):
+                return float("nan")
+            return (expires - dt.datetime.now(dt.UTC)).total_seconds()
+
+        self.certificate.set_function(left)
 
     def transferred(self, t: pb.TransferReport) -> None:
         if t.method in ("whole", "delta"):

@@ -26,6 +26,8 @@ Nothing here imports `agent.dataplane.channel`, so that module can build on this
 from __future__ import annotations
 
 import functools
+import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,8 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.errors import FailedPrecondition
+
+log = logging.getLogger(__name__)
 
 TARGET_NAME = "migctl"  # DNS SAN carried by every node certificate (see module docstring)
 _OVERRIDE = "grpc.ssl_target_name_override"
@@ -90,6 +94,41 @@ def server_credentials(files: TLSFiles) -> grpc.ServerCredentials:
     ca, cert, key = files.read()
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
                                        require_client_auth=True)
+
+
+class ServerIdentity:
+    """The certificate an agent serves with, taken again from its files on reload() (SIGHUP):
+    a renewed certificate applies to the next connection, without a restart. Outgoing
+    channels read the files anew each time already (channel_credentials)."""
+
+    def __init__(self, files: TLSFiles) -> None:
+        self.files = files
+        self._asked = threading.Event()
+        self._initial = self._configuration()
+
+    def _configuration(self) -> grpc.ServerCertificateConfiguration:
+        ca, cert, key = self.files.read()
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def reload(self) -> None:
+        self._asked.set()
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """Asked by grpc before each handshake; None keeps the configuration it has."""
+        if not self._asked.is_set():
+            return None
+        self._asked.clear()
+        try:
+            configuration = self._configuration()
+        except (OSError, FailedPrecondition) as err:
+            log.error("certificate reload failed, serving the one before: %s", err)
+            return None
+        log.info("serving the certificate in %s again, as reloaded", self.files.cert)
+        return configuration
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(self._initial, self._fetch,
+                                                   require_client_authentication=True)
 
 
 def channel_credentials(files: TLSFiles) -> grpc.ChannelCredentials:

@@ -276,7 +276,7 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 
     directory = args.dir or args.tls_dir or default_tls_dir()
     try:
-        certs.init(directory, args.nodes, args.client or ["client"])
+        certs.init(directory, args.nodes, args.client or ["client"], days=args.days)
     except MigctlError as err:
         raise ClientError(str(err)) from None
     print(f"certificates in {directory}: ca.crt, " +
@@ -369,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
                     ).complete = completion.DIRECTORY  # type: ignore[attr-defined]
     ci.add_argument("--client", action="append", default=None, metavar="NAME",
                     help="client certificate names (default: client)")
+    ci.add_argument("--days", type=int, default=825,
+                    help="how long the certificates made now are valid (default 825; the CA "
+                         "at least 10 years); an agent serves a renewed one after SIGHUP")
     ci.add_argument("nodes", nargs="+", metavar="NODE")
     ci.set_defaults(func=cmd_certs_init)
 

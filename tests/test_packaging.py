@@ -87,3 +87,18 @@ def test_a_node_installs_only_what_an_agent_needs() -> None:
     stubs = (Path(__file__).parent.parent / "proto" / "migctl_pb2_grpc.py").read_text()
     made_with = re.search(r"GRPC_GENERATED_VERSION = '([\d.]+)'", stubs).group(1)
     assert f"grpcio>={made_with}" in project["project"]["dependencies"]
+
+
+def test_the_agents_lock_pins_what_the_full_lock_pins() -> None:
+    """requirements-agent.lock (a node's image) is the same versions as requirements.lock."""
+    import re
+    from pathlib import Path
+
+    def pins(name: str) -> dict[tuple[str, str], str]:
+        text = (Path(__file__).parent.parent / name).read_text()
+        return {(m[1].lower(), (m[3] or "").strip()): m[2]
+                for m in re.finditer(r"^([A-Za-z0-9_.-]+)==(\S+)(?: ;(.*?))? \\$", text, re.M)}
+
+    agent, full = pins("requirements-agent.lock"), pins("requirements.lock")
+    assert agent and all(full.get(k) == v for k, v in agent.items()), \
+        {k: (v, full.get(k)) for k, v in agent.items() if full.get(k) != v}

@@ -19,7 +19,7 @@
 #   - /etc/criu/runc.conf (tcp-established, tcp-close, skip-in-flight, file-locks), /etc/docker/daemon.json (experimental,
 #     migctl-runc as the default runtime)
 #   - this checkout's code (working tree, or --git-rev REV) installed with its dependencies
-#     into /opt/migctl/venv (pip, from PyPI) -> /opt/migctl/venv/bin/migagent
+#     into /opt/migctl/venv (pip, from PyPI: requirements-agent.lock's versions) -> /opt/migctl/venv/bin/migagent
 #   - lab/compose/entrypoint.sh as /usr/local/bin/migctl-node (the image's entry point)
 # Needs root, debootstrap, and scripts/setup.sh run before (for CRIU). About 1.5-2 minutes.
 set -euo pipefail
@@ -61,7 +61,7 @@ docker version --format '{{.Server.Version}}' >/dev/null 2>&1 ||
     die "no Docker engine answers at ${DOCKER_HOST:-the default socket} (see lab/compose/hostd.sh)"
 [[ -e $CRIU_WRAPPER ]] || die "$CRIU_WRAPPER is missing: run scripts/setup.sh first (it picks a CRIU that works here)"
 
-CODE=(pyproject.toml agent client proto)
+CODE=(pyproject.toml requirements-agent.lock LICENSE agent client proto)
 HOST_PY=$REPO_ROOT/.venv/bin/python
 [[ -x $HOST_PY ]] || HOST_PY=$(command -v python3)
 inputs_digest() { # what the image is made of, as one sha256 (the code without caches)
@@ -220,9 +220,14 @@ fi
 missing=$(in_root /bin/sh -c "ldd $IMAGE_PY $(dirname "$IMAGE_PY")/../lib/python$PY_VER/lib-dynload/*.so 2>/dev/null" | awk '/not found/ {print $1}' | sort -u | tr '\n' ' ')
 [[ -z $missing ]] || say "warning: libraries missing in the image for Python's modules: $missing"
 {
+    # the locked versions (hashes checked), then migctl itself from them, built without an
+    # isolated environment: nothing is resolved in the image either
     in_root "$IMAGE_PY" -m venv /opt/migctl/venv &&
         in_root "${PIP_ENV[@]}" /opt/migctl/venv/bin/pip install -q --no-cache-dir \
-            --disable-pip-version-check /opt/migctl/src
+            --disable-pip-version-check --require-hashes --no-deps \
+            -r /opt/migctl/src/requirements-agent.lock &&
+        in_root "${PIP_ENV[@]}" /opt/migctl/venv/bin/pip install -q --no-cache-dir \
+            --disable-pip-version-check --no-deps --no-build-isolation /opt/migctl/src
 } >"$WORK/pip.log" 2>&1 || { tail -n 30 "$WORK/pip.log" >&2; die "pip install of migctl in the image root failed (PyPI)"; }
 rm -f "$ROOT/tmp/host-ca.crt"
 in_root /opt/migctl/venv/bin/migagent --help >/dev/null 2>"$WORK/migagent.log" ||
