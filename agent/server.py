@@ -62,10 +62,13 @@ def serve(node: str, listen: str, docker_host: str, state_dir: Path, engine_tmp:
     runtime = open_runtime(docker_host, engine_tmp, containerd)
     metrics = Metrics(REGISTRY)  # the default registry: with the process collectors
     metrics.watch_certificate(tls.cert)
-    service = AgentService(node, runtime, state_dir, tls, lease_seconds=lease_seconds,
-                           registry=registry, inventory=inventory, address=listen,
-                           cache_bytes=cache_mb << 20, metrics=metrics,
-                           page_server_min_rate=page_server_min_mbit * 1e6 / 8)
+    try:
+        service = AgentService(node, runtime, state_dir, tls, lease_seconds=lease_seconds,
+                               registry=registry, inventory=inventory, address=listen,
+                               cache_bytes=cache_mb << 20, metrics=metrics,
+                               page_server_min_rate=page_server_min_mbit * 1e6 / 8)
+    except MigctlError as err:
+        sys.exit(f"migagent: {err}")
     node_health = NodeHealth(runtime)
     server = agent_server(service, node_health)
     if server.add_secure_port(listen, identity.credentials()) == 0:

@@ -10,7 +10,8 @@ UV=${UV:-.venv/bin/uv}
 "$UV" pip compile pyproject.toml --all-extras --universal --python-version 3.11 \
     --generate-hashes --index-url https://pypi.org/simple \
     --custom-compile-command "bash scripts/lock.sh" -o requirements.lock "$@"
-# what a node's agent needs, and the build backend (lab/compose/build-node-image.sh)
-"$UV" pip compile pyproject.toml --extra build --universal --python-version 3.11 \
+# what a node's agent needs, with the Redis registry and the build backend
+# (lab/compose/build-node-image.sh)
+"$UV" pip compile pyproject.toml --extra registry --extra build --universal --python-version 3.11 \
     --generate-hashes --index-url https://pypi.org/simple \
     --custom-compile-command "bash scripts/lock.sh" -o requirements-agent.lock "$@"

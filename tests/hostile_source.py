@@ -127,6 +127,17 @@ def powerful_core() -> bytes:
     return struct.pack("<III", IMG_COMMON_MAGIC, CORE_MAGIC, len(data)) + data
 
 
+def pstree_of_one() -> bytes:
+    """pstree.img of one task, pid 1, which CRIU would restore from core-1.img."""
+    import struct
+
+    from agent.runtime.criu import images_pb2 as img
+    from agent.runtime.criu.images import IMG_COMMON_MAGIC, PSTREE_MAGIC
+
+    data = img.pstree_entry(pid=1, ppid=0, threads=[1]).SerializeToString()
+    return struct.pack("<III", IMG_COMMON_MAGIC, PSTREE_MAGIC, len(data)) + data
+
+
 def plain_tar() -> bytes:
     data = b"0\n1\n"
     info = tarfile.TarInfo("counter")
@@ -222,6 +233,7 @@ class Hostile(rpc.AgentServicer):
         files = [self._info(f"checkpoints/{name}/pages-1.img", self.pages)]
         if self.scenario == "caps":
             files.append(self._info(f"checkpoints/{name}/core-1.img", powerful_core()))
+            files.append(self._info(f"checkpoints/{name}/pstree.img", pstree_of_one()))
         return pb.CheckpointReply(files=files)
 
     def FetchFile(self, request: Any, context: Any) -> Iterator[pb.Chunk]:
@@ -268,7 +280,8 @@ class Hostile(rpc.AgentServicer):
         if self.scenario == "final-twice":
             items = [(pages, self.pages), (pages, self.pages)]
         if self.scenario == "caps":
-            items.append(("checkpoints/final/core-1.img", powerful_core()))
+            items += [("checkpoints/final/core-1.img", powerful_core()),
+                      ("checkpoints/final/pstree.img", pstree_of_one())]
         for name in self.volumes:
             changes = {"changes-escape": deleting_tar,
                        "changes-escape-folder": folder_deleting_tar}.get(self.scenario)

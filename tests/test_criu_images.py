@@ -16,6 +16,7 @@ from agent.runtime.criu.images import (
     CORE_MAGIC,
     ENGINE_DEFAULT,
     IMG_COMMON_MAGIC,
+    PSTREE_MAGIC,
     check_images,
     container_capabilities,
     seccomp_expected,
@@ -27,9 +28,32 @@ def words(caps: set[str]) -> list[int]:
     return [bits & 0xFFFFFFFF, bits >> 32]
 
 
+def image(path: Path, magic: int, *messages: bytes) -> Path:
+    path.write_bytes(struct.pack("<II", IMG_COMMON_MAGIC, magic) + b"".join(
+        struct.pack("<I", len(m)) + m for m in messages))
+    return path
+
+
+def pstree(folder: Path, tasks: dict[int, list[int]]) -> None:
+    """pstree.img listing each task (its pid) with its threads (the pid first)."""
+    entries = []
+    for pid, tids in tasks.items():
+        e = img.pstree_entry(pid=pid, ppid=0)
+        e.threads.extend(tids)
+        entries.append(e.SerializeToString())
+    image(folder / "pstree.img", PSTREE_MAGIC, *entries)
+
+
 def core(folder: Path, pid: int, caps: set[str], seccomp: int | None = img.filter,
          comm: str = "sh", thread: bool = False) -> Path:
-    """A core image as CRIU writes it: a task's leader has the task part (tc), a thread not."""
+    """A core image as CRIU writes it: a task's leader has the task part (tc), a thread not;
+    pstree.img gains the task, or the thread in the last task."""
+    tasks = TASKS.setdefault(folder, {})
+    if thread:
+        tasks[list(tasks)[-1]].append(pid)
+    else:
+        tasks[pid] = [pid]
+    pstree(folder, tasks)
     entry = img.core_entry()
     if thread:
         entry.thread_core.comm = comm
@@ -41,10 +65,10 @@ def core(folder: Path, pid: int, caps: set[str], seccomp: int | None = img.filte
         getattr(creds, field).extend(words(caps))
     if seccomp is not None:
         entry.thread_core.seccomp_mode = seccomp
-    data = entry.SerializeToString()
-    path = folder / f"core-{pid}.img"
-    path.write_bytes(struct.pack("<III", IMG_COMMON_MAGIC, CORE_MAGIC, len(data)) + data)
-    return path
+    return image(folder / f"core-{pid}.img", CORE_MAGIC, entry.SerializeToString())
+
+
+TASKS: dict[Path, dict[int, list[int]]] = {}
 
 
 def test_a_dump_within_its_containers_powers_passes(tmp_path: Path) -> None:
@@ -82,21 +106,37 @@ def test_a_process_without_the_seccomp_filter_is_refused(tmp_path: Path, mode) -
 
 
 @pytest.mark.parametrize("content,why", [
-    (b"", "truncated"),
-    (struct.pack("<III", 0x1234, CORE_MAGIC, 0), "not a CRIU core image"),
+    (b"", "not the CRIU image"),
+    (struct.pack("<II", 0x1234, CORE_MAGIC), "not the CRIU image"),
     (struct.pack("<III", IMG_COMMON_MAGIC, CORE_MAGIC, 1 << 30), "announces"),
     (struct.pack("<III", IMG_COMMON_MAGIC, CORE_MAGIC, 4) + b"\xff\xff\xff\xff", "read"),
     (struct.pack("<III", IMG_COMMON_MAGIC, CORE_MAGIC, 0), "no credentials"),
+    (struct.pack("<II", IMG_COMMON_MAGIC, CORE_MAGIC), "no entry"),
 ])
 def test_a_malformed_core_image_is_refused(tmp_path: Path, content: bytes, why: str) -> None:
+    pstree(tmp_path, {1: [1]})
     (tmp_path / "core-1.img").write_bytes(content)
     with pytest.raises(Refused, match=why):
         check_images(tmp_path, ENGINE_DEFAULT, seccomp=False)
 
 
-def test_a_checkpoint_without_core_images_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(Refused, match="no core image"):
+def test_a_checkpoint_without_its_tree_or_a_listed_core_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(Refused, match="no process tree"):
         check_images(tmp_path, ENGINE_DEFAULT, seccomp=False)
+    pstree(tmp_path, {1: [1, 2]})
+    image(tmp_path / "core-1.img", CORE_MAGIC, img.core_entry(
+        tc=img.task_core_entry(comm="sh"),
+        thread_core=img.thread_core_entry(creds=img.creds_entry(uid=0))).SerializeToString())
+    with pytest.raises(Refused, match="lists thread 2 but has no core-2.img"):
+        check_images(tmp_path, ENGINE_DEFAULT, seccomp=False)
+
+
+def test_a_stale_core_image_beside_the_tree_is_not_read(tmp_path: Path) -> None:
+    """A pre-copy process gone by the final checkpoint (the toy's `sleep`) leaves its core
+    image in the folder the final pass updates; CRIU never reads it, and neither do we."""
+    core(tmp_path, 1, set(ENGINE_DEFAULT))
+    (tmp_path / "core-20.img").write_bytes(b"whatever is left")
+    assert check_images(tmp_path, ENGINE_DEFAULT, seccomp=True) == 1
 
 
 def test_the_containers_powers_follow_its_host_config() -> None:

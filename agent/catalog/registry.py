@@ -22,6 +22,7 @@ from typing import Protocol
 
 import grpc
 
+from agent.errors import FailedPrecondition
 from proto import migctl_pb2 as pb
 from proto import migctl_pb2_grpc as rpc
 
@@ -133,7 +134,10 @@ def open_registry(spec: str, inventory: Path, me: str,
     if spec == "inventory":
         return InventoryRegistry(inventory, me, connect)
     if spec.startswith("redis://"):
-        from agent.catalog.redis_registry import RedisRegistry
-
+        try:
+            from agent.catalog.redis_registry import RedisRegistry
+        except ModuleNotFoundError as err:
+            raise FailedPrecondition(f"the Redis registry needs the {err.name!r} package: "
+                                     "install migctl[registry]") from None
         return RedisRegistry(spec)
     raise ValueError(f"unknown registry {spec!r}: use 'inventory' or redis://HOST:PORT/DB")

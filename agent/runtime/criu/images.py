@@ -15,11 +15,15 @@ import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from google.protobuf.message import Message
+
 from agent.errors import Refused
 from agent.runtime.criu import images_pb2 as img
 
 IMG_COMMON_MAGIC = 0x54564319
 CORE_MAGIC = 0x55053847
+PSTREE_MAGIC = 0x50273030
+MAX_TASKS = 1 << 16
 MAX_ENTRY = 1 << 20  # a core entry is a few KB
 
 # Linux capability numbers (include/uapi/linux/capability.h)
@@ -67,23 +71,57 @@ def seccomp_expected(host: dict, engine_has_seccomp: bool) -> bool:
     return "seccomp=unconfined" not in opts
 
 
-def cores(images: Path) -> Iterator[tuple[str, img.core_entry]]:
-    """Every core-*.img of a checkpoint folder, read as CRIU wrote it."""
-    for path in sorted(images.glob("core-*.img")):
-        data = path.read_bytes()
-        if len(data) < 12:
+def _entries(path: Path, magic: int, limit: int) -> Iterator[bytes]:
+    """The entries of a CRIU image (after its two magics: a little-endian size, then that
+    many bytes), at most LIMIT of them."""
+    data = path.read_bytes()
+    if len(data) < 8 or struct.unpack_from("<II", data) != (IMG_COMMON_MAGIC, magic):
+        raise Refused(f"checkpoint image {path.name} is not the CRIU image it is named for")
+    pos, count = 8, 0
+    while pos < len(data):
+        if pos + 4 > len(data):
             raise Refused(f"checkpoint image {path.name} is truncated")
-        magic, kind, size = struct.unpack_from("<III", data)
-        if (magic, kind) != (IMG_COMMON_MAGIC, CORE_MAGIC):
-            raise Refused(f"checkpoint image {path.name} is not a CRIU core image")
-        if size > MAX_ENTRY or 12 + size > len(data):
+        (size,) = struct.unpack_from("<I", data, pos)
+        if size > MAX_ENTRY or pos + 4 + size > len(data):
             raise Refused(f"checkpoint image {path.name} announces an entry of {size} bytes")
-        core = img.core_entry()
-        try:
-            core.ParseFromString(data[12:12 + size])
-        except Exception as err:  # noqa: BLE001 - any decoding failure is a refusal
-            raise Refused(f"checkpoint image {path.name} cannot be read: {err}") from None
-        yield path.name, core
+        count += 1
+        if count > limit:
+            raise Refused(f"checkpoint image {path.name} holds more than {limit} entries")
+        yield data[pos + 4:pos + 4 + size]
+        pos += 4 + size
+
+
+def _parse(message: Message, data: bytes, name: str) -> Message:
+    try:
+        message.ParseFromString(data)
+    except Exception as err:  # noqa: BLE001 - any decoding failure is a refusal
+        raise Refused(f"checkpoint image {name} cannot be read: {err}") from None
+    return message
+
+
+def threads(images: Path) -> list[int]:
+    """Every thread CRIU restores from IMAGES: those of the tasks pstree.img lists (a core
+    image of no listed thread is never read by CRIU, and a stale one may lie beside them)."""
+    pstree = images / "pstree.img"
+    if not pstree.is_file():
+        raise Refused(f"checkpoint {images.name} holds no process tree (pstree.img)")
+    out: list[int] = []
+    for data in _entries(pstree, PSTREE_MAGIC, MAX_TASKS):
+        entry = _parse(img.pstree_entry(), data, pstree.name)
+        out += list(entry.threads) or [entry.pid]
+    return out
+
+
+def cores(images: Path) -> Iterator[tuple[str, img.core_entry]]:
+    """The core image of every thread CRIU restores, read as CRIU wrote it."""
+    for tid in threads(images):
+        path = images / f"core-{tid}.img"
+        if not path.is_file():
+            raise Refused(f"checkpoint {images.name} lists thread {tid} but has no {path.name}")
+        entries = list(_entries(path, CORE_MAGIC, 1))
+        if not entries:
+            raise Refused(f"checkpoint image {path.name} holds no entry")
+        yield path.name, _parse(img.core_entry(), entries[0], path.name)
 
 
 def _caps(words: Iterable[int]) -> set[str]:

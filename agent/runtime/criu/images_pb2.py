@@ -24,21 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61gent/runtime/criu/images.proto\x12\x0bmigctl.criu\"\x9e\x02\n\x0b\x63reds_entry\x12\x0b\n\x03uid\x18\x01 \x01(\r\x12\x0b\n\x03gid\x18\x02 \x01(\r\x12\x0c\n\x04\x65uid\x18\x03 \x01(\r\x12\x0c\n\x04\x65gid\x18\x04 \x01(\r\x12\x0c\n\x04suid\x18\x05 \x01(\r\x12\x0c\n\x04sgid\x18\x06 \x01(\r\x12\r\n\x05\x66suid\x18\x07 \x01(\r\x12\r\n\x05\x66sgid\x18\x08 \x01(\r\x12\x0f\n\x07\x63\x61p_inh\x18\t \x03(\r\x12\x0f\n\x07\x63\x61p_prm\x18\n \x03(\r\x12\x0f\n\x07\x63\x61p_eff\x18\x0b \x03(\r\x12\x0f\n\x07\x63\x61p_bnd\x18\x0c \x03(\r\x12\x0f\n\x07secbits\x18\r \x01(\r\x12\x0e\n\x06groups\x18\x0e \x03(\r\x12\x13\n\x0blsm_profile\x18\x0f \x01(\t\x12\x14\n\x0cno_new_privs\x18\x12 \x01(\r\x12\x0f\n\x07\x63\x61p_amb\x18\x13 \x03(\r\"T\n\x0ftask_core_entry\x12\x0c\n\x04\x63omm\x18\x06 \x01(\t\x12\x33\n\x10old_seccomp_mode\x18\x0b \x01(\x0e\x32\x19.migctl.criu.seccomp_mode\"{\n\x11thread_core_entry\x12\'\n\x05\x63reds\x18\n \x01(\x0b\x32\x18.migctl.criu.creds_entry\x12/\n\x0cseccomp_mode\x18\x0b \x01(\x0e\x32\x19.migctl.criu.seccomp_mode\x12\x0c\n\x04\x63omm\x18\r \x01(\t\"k\n\ncore_entry\x12(\n\x02tc\x18\x03 \x01(\x0b\x32\x1c.migctl.criu.task_core_entry\x12\x33\n\x0bthread_core\x18\x05 \x01(\x0b\x32\x1e.migctl.criu.thread_core_entry*4\n\x0cseccomp_mode\x12\x0c\n\x08\x64isabled\x10\x00\x12\n\n\x06strict\x10\x01\x12\n\n\x06\x66ilter\x10\x02')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61gent/runtime/criu/images.proto\x12\x0bmigctl.criu\"\x9e\x02\n\x0b\x63reds_entry\x12\x0b\n\x03uid\x18\x01 \x01(\r\x12\x0b\n\x03gid\x18\x02 \x01(\r\x12\x0c\n\x04\x65uid\x18\x03 \x01(\r\x12\x0c\n\x04\x65gid\x18\x04 \x01(\r\x12\x0c\n\x04suid\x18\x05 \x01(\r\x12\x0c\n\x04sgid\x18\x06 \x01(\r\x12\r\n\x05\x66suid\x18\x07 \x01(\r\x12\r\n\x05\x66sgid\x18\x08 \x01(\r\x12\x0f\n\x07\x63\x61p_inh\x18\t \x03(\r\x12\x0f\n\x07\x63\x61p_prm\x18\n \x03(\r\x12\x0f\n\x07\x63\x61p_eff\x18\x0b \x03(\r\x12\x0f\n\x07\x63\x61p_bnd\x18\x0c \x03(\r\x12\x0f\n\x07secbits\x18\r \x01(\r\x12\x0e\n\x06groups\x18\x0e \x03(\r\x12\x13\n\x0blsm_profile\x18\x0f \x01(\t\x12\x14\n\x0cno_new_privs\x18\x12 \x01(\r\x12\x0f\n\x07\x63\x61p_amb\x18\x13 \x03(\r\"T\n\x0ftask_core_entry\x12\x0c\n\x04\x63omm\x18\x06 \x01(\t\x12\x33\n\x10old_seccomp_mode\x18\x0b \x01(\x0e\x32\x19.migctl.criu.seccomp_mode\"{\n\x11thread_core_entry\x12\'\n\x05\x63reds\x18\n \x01(\x0b\x32\x18.migctl.criu.creds_entry\x12/\n\x0cseccomp_mode\x18\x0b \x01(\x0e\x32\x19.migctl.criu.seccomp_mode\x12\x0c\n\x04\x63omm\x18\r \x01(\t\":\n\x0cpstree_entry\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04ppid\x18\x02 \x01(\r\x12\x0f\n\x07threads\x18\x05 \x03(\r\"k\n\ncore_entry\x12(\n\x02tc\x18\x03 \x01(\x0b\x32\x1c.migctl.criu.task_core_entry\x12\x33\n\x0bthread_core\x18\x05 \x01(\x0b\x32\x1e.migctl.criu.thread_core_entry*4\n\x0cseccomp_mode\x12\x0c\n\x08\x64isabled\x10\x00\x12\n\n\x06strict\x10\x01\x12\n\n\x06\x66ilter\x10\x02')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agent.runtime.criu.images_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SECCOMP_MODE']._serialized_start=657
-  _globals['_SECCOMP_MODE']._serialized_end=709
+  _globals['_SECCOMP_MODE']._serialized_start=717
+  _globals['_SECCOMP_MODE']._serialized_end=769
   _globals['_CREDS_ENTRY']._serialized_start=49
   _globals['_CREDS_ENTRY']._serialized_end=335
   _globals['_TASK_CORE_ENTRY']._serialized_start=337
   _globals['_TASK_CORE_ENTRY']._serialized_end=421
   _globals['_THREAD_CORE_ENTRY']._serialized_start=423
   _globals['_THREAD_CORE_ENTRY']._serialized_end=546
-  _globals['_CORE_ENTRY']._serialized_start=548
-  _globals['_CORE_ENTRY']._serialized_end=655
+  _globals['_PSTREE_ENTRY']._serialized_start=548
+  _globals['_PSTREE_ENTRY']._serialized_end=606
+  _globals['_CORE_ENTRY']._serialized_start=608
+  _globals['_CORE_ENTRY']._serialized_end=715
 # @@protoc_insertion_point(module_scope)

@@ -72,6 +72,16 @@ class thread_core_entry(_message.Message):
     comm: str
     def __init__(self, creds: _Optional[_Union[creds_entry, _Mapping]] = ..., seccomp_mode: _Optional[_Union[seccomp_mode, str]] = ..., comm: _Optional[str] = ...) -> None: ...
 
+class pstree_entry(_message.Message):
+    __slots__ = ("pid", "ppid", "threads")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    PPID_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    ppid: int
+    threads: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, pid: _Optional[int] = ..., ppid: _Optional[int] = ..., threads: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class core_entry(_message.Message):
     __slots__ = ("tc", "thread_core")
     TC_FIELD_NUMBER: _ClassVar[int]
