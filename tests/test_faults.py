@@ -374,3 +374,36 @@ def test_the_source_resumes_by_itself_when_the_destination_vanishes(
     assert_intact_and_counting(lab.docker["nodeA"])
     log = agent_log("nodeA", since)
     assert "no word from nodeB" in log
+
+
+def test_a_rollback_through_the_engine_leaves_no_copy_of_memory_in_it(lab: LabHandle) -> None:
+    """A container on plain runc checkpoints and resumes through the engine, which keeps its
+    own copy of the checkpoint under containers/ID/checkpoints/: after a rollback, the memory
+    (pages-*.img) stayed there (second red team). It must be gone once the source runs again."""
+    from client.workloads import COUNTER, TOY_IMAGE
+
+    a = lab.docker["nodeA"]
+    remove_everywhere(lab.docker, ["toytsm"], ["testrw", "testro"])
+    ensure_toy_image(a, CACHE)
+    a.volumes.create("testrw", labels={"rw-guid": f"guid-plain-{time.time_ns()}"})
+    a.volumes.create("testro")
+    c = a.containers.run(TOY_IMAGE, ["sh", "-c", COUNTER], name="toytsm", detach=True,
+                         runtime="runc", volumes={"testrw": {"bind": "/testrw", "mode": "rw"},
+                                                  "testro": {"bind": "/testro", "mode": "ro"}})
+    time.sleep(2)
+    try:
+        Lab().restart_agent("nodeB", ["--test-pause", f"transferring-final={PAUSE}"], HOOKS)
+        proc, lines = start_migration(DELTA)
+        wait_for_line(lines, "paused before transferring-final")
+        kill_agent("nodeB")()
+        finish(proc, lines)
+        Lab().restart_agent("nodeB")  # settles what was in flight: the source resumes
+        assert wait_one_copy(lab) == "nodeA"
+        root = Path(a.info()["DockerRootDir"])
+        left = [str(p) for p in (root / "containers" / c.id / "checkpoints").rglob("*")
+                if p.is_file()]
+        assert left == [], f"the engine keeps a copy of the checkpoint: {left}"
+        assert_intact_and_counting(a)
+    finally:
+        Lab().restart_agent("nodeB")
+        remove_everywhere(lab.docker, ["toytsm"], ["testrw", "testro"])
