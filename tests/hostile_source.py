@@ -52,6 +52,7 @@ SCENARIOS = {
     "final-twice": "a final pass that sends the same checkpoint file twice",
     "changes-escape-folder": "a volume snapshot with a link esc -> /tmp, then volume changes "
                              "that make esc a folder and delete esc/<the outside file>",
+    "bomb": "a volume snapshot of 1.6 KB, gzip-compressed, that inflates to 64 MiB of zeros",
     "caps": "a container described with no added capabilities whose checkpoint's core image "
             "gives its process SYS_ADMIN, NET_ADMIN and SYS_PTRACE, and no seccomp filter",
     "cache-basis": "a container described with another container's image (its cache key), to "
@@ -92,6 +93,16 @@ def deleting_tar() -> bytes:
     gone = tarfile.TarInfo("../../../../../../../.." + OUTSIDE)
     gone.pax_headers = {"MIGCTL.deleted": "1"}
     return _tar([(gone, b"")])
+
+
+def bomb_tar() -> bytes:
+    """A gzip-compressed archive: tarfile.open alone would inflate it past every limit."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("zeros")
+        info.size = 64 << 20
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    return buf.getvalue()
 
 
 def link_tar() -> bytes:
@@ -181,7 +192,8 @@ class Hostile(rpc.AgentServicer):
                                 networks=["bridge"])
         if self.scenario == "volume-name":
             spec.volumes.add(name="../../../../tmp/x", destination="/data")
-        if self.scenario in ("hardlink", "oversize", "changes-escape", "changes-escape-folder"):
+        if self.scenario in ("hardlink", "oversize", "changes-escape", "changes-escape-folder",
+                             "bomb"):
             self.volumes.append("hostilevol")
             spec.volumes.add(name="hostilevol", destination="/data", driver="local",
                              volume_id="hostile-guid")
@@ -213,6 +225,8 @@ class Hostile(rpc.AgentServicer):
             return self._info(path, hardlink_tar())
         if self.scenario == "changes-escape-folder":
             return self._info(path, link_tar())
+        if self.scenario == "bomb":
+            return self._info(path, bomb_tar())
         if self.scenario == "oversize":
             self._info(path, os.urandom(50 << 20))
             return pb.FileInfo(path=path, size=10_000, digest="0" * 32)

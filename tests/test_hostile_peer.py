@@ -431,6 +431,7 @@ def from_c(*extra: str) -> subprocess.CompletedProcess[str]:
     ("final-path", "is not a plain file of checkpoint"),
     ("changes-escape", "outside the volume"),
     ("changes-escape-folder", "which is not a folder here"),
+    ("bomb", "is not a plain tar archive"),
     # the CRIU images are the source's: they may not give the process more than its container
     ("caps", "gives the process AUDIT_CONTROL, AUDIT_READ, BLOCK_SUSPEND"),
     ("final-twice", "twice"),
@@ -514,6 +515,50 @@ def test_6_a_network_internal_to_the_destination_is_not_joined(lab: LabHandle) -
         for client in (a, b):
             for n in client.networks.list(names=["db-internal"]):
                 n.remove()
+
+
+def test_5_silent_calls_of_a_node_key_do_not_starve_the_agent(lab: LabHandle) -> None:
+    """nodeC opens 60 streams and 60 unary calls to nodeA's agent and never sends a message:
+    the operator's GetNode still answers, and each silent call is cut or refused."""
+    import threading
+
+    never = threading.Event()
+    codes: list[grpc.StatusCode] = []
+    c = stub(lab, "nodeA", "nodeC")
+    channel = open_channel(lab.address("nodeA"), TLSFiles.from_dir(
+        certs.node_dir(Lab().tls_dir, "nodeC"), "nodeC"), server_name="nodeA")
+    silent_unary = channel.stream_unary("/migctl.v1.Agent/GetNode",
+                                        request_serializer=pb.GetNodeRequest.SerializeToString,
+                                        response_deserializer=pb.NodeInfo.FromString)
+
+    def silence(message):  # noqa: ANN001, ANN202
+        never.wait()
+        yield message
+
+    def one(call) -> None:  # noqa: ANN001
+        try:
+            call()
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as err:
+            codes.append(err.code())
+
+    calls = [lambda: list(c.FetchDelta(silence(pb.DeltaRequest()), timeout=120))] * 60 + \
+        [lambda: silent_unary(silence(pb.GetNodeRequest()), timeout=120)] * 60
+    threads = [threading.Thread(target=one, args=(call,), daemon=True) for call in calls]
+    for t in threads:
+        t.start()
+    time.sleep(1)
+    try:
+        assert stub(lab, "nodeA", "client").GetNode(pb.GetNodeRequest(), timeout=5).node == \
+            "nodeA"
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), "a silent call held on"
+        assert set(codes) <= {grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}, \
+            codes
+    finally:
+        never.set()
+        channel.close()
 
 
 # -- 8: a hostile destination ---------------------------------------------------------------
