@@ -102,3 +102,24 @@ def test_the_agents_lock_pins_what_the_full_lock_pins() -> None:
     agent, full = pins("requirements-agent.lock"), pins("requirements.lock")
     assert agent and all(full.get(k) == v for k, v in agent.items()), \
         {k: (v, full.get(k)) for k, v in agent.items() if full.get(k) != v}
+
+
+def test_the_wheel_carries_the_runc_wrapper_and_the_contract(tmp_path) -> None:
+    """A node installed from the wheel finds migctl-runc beside the module that registers it,
+    and an integrator finds the .proto (the real-nodes issue)."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(tmp_path), str(root)],
+                   check=True, capture_output=True, timeout=300)
+    [wheel] = tmp_path.glob("migctl-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for want in ("agent/runtime/migctl-runc", "proto/migctl.proto",
+                 "agent/runtime/criu/images.proto"):
+        assert want in names, (want, [n for n in names if "runtime" in n][:20])
+    mode = zipfile.ZipFile(wheel).getinfo("agent/runtime/migctl-runc").external_attr >> 16
+    assert mode & 0o111, "the engine runs the wrapper: it must stay executable"
