@@ -323,6 +323,21 @@ def each_node(inventory: Inventory, ask: Callable[[AgentClient], T], only: str |
     return answers, [r for r in results if isinstance(r, AgentError)]
 
 
+def locate(inventory: Inventory, container: str) -> str:
+    """The one node that runs CONTAINER (a name, or an id of at least 12 digits), for a
+    command given no --from; refused when none does, or several do."""
+    found, errors = each_node(inventory, AgentClient.containers)
+    where = [node for node, listed in found.items()
+             if any(c.state == "running" and (c.name == container or (
+                 len(container) >= 12 and c.id.startswith(container))) for c in listed)]
+    if len(where) == 1:
+        return where[0]
+    silent = f" ({', '.join(e.node for e in errors)} did not answer)" if errors else ""
+    if not where:
+        raise ClientError(f"no node of the inventory runs a container {container!r}{silent}")
+    raise ClientError(f"{container!r} runs on {' and '.join(where)}: say which with --from")
+
+
 def plan(inventory: Inventory, container: str, source: str,
          destination: str) -> pb.PlanReply:
     """What moving CONTAINER from SOURCE to DESTINATION would move, and how long it would take:

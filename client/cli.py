@@ -23,6 +23,7 @@ from client.api import (
     Inventory,
     default_tls_dir,
     each_node,
+    locate,
     migrate,
     plan,
 )
@@ -159,8 +160,18 @@ def _has_rich() -> bool:
     return importlib.util.find_spec("rich") is not None
 
 
+def _source(inv: Inventory, args: argparse.Namespace) -> str:
+    """--from, or the node that runs the container."""
+    if args.source:
+        return args.source
+    args.source = locate(inv, args.container)
+    print(f"{args.container} runs on {args.source}", file=sys.stderr)
+    return args.source
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     inv = Inventory.load(args.inventory, args.tls_dir)
+    _source(inv, args)
     live = LiveProgress() if not args.quiet and sys.stderr.isatty() and _has_rich() else None
     with live or contextlib.nullcontext():
         report = migrate(inv, args.container, args.source, args.dest,
@@ -240,8 +251,8 @@ def render_plan(r: pb.PlanReply, container: str, source: str, dest: str,
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    reply = plan(Inventory.load(args.inventory, args.tls_dir), args.container, args.source,
-                 args.dest)
+    inv = Inventory.load(args.inventory, args.tls_dir)
+    reply = plan(inv, args.container, _source(inv, args), args.dest)
     if args.json:
         print(json.dumps(report_dict(reply)))
     else:
@@ -307,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("migrate", help="move a running container to another node")
-    m.add_argument("--from", dest="source", required=True, metavar="NODE")
+    m.add_argument("--from", dest="source", metavar="NODE",
+                   help="the node that runs it (default: the one node that does)")
     m.add_argument("--to", dest="dest", required=True, metavar="NODE")
     m.add_argument("--remove-source", action="store_true",
                    help="remove the stopped source container after success")
@@ -345,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="a dry run of a migration: what would move, from where, "
                         "how many bytes and about how long over the measured link")
-    pl.add_argument("--from", dest="source", required=True, metavar="NODE")
+    pl.add_argument("--from", dest="source", metavar="NODE",
+                    help="the node that runs it (default: the one node that does)")
     pl.add_argument("--to", dest="dest", required=True, metavar="NODE")
     pl.add_argument("--json", action="store_true", help="the plan as one JSON object")
     pl.add_argument("container")
