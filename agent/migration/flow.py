@@ -756,10 +756,7 @@ class Migration:
             self.runtime.remove(stale["Id"])
         new = self.entry.data["new_container"] = self.runtime.create_like(
             spec, self.request.allow_privileged)
-        # what the engine gave it, which the checkpoint's images may not exceed (restore)
-        host = self.runtime.inspect(new)["HostConfig"]
-        self.confinement = (container_capabilities(host),
-                            seccomp_expected(host, self.runtime.confines_with_seccomp()))
+        self.confine()  # here, before the freeze: the engine is asked outside the downtime
         if self.request.memory_transfer == POST_COPY:
             # until every page arrived, a restart (after the kill of a copy whose pages cannot
             # come) would run it afresh, without its memory: its policy comes at the end
@@ -770,15 +767,20 @@ class Migration:
         self.journal.save(self.entry)
         self.apply_rootfs(self.new_container, self.area / ROOTFS)
 
+    def confine(self) -> tuple[frozenset[str], bool]:
+        """What the engine gave the created container (capabilities, a seccomp filter), which
+        the checkpoint's images may not exceed."""
+        host = self.runtime.inspect(self.new_container)["HostConfig"]
+        self.confinement = (container_capabilities(host),
+                            seccomp_expected(host, self.runtime.confines_with_seccomp()))
+        return self.confinement
+
     def check_images(self) -> None:
         """The final checkpoint's images give each thread no capability and no seccomp mode
         beyond what the engine gave the created container (agent/runtime/criu/images.py):
         checked before the commit, so that a refusal leaves the source to resume."""
-        if self.confinement is None:  # created by an agent that restarted since
-            host = self.runtime.inspect(self.new_container)["HostConfig"]
-            self.confinement = (container_capabilities(host),
-                                seccomp_expected(host, self.runtime.confines_with_seccomp()))
-        check_images(self.area / "checkpoints" / FINAL_CHECKPOINT, *self.confinement)
+        confinement = self.confinement or self.confine()  # or an agent restarted since
+        check_images(self.area / "checkpoints" / FINAL_CHECKPOINT, *confinement)
 
     def restore(self, spec: pb.ContainerSpec, pages: PageServer | None = None) -> None:
         """PAGES: post-copy; its lazy-pages daemon starts first (journaled as lazy: a restarted
