@@ -10,6 +10,12 @@ created with the same configuration and started from the checkpoint. The writabl
 migrated, as in the seed. rsync pulls from an rsync daemon in the source's namespace, so every
 byte crosses the lab's (shaped) link; with `compress`, rsync's zstd (migctl's agents send
 their literals zstd-compressed).
+
+One departure from the seed's `rsync -avz`: `--ignore-times`. rsync's quick check skips a file
+whose size and mtime (to the second) match, and the final checkpoint's pages often match the
+first's in both: the destination then restored the first checkpoint's memory under the final
+one's other images (CRIU refused, or Redis came back with older counters). With it, every file
+goes through rsync's delta, as the seed intends.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from client.api import ClientError
 from client.lab import LAB_DIR, RUN_DIR
 
 RSYNC_PORT = 8730
+RSYNC = ("rsync", "-a", "--no-whole-file", "--ignore-times", "--delete", "--stats")
+"""Every pull's rsync (see the module's note on --ignore-times)."""
 WORK = LAB_DIR / "seedmethod"
 
 
@@ -59,8 +67,7 @@ class SeedMethod:
     def pull(self, remote: str, local: Path) -> None:
         """rsync from the source's daemon (module `root` is the source's /), counting bytes."""
         local.parent.mkdir(parents=True, exist_ok=True)
-        out = subprocess.run(_ns(self.destination, "rsync", "-a", "--no-whole-file",
-                                 "--delete", "--stats", *self.compress,
+        out = subprocess.run(_ns(self.destination, *RSYNC, *self.compress,
                                  f"rsync://{self.src_ip}:{RSYNC_PORT}/root{remote}", str(local)),
                              capture_output=True, text=True)
         if out.returncode:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from client.api import ClientError
 from client.evaluation import columns, grid, runner, summary
 from client.evaluation.grid import Grid, GridError, Run, load_grid, parse_rate
 from client.evaluation.plots import write_plots
+from client.seedmethod import RSYNC
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -480,3 +483,18 @@ def test_migctl_bench_run_names_a_driver_it_cannot_use(
                   "--driver", driver])
     assert done.value.code == 1
     assert expected in capsys.readouterr().err
+
+
+def test_the_reference_pulls_a_file_whose_size_and_mtime_did_not_change(tmp_path: Path) -> None:
+    """A final checkpoint's pages often keep the first's size and second: rsync's quick check
+    would keep the first's (the reference restored stale memory, 3 runs in 16)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    pages = src / "pages-1.img"
+    pages.write_bytes(b"first checkpoint" * 256)
+    os.utime(pages, ns=(1_700_000_000_000_000_000,) * 2)
+    subprocess.run([*RSYNC, f"{src}/", str(dst)], check=True, capture_output=True)
+    pages.write_bytes(b"final checkpoint" * 256)
+    os.utime(pages, ns=(1_700_000_000_000_000_000,) * 2)
+    subprocess.run([*RSYNC, f"{src}/", str(dst)], check=True, capture_output=True)
+    assert (dst / "pages-1.img").read_bytes() == pages.read_bytes()
