@@ -27,6 +27,7 @@ if [[ -x .venv-system/bin/pytest ]]; then
     echo "[test] under $(.venv-system/bin/python -c 'import sys; print(sys.version.split()[0])') (the distribution's python3):"
     .venv-system/bin/pytest -q -p no:cacheprovider -m "not lab and not compose" \
         tests/test_tree.py tests/test_hostile_data.py tests/test_exact_files.py \
-        tests/test_delta.py tests/test_bounds.py tests/test_criu_images.py tests/test_authz.py
+        tests/test_delta.py tests/test_bounds.py tests/test_criu_images.py \
+        tests/test_criu_mounts.py tests/test_seccomp_filters.py tests/test_authz.py
 fi
 .venv/bin/pytest -v -p no:cacheprovider "${args[@]}"

@@ -53,8 +53,13 @@ SCENARIOS = {
     "changes-escape-folder": "a volume snapshot with a link esc -> /tmp, then volume changes "
                              "that make esc a folder and delete esc/<the outside file>",
     "bomb": "a volume snapshot of 1.6 KB, gzip-compressed, that inflates to 64 MiB of zeros",
-    "caps": "a container described with no added capabilities whose checkpoint's core image "
-            "gives its process SYS_ADMIN, NET_ADMIN and SYS_PTRACE, and no seccomp filter",
+    "caps": "a container described with no added capabilities whose final checkpoint's core "
+            "image gives its process SYS_ADMIN, NET_ADMIN and SYS_PTRACE, and no seccomp filter",
+    "caps-pre": "the images of caps in the pre-copy checkpoint (refused before the freeze)",
+    "seccomp": "a checkpoint whose process runs filtered, by a seccomp filter that lets every "
+               "syscall through",
+    "mounts": "a checkpoint whose mounts leave /proc/sys writable (the container's root would "
+              "set the host's kernel parameters)",
     "cache-basis": "a container described with another container's image (its cache key), to "
                    "get the destination's cached checkpoint of it as a delta basis",
 }
@@ -123,30 +128,24 @@ def folder_deleting_tar() -> bytes:
     return _tar([(folder, b""), (gone, b"")])
 
 
-def powerful_core() -> bytes:
-    """A CRIU core image of a process holding every capability and no seccomp filter."""
-    import struct
+def checkpoint_images(scenario: str) -> list[tuple[str, bytes]]:
+    """The CRIU images of one task (pid 1) a scenario sends: each breaks one rule of what a
+    checkpoint may give its process (tests/criu_kit.py writes them as CRIU does)."""
+    from agent.runtime.criu.images import CAPABILITIES, ENGINE_DEFAULT
+    from tests import criu_kit as kit
 
-    from agent.runtime.criu import images_pb2 as img
-    from agent.runtime.criu.images import CORE_MAGIC, IMG_COMMON_MAGIC
-
-    core = img.core_entry()
-    core.tc.comm = "sleep"
-    for field in ("cap_prm", "cap_eff", "cap_bnd"):
-        getattr(core.thread_core.creds, field).extend([0xFFFFFFFF, 0x1FF])
-    data = core.SerializeToString()
-    return struct.pack("<III", IMG_COMMON_MAGIC, CORE_MAGIC, len(data)) + data
-
-
-def pstree_of_one() -> bytes:
-    """pstree.img of one task, pid 1, which CRIU would restore from core-1.img."""
-    import struct
-
-    from agent.runtime.criu import images_pb2 as img
-    from agent.runtime.criu.images import IMG_COMMON_MAGIC, PSTREE_MAGIC
-
-    data = img.pstree_entry(pid=1, ppid=0, threads=[1]).SerializeToString()
-    return struct.pack("<III", IMG_COMMON_MAGIC, PSTREE_MAGIC, len(data)) + data
+    caps, chain, mounts = ENGINE_DEFAULT, [(kit.deny(), 1)], kit.container_mounts()
+    if scenario == "caps":  # every capability, no seccomp filter
+        caps, chain = frozenset(CAPABILITIES), []
+    elif scenario == "seccomp":  # a filter, which lets everything through
+        chain = [(kit.allow_all(), 1)]
+    elif scenario == "mounts":  # /proc/sys left writable
+        mounts = kit.container_mounts(readonly=tuple(p for p in kit.READONLY
+                                                     if p != "/proc/sys"))
+    core = kit.core_entry(caps, mode=2 if chain else None, comm="sleep")
+    return [("core-1.img", kit.core_image(core)), ("pstree.img", kit.pstree_image({1: [1]})),
+            ("seccomp.img", kit.seccomp_image(*chain)),
+            ("mountpoints-12.img", kit.mounts_image(*mounts))]
 
 
 def plain_tar() -> bytes:
@@ -245,9 +244,10 @@ class Hostile(rpc.AgentServicer):
         if self.scenario == "tags":
             context.abort(grpc.StatusCode.INTERNAL, "hostile source stops here")
         files = [self._info(f"checkpoints/{name}/pages-1.img", self.pages)]
-        if self.scenario == "caps":
-            files.append(self._info(f"checkpoints/{name}/core-1.img", powerful_core()))
-            files.append(self._info(f"checkpoints/{name}/pstree.img", pstree_of_one()))
+        # the images are honest before the freeze, but for caps-pre: the final checkpoint's
+        # are checked again (a source may switch)
+        files += [self._info(f"checkpoints/{name}/{file}", data) for file, data in
+                  checkpoint_images("caps" if self.scenario == "caps-pre" else "honest")]
         return pb.CheckpointReply(files=files)
 
     def FetchFile(self, request: Any, context: Any) -> Iterator[pb.Chunk]:
@@ -293,9 +293,9 @@ class Hostile(rpc.AgentServicer):
             items = [(f"checkpoints/final/../../../../../..{OUTSIDE}", b"pwned\n")]
         if self.scenario == "final-twice":
             items = [(pages, self.pages), (pages, self.pages)]
-        if self.scenario == "caps":
-            items += [("checkpoints/final/core-1.img", powerful_core()),
-                      ("checkpoints/final/pstree.img", pstree_of_one())]
+        if self.scenario != "final-path":
+            items += [(f"checkpoints/final/{file}", data)
+                      for file, data in checkpoint_images(self.scenario)]
         for name in self.volumes:
             changes = {"changes-escape": deleting_tar,
                        "changes-escape-folder": folder_deleting_tar}.get(self.scenario)

@@ -434,6 +434,9 @@ def from_c(*extra: str) -> subprocess.CompletedProcess[str]:
     ("bomb", "is not a plain tar archive"),
     # the CRIU images are the source's: they may not give the process more than its container
     ("caps", "gives the process AUDIT_CONTROL, AUDIT_READ, BLOCK_SUSPEND"),
+    ("caps-pre", "gives the process AUDIT_CONTROL, AUDIT_READ, BLOCK_SUSPEND"),
+    ("seccomp", "let kexec_load through"),
+    ("mounts", "leaves /proc/sys writable"),
     ("final-twice", "twice"),
 ])
 def test_6_to_8_a_hostile_source_writes_nothing_outside(lab: LabHandle, hostile_c,

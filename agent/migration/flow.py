@@ -68,7 +68,7 @@ from agent.migration.source import (
 )
 from agent.migration.sourcing import Sourcing
 from agent.runtime.base import Runtime, restarts
-from agent.runtime.criu.images import check_images, container_capabilities, seccomp_expected
+from agent.runtime.criu.images import Confinement, check_images
 from agent.runtime.docker import criu_path, host_listeners
 from agent.runtime.spec import check_description, checkpoint_path, port_protocol, unsupported
 from agent.security import TLSFiles
@@ -142,7 +142,7 @@ class Migration:
         self.connect = lambda address, *name: open_channel(address, self.tls, *name)
         self.source = rpc.AgentStub(self.channel)
         self.link: Link | None = None  # to the source, measured in the request phase
-        self.confinement: tuple[frozenset[str], bool] | None = None  # caps, seccomp (create)
+        self.confinement: Confinement | None = None  # what the created container was given
         self._holding: threading.Event | None = None  # set: the hold on the source ends
         self.pages: PageServer | None = None  # the final checkpoint's page server, if any
         self.pre_checkpoint = pb.CheckpointReply()
@@ -527,6 +527,10 @@ class Migration:
             local = self.area / f.path
             bases[final_rel] = Basis(local, make_signature(local))
         self.create(spec)
+        # the same checks as the final checkpoint's, before the freeze: a hostile source is
+        # refused while its container still runs, and the filters' verdict is kept
+        check_images(self.area / "checkpoints" / PRE_CHECKPOINT, self.confinement or
+                     self.confine())
         self.offer(bases)
         return bases
 
@@ -767,12 +771,11 @@ class Migration:
         self.journal.save(self.entry)
         self.apply_rootfs(self.new_container, self.area / ROOTFS)
 
-    def confine(self) -> tuple[frozenset[str], bool]:
-        """What the engine gave the created container (capabilities, a seccomp filter), which
-        the checkpoint's images may not exceed."""
-        host = self.runtime.inspect(self.new_container)["HostConfig"]
-        self.confinement = (container_capabilities(host),
-                            seccomp_expected(host, self.runtime.confines_with_seccomp()))
+    def confine(self) -> Confinement:
+        """What the engine gave the created container, which the checkpoint's images may not
+        exceed."""
+        self.confinement = Confinement.of(self.runtime.inspect(self.new_container),
+                                          self.runtime.confines_with_seccomp())
         return self.confinement
 
     def check_images(self) -> None:
@@ -780,7 +783,7 @@ class Migration:
         beyond what the engine gave the created container (agent/runtime/criu/images.py):
         checked before the commit, so that a refusal leaves the source to resume."""
         confinement = self.confinement or self.confine()  # or an agent restarted since
-        check_images(self.area / "checkpoints" / FINAL_CHECKPOINT, *confinement)
+        check_images(self.area / "checkpoints" / FINAL_CHECKPOINT, confinement)
 
     def restore(self, spec: pb.ContainerSpec, pages: PageServer | None = None) -> None:
         """PAGES: post-copy; its lazy-pages daemon starts first (journaled as lazy: a restarted

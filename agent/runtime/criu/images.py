@@ -5,26 +5,30 @@ the engine gave the container it created. The dump comes from the source, which 
 trusted: a container described with no added capabilities came back with SYS_ADMIN,
 NET_ADMIN and SYS_PTRACE and no seccomp filter. So every thread's capability sets must lie
 within the container's (the engine's defaults, plus what was added with the operator's
-leave, minus what was dropped), and each task's seccomp mode must be a filter where the
-engine would give the container one.
+leave, minus what was dropped), and where the engine would give the container a seccomp
+filter, every thread must run filtered, by filters that refuse what the engine's profile
+refuses (agent/runtime/criu/seccomp.py).
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-
-from google.protobuf.message import Message
 
 from agent.errors import Refused
 from agent.runtime.criu import images_pb2 as img
+from agent.runtime.criu.imagefile import (
+    CORE_MAGIC,
+    PSTREE_MAGIC,
+    SECCOMP_MAGIC,
+    entries,
+    parse,
+)
+from agent.runtime.criu.mounts import ENGINE_MASKED, ENGINE_READONLY, check_mounts
+from agent.runtime.criu.seccomp import FLAG_TSYNC, check_chain
 
-IMG_COMMON_MAGIC = 0x54564319
-CORE_MAGIC = 0x55053847
-PSTREE_MAGIC = 0x50273030
 MAX_TASKS = 1 << 16
-MAX_ENTRY = 1 << 20  # a core entry is a few KB
 
 # Linux capability numbers (include/uapi/linux/capability.h)
 CAPABILITIES = (
@@ -71,57 +75,37 @@ def seccomp_expected(host: dict, engine_has_seccomp: bool) -> bool:
     return "seccomp=unconfined" not in opts
 
 
-def _entries(path: Path, magic: int, limit: int) -> Iterator[bytes]:
-    """The entries of a CRIU image (after its two magics: a little-endian size, then that
-    many bytes), at most LIMIT of them."""
-    data = path.read_bytes()
-    if len(data) < 8 or struct.unpack_from("<II", data) != (IMG_COMMON_MAGIC, magic):
-        raise Refused(f"checkpoint image {path.name} is not the CRIU image it is named for")
-    pos, count = 8, 0
-    while pos < len(data):
-        if pos + 4 > len(data):
-            raise Refused(f"checkpoint image {path.name} is truncated")
-        (size,) = struct.unpack_from("<I", data, pos)
-        if size > MAX_ENTRY or pos + 4 + size > len(data):
-            raise Refused(f"checkpoint image {path.name} announces an entry of {size} bytes")
-        count += 1
-        if count > limit:
-            raise Refused(f"checkpoint image {path.name} holds more than {limit} entries")
-        yield data[pos + 4:pos + 4 + size]
-        pos += 4 + size
-
-
-def _parse(message: Message, data: bytes, name: str) -> Message:
-    try:
-        message.ParseFromString(data)
-    except Exception as err:  # noqa: BLE001 - any decoding failure is a refusal
-        raise Refused(f"checkpoint image {name} cannot be read: {err}") from None
-    return message
-
-
-def threads(images: Path) -> list[int]:
-    """Every thread CRIU restores from IMAGES: those of the tasks pstree.img lists (a core
-    image of no listed thread is never read by CRIU, and a stale one may lie beside them)."""
+def tasks(images: Path) -> list[tuple[int, list[int]]]:
+    """Every task CRIU restores from IMAGES, as (pid, its threads with the pid first): those
+    pstree.img lists (a core image of no listed thread is never read by CRIU, and a stale one
+    may lie beside them)."""
     pstree = images / "pstree.img"
     if not pstree.is_file():
         raise Refused(f"checkpoint {images.name} holds no process tree (pstree.img)")
-    out: list[int] = []
-    for data in _entries(pstree, PSTREE_MAGIC, MAX_TASKS):
-        entry = _parse(img.pstree_entry(), data, pstree.name)
-        out += list(entry.threads) or [entry.pid]
+    out = []
+    for data in entries(pstree, PSTREE_MAGIC, MAX_TASKS):
+        entry = parse(img.pstree_entry(), data, pstree.name)
+        tids = list(entry.threads) or [entry.pid]
+        if entry.pid not in tids:
+            raise Refused(f"checkpoint image {pstree.name} lists task {entry.pid} without "
+                          "itself among its threads")
+        out.append((entry.pid, [entry.pid] + [t for t in tids if t != entry.pid]))
     return out
 
 
-def cores(images: Path) -> Iterator[tuple[str, img.core_entry]]:
-    """The core image of every thread CRIU restores, read as CRIU wrote it."""
-    for tid in threads(images):
-        path = images / f"core-{tid}.img"
-        if not path.is_file():
-            raise Refused(f"checkpoint {images.name} lists thread {tid} but has no {path.name}")
-        entries = list(_entries(path, CORE_MAGIC, 1))
-        if not entries:
-            raise Refused(f"checkpoint image {path.name} holds no entry")
-        yield path.name, _parse(img.core_entry(), entries[0], path.name)
+def cores(images: Path) -> Iterator[tuple[str, img.core_entry, bool]]:
+    """The core image of every thread CRIU restores, read as CRIU wrote it, each task's leader
+    (its thread whose id is the task's) first and marked: CRIU reads the task part only there."""
+    for pid, tids in tasks(images):
+        for tid in tids:
+            path = images / f"core-{tid}.img"
+            if not path.is_file():
+                raise Refused(f"checkpoint {images.name} lists thread {tid} but has no "
+                              f"{path.name}")
+            found = list(entries(path, CORE_MAGIC, 1))
+            if not found:
+                raise Refused(f"checkpoint image {path.name} holds no entry")
+            yield path.name, parse(img.core_entry(), found[0], path.name), tid == pid
 
 
 def _caps(words: Iterable[int]) -> set[str]:
@@ -134,33 +118,127 @@ def _caps(words: Iterable[int]) -> set[str]:
     return out
 
 
-def check_images(images: Path, allowed: frozenset[str], seccomp: bool) -> int:
-    """Refuses a checkpoint whose threads would hold a capability outside ALLOWED, or run
-    without a seccomp filter when SECCOMP; returns the number of threads checked."""
+@dataclass(frozen=True)
+class Confinement:
+    """What the engine gave the container this node created, which the images may not exceed."""
+
+    capabilities: frozenset[str]
+    seccomp: bool  # the engine confines it with a seccomp filter
+    default_profile: bool = True  # that filter is the engine's default profile
+    masked: tuple[str, ...] = ()  # paths the engine masks in it
+    readonly: tuple[str, ...] = ()  # paths the engine makes read-only in it
+    lsm: str = ""  # its AppArmor profile or SELinux label ("": none)
+
+    @classmethod
+    def of(cls, container: dict, engine_has_seccomp: bool) -> Confinement:
+        """From the created container (as this node's engine inspects it)."""
+        host = container.get("HostConfig") or {}
+        opts = [str(o).replace(":", "=", 1) for o in host.get("SecurityOpt") or []]
+        # the engine lists its masked and read-only paths in HostConfig only when asked for
+        # others; otherwise its own (none when privileged or with systempaths=unconfined)
+        own = not host.get("Privileged") and "systempaths=unconfined" not in opts
+        masked, readonly = host.get("MaskedPaths"), host.get("ReadonlyPaths")
+        return cls(container_capabilities(host), seccomp_expected(host, engine_has_seccomp),
+                   not any(o.startswith("seccomp=") for o in opts),
+                   tuple(map(str, ENGINE_MASKED if masked is None and own else masked or ())),
+                   tuple(map(str, ENGINE_READONLY if readonly is None and own else
+                             readonly or ())),
+                   str(container.get("AppArmorProfile") or container.get("ProcessLabel") or ""))
+
+    @property
+    def mounts_itself(self) -> bool:
+        """With CAP_SYS_ADMIN (privileged, or added with the operator's leave) the container
+        may mount and unmount what it likes: its mount images are not checked."""
+        return "SYS_ADMIN" in self.capabilities
+
+
+def filters(images: Path) -> list[img.seccomp_filter]:
+    """seccomp.img's filters (none when the dump wrote no such image)."""
+    path = images / "seccomp.img"
+    if not path.is_file():
+        return []
+    found = list(entries(path, SECCOMP_MAGIC, 1))
+    return list(parse(img.seccomp_entry(), found[0], path.name).seccomp_filters) \
+        if found else []
+
+
+def chain(table: list[img.seccomp_filter], index: int, where: str) -> list[tuple[bytes, int]]:
+    """The filters a thread is restored with, newest first, as CRIU follows them (`prev`);
+    refused where CRIU would fail or loop."""
+    out, seen = [], set()
+    while True:
+        if index >= len(table):
+            raise Refused(f"{where} names seccomp filter {index} of {len(table)}")
+        if index in seen:
+            raise Refused(f"{where} names a seccomp filter chain that loops (filter {index})")
+        seen.add(index)
+        f = table[index]
+        out.append((f.filter, f.flags))
+        if not f.HasField("prev"):
+            return out
+        index = f.prev
+
+
+def check_images(images: Path, confinement: Confinement, machine: str | None = None,
+                 host_root: Path = Path("/")) -> int:
+    """Refuses a checkpoint whose threads would hold a capability outside the container's, or
+    run with a seccomp filter weaker than the engine's where it gives one, or whose mounts
+    exceed the container's (agent/runtime/criu/mounts.py); returns the number of threads
+    checked. MACHINE and HOST_ROOT: this node's, but for tests."""
+    allowed = confinement.capabilities
+    table = filters(images) if confinement.seccomp else []
     checked = 0
-    for name, core in cores(images):
+    leader_chain: list[tuple[bytes, int]] | None = None
+    for name, core, leader in cores(images):
         if not core.HasField("thread_core") or not core.thread_core.HasField("creds"):
             raise Refused(f"checkpoint image {name} carries no credentials to check")
         creds = core.thread_core.creds
         comm = core.thread_core.comm or core.tc.comm or name
+        where = f"checkpoint image {name} ({comm})"
         extra = set()
         for field in ("cap_prm", "cap_eff", "cap_inh", "cap_bnd", "cap_amb"):
             extra |= _caps(getattr(creds, field)) - allowed
         if extra:
-            raise Refused(f"checkpoint image {name} ({comm}) gives the process "
-                          f"{', '.join(sorted(extra))}, which its container does not have "
-                          "here (a source cannot grant capabilities)")
-        # as CRIU reads it (cr-restore.c, check_core): the task part's old field wins
-        mode = core.tc.old_seccomp_mode if core.tc.HasField("old_seccomp_mode") \
-            else core.thread_core.seccomp_mode
-        # A task's leader (its core has the task part) carries the mode; CRIU 4.2 writes none
-        # for the other threads, which the restore gives the leader's filter (Redis's threads,
-        # seen here: Seccomp 2 after the restore). A mode a thread does carry must be one.
-        carries = core.HasField("tc") or core.thread_core.HasField("seccomp_mode")
-        if seccomp and carries and mode != SECCOMP_FILTER:
-            raise Refused(f"checkpoint image {name} ({comm}) runs the process without the "
-                          "seccomp filter its container has here (a source cannot lift it)")
+            raise Refused(f"{where} gives the process {', '.join(sorted(extra))}, which its "
+                          "container does not have here (a source cannot grant capabilities)")
+        # CRIU writes the profile back (AppArmor's "changeprofile"): only the container's own
+        profile = creds.lsm_profile.removesuffix(" (enforce)").removesuffix(" (complain)")
+        if creds.lsm_profile and profile != confinement.lsm:
+            raise Refused(f"{where} runs the process under the security profile "
+                          f"{creds.lsm_profile!r}, not its container's here "
+                          f"({confinement.lsm or 'none'}; a source cannot choose it)")
         checked += 1
+        if not confinement.seccomp:
+            continue
+        # as CRIU reads it (cr-restore.c, check_core): the task part's old fields win, and
+        # an old filter makes the leader install with TSYNC (every thread gets its filter)
+        tc = core.tc if leader else img.task_core_entry()
+        mode = tc.old_seccomp_mode if tc.HasField("old_seccomp_mode") \
+            else core.thread_core.seccomp_mode if core.thread_core.HasField("seccomp_mode") \
+            else img.disabled
+        index = tc.old_seccomp_filter if tc.HasField("old_seccomp_filter") \
+            else core.thread_core.seccomp_filter
+        if leader:
+            leader_chain = None
+        if mode == img.strict:
+            continue  # read, write, exit, sigreturn: less than any filter lets through
+        if mode == img.filter:
+            mine = chain(table, index, where)
+            if confinement.default_profile:
+                check_chain(mine, allowed, where, machine)
+            if leader:
+                tsync = tc.HasField("old_seccomp_filter") or \
+                    any(flags & FLAG_TSYNC for _, flags in mine)
+                leader_chain = mine if tsync else None
+            continue
+        # no filter of its own: a thread gets its leader's when the leader installs it with
+        # TSYNC (CRIU 4.2 writes none for Redis's threads, which run filtered after the
+        # restore); a leader, or a thread of a leader without TSYNC, would run unfiltered
+        if leader or leader_chain is None:
+            raise Refused(f"{where} runs the process without the seccomp filter its container "
+                          "has here (a source cannot lift it)")
     if not checked:
         raise Refused(f"checkpoint {images.name} holds no core image")
+    if not confinement.mounts_itself:
+        check_mounts(images, confinement.masked, confinement.readonly, host_root)
     return checked

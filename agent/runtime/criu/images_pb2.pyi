@@ -55,22 +55,26 @@ class creds_entry(_message.Message):
     def __init__(self, uid: _Optional[int] = ..., gid: _Optional[int] = ..., euid: _Optional[int] = ..., egid: _Optional[int] = ..., suid: _Optional[int] = ..., sgid: _Optional[int] = ..., fsuid: _Optional[int] = ..., fsgid: _Optional[int] = ..., cap_inh: _Optional[_Iterable[int]] = ..., cap_prm: _Optional[_Iterable[int]] = ..., cap_eff: _Optional[_Iterable[int]] = ..., cap_bnd: _Optional[_Iterable[int]] = ..., secbits: _Optional[int] = ..., groups: _Optional[_Iterable[int]] = ..., lsm_profile: _Optional[str] = ..., no_new_privs: _Optional[int] = ..., cap_amb: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class task_core_entry(_message.Message):
-    __slots__ = ("comm", "old_seccomp_mode")
+    __slots__ = ("comm", "old_seccomp_mode", "old_seccomp_filter")
     COMM_FIELD_NUMBER: _ClassVar[int]
     OLD_SECCOMP_MODE_FIELD_NUMBER: _ClassVar[int]
+    OLD_SECCOMP_FILTER_FIELD_NUMBER: _ClassVar[int]
     comm: str
     old_seccomp_mode: seccomp_mode
-    def __init__(self, comm: _Optional[str] = ..., old_seccomp_mode: _Optional[_Union[seccomp_mode, str]] = ...) -> None: ...
+    old_seccomp_filter: int
+    def __init__(self, comm: _Optional[str] = ..., old_seccomp_mode: _Optional[_Union[seccomp_mode, str]] = ..., old_seccomp_filter: _Optional[int] = ...) -> None: ...
 
 class thread_core_entry(_message.Message):
-    __slots__ = ("creds", "seccomp_mode", "comm")
+    __slots__ = ("creds", "seccomp_mode", "seccomp_filter", "comm")
     CREDS_FIELD_NUMBER: _ClassVar[int]
     SECCOMP_MODE_FIELD_NUMBER: _ClassVar[int]
+    SECCOMP_FILTER_FIELD_NUMBER: _ClassVar[int]
     COMM_FIELD_NUMBER: _ClassVar[int]
     creds: creds_entry
     seccomp_mode: seccomp_mode
+    seccomp_filter: int
     comm: str
-    def __init__(self, creds: _Optional[_Union[creds_entry, _Mapping]] = ..., seccomp_mode: _Optional[_Union[seccomp_mode, str]] = ..., comm: _Optional[str] = ...) -> None: ...
+    def __init__(self, creds: _Optional[_Union[creds_entry, _Mapping]] = ..., seccomp_mode: _Optional[_Union[seccomp_mode, str]] = ..., seccomp_filter: _Optional[int] = ..., comm: _Optional[str] = ...) -> None: ...
 
 class pstree_entry(_message.Message):
     __slots__ = ("pid", "ppid", "threads")
@@ -89,3 +93,59 @@ class core_entry(_message.Message):
     tc: task_core_entry
     thread_core: thread_core_entry
     def __init__(self, tc: _Optional[_Union[task_core_entry, _Mapping]] = ..., thread_core: _Optional[_Union[thread_core_entry, _Mapping]] = ...) -> None: ...
+
+class seccomp_filter(_message.Message):
+    __slots__ = ("filter", "prev", "flags")
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    PREV_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    filter: bytes
+    prev: int
+    flags: int
+    def __init__(self, filter: _Optional[bytes] = ..., prev: _Optional[int] = ..., flags: _Optional[int] = ...) -> None: ...
+
+class seccomp_entry(_message.Message):
+    __slots__ = ("seccomp_filters",)
+    SECCOMP_FILTERS_FIELD_NUMBER: _ClassVar[int]
+    seccomp_filters: _containers.RepeatedCompositeFieldContainer[seccomp_filter]
+    def __init__(self, seccomp_filters: _Optional[_Iterable[_Union[seccomp_filter, _Mapping]]] = ...) -> None: ...
+
+class mnt_entry(_message.Message):
+    __slots__ = ("fstype", "mnt_id", "root_dev", "parent_mnt_id", "flags", "root", "mountpoint", "source", "options", "shared_id", "master_id", "with_plugin", "ext_mount", "fsname", "internal_sharing", "deleted", "sb_flags", "ext_key")
+    FSTYPE_FIELD_NUMBER: _ClassVar[int]
+    MNT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROOT_DEV_FIELD_NUMBER: _ClassVar[int]
+    PARENT_MNT_ID_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    MOUNTPOINT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_ID_FIELD_NUMBER: _ClassVar[int]
+    MASTER_ID_FIELD_NUMBER: _ClassVar[int]
+    WITH_PLUGIN_FIELD_NUMBER: _ClassVar[int]
+    EXT_MOUNT_FIELD_NUMBER: _ClassVar[int]
+    FSNAME_FIELD_NUMBER: _ClassVar[int]
+    INTERNAL_SHARING_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    SB_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    EXT_KEY_FIELD_NUMBER: _ClassVar[int]
+    fstype: int
+    mnt_id: int
+    root_dev: int
+    parent_mnt_id: int
+    flags: int
+    root: str
+    mountpoint: str
+    source: str
+    options: str
+    shared_id: int
+    master_id: int
+    with_plugin: bool
+    ext_mount: bool
+    fsname: str
+    internal_sharing: bool
+    deleted: bool
+    sb_flags: int
+    ext_key: str
+    def __init__(self, fstype: _Optional[int] = ..., mnt_id: _Optional[int] = ..., root_dev: _Optional[int] = ..., parent_mnt_id: _Optional[int] = ..., flags: _Optional[int] = ..., root: _Optional[str] = ..., mountpoint: _Optional[str] = ..., source: _Optional[str] = ..., options: _Optional[str] = ..., shared_id: _Optional[int] = ..., master_id: _Optional[int] = ..., with_plugin: _Optional[bool] = ..., ext_mount: _Optional[bool] = ..., fsname: _Optional[str] = ..., internal_sharing: _Optional[bool] = ..., deleted: _Optional[bool] = ..., sb_flags: _Optional[int] = ..., ext_key: _Optional[str] = ...) -> None: ...

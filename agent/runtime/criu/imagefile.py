@@ -1,0 +1,47 @@
+"""CRIU's image files as the destination reads them: magics, then size-prefixed entries, read
+with limits, each failure a refusal (the images come from a source that is not trusted)."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+from google.protobuf.message import Message
+
+from agent.errors import Refused
+
+IMG_COMMON_MAGIC = 0x54564319
+CORE_MAGIC = 0x55053847
+PSTREE_MAGIC = 0x50273030
+SECCOMP_MAGIC = 0x64413049
+MNTS_MAGIC = 0x55563928
+MAX_ENTRY = 1 << 20  # a core entry is a few KB, a seccomp image a few filters of 32 KB
+
+
+def entries(path: Path, magic: int, limit: int) -> Iterator[bytes]:
+    """The entries of a CRIU image (after its two magics: a little-endian size, then that
+    many bytes), at most LIMIT of them."""
+    data = path.read_bytes()
+    if len(data) < 8 or struct.unpack_from("<II", data) != (IMG_COMMON_MAGIC, magic):
+        raise Refused(f"checkpoint image {path.name} is not the CRIU image it is named for")
+    pos, count = 8, 0
+    while pos < len(data):
+        if pos + 4 > len(data):
+            raise Refused(f"checkpoint image {path.name} is truncated")
+        (size,) = struct.unpack_from("<I", data, pos)
+        if size > MAX_ENTRY or pos + 4 + size > len(data):
+            raise Refused(f"checkpoint image {path.name} announces an entry of {size} bytes")
+        count += 1
+        if count > limit:
+            raise Refused(f"checkpoint image {path.name} holds more than {limit} entries")
+        yield data[pos + 4:pos + 4 + size]
+        pos += 4 + size
+
+
+def parse(message: Message, data: bytes, name: str) -> Message:
+    try:
+        message.ParseFromString(data)
+    except Exception as err:  # noqa: BLE001 - any decoding failure is a refusal
+        raise Refused(f"checkpoint image {name} cannot be read: {err}") from None
+    return message
