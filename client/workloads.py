@@ -183,6 +183,32 @@ def ensure_mariadb_image(client: docker.DockerClient, cache: Path) -> None:
     client.api.import_image_from_file(str(rootfs), repository=repo, tag=tag)
 
 
+SERVICES_IMAGE = "migctl-services:1"
+"""Postgres, nginx and memcached from Debian's packages, one image for the service matrix."""
+SERVICES_PACKAGES = ["postgresql", "nginx-light", "memcached"]
+# root, as this machine's root lacks CAP_SYS_RESOURCE (HOST.md): nginx's workers too
+MEMCACHED = "exec memcached -u root -m 64 -p 11211 -U 0 -l 0.0.0.0"
+NGINX = ("sed -i 's/^user .*/user root;/' /etc/nginx/nginx.conf && "
+         "exec nginx -g 'daemon off;'")
+# Postgres refuses to run as root: its own user, as people run it
+POSTGRES = ("mkdir -p /run/postgresql && chown postgres /run/postgresql && "
+            "chown postgres /var/lib/postgresql/data && "
+            "{ [ -f /var/lib/postgresql/data/PG_VERSION ] || setpriv --reuid=postgres "
+            "--regid=postgres --init-groups /usr/lib/postgresql/15/bin/initdb "
+            "-D /var/lib/postgresql/data --auth=trust >/dev/null; } && "
+            "exec setpriv --reuid=postgres --regid=postgres --init-groups "
+            "/usr/lib/postgresql/15/bin/postgres -D /var/lib/postgresql/data "
+            "-c listen_addresses='*'")
+
+
+def ensure_services_image(client: docker.DockerClient, cache: Path) -> None:
+    if _has_image(client, SERVICES_IMAGE):
+        return
+    rootfs = debian_rootfs(cache, "services", SERVICES_PACKAGES)
+    repo, tag = SERVICES_IMAGE.split(":")
+    client.api.import_image_from_file(str(rootfs), repository=repo, tag=tag)
+
+
 def remove_everywhere(clients: dict[str, docker.DockerClient], containers: list[str],
                       volumes: list[str]) -> None:
     for client in clients.values():
