@@ -183,9 +183,10 @@ def ensure_mariadb_image(client: docker.DockerClient, cache: Path) -> None:
     client.api.import_image_from_file(str(rootfs), repository=repo, tag=tag)
 
 
-SERVICES_IMAGE = "migctl-services:1"
-"""Postgres, nginx and memcached from Debian's packages, one image for the service matrix."""
-SERVICES_PACKAGES = ["postgresql", "nginx-light", "memcached"]
+SERVICES_IMAGE = "migctl-services:2"
+"""Postgres, nginx, memcached, mosquitto and an application on SQLite (python3) from Debian's
+packages, one image for the service matrix (its tag changes with its packages)."""
+SERVICES_PACKAGES = ["postgresql", "nginx-light", "memcached", "mosquitto", "python3"]
 # root, as this machine's root lacks CAP_SYS_RESOURCE (HOST.md): nginx's workers too
 MEMCACHED = "exec memcached -u root -m 64 -p 11211 -U 0 -l 0.0.0.0"
 NGINX = ("sed -i 's/^user .*/user root;/' /etc/nginx/nginx.conf && "
@@ -201,10 +202,39 @@ POSTGRES = ("mkdir -p /run/postgresql && chown postgres /run/postgresql && "
             "-c listen_addresses='*'")
 
 
+# a broker keeping sessions and queued QoS 1 messages, in memory and on its volume
+MOSQUITTO = ("printf 'user root\\nlistener 1883 0.0.0.0\\nallow_anonymous true\\n"
+             "persistence true\\npersistence_location /var/lib/mosquitto/\\n' "
+             "> /etc/mosquitto/migctl.conf && exec mosquitto -c /etc/mosquitto/migctl.conf")
+# an application on SQLite: POST /N inserts N (WAL, synchronous=FULL) and answers once it is
+# committed; GET / lists every number
+SQLITE_APP = """
+import http.server, sqlite3
+db = sqlite3.connect("/data/app.db", isolation_level=None, check_same_thread=False)
+db.execute("PRAGMA journal_mode=WAL")
+db.execute("PRAGMA synchronous=FULL")
+db.execute("CREATE TABLE IF NOT EXISTS seq (n INTEGER PRIMARY KEY)")
+class App(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        db.execute("INSERT OR IGNORE INTO seq VALUES (?)", (int(self.path[1:]),))
+        self.answer(b"ok")
+    def do_GET(self):
+        self.answer(" ".join(str(r[0]) for r in db.execute("SELECT n FROM seq")).encode())
+    def answer(self, body):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("0.0.0.0", 8000), App).serve_forever()
+"""
+
+
 def ensure_services_image(client: docker.DockerClient, cache: Path) -> None:
     if _has_image(client, SERVICES_IMAGE):
         return
-    rootfs = debian_rootfs(cache, "services", SERVICES_PACKAGES)
+    rootfs = debian_rootfs(cache, "services-" + SERVICES_IMAGE.split(":")[1], SERVICES_PACKAGES)
     repo, tag = SERVICES_IMAGE.split(":")
     client.api.import_image_from_file(str(rootfs), repository=repo, tag=tag)
 

@@ -5,8 +5,8 @@ none twice, and its longest gap between two acknowledgements.
 
 Built from Debian's packages (no registry is reachable). Postgres runs as its own user, as
 it must: where root lacks CAP_SYS_RESOURCE (these machines) CRIU cannot dump it, and the
-pre-flight refuses it with the reason before anything moves. memcached and nginx (its
-workers too) run as root here for the same reason.
+pre-flight refuses it with the reason before anything moves. memcached, nginx (its workers
+too) and mosquitto run as root here for the same reason.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import paho.mqtt.client as mqtt
 import pymysql
 import pytest
 
@@ -27,9 +28,11 @@ from client.workloads import (
     MARIADB,
     MARIADB_IMAGE,
     MEMCACHED,
+    MOSQUITTO,
     NGINX,
     POSTGRES,
     SERVICES_IMAGE,
+    SQLITE_APP,
     ensure_mariadb_image,
     ensure_services_image,
     remove_everywhere,
@@ -232,7 +235,8 @@ class Reader(Acked):
 
 @pytest.fixture
 def services(lab: LabHandle) -> Iterator[list[str]]:
-    names, volumes = ["memcached", "nginx", "postgres"], ["nginx-site", "pg-data"]
+    names = ["memcached", "nginx", "postgres", "mosquitto", "sqliteapp"]
+    volumes = ["nginx-site", "pg-data", "mosquitto-data", "sqlite-data"]
     remove_everywhere(lab.docker, names, volumes)
     for node in ("nodeA", "nodeB"):  # the same image at both ends: no layer to move
         ensure_services_image(lab.docker[node], CACHE)
@@ -335,3 +339,147 @@ def test_postgres_is_refused_up_front_with_the_reason_or_moves(
     assert a.containers.get("postgres").status == "running"
     assert "postgres" not in [c.name for c in b.containers.list(all=True)]
     assert "pg-data" not in [v.name for v in b.volumes.list()]
+
+
+MQTT_PORT = 11883
+
+
+def mqtt_client(host: str, client_id: str, **callbacks) -> mqtt.Client:  # noqa: ANN003
+    """A connected client whose session the broker keeps (clean_session off), its network
+    loop running: raises OSError when HOST does not take it."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         clean_session=False)
+    for name, fn in callbacks.items():
+        setattr(client, name, fn)
+    connected = threading.Event()
+    client.on_connect = lambda c, u, flags, reason, props: connected.set()
+    client.connect(host, MQTT_PORT, keepalive=5)
+    client.loop_start()
+    if not connected.wait(2):
+        client.loop_stop()
+        raise OSError(f"mosquitto on {host} did not take {client_id}")
+    return client
+
+
+class Publisher(Acked):
+    """QoS 1 PUBLISHes of each number on `seq`; the broker's PUBACK acknowledges it."""
+
+    def open(self, host: str) -> mqtt.Client:
+        return mqtt_client(host, "migctl-pub")
+
+    def write(self, client: mqtt.Client, n: int) -> None:
+        info = client.publish("seq", str(n), qos=1)
+        try:
+            info.wait_for_publish(timeout=2)
+            why = "" if info.is_published() else f"no PUBACK for {n}"
+        except (RuntimeError, ValueError) as err:
+            why = str(err)
+        if why:  # this client is done: the next one, under the same id, takes its session
+            client.loop_stop()
+            client.disconnect()
+            raise OSError(why)
+
+
+class Subscriber:
+    """A subscriber of `seq` at QoS 1 with a persistent session: after a disconnection it
+    comes back under the same id, to whichever broker answers, and gets what was queued."""
+
+    def __init__(self, hosts: list[str]) -> None:
+        self.hosts, self.got, self.reconnects = hosts, [], 0
+        self.lost = threading.Event()
+        self.client = self.connect(subscribe=True)
+
+    def connect(self, subscribe: bool = False) -> mqtt.Client:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for host in self.hosts:
+                try:
+                    client = mqtt_client(host, "migctl-sub", on_message=self.message,
+                                         on_disconnect=lambda *a: self.lost.set())
+                except OSError:
+                    continue
+                if subscribe:
+                    client.subscribe("seq", qos=1)
+                return client
+            time.sleep(0.1)
+        raise AssertionError("no broker took the subscriber back")
+
+    def message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        self.got.append(int(msg.payload))
+
+    def keep(self, until: threading.Event) -> None:
+        while not until.is_set():
+            if self.lost.wait(0.1):
+                self.lost.clear()
+                self.client.loop_stop()
+                self.reconnects += 1
+                self.client = self.connect()
+
+
+def test_mosquitto_moves_with_its_sessions_and_every_acknowledged_message(
+        lab: LabHandle, services: list[str]) -> None:
+    """QoS 1 is at least once: a number published again after a lost PUBACK may arrive
+    twice; any other duplicate, and any acknowledged number missing, fails."""
+    lab.docker["nodeA"].containers.run(
+        SERVICES_IMAGE, ["sh", "-c", MOSQUITTO], name="mosquitto", detach=True,
+        volumes={"mosquitto-data": {"bind": "/var/lib/mosquitto", "mode": "rw"}},
+        ports={"1883/tcp": MQTT_PORT})
+    wait_for(services[0], MQTT_PORT)
+    sub = Subscriber(services)
+    done = threading.Event()
+    keeper = threading.Thread(target=sub.keep, args=(done,), daemon=True)
+    keeper.start()
+    pub = Publisher(services)
+    through_a_migration(pub, "mosquitto")
+    deadline = time.monotonic() + 20
+    while not set(pub.acked) <= set(sub.got) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    done.set()
+    keeper.join(timeout=10)
+    lost = sorted(set(pub.acked) - set(sub.got))
+    twice = sorted({n for n in sub.got if sub.got.count(n) > 1})
+    print(f"[services] mosquitto: the subscriber got {len(sub.got)} messages, came back "
+          f"{sub.reconnects} times, {len(twice)} delivered twice")
+    assert sub.reconnects >= 1, "the subscriber never lost the source: did it move?"
+    assert lost == [], f"acknowledged messages the subscriber never got: {lost[:10]}"
+    assert len(twice) <= pub.errors, f"duplicates beyond the publisher's retries: {twice}"
+    assert lab.docker["nodeB"].containers.get("mosquitto").status == "running"
+
+
+class SqliteWriter(Acked):
+    """POST /N to the application, which answers once N is committed to SQLite."""
+
+    def open(self, host: str) -> http.client.HTTPConnection:
+        conn = http.client.HTTPConnection(host, SQLITE_PORT, timeout=2)
+        conn.connect()
+        return conn
+
+    def write(self, conn: http.client.HTTPConnection, n: int) -> None:
+        try:
+            conn.request("POST", f"/{n}")
+            res = conn.getresponse()
+            body = res.read()
+        except http.client.HTTPException as err:
+            raise OSError(str(err)) from err
+        if res.status != 200 or body != b"ok":
+            raise OSError(f"the application answered {res.status} {body[:40]!r}")
+
+
+SQLITE_PORT = 18000
+
+
+def test_an_application_on_sqlite_moves_with_every_committed_row(
+        lab: LabHandle, services: list[str]) -> None:
+    lab.docker["nodeA"].containers.run(
+        SERVICES_IMAGE, ["python3", "-c", SQLITE_APP], name="sqliteapp", detach=True,
+        volumes={"sqlite-data": {"bind": "/data", "mode": "rw"}}, ports={"8000/tcp": SQLITE_PORT})
+    wait_for(services[0], SQLITE_PORT)
+    writer = SqliteWriter(services)
+    through_a_migration(writer, "sqliteapp")
+    conn = writer.open(services[1])
+    conn.request("GET", "/")
+    stored = [int(x) for x in conn.getresponse().read().split()]
+    lost = sorted(set(writer.acked) - set(stored))
+    assert lost == [], f"acknowledged rows lost: {lost[:10]}"
+    assert stored == list(range(1, len(stored) + 1)), "a row is missing or out of order"
+    assert lab.docker["nodeB"].containers.get("sqliteapp").status == "running"
