@@ -16,7 +16,7 @@ from agent.runtime.criu.imagefile import (
 )
 from agent.runtime.criu.images import CAPABILITIES
 from agent.runtime.criu.mounts import ENGINE_MASKED, ENGINE_READONLY
-from agent.runtime.criu.seccomp import GUARDED, X32_SYSCALL_BIT
+from agent.runtime.criu.seccomp import ABIS, CLONE, CLONE_NAMESPACES, GUARDED
 
 ALLOW, ERRNO, KILL = 0x7FFF0000, 0x00050001, 0x80000000
 LD_ABS, LD_IMM, JEQ, JSET, RET_K, RET_A = 0x20, 0x00, 0x15, 0x45, 0x06, 0x16
@@ -42,15 +42,23 @@ def insn(code: int, k: int = 0, jt: int = 0, jf: int = 0) -> bytes:
     return struct.pack("<HBBI", code, jt, jf, k)
 
 
-def deny(numbers: set[int] | None = None) -> bytes:
-    """A filter that answers EPERM for NUMBERS (every GUARDED one, on every ABI, by default)
-    and lets the rest through: as strict as the engine's profile where it is checked."""
-    if numbers is None:
-        numbers = {n for _, *nrs in GUARDED.values() for n in nrs if n is not None}
-        numbers |= {x64 | X32_SYSCALL_BIT for _, x64, _, _ in GUARDED.values() if x64}
-    out = insn(LD_ABS, 0)
-    for n in sorted(numbers):
-        out += insn(JEQ, n, 0, 1) + insn(RET_K, ERRNO)
+def deny(exclude: frozenset[str] | set[str] = frozenset()) -> bytes:
+    """A filter that answers EPERM for every GUARDED syscall but EXCLUDE, on each ABI (by its
+    arch and number), and for clone with a namespace flag, and lets the rest through: as
+    strict as the engine's profile where it is checked."""
+    out = b""
+    for abis in ABIS.values():
+        for abi, arch, column, bits in abis:
+            for name, (_, *numbers) in GUARDED.items():
+                nr = numbers[column - 1]
+                if nr is None or name in exclude:
+                    continue
+                out += (insn(LD_ABS, 4) + insn(JEQ, arch, 0, 3) + insn(LD_ABS, 0) +
+                        insn(JEQ, nr | bits, 0, 1) + insn(RET_K, ERRNO))
+            if "clone" not in exclude:
+                out += (insn(LD_ABS, 4) + insn(JEQ, arch, 0, 5) + insn(LD_ABS, 0) +
+                        insn(JEQ, CLONE[abi] | bits, 0, 3) + insn(LD_ABS, 16) +
+                        insn(JSET, CLONE_NAMESPACES, 0, 1) + insn(RET_K, ERRNO))
     return out + insn(RET_K, ALLOW)
 
 
@@ -108,18 +116,19 @@ ROOT_DEV, PROC_DEV, DEV_DEV, SYS_DEV, DISK_DEV = 0x2A, 0x30, 0x31, 0x32, 0x801
 
 def container_mounts(masked: tuple[str, ...] = MASKED, readonly: tuple[str, ...] = READONLY,
                      volume: str = "/data") -> list[img.mnt_entry]:
-    """A container's mount namespace as runc builds it and CRIU dumps it: the root, proc,
-    /dev, sysfs and cgroup read-only, the engine's files and a volume (runc's, external),
-    then the masks (/dev/null bound over a file, a read-only tmpfs over a folder) and the
-    read-only binds of proc."""
+    """A container's mount namespace as runc builds it and CRIU 4.2 dumps it (read from a real
+    checkpoint of the toy): the root, proc, /dev, sysfs and cgroup read-only, the engine's
+    files and a volume (runc's external mounts, named by their mount points), the masks
+    (/dev/null, external, over a file; a read-only tmpfs over a folder) and the read-only
+    binds of proc; every entry with its superblock flags."""
     out: list[img.mnt_entry] = []
 
     def add(point: str, fstype: int, dev: int, parent: int, root: str = "/", flags: int = 0,
             source: str = "none", **extra) -> None:
         out.append(img.mnt_entry(fstype=fstype, mnt_id=len(out) + 100, root_dev=dev,
                                  parent_mnt_id=parent, flags=flags, root=root,
-                                 mountpoint="." + point if point != "/" else "./",
-                                 source=source, options="", **extra))
+                                 mountpoint=point, source=source, options="", sb_flags=0,
+                                 **extra))
 
     add("/", 17, ROOT_DEV, 1, source="overlay")
     add("/proc", 1, PROC_DEV, 100, flags=0xE, source="proc")
@@ -130,15 +139,15 @@ def container_mounts(masked: tuple[str, ...] = MASKED, readonly: tuple[str, ...]
     add("/dev/mqueue", 14, 0x41, 102, source="mqueue")
     add("/dev/shm", 5, 0x42, 102, source="shm")
     for i, point in enumerate(("/etc/resolv.conf", "/etc/hostname", "/etc/hosts", volume)):
-        add(point, 0, DISK_DEV, 100, root=f"/var/lib/docker/x{i}", ext_mount=True,
-            ext_key=point, source="/dev/vda1")
+        add(point, 0, DISK_DEV, 100, root=f"/var/lib/docker/x{i}", ext_key=point,
+            source="/dev/vda1")
     for point in masked:
         if point.startswith("/sys"):
             add(point, 5, 0x50 + len(out), 104, flags=1, source="tmpfs")
         elif point in ("/proc/asound", "/proc/acpi", "/proc/scsi"):
             add(point, 5, 0x50 + len(out), 101, flags=1, source="tmpfs")
         else:
-            add(point, 5, DEV_DEV, 101, root="/null", source="tmpfs")
+            add(point, 5, DEV_DEV, 101, root="/null", source="tmpfs", ext_key="/dev/null")
     for point in readonly:
         add(point, 1, PROC_DEV, 101, root=point.removeprefix("/proc"), flags=0xF, source="proc")
     return out

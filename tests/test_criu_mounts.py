@@ -17,7 +17,7 @@ from tests import criu_kit as kit
 
 
 def mounts_at(point: str, mounts: list[img.mnt_entry]) -> img.mnt_entry:
-    return next(m for m in mounts if m.mountpoint == "." + point)
+    return next(m for m in mounts if m.mountpoint == point)
 
 
 def check(tmp_path: Path, mounts: list[img.mnt_entry], host: Path | None = None) -> int:
@@ -35,7 +35,8 @@ def test_a_containers_own_mounts_pass(tmp_path: Path) -> None:
 def test_a_bind_of_the_root_filesystem_passes(tmp_path: Path) -> None:
     mounts = kit.container_mounts()
     mounts.append(img.mnt_entry(fstype=17, mnt_id=900, root_dev=kit.ROOT_DEV, parent_mnt_id=100,
-                                root="/srv", mountpoint="./mnt", source="overlay"))
+                                root="/", mountpoint="/mnt", source="overlay", options="",
+                                sb_flags=0))
     assert check(tmp_path, mounts) == 28
 
 
@@ -43,8 +44,9 @@ def new_mount(fstype: int, source: str, fsname: str = "", dev: int = 0x99,
               flags: int = 0) -> Callable[[list[img.mnt_entry]], None]:
     def change(mounts: list[img.mnt_entry]) -> None:
         mounts.append(img.mnt_entry(fstype=fstype, mnt_id=900, root_dev=dev, parent_mnt_id=100,
-                                    root="/", mountpoint="./mnt", source=source, flags=flags,
-                                    fsname=fsname or None, options="lowerdir=/etc"))
+                                    root="/", mountpoint="/mnt", source=source, flags=flags,
+                                    fsname=fsname or None, options="lowerdir=/etc",
+                                    sb_flags=0))
     return change
 
 
@@ -83,14 +85,40 @@ def twice(point: str) -> Callable[[list[img.mnt_entry]], None]:
     # claims tmpfs, but shares sysfs's device: CRIU may bind it from /sys
     (new_mount(5, "sysfs", dev=kit.SYS_DEV), "writable sysfs"),
     (unmask("/proc/kcore"), "leaves /proc/kcore unmasked"),
-    (set_field("/proc/kcore", fstype=1, root_dev=kit.PROC_DEV, root="/kcore"),
-     "leaves /proc/kcore unmasked"),
-    (set_field("/proc/keys", root_dev=kit.PROC_DEV), "leaves /proc/keys unmasked"),
+    (set_field("/proc/kcore", fstype=1, root_dev=kit.PROC_DEV, root="/kcore", ext_key=""),
+     "'/proc/kcore' is a proc"),
+    # claims tmpfs, but shares proc's device: CRIU may bind it from /proc
+    (set_field("/proc/keys", root_dev=kit.PROC_DEV, ext_key=""), "leaves /proc/keys unmasked"),
+    # a mask must be runc's /dev/null: another external name is CRIU's or the source's
+    (set_field("/proc/keys", ext_key="CRIU:EXTERNAL_DEV"), "names the external mount"),
+    (set_field("/data", ext_key="/etc/shadow"), "names the external mount"),
     (unmask("/proc/sysrq-trigger"), "leaves /proc/sysrq-trigger writable"),
-    (set_field("/proc/sys", flags=0xE), "leaves /proc/sys writable"),
-    (set_field("/proc/sys", mountpoint="./proc/sys/../sys"), "not a plain absolute path"),
+    (set_field("/proc/sys", flags=0xE), "'/proc/sys' is a proc"),
+    (set_field("/proc/sys", mountpoint="/proc/sys/../sys"), "not a plain absolute path"),
     (set_field("/data", root="/var/lib/docker/x3/../../.."), "not a plain absolute path"),
     (twice("/proc"), "'/proc' is mounted twice"),
+    # the red team's (tests/ names them r01-r08): a second proc has none of the first's masks
+    (new_mount(1, "proc"), "'/mnt' is a proc"),
+    (new_mount(1, "proc", dev=kit.PROC_DEV, flags=1), "'/mnt' is a proc"),
+    (new_mount(2, "sysfs", flags=1), "'/mnt' is a sysfs"),
+    (new_mount(23, "cgroup", flags=1), "is a cgroup filesystem"),
+    # without superblock flags CRIU moves the read-only flag where a bind ignores it
+    (lambda ms: [m.ClearField("sb_flags") for m in ms if m.mountpoint == "/proc/sys"],
+     "'/proc/sys' carries no superblock flags"),
+    # the root's device, type and source, other options: CRIU mounts a new overlay
+    (new_mount(17, "overlay", dev=kit.ROOT_DEV), "overlay mount"),
+    # a bind of a path in the source's root filesystem (or a volume) may be its symlink
+    (lambda ms: ms.append(img.mnt_entry(fstype=17, mnt_id=900, root_dev=kit.ROOT_DEV,
+                                        parent_mnt_id=100, root="/var/run", mountpoint="/mnt",
+                                        source="overlay", options="", sb_flags=0)),
+     "binds '/var/run' of the root filesystem"),
+    (lambda ms: ms.append(img.mnt_entry(fstype=5, mnt_id=900, root_dev=kit.DISK_DEV,
+                                        parent_mnt_id=100, root="/var/lib/docker/x3/esc",
+                                        mountpoint="/mnt", source="tmpfs", sb_flags=0)),
+     "is a bind of '/var/lib/docker/x3/esc'"),
+    # two spellings of one path
+    (set_field("/proc/sysrq-trigger", mountpoint="//proc/sysrq-trigger"), "not a plain"),
+    (set_field("/proc/sys", mountpoint="/proc/sys/"), "not a plain"),
     (set_field("/proc", parent_mnt_id=5), "has 2 root mounts"),
 ])
 def test_a_mount_the_container_was_not_given_is_refused(tmp_path: Path, change, why) -> None:
@@ -112,7 +140,7 @@ def test_a_path_this_node_lacks_needs_no_mask(tmp_path: Path) -> None:
 
 
 def test_a_checkpoint_without_mounts_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(Refused, match="no mount image"):
+    with pytest.raises(Refused, match="holds 0 mount namespaces"):
         check_mounts(tmp_path, kit.MASKED, kit.READONLY, tmp_path)
 
 
@@ -130,3 +158,14 @@ def test_a_container_that_mounts_what_it_likes_is_not_checked(tmp_path: Path) ->
     with pytest.raises(Refused, match="devtmpfs"):
         check_images(tmp_path, Confinement(ENGINE_DEFAULT, False, True, kit.MASKED,
                                            kit.READONLY))
+
+
+def test_a_second_mount_namespace_is_refused(tmp_path: Path) -> None:
+    """CRIU binds --root only for the root task's namespace: another's root would be a new
+    mount of whatever the image says."""
+    check(tmp_path, kit.container_mounts())
+    (tmp_path / "final" / "mountpoints-13.img").write_bytes(
+        kit.mounts_image(*kit.container_mounts()))
+    with pytest.raises(Refused, match="holds 2 mount namespaces"):
+        check_mounts(tmp_path / "final", kit.MASKED, kit.READONLY,
+                     kit.fake_host(tmp_path / "host"))

@@ -21,6 +21,7 @@ from agent.runtime.criu.seccomp import (
     guarded,
     instructions,
 )
+from agent.runtime.criu.seccomp import CLONE as GUARDED_CLONE
 from tests.criu_kit import ALLOW, ERRNO, JEQ, JSET, KILL, LD_ABS, RET_A, RET_K, deny, insn
 
 MOUNT = GUARDED["mount"][1]
@@ -116,11 +117,44 @@ HEADERS = Path("/usr/include/x86_64-linux-gnu/asm")
 @pytest.mark.skipif(not HEADERS.is_dir(), reason="needs the kernel's x86 syscall headers "
                     "(linux-libc-dev) to compare the table with")
 def test_the_syscall_numbers_are_the_kernels() -> None:
-    def table(path: Path) -> dict[str, int]:
-        return {m[1]: int(m[2]) for m in
-                re.finditer(r"#define __NR_(\w+)\s+(\d+)", path.read_text())}
+    def table(path: Path, pattern: str = r"#define __NR_(\w+)\s+(\d+)") -> dict[str, int]:
+        return {m[1]: int(m[2]) for m in re.finditer(pattern, path.read_text())}
 
     x64, i386 = table(HEADERS / "unistd_64.h"), table(HEADERS / "unistd_32.h")
+    x32 = table(HEADERS / "unistd_x32.h", r"#define __NR_(\w+)\s+\(__X32_SYSCALL_BIT \+ (\d+)\)")
     generic = table(Path("/usr/include/asm-generic/unistd.h"))
-    for name, (_, n64, n32, n_arm) in GUARDED.items():
-        assert (n64, n32, n_arm) == (x64.get(name), i386.get(name), generic.get(name)), name
+    for name, (_, n64, nx32, n32, n_arm) in GUARDED.items():
+        assert (n64, nx32, n32, n_arm) == (x64.get(name), x32.get(name), i386.get(name),
+                                           generic.get(name)), name
+    assert {abi: x64["clone"] if abi in ("x86_64", "x32") else i386["clone"]
+            if abi == "i386" else generic["clone"] for abi in GUARDED_CLONE} == GUARDED_CLONE
+
+def test_shifts_by_a_register_take_its_low_five_bits_as_the_kernel_does() -> None:
+    """The red team's r10: 1 << 32 is 1 to the kernel (eBPF's ALU32, the CPU's shift), not 0:
+    a filter that compares it with 0 lets everything through."""
+    program = (insn(0x01, 32) + insn(0x00, 1) + insn(0x6C) + insn(JEQ, 0, 0, 1) +
+               insn(RET_K, ERRNO) + insn(RET_K, ALLOW))
+    with pytest.raises(Refused, match="let kexec_load through"):
+        check(program)
+    with pytest.raises(Refused, match="shifts by 32"):
+        check(insn(0x00, 1) + insn(0x64, 32) + insn(RET_K, ALLOW))
+
+
+def test_x32_has_its_own_numbers() -> None:
+    """The red team's r11: on x32, kexec_load is 528 (with the x32 bit), not 246."""
+    assert [g[3] for g in guarded(ENGINE_DEFAULT, "x86_64")
+            if g[:2] == ("kexec_load", "x32")] == [528 | X32_SYSCALL_BIT]
+    with pytest.raises(Refused, match=r"let kexec_load through \(x32 ABI\)"):
+        check(insn(LD_ABS, 0) + insn(JEQ, 528 | X32_SYSCALL_BIT, 0, 1) + insn(RET_K, ALLOW) +
+              deny())
+
+
+def test_clone_with_a_namespace_flag_is_guarded() -> None:
+    """The profile allows clone without namespace flags, and refuses them without
+    CAP_SYS_ADMIN: a filter allowing clone whatever its flags is refused."""
+    clone = GUARDED_CLONE["x86_64"]
+    allows_clone = insn(LD_ABS, 0) + insn(JEQ, clone, 0, 1) + insn(RET_K, ALLOW)
+    with pytest.raises(Refused, match="clone with flag 0x20000 "):
+        check(allows_clone + deny({"clone"}))
+    check(allows_clone + deny({"clone"}), ENGINE_DEFAULT | {"SYS_ADMIN"})
+    check(deny())  # allows clone without namespace flags, as the engine's does

@@ -128,6 +128,7 @@ class Confinement:
     masked: tuple[str, ...] = ()  # paths the engine masks in it
     readonly: tuple[str, ...] = ()  # paths the engine makes read-only in it
     lsm: str = ""  # its AppArmor profile or SELinux label ("": none)
+    no_new_privs: bool = False  # created with no-new-privileges
 
     @classmethod
     def of(cls, container: dict, engine_has_seccomp: bool) -> Confinement:
@@ -143,7 +144,8 @@ class Confinement:
                    tuple(map(str, ENGINE_MASKED if masked is None and own else masked or ())),
                    tuple(map(str, ENGINE_READONLY if readonly is None and own else
                              readonly or ())),
-                   str(container.get("AppArmorProfile") or container.get("ProcessLabel") or ""))
+                   str(container.get("AppArmorProfile") or container.get("ProcessLabel") or ""),
+                   any(o in ("no-new-privileges", "no-new-privileges=true") for o in opts))
 
     @property
     def mounts_itself(self) -> bool:
@@ -179,6 +181,28 @@ def chain(table: list[img.seccomp_filter], index: int, where: str) -> list[tuple
         index = f.prev
 
 
+CGROUP_MAGIC = 0x59383330
+REFUSED_IMAGES = {"apparmor.img": "AppArmor policy namespaces, which CRIU would load into "
+                                  "this host's AppArmor"}
+
+
+def check_others(images: Path) -> None:
+    """The images CRIU reads besides these, where they could reach the host: AppArmor
+    policies (refused: a container has no namespace of its own), and cgroups (every task in
+    the one set CRIU moves into the container's cgroup; another set's path is not rewritten,
+    and "/" would be the host's root cgroup, without the container's device rules)."""
+    for name, why in REFUSED_IMAGES.items():
+        if (images / name).exists():
+            raise Refused(f"checkpoint {images.name} holds {name}: {why}")
+    path = images / "cgroup.img"
+    if path.is_file():
+        found = list(entries(path, CGROUP_MAGIC, 1))
+        sets = parse(img.cgroup_entry(), found[0], path.name).sets if found else []
+        if len(sets) > 1:
+            raise Refused(f"checkpoint image {path.name} puts the container's processes in "
+                          f"{len(sets)} cgroup sets: CRIU moves one into the container's cgroup")
+
+
 def check_images(images: Path, confinement: Confinement, machine: str | None = None,
                  host_root: Path = Path("/")) -> int:
     """Refuses a checkpoint whose threads would hold a capability outside the container's, or
@@ -201,12 +225,16 @@ def check_images(images: Path, confinement: Confinement, machine: str | None = N
         if extra:
             raise Refused(f"{where} gives the process {', '.join(sorted(extra))}, which its "
                           "container does not have here (a source cannot grant capabilities)")
-        # CRIU writes the profile back (AppArmor's "changeprofile"): only the container's own
+        # CRIU writes the profile back (AppArmor's "changeprofile"): only the container's own;
+        # without one in the image it sets none, and the process keeps CRIU's (unconfined)
         profile = creds.lsm_profile.removesuffix(" (enforce)").removesuffix(" (complain)")
-        if creds.lsm_profile and profile != confinement.lsm:
+        if profile != confinement.lsm:
             raise Refused(f"{where} runs the process under the security profile "
                           f"{creds.lsm_profile!r}, not its container's here "
                           f"({confinement.lsm or 'none'}; a source cannot choose it)")
+        if confinement.no_new_privs and not creds.no_new_privs:
+            raise Refused(f"{where} runs the process without no-new-privileges, which its "
+                          "container has here (a source cannot lift it)")
         checked += 1
         if not confinement.seccomp:
             continue
@@ -239,6 +267,7 @@ def check_images(images: Path, confinement: Confinement, machine: str | None = N
                           "has here (a source cannot lift it)")
     if not checked:
         raise Refused(f"checkpoint {images.name} holds no core image")
+    check_others(images)
     if not confinement.mounts_itself:
         check_mounts(images, confinement.masked, confinement.readonly, host_root)
     return checked

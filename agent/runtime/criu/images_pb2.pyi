@@ -149,3 +149,27 @@ class mnt_entry(_message.Message):
     sb_flags: int
     ext_key: str
     def __init__(self, fstype: _Optional[int] = ..., mnt_id: _Optional[int] = ..., root_dev: _Optional[int] = ..., parent_mnt_id: _Optional[int] = ..., flags: _Optional[int] = ..., root: _Optional[str] = ..., mountpoint: _Optional[str] = ..., source: _Optional[str] = ..., options: _Optional[str] = ..., shared_id: _Optional[int] = ..., master_id: _Optional[int] = ..., with_plugin: _Optional[bool] = ..., ext_mount: _Optional[bool] = ..., fsname: _Optional[str] = ..., internal_sharing: _Optional[bool] = ..., deleted: _Optional[bool] = ..., sb_flags: _Optional[int] = ..., ext_key: _Optional[str] = ...) -> None: ...
+
+class cg_member_entry(_message.Message):
+    __slots__ = ("name", "path", "cgns_prefix")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    CGNS_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    cgns_prefix: int
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., cgns_prefix: _Optional[int] = ...) -> None: ...
+
+class cg_set_entry(_message.Message):
+    __slots__ = ("id", "ctls")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CTLS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    ctls: _containers.RepeatedCompositeFieldContainer[cg_member_entry]
+    def __init__(self, id: _Optional[int] = ..., ctls: _Optional[_Iterable[_Union[cg_member_entry, _Mapping]]] = ...) -> None: ...
+
+class cgroup_entry(_message.Message):
+    __slots__ = ("sets",)
+    SETS_FIELD_NUMBER: _ClassVar[int]
+    sets: _containers.RepeatedCompositeFieldContainer[cg_set_entry]
+    def __init__(self, sets: _Optional[_Iterable[_Union[cg_set_entry, _Mapping]]] = ...) -> None: ...

@@ -23,8 +23,9 @@ the operator's leave):
 from __future__ import annotations
 
 import os
+import posixpath
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from agent.errors import Refused
 from agent.runtime.criu import images_pb2 as img
@@ -50,15 +51,17 @@ MAX_MOUNTS = 4096
 
 
 def _plain(path: str) -> bool:
-    p = PurePosixPath(path)
-    return p.is_absolute() and ".." not in p.parts and str(p) == path.rstrip("/") or path == "/"
+    """Absolute, and written the one way the kernel would print it: no `..`, `.`, `//` or
+    trailing slash (two spellings of one path would not collide below)."""
+    return path == "/" or (path.startswith("/") and not path.startswith("//")
+                           and posixpath.normpath(path) == path)
 
 
 def _mountpoint(entry: img.mnt_entry) -> str:
-    """The mount point inside the container: CRIU writes it relative to the namespace's root,
-    with a leading dot ("./proc/kcore")."""
+    """The mount point inside the container: CRIU writes it from the namespace's root
+    ("/proc/kcore"); older images have a leading dot ("./proc/kcore")."""
     point = entry.mountpoint
-    return "/" + point.removeprefix(".").lstrip("/") if point.startswith(".") else point
+    return point[1:] or "/" if point.startswith("./") or point == "." else point
 
 
 def namespaces(images: Path) -> Iterator[tuple[str, list[img.mnt_entry]]]:
@@ -72,14 +75,13 @@ def check_mounts(images: Path, masked: tuple[str, ...] = (), readonly: tuple[str
                  host_root: Path = Path("/")) -> int:
     """Refuses mount images that would mount more than the created container has; returns the
     number of mounts checked. HOST_ROOT: where this node's /proc and /sys are (tests)."""
-    checked = 0
-    found = False
-    for name, mounts in namespaces(images):
-        found = True
-        checked += _check_namespace(name, mounts, masked, readonly, host_root)
-    if not found:
-        raise Refused(f"checkpoint {images.name} holds no mount image (mountpoints-*.img)")
-    return checked
+    found = list(namespaces(images))
+    if len(found) != 1:
+        # a nested mount namespace takes CAP_SYS_ADMIN; CRIU would build its root anew
+        raise Refused(f"checkpoint {images.name} holds {len(found)} mount namespaces "
+                      "(mountpoints-*.img), not the container's one")
+    name, mounts = found[0]
+    return _check_namespace(name, mounts, masked, readonly, host_root)
 
 
 def _check_namespace(name: str, mounts: list[img.mnt_entry], masked: tuple[str, ...],
@@ -89,8 +91,10 @@ def _check_namespace(name: str, mounts: list[img.mnt_entry], masked: tuple[str, 
     if len(roots) != 1:
         raise Refused(f"checkpoint image {name} has {len(roots)} root mounts, not one")
     root = roots[0]
-    # CRIU binds a mount from another of the same device, type and source (from an external
-    # one, of the same device): a mount shows what any mount of its device may be
+    external = {m.mnt_id for m in mounts if m.ext_mount or m.ext_key}
+    ext_devs = {m.root_dev for m in mounts if m.mnt_id in external}
+    # CRIU binds a mount from another of the same device, type, source and options (from an
+    # external one, of the same device): a mount shows what any mount of its device may be
     types: dict[int, set[int]] = {}
     for m in mounts:
         types.setdefault(m.root_dev, set()).add(m.fstype)
@@ -103,9 +107,30 @@ def _check_namespace(name: str, mounts: list[img.mnt_entry], masked: tuple[str, 
         if point in at:
             raise Refused(f"{where} is mounted twice (the second would hide the first)")
         at[point] = m
-        if m is root or m.ext_mount or m.ext_key or (m.root_dev, m.fstype, m.source) == (
-                root.root_dev, root.fstype, root.source):
-            continue  # bound by CRIU from the root filesystem, or runc's own mounts
+        if not m.HasField("sb_flags"):
+            # CRIU then moves the read-only flag to the superblock, which a bind ignores
+            raise Refused(f"{where} carries no superblock flags (CRIU would restore it "
+                          "writable)")
+        if m.mnt_id in external:
+            # runc names its mounts by their mount point, and /dev/null, which masks files
+            if m.ext_key != point and not (m.ext_key == "/dev/null" and point in masked):
+                raise Refused(f"{where} names the external mount {m.ext_key!r}: runc gives "
+                              "CRIU its mounts under their mount points (and /dev/null over "
+                              "masked files)")
+            continue  # bound by CRIU from what runc gives it under that name
+        if m.root_dev in ext_devs and m.root != "/":
+            # CRIU would bind it from an external mount's folder, whose symlinks are the
+            # source's (a volume's content), resolved on this host
+            raise Refused(f"{where} is a bind of {m.root!r} of an external mount's device: the "
+                          "container was given none here")
+        if m is root:
+            continue  # bound from the root filesystem runc gives CRIU
+        if (m.root_dev, m.fstype, m.source, m.options) == (
+                root.root_dev, root.fstype, root.source, root.options):
+            if m.root != "/":  # a path in the source's root filesystem may be its symlink
+                raise Refused(f"{where} binds {m.root!r} of the root filesystem: only its "
+                              "root may be bound")
+            continue
         for fstype in sorted(types[m.root_dev]):
             if fstype not in SAFE_TYPES:
                 kind = FSTYPE_NAMES.get(fstype, f"type {fstype}")
@@ -116,6 +141,7 @@ def _check_namespace(name: str, mounts: list[img.mnt_entry], masked: tuple[str, 
         if shown and not m.flags & MS_RDONLY:
             raise Refused(f"{where} is a writable {SAFE_TYPES[min(shown)]}: the engine gives it "
                           "read-only (a source cannot lift that)")
+        _placed(m, point, where, readonly)
     for path in masked:
         if os.path.lexists(host_root / path.lstrip("/")):
             m = at.get(path)
@@ -130,3 +156,17 @@ def _check_namespace(name: str, mounts: list[img.mnt_entry], masked: tuple[str, 
                               "makes it read-only in the container here (a source cannot lift "
                               "that)")
     return len(mounts)
+
+
+def _placed(m: img.mnt_entry, point: str, where: str, readonly: tuple[str, ...]) -> None:
+    """proc, sysfs and cgroup only where the engine puts them: a second /proc elsewhere would
+    have none of the first's masks."""
+    if m.fstype == PROC and not (point == "/proc" and m.root == "/" or point in readonly and
+                                 m.flags & MS_RDONLY and m.root == point.removeprefix("/proc")):
+        raise Refused(f"{where} is a proc: the container has one at /proc, and read-only "
+                      "parts of it where the engine puts them")
+    if m.fstype == SYSFS and point != "/sys":
+        raise Refused(f"{where} is a sysfs: the container has one, at /sys")
+    if m.fstype in (CGROUP, CGROUP2) and not (point + "/").startswith("/sys/fs/cgroup/"):
+        raise Refused(f"{where} is a cgroup filesystem: the container has them under "
+                      "/sys/fs/cgroup")

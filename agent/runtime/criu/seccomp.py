@@ -9,8 +9,10 @@ for every GUARDED syscall its container may not make, on every ABI of this machi
 syscall's arguments unknown (both sides of each test on them are followed): if every filter
 can answer one that lets the call through, the checkpoint is refused.
 
+clone is checked with each namespace flag set (the profile refuses them without CAP_SYS_ADMIN).
 What this does not prove: that the filter equals the engine's (another engine version filters
-other syscalls, so the bytes differ), nor anything about syscalls outside GUARDED.
+other syscalls, so the bytes differ), nor anything about syscalls outside GUARDED (io_uring's:
+Docker 20.10's profile allows them, today's refuses them).
 """
 
 from __future__ import annotations
@@ -22,75 +24,81 @@ from collections.abc import Iterable
 
 from agent.errors import Refused
 
-# syscall: (capabilities any of which lets the engine's profile allow it,
-#           number on x86_64 (and x32), on i386, on aarch64 (asm-generic)); None: not there
-GUARDED: dict[str, tuple[tuple[str, ...], int | None, int | None, int | None]] = {
-    "kexec_load": ((), 246, 283, 104),
-    "kexec_file_load": ((), 320, None, 294),
-    "create_module": ((), 174, 127, None),
-    "get_kernel_syms": ((), 177, 130, None),
-    "query_module": ((), 178, 167, None),
-    "nfsservctl": ((), 180, 169, 42),
-    "uselib": ((), 134, 86, None),
-    "ustat": ((), 136, 62, None),
-    "sysfs": ((), 139, 135, None),
-    "_sysctl": ((), 156, 149, None),
-    "vm86": ((), None, 166, None),
-    "vm86old": ((), None, 113, None),
-    "keyctl": ((), 250, 288, 219),
-    "add_key": ((), 248, 286, 217),
-    "request_key": ((), 249, 287, 218),
-    "swapon": ((), 167, 87, 224),
-    "swapoff": ((), 168, 115, 225),
-    "userfaultfd": ((), 323, 374, 282),
-    "pivot_root": ((), 155, 217, 41),
-    "move_pages": ((), 279, 317, 239),
-    "init_module": (("SYS_MODULE",), 175, 128, 105),
-    "finit_module": (("SYS_MODULE",), 313, 350, 273),
-    "delete_module": (("SYS_MODULE",), 176, 129, 106),
-    "acct": (("SYS_PACCT",), 163, 51, 89),
-    "reboot": (("SYS_BOOT",), 169, 88, 142),
-    "settimeofday": (("SYS_TIME",), 164, 79, 170),
-    "clock_settime": (("SYS_TIME",), 227, 264, 112),
-    "stime": (("SYS_TIME",), None, 25, None),
-    "mount": (("SYS_ADMIN",), 165, 21, 40),
-    "umount2": (("SYS_ADMIN",), 166, 52, 39),
-    "umount": (("SYS_ADMIN",), None, 22, None),
-    "unshare": (("SYS_ADMIN",), 272, 310, 97),
-    "setns": (("SYS_ADMIN",), 308, 346, 268),
-    "quotactl": (("SYS_ADMIN",), 179, 131, 60),
-    "lookup_dcookie": (("SYS_ADMIN",), 212, 253, 18),
-    "fsopen": (("SYS_ADMIN",), 430, 430, 430),
-    "fsmount": (("SYS_ADMIN",), 432, 432, 432),
-    "fsconfig": (("SYS_ADMIN",), 431, 431, 431),
-    "fspick": (("SYS_ADMIN",), 433, 433, 433),
-    "open_tree": (("SYS_ADMIN",), 428, 428, 428),
-    "move_mount": (("SYS_ADMIN",), 429, 429, 429),
-    "mount_setattr": (("SYS_ADMIN",), 442, 442, 442),
-    "sethostname": (("SYS_ADMIN",), 170, 74, 161),
-    "setdomainname": (("SYS_ADMIN",), 171, 121, 162),
-    "fanotify_init": (("SYS_ADMIN",), 300, 338, 262),
-    "bpf": (("SYS_ADMIN", "BPF"), 321, 357, 280),
-    "perf_event_open": (("SYS_ADMIN", "PERFMON"), 298, 336, 241),
-    "open_by_handle_at": (("DAC_READ_SEARCH",), 304, 342, 265),
-    "iopl": (("SYS_RAWIO",), 172, 110, None),
-    "ioperm": (("SYS_RAWIO",), 173, 101, None),
-    "vhangup": (("SYS_TTY_CONFIG",), 153, 111, 58),
-    "syslog": (("SYS_ADMIN", "SYSLOG"), 103, 103, 116),
-    "mbind": (("SYS_NICE",), 237, 274, 235),
-    "set_mempolicy": (("SYS_NICE",), 238, 276, 237),
-    "get_mempolicy": (("SYS_NICE",), 239, 275, 236),
-    "kcmp": (("SYS_PTRACE",), 312, 349, 272),
-    "pidfd_getfd": (("SYS_PTRACE",), 438, 438, 438),
+# syscall: (capabilities any of which lets the engine's profile allow it, its number on
+#           x86_64, x32 (without the x32 bit), i386, aarch64 (asm-generic)); None: not there
+GUARDED: dict[str, tuple[tuple[str, ...], int | None, int | None, int | None, int | None]] = {
+    "kexec_load": ((), 246, 528, 283, 104),
+    "kexec_file_load": ((), 320, 320, None, 294),
+    "create_module": ((), 174, None, 127, None),
+    "get_kernel_syms": ((), 177, None, 130, None),
+    "query_module": ((), 178, None, 167, None),
+    "nfsservctl": ((), 180, None, 169, 42),
+    "uselib": ((), 134, None, 86, None),
+    "ustat": ((), 136, 136, 62, None),
+    "sysfs": ((), 139, 139, 135, None),
+    "_sysctl": ((), 156, None, 149, None),
+    "vm86": ((), None, None, 166, None),
+    "vm86old": ((), None, None, 113, None),
+    "keyctl": ((), 250, 250, 288, 219),
+    "add_key": ((), 248, 248, 286, 217),
+    "request_key": ((), 249, 249, 287, 218),
+    "swapon": ((), 167, 167, 87, 224),
+    "swapoff": ((), 168, 168, 115, 225),
+    "userfaultfd": ((), 323, 323, 374, 282),
+    "pivot_root": ((), 155, 155, 217, 41),
+    "move_pages": ((), 279, 533, 317, 239),
+    "init_module": (("SYS_MODULE",), 175, 175, 128, 105),
+    "finit_module": (("SYS_MODULE",), 313, 313, 350, 273),
+    "delete_module": (("SYS_MODULE",), 176, 176, 129, 106),
+    "acct": (("SYS_PACCT",), 163, 163, 51, 89),
+    "reboot": (("SYS_BOOT",), 169, 169, 88, 142),
+    "settimeofday": (("SYS_TIME",), 164, 164, 79, 170),
+    "clock_settime": (("SYS_TIME",), 227, 227, 264, 112),
+    "stime": (("SYS_TIME",), None, None, 25, None),
+    "mount": (("SYS_ADMIN",), 165, 165, 21, 40),
+    "umount2": (("SYS_ADMIN",), 166, 166, 52, 39),
+    "umount": (("SYS_ADMIN",), None, None, 22, None),
+    "unshare": (("SYS_ADMIN",), 272, 272, 310, 97),
+    "setns": (("SYS_ADMIN",), 308, 308, 346, 268),
+    "quotactl": (("SYS_ADMIN",), 179, 179, 131, 60),
+    "lookup_dcookie": (("SYS_ADMIN",), 212, 212, 253, 18),
+    "fsopen": (("SYS_ADMIN",), 430, 430, 430, 430),
+    "fsmount": (("SYS_ADMIN",), 432, 432, 432, 432),
+    "fsconfig": (("SYS_ADMIN",), 431, 431, 431, 431),
+    "fspick": (("SYS_ADMIN",), 433, 433, 433, 433),
+    "open_tree": (("SYS_ADMIN",), 428, 428, 428, 428),
+    "move_mount": (("SYS_ADMIN",), 429, 429, 429, 429),
+    "mount_setattr": (("SYS_ADMIN",), 442, 442, 442, 442),
+    "sethostname": (("SYS_ADMIN",), 170, 170, 74, 161),
+    "setdomainname": (("SYS_ADMIN",), 171, 171, 121, 162),
+    "fanotify_init": (("SYS_ADMIN",), 300, 300, 338, 262),
+    "bpf": (("SYS_ADMIN", "BPF"), 321, 321, 357, 280),
+    "perf_event_open": (("SYS_ADMIN", "PERFMON"), 298, 298, 336, 241),
+    "open_by_handle_at": (("DAC_READ_SEARCH",), 304, 304, 342, 265),
+    "iopl": (("SYS_RAWIO",), 172, 172, 110, None),
+    "ioperm": (("SYS_RAWIO",), 173, 173, 101, None),
+    "vhangup": (("SYS_TTY_CONFIG",), 153, 153, 111, 58),
+    "syslog": (("SYS_ADMIN", "SYSLOG"), 103, 103, 103, 116),
+    "mbind": (("SYS_NICE",), 237, 237, 274, 235),
+    "set_mempolicy": (("SYS_NICE",), 238, 238, 276, 237),
+    "get_mempolicy": (("SYS_NICE",), 239, 239, 275, 236),
+    "kcmp": (("SYS_PTRACE",), 312, 312, 349, 272),
+    "pidfd_getfd": (("SYS_PTRACE",), 438, 438, 438, 438),
+    "quotactl_fd": (("SYS_ADMIN",), 443, 443, 443, 443),
+    "clone3": (("SYS_ADMIN",), 435, 435, 435, 435),
 }
 
 AUDIT_ARCH_X86_64, AUDIT_ARCH_I386, AUDIT_ARCH_AARCH64 = 0xC000003E, 0x40000003, 0xC00000B7
 X32_SYSCALL_BIT = 0x40000000
 ABIS = {  # machine: (ABI name, AUDIT_ARCH, column of GUARDED, bits ORed into the number)
-    "x86_64": (("x86_64", AUDIT_ARCH_X86_64, 1, 0), ("x32", AUDIT_ARCH_X86_64, 1, X32_SYSCALL_BIT),
-               ("i386", AUDIT_ARCH_I386, 2, 0)),
-    "aarch64": (("aarch64", AUDIT_ARCH_AARCH64, 3, 0),),
+    "x86_64": (("x86_64", AUDIT_ARCH_X86_64, 1, 0), ("x32", AUDIT_ARCH_X86_64, 2, X32_SYSCALL_BIT),
+               ("i386", AUDIT_ARCH_I386, 3, 0)),
+    "aarch64": (("aarch64", AUDIT_ARCH_AARCH64, 4, 0),),
 }
+CLONE = {"x86_64": 56, "x32": 56, "i386": 120, "aarch64": 220}
+CLONE_NAMESPACES = 0x7E020000  # CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET
+"""clone's flags (its first argument on these ABIs) the engine's profile refuses without
+CAP_SYS_ADMIN: clone is checked with each of these flags set."""
 """The ABIs a process can call the kernel through, per machine (aarch64's 32-bit ARM ABI is
 not listed: its numbers are not in GUARDED; docs/security.md says so)."""
 
@@ -112,9 +120,10 @@ Value = int | None  # None: depends on the syscall's arguments or instruction po
 
 
 def guarded(capabilities: Iterable[str], machine: str | None = None
-            ) -> list[tuple[str, str, int, int]]:
-    """(syscall, ABI, AUDIT_ARCH, number) the engine's profile refuses a container holding
-    CAPABILITIES, on every ABI of MACHINE (this one by default)."""
+            ) -> list[tuple[str, str, int, int, int | None]]:
+    """(syscall, ABI, AUDIT_ARCH, number, its first argument or None: any) the engine's
+    profile refuses a container holding CAPABILITIES, on every ABI of MACHINE (this one by
+    default)."""
     caps = set(capabilities)
     abis = ABIS.get(machine or platform.machine())
     if abis is None:
@@ -127,7 +136,11 @@ def guarded(capabilities: Iterable[str], machine: str | None = None
         for abi, arch, column, bits in abis:
             nr = numbers[column - 1]
             if nr is not None:
-                out.append((name, abi, arch, nr | bits))
+                out.append((name, abi, arch, nr | bits, None))
+    if "SYS_ADMIN" not in caps:
+        for abi, arch, _, bits in abis:
+            for flag in (1 << b for b in range(32) if CLONE_NAMESPACES >> b & 1):
+                out.append((f"clone with flag {flag:#x}", abi, arch, CLONE[abi] | bits, flag))
     return out
 
 
@@ -138,11 +151,12 @@ def instructions(program: bytes, where: str) -> list[tuple[int, int, int, int]]:
     return [struct.unpack_from("<HBBI", program, i) for i in range(0, len(program), 8)]
 
 
-def answers(program: list[tuple[int, int, int, int]], nr: int, arch: int, where: str
-            ) -> set[int | None]:
+def answers(program: list[tuple[int, int, int, int]], nr: int, arch: int, where: str,
+            arg0: int | None = None) -> set[int | None]:
     """Every answer the program can give syscall NR of ARCH, whatever its arguments (None:
-    an answer computed from them). Follows classic BPF as seccomp accepts it
-    (kernel/seccomp.c, seccomp_check_filter); anything else is refused."""
+    an answer computed from them), but ARG0 for the low word of the first when given. Follows
+    classic BPF as seccomp accepts it (kernel/seccomp.c, seccomp_check_filter; the kernel
+    runs it as eBPF's 32-bit arithmetic); anything else is refused."""
     out: set[int | None] = set()
     seen: set[tuple] = set()
     todo: list[tuple[int, Value, Value, tuple[Value, ...]]] = [(0, 0, 0, (0,) * BPF_MEMWORDS)]
@@ -161,7 +175,8 @@ def answers(program: list[tuple[int, int, int, int]], nr: int, arch: int, where:
         if code == 0x20:  # LD W ABS
             if k % 4 or k >= SECCOMP_DATA_LEN:
                 raise Refused(f"{where} loads outside the syscall's data (offset {k})")
-            todo.append((nxt, nr if k == 0 else arch if k == 4 else None, x, mem))
+            known = {0: nr, 4: arch, 16: arg0}
+            todo.append((nxt, known.get(k), x, mem))
         elif code in (0x80, 0x81):  # LD/LDX W LEN
             todo.append((nxt, SECCOMP_DATA_LEN, x, mem) if cls == 0 else
                         (nxt, a, SECCOMP_DATA_LEN, mem))
@@ -220,11 +235,16 @@ def _alu(code: int, a: Value, x: Value, k: int, where: str) -> Value:
         raise Refused(f"{where} holds an arithmetic the kernel refuses (code {code:#x})")
     if op in (0x30, 0x90) and not code & 0x08 and k == 0:
         raise Refused(f"{where} divides by zero")
+    if op in (0x60, 0x70) and not code & 0x08 and k >= 32:
+        raise Refused(f"{where} shifts by {k} (the kernel refuses shifts of 32 or more)")
+    if op == 0x50 and 0 in (a, other):
+        return 0  # whatever the unknown side
     if a is None or other is None or (op in (0x30, 0x90) and other == 0):
-        return None
+        return None  # the kernel's division by a zero X ends the program: not worth a guess
+    # shifts by X take its low 5 bits, as the kernel's 32-bit eBPF and the CPUs do
     value = {0x00: a + other, 0x10: a - other, 0x20: a * other, 0x30: a // other,
-             0x40: a | other, 0x50: a & other, 0x60: a << other if other < 32 else 0,
-             0x70: a >> other if other < 32 else 0, 0x90: a % other, 0xA0: a ^ other}[op]
+             0x40: a | other, 0x50: a & other, 0x60: a << (other & 31),
+             0x70: a >> (other & 31), 0x90: a % other, 0xA0: a ^ other}[op]
     return value & 0xFFFFFFFF
 
 
@@ -273,8 +293,8 @@ def _check(chain: list[tuple[bytes, int]], capabilities: frozenset[str], machine
     if total > MAX_CHAIN_INSNS:
         raise Refused(f"{where} stacks {total} instructions of filters (the kernel takes "
                       f"{MAX_CHAIN_INSNS})")
-    for name, abi, arch, nr in guarded(capabilities, machine):
-        if all(any(passes(r) for r in answers(p, nr, arch, f"{where}, filter {i}"))
+    for name, abi, arch, nr, arg0 in guarded(capabilities, machine):
+        if all(any(passes(r) for r in answers(p, nr, arch, f"{where}, filter {i}", arg0))
                for i, p in enumerate(programs)):
             raise Refused(f"{where}: its seccomp filters let {name} through ({abi} ABI), which "
                           "the engine's profile refuses its container here (a source cannot "
