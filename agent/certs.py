@@ -20,6 +20,10 @@ as an agent. The role is also spelled out in the subject's OU (`migctl-node`,
 that are still good are kept, only new names (or ones unusable with this CA) get issued. The CA
 key is read only when something must be signed, so it may live offline once all certs exist.
 
+Without copying keys: on a new node `request` makes its key and a request (NODE.csr); the
+operator's `sign` returns the certificate for it; the node's key never leaves it
+(`migctl certs request` / `migctl certs sign`).
+
 CLI: `python -m agent.certs DIR NODE... [--client NAME]... [--days N] [--force]`.
 """
 
@@ -101,6 +105,64 @@ def init(directory: Path, nodes: Sequence[str], clients: Sequence[str] = ("clien
             _write(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         if folder != directory and _read_or_none(folder / "ca.crt") != ca_pem:
             _write(folder / "ca.crt", ca_pem, 0o644)
+
+
+def request(directory: Path, node: str) -> Path:
+    """On the node: its key, made here (0600; it never leaves the node), and a request for the
+    operator's CA (NODE.csr, public). A key already there is kept, so a request after expiry
+    renews the certificate of the same key. Returns the request's path."""
+    directory = Path(directory)
+    _check_names([node], [])
+    directory.mkdir(parents=True, exist_ok=True)
+    _private_dir(directory)
+    key_path, csr_path = directory / f"{node}.key", directory / f"{node}.csr"
+    if key_path.exists():
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise FailedPrecondition(f"{key_path} is not an EC key: remove it to make a new one")
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())
+        _write(key_path, _key_pem(key), 0o600)
+    csr = x509.CertificateSigningRequestBuilder().subject_name(
+        _subject(node, NODE_OU)).sign(key, hashes.SHA256())
+    _write(csr_path, csr.public_bytes(serialization.Encoding.PEM), 0o644)
+    return csr_path
+
+
+def sign(directory: Path, csr_pem: bytes, days: int = 825) -> tuple[str, bytes]:
+    """At the operator's CA in DIRECTORY: a node certificate for a request's key and name, as
+    (the node's name, its certificate's PEM). Only the key and the name come from the request,
+    after its signature proves the key's holder made it; the role, extensions and validity are
+    the CA's, whatever the request asks for."""
+    if days < 1:
+        raise InvalidArgument(f"days must be at least 1, not {days}")
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as err:
+        raise InvalidArgument(f"not a PEM certificate request: {err}") from None
+    if not csr.is_signature_valid:
+        raise InvalidArgument("the certificate request's signature does not match its key: "
+                              "it was not made by the holder of that key")
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise InvalidArgument("the certificate request's key is not EC P-256 (what "
+                              "`migctl certs request` makes, and every gRPC build accepts)")
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1 or not isinstance(names[0].value, str):
+        raise InvalidArgument("the certificate request names no single node (CN)")
+    node = names[0].value
+    _check_names([node], [])
+    directory = Path(directory)
+    ca_crt = directory / "ca.crt"
+    try:
+        ca_cert = x509.load_pem_x509_certificate(ca_crt.read_bytes())
+    except (OSError, ValueError) as err:
+        raise FailedPrecondition(f"no CA certificate at {ca_crt} ({err}): run `migctl certs "
+                                 "init` there first") from None
+    ca_key = _load_ca_key(directory / "private" / "ca.key")
+    cert = _make_leaf_for(node, NODE_OU, [node, TARGET_NAME], _NODE_EKU, key, ca_cert, ca_key,
+                          days)
+    return node, cert.public_bytes(serialization.Encoding.PEM)
 
 
 def _private_dir(path: Path) -> None:
@@ -250,11 +312,18 @@ def _subject(name: str, ou: str | None) -> x509.Name:
 def _make_leaf(name: str, ou: str | None, sans: list[str], eku: list[x509.ObjectIdentifier],
                key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
                ca_key: ec.EllipticCurvePrivateKey, days: int) -> x509.Certificate:
+    return _make_leaf_for(name, ou, sans, eku, key.public_key(), ca_cert, ca_key, days)
+
+
+def _make_leaf_for(name: str, ou: str | None, sans: list[str],
+                   eku: list[x509.ObjectIdentifier], public: ec.EllipticCurvePublicKey,
+                   ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
+                   days: int) -> x509.Certificate:
     now = _now()
     return (
         x509.CertificateBuilder()
         .subject_name(_subject(name, ou))
-        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .issuer_name(ca_cert.subject).public_key(public)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _SKEW).not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -265,8 +334,7 @@ def _make_leaf(name: str, ou: str | None, sans: list[str], eku: list[x509.Object
         .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(s) for s in sans]),
                        critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                       critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                        critical=False)
         .sign(ca_key, hashes.SHA256())

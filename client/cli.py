@@ -297,6 +297,39 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs_request(args: argparse.Namespace) -> int:
+    from agent import certs
+
+    directory = args.dir or args.tls_dir or default_tls_dir()
+    try:
+        csr = certs.request(directory, args.node)
+    except MigctlError as err:
+        raise ClientError(str(err)) from None
+    print(f"{args.node}'s key is in {directory}/{args.node}.key (it stays on this node); send "
+          f"the request {csr} to the operator, who runs `migctl certs sign {csr.name}`, and "
+          f"put the {args.node}.crt and ca.crt it returns in {directory}")
+    return 0
+
+
+def cmd_certs_sign(args: argparse.Namespace) -> int:
+    from agent import certs
+
+    directory = args.dir or args.tls_dir or default_tls_dir()
+    try:
+        node, pem = certs.sign(directory, args.request.read_bytes(), days=args.days)
+        out = args.out or args.request.parent
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{node}.crt").write_bytes(pem)
+        (out / "ca.crt").write_bytes((directory / "ca.crt").read_bytes())
+    except OSError as err:
+        raise ClientError(f"cannot sign {args.request}: {err}") from None
+    except MigctlError as err:
+        raise ClientError(f"{args.request}: {err}") from None
+    print(f"signed: {out / (node + '.crt')} (node {node}, {args.days} days) and {out / 'ca.crt'}"
+          f"; send both to {node} (no key travels)")
+    return 0
+
+
 def cmd_completion(args: argparse.Namespace) -> int:
     print(completion.script(build_parser(), args.shell))
     return 0
@@ -385,8 +418,23 @@ def build_parser() -> argparse.ArgumentParser:
     ci.add_argument("--days", type=int, default=825,
                     help="how long the certificates made now are valid (default 825; the CA "
                          "at least 10 years); an agent serves a renewed one after SIGHUP")
-    ci.add_argument("nodes", nargs="+", metavar="NODE")
+    ci.add_argument("nodes", nargs="*", metavar="NODE")
     ci.set_defaults(func=cmd_certs_init)
+    cr = csub.add_parser("request", help="on a new node: its key (kept here) and a request "
+                         "NODE.csr for the operator to sign, in DIR (default as for init)")
+    cr.add_argument("--dir", type=Path, default=None
+                    ).complete = completion.DIRECTORY  # type: ignore[attr-defined]
+    cr.add_argument("node", metavar="NODE")
+    cr.set_defaults(func=cmd_certs_request)
+    cs = csub.add_parser("sign", help="at the operator's CA (DIR, default as for init): a node "
+                         "certificate for a request; writes NODE.crt and ca.crt beside it")
+    cs.add_argument("--dir", type=Path, default=None
+                    ).complete = completion.DIRECTORY  # type: ignore[attr-defined]
+    cs.add_argument("--days", type=int, default=825, help="validity (default 825)")
+    cs.add_argument("--out", type=Path, default=None, help="where to write (default: the "
+                    "request's folder)")
+    cs.add_argument("request", type=Path, metavar="NODE.csr")
+    cs.set_defaults(func=cmd_certs_sign)
 
     from client import lab
     from client.evaluation import cli as bench

@@ -6,6 +6,7 @@ No Docker and no lab: certificates come from `agent.certs.init` in a temporary d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -17,12 +18,12 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent import certs
-from agent.errors import FailedPrecondition, InvalidArgument
+from agent.errors import FailedPrecondition, InvalidArgument, MigctlError
 from agent.security import (
     NODE,
     NODE_OU,
@@ -451,3 +452,93 @@ def test_init_without_ca_key_keeps_good_certs_and_refuses_to_sign(tmp_path: Path
 def test_init_rejects_unsafe_names(tmp_path: Path, name: str) -> None:
     with pytest.raises(InvalidArgument):
         certs.init(tmp_path, [name])
+
+
+def _join(ca: Path, node_dir: Path, node: str, argv_sign: tuple[str, ...] = ()) -> TLSFiles:
+    """A node joins without any key travelling: `certs request` on the node, `certs sign` at
+    the operator's CA, the certificate and ca.crt back into the node's folder."""
+    from client import cli
+
+    def run(*argv: str) -> None:
+        with pytest.raises(SystemExit) as done:
+            cli.main(list(argv))
+        assert done.value.code == 0
+
+    run("certs", "request", "--dir", str(node_dir), node)
+    outbox = ca.parent / f"{node}-outbox"
+    outbox.mkdir()
+    (outbox / f"{node}.csr").write_bytes((node_dir / f"{node}.csr").read_bytes())
+    run("certs", "sign", "--dir", str(ca), *argv_sign, str(outbox / f"{node}.csr"))
+    assert sorted(p.name for p in outbox.iterdir()) == ["ca.crt", f"{node}.crt", f"{node}.csr"]
+    for name in ("ca.crt", f"{node}.crt"):
+        (node_dir / name).write_bytes((outbox / name).read_bytes())
+    return TLSFiles.from_dir(node_dir, node)
+
+
+def test_a_node_joins_by_request_and_its_key_never_leaves(tmp_path: Path) -> None:
+    ca, node_dir = tmp_path / "ca", tmp_path / "nodeC-etc"
+    certs.init(ca, ["nodeA"], ["client"])
+    files = _join(ca, node_dir, "nodeC")
+    assert _mode(node_dir / "nodeC.key") == 0o600 and _mode(node_dir) == 0o700
+    assert not list(ca.rglob("nodeC.key")), "a key reached the operator's folder"
+    crt = x509.load_pem_x509_certificate((node_dir / "nodeC.crt").read_bytes())
+    key = serialization.load_pem_private_key((node_dir / "nodeC.key").read_bytes(), None)
+    assert crt.public_key() == key.public_key()
+    # an agent serving with it is trusted by the operator's client, and knows nodeA as a node
+    with contextlib.ExitStack() as stack:
+        state = stack.enter_context(contextlib.contextmanager(_serve)(files))
+        address = f"127.0.0.1:{state.port}"
+        assert _call(secure_channel(address, _files(ca, "client"), server_name="nodeC")) \
+            == b"ping"
+        assert _whoami(address, _node(ca, "nodeA")) == Caller("nodeA", NODE)
+    # a request made again (renewal) keeps the key
+    before = (node_dir / "nodeC.key").read_bytes()
+    certs.request(node_dir, "nodeC")
+    assert (node_dir / "nodeC.key").read_bytes() == before
+
+
+def test_the_ca_decides_the_role_whatever_the_request_asks(tmp_path: Path) -> None:
+    """A request asking for the operator's OU, extra names and a CA's powers gets a plain node
+    certificate for its CN: the role comes from the CA, never from the request."""
+    ca = tmp_path / "ca"
+    certs.init(ca, ["nodeA"], ["client"])
+    key = ec.generate_private_key(ec.SECP256R1())
+    greedy = (x509.CertificateSigningRequestBuilder()
+              .subject_name(x509.Name([
+                  x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "migctl-operator"),
+                  x509.NameAttribute(NameOID.COMMON_NAME, "nodeX")]))
+              .add_extension(x509.SubjectAlternativeName([x509.DNSName("nodeA")]), False)
+              .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+              .sign(key, hashes.SHA256()))
+    node, pem = certs.sign(ca, greedy.public_bytes(serialization.Encoding.PEM))
+    crt = x509.load_pem_x509_certificate(pem)
+    assert node == "nodeX"
+    assert crt.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
+        .get_values_for_type(x509.DNSName) == ["nodeX", "migctl"]
+    assert not crt.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert crt.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value == \
+        "migctl-node"
+
+
+@pytest.mark.parametrize("bad,why", [
+    (b"not a request", "not a PEM certificate request"),
+    ("tampered", "signature does not match"),
+    ("rsa", "not EC P-256"),
+    ("name", "invalid"),
+])
+def test_a_bad_request_is_refused_by_name(tmp_path: Path, bad, why: str) -> None:
+    ca = tmp_path / "ca"
+    certs.init(ca, ["nodeA"], ["client"])
+    if isinstance(bad, str):
+        key = rsa.generate_private_key(65537, 2048) if bad == "rsa" else \
+            ec.generate_private_key(ec.SECP256R1())
+        cn = "../etc" if bad == "name" else "nodeX"
+        csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(
+            [x509.NameAttribute(NameOID.COMMON_NAME, cn)])).sign(key, hashes.SHA256())
+        der = bytearray(csr.public_bytes(serialization.Encoding.DER))
+        if bad == "tampered":
+            der[-3] ^= 0xFF  # the signature's bytes
+        bad = x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM) \
+            if bad == "tampered" else csr.public_bytes(serialization.Encoding.PEM)
+    with pytest.raises(MigctlError, match=why):
+        certs.sign(ca, bad)
