@@ -26,6 +26,7 @@ ROLES: dict[str, frozenset[str]] = {
     "GetNode": _BOTH,
     "DescribeContainer": _OPERATOR,  # the environment holds secrets
     "ListContainers": _OPERATOR,
+    "TrialCheckpoint": _OPERATOR,  # it pauses the container
     "History": _OPERATOR,
     "Plan": _OPERATOR,  # a dry run: nothing is authorized, so no node may ask for one
     "Authorize": _OPERATOR,

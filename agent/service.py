@@ -336,6 +336,10 @@ class AgentService(rpc.AgentServicer):
         return pb.ListContainersReply(containers=self.runtime.list_containers())
 
     @handler
+    def TrialCheckpoint(self, request: pb.ContainerRef, context: Any) -> pb.TrialReply:
+        return self.source.trial(valid_name("container", request.container))
+
+    @handler
     def History(self, request: pb.HistoryRequest, context: Any) -> pb.HistoryReply:
         if not 0 <= request.limit <= MAX_HISTORY:
             raise InvalidArgument(f"History: limit {request.limit} is not from 0 to "

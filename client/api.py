@@ -276,6 +276,11 @@ class AgentClient:
         return self._call(self.stub.DescribeContainer, pb.ContainerRef(container=container),
                           timeout=60)
 
+    def trial(self, container: str) -> pb.TrialReply:
+        """Ask CRIU at this node whether it can dump CONTAINER now (it pauses for the dump)."""
+        return self._call(self.stub.TrialCheckpoint, pb.ContainerRef(container=container),
+                          timeout=300)
+
     def plan(self, spec: pb.ContainerSpec, source: Node) -> pb.PlanReply:
         """At the destination: the dry run of moving SPEC (DescribeContainer at SOURCE) here."""
         return self._call(self.stub.Plan, pb.PlanRequest(source_node=source.name, spec=spec),
@@ -336,6 +341,13 @@ def locate(inventory: Inventory, container: str) -> str:
     if not where:
         raise ClientError(f"no node of the inventory runs a container {container!r}{silent}")
     raise ClientError(f"{container!r} runs on {' and '.join(where)}: say which with --from")
+
+
+def trial(inventory: Inventory, container: str, source: str) -> pb.TrialReply:
+    """CRIU's answer at SOURCE: can it dump CONTAINER now? (a checkpoint left running, thrown
+    away; the container pauses for it)."""
+    with AgentClient(inventory.node(source), inventory.tls()) as client:
+        return client.trial(container)
 
 
 def plan(inventory: Inventory, container: str, source: str,

@@ -26,6 +26,7 @@ from client.api import (
     locate,
     migrate,
     plan,
+    trial,
 )
 from proto import migctl_pb2 as pb
 
@@ -252,11 +253,21 @@ def render_plan(r: pb.PlanReply, container: str, source: str, dest: str,
 
 def cmd_plan(args: argparse.Namespace) -> int:
     inv = Inventory.load(args.inventory, args.tls_dir)
-    reply = plan(inv, args.container, _source(inv, args), args.dest)
+    source = _source(inv, args)
+    reply = plan(inv, args.container, source, args.dest)
+    asked = trial(inv, args.container, source) if args.check else None
+    if asked is not None and asked.problem:
+        reply.problems.append(f"CRIU cannot dump it now at {source}: {asked.problem}")
     if args.json:
-        print(json.dumps(report_dict(reply)))
+        out = report_dict(reply)
+        if asked is not None:
+            out["trial"] = report_dict(asked)
+        print(json.dumps(out))
     else:
-        render_plan(reply, args.container, args.source, args.dest)
+        render_plan(reply, args.container, source, args.dest)
+        if asked is not None and not asked.problem:
+            print(f"CRIU dumped it at {source} in {asked.seconds:.2f} s (the container paused "
+                  "that long; the dump was thrown away)")
     return 0
 
 
@@ -394,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the node that runs it (default: the one node that does)")
     pl.add_argument("--to", dest="dest", required=True, metavar="NODE")
     pl.add_argument("--json", action="store_true", help="the plan as one JSON object")
+    pl.add_argument("--check", action="store_true",
+                    help="also ask CRIU at the source: a checkpoint left running and thrown "
+                         "away (the container pauses for the dump)")
     pl.add_argument("container")
     pl.set_defaults(func=cmd_plan)
 

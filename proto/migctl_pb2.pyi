@@ -234,6 +234,14 @@ class ListContainersReply(_message.Message):
     containers: _containers.RepeatedCompositeFieldContainer[ContainerSummary]
     def __init__(self, containers: _Optional[_Iterable[_Union[ContainerSummary, _Mapping]]] = ...) -> None: ...
 
+class TrialReply(_message.Message):
+    __slots__ = ("problem", "seconds")
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    problem: str
+    seconds: float
+    def __init__(self, problem: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+
 class HistoryRequest(_message.Message):
     __slots__ = ("limit",)
     LIMIT_FIELD_NUMBER: _ClassVar[int]

@@ -50,6 +50,11 @@ class AgentStub:
                 request_serializer=proto_dot_migctl__pb2.ListContainersRequest.SerializeToString,
                 response_deserializer=proto_dot_migctl__pb2.ListContainersReply.FromString,
                 _registered_method=True)
+        self.TrialCheckpoint = channel.unary_unary(
+                '/migctl.v1.Agent/TrialCheckpoint',
+                request_serializer=proto_dot_migctl__pb2.ContainerRef.SerializeToString,
+                response_deserializer=proto_dot_migctl__pb2.TrialReply.FromString,
+                _registered_method=True)
         self.History = channel.unary_unary(
                 '/migctl.v1.Agent/History',
                 request_serializer=proto_dot_migctl__pb2.HistoryRequest.SerializeToString,
@@ -201,6 +206,20 @@ class AgentServicer:
         gives those of one container); no environment is listed.
         Callers: operator.
         Errors: UNAVAILABLE: the engine does not answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrialCheckpoint(self, request, context):
+        """Asks CRIU whether it can dump the container now: a checkpoint left running, into a
+        scratch folder removed at once. The container is frozen for as long as the dump takes
+        (the operator asks for it: `migctl plan --check`). PROBLEM: CRIU's refusal, in words and
+        with the first error line of its log; empty when the dump succeeded.
+        Callers: operator.
+        Errors: INVALID_ARGUMENT: a malformed name; NOT_FOUND: no such container;
+        FAILED_PRECONDITION: it does not run, or a migration of it is under way; UNAVAILABLE:
+        the engine does not answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -534,6 +553,11 @@ def add_AgentServicer_to_server(servicer, server):
                     request_deserializer=proto_dot_migctl__pb2.ListContainersRequest.FromString,
                     response_serializer=proto_dot_migctl__pb2.ListContainersReply.SerializeToString,
             ),
+            'TrialCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrialCheckpoint,
+                    request_deserializer=proto_dot_migctl__pb2.ContainerRef.FromString,
+                    response_serializer=proto_dot_migctl__pb2.TrialReply.SerializeToString,
+            ),
             'History': grpc.unary_unary_rpc_method_handler(
                     servicer.History,
                     request_deserializer=proto_dot_migctl__pb2.HistoryRequest.FromString,
@@ -737,6 +761,33 @@ class Agent:
             '/migctl.v1.Agent/ListContainers',
             proto_dot_migctl__pb2.ListContainersRequest.SerializeToString,
             proto_dot_migctl__pb2.ListContainersReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrialCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migctl.v1.Agent/TrialCheckpoint',
+            proto_dot_migctl__pb2.ContainerRef.SerializeToString,
+            proto_dot_migctl__pb2.TrialReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -14,7 +14,7 @@ from agent.runtime.criu.imagefile import (
     PSTREE_MAGIC,
     SECCOMP_MAGIC,
 )
-from agent.runtime.criu.images import CAPABILITIES
+from agent.runtime.criu.images import CAPABILITIES, IDS_MAGIC, NAMESPACES
 from agent.runtime.criu.mounts import ENGINE_MASKED, ENGINE_READONLY
 from agent.runtime.criu.seccomp import ABIS, CLONE, CLONE_NAMESPACES, GUARDED
 
@@ -104,6 +104,14 @@ def pstree_image(tasks: dict[int, list[int]]) -> bytes:
 
 def core_image(entry: bytes) -> bytes:
     return encode(entry, magic=CORE_MAGIC)
+
+
+def ids_image(**nested: int) -> bytes:
+    """ids-<pid>.img of a task in the container's namespaces (ids 1..8), but NESTED ones
+    (pid=20: its own pid namespace)."""
+    ids = {f"{ns}_ns_id": i + 1 for i, ns in enumerate(NAMESPACES)}
+    ids.update({f"{ns}_ns_id": v for ns, v in nested.items()})
+    return encode(img.task_kobj_ids_entry(**ids).SerializeToString(), magic=IDS_MAGIC)
 
 
 def mounts_image(*entries: img.mnt_entry) -> bytes:

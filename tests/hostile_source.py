@@ -144,6 +144,7 @@ def checkpoint_images(scenario: str) -> list[tuple[str, bytes]]:
                                                      if p != "/proc/sys"))
     core = kit.core_entry(caps, mode=2 if chain else None, comm="sleep")
     return [("core-1.img", kit.core_image(core)), ("pstree.img", kit.pstree_image({1: [1]})),
+            ("ids-1.img", kit.ids_image()),
             ("seccomp.img", kit.seccomp_image(*chain)),
             ("mountpoints-12.img", kit.mounts_image(*mounts))]
 

@@ -51,6 +51,8 @@ def core(folder: Path, pid: int, caps: set[str], seccomp: int | None = img.filte
     path = folder / f"core-{pid}.img"
     path.write_bytes(kit.core_image(kit.core_entry(caps, seccomp, filter_index, comm,
                                                    leader=not thread)))
+    if not thread:
+        (folder / f"ids-{pid}.img").write_bytes(kit.ids_image())
     return path
 
 
@@ -316,4 +318,20 @@ def test_images_that_reach_the_host_are_refused(tmp_path: Path) -> None:
     assert check_images(tmp_path, confined()) == 1
     (tmp_path / "apparmor.img").write_bytes(b"")
     with pytest.raises(Refused, match="holds apparmor.img"):
+        check_images(tmp_path, confined())
+
+
+@pytest.mark.parametrize("ns", ["user", "mnt", "net", "pid"])
+def test_a_task_in_a_nested_namespace_is_refused(tmp_path: Path, ns: str) -> None:
+    """A nested namespace takes CAP_SYS_ADMIN (a user namespace, what the engine's profile
+    refuses): CRIU would create it, its root holding every capability in it."""
+    core(tmp_path, 1, set(ENGINE_DEFAULT))
+    core(tmp_path, 7, set(ENGINE_DEFAULT))
+    assert check_images(tmp_path, confined()) == 2
+    (tmp_path / "ids-7.img").write_bytes(kit.ids_image(**{ns: 99}))
+    with pytest.raises(Refused, match=f"puts task 7 in its own {ns} namespace"):
+        check_images(tmp_path, confined())
+    assert check_images(tmp_path, confined(ENGINE_DEFAULT | {"SYS_ADMIN"})) == 2
+    (tmp_path / "ids-7.img").unlink()
+    with pytest.raises(Refused, match="has no ids-7.img"):
         check_images(tmp_path, confined())

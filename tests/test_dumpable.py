@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 
 from agent.runtime import dumpable
-from client.workloads import TOY_IMAGE, ensure_toy_image, remove_everywhere
+from client.lab import LAB_DIR
+from client.workloads import TOY_IMAGE, ensure_toy_image, remove_everywhere, run_toy
 from tests.conftest import CACHE, DELTA, migctl
 
 
@@ -98,3 +99,73 @@ def test_a_service_of_its_own_user_is_refused_up_front_or_moves(lab) -> None:
         assert "Traceback" not in res.stderr
     finally:
         remove_everywhere(lab.docker, ["ownuser"], [])
+
+
+def test_criu_words_add_the_first_error_of_the_log_the_engine_names(tmp_path) -> None:
+    from agent.migration.source import criu_words
+
+    log = tmp_path / "dump.log"
+    log.write_text("(00.001) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for "
+                   "self: Operation not permitted\n"
+                   "(00.001) info\n(00.002) Error (criu/sk-inet.c:99): Unsupported socket "
+                   "family 38\n(00.003) Error (criu/cr-dump.c:2): Dumping FAILED.\n")
+    said = f"checkpoint of 'x' failed (CRIU): criu failed: type NOTIFY errno 0 | log file: {log}"
+    assert criu_words(said) == f"{said} — CRIU: (00.002) Error (criu/sk-inet.c:99): " \
+                               "Unsupported socket family 38"
+    gone = "criu failed | log file: /nonexistent/dump.log: unknown"
+    assert criu_words(gone) == gone
+    runc = f"criu failed: type NOTIFY errno 0 path= {log}: unknown"  # runc's checkpoint words
+    assert criu_words(runc).endswith("Unsupported socket family 38")
+
+
+VSOCK_HOLDER = r"""
+#include <stdio.h>
+#include <sys/socket.h>
+#include <unistd.h>
+int main(void) {
+    int s = socket(40 /* AF_VSOCK */, SOCK_STREAM, 0);
+    printf("AF_VSOCK socket %d\n", s);
+    fflush(stdout);
+    for (;;) pause();
+}
+"""
+
+
+def test_plan_check_asks_criu_what_the_pre_flight_cannot_see(lab) -> None:
+    """A virtual-machine socket (AF_VSOCK) is no anonymous inode and no other user: /proc shows
+    the pre-flight nothing, and CRIU 4.2 cannot dump it. `plan --check` asks CRIU (a dump left
+    running, thrown away) and names the refusal; the container runs on, untouched."""
+    import json
+    import shutil
+    import time
+
+    from tests.test_file_locks import compiled
+
+    a = lab.docker["nodeA"]
+    remove_everywhere(lab.docker, ["algy", "toytsm"], ["algvol"])
+    ensure_toy_image(a, CACHE)
+    volume = Path(a.volumes.create("algvol").attrs["Mountpoint"])
+    shutil.copy(compiled("vsock-holder", VSOCK_HOLDER), volume / "holder")
+    a.containers.run(TOY_IMAGE, ["/data/holder"], name="algy", detach=True,
+                     volumes={"algvol": {"bind": "/data", "mode": "rw"}})
+    try:
+        time.sleep(1)
+        assert "AF_VSOCK socket 3" in a.containers.get("algy").logs().decode()
+        quiet = json.loads(migctl("plan", "--json", "--from", "nodeA", "--to", "nodeB",
+                                  "algy").stdout)
+        assert quiet.get("problems", []) == [], "the pre-flight saw it after all"
+        asked = json.loads(migctl("plan", "--json", "--check", "--from", "nodeA", "--to",
+                                  "nodeB", "algy").stdout)
+        [problem] = asked["problems"]
+        assert problem.startswith("CRIU cannot dump it now at nodeA:"), problem
+        assert asked["trial"]["problem"] and "Traceback" not in problem
+        assert a.containers.get("algy").status == "running"
+        staging = LAB_DIR / "nodeA" / "agent" / "staging"
+        assert staging.is_dir() and not list(staging.glob("trial-*")), "the trial's dump stayed"
+        # a container CRIU dumps: no problem, and the time it paused
+        run_toy(a)
+        fine = json.loads(migctl("plan", "--json", "--check", "--from", "nodeA", "--to",
+                                 "nodeB", "toytsm").stdout)
+        assert fine.get("problems", []) == [] and fine["trial"]["seconds"] > 0
+    finally:
+        remove_everywhere(lab.docker, ["algy", "toytsm"], ["algvol"])

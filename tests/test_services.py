@@ -214,23 +214,35 @@ NGINX_PORT = 18080
 PAGE = b"<html>migctl " + b"x" * 4000 + b"</html>\n"
 
 
-class Reader(Acked):
-    """GETs nginx's page; an answer counts when it is the page, whole."""
+class Http(Acked):
+    """A client of an HTTP service on PORT."""
+
+    port = 0
 
     def open(self, host: str) -> http.client.HTTPConnection:
-        conn = http.client.HTTPConnection(host, NGINX_PORT, timeout=2)
+        conn = http.client.HTTPConnection(host, self.port, timeout=2)
         conn.connect()
         return conn
 
-    def write(self, conn: http.client.HTTPConnection, n: int) -> None:
+    @staticmethod
+    def ask(conn: http.client.HTTPConnection, method: str, path: str) -> tuple[int, bytes]:
         try:
-            conn.request("GET", "/index.html")
+            conn.request(method, path)
             res = conn.getresponse()
-            body = res.read()
+            return res.status, res.read()
         except http.client.HTTPException as err:
             raise OSError(str(err)) from err
-        if res.status != 200 or body != PAGE:
-            raise OSError(f"nginx answered {res.status} with {len(body)} bytes")
+
+
+class Reader(Http):
+    """GETs nginx's page; an answer counts when it is the page, whole."""
+
+    port = NGINX_PORT
+
+    def write(self, conn: http.client.HTTPConnection, n: int) -> None:
+        status, body = self.ask(conn, "GET", "/index.html")
+        if status != 200 or body != PAGE:
+            raise OSError(f"nginx answered {status} with {len(body)} bytes")
 
 
 @pytest.fixture
@@ -446,26 +458,18 @@ def test_mosquitto_moves_with_its_sessions_and_every_acknowledged_message(
     assert lab.docker["nodeB"].containers.get("mosquitto").status == "running"
 
 
-class SqliteWriter(Acked):
+SQLITE_PORT = 18000
+
+
+class SqliteWriter(Http):
     """POST /N to the application, which answers once N is committed to SQLite."""
 
-    def open(self, host: str) -> http.client.HTTPConnection:
-        conn = http.client.HTTPConnection(host, SQLITE_PORT, timeout=2)
-        conn.connect()
-        return conn
+    port = SQLITE_PORT
 
     def write(self, conn: http.client.HTTPConnection, n: int) -> None:
-        try:
-            conn.request("POST", f"/{n}")
-            res = conn.getresponse()
-            body = res.read()
-        except http.client.HTTPException as err:
-            raise OSError(str(err)) from err
-        if res.status != 200 or body != b"ok":
-            raise OSError(f"the application answered {res.status} {body[:40]!r}")
-
-
-SQLITE_PORT = 18000
+        status, body = self.ask(conn, "POST", f"/{n}")
+        if status != 200 or body != b"ok":
+            raise OSError(f"the application answered {status} {body[:40]!r}")
 
 
 def test_an_application_on_sqlite_moves_with_every_committed_row(

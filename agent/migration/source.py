@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
+import shutil
 import threading
 import time
 import uuid
@@ -44,6 +46,7 @@ from agent.errors import (
     MigctlError,
     NotFound,
     PermissionDenied,
+    RuntimeFailure,
 )
 from agent.metrics import Metrics
 from agent.migration import journal as j
@@ -90,6 +93,22 @@ def pre_copy_of(final_rel: str) -> str:
         f"checkpoints/{FINAL_CHECKPOINT}/", f"checkpoints/{PRE_CHECKPOINT}/", 1)
 
 
+def criu_words(error: str) -> str:
+    """ERROR, and the first error CRIU's log gives (the engine names the log; it may be gone)."""
+    match = re.search(r"(?:log file:|path=) *(\S+?\.log)", error)
+    if match:
+        with contextlib.suppress(OSError):
+            for line in Path(match[1]).read_text(errors="replace").splitlines():
+                if "Error (" in line and not any(n in line for n in CRIU_NOISE):
+                    return f"{error} — CRIU: {line.strip()}"
+    return error
+
+
+CRIU_NOISE = ("Can't setup RLIMIT_NOFILE for self", "Dumping FAILED", "Restoring FAILED")
+"""Error lines of CRIU's log that are not why it failed: the first is logged on every run on
+machines whose root lacks CAP_SYS_RESOURCE (HOST.md), the others only say that it did."""
+
+
 class SourceSide:
     def __init__(self, runtime: Runtime, staging: Staging, journal: j.Journal,
                  store: Store, lease_seconds: float,
@@ -117,6 +136,31 @@ class SourceSide:
     def touch(self, migration_id: str) -> None:
         """Every call of the destination about a migration renews its lease."""
         self.last_seen[migration_id] = time.monotonic()
+
+    # -- asking CRIU --------------------------------------------------------------------------
+
+    def trial(self, container: str) -> pb.TrialReply:
+        """A checkpoint of CONTAINER left running, into a scratch folder removed at once: what
+        CRIU says of it now (the pre-flight reads /proc; CRIU knows more). Not while a
+        migration of it is under way: both would checkpoint it."""
+        cid = self.runtime.inspect(container)["Id"]
+        if not self.runtime.running(cid):
+            raise FailedPrecondition(f"{container!r} does not run: there is nothing to dump")
+        scratch = self.staging.root / f"trial-{uuid.uuid4().hex[:16]}"
+        with self._lock:
+            for other in self.journal.in_flight(j.SOURCE):
+                if other.container == cid:
+                    raise FailedPrecondition(f"{container!r} is being migrated (migration "
+                                             f"{other.id}); ask CRIU once it ended")
+            start = time.monotonic()
+            try:
+                self.runtime.checkpoint(cid, "trial", scratch, leave_running=True)
+                problem = ""
+            except RuntimeFailure as err:
+                problem = criu_words(str(err))
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            return pb.TrialReply(problem=problem, seconds=time.monotonic() - start)
 
     # -- binding -----------------------------------------------------------------------------
 

@@ -148,9 +148,10 @@ class Confinement:
                    any(o in ("no-new-privileges", "no-new-privileges=true") for o in opts))
 
     @property
-    def mounts_itself(self) -> bool:
+    def sys_admin(self) -> bool:
         """With CAP_SYS_ADMIN (privileged, or added with the operator's leave) the container
-        may mount and unmount what it likes: its mount images are not checked."""
+        may mount what it likes and make namespaces itself: its mount images and namespaces
+        are not checked."""
         return "SYS_ADMIN" in self.capabilities
 
 
@@ -184,6 +185,32 @@ def chain(table: list[img.seccomp_filter], index: int, where: str) -> list[tuple
 CGROUP_MAGIC = 0x59383330
 REFUSED_IMAGES = {"apparmor.img": "AppArmor policy namespaces, which CRIU would load into "
                                   "this host's AppArmor"}
+
+
+IDS_MAGIC = 0x54432030
+NAMESPACES = ("pid", "net", "ipc", "uts", "mnt", "user", "cgroup", "time")
+
+
+def check_namespaces(images: Path) -> None:
+    """Every task in the container's own namespaces (ids-<pid>.img): a nested one takes
+    CAP_SYS_ADMIN, or a user namespace the engine's profile refuses, and CRIU would create it
+    (a user namespace whose root holds every capability in it)."""
+    first: tuple[int, ...] | None = None
+    for pid, _ in tasks(images):
+        path = images / f"ids-{pid}.img"
+        if not path.is_file():
+            raise Refused(f"checkpoint {images.name} lists task {pid} but has no {path.name}")
+        found = list(entries(path, IDS_MAGIC, 1))
+        if not found:
+            raise Refused(f"checkpoint image {path.name} holds no entry")
+        ids = parse(img.task_kobj_ids_entry(), found[0], path.name)
+        mine = tuple(getattr(ids, f"{ns}_ns_id") for ns in NAMESPACES)
+        if first is None:
+            first = mine
+        elif mine != first:
+            nested = [ns for ns, a, b in zip(NAMESPACES, mine, first, strict=True) if a != b]
+            raise Refused(f"checkpoint image {path.name} puts task {pid} in its own "
+                          f"{', '.join(nested)} namespace: the container has none nested here")
 
 
 def check_others(images: Path) -> None:
@@ -268,6 +295,7 @@ def check_images(images: Path, confinement: Confinement, machine: str | None = N
     if not checked:
         raise Refused(f"checkpoint {images.name} holds no core image")
     check_others(images)
-    if not confinement.mounts_itself:
+    if not confinement.sys_admin:
         check_mounts(images, confinement.masked, confinement.readonly, host_root)
+        check_namespaces(images)
     return checked

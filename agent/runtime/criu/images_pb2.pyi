@@ -173,3 +173,23 @@ class cgroup_entry(_message.Message):
     SETS_FIELD_NUMBER: _ClassVar[int]
     sets: _containers.RepeatedCompositeFieldContainer[cg_set_entry]
     def __init__(self, sets: _Optional[_Iterable[_Union[cg_set_entry, _Mapping]]] = ...) -> None: ...
+
+class task_kobj_ids_entry(_message.Message):
+    __slots__ = ("pid_ns_id", "net_ns_id", "ipc_ns_id", "uts_ns_id", "mnt_ns_id", "user_ns_id", "cgroup_ns_id", "time_ns_id")
+    PID_NS_ID_FIELD_NUMBER: _ClassVar[int]
+    NET_NS_ID_FIELD_NUMBER: _ClassVar[int]
+    IPC_NS_ID_FIELD_NUMBER: _ClassVar[int]
+    UTS_NS_ID_FIELD_NUMBER: _ClassVar[int]
+    MNT_NS_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_NS_ID_FIELD_NUMBER: _ClassVar[int]
+    CGROUP_NS_ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_NS_ID_FIELD_NUMBER: _ClassVar[int]
+    pid_ns_id: int
+    net_ns_id: int
+    ipc_ns_id: int
+    uts_ns_id: int
+    mnt_ns_id: int
+    user_ns_id: int
+    cgroup_ns_id: int
+    time_ns_id: int
+    def __init__(self, pid_ns_id: _Optional[int] = ..., net_ns_id: _Optional[int] = ..., ipc_ns_id: _Optional[int] = ..., uts_ns_id: _Optional[int] = ..., mnt_ns_id: _Optional[int] = ..., user_ns_id: _Optional[int] = ..., cgroup_ns_id: _Optional[int] = ..., time_ns_id: _Optional[int] = ...) -> None: ...
