@@ -117,18 +117,19 @@ class Memcached(Acked):
     def write(self, conn: socket.socket, n: int) -> None:
         value = str(n).encode()
         conn.sendall(b"set k%d 0 0 %d\r\n%s\r\n" % (n, len(value), value))
-        if _line(conn) != b"STORED":
+        if _until(conn, b"\r\n") != b"STORED\r\n":
             raise OSError(f"memcached did not store k{n}")
 
 
-def _line(conn: socket.socket) -> bytes:
+def _until(conn: socket.socket, end: bytes) -> bytes:
+    """What CONN sends until it ends with END (OSError when it closes first)."""
     data = b""
-    while not data.endswith(b"\r\n"):
-        chunk = conn.recv(4096)
+    while not data.endswith(end):
+        chunk = conn.recv(65536)
         if not chunk:
             raise OSError("closed")
         data += chunk
-    return data[:-2]
+    return data
 
 
 def memcached_values(host: str, numbers: list[int]) -> dict[int, int]:
@@ -137,13 +138,7 @@ def memcached_values(host: str, numbers: list[int]) -> dict[int, int]:
     with socket.create_connection((host, MEMCACHED_PORT), timeout=5) as conn:
         for i in range(0, len(numbers), 100):
             conn.sendall(b"get " + b" ".join(b"k%d" % n for n in numbers[i:i + 100]) + b"\r\n")
-            data = b""
-            while not data.endswith(b"END\r\n"):
-                chunk = conn.recv(65536)
-                if not chunk:
-                    raise OSError("closed")
-                data += chunk
-            lines = data.split(b"\r\n")
+            lines = _until(conn, b"END\r\n").split(b"\r\n")
             for head, value in zip(lines, lines[1:], strict=False):
                 if head.startswith(b"VALUE "):
                     out[int(head.split()[1][1:])] = int(value)
