@@ -9,12 +9,13 @@ from pathlib import Path
 from agent.runtime.criu import images_pb2 as img
 from agent.runtime.criu.imagefile import (
     CORE_MAGIC,
+    IDS_MAGIC,
     IMG_COMMON_MAGIC,
     MNTS_MAGIC,
     PSTREE_MAGIC,
     SECCOMP_MAGIC,
 )
-from agent.runtime.criu.images import CAPABILITIES, IDS_MAGIC, NAMESPACES
+from agent.runtime.criu.images import CAPABILITIES, NAMESPACES
 from agent.runtime.criu.mounts import ENGINE_MASKED, ENGINE_READONLY
 from agent.runtime.criu.seccomp import ABIS, CLONE, CLONE_NAMESPACES, GUARDED
 

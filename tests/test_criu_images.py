@@ -12,10 +12,14 @@ import pytest
 
 from agent.errors import Refused
 from agent.runtime.criu import images_pb2 as img
-from agent.runtime.criu.imagefile import CORE_MAGIC, IMG_COMMON_MAGIC, SECCOMP_MAGIC
+from agent.runtime.criu.imagefile import (
+    CGROUP_MAGIC,
+    CORE_MAGIC,
+    IMG_COMMON_MAGIC,
+    SECCOMP_MAGIC,
+)
 from agent.runtime.criu.images import (
     CAPABILITIES,
-    CGROUP_MAGIC,
     ENGINE_DEFAULT,
     Confinement,
     check_images,

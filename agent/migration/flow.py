@@ -529,8 +529,7 @@ class Migration:
         self.create(spec)
         # the same checks as the final checkpoint's, before the freeze: a hostile source is
         # refused while its container still runs, and the filters' verdict is kept
-        check_images(self.area / "checkpoints" / PRE_CHECKPOINT, self.confinement or
-                     self.confine())
+        self.check_images(PRE_CHECKPOINT)
         self.offer(bases)
         return bases
 
@@ -778,12 +777,12 @@ class Migration:
                                           self.runtime.confines_with_seccomp())
         return self.confinement
 
-    def check_images(self) -> None:
-        """The final checkpoint's images give each thread no capability and no seccomp mode
-        beyond what the engine gave the created container (agent/runtime/criu/images.py):
-        checked before the commit, so that a refusal leaves the source to resume."""
+    def check_images(self, name: str = FINAL_CHECKPOINT) -> None:
+        """Checkpoint NAME's images give the process nothing beyond what the engine gave the
+        created container (agent/runtime/criu/images.py): the final one is checked before the
+        commit, so that a refusal leaves the source to resume."""
         confinement = self.confinement or self.confine()  # or an agent restarted since
-        check_images(self.area / "checkpoints" / FINAL_CHECKPOINT, confinement)
+        check_images(self.area / "checkpoints" / name, confinement)
 
     def restore(self, spec: pb.ContainerSpec, pages: PageServer | None = None) -> None:
         """PAGES: post-copy; its lazy-pages daemon starts first (journaled as lazy: a restarted

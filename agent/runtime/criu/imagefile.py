@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from google.protobuf.message import Message
 
@@ -16,6 +17,8 @@ CORE_MAGIC = 0x55053847
 PSTREE_MAGIC = 0x50273030
 SECCOMP_MAGIC = 0x64413049
 MNTS_MAGIC = 0x55563928
+IDS_MAGIC = 0x54432030
+CGROUP_MAGIC = 0x59383330
 MAX_ENTRY = 1 << 20  # a core entry is a few KB, a seccomp image a few filters of 32 KB
 
 
@@ -45,3 +48,24 @@ def parse(message: Message, data: bytes, name: str) -> Message:
     except Exception as err:  # noqa: BLE001 - any decoding failure is a refusal
         raise Refused(f"checkpoint image {name} cannot be read: {err}") from None
     return message
+
+
+M = TypeVar("M", bound=Message)
+
+
+def first(path: Path, magic: int, message: M) -> M | None:
+    """PATH's one entry, read into MESSAGE; None when it holds none."""
+    found = list(entries(path, magic, 1))
+    return parse(message, found[0], path.name) if found else None
+
+
+def required(images: Path, name: str, magic: int, message: M, listed: str) -> M:
+    """NAME's one entry, which CRIU reads for LISTED ("thread 7"): refused when the file is
+    missing or empty."""
+    path = images / name
+    if not path.is_file():
+        raise Refused(f"checkpoint {images.name} lists {listed} but has no {name}")
+    got = first(path, magic, message)
+    if got is None:
+        raise Refused(f"checkpoint image {name} holds no entry")
+    return got

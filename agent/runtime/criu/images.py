@@ -19,11 +19,15 @@ from pathlib import Path
 from agent.errors import Refused
 from agent.runtime.criu import images_pb2 as img
 from agent.runtime.criu.imagefile import (
+    CGROUP_MAGIC,
     CORE_MAGIC,
+    IDS_MAGIC,
     PSTREE_MAGIC,
     SECCOMP_MAGIC,
     entries,
+    first,
     parse,
+    required,
 )
 from agent.runtime.criu.mounts import ENGINE_MASKED, ENGINE_READONLY, check_mounts
 from agent.runtime.criu.seccomp import FLAG_TSYNC, check_chain
@@ -44,7 +48,6 @@ ENGINE_DEFAULT = frozenset({
     "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE",
 })
 """What Docker gives a container that adds and drops nothing (moby oci/caps/defaults.go)."""
-SECCOMP_FILTER = img.filter
 
 
 def container_capabilities(host: dict) -> frozenset[str]:
@@ -67,12 +70,16 @@ def container_capabilities(host: dict) -> frozenset[str]:
     return frozenset((ENGINE_DEFAULT - drops) | adds)
 
 
+def security_opts(host: dict) -> list[str]:
+    """HostConfig's SecurityOpt, each as KEY=VALUE (the engine takes KEY:VALUE too)."""
+    return [str(o).replace(":", "=", 1) for o in host.get("SecurityOpt") or []]
+
+
 def seccomp_expected(host: dict, engine_has_seccomp: bool) -> bool:
     """Whether the engine confines the container with a seccomp filter."""
     if not engine_has_seccomp or host.get("Privileged"):
         return False
-    opts = [str(o).replace(":", "=", 1) for o in host.get("SecurityOpt") or []]
-    return "seccomp=unconfined" not in opts
+    return "seccomp=unconfined" not in security_opts(host)
 
 
 def tasks(images: Path) -> list[tuple[int, list[int]]]:
@@ -93,19 +100,16 @@ def tasks(images: Path) -> list[tuple[int, list[int]]]:
     return out
 
 
-def cores(images: Path) -> Iterator[tuple[str, img.core_entry, bool]]:
-    """The core image of every thread CRIU restores, read as CRIU wrote it, each task's leader
-    (its thread whose id is the task's) first and marked: CRIU reads the task part only there."""
-    for pid, tids in tasks(images):
+def cores(images: Path, listed: list[tuple[int, list[int]]]
+          ) -> Iterator[tuple[str, img.core_entry, bool]]:
+    """The core image of every thread of the LISTED tasks (tasks()), read as CRIU wrote it,
+    each task's leader (its thread whose id is the task's) first and marked: CRIU reads the
+    task part only there."""
+    for pid, tids in listed:
         for tid in tids:
-            path = images / f"core-{tid}.img"
-            if not path.is_file():
-                raise Refused(f"checkpoint {images.name} lists thread {tid} but has no "
-                              f"{path.name}")
-            found = list(entries(path, CORE_MAGIC, 1))
-            if not found:
-                raise Refused(f"checkpoint image {path.name} holds no entry")
-            yield path.name, parse(img.core_entry(), found[0], path.name), tid == pid
+            name = f"core-{tid}.img"
+            yield name, required(images, name, CORE_MAGIC, img.core_entry(),
+                                 f"thread {tid}"), tid == pid
 
 
 def _caps(words: Iterable[int]) -> set[str]:
@@ -134,7 +138,7 @@ class Confinement:
     def of(cls, container: dict, engine_has_seccomp: bool) -> Confinement:
         """From the created container (as this node's engine inspects it)."""
         host = container.get("HostConfig") or {}
-        opts = [str(o).replace(":", "=", 1) for o in host.get("SecurityOpt") or []]
+        opts = security_opts(host)
         # the engine lists its masked and read-only paths in HostConfig only when asked for
         # others; otherwise its own (none when privileged or with systempaths=unconfined)
         own = not host.get("Privileged") and "systempaths=unconfined" not in opts
@@ -158,11 +162,8 @@ class Confinement:
 def filters(images: Path) -> list[img.seccomp_filter]:
     """seccomp.img's filters (none when the dump wrote no such image)."""
     path = images / "seccomp.img"
-    if not path.is_file():
-        return []
-    found = list(entries(path, SECCOMP_MAGIC, 1))
-    return list(parse(img.seccomp_entry(), found[0], path.name).seccomp_filters) \
-        if found else []
+    got = first(path, SECCOMP_MAGIC, img.seccomp_entry()) if path.is_file() else None
+    return list(got.seccomp_filters) if got else []
 
 
 def chain(table: list[img.seccomp_filter], index: int, where: str) -> list[tuple[bytes, int]]:
@@ -182,34 +183,27 @@ def chain(table: list[img.seccomp_filter], index: int, where: str) -> list[tuple
         index = f.prev
 
 
-CGROUP_MAGIC = 0x59383330
 REFUSED_IMAGES = {"apparmor.img": "AppArmor policy namespaces, which CRIU would load into "
                                   "this host's AppArmor"}
 
 
-IDS_MAGIC = 0x54432030
 NAMESPACES = ("pid", "net", "ipc", "uts", "mnt", "user", "cgroup", "time")
 
 
-def check_namespaces(images: Path) -> None:
-    """Every task in the container's own namespaces (ids-<pid>.img): a nested one takes
-    CAP_SYS_ADMIN, or a user namespace the engine's profile refuses, and CRIU would create it
-    (a user namespace whose root holds every capability in it)."""
-    first: tuple[int, ...] | None = None
-    for pid, _ in tasks(images):
-        path = images / f"ids-{pid}.img"
-        if not path.is_file():
-            raise Refused(f"checkpoint {images.name} lists task {pid} but has no {path.name}")
-        found = list(entries(path, IDS_MAGIC, 1))
-        if not found:
-            raise Refused(f"checkpoint image {path.name} holds no entry")
-        ids = parse(img.task_kobj_ids_entry(), found[0], path.name)
+def check_namespaces(images: Path, listed: list[tuple[int, list[int]]]) -> None:
+    """Every LISTED task (tasks()) in the container's own namespaces (ids-<pid>.img): a nested
+    one takes CAP_SYS_ADMIN, or a user namespace the engine's profile refuses, and CRIU would
+    create it (a user namespace whose root holds every capability in it)."""
+    root: tuple[int, ...] | None = None
+    for pid, _ in listed:
+        name = f"ids-{pid}.img"
+        ids = required(images, name, IDS_MAGIC, img.task_kobj_ids_entry(), f"task {pid}")
         mine = tuple(getattr(ids, f"{ns}_ns_id") for ns in NAMESPACES)
-        if first is None:
-            first = mine
-        elif mine != first:
-            nested = [ns for ns, a, b in zip(NAMESPACES, mine, first, strict=True) if a != b]
-            raise Refused(f"checkpoint image {path.name} puts task {pid} in its own "
+        if root is None:
+            root = mine
+        elif mine != root:
+            nested = [ns for ns, a, b in zip(NAMESPACES, mine, root, strict=True) if a != b]
+            raise Refused(f"checkpoint image {name} puts task {pid} in its own "
                           f"{', '.join(nested)} namespace: the container has none nested here")
 
 
@@ -223,8 +217,8 @@ def check_others(images: Path) -> None:
             raise Refused(f"checkpoint {images.name} holds {name}: {why}")
     path = images / "cgroup.img"
     if path.is_file():
-        found = list(entries(path, CGROUP_MAGIC, 1))
-        sets = parse(img.cgroup_entry(), found[0], path.name).sets if found else []
+        got = first(path, CGROUP_MAGIC, img.cgroup_entry())
+        sets = got.sets if got else []
         if len(sets) > 1:
             raise Refused(f"checkpoint image {path.name} puts the container's processes in "
                           f"{len(sets)} cgroup sets: CRIU moves one into the container's cgroup")
@@ -238,9 +232,10 @@ def check_images(images: Path, confinement: Confinement, machine: str | None = N
     checked. MACHINE and HOST_ROOT: this node's, but for tests."""
     allowed = confinement.capabilities
     table = filters(images) if confinement.seccomp else []
+    listed = tasks(images)
     checked = 0
     leader_chain: list[tuple[bytes, int]] | None = None
-    for name, core, leader in cores(images):
+    for name, core, leader in cores(images, listed):
         if not core.HasField("thread_core") or not core.thread_core.HasField("creds"):
             raise Refused(f"checkpoint image {name} carries no credentials to check")
         creds = core.thread_core.creds
@@ -297,5 +292,5 @@ def check_images(images: Path, confinement: Confinement, machine: str | None = N
     check_others(images)
     if not confinement.sys_admin:
         check_mounts(images, confinement.masked, confinement.readonly, host_root)
-        check_namespaces(images)
+        check_namespaces(images, listed)
     return checked

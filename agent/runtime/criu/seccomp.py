@@ -274,20 +274,17 @@ def check_chain(chain: list[tuple[bytes, int]], capabilities: Iterable[str], whe
 @functools.lru_cache(maxsize=64)
 def _verdict(chain: tuple[tuple[bytes, int], ...], capabilities: frozenset[str],
              machine: str) -> str:
-    """What is wrong with CHAIN, after the name of what holds it ("": nothing)."""
+    """What is wrong with CHAIN, to follow the name of what holds it ("": nothing)."""
     try:
         _check(list(chain), capabilities, machine)
     except Refused as err:
-        text = str(err)
-        return text.removeprefix(_WHERE) if text.startswith(_WHERE) else f": {text}"
+        return str(err)
     return ""
 
 
-_WHERE = "\0"  # stands for the holder's name in a kept verdict
-
-
 def _check(chain: list[tuple[bytes, int]], capabilities: frozenset[str], machine: str) -> None:
-    where = _WHERE
+    """Refuses CHAIN with words that follow its holder's name (check_chain adds it)."""
+    where = ""
     programs = []
     total = 0
     for i, (program, flags) in enumerate(chain):
@@ -299,7 +296,11 @@ def _check(chain: list[tuple[bytes, int]], capabilities: frozenset[str], machine
     if total > MAX_CHAIN_INSNS:
         raise Refused(f"{where} stacks {total} instructions of filters (the kernel takes "
                       f"{MAX_CHAIN_INSNS})")
-    for name, abi, arch, nr, arg0 in guarded(capabilities, machine):
+    try:
+        rules = guarded(capabilities, machine)
+    except Refused as err:
+        raise Refused(f": {err}") from None
+    for name, abi, arch, nr, arg0 in rules:
         if all(any(passes(r) for r in answers(p, nr, arch, f"{where}, filter {i}", arg0))
                for i, p in enumerate(programs)):
             raise Refused(f"{where}: its seccomp filters let {name} through ({abi} ABI), which "
