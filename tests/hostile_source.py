@@ -60,6 +60,8 @@ SCENARIOS = {
                "syscall through",
     "mounts": "a checkpoint whose mounts leave /proc/sys writable (the container's root would "
               "set the host's kernel parameters)",
+    "tmpfs": "a checkpoint whose /dev archive (which CRIU unpacks with tar as root) holds 96 "
+             "KB of gzip that unpack to 100 MiB, over a /dev of 64 MiB",
     "cache-basis": "a container described with another container's image (its cache key), to "
                    "get the destination's cached checkpoint of it as a delta basis",
 }
@@ -142,11 +144,41 @@ def checkpoint_images(scenario: str) -> list[tuple[str, bytes]]:
     elif scenario == "mounts":  # /proc/sys left writable
         mounts = kit.container_mounts(readonly=tuple(p for p in kit.READONLY
                                                      if p != "/proc/sys"))
+    extra = []
+    if scenario == "tmpfs":  # CRIU's tar would fill /dev (and the host's memory, at any size)
+        for m in mounts:
+            if m.mountpoint == "/dev":
+                m.options = "size=65536k,mode=755"
+        extra = [(f"tmpfs-dev-{kit.DEV_DEV}.tar.gz.img", _tar_gz("zero", 100 << 20))]
     core = kit.core_entry(caps, mode=2 if chain else None, comm="sleep")
     return [("core-1.img", kit.core_image(core)), ("pstree.img", kit.pstree_image({1: [1]})),
             ("ids-1.img", kit.ids_image()),
             ("seccomp.img", kit.seccomp_image(*chain)),
-            ("mountpoints-12.img", kit.mounts_image(*mounts))]
+            ("mountpoints-12.img", kit.mounts_image(*mounts))] + extra
+
+
+def _tar_gz(name: str, size: int) -> bytes:
+    """A gzip tar archive of one file of SIZE zeros, made without holding it."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz", compresslevel=9) as t:
+        info = tarfile.TarInfo(name)
+        info.size = size
+        t.addfile(info, io.BufferedReader(_Zeros(size)))  # type: ignore[arg-type]
+    return out.getvalue()
+
+
+class _Zeros(io.RawIOBase):
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), self.left)
+        b[:n] = bytes(n)
+        self.left -= n
+        return n
 
 
 def plain_tar() -> bytes:

@@ -288,7 +288,7 @@ def test_the_confinement_is_read_from_the_created_container() -> None:
                                        "SecurityOpt": ["seccomp=/etc/p.json"]},
                         "AppArmorProfile": "docker-default"}, engine_has_seccomp=True)
     assert c == Confinement(ENGINE_DEFAULT | {"NET_ADMIN"}, True, False, ("/proc/kcore",),
-                            ("/proc/sys",), "docker-default")
+                            ("/proc/sys",), "docker-default", devices=None)
     # the engine lists neither unless asked for others: its own apply (Docker 20.10 here)
     c = Confinement.of({"HostConfig": {}}, engine_has_seccomp=False)
     assert (c.masked, c.readonly) == (kit.MASKED, kit.READONLY) and "/proc/kcore" in c.masked

@@ -437,6 +437,7 @@ def from_c(*extra: str) -> subprocess.CompletedProcess[str]:
     ("caps-pre", "gives the process AUDIT_CONTROL, AUDIT_READ, BLOCK_SUSPEND"),
     ("seccomp", "let kexec_load through"),
     ("mounts", "leaves /proc/sys writable"),
+    ("tmpfs", "unpacks to more than 67108864 bytes"),
     ("final-twice", "twice"),
 ])
 def test_6_to_8_a_hostile_source_writes_nothing_outside(lab: LabHandle, hostile_c,

@@ -782,7 +782,8 @@ class Migration:
         created container (agent/runtime/criu/images.py): the final one is checked before the
         commit, so that a refusal leaves the source to resume."""
         confinement = self.confinement or self.confine()  # or an agent restarted since
-        check_images(self.area / "checkpoints" / name, confinement)
+        check_images(self.area / "checkpoints" / name, confinement,
+                     restored=name == FINAL_CHECKPOINT)
 
     def restore(self, spec: pb.ContainerSpec, pages: PageServer | None = None) -> None:
         """PAGES: post-copy; its lazy-pages daemon starts first (journaled as lazy: a restarted

@@ -31,6 +31,7 @@ from agent.runtime.criu.imagefile import (
 )
 from agent.runtime.criu.mounts import ENGINE_MASKED, ENGINE_READONLY, check_mounts
 from agent.runtime.criu.seccomp import FLAG_TSYNC, check_chain
+from agent.runtime.criu.tmpfs import DEFAULT_DEVICES, device_nodes, rewrite_archives
 
 MAX_TASKS = 1 << 16
 
@@ -133,6 +134,7 @@ class Confinement:
     readonly: tuple[str, ...] = ()  # paths the engine makes read-only in it
     lsm: str = ""  # its AppArmor profile or SELinux label ("": none)
     no_new_privs: bool = False  # created with no-new-privileges
+    devices: frozenset[tuple[str, int, int]] | None = DEFAULT_DEVICES  # nodes it may have
 
     @classmethod
     def of(cls, container: dict, engine_has_seccomp: bool) -> Confinement:
@@ -143,13 +145,18 @@ class Confinement:
         # others; otherwise its own (none when privileged or with systempaths=unconfined)
         own = not host.get("Privileged") and "systempaths=unconfined" not in opts
         masked, readonly = host.get("MaskedPaths"), host.get("ReadonlyPaths")
-        return cls(container_capabilities(host), seccomp_expected(host, engine_has_seccomp),
+        caps = container_capabilities(host)
+        # with CAP_MKNOD it may make any device node itself (the device cgroup guards them)
+        devices = None if "MKNOD" in caps else DEFAULT_DEVICES | device_nodes(
+            [str(d.get("PathOnHost") or "") for d in host.get("Devices") or []])
+        return cls(caps, seccomp_expected(host, engine_has_seccomp),
                    not any(o.startswith("seccomp=") for o in opts),
                    tuple(map(str, ENGINE_MASKED if masked is None and own else masked or ())),
                    tuple(map(str, ENGINE_READONLY if readonly is None and own else
                              readonly or ())),
                    str(container.get("AppArmorProfile") or container.get("ProcessLabel") or ""),
-                   any(o in ("no-new-privileges", "no-new-privileges=true") for o in opts))
+                   any(o in ("no-new-privileges", "no-new-privileges=true") for o in opts),
+                   devices)
 
     @property
     def sys_admin(self) -> bool:
@@ -225,11 +232,12 @@ def check_others(images: Path) -> None:
 
 
 def check_images(images: Path, confinement: Confinement, machine: str | None = None,
-                 host_root: Path = Path("/")) -> int:
+                 host_root: Path = Path("/"), restored: bool = True) -> int:
     """Refuses a checkpoint whose threads would hold a capability outside the container's, or
     run with a seccomp filter weaker than the engine's where it gives one, or whose mounts
     exceed the container's (agent/runtime/criu/mounts.py); returns the number of threads
-    checked. MACHINE and HOST_ROOT: this node's, but for tests."""
+    checked. The tmpfs archives of a checkpoint to be RESTORED are written anew with what
+    was checked (criu/tmpfs.py). MACHINE and HOST_ROOT: this node's, but for tests."""
     allowed = confinement.capabilities
     table = filters(images) if confinement.seccomp else []
     listed = tasks(images)
@@ -293,4 +301,6 @@ def check_images(images: Path, confinement: Confinement, machine: str | None = N
     if not confinement.sys_admin:
         check_mounts(images, confinement.masked, confinement.readonly, host_root)
         check_namespaces(images, listed)
+    # CRIU's tar unpacks these as root, outside the container: whatever it may do itself
+    rewrite_archives(images, confinement.devices, write=restored)
     return checked
