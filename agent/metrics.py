@@ -115,16 +115,16 @@ class Metrics:
         if report.downtime_seconds:
             self.downtime.observe(report.downtime_seconds)
 
-    def failed(self, err: BaseException, phase: int, frozen: bool) -> None:
-        """A destination's migration failed in PHASE: rolled back when the source was
-        frozen, failed when it never was."""
-        self.ended.labels("destination", "rolled_back" if frozen else "failed", reason_of(err),
+    def failed(self, err: BaseException, phase: int, end: str) -> None:
+        """A destination's migration failed in PHASE, ending in END (rolled back when the
+        source was frozen, failed when it never was: State.failure)."""
+        self.ended.labels("destination", label(end), reason_of(err),
                           label(pb.Phase.Name(phase))).inc()
 
     def source_ended(self, outcome: str, by: str, state: str) -> None:
         """The source's end of a migration: BY "destination" (it asked) or "source" (a lease,
         a broken hold, a restart), in journal STATE."""
-        self.ended.labels("source", outcome, by, label(state)).inc()
+        self.ended.labels("source", label(outcome), by, label(state)).inc()
 
 
 def serve(metrics: Metrics, listen: str, port: int) -> WSGIServer:

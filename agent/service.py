@@ -47,6 +47,7 @@ from agent.migration.source import (
     manifest_path,
     snapshot_path,
 )
+from agent.migration.state import DESTINATION, PEER, State
 from agent.runtime.base import Runtime
 from agent.runtime.spec import valid_name
 from agent.security import TLSFiles, caller_of
@@ -144,7 +145,7 @@ class AgentService(rpc.AgentServicer):
     def start_background(self, interval: float = 2.0) -> None:
         """Resolve what a previous run left in flight, then keep leases and rollbacks going."""
         self.source.recover_on_start()
-        in_flight = {e.id for e in self.journal.in_flight(j.DESTINATION)}
+        in_flight = {e.id for e in self.journal.in_flight(DESTINATION)}
         if stop_lazy_leftovers(self.staging.root, in_flight):
             log.warning("stopped lazy-pages processes of migrations that had ended")
 
@@ -169,7 +170,7 @@ class AgentService(rpc.AgentServicer):
         or a rollback could not reach the source yet."""
         with self._lock:
             owned = set(self._migrating.values())
-        for entry in self.journal.in_flight(j.DESTINATION):
+        for entry in self.journal.in_flight(DESTINATION):
             if entry.id not in owned:
                 settle(entry, self.runtime, self.journal, self.staging, self.tls,
                        lambda text, mid=entry.id: log.warning("migration %s: %s", mid, text))
@@ -429,7 +430,7 @@ class AgentService(rpc.AgentServicer):
     def snapshot(self, entry: j.Entry, rel: str, make: Any) -> pb.FileInfo:
         """A pre-copy snapshot, while the container runs: MAKE writes it to REL of the
         migration's staging area and returns its manifest, kept for the final pass."""
-        if entry.state != j.PRE_COPY:
+        if entry.state != State.PRE_COPY:
             raise j.IllegalTransition(f"migration {entry.id} is {entry.state}: snapshots are "
                                       "taken during pre-copy")
         path = self.staging.resolve(entry.id, rel)
@@ -554,7 +555,7 @@ class AgentService(rpc.AgentServicer):
     def Resume(self, request: pb.ResumeRequest, context: Any) -> pb.ResumeReply:
         entry = self.bound(context, request.migration_id, request.container,
                            ended_ok=True)
-        return self.source.resume(entry.id, by=j.PEER)
+        return self.source.resume(entry.id, by=PEER)
 
     @handler
     def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseReply:

@@ -10,6 +10,7 @@ from agent.catalog.registry import Holding
 from agent.catalog.store import Store
 from agent.migration import journal as j
 from agent.migration.policy import LOCAL, Link, rank
+from agent.migration.state import PEER, SELF, SOURCE, State
 
 
 def blob(tmp: Path, name: str, size: int) -> Path:
@@ -48,24 +49,24 @@ def test_catalog_survives_a_restart_and_orders_newest_first(tmp_path: Path) -> N
 
 def test_only_one_of_commit_and_lease_resume_wins(tmp_path: Path) -> None:
     journal = j.Journal(tmp_path)
-    journal.create(j.Entry("m1", j.SOURCE, "cid", j.FROZEN))
+    journal.create(j.Entry("m1", SOURCE, "cid", State.FROZEN))
     wins = []
     barrier = threading.Barrier(8)
 
     def race(state: str, by: str) -> None:
         barrier.wait()
-        if journal.try_move("m1", j.SOURCE, state, by) is not None:
+        if journal.try_move("m1", SOURCE, state, by) is not None:
             wins.append(state)
 
     threads = [threading.Thread(target=race, args=s)
-               for s in [(j.COMMITTED, j.PEER), (j.RESUMING, j.SELF)] * 4]
+               for s in [(State.COMMITTED, PEER), (State.RESUMING, SELF)] * 4]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert len(wins) == 1
-    assert journal.get("m1", j.SOURCE).state == wins[0]
-    assert j.Journal(tmp_path).get("m1", j.SOURCE).state == wins[0]  # on disk
+    assert journal.get("m1", SOURCE).state == wins[0]
+    assert j.Journal(tmp_path).get("m1", SOURCE).state == wins[0]  # on disk
 
 
 def test_policy_prefers_fresh_snapshots_and_fast_holders() -> None:

@@ -10,6 +10,7 @@ import pytest
 from google.protobuf.json_format import MessageToDict
 
 from agent.migration import journal as j
+from agent.migration.state import DESTINATION, SOURCE, State
 from client import api
 from proto import migctl_pb2 as pb
 from tests.inprocess import agents
@@ -43,11 +44,11 @@ def test_history_merges_the_nodes_newest_first(pki: Path, tmp_path: Path,
     report = pb.MigrationReport(migration_id="m2", container="web", downtime_seconds=0.42,
                                 origins=[pb.OriginReport(node="nodeA", bytes=12345)])
     with agents(pki, tmp_path) as cluster:
-        _put(cluster.services["nodeA"].journal, "m1", j.SOURCE, j.ROLLED_BACK, 1000.0,
+        _put(cluster.services["nodeA"].journal, "m1", SOURCE, State.ROLLED_BACK, 1000.0,
              name="db")
-        _put(cluster.services["nodeB"].journal, "m2", j.DESTINATION, j.DONE, 2000.0,
+        _put(cluster.services["nodeB"].journal, "m2", DESTINATION, State.DONE, 2000.0,
              report=MessageToDict(report))
-        _put(cluster.services["nodeB"].journal, "m0", j.DESTINATION, j.FAILED, 500.0,
+        _put(cluster.services["nodeB"].journal, "m0", DESTINATION, State.FAILED, 500.0,
              name="old", error="pre-flight check failed: no CRIU")
 
         assert cluster.cli("history", "--json") == 0

@@ -10,10 +10,20 @@ import pytest
 
 from agent.errors import AlreadyExists
 from agent.migration import journal as j
+from agent.migration.state import (
+    DESTINATION,
+    ENDED,
+    PEER,
+    SELF,
+    SOURCE,
+    TRANSITIONS,
+    State,
+    diagram,
+)
+from proto import migctl_pb2 as pb
 
-STATES = [j.AUTHORIZED, j.REQUESTED, j.PRE_COPY, j.FROZEN, j.TRANSFERRING_FINAL, j.RESTORING,
-          j.COMMITTED, j.RESUMING, *j.ENDED]
-MOVES = list(itertools.product([j.SOURCE, j.DESTINATION], STATES, STATES, [j.SELF, j.PEER]))
+STATES = list(State)  # every state, PAGING_IN included: none listed by hand
+MOVES = list(itertools.product([SOURCE, DESTINATION], STATES, STATES, [SELF, PEER]))
 
 
 def _entry(journal: j.Journal, role: str, state: str, n: int) -> str:
@@ -27,7 +37,7 @@ def test_every_move_follows_the_table(tmp_path: Path, role: str, state: str, to:
                                       by: str) -> None:
     journal = j.Journal(tmp_path)
     mid = _entry(journal, role, state, 1)
-    allowed = by in j.TRANSITIONS.get((role, state), {}).get(to, frozenset())
+    allowed = by in TRANSITIONS.get((role, state), {}).get(to, frozenset())
     if allowed:
         assert journal.move(mid, role, to, by).state == to
     else:
@@ -39,9 +49,9 @@ def test_every_move_follows_the_table(tmp_path: Path, role: str, state: str, to:
 
 def test_ended_migrations_never_move_again(tmp_path: Path) -> None:
     journal = j.Journal(tmp_path)
-    for n, (role, end) in enumerate(itertools.product([j.SOURCE, j.DESTINATION], j.ENDED)):
+    for n, (role, end) in enumerate(itertools.product([SOURCE, DESTINATION], ENDED)):
         mid = _entry(journal, role, end, n)
-        for to, by in itertools.product(STATES, [j.SELF, j.PEER]):
+        for to, by in itertools.product(STATES, [SELF, PEER]):
             assert journal.try_move(mid, role, to, by) is None
         assert journal.get(mid, role).state == end
 
@@ -49,40 +59,80 @@ def test_ended_migrations_never_move_again(tmp_path: Path) -> None:
 def test_a_finished_migration_cannot_be_resumed(tmp_path: Path) -> None:
     """The second-copy attack: Resume after the destination took over and released."""
     journal = j.Journal(tmp_path)
-    mid = _entry(journal, j.SOURCE, j.AUTHORIZED, 1)
-    for to, by in [(j.PRE_COPY, j.PEER), (j.FROZEN, j.PEER), (j.COMMITTED, j.PEER)]:
-        journal.move(mid, j.SOURCE, to, by)
-    assert journal.try_move(mid, j.SOURCE, j.RESUMING, j.SELF) is None  # lease: too late
-    journal.move(mid, j.SOURCE, j.DONE, j.PEER)
-    for by in (j.SELF, j.PEER):
+    mid = _entry(journal, SOURCE, State.AUTHORIZED, 1)
+    for to, by in [(State.PRE_COPY, PEER), (State.FROZEN, PEER), (State.COMMITTED, PEER)]:
+        journal.move(mid, SOURCE, to, by)
+    assert journal.try_move(mid, SOURCE, State.RESUMING, SELF) is None  # lease: too late
+    journal.move(mid, SOURCE, State.DONE, PEER)
+    for by in (SELF, PEER):
         with pytest.raises(j.IllegalTransition, match="done"):
-            journal.move(mid, j.SOURCE, j.RESUMING, by)
+            journal.move(mid, SOURCE, State.RESUMING, by)
 
 
 def test_the_peer_alone_cannot_end_a_frozen_migration_without_resuming(tmp_path: Path) -> None:
     journal = j.Journal(tmp_path)
-    mid = _entry(journal, j.SOURCE, j.FROZEN, 1)
-    for to in (j.DONE, j.FAILED, j.ROLLED_BACK, j.PRE_COPY, j.AUTHORIZED):
-        assert journal.try_move(mid, j.SOURCE, to, j.PEER) is None
+    mid = _entry(journal, SOURCE, State.FROZEN, 1)
+    for to in (State.DONE, State.FAILED, State.ROLLED_BACK, State.PRE_COPY, State.AUTHORIZED):
+        assert journal.try_move(mid, SOURCE, to, PEER) is None
 
 
 def test_ids_are_never_reused(tmp_path: Path) -> None:
     journal = j.Journal(tmp_path)
-    _entry(journal, j.SOURCE, j.AUTHORIZED, 1)
+    _entry(journal, SOURCE, State.AUTHORIZED, 1)
     with pytest.raises(AlreadyExists):
-        _entry(journal, j.SOURCE, j.AUTHORIZED, 1)
-    journal.move("m1", j.SOURCE, j.FAILED, j.SELF)
+        _entry(journal, SOURCE, State.AUTHORIZED, 1)
+    journal.move("m1", SOURCE, State.FAILED, SELF)
     with pytest.raises(AlreadyExists):
-        _entry(journal, j.SOURCE, j.AUTHORIZED, 1)
+        _entry(journal, SOURCE, State.AUTHORIZED, 1)
     assert journal.known("m1") and not journal.known("m2")
 
 
 def test_save_never_writes_the_state(tmp_path: Path) -> None:
     journal = j.Journal(tmp_path)
-    mid = _entry(journal, j.SOURCE, j.FROZEN, 1)
-    entry = journal.get(mid, j.SOURCE)
-    entry.state = j.DONE  # a stale or forged state in memory
+    mid = _entry(journal, SOURCE, State.FROZEN, 1)
+    entry = journal.get(mid, SOURCE)
+    entry.state = State.DONE  # a stale or forged state in memory
     entry.data["x"] = 2
     journal.save(entry)
-    again = journal.get(mid, j.SOURCE)
-    assert again.state == j.FROZEN and again.data["x"] == 2
+    again = journal.get(mid, SOURCE)
+    assert again.state == State.FROZEN and again.data["x"] == 2
+
+
+def test_each_state_fails_the_way_the_table_allows() -> None:
+    """A failure from a state the source was frozen in is a rollback, else a plain failure:
+    `State.failure` is what the table lets the destination move to from there."""
+    for (role, state), moves in TRANSITIONS.items():
+        if role == DESTINATION:
+            assert state.failure in moves, state
+            assert (State.FAILED in moves) != state.frozen, state
+
+
+def test_the_new_container_may_have_run_exactly_from_restoring_on() -> None:
+    reach, todo = set(), [State.RESTORING]
+    while todo:
+        s = todo.pop()
+        reach.add(s)
+        todo += [t for t in TRANSITIONS.get((DESTINATION, s), {})
+                 if t not in reach and t != State.ROLLED_BACK]
+    assert {s for s in State if s.may_have_started} == reach
+
+
+def test_ended_states_have_no_moves_and_every_state_a_phase() -> None:
+    assert {s for s in State if s.ended} == set(ENDED) == {State.DONE, State.ROLLED_BACK,
+                                                          State.FAILED}
+    for s in State:
+        assert not (s.ended and any(k == s for _, k in TRANSITIONS)), s
+        assert isinstance(s.phase, int), s
+    assert State.PAGING_IN.phase == pb.PAGE_IN and State.FROZEN.phase == pb.FREEZE
+
+
+def test_the_architecture_doc_shows_the_table_as_it_is() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "architecture.md").read_text()
+    assert diagram() in doc, "docs/architecture.md is stale: python -m agent.migration.state"
+
+
+def test_a_state_read_back_is_the_enum(tmp_path: Path) -> None:
+    journal = j.Journal(tmp_path)
+    _entry(journal, SOURCE, State.PAGING_IN, 1)
+    got = j.Journal(tmp_path).get("m1", SOURCE)
+    assert got.state is State.PAGING_IN and got.state == "paging-in"

@@ -15,6 +15,7 @@ from agent import certs, errors
 from agent.delta import DeltaStats
 from agent.metrics import REASONS, Metrics, reason_of, serve
 from agent.migration.report import Report
+from agent.migration.state import State
 from agent.security import TLSFiles
 from agent.server import main as agent_main
 from agent.service import AgentService
@@ -75,9 +76,9 @@ def test_a_report_is_found_in_the_scrape(metrics: tuple[Metrics, str]) -> None:
 def test_a_rollback_is_counted_by_reason_and_phase(metrics: tuple[Metrics, str]) -> None:
     m, address = metrics
     m.failed(errors.Unavailable("cannot reach the agent of nodeA at 10.0.0.1:50051"),
-             pb.FINAL_SYNC, frozen=True)
+             pb.FINAL_SYNC, State.TRANSFERRING_FINAL.failure)
     m.failed(errors.FailedPrecondition("pre-flight check failed: no CRIU"), pb.REQUEST,
-             frozen=False)
+             State.PRE_COPY.failure)
     got = {dict(labels)["reason"]: (dict(labels)["outcome"], dict(labels)["phase"], value)
            for (name, labels), value in scrape(address).items()
            if name == "migctl_migrations_ended_total"}

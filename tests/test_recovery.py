@@ -13,6 +13,7 @@ from agent.dataplane.staging import Staging
 from agent.errors import NotFound, Unavailable
 from agent.migration import journal as j
 from agent.migration import recovery
+from agent.migration.state import DESTINATION, State
 from agent.security import TLSFiles
 
 
@@ -63,20 +64,20 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
                         or type("Reply", (), {"detail": "resumed"})())
 
     def entry(state: str) -> j.Entry:
-        e = j.Entry("m1", j.DESTINATION, "srcid", j.REQUESTED, peer="nodeA",
+        e = j.Entry("m1", DESTINATION, "srcid", State.REQUESTED, peer="nodeA",
                     peer_address="10.0.0.1:1", data={"new_container": "new1"})
         journal.create(e)
-        for s in [j.PRE_COPY, j.FROZEN, j.TRANSFERRING_FINAL, j.RESTORING]:
+        for s in [State.PRE_COPY, State.FROZEN, State.TRANSFERRING_FINAL, State.RESTORING]:
             if e.state == state:
                 break
-            e = journal.move("m1", j.DESTINATION, s)
+            e = journal.move("m1", DESTINATION, s)
         staging.create("m1")
         return e
 
     return journal, staging, tls, asked, entry
 
 
-@pytest.mark.parametrize("state", [j.FROZEN, j.TRANSFERRING_FINAL])
+@pytest.mark.parametrize("state", [State.FROZEN, State.TRANSFERRING_FINAL])
 @pytest.mark.parametrize("silent", [True, False], ids=["engine-silent", "remove-failed"])
 def test_a_never_started_container_does_not_hold_the_source_back(setup, state: str,
                                                                  silent: bool) -> None:
@@ -88,8 +89,8 @@ def test_a_never_started_container_does_not_hold_the_source_back(setup, state: s
     e = entry(state)
     assert recovery.settle(e, engine, journal, staging, tls) is True
     assert asked == ["Resume"]
-    after = journal.get("m1", j.DESTINATION)
-    assert after.state == j.ROLLED_BACK and after.data["stray_container"] == "new1"
+    after = journal.get("m1", DESTINATION)
+    assert after.state == State.ROLLED_BACK and after.data["stray_container"] == "new1"
     recovery.remove_strays(engine, journal)  # still silent (or still failing): kept
     assert journal.strays() and "new1" in engine.containers
     engine.answers, engine.removes = True, True
@@ -97,26 +98,26 @@ def test_a_never_started_container_does_not_hold_the_source_back(setup, state: s
     assert not journal.strays() and "new1" not in engine.containers
 
 
-@pytest.mark.parametrize("state", [j.RESTORING])
+@pytest.mark.parametrize("state", [State.RESTORING])
 @pytest.mark.parametrize("engine", [Engine({"new1"}, answers=False),
                                     Engine({"new1"}, removes=False)],
                          ids=["engine-silent", "remove-failed"])
 def test_no_resume_until_the_copy_here_is_gone(setup, state: str, engine: Engine) -> None:
     journal, staging, tls, asked, entry = setup
     e = entry(state)
-    if state == j.RESTORING and engine.answers:
+    if state == State.RESTORING and engine.answers:
         engine.containers = {"new1"}  # it runs: the migration is completed, not undone
         assert recovery.settle(e, engine, journal, staging, tls) is True
-        assert journal.get("m1", j.DESTINATION).state == j.DONE
+        assert journal.get("m1", DESTINATION).state == State.DONE
         assert asked == ["Release"]
         return
     assert recovery.settle(e, engine, journal, staging, tls) is False
     assert asked == [], "the source was asked to resume while a copy may still exist here"
-    after = journal.get("m1", j.DESTINATION)
+    after = journal.get("m1", DESTINATION)
     assert after.state == state and after.data["rollback"].startswith("pending")
     engine.answers, engine.removes = True, True  # the engine is back and removes work
-    if state == j.RESTORING:
+    if state == State.RESTORING:
         engine.containers = set()  # it came back without the container (else: completed)
     assert recovery.settle(after, engine, journal, staging, tls) is True
     assert asked == ["Resume"]
-    assert journal.get("m1", j.DESTINATION).state == j.ROLLED_BACK
+    assert journal.get("m1", DESTINATION).state == State.ROLLED_BACK

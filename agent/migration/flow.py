@@ -67,6 +67,7 @@ from agent.migration.source import (
     snapshot_path,
 )
 from agent.migration.sourcing import Sourcing
+from agent.migration.state import DESTINATION, SOURCE, State
 from agent.runtime.base import Runtime, restarts
 from agent.runtime.criu.images import Confinement, check_images
 from agent.runtime.docker import criu_path, host_listeners
@@ -126,13 +127,13 @@ class Migration:
     def __post_init__(self) -> None:
         self.migration_id = self.request.migration_id
         self.source_name = self.request.source_node
-        self.entry = j.Entry(self.migration_id, j.DESTINATION, self.request.container,
-                             j.REQUESTED, peer=self.source_name,
+        self.entry = j.Entry(self.migration_id, DESTINATION, self.request.container,
+                             State.REQUESTED, peer=self.source_name,
                              peer_address=self.source_address,
                              data={"created_volumes": [], "new_container": "",
                                    "remove_source": self.request.remove_source})
         self.journal.create(self.entry)  # an id seen before is refused here
-        self.metrics.started.labels(j.DESTINATION).inc()
+        self.metrics.started.labels(DESTINATION).inc()
         self.report = Report(self.migration_id, self.request.container, self.source_name,
                              self.node, self.emit, self.request.mode, self.metrics)
         self.area = self.staging.create(self.migration_id)
@@ -150,7 +151,7 @@ class Migration:
 
     def step(self, state: str, **data: object) -> None:
         """Journal the step about to be taken, before taking it."""
-        self.entry = self.journal.move(self.migration_id, j.DESTINATION, state, data=data)
+        self.entry = self.journal.move(self.migration_id, DESTINATION, state, data=data)
 
     @property
     def new_container(self) -> str:
@@ -231,14 +232,14 @@ class Migration:
         try:
             with self.report.phase(pb.REQUEST):
                 spec = self.request_phase()
-            self.step(j.PRE_COPY)
+            self.step(State.PRE_COPY)
             with self.report.phase(pb.PRE_COPY):
                 bases = self.pre_copy(spec)
                 flush_writes()
                 self.check_ports_free(spec)
             pages = self.open_page_server(spec)
             lazy = pages is not None and pages.lazy
-            self.step(j.FROZEN)
+            self.step(State.FROZEN)
             self.take_hold()
             with self.report.phase(pb.FREEZE):
                 self.report.freeze_started()
@@ -254,7 +255,7 @@ class Migration:
                     self.report.transfer("checkpoint", f"{FINAL_CHECKPOINT}: memory pages",
                                          self.source_name, pb.FREEZE, pages.finish(),
                                          final.seconds, "whole", "through the page server")
-            self.step(j.TRANSFERRING_FINAL)
+            self.step(State.TRANSFERRING_FINAL)
             with self.report.phase(pb.FINAL_SYNC):
                 self.final_sync(spec, final, bases)
             with self.report.phase(pb.RESTORE):
@@ -273,7 +274,7 @@ class Migration:
         except BaseException as err:
             self.fail(err)
             raise
-        self.step(j.DONE)
+        self.step(State.DONE)
         self.store.forget_departed_volumes([v.name for v in spec.volumes])
         try:  # first: a source paused for a page server still holds its clients' connections
             self.call(self.source.Release, pb.ReleaseRequest(
@@ -290,8 +291,8 @@ class Migration:
         return report
 
     def ended(self) -> bool:
-        now = self.journal.get(self.migration_id, j.DESTINATION)
-        return now is None or now.state in j.ENDED
+        now = self.journal.get(self.migration_id, DESTINATION)
+        return now is None or now.state.ended
 
     def keep_report(self, report: pb.MigrationReport) -> None:
         """REPORT goes into the journal entry, for `migctl history`."""
@@ -362,7 +363,7 @@ class Migration:
         """The host ports the container publishes must be free here, or its restore fails,
         after the freeze. Asked at the request and again before the freeze (pre-copy takes
         time); containers other migrations created here count as already started."""
-        others = [e.data["new_container"] for e in self.journal.in_flight(j.DESTINATION)
+        others = [e.data["new_container"] for e in self.journal.in_flight(DESTINATION)
                   if e.id != self.migration_id and e.data.get("new_container")]
         taken = ports_taken(spec, self.runtime.port_users(others), host_listeners())
         if taken:
@@ -384,7 +385,7 @@ class Migration:
             migrations = {self.store.departure(volume=volume)}
         peers = set()
         for mid in migrations:
-            entry = self.journal.get(mid, j.SOURCE) if mid else None
+            entry = self.journal.get(mid, SOURCE) if mid else None
             peers.add(entry.peer if entry else "")
         return peers.pop() if len(peers) == 1 else ""
 
@@ -789,7 +790,7 @@ class Migration:
         """PAGES: post-copy; its lazy-pages daemon starts first (journaled as lazy: a restarted
         agent removes a copy whose pages may not all have arrived, then stops the daemon)."""
         cid = self.new_container
-        self.step(j.RESTORING, lazy=pages is not None)
+        self.step(State.RESTORING, lazy=pages is not None)
         self.report.msg.restore_method = self.runtime.method_for(cid)
         if pages is not None:
             start = time.monotonic()
@@ -811,7 +812,7 @@ class Migration:
 
     def page_in(self, pages: PageServer) -> None:
         """Post-copy: the container runs; it is done once the daemon has every page."""
-        self.step(j.PAGING_IN)
+        self.step(State.PAGING_IN)
         got = pages.finish(self.deadline(pages.limit))
         done = pages.exited_at or time.monotonic()
         running = min(self.report.running_at or done, done)  # a small one may beat the mark
@@ -843,9 +844,9 @@ class Migration:
         log.warning("migration %s failed: %s", self.migration_id, err)
         self.entry.data["error"] = str(err)
         self.journal.save(self.entry)
-        frozen = self.entry.state not in (j.REQUESTED, j.PRE_COPY)
+        frozen = self.entry.state.frozen
         self.metrics.failed(err, self.report.current.phase if self.report.current else
-                            pb.REQUEST, frozen)
+                            pb.REQUEST, self.entry.state.failure)
         try:
             if not frozen:
                 settle(self.entry, self.runtime, self.journal, self.staging, self.tls,

@@ -4,9 +4,10 @@ A restarted agent reads it and finishes or undoes what was in flight (agent/migr
 The source's entry also holds the commit point: once the destination has committed, only the
 destination may ask the source to resume, so two copies can never run.
 
-Every state change goes through `Journal.move`, a compare-and-set checked against `TRANSITIONS`:
-which state may follow which, and who may cause it (this agent on its own, or the peer node the
-migration is bound to). `save` writes an entry's data and never its state.
+Every state change goes through `Journal.move`, a compare-and-set checked against the one table
+of moves (`TRANSITIONS`, agent/migration/state.py): which state may follow which, and who may
+cause it (this agent on its own, or the peer node the migration is bound to). `save` writes an
+entry's data and never its state.
 """
 
 from __future__ import annotations
@@ -19,49 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.errors import AlreadyExists, FailedPrecondition
-
-# Destination states, in order; the source uses AUTHORIZED, PRE_COPY, FROZEN, COMMITTED,
-# RESUMING and the ends.
-AUTHORIZED = "authorized"  # source only: an operator allowed this migration; not begun yet
-REQUESTED = "requested"
-PRE_COPY = "pre-copy"
-FROZEN = "frozen"
-TRANSFERRING_FINAL = "transferring-final"
-RESTORING = "restoring"
-PAGING_IN = "paging-in"  # destination, post-copy: it runs here; memory pages still arrive
-COMMITTED = "committed"  # source only: the destination owns the container from now on
-RESUMING = "resuming"    # source only: the container is being started again here
-DONE = "done"
-ROLLED_BACK = "rolled-back"
-FAILED = "failed"
-ENDED = (DONE, ROLLED_BACK, FAILED)
-
-SOURCE, DESTINATION = "source", "destination"
-SELF, PEER = "self", "peer"  # who moves an entry: this agent, or the node it is bound to
-
-_BOTH = frozenset({SELF, PEER})
-_SELF = frozenset({SELF})
-_PEER = frozenset({PEER})
-
-# (role, from state) -> {to state: who may cause it}. Anything not listed is illegal.
-TRANSITIONS: dict[tuple[str, str], dict[str, frozenset[str]]] = {
-    (SOURCE, AUTHORIZED): {PRE_COPY: _PEER, FAILED: _BOTH},
-    (SOURCE, PRE_COPY): {FROZEN: _PEER, FAILED: _BOTH},
-    # A frozen container is resumed by the destination's rollback, or by this agent when the
-    # destination falls silent (lease, liveness) or this agent restarts; never after COMMITTED
-    # unless the destination, which owns it then, asks.
-    (SOURCE, FROZEN): {COMMITTED: _PEER, RESUMING: _BOTH},
-    (SOURCE, COMMITTED): {DONE: _PEER, RESUMING: _PEER},
-    (SOURCE, RESUMING): {ROLLED_BACK: _SELF},
-    (DESTINATION, REQUESTED): {PRE_COPY: _SELF, FAILED: _SELF},
-    (DESTINATION, PRE_COPY): {FROZEN: _SELF, FAILED: _SELF},
-    (DESTINATION, FROZEN): {TRANSFERRING_FINAL: _SELF, ROLLED_BACK: _SELF},
-    (DESTINATION, TRANSFERRING_FINAL): {RESTORING: _SELF, ROLLED_BACK: _SELF},
-    (DESTINATION, RESTORING): {PAGING_IN: _SELF, DONE: _SELF, ROLLED_BACK: _SELF},
-    # Post-copy: until the last page arrived the copy here is incomplete; a failure removes it,
-    # and the source (paused since the freeze) goes on from there.
-    (DESTINATION, PAGING_IN): {DONE: _SELF, ROLLED_BACK: _SELF},
-}
+from agent.migration.state import DESTINATION, ENDED, PEER, SELF, State, legal
 
 
 class IllegalTransition(FailedPrecondition):
@@ -88,7 +47,7 @@ class Entry:
     id: str
     role: str
     container: str
-    state: str
+    state: State
     peer: str = ""  # the node this migration is bound to (the other end)
     peer_address: str = ""
     data: dict = field(default_factory=dict)
@@ -96,11 +55,7 @@ class Entry:
 
     @property
     def ended(self) -> bool:
-        return self.state in ENDED
-
-
-def legal(role: str, state: str, to: str, by: str) -> bool:
-    return by in TRANSITIONS.get((role, state), {}).get(to, frozenset())
+        return self.state.ended
 
 
 class Journal:
@@ -120,7 +75,7 @@ class Journal:
             try:
                 self._db.execute(
                     "INSERT INTO migrations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (entry.id, entry.role, entry.container, entry.state, entry.peer,
+                    (entry.id, entry.role, entry.container, entry.state.value, entry.peer,
                      entry.peer_address, json.dumps(entry.data), entry.updated))
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"migration id {entry.id} was used before on this node; "
@@ -136,7 +91,7 @@ class Journal:
                 (entry.container, entry.peer_address, json.dumps(entry.data), entry.updated,
                  entry.id, entry.role))
 
-    def move(self, migration_id: str, role: str, to: str, by: str = SELF,
+    def move(self, migration_id: str, role: str, to: State, by: str = SELF,
              data: dict | None = None) -> Entry:
         """Compare-and-set: move the entry to TO if the table allows it from where it is now,
         for BY; otherwise IllegalTransition (and nothing is written)."""
@@ -153,10 +108,11 @@ class Journal:
             entry.updated = time.time()
             self._db.execute(
                 "UPDATE migrations SET state = ?, data = ?, updated = ? WHERE id = ? AND role = ?",
-                (to, json.dumps(entry.data), entry.updated, migration_id, role))
+                (to.value, json.dumps(entry.data), entry.updated, migration_id, role))
             return entry
 
-    def try_move(self, migration_id: str, role: str, to: str, by: str = SELF) -> Entry | None:
+    def try_move(self, migration_id: str, role: str, to: State, by: str = SELF
+                 ) -> Entry | None:
         """`move`, or None when the entry was elsewhere (e.g. a commit racing a lease expiry:
         exactly one of them wins)."""
         try:
@@ -178,7 +134,7 @@ class Journal:
     def in_flight(self, role: str | None = None) -> list[Entry]:
         marks = ",".join("?" * len(ENDED))
         query = f"SELECT * FROM migrations WHERE state NOT IN ({marks})"
-        args: list[str] = list(ENDED)
+        args: list[str] = [s.value for s in ENDED]
         if role:
             query += " AND role = ?"
             args.append(role)
@@ -204,5 +160,5 @@ class Journal:
 
     @staticmethod
     def _entry(row: tuple) -> Entry:
-        return Entry(id=row[0], role=row[1], container=row[2], state=row[3], peer=row[4],
+        return Entry(id=row[0], role=row[1], container=row[2], state=State(row[3]), peer=row[4],
                      peer_address=row[5], data=json.loads(row[6]), updated=row[7])

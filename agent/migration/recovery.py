@@ -21,17 +21,13 @@ from agent.dataplane.staging import Staging
 from agent.errors import MigctlError, NotFound
 from agent.migration import journal as j
 from agent.migration.source import FINAL_CHECKPOINT
+from agent.migration.state import DESTINATION, State
 from agent.runtime.base import Runtime
 from agent.security import TLSFiles
 from proto import migctl_pb2 as pb
 from proto import migctl_pb2_grpc as rpc
 
 log = logging.getLogger(__name__)
-
-NEVER_STARTED = (j.REQUESTED, j.PRE_COPY, j.FROZEN, j.TRANSFERRING_FINAL)
-"""Destination states in which the new container exists at most created: the flow starts it
-only after RESTORING is journaled."""
-
 
 def settle(entry: j.Entry, runtime: Runtime, journal: j.Journal, staging: Staging,
            tls: TLSFiles, say: Callable[[str], None] = lambda _: None) -> bool:
@@ -40,10 +36,10 @@ def settle(entry: j.Entry, runtime: Runtime, journal: j.Journal, staging: Stagin
     new = entry.data.get("new_container", "")
     lazy = bool(entry.data.get("lazy"))  # post-copy: running is not done until every page came
     try:
-        if entry.state == j.RESTORING and new and not lazy and _running(runtime, new):
+        if entry.state == State.RESTORING and new and not lazy and _running(runtime, new):
             # The restore went through (the agent stopped before it could say so): finish.
             _release(entry, tls, completed=True)
-            journal.move(entry.id, j.DESTINATION, j.DONE)
+            journal.move(entry.id, DESTINATION, State.DONE)
             staging.drop(entry.id)
             say(f"{entry.container} runs here ({new[:12]}): migration completed")
             return True
@@ -54,7 +50,7 @@ def settle(entry: j.Entry, runtime: Runtime, journal: j.Journal, staging: Stagin
                     raise MigctlError(f"the engine still lists container {new[:12]} after "
                                       "removing it")
             except MigctlError as err:
-                if entry.state not in NEVER_STARTED:
+                if entry.state.may_have_started:
                     raise
                 # Created in pre-copy and never started: no second copy can run from it, so
                 # the source need not wait; it is removed once this node's engine answers.
@@ -81,9 +77,9 @@ def settle(entry: j.Entry, runtime: Runtime, journal: j.Journal, staging: Stagin
             "retrying before the source is asked to resume")
         _pending(entry, journal, str(err))
         return False
-    if entry.state in (j.REQUESTED, j.PRE_COPY):
+    if not entry.state.frozen:
         _release(entry, tls, completed=False)  # best effort: the source only drops its files
-        journal.move(entry.id, j.DESTINATION, j.FAILED)
+        journal.move(entry.id, DESTINATION, State.FAILED)
     else:
         try:
             reply = _call(entry, tls, "Resume", pb.ResumeRequest(
@@ -99,7 +95,7 @@ def settle(entry: j.Entry, runtime: Runtime, journal: j.Journal, staging: Stagin
             _pending(entry, journal, err.details() or str(err.code()))
             return False
         say(f"rollback: {entry.container} runs again on {entry.peer} ({reply.detail})")
-        journal.move(entry.id, j.DESTINATION, j.ROLLED_BACK)
+        journal.move(entry.id, DESTINATION, State.ROLLED_BACK)
     staging.drop(entry.id)
     return True
 

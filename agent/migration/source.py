@@ -50,6 +50,7 @@ from agent.errors import (
 )
 from agent.metrics import Metrics
 from agent.migration import journal as j
+from agent.migration.state import PEER, SELF, SOURCE, State
 from agent.runtime.base import Runtime, restarts
 from agent.runtime.spec import checkpoint_path, unsupported
 from proto import migctl_pb2 as pb
@@ -148,7 +149,7 @@ class SourceSide:
             raise FailedPrecondition(f"{container!r} does not run: there is nothing to dump")
         scratch = self.staging.root / f"trial-{uuid.uuid4().hex[:16]}"
         with self._lock:
-            for other in self.journal.in_flight(j.SOURCE):
+            for other in self.journal.in_flight(SOURCE):
                 if other.container == cid:
                     raise FailedPrecondition(f"{container!r} is being migrated (migration "
                                              f"{other.id}); ask CRIU once it ended")
@@ -179,13 +180,13 @@ class SourceSide:
                                      + "; ".join(problems))
         migration_id = uuid.uuid4().hex[:16]
         with self._lock:
-            for other in self.journal.in_flight(j.SOURCE):
+            for other in self.journal.in_flight(SOURCE):
                 if other.container == spec.id:
                     raise AlreadyExists(
                         f"{spec.name!r} is already being migrated (migration {other.id} to "
                         f"{other.peer}, {other.state}); wait for it to end")
             self.journal.create(j.Entry(
-                migration_id, j.SOURCE, spec.id, j.AUTHORIZED, peer=destination,
+                migration_id, SOURCE, spec.id, State.AUTHORIZED, peer=destination,
                 data={"name": spec.name, "authorized_at": time.time(),
                       "keys": list(checkpoint_keys(spec)),
                       "volumes": {v.name: {"read_only": v.read_only,
@@ -201,7 +202,7 @@ class SourceSide:
         named) is its container; PermissionDenied otherwise, with the same words whether the
         id is unknown or someone else's (no oracle for ids). An ended migration is refused
         unless ENDED_OK (a Resume, which says itself what an ended migration allows)."""
-        entry = self.journal.get(migration_id, j.SOURCE)
+        entry = self.journal.get(migration_id, SOURCE)
         if entry is None or entry.peer != caller:
             raise PermissionDenied(f"{caller} has no migration {migration_id} on this node")
         if container and container not in (entry.container, entry.data.get("name")):
@@ -213,13 +214,13 @@ class SourceSide:
 
     def begin(self, entry: j.Entry) -> pb.ContainerSpec:
         age = time.time() - entry.data.get("authorized_at", 0.0)
-        if entry.state == j.AUTHORIZED and age > AUTHORIZATION_SECONDS:
+        if entry.state == State.AUTHORIZED and age > AUTHORIZATION_SECONDS:
             self._drop(entry)
             raise FailedPrecondition(f"migration {entry.id} was authorized {age:.0f} s ago "
                                      f"and has expired ({AUTHORIZATION_SECONDS:.0f} s)")
         spec = self.runtime.describe(entry.container)
-        self.journal.move(entry.id, j.SOURCE, j.PRE_COPY, by=j.PEER)  # a replay fails here
-        self.metrics.started.labels(j.SOURCE).inc()
+        self.journal.move(entry.id, SOURCE, State.PRE_COPY, by=PEER)  # a replay fails here
+        self.metrics.started.labels(SOURCE).inc()
         return spec
 
     def vouch(self, migration_id: str, destination: str) -> list[str]:
@@ -227,9 +228,9 @@ class SourceSide:
         is that live migration's bound destination (PermissionDenied otherwise). Checkpoints of
         the container's image and service, its writable volumes' snapshots, the content of its
         read-only volumes as snapshotted here."""
-        entry = self.journal.get(migration_id, j.SOURCE)
+        entry = self.journal.get(migration_id, SOURCE)
         if entry is None or entry.peer != destination or entry.ended or \
-                entry.state == j.AUTHORIZED:
+                entry.state == State.AUTHORIZED:
             raise PermissionDenied(f"{destination} has no live migration {migration_id} from "
                                    "this node")
         volumes = entry.data.get("volumes", {})
@@ -252,7 +253,7 @@ class SourceSide:
 
     def snapshot_taken(self, entry: j.Entry, volume: str, info: pb.FileInfo) -> None:
         with self._lock:  # read fresh: the entry may have moved (and gained data) meanwhile
-            entry = self.journal.get(entry.id, j.SOURCE) or entry
+            entry = self.journal.get(entry.id, SOURCE) or entry
             entry.data.setdefault("snapshots", {})[info.path] = {
                 "volume": volume, "digest": info.digest, "ts": time.time()}
             self.journal.save(entry)
@@ -281,8 +282,8 @@ class SourceSide:
     def open_tunnel(self, entry: j.Entry, lazy: bool = False) -> Listener:
         """A page tunnel for the final checkpoint: opened in pre-copy, one per migration."""
         with self._lock:
-            now = self.journal.get(entry.id, j.SOURCE)
-            if now is None or now.state != j.PRE_COPY:
+            now = self.journal.get(entry.id, SOURCE)
+            if now is None or now.state != State.PRE_COPY:
                 raise j.IllegalTransition(f"migration {entry.id} is "
                                           f"{now.state if now else 'gone'}: a page tunnel is "
                                           "opened before the final checkpoint")
@@ -328,7 +329,7 @@ class SourceSide:
             raise InvalidArgument("a final checkpoint sends its pages to a page server or serves "
                                   "them lazily, not both")
         if request.leave_running:
-            if entry.state != j.PRE_COPY:
+            if entry.state != State.PRE_COPY:
                 raise j.IllegalTransition(f"migration {entry.id} is {entry.state}: no "
                                           "pre-copy checkpoint now")
         else:
@@ -341,7 +342,7 @@ class SourceSide:
             try:
                 policy = self.runtime.restart_policy(entry.container)
                 with self._lock:
-                    self.journal.move(entry.id, j.SOURCE, j.FROZEN, by=j.PEER,
+                    self.journal.move(entry.id, SOURCE, State.FROZEN, by=PEER,
                                       data={"restart_policy": policy, "paused": bool(tunnel),
                                             "lazy": lazy})
                     self._freezing.add(entry.id)
@@ -484,7 +485,7 @@ class SourceSide:
             return
         thread.join(min(timeout, 5.0))
         if thread.is_alive() and tunnel is not None and tunnel.netns is not None and done:
-            entry = self.journal.get(migration_id, j.SOURCE)
+            entry = self.journal.get(migration_id, SOURCE)
             self._end_criu(entry.container if entry else "", tunnel.netns, done, timeout)
             thread.join(timeout)
         if thread.is_alive():
@@ -503,7 +504,7 @@ class SourceSide:
     def offer(self, entry: j.Entry, rel: str, chunks: Iterator[bytes]) -> None:
         """Keep the destination's signature of its basis for REL's final pass; REL must be a
         final path whose pre-copy file exists here, which caps the signature's size."""
-        if entry.state != j.PRE_COPY:
+        if entry.state != State.PRE_COPY:
             raise j.IllegalTransition(f"migration {entry.id} is {entry.state}: bases are "
                                       "offered during pre-copy")
         pre = self.staging.resolve(entry.id, pre_copy_of(rel))
@@ -517,7 +518,7 @@ class SourceSide:
     def final_items(self, entry: j.Entry, upper: Path | None) -> Iterator[tuple[str, Path]]:
         """What the final pass sends, made as it is needed: the final checkpoint's files, then
         an archive of what changed in each writable volume and in the writable layer."""
-        if entry.state != j.FROZEN or entry.id in self._freezing:
+        if entry.state != State.FROZEN or entry.id in self._freezing:
             raise j.IllegalTransition(f"migration {entry.id} is {entry.state}: the final pass "
                                       "follows the final checkpoint")
         self.still_paused(entry)
@@ -562,9 +563,9 @@ class SourceSide:
                                      "over")
         # Under the same lock as a lease's resume: one of the two wins, never both.
         with self._lock:
-            committed = self.journal.try_move(entry.id, j.SOURCE, j.COMMITTED, by=j.PEER)
+            committed = self.journal.try_move(entry.id, SOURCE, State.COMMITTED, by=PEER)
         if committed is None:
-            now = self.journal.get(entry.id, j.SOURCE)
+            now = self.journal.get(entry.id, SOURCE)
             raise FailedPrecondition(
                 f"the source will not hand over migration {entry.id} "
                 f"({now.state if now else 'unknown here'}): it is not frozen here (it resumed "
@@ -577,24 +578,24 @@ class SourceSide:
         The journal moves to RESUMING first, under the commit's lock, so a commit can no
         longer win; an interrupted resume is retried from RESUMING."""
         with self._lock:
-            entry = self.journal.get(migration_id, j.SOURCE)
+            entry = self.journal.get(migration_id, SOURCE)
             if entry is None:
                 raise NotFound(f"no migration {migration_id} here")
-            if entry.state == j.ROLLED_BACK:  # a retry after a reply that was lost: no-op
+            if entry.state == State.ROLLED_BACK:  # a retry after a reply that was lost: no-op
                 return pb.ResumeReply(restored=True, detail=entry.data.get(
                     "resume", "it was resumed here before"))
             if migration_id in self._resuming or migration_id in self._freezing:
                 raise FailedPrecondition(f"migration {migration_id} is being resumed or "
                                          "checkpointed right now; try again")
-            if entry.state in (j.PRE_COPY, j.FAILED) and by == j.PEER and \
+            if entry.state in (State.PRE_COPY, State.FAILED) and by == PEER and \
                     self.runtime.inspect(entry.container)["State"].get("Running"):
                 # never frozen: the destination's rollback only needs the source to let go
-                if self.journal.try_move(migration_id, j.SOURCE, j.FAILED, by=j.PEER):
+                if self.journal.try_move(migration_id, SOURCE, State.FAILED, by=PEER):
                     self.metrics.source_ended("failed", "destination", entry.state)
                 self.staging.drop(migration_id)
                 return pb.ResumeReply(restored=True, detail="it was never frozen and runs")
-            if entry.state != j.RESUMING:
-                entry = self.journal.move(migration_id, j.SOURCE, j.RESUMING, by=by)
+            if entry.state != State.RESUMING:
+                entry = self.journal.move(migration_id, SOURCE, State.RESUMING, by=by)
             self._resuming.add(migration_id)
         try:
             return self._resume(entry, by)
@@ -641,15 +642,15 @@ class SourceSide:
         policy = entry.data.get("restart_policy") or {"Name": "no"}
         if restarts(policy) and not gone:  # it runs again: its policy too
             self.runtime.set_restart_policy(cid, policy)
-        self.journal.move(migration_id, j.SOURCE, j.ROLLED_BACK, data={"resume": reply.detail})
-        self.metrics.source_ended("rolled_back", "destination" if by == j.PEER else "source",
+        self.journal.move(migration_id, SOURCE, State.ROLLED_BACK, data={"resume": reply.detail})
+        self.metrics.source_ended(State.ROLLED_BACK, "destination" if by == PEER else "source",
                                   entry.state)
         self.staging.drop(migration_id)
         return reply
 
     def release(self, entry: j.Entry, completed: bool, remove_container: bool) -> None:
         if completed:
-            if entry.state != j.COMMITTED:
+            if entry.state != State.COMMITTED:
                 raise FailedPrecondition(
                     f"migration {entry.id} was never committed here ({entry.state}); "
                     "refusing to treat the container as moved")
@@ -668,11 +669,11 @@ class SourceSide:
                 self.runtime.remove(entry.container)
             else:
                 self.store.mark_departed(entry.container, entry.id)
-            self.journal.move(entry.id, j.SOURCE, j.DONE, by=j.PEER)
+            self.journal.move(entry.id, SOURCE, State.DONE, by=PEER)
             self.metrics.source_ended("succeeded", "destination", entry.state)
-        elif entry.state in (j.AUTHORIZED, j.PRE_COPY):
-            self.journal.move(entry.id, j.SOURCE, j.FAILED, by=j.PEER)
-            if entry.state == j.PRE_COPY:  # begun: counted as started
+        elif entry.state in (State.AUTHORIZED, State.PRE_COPY):
+            self.journal.move(entry.id, SOURCE, State.FAILED, by=PEER)
+            if entry.state == State.PRE_COPY:  # begun: counted as started
                 self.metrics.source_ended("failed", "destination", entry.state)
         else:
             raise FailedPrecondition(f"migration {entry.id} is {entry.state} here: resume it "
@@ -684,7 +685,7 @@ class SourceSide:
 
     def recover_on_start(self) -> None:
         """Uncommitted frozen containers resume at once: the destination cannot have committed."""
-        entries = self.journal.in_flight(j.SOURCE)
+        entries = self.journal.in_flight(SOURCE)
         for netns in stale_netns(self.netns_prefix):  # a lazy checkpoint's, from before
             mid = netns.name[len(self.netns_prefix):]
             container = next((e.container for e in entries if e.id.startswith(mid)), "")
@@ -692,33 +693,33 @@ class SourceSide:
                      lambda c=container: self.runtime.freeze(c) if c else None, timeout=10)
             remove_netns(netns)
             log.warning("removed the network namespace %s of a lazy checkpoint", netns.name)
-        for entry in self.journal.in_flight(j.SOURCE):
+        for entry in self.journal.in_flight(SOURCE):
             self.last_seen[entry.id] = time.monotonic()
-            if entry.state in (j.FROZEN, j.RESUMING):
+            if entry.state in (State.FROZEN, State.RESUMING):
                 log.warning("migration %s was %s when the agent stopped: resuming %s",
                             entry.id, entry.state, entry.container[:12])
                 self._resume_quietly(entry.id)
-            elif entry.state == j.COMMITTED:
+            elif entry.state == State.COMMITTED:
                 log.warning("migration %s is committed: the destination %s owns %s; waiting "
                             "for it to release or resume", entry.id, entry.peer,
                             entry.container[:12])
 
     def expire_leases(self) -> None:
         now = time.monotonic()
-        for entry in self.journal.in_flight(j.SOURCE):
+        for entry in self.journal.in_flight(SOURCE):
             idle = now - self.last_seen.setdefault(entry.id, now)
             if entry.id in self._freezing:
                 continue  # a final checkpoint is being taken: it ends, then the lease counts
-            if entry.state == j.FROZEN and idle > self.lease:
+            if entry.state == State.FROZEN and idle > self.lease:
                 log.warning("migration %s: no word from %s for %.0f s; resuming %s", entry.id,
                             entry.peer, idle, entry.container[:12])
                 self._resume_quietly(entry.id)
-            elif entry.state == j.RESUMING and entry.id not in self._resuming:
+            elif entry.state == State.RESUMING and entry.id not in self._resuming:
                 self._resume_quietly(entry.id)  # an earlier attempt failed: try again
-            elif entry.state == j.AUTHORIZED and (
+            elif entry.state == State.AUTHORIZED and (
                     time.time() - entry.data.get("authorized_at", 0.0) > AUTHORIZATION_SECONDS):
                 self._drop(entry)
-            elif entry.state == j.PRE_COPY and idle > ABANDONED_LEASES * self.lease:
+            elif entry.state == State.PRE_COPY and idle > ABANDONED_LEASES * self.lease:
                 self._drop(entry)  # abandoned before the freeze: only files to drop
 
     def hold(self, entry: j.Entry, beats: Iterator[object]) -> None:
@@ -741,13 +742,13 @@ class SourceSide:
         while not ended.wait(HOLD_TICK) and time.monotonic() - last[0] <= HOLD_SILENCE:
             pass
         with self._lock:  # the freeze moves the state and marks itself under this lock
-            now = self.journal.get(entry.id, j.SOURCE)
+            now = self.journal.get(entry.id, SOURCE)
             freezing = entry.id in self._freezing
             if freezing:
                 self._hold_lost.add(entry.id)  # resumed as soon as the checkpoint ends
         if freezing:
             self._abort_tunnel(entry.id)  # a dump into a dead tunnel ends now, not in minutes
-        if now is None or (now.state != j.FROZEN and not freezing):
+        if now is None or (now.state != State.FROZEN and not freezing):
             return  # committed (the hold's normal end), resumed, ended, or never frozen
         why = "broke" if ended.is_set() else f"fell silent for {HOLD_SILENCE:.0f} s"
         log.warning("migration %s: the hold of %s %s before the commit; resuming %s",
@@ -756,15 +757,15 @@ class SourceSide:
             self._resume_quietly(entry.id)
 
     def _drop(self, entry: j.Entry) -> None:
-        if self.journal.try_move(entry.id, j.SOURCE, j.FAILED) is not None:
-            if entry.state == j.PRE_COPY:  # begun: counted as started
+        if self.journal.try_move(entry.id, SOURCE, State.FAILED) is not None:
+            if entry.state == State.PRE_COPY:  # begun: counted as started
                 self.metrics.source_ended("failed", "source", entry.state)
             self.forget_offers(entry.id)
             self.staging.drop(entry.id)
 
     def _resume_quietly(self, migration_id: str) -> None:
         try:
-            self.resume(migration_id, by=j.SELF)
+            self.resume(migration_id, by=SELF)
         except j.IllegalTransition:
             pass  # committed meanwhile: no longer ours to resume
         except MigctlError as err:
