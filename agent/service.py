@@ -37,7 +37,7 @@ from agent.errors import InvalidArgument, MigctlError, NotFound, PermissionDenie
 from agent.metrics import Metrics
 from agent.migration import journal as j
 from agent.migration import plan
-from agent.migration.flow import Migration, peer_error, preflight_problems
+from agent.migration.flow import Migration, preflight_problems
 from agent.migration.policy import Links
 from agent.migration.recovery import remove_strays, settle
 from agent.migration.source import (
@@ -48,6 +48,7 @@ from agent.migration.source import (
     snapshot_path,
 )
 from agent.migration.state import DESTINATION, PEER, State
+from agent.peer import Peer
 from agent.runtime.base import Runtime
 from agent.runtime.spec import valid_name
 from agent.security import TLSFiles, caller_of
@@ -244,16 +245,14 @@ class AgentService(rpc.AgentServicer):
                 keys = set(self.source.vouch(ask.migration_id, ask.destination_node)) & \
                     {request.key}
             else:
-                channel = self.connect(self.address_of(request.source_node),
-                                       request.source_node)
                 try:
-                    keys = list(rpc.AgentStub(channel).Vouch(ask, timeout=10).keys)
-                except grpc.RpcError as err:
+                    with Peer(request.source_node, self.address_of(request.source_node),
+                              self.connect) as holder:
+                        keys = list(holder.call("Vouch", ask, timeout=10).keys)
+                except MigctlError as err:
                     raise PermissionDenied(f"{request.source_node} does not vouch for {who} "
                                            f"in migration {request.migration_id}: "
-                                           f"{err.details()}") from None
-                finally:
-                    channel.close()
+                                           f"{err}") from None
             cached = (time.monotonic(), frozenset(keys))
             with self._lock:
                 self._vouched = {k: v for k, v in self._vouched.items()
@@ -367,13 +366,8 @@ class AgentService(rpc.AgentServicer):
         if link is None:
             raise Unavailable(f"cannot reach the agent of {source} at {address} to measure "
                               "the link")
-        channel = self.connect(address, source)
-        try:
-            source_info = rpc.AgentStub(channel).GetNode(pb.GetNodeRequest(), timeout=10)
-        except grpc.RpcError as err:
-            raise peer_error(source, address, err) from None
-        finally:
-            channel.close()
+        with Peer(source, address, self.connect) as peer:
+            source_info = peer.call("GetNode", pb.GetNodeRequest(), timeout=10)
         reply = plan.estimate(spec, set(self.runtime.missing_layers(list(spec.diff_ids))),
                               source, self.node, link)
         reply.problems.extend(preflight_problems(source_info, self.node_info(), spec))

@@ -21,6 +21,7 @@ from agent.catalog.store import Store
 from agent.migration import sourcing
 from agent.migration.policy import Choice, Link, Links
 from agent.migration.report import Report
+from agent.peer import Peer
 from proto import migctl_pb2 as pb
 from proto import migctl_pb2_grpc as rpc
 
@@ -39,11 +40,15 @@ class LateHolder(rpc.AgentServicer):
         yield pb.Chunk(data=LAYER)
 
 
-class TheSource(rpc.AgentStub):
-    def __init__(self) -> None:
-        self.asked = 0
+class TheSource(Peer):
+    """The migration's source, which serves every layer (counted)."""
 
-    def ExportLayer(self, request: pb.LayerRef, timeout: float) -> Iterator[pb.Chunk]:  # type: ignore[override]
+    def __init__(self) -> None:  # no channel: nothing is called but ExportLayer
+        self.name, self.address, self.asked = "nodeA", "", 0
+
+    def stream(self, method: str, request: object, timeout: float | None
+               ) -> Iterator[pb.Chunk]:
+        assert method == "ExportLayer"
         self.asked += 1
         return iter([pb.Chunk(data=LAYER)])
 
@@ -89,7 +94,7 @@ def test_a_layer_holder_gets_time_to_export_its_image(holder: str, tmp_path: Pat
     s, logs = _sourcing(holder, tmp_path)
     choice = Choice(Holding(f"layer:{DIFF_ID}", "nodeC", 0.0, 0, DIFF_ID), FAST, "test")
     source = TheSource()
-    s.fetch_layer(DIFF_ID, [choice], source, "nodeA", tmp_path / "layer.tar")
+    s.fetch_layer(DIFF_ID, [choice], source, tmp_path / "layer.tar")
     assert source.asked == 0, logs
     assert (tmp_path / "layer.tar").read_bytes() == LAYER
     assert [t.origin for t in s.report.msg.transfers] == ["nodeC"]
@@ -103,4 +108,5 @@ def test_a_held_file_holder_that_is_slow_is_cut_off(holder: str, tmp_path: Path,
     got = s.fetch_held("volume snapshot basis", "vol1", [choice], tmp_path / "basis.tar")
     assert got is None
     assert not (tmp_path / "basis.tar").exists()
-    assert any("nodeC failed (DEADLINE_EXCEEDED" in line for line in logs), logs
+    assert any("nodeC failed (cannot reach the agent of nodeC" in line and
+               "(DEADLINE_EXCEEDED)" in line for line in logs), logs

@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import grpc
-
-from agent.errors import FailedPrecondition
+from agent.errors import FailedPrecondition, MigctlError
+from agent.peer import Connect, Peer
 from proto import migctl_pb2 as pb
-from proto import migctl_pb2_grpc as rpc
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +72,7 @@ class InventoryRegistry:
 
     pushed = False
 
-    def __init__(self, inventory: Path, me: str, connect: Callable[..., grpc.Channel],
+    def __init__(self, inventory: Path, me: str, connect: Connect,
                  timeout: float = 1.5) -> None:
         self.inventory = inventory
         self.me = me
@@ -101,13 +98,9 @@ class InventoryRegistry:
             return found
 
         def ask(node: str, address: str) -> list[pb.Holding]:
-            channel = self.connect(address, node)  # pinned: only NODE may answer for NODE
-            try:
-                reply = rpc.AgentStub(channel).Holdings(pb.HoldingsRequest(keys=keys),
-                                                        timeout=self.timeout)
-                return list(reply.holdings)
-            finally:
-                channel.close()
+            with Peer(node, address, self.connect) as peer:  # pinned: only NODE answers for it
+                return list(peer.call("Holdings", pb.HoldingsRequest(keys=keys),
+                                      timeout=self.timeout).holdings)
 
         with ThreadPoolExecutor(max_workers=len(peers)) as pool:
             futures = {pool.submit(ask, n, a): n for n, a in peers.items()}
@@ -118,8 +111,8 @@ class InventoryRegistry:
                         if h.key in found:  # what was asked, held by the node that answered
                             found[h.key].append(Holding(h.key, futures[fut], h.timestamp,
                                                         h.size, h.digest))
-                except grpc.RpcError as err:
-                    log.info("registry: %s did not answer: %s", futures[fut], err.code())
+                except MigctlError as err:
+                    log.info("registry: %s did not answer: %s", futures[fut], err)
         return newest_first(found)
 
     def publish(self, node: str, address: str, holdings: list[Holding]) -> None:
@@ -130,7 +123,7 @@ class InventoryRegistry:
 
 
 def open_registry(spec: str, inventory: Path, me: str,
-                  connect: Callable[..., grpc.Channel]) -> Registry:
+                  connect: Connect) -> Registry:
     if spec == "inventory":
         return InventoryRegistry(inventory, me, connect)
     if spec.startswith("redis://"):

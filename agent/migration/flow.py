@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import psutil
 from google.protobuf.json_format import MessageToDict
 
@@ -68,6 +67,7 @@ from agent.migration.source import (
 )
 from agent.migration.sourcing import Sourcing
 from agent.migration.state import DESTINATION, SOURCE, State
+from agent.peer import Peer
 from agent.runtime.base import Runtime, restarts
 from agent.runtime.criu.images import Confinement, check_images
 from agent.runtime.docker import criu_path, host_listeners
@@ -75,26 +75,15 @@ from agent.runtime.spec import check_description, checkpoint_path, port_protocol
 from agent.security import TLSFiles
 from agent.version import PROTOCOL_VERSION, version
 from proto import migctl_pb2 as pb
-from proto import migctl_pb2_grpc as rpc
 
 log = logging.getLogger(__name__)
 
-UNARY_TIMEOUT = 300.0  # a checkpoint of a large container can take minutes
 STREAM_SLACK = 30.0    # seconds every stream gets on top of its expected transfer time
 STREAM_FACTOR = 4.0    # a stream may take this many times the measured link's estimate
 SLOWEST_LINK = 1e6     # bytes/s assumed when the link to the source cannot be measured
 HOLD_BEAT = 0.25       # seconds between the beats of the hold on the frozen source
 PAGE_LIMIT_FACTOR = 4  # the final checkpoint's pages may be this many times the pre-copy's...
 PAGE_LIMIT_SLACK = 256 << 20  # ...or this much more: beyond, a page server stops taking them
-
-
-def peer_error(node: str, address: str, err: grpc.RpcError) -> MigctlError:
-    """Turn a peer's gRPC status into our error, naming the peer."""
-    if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return Unavailable(f"cannot reach the agent of {node} at {address}: {err.details()}")
-    mapped = MigctlError(f"{node}: {err.details()}")
-    mapped.code = err.code()
-    return mapped
 
 
 @dataclass
@@ -139,9 +128,8 @@ class Migration:
         self.area = self.staging.create(self.migration_id)
         # The source is reached at the address this agent knows for it, and must prove it is
         # that node: its certificate is checked for the node's name, not just for our CA.
-        self.channel = open_channel(self.source_address, self.tls, server_name=self.source_name)
         self.connect = lambda address, *name: open_channel(address, self.tls, *name)
-        self.source = rpc.AgentStub(self.channel)
+        self.source = Peer(self.source_name, self.source_address, self.connect)
         self.link: Link | None = None  # to the source, measured in the request phase
         self.confinement: Confinement | None = None  # what the created container was given
         self._holding: threading.Event | None = None  # set: the hold on the source ends
@@ -159,21 +147,12 @@ class Migration:
 
     # -- calls to the source, with its errors named -----------------------------------------
 
-    def call(self, method: Callable, request: object, timeout: float = UNARY_TIMEOUT) -> object:
-        return self.guarded(lambda: method(request, timeout=timeout))
-
     def pull(self, kind: str, item: str, phase: int, fetch: Callable[[], int | DeltaStats],
              method: str) -> None:
         start = time.monotonic()
-        result = self.guarded(fetch)
+        result = self.source.guarded(fetch)
         self.report.transfer(kind, item, self.source_name, phase, result,
                              time.monotonic() - start, method)
-
-    def guarded(self, fn: Callable[[], object]) -> object:
-        try:
-            return fn()
-        except grpc.RpcError as err:
-            raise peer_error(self.source_name, self.source_address, err) from err
 
     def take_hold(self) -> None:
         """From the freeze until the commit, a stream of beats to the source: if this agent dies
@@ -187,9 +166,9 @@ class Migration:
 
         def hold() -> None:
             try:
-                self.source.Hold(beats())
-            except grpc.RpcError as err:  # the source resumes by itself; the flow finds out
-                log.info("migration %s: hold ended: %s", self.migration_id, err.details())
+                self.source.call("Hold", beats(), timeout=None)
+            except MigctlError as err:  # the source resumes by itself; the flow finds out
+                log.info("migration %s: hold ended: %s", self.migration_id, err)
 
         threading.Thread(target=hold, name=f"hold-{self.migration_id}", daemon=True).start()
 
@@ -224,7 +203,7 @@ class Migration:
             pending = self.pages is not None and self.pages.lazy and not self.ended()
             if self.pages is not None and not pending:
                 self.pages.stop()
-            self.channel.close()
+            self.source.close()
             if not pending:
                 self.staging.drop(self.migration_id)
 
@@ -244,7 +223,7 @@ class Migration:
             with self.report.phase(pb.FREEZE):
                 self.report.freeze_started()
                 frozen_at = time.time()
-                final = self.call(self.source.Checkpoint, pb.CheckpointRequest(
+                final = self.source.call("Checkpoint", pb.CheckpointRequest(
                     migration_id=self.migration_id, container=spec.id, name=FINAL_CHECKPOINT,
                     leave_running=False, page_server=pages is not None and not lazy,
                     lazy_pages=lazy))
@@ -264,7 +243,7 @@ class Migration:
                 if lazy and pages is not None and pages.ended:
                     # the tunnel ended: no page would come after the commit
                     raise pages.error or Unavailable("the page tunnel ended before the commit")
-                self.call(self.source.Commit, pb.CommitRequest(migration_id=self.migration_id))
+                self.source.call("Commit", pb.CommitRequest(migration_id=self.migration_id))
                 self.release_hold()
                 self.restore(spec, pages if lazy else None)
             if lazy:
@@ -277,7 +256,7 @@ class Migration:
         self.step(State.DONE)
         self.store.forget_departed_volumes([v.name for v in spec.volumes])
         try:  # first: a source paused for a page server still holds its clients' connections
-            self.call(self.source.Release, pb.ReleaseRequest(
+            self.source.call("Release", pb.ReleaseRequest(
                 migration_id=self.migration_id, container=spec.id, completed=True,
                 remove_container=self.request.remove_source), timeout=60)
         except MigctlError as err:  # the container runs here; the source keeps a stopped copy
@@ -300,7 +279,7 @@ class Migration:
         self.journal.save(self.entry)
 
     def request_phase(self) -> pb.ContainerSpec:
-        source_info = self.call(self.source.GetNode, pb.GetNodeRequest(), timeout=30)
+        source_info = self.source.call("GetNode", pb.GetNodeRequest(), timeout=30)
         if source_info.protocol_version != PROTOCOL_VERSION:
             self.metrics.preflight.labels("nodes").inc()
             raise FailedPrecondition(
@@ -309,7 +288,7 @@ class Migration:
                 f"(protocol {PROTOCOL_VERSION}): agents migrate only between the same protocol; "
                 "upgrade the older one")
         self.link = self.links.measure(self.source_address)  # for the streams' deadlines
-        spec = self.call(self.source.Begin, pb.BeginRequest(
+        spec = self.source.call("Begin", pb.BeginRequest(
             migration_id=self.migration_id, container=self.request.container), timeout=60)
         asked = self.request.container
         if asked != spec.name and not (len(asked) >= 12 and spec.id.startswith(asked)):
@@ -422,7 +401,7 @@ class Migration:
             if diff_id not in missing:
                 self.report.transfer("layer", diff_id, self.node, pb.PRE_COPY, 0, 0.0, "skipped",
                                      "already on this node")
-        snaps = {v.name: self.call(self.source.SnapshotVolume, pb.SnapshotVolumeRequest(
+        snaps = {v.name: self.source.call("SnapshotVolume", pb.SnapshotVolumeRequest(
             migration_id=self.migration_id, volume=v.name))
             for v in spec.volumes}
         for v in spec.volumes:
@@ -445,9 +424,9 @@ class Migration:
             (self.area / "layers").mkdir(exist_ok=True)
             files = {d: self.area / "layers" / f"{d[7:]}.tar" for d in missing}
             for d, dest in files.items():
-                self.guarded(lambda d=d, dest=dest: sourcing.fetch_layer(
-                    d, plan[f"layer:{d}"], self.source, self.source_name, dest))
-            cfg = self.call(self.source.ImageConfig, pb.ImageRef(image=spec.image_id))
+                self.source.guarded(lambda d=d, dest=dest: sourcing.fetch_layer(
+                    d, plan[f"layer:{d}"], self.source, dest))
+            cfg = self.source.call("ImageConfig", pb.ImageRef(image=spec.image_id))
             if "sha256:" + hashlib.sha256(cfg.config).hexdigest() != spec.image_id:
                 raise DeltaError("the source sent an image config that is not the image's")
             if json.loads(cfg.config).get("rootfs", {}).get("diff_ids") != list(spec.diff_ids):
@@ -503,7 +482,7 @@ class Migration:
                 bases[changes_path(vol.name)] = Basis(local, make_signature(local))
         self.snapshots_at = time.time()
 
-        info = self.call(self.source.SnapshotRootfs, pb.SnapshotRootfsRequest(
+        info = self.source.call("SnapshotRootfs", pb.SnapshotRootfsRequest(
             migration_id=self.migration_id))
         self.room(info.size, "the root filesystem's changes")
         self.fetch(ROOTFS, self.area / ROOTFS, info, None, "root filesystem", spec.name,
@@ -515,7 +494,7 @@ class Migration:
             self.create(spec)
             self.offer(bases)
             return bases
-        ckpt = self.checkpoint_reply(self.call(self.source.Checkpoint, pb.CheckpointRequest(
+        ckpt = self.checkpoint_reply(self.source.call("Checkpoint", pb.CheckpointRequest(
             migration_id=self.migration_id, container=spec.id, name=PRE_CHECKPOINT,
             leave_running=True)), PRE_CHECKPOINT)
         self.pre_checkpoint = ckpt
@@ -573,17 +552,11 @@ class Migration:
         requests = itertools.chain(
             [pb.PageBytes(migration_id=self.migration_id, lazy=lazy)],
             (pb.PageBytes(data=data) for data in server.answers()))
-        call = self.source.PageTunnel(requests, timeout=ACCEPT_S + self.deadline(limit))
+        call = self.source.stub.PageTunnel(requests, timeout=ACCEPT_S + self.deadline(limit))
         server.cancel = call.cancel
-        self.guarded(lambda: next(call))  # ready
-        server.start(self.guarded_stream(r.data for r in call))
+        self.source.guarded(lambda: next(call))  # ready
+        server.start(self.source.guarded_iter(r.data for r in call))
         return server
-
-    def guarded_stream(self, items: Iterator[bytes]) -> Iterator[bytes]:
-        try:
-            yield from items
-        except grpc.RpcError as err:
-            raise peer_error(self.source_name, self.source_address, err) from err
 
     def offer(self, bases: dict[str, Basis]) -> None:
         """The signatures of the final pass's bases go to the source now, not in the
@@ -595,7 +568,7 @@ class Migration:
                                        path=rel if i == 0 else "", signature=part)
 
         size = sum(b.signature.wire_size for b in bases.values())
-        self.guarded(lambda: self.source.OfferBases(offers(), timeout=self.deadline(size)))
+        self.source.call("OfferBases", offers(), timeout=self.deadline(size))
 
     def checkpoint_reply(self, reply: pb.CheckpointReply, name: str) -> pb.CheckpointReply:
         """The source's list of checkpoint files, if every path is one of checkpoint NAME's
@@ -641,7 +614,7 @@ class Migration:
             basis = self.usable(bases.get(f.path), f.size, f.path)
             meter = self.report.meter("checkpoint", f"{name}: {Path(f.path).name}",
                                       0 if basis else f.size)
-            got = self.guarded(lambda f=f, basis=basis, meter=meter: self.get(
+            got = self.source.guarded(lambda f=f, basis=basis, meter=meter: self.get(
                 f.path, self.area / f.path, f, basis, meter))
             _add(total, got)
         self.report.transfer("checkpoint", f"{name} ({len(ckpt.files)} files)", self.source_name,
@@ -669,9 +642,9 @@ class Migration:
         announced in INFO, within a deadline derived from that size; METER counts its bytes."""
         timeout = self.deadline(info.size)
         if basis is None:
-            return fetch_whole(self.source, self.migration_id, rel, dest, info.digest,
+            return fetch_whole(self.source.stub, self.migration_id, rel, dest, info.digest,
                                size=info.size, timeout=timeout, on_bytes=meter)
-        return fetch_delta(self.source, self.migration_id, rel, basis.path, basis.signature,
+        return fetch_delta(self.source.stub, self.migration_id, rel, basis.path, basis.signature,
                            dest, size=info.size, timeout=timeout, on_bytes=meter)
 
     def usable(self, basis: Basis | None, size: int, rel: str) -> Basis | None:
@@ -721,7 +694,7 @@ class Migration:
 
         def run() -> set[str]:
             nonlocal ckpt_seconds
-            stream = self.source.FinalSync(pb.FinalSyncRequest(
+            stream = self.source.stub.FinalSync(pb.FinalSyncRequest(
                 migration_id=self.migration_id, delta_format=DELTA_FORMAT),
                 timeout=self.deadline(bound))
             got: set[str] = set()
@@ -744,7 +717,7 @@ class Migration:
                     ckpt_seconds += r.seconds
             return got
 
-        got = self.guarded(run)
+        got = self.source.guarded(run)
         if expected - got:
             raise Refused("the final pass left out " + ", ".join(sorted(expected - got)))
         self.report.transfer("checkpoint", f"{FINAL_CHECKPOINT} ({len(final.files)} files)",

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import grpc
-
 from agent.catalog.registry import Holding
-from agent.errors import FailedPrecondition, InvalidArgument
+from agent.errors import FailedPrecondition, InvalidArgument, MigctlError
+from agent.peer import Connect, Peer
 from proto import migctl_pb2 as pb
-from proto import migctl_pb2_grpc as rpc
 
 PROBE_BYTES = 1 << 20
 LINK_TTL = 60.0
@@ -45,7 +42,7 @@ LOCAL = Link(rtt=0.0, throughput=float("inf"), load=0.0)
 class Links:
     """Measured links to other nodes, refreshed when older than LINK_TTL."""
 
-    def __init__(self, connect: Callable[[str], grpc.Channel],
+    def __init__(self, connect: Connect,
                  page_server_min_rate: float = 0.0) -> None:
         self.connect = connect
         self.page_server_min_rate = page_server_min_rate or PAGE_SERVER_MIN_RATE
@@ -68,21 +65,18 @@ class Links:
             cached = self._known.get(address)
         if cached and time.monotonic() - cached[0] < LINK_TTL:
             return cached[1]
-        channel = self.connect(address)
         try:
-            stub = rpc.AgentStub(channel)
-            start = time.monotonic()
-            info = stub.GetNode(pb.GetNodeRequest(), timeout=2)
-            rtt = time.monotonic() - start
-            start = time.monotonic()
-            got = sum(len(c.data) for c in stub.Probe(pb.ProbeRequest(size=PROBE_BYTES),
-                                                      timeout=10))
-            elapsed = max(time.monotonic() - start, 1e-6)  # conservative: includes a round trip
-            link = Link(rtt=rtt, throughput=got / elapsed, load=info.load)
-        except grpc.RpcError:
+            with Peer("", address, self.connect) as peer:
+                start = time.monotonic()
+                info = peer.call("GetNode", pb.GetNodeRequest(), timeout=2)
+                rtt = time.monotonic() - start
+                start = time.monotonic()
+                got = sum(len(c.data) for c in peer.stream(
+                    "Probe", pb.ProbeRequest(size=PROBE_BYTES), timeout=10))
+                elapsed = max(time.monotonic() - start, 1e-6)  # includes a round trip
+                link = Link(rtt=rtt, throughput=got / elapsed, load=info.load)
+        except MigctlError:
             return None
-        finally:
-            channel.close()
         with self._lock:
             self._known[address] = (time.monotonic(), link)
         return link

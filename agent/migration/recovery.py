@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-
-import grpc
+from typing import Any
 
 from agent.dataplane.channel import open_channel
 from agent.dataplane.pages import stop_lazy_pages
 from agent.dataplane.staging import Staging
-from agent.errors import MigctlError, NotFound
+from agent.errors import MigctlError, NotFound, Unavailable
 from agent.migration import journal as j
 from agent.migration.source import FINAL_CHECKPOINT
 from agent.migration.state import DESTINATION, State
+from agent.peer import Peer
 from agent.runtime.base import Runtime
 from agent.security import TLSFiles
 from proto import migctl_pb2 as pb
-from proto import migctl_pb2_grpc as rpc
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +83,13 @@ def settle(entry: j.Entry, runtime: Runtime, journal: j.Journal, staging: Stagin
         try:
             reply = _call(entry, tls, "Resume", pb.ResumeRequest(
                 migration_id=entry.id, container=entry.container, checkpoint="final"))
-        except grpc.RpcError as err:
-            why = (f"cannot reach the source {entry.peer}"
-                   if err.code() in (grpc.StatusCode.UNAVAILABLE,
-                                     grpc.StatusCode.DEADLINE_EXCEEDED)
+        except MigctlError as err:
+            why = (f"cannot reach the source {entry.peer}" if isinstance(err, Unavailable)
                    else f"the source {entry.peer} could not resume it")
-            say(f"ROLLBACK PENDING: {why} ({err.details()}); retrying; the source also resumes "
+            say(f"ROLLBACK PENDING: {why} ({err}); retrying; the source also resumes "
                 f"{entry.container[:12]} by itself when the lease runs out, unless it had "
                 "committed")
-            _pending(entry, journal, err.details() or str(err.code()))
+            _pending(entry, journal, str(err))
             return False
         say(f"rollback: {entry.container} runs again on {entry.peer} ({reply.detail})")
         journal.move(entry.id, DESTINATION, State.ROLLED_BACK)
@@ -129,12 +126,10 @@ def _running(runtime: Runtime, cid: str) -> bool:
         return False
 
 
-def _call(entry: j.Entry, tls: TLSFiles, method: str, request: object) -> object:
-    channel = open_channel(entry.peer_address, tls, server_name=entry.peer)
-    try:
-        return getattr(rpc.AgentStub(channel), method)(request, timeout=120)
-    finally:
-        channel.close()
+def _call(entry: j.Entry, tls: TLSFiles, method: str, request: object) -> Any:
+    with Peer(entry.peer, entry.peer_address,
+              lambda address, *name: open_channel(address, tls, *name)) as source:
+        return source.call(method, request, timeout=120)
 
 
 def _release(entry: j.Entry, tls: TLSFiles, completed: bool) -> None:
@@ -142,5 +137,5 @@ def _release(entry: j.Entry, tls: TLSFiles, completed: bool) -> None:
         _call(entry, tls, "Release", pb.ReleaseRequest(
             migration_id=entry.id, container=entry.container, completed=completed,
             remove_container=completed and entry.data.get("remove_source", False)))
-    except grpc.RpcError as err:
-        log.warning("migration %s: could not release the source: %s", entry.id, err.details())
+    except MigctlError as err:
+        log.warning("migration %s: could not release the source: %s", entry.id, err)

@@ -15,8 +15,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
-
 from agent.catalog.registry import Holding, Registry
 from agent.catalog.store import Store
 from agent.dataplane.files import digest, write_stream
@@ -24,8 +22,8 @@ from agent.dataplane.image import verify_sha256
 from agent.errors import MigctlError
 from agent.migration.policy import LOCAL, Choice, Link, Links, rank
 from agent.migration.report import Report
+from agent.peer import Connect, Peer
 from proto import migctl_pb2 as pb
-from proto import migctl_pb2_grpc as rpc
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +41,7 @@ LAYER_EXPORT_S = 60.0
 class Sourcing:
     def __init__(self, me: str, source: str, migration_id: str, cooperative: bool,
                  registry: Registry | None,
-                 links: Links, store: Store, connect: Callable[..., grpc.Channel],
+                 links: Links, store: Store, connect: Connect,
                  report: Report, phase: int) -> None:
         self.me = me
         self.source = source  # never a candidate: it is the fallback, and the one to spare
@@ -100,19 +98,19 @@ class Sourcing:
                     shutil.copyfile(cached.path, dest)
                     size = 0
                 else:
-                    size = self._stream(c, dest, lambda stub, c=c: stub.FetchHeld(
-                        pb.HeldRef(key=c.holding.key, timestamp=c.holding.timestamp,
-                                   migration_id=self.migration_id, source_node=self.source),
-                        timeout=self._deadline(c)))
+                    size = self._stream(c, dest, "FetchHeld", pb.HeldRef(
+                        key=c.holding.key, timestamp=c.holding.timestamp,
+                        migration_id=self.migration_id, source_node=self.source),
+                        self._deadline(c))
                 if c.holding.digest and digest(dest) != c.holding.digest:
                     raise MigctlError(f"copy on {c.holding.node} does not match its digest "
                                       "(stale or corrupted); refused")
                 if verify:
                     verify(dest)
-            except (grpc.RpcError, MigctlError, OSError) as err:
+            except (MigctlError, OSError) as err:
                 dest.unlink(missing_ok=True)
                 self.report.log(f"{kind} {item}: {c.holding.node} failed "
-                                f"({_why(err)}); trying the next holder")
+                                f"({err}); trying the next holder")
                 continue
             self.report.transfer(kind, item, c.holding.node, self.phase, size,
                                  time.monotonic() - start,
@@ -120,8 +118,8 @@ class Sourcing:
             return c
         return None
 
-    def fetch_layer(self, diff_id: str, choices: list[Choice], source: rpc.AgentStub,
-                    source_name: str, dest: Path) -> None:
+    def fetch_layer(self, diff_id: str, choices: list[Choice], source: Peer,
+                    dest: Path) -> None:
         """A layer from its best holder, else the source; each verified against its diff id."""
         def check(path: Path) -> None:
             verify_sha256(path, diff_id, f"layer {diff_id[:19]}")
@@ -131,38 +129,31 @@ class Sourcing:
                 continue
             start = time.monotonic()
             try:
-                size = self._stream(c, dest, lambda stub, c=c: stub.ExportLayer(
-                    pb.LayerRef(diff_id=diff_id), timeout=self._deadline(c, LAYER_EXPORT_S)))
+                size = self._stream(c, dest, "ExportLayer", pb.LayerRef(diff_id=diff_id),
+                                    self._deadline(c, LAYER_EXPORT_S))
                 check(dest)
-            except (grpc.RpcError, MigctlError, OSError) as err:
+            except (MigctlError, OSError) as err:
                 dest.unlink(missing_ok=True)
-                self.report.log(f"layer {diff_id[:19]}: {c.holding.node} failed ({_why(err)}); "
+                self.report.log(f"layer {diff_id[:19]}: {c.holding.node} failed ({err}); "
                                 "trying the next holder")
                 continue
             self.report.transfer("layer", diff_id, c.holding.node, self.phase, size,
                                  time.monotonic() - start, "whole", c.reason)
             return
         start = time.monotonic()
-        size = write_stream((ch.data for ch in source.ExportLayer(
-            pb.LayerRef(diff_id=diff_id), timeout=600)), dest)
+        size = write_stream((ch.data for ch in source.stream(
+            "ExportLayer", pb.LayerRef(diff_id=diff_id), timeout=600)), dest)
         check(dest)
-        self.report.transfer("layer", diff_id, source_name, self.phase, size,
+        self.report.transfer("layer", diff_id, source.name, self.phase, size,
                              time.monotonic() - start, "whole",
                              "from the source" if not self.cooperative
                              else "no neighbour holds it" if not choices
                              else "every neighbour failed")
 
-    def _stream(self, c: Choice, dest: Path, call: Callable[[rpc.AgentStub], object]) -> int:
+    def _stream(self, c: Choice, dest: Path, method: str, request: object,
+                timeout: float) -> int:
         assert self.registry is not None
         # pinned: the holder must prove it is the node the registry named
-        channel = self.connect(self.registry.address(c.holding.node), c.holding.node)
-        try:
-            return write_stream((ch.data for ch in call(rpc.AgentStub(channel))), dest)
-        finally:
-            channel.close()
-
-
-def _why(err: BaseException) -> str:
-    if isinstance(err, grpc.RpcError):
-        return f"{err.code().name}: {err.details()}"
-    return str(err)
+        with Peer(c.holding.node, self.registry.address(c.holding.node), self.connect) as holder:
+            return write_stream((ch.data for ch in holder.stream(method, request, timeout)),
+                                dest)
