@@ -346,13 +346,14 @@ class AgentService(rpc.AgentServicer):
                                   f"{MAX_HISTORY}")
         reply = pb.HistoryReply()
         for entry in self.journal.history(request.limit or DEFAULT_HISTORY):
-            report = ParseDict(entry.data.get("report") or {}, pb.MigrationReport(),
-                               ignore_unknown_fields=True)
+            mine = entry.data
+            here = mine if isinstance(mine, j.DestinationData) else j.DestinationData()
+            report = ParseDict(here.report, pb.MigrationReport(), ignore_unknown_fields=True)
+            name = mine.name if isinstance(mine, j.SourceData) else ""
             reply.entries.add(migration_id=entry.id, role=entry.role,
-                              container=entry.data.get("name") or report.container
-                              or entry.container,
+                              container=name or report.container or entry.container,
                               peer=entry.peer, state=entry.state, updated=entry.updated,
-                              error=entry.data.get("error", ""), report=report)
+                              error=here.error, report=report)
         return reply
 
     @handler

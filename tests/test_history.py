@@ -34,8 +34,9 @@ def test_a_failed_migration_keeps_its_report_and_error(pki: Path, tmp_path: Path
 
 
 def _put(journal: j.Journal, mid: str, role: str, state: str, updated: float,
-         **data: object) -> None:
-    journal.create(j.Entry(mid, role, "c" * 64, state, peer="nodeX", data=dict(data)))
+         container: str = "c" * 64, **data: object) -> None:
+    journal.create(j.Entry(mid, role, container, state, peer="nodeX",
+                           data=j.DATA[role](**data)))
     journal._db.execute("UPDATE migrations SET updated = ? WHERE id = ?", (updated, mid))
 
 
@@ -49,7 +50,7 @@ def test_history_merges_the_nodes_newest_first(pki: Path, tmp_path: Path,
         _put(cluster.services["nodeB"].journal, "m2", DESTINATION, State.DONE, 2000.0,
              report=MessageToDict(report))
         _put(cluster.services["nodeB"].journal, "m0", DESTINATION, State.FAILED, 500.0,
-             name="old", error="pre-flight check failed: no CRIU")
+             container="old", error="pre-flight check failed: no CRIU")  # as it was asked
 
         assert cluster.cli("history", "--json") == 0
         out, err = capfd.readouterr()

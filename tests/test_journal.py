@@ -28,7 +28,7 @@ MOVES = list(itertools.product([SOURCE, DESTINATION], STATES, STATES, [SELF, PEE
 
 def _entry(journal: j.Journal, role: str, state: str, n: int) -> str:
     mid = f"m{n}"
-    journal.create(j.Entry(mid, role, "cid", state, peer="nodeB", data={"k": 1}))
+    journal.create(j.Entry(mid, role, "cid", state, peer="nodeB"))
     return mid
 
 
@@ -92,10 +92,28 @@ def test_save_never_writes_the_state(tmp_path: Path) -> None:
     mid = _entry(journal, SOURCE, State.FROZEN, 1)
     entry = journal.get(mid, SOURCE)
     entry.state = State.DONE  # a stale or forged state in memory
-    entry.data["x"] = 2
+    entry.at_source.resume = "x"
     journal.save(entry)
     again = journal.get(mid, SOURCE)
-    assert again.state == State.FROZEN and again.data["x"] == 2
+    assert again.state == State.FROZEN and again.at_source.resume == "x"
+
+
+def test_each_role_journals_its_own_typed_data(tmp_path: Path) -> None:
+    journal = j.Journal(tmp_path)
+    journal.create(j.Entry("m1", DESTINATION, "cid", State.REQUESTED,
+                           data=j.DestinationData(created_volumes=["v"])))
+    moved = journal.move("m1", DESTINATION, State.PRE_COPY, data={"new_container": "n1"})
+    assert moved.at_destination == j.DestinationData(new_container="n1", created_volumes=["v"])
+    assert j.Journal(tmp_path).get("m1", DESTINATION).at_destination == moved.at_destination
+    with pytest.raises(TypeError, match="journals no 'paused'"):  # a source's field
+        journal.move("m1", DESTINATION, State.FROZEN, data={"paused": True})
+    assert journal.get("m1", DESTINATION).state == State.PRE_COPY  # nothing was written
+    with pytest.raises(TypeError, match="holds DestinationData"):
+        j.Entry("m2", DESTINATION, "cid", State.REQUESTED, data=j.SourceData())
+    # a journal written by another version: keys it does not know are left out
+    journal._db.execute("UPDATE migrations SET data = ? WHERE id = 'm1'",
+                        ('{"new_container": "n1", "retired": 1}',))
+    assert journal.get("m1", DESTINATION).at_destination.new_container == "n1"
 
 
 def test_each_state_fails_the_way_the_table_allows() -> None:

@@ -65,7 +65,7 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
     def entry(state: str) -> j.Entry:
         e = j.Entry("m1", DESTINATION, "srcid", State.REQUESTED, peer="nodeA",
-                    peer_address="10.0.0.1:1", data={"new_container": "new1"})
+                    peer_address="10.0.0.1:1", data=j.DestinationData(new_container="new1"))
         journal.create(e)
         for s in [State.PRE_COPY, State.FROZEN, State.TRANSFERRING_FINAL, State.RESTORING]:
             if e.state == state:
@@ -90,7 +90,7 @@ def test_a_never_started_container_does_not_hold_the_source_back(setup, state: s
     assert recovery.settle(e, engine, journal, staging, tls) is True
     assert asked == ["Resume"]
     after = journal.get("m1", DESTINATION)
-    assert after.state == State.ROLLED_BACK and after.data["stray_container"] == "new1"
+    assert after.state == State.ROLLED_BACK and after.at_destination.stray_container == "new1"
     recovery.remove_strays(engine, journal)  # still silent (or still failing): kept
     assert journal.strays() and "new1" in engine.containers
     engine.answers, engine.removes = True, True
@@ -114,7 +114,7 @@ def test_no_resume_until_the_copy_here_is_gone(setup, state: str, engine: Engine
     assert recovery.settle(e, engine, journal, staging, tls) is False
     assert asked == [], "the source was asked to resume while a copy may still exist here"
     after = journal.get("m1", DESTINATION)
-    assert after.state == state and after.data["rollback"].startswith("pending")
+    assert after.state == state and after.at_destination.rollback.startswith("pending")
     engine.answers, engine.removes = True, True  # the engine is back and removes work
     if state == State.RESTORING:
         engine.containers = set()  # it came back without the container (else: completed)

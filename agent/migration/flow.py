@@ -119,8 +119,8 @@ class Migration:
         self.entry = j.Entry(self.migration_id, DESTINATION, self.request.container,
                              State.REQUESTED, peer=self.source_name,
                              peer_address=self.source_address,
-                             data={"created_volumes": [], "new_container": "",
-                                   "remove_source": self.request.remove_source})
+                             data=j.DestinationData(
+                                 remove_source=self.request.remove_source))
         self.journal.create(self.entry)  # an id seen before is refused here
         self.metrics.started.labels(DESTINATION).inc()
         self.report = Report(self.migration_id, self.request.container, self.source_name,
@@ -143,7 +143,7 @@ class Migration:
 
     @property
     def new_container(self) -> str:
-        return self.entry.data["new_container"]
+        return self.entry.at_destination.new_container
 
     # -- calls to the source, with its errors named -----------------------------------------
 
@@ -275,7 +275,7 @@ class Migration:
 
     def keep_report(self, report: pb.MigrationReport) -> None:
         """REPORT goes into the journal entry, for `migctl history`."""
-        self.entry.data["report"] = MessageToDict(report)
+        self.entry.at_destination.report = MessageToDict(report)
         self.journal.save(self.entry)
 
     def request_phase(self) -> pb.ContainerSpec:
@@ -342,8 +342,8 @@ class Migration:
         """The host ports the container publishes must be free here, or its restore fails,
         after the freeze. Asked at the request and again before the freeze (pre-copy takes
         time); containers other migrations created here count as already started."""
-        others = [e.data["new_container"] for e in self.journal.in_flight(DESTINATION)
-                  if e.id != self.migration_id and e.data.get("new_container")]
+        others = [e.at_destination.new_container for e in self.journal.in_flight(DESTINATION)
+                  if e.id != self.migration_id and e.at_destination.new_container]
         taken = ports_taken(spec, self.runtime.port_users(others), host_listeners())
         if taken:
             self.metrics.preflight.labels("ports").inc()
@@ -473,7 +473,7 @@ class Migration:
                 self.fetch(rel, local, snaps[vol.name], basis, "volume snapshot", vol.name,
                            pb.PRE_COPY)
             if not self.runtime.volume_exists(vol.name):
-                self.entry.data["created_volumes"].append(vol.name)
+                self.entry.at_destination.created_volumes.append(vol.name)
                 self.journal.save(self.entry)
             archive.restore(local, self.runtime.ensure_volume(vol))
             if vol.volume_id:
@@ -731,7 +731,7 @@ class Migration:
             self.store.mark_volumes_departed(stale["Id"], [
                 m["Name"] for m in stale.get("Mounts") or [] if m.get("Type") == "volume"])
             self.runtime.remove(stale["Id"])
-        new = self.entry.data["new_container"] = self.runtime.create_like(
+        new = self.entry.at_destination.new_container = self.runtime.create_like(
             spec, self.request.allow_privileged)
         self.confine()  # here, before the freeze: the engine is asked outside the downtime
         if self.request.memory_transfer == POST_COPY:
@@ -740,7 +740,7 @@ class Migration:
             policy = self.runtime.restart_policy(new)
             if restarts(policy):
                 self.runtime.set_restart_policy(new, {"Name": "no"})
-                self.entry.data["restart_policy"] = policy
+                self.entry.at_destination.restart_policy = policy
         self.journal.save(self.entry)
         self.apply_rootfs(self.new_container, self.area / ROOTFS)
 
@@ -790,8 +790,9 @@ class Migration:
         done = pages.exited_at or time.monotonic()
         running = min(self.report.running_at or done, done)  # a small one may beat the mark
         self.report.msg.pages_seconds = done - running
-        if self.entry.data.get("restart_policy"):  # complete: it may be restarted now
-            self.runtime.set_restart_policy(self.new_container, self.entry.data["restart_policy"])
+        policy = self.entry.at_destination.restart_policy
+        if policy:  # complete: it may be restarted now
+            self.runtime.set_restart_policy(self.new_container, policy)
         rate = (f"; the link measured {self.link.throughput / 1e6:.0f} MB/s before the freeze"
                 if self.link else "")
         self.report.transfer("checkpoint", f"{FINAL_CHECKPOINT}: memory pages",
@@ -815,7 +816,7 @@ class Migration:
     def fail(self, err: BaseException) -> None:
         """Leave exactly one copy running (agent/migration/recovery.py)."""
         log.warning("migration %s failed: %s", self.migration_id, err)
-        self.entry.data["error"] = str(err)
+        self.entry.at_destination.error = str(err)
         self.journal.save(self.entry)
         frozen = self.entry.state.frozen
         self.metrics.failed(err, self.report.current.phase if self.report.current else

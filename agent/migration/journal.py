@@ -16,11 +16,12 @@ import json
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from agent.errors import AlreadyExists, FailedPrecondition
-from agent.migration.state import DESTINATION, ENDED, PEER, SELF, State, legal
+from agent.migration.state import DESTINATION, ENDED, PEER, SELF, SOURCE, State, legal
 
 
 class IllegalTransition(FailedPrecondition):
@@ -43,6 +44,46 @@ CREATE TABLE IF NOT EXISTS migrations (
 
 
 @dataclass
+class SourceData:
+    """What the source journals of a migration besides its state."""
+
+    name: str = ""  # the container's name (a destination may ask by name)
+    authorized_at: float = 0.0  # wall clock: the operator's consent expires
+    keys: list[str] = field(default_factory=list)  # its checkpoints' cache keys
+    volumes: dict[str, dict[str, Any]] = field(default_factory=dict)  # name: read_only, guid
+    snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)  # path: volume, ...
+    restart_policy: dict[str, Any] = field(default_factory=dict)  # put back by a resume
+    paused: bool = False  # frozen by a pause (page server): its memory never left it
+    lazy: bool = False  # post-copy: its lazy checkpoint serves the pages
+    resume: str = ""  # what the resume did
+
+
+@dataclass
+class DestinationData:
+    """What the destination journals of a migration besides its state."""
+
+    new_container: str = ""  # created here; a rollback removes it
+    created_volumes: list[str] = field(default_factory=list)  # made here; a rollback too
+    stray_container: str = ""  # never started, left by a rollback whose engine was silent
+    lazy: bool = False  # restored lazily (post-copy): complete once every page came
+    restart_policy: dict[str, Any] = field(default_factory=dict)  # set once complete
+    remove_source: bool = False  # the operator asked that the source's copy go
+    error: str = ""  # why it failed
+    rollback: str = ""  # a rollback pending, and why
+    report: dict[str, Any] = field(default_factory=dict)  # for `migctl history`
+
+
+DATA = {SOURCE: SourceData, DESTINATION: DestinationData}
+
+
+def _data(role: str, raw: dict[str, Any]) -> SourceData | DestinationData:
+    """ROLE's data read back (keys of another version ignored)."""
+    kind = DATA[role]
+    known = {f.name for f in fields(kind)}
+    return kind(**{k: v for k, v in raw.items() if k in known})
+
+
+@dataclass
 class Entry:
     id: str
     role: str
@@ -50,12 +91,38 @@ class Entry:
     state: State
     peer: str = ""  # the node this migration is bound to (the other end)
     peer_address: str = ""
-    data: dict = field(default_factory=dict)
+    data: SourceData | DestinationData | None = None  # the role's; made blank when None
     updated: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.data is None:
+            self.data = DATA[self.role]()
+        if not isinstance(self.data, DATA[self.role]):
+            raise TypeError(f"a {self.role} entry holds {DATA[self.role].__name__}")
 
     @property
     def ended(self) -> bool:
         return self.state.ended
+
+    @property
+    def at_source(self) -> SourceData:
+        assert isinstance(self.data, SourceData), self.role
+        return self.data
+
+    @property
+    def at_destination(self) -> DestinationData:
+        assert isinstance(self.data, DestinationData), self.role
+        return self.data
+
+    def dumps(self) -> str:
+        return json.dumps(asdict(self.data))  # type: ignore[call-overload]
+
+    def update(self, changes: dict[str, Any]) -> None:
+        """Set fields of the data by name; a name the role does not journal is a bug."""
+        for key, value in changes.items():
+            if not hasattr(self.data, key):
+                raise TypeError(f"a {self.role} entry journals no {key!r}")
+            setattr(self.data, key, value)
 
 
 class Journal:
@@ -76,7 +143,7 @@ class Journal:
                 self._db.execute(
                     "INSERT INTO migrations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (entry.id, entry.role, entry.container, entry.state.value, entry.peer,
-                     entry.peer_address, json.dumps(entry.data), entry.updated))
+                     entry.peer_address, entry.dumps(), entry.updated))
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"migration id {entry.id} was used before on this node; "
                                     "every migration needs a new id") from None
@@ -88,7 +155,7 @@ class Journal:
             self._db.execute(
                 "UPDATE migrations SET container = ?, peer_address = ?, data = ?, updated = ? "
                 "WHERE id = ? AND role = ?",
-                (entry.container, entry.peer_address, json.dumps(entry.data), entry.updated,
+                (entry.container, entry.peer_address, entry.dumps(), entry.updated,
                  entry.id, entry.role))
 
     def move(self, migration_id: str, role: str, to: State, by: str = SELF,
@@ -104,11 +171,11 @@ class Journal:
                     f"migration {migration_id} is {entry.state} here; "
                     f"{'its peer' if by == PEER else 'this agent'} may not move it to {to}")
             entry.state = to
-            entry.data.update(data or {})
+            entry.update(data or {})
             entry.updated = time.time()
             self._db.execute(
                 "UPDATE migrations SET state = ?, data = ?, updated = ? WHERE id = ? AND role = ?",
-                (to.value, json.dumps(entry.data), entry.updated, migration_id, role))
+                (to.value, entry.dumps(), entry.updated, migration_id, role))
             return entry
 
     def try_move(self, migration_id: str, role: str, to: State, by: str = SELF
@@ -161,4 +228,5 @@ class Journal:
     @staticmethod
     def _entry(row: tuple) -> Entry:
         return Entry(id=row[0], role=row[1], container=row[2], state=State(row[3]), peer=row[4],
-                     peer_address=row[5], data=json.loads(row[6]), updated=row[7])
+                     peer_address=row[5], data=_data(row[1], json.loads(row[6])),
+                     updated=row[7])

@@ -32,8 +32,9 @@ def settle(entry: j.Entry, runtime: Runtime, journal: j.Journal, staging: Stagin
            tls: TLSFiles, say: Callable[[str], None] = lambda _: None) -> bool:
     """Leave exactly one copy running. Returns False when the rollback must wait (this node's
     engine or the source could not be reached): the caller tries again later."""
-    new = entry.data.get("new_container", "")
-    lazy = bool(entry.data.get("lazy"))  # post-copy: running is not done until every page came
+    data = entry.at_destination
+    # post-copy (lazy): running is not done until every page came
+    new, lazy = data.new_container, data.lazy
     try:
         if entry.state == State.RESTORING and new and not lazy and _running(runtime, new):
             # The restore went through (the agent stopped before it could say so): finish.
@@ -55,21 +56,20 @@ def settle(entry: j.Entry, runtime: Runtime, journal: j.Journal, staging: Stagin
                 # the source need not wait; it is removed once this node's engine answers.
                 say(f"the container created here ({new[:12]}) was never started; it is "
                     f"removed once this node's engine answers ({err})")
-                entry.data["stray_container"] = new
-                entry.data["new_container"] = ""
+                data.stray_container, data.new_container = new, ""
                 journal.save(entry)
         if lazy:  # the copy is gone: its lazy-pages daemon may end now (never before)
             stop_lazy_pages(staging.root / entry.id / "checkpoints" / FINAL_CHECKPOINT)
-        for name in entry.data.get("created_volumes", []):
+        for name in data.created_volumes:
             try:
                 runtime.remove_volume(name)
             except NotFound:
                 pass
             except MigctlError as err:  # the container is gone: a stray volume is no copy
                 log.warning("migration %s: volume %s stays: %s", entry.id, name, err)
-        if entry.data.get("created_volumes"):
+        if data.created_volumes:
             # once: a retried rollback must not remove a volume of that name made since
-            entry.data["created_volumes"] = []
+            data.created_volumes = []
             journal.save(entry)
     except MigctlError as err:
         say(f"ROLLBACK PENDING: cannot confirm that this node's copy is gone ({err}); "
@@ -100,7 +100,7 @@ def settle(entry: j.Entry, runtime: Runtime, journal: j.Journal, staging: Stagin
 def remove_strays(runtime: Runtime, journal: j.Journal) -> None:
     """Remove the never-started containers rollbacks had to leave behind."""
     for entry in journal.strays():
-        cid = entry.data["stray_container"]
+        cid = entry.at_destination.stray_container
         try:
             runtime.remove(cid)
             if not runtime.gone(cid):
@@ -109,12 +109,12 @@ def remove_strays(runtime: Runtime, journal: j.Journal) -> None:
             continue  # the engine still does not answer: next round
         log.info("migration %s: removed the container %s its rollback left", entry.id,
                  cid[:12])
-        entry.data["stray_container"] = ""
+        entry.at_destination.stray_container = ""
         journal.save(entry)
 
 
 def _pending(entry: j.Entry, journal: j.Journal, why: str) -> None:
-    entry.data["rollback"] = f"pending: {why}"
+    entry.at_destination.rollback = f"pending: {why}"
     journal.save(entry)
 
 
@@ -136,6 +136,6 @@ def _release(entry: j.Entry, tls: TLSFiles, completed: bool) -> None:
     try:
         _call(entry, tls, "Release", pb.ReleaseRequest(
             migration_id=entry.id, container=entry.container, completed=completed,
-            remove_container=completed and entry.data.get("remove_source", False)))
+            remove_container=completed and entry.at_destination.remove_source))
     except MigctlError as err:
         log.warning("migration %s: could not release the source: %s", entry.id, err)

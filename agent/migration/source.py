@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.catalog.registry import checkpoint_keys
@@ -110,6 +111,22 @@ CRIU_NOISE = ("Can't setup RLIMIT_NOFILE for self", "Dumping FAILED", "Restoring
 machines whose root lacks CAP_SYS_RESOURCE (HOST.md), the others only say that it did."""
 
 
+@dataclass
+class Underway:
+    """What the source holds in memory of one migration in flight (the journal holds its state
+    and data): one object, so that ending the migration forgets all of it at once."""
+
+    last_seen: float = field(default_factory=time.monotonic)  # the destination's last call
+    resuming: bool = False  # a resume under way in this process
+    freezing: bool = False  # its final checkpoint under way: no lease runs out
+    hold_lost: bool = False  # the destination's hold broke during that checkpoint
+    offers: dict[str, Signature] = field(default_factory=dict)  # bases for the final pass
+    tunnel: Listener | None = None  # its page tunnel, open for the final checkpoint
+    serving: threading.Thread | None = None  # its lazy checkpoint, serving the pages
+    lazy_done: threading.Event | None = None  # set when that checkpoint ended
+    refusing: threading.Thread | None = None  # connection resets being set up
+
+
 class SourceSide:
     def __init__(self, runtime: Runtime, staging: Staging, journal: j.Journal,
                  store: Store, lease_seconds: float,
@@ -123,20 +140,24 @@ class SourceSide:
         self.journal = journal
         self.store = store
         self.lease = lease_seconds
-        self.last_seen: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._resuming: set[str] = set()  # resumes under way in this process
-        self._freezing: set[str] = set()  # final checkpoints under way: no lease runs out
-        self._hold_lost: set[str] = set()  # holds lost during a final checkpoint
-        self._offers: dict[str, dict[str, Signature]] = {}  # bases offered for the final pass
-        self._tunnels: dict[str, Listener] = {}  # page tunnels open for a final checkpoint
-        self._serving: dict[str, threading.Thread] = {}  # lazy checkpoints serving their pages
-        self._lazy_done: dict[str, threading.Event] = {}  # set when such a checkpoint ended
-        self._refusing: dict[str, threading.Thread] = {}  # connection resets being set up
+        self._underway: dict[str, Underway] = {}
+
+    def underway(self, migration_id: str) -> Underway:
+        """MIGRATION_ID's object (made on first use: a restarted agent has none)."""
+        return self._underway.setdefault(migration_id, Underway())
+
+    def _known(self, migration_id: str) -> Underway:
+        """Its object if it has one, else a blank one that is not kept (a read)."""
+        return self._underway.get(migration_id) or Underway()
+
+    def _forget(self, migration_id: str) -> None:
+        with self._lock:
+            self._underway.pop(migration_id, None)
 
     def touch(self, migration_id: str) -> None:
         """Every call of the destination about a migration renews its lease."""
-        self.last_seen[migration_id] = time.monotonic()
+        self.underway(migration_id).last_seen = time.monotonic()
 
     # -- asking CRIU --------------------------------------------------------------------------
 
@@ -187,11 +208,12 @@ class SourceSide:
                         f"{other.peer}, {other.state}); wait for it to end")
             self.journal.create(j.Entry(
                 migration_id, SOURCE, spec.id, State.AUTHORIZED, peer=destination,
-                data={"name": spec.name, "authorized_at": time.time(),
-                      "keys": list(checkpoint_keys(spec)),
-                      "volumes": {v.name: {"read_only": v.read_only,
-                                           "guid": v.labels.get("rw-guid", "")}
-                                  for v in spec.volumes}, "snapshots": {}}))
+                data=j.SourceData(
+                    name=spec.name, authorized_at=time.time(),
+                    keys=list(checkpoint_keys(spec)),
+                    volumes={v.name: {"read_only": v.read_only,
+                                      "guid": v.labels.get("rw-guid", "")}
+                             for v in spec.volumes})))
         self.staging.create(migration_id)
         self.touch(migration_id)
         return migration_id, spec.id
@@ -205,7 +227,7 @@ class SourceSide:
         entry = self.journal.get(migration_id, SOURCE)
         if entry is None or entry.peer != caller:
             raise PermissionDenied(f"{caller} has no migration {migration_id} on this node")
-        if container and container not in (entry.container, entry.data.get("name")):
+        if container and container not in (entry.container, entry.at_source.name):
             raise PermissionDenied(f"migration {migration_id} is not about {container!r}")
         if entry.ended and not ended_ok:
             raise FailedPrecondition(f"migration {migration_id} has ended ({entry.state})")
@@ -213,7 +235,7 @@ class SourceSide:
         return entry
 
     def begin(self, entry: j.Entry) -> pb.ContainerSpec:
-        age = time.time() - entry.data.get("authorized_at", 0.0)
+        age = time.time() - entry.at_source.authorized_at
         if entry.state == State.AUTHORIZED and age > AUTHORIZATION_SECONDS:
             self._drop(entry)
             raise FailedPrecondition(f"migration {entry.id} was authorized {age:.0f} s ago "
@@ -233,28 +255,28 @@ class SourceSide:
                 entry.state == State.AUTHORIZED:
             raise PermissionDenied(f"{destination} has no live migration {migration_id} from "
                                    "this node")
-        volumes = entry.data.get("volumes", {})
+        volumes = entry.at_source.volumes
         # the service's checkpoints only: an application's (app:<image>) may be another
         # container's of the same image, and a destination would read its memory
-        keys = [k for k in entry.data.get("keys", []) if not k.startswith("app:")]
+        keys = [k for k in entry.at_source.keys if not k.startswith("app:")]
         keys += [f"rw:{self.store.volume_id(name, v.get('guid', ''))}"
                  for name, v in volumes.items() if not v.get("read_only")]
-        keys += [f"ro:{snap['digest']}" for snap in entry.data.get("snapshots", {}).values()
+        keys += [f"ro:{snap['digest']}" for snap in entry.at_source.snapshots.values()
                  if volumes.get(snap["volume"], {}).get("read_only")]
         return keys
 
     def volume_of(self, entry: j.Entry, volume: str) -> dict:
-        if volume not in entry.data.get("volumes", {}):
+        if volume not in entry.at_source.volumes:
             raise PermissionDenied(f"{volume!r} is not a volume of migration {entry.id}'s "
                                    "container")
-        return entry.data["volumes"][volume]
+        return entry.at_source.volumes[volume]
 
     # -- the steps the destination asks for -------------------------------------------------
 
     def snapshot_taken(self, entry: j.Entry, volume: str, info: pb.FileInfo) -> None:
         with self._lock:  # read fresh: the entry may have moved (and gained data) meanwhile
             entry = self.journal.get(entry.id, SOURCE) or entry
-            entry.data.setdefault("snapshots", {})[info.path] = {
+            entry.at_source.snapshots[info.path] = {
                 "volume": volume, "digest": info.digest, "ts": time.time()}
             self.journal.save(entry)
 
@@ -263,8 +285,8 @@ class SourceSide:
         comes back, or for a neighbour's migration."""
         kept = []
         area = self.staging.root / entry.id
-        for rel, snap in entry.data.get("snapshots", {}).items():
-            vol = entry.data.get("volumes", {}).get(snap["volume"], {})
+        for rel, snap in entry.at_source.snapshots.items():
+            vol = entry.at_source.volumes.get(snap["volume"], {})
             if vol.get("read_only"):
                 key, ts = f"ro:{snap['digest']}", 0.0
                 if self.store.find(key):
@@ -287,9 +309,10 @@ class SourceSide:
                 raise j.IllegalTransition(f"migration {entry.id} is "
                                           f"{now.state if now else 'gone'}: a page tunnel is "
                                           "opened before the final checkpoint")
-            if entry.id in self._tunnels:
+            u = self.underway(entry.id)
+            if u.tunnel is not None:
                 raise FailedPrecondition(f"migration {entry.id} already has a page tunnel open")
-            listener = self._tunnels[entry.id] = Listener(lazy)  # the slot, before anything
+            listener = u.tunnel = Listener(lazy)  # the slot, before anything
         if not lazy:
             return listener
         try:  # made now, not in the frozen window; gone with the last holder of the tunnel
@@ -306,13 +329,14 @@ class SourceSide:
     def close_tunnel(self, migration_id: str, listener: Listener) -> None:
         """The stream ended; the port stays bound while a checkpoint still holds it."""
         with self._lock:
-            if self._tunnels.get(migration_id) is listener:
-                del self._tunnels[migration_id]
+            u = self._underway.get(migration_id)
+            if u is not None and u.tunnel is listener:
+                u.tunnel = None
         listener.release()
 
     def _abort_tunnel(self, migration_id: str) -> None:
         with self._lock:
-            tunnel = self._tunnels.get(migration_id)
+            tunnel = self._known(migration_id).tunnel
         if tunnel is not None:
             tunnel.abort()
 
@@ -345,7 +369,7 @@ class SourceSide:
                     self.journal.move(entry.id, SOURCE, State.FROZEN, by=PEER,
                                       data={"restart_policy": policy, "paused": bool(tunnel),
                                             "lazy": lazy})
-                    self._freezing.add(entry.id)
+                    self.underway(entry.id).freezing = True
             except BaseException:
                 if tunnel is not None:
                     tunnel.release()
@@ -368,16 +392,15 @@ class SourceSide:
                 refusing = threading.Thread(target=self._refuse, args=(entry.container, True),
                                             name=f"refuse-{entry.id}", daemon=True)
                 with self._lock:
-                    self._refusing[entry.id] = refusing
+                    self.underway(entry.id).refusing = refusing
                 refusing.start()
                 return folder
             finally:
                 if tunnel is not None and not serving:
                     tunnel.release()  # runc is done with the port
                 with self._lock:
-                    self._freezing.discard(entry.id)
-                    lost = entry.id in self._hold_lost
-                    self._hold_lost.discard(entry.id)
+                    u = self.underway(entry.id)
+                    lost, u.freezing, u.hold_lost = u.hold_lost, False, False
                 self.touch(entry.id)  # the lease counts from the end of the checkpoint
                 if lost:  # the destination's hold broke while CRIU was dumping
                     self._resume_quietly(entry.id)
@@ -393,7 +416,7 @@ class SourceSide:
             raise FailedPrecondition(f"{entry.container[:12]} is checkpointed through the "
                                      "engine, which cannot send pages to a page server")
         with self._lock:
-            tunnel = self._tunnels.get(entry.id)
+            tunnel = self._known(entry.id).tunnel
             if tunnel is None or tunnel.lazy != lazy or (lazy and tunnel.netns is None) \
                     or not tunnel.hold():  # a lazy one is ready once its namespace is
                 # held: the port stays ours until released
@@ -423,7 +446,7 @@ class SourceSide:
                 log.warning("migration %s: the lazy checkpoint ended: %s", entry.id, err)
             finally:
                 with self._lock:  # first: a commit from now on is refused
-                    self._serving.pop(entry.id, None)
+                    self._known(entry.id).serving = None
                 done.set()
                 tunnel.abort()  # CRIU is gone: the relay ends too
                 with contextlib.suppress(Exception):
@@ -433,8 +456,8 @@ class SourceSide:
 
         thread = threading.Thread(target=serve, name=f"lazy-{entry.id}", daemon=True)
         with self._lock:
-            self._serving[entry.id] = thread
-            self._lazy_done[entry.id] = done
+            u = self.underway(entry.id)
+            u.serving, u.lazy_done = thread, done
         thread.start()
         try:
             tunnel.attach(connect_in(netns, LAZY_PORT,
@@ -461,7 +484,8 @@ class SourceSide:
         failure fails the resume, which is retried: a copy that refuses every client would
         look like it runs."""
         with self._lock:
-            refusing = self._refusing.pop(migration_id, None)
+            u = self._known(migration_id)
+            refusing, u.refusing = u.refusing, None
         if refusing is not None:
             refusing.join(30)
         self.runtime.refuse_connections(container, False)
@@ -477,9 +501,8 @@ class SourceSide:
         """A lazy checkpoint's CRIU stops serving pages (its tunnel is cut), and is waited for:
         the container must not run here while CRIU still hands its memory out."""
         with self._lock:
-            thread = self._serving.get(migration_id)
-            tunnel = self._tunnels.get(migration_id)
-            done = self._lazy_done.get(migration_id)
+            u = self._known(migration_id)
+            thread, tunnel, done = u.serving, u.tunnel, u.lazy_done
         self._abort_tunnel(migration_id)
         if thread is None:
             return
@@ -496,7 +519,7 @@ class SourceSide:
         """A container paused for a page-server checkpoint must still be paused when its
         changes are read and when it is handed over: run since, its memory is newer than the
         pages sent (someone unpaused it, or its engine stopped it)."""
-        if entry.data.get("paused") and not self.runtime.inspect(
+        if entry.at_source.paused and not self.runtime.inspect(
                 entry.container)["State"].get("Paused"):
             raise FailedPrecondition(f"{entry.container[:12]} is no longer paused here since its "
                                      "final checkpoint: its memory moved on")
@@ -513,12 +536,12 @@ class SourceSide:
         signature = Signature.from_chunks(chunks, max_blocks=signature_block_cap(
             pre.stat().st_size, DEFAULT_BLOCK_SIZE))
         with self._lock:
-            self._offers.setdefault(entry.id, {})[rel] = signature
+            self.underway(entry.id).offers[rel] = signature
 
     def final_items(self, entry: j.Entry, upper: Path | None) -> Iterator[tuple[str, Path]]:
         """What the final pass sends, made as it is needed: the final checkpoint's files, then
         an archive of what changed in each writable volume and in the writable layer."""
-        if entry.state != State.FROZEN or entry.id in self._freezing:
+        if entry.state != State.FROZEN or self._known(entry.id).freezing:
             raise j.IllegalTransition(f"migration {entry.id} is {entry.state}: the final pass "
                                       "follows the final checkpoint")
         self.still_paused(entry)
@@ -527,7 +550,7 @@ class SourceSide:
         for path in sorted(folder.iterdir()):
             if path.is_file() and not path.is_symlink():
                 yield str(path.relative_to(area)), path
-        for name, vol in sorted(entry.data.get("volumes", {}).items()):
+        for name, vol in sorted(entry.at_source.volumes.items()):
             if not vol.get("read_only"):
                 yield self._changes(entry, changes_path(name), snapshot_path(name),
                                     lambda out, since, name=name: archive.snapshot(
@@ -547,17 +570,13 @@ class SourceSide:
 
     def offers(self, migration_id: str) -> dict[str, Signature]:
         with self._lock:
-            return dict(self._offers.get(migration_id, {}))
-
-    def forget_offers(self, migration_id: str) -> None:
-        with self._lock:
-            self._offers.pop(migration_id, None)
+            return dict(self._known(migration_id).offers)
 
     def commit(self, entry: j.Entry) -> None:
         self.still_paused(entry)
         with self._lock:
-            serving = entry.id in self._serving
-        if entry.data.get("lazy") and not serving:
+            serving = self._known(entry.id).serving is not None
+        if entry.at_source.lazy and not serving:
             raise FailedPrecondition(f"migration {entry.id}: the lazy checkpoint no longer "
                                      "serves the container's pages here; it cannot be handed "
                                      "over")
@@ -582,9 +601,10 @@ class SourceSide:
             if entry is None:
                 raise NotFound(f"no migration {migration_id} here")
             if entry.state == State.ROLLED_BACK:  # a retry after a reply that was lost: no-op
-                return pb.ResumeReply(restored=True, detail=entry.data.get(
-                    "resume", "it was resumed here before"))
-            if migration_id in self._resuming or migration_id in self._freezing:
+                return pb.ResumeReply(restored=True, detail=entry.at_source.resume or
+                                      "it was resumed here before")
+            u = self.underway(migration_id)
+            if u.resuming or u.freezing:
                 raise FailedPrecondition(f"migration {migration_id} is being resumed or "
                                          "checkpointed right now; try again")
             if entry.state in (State.PRE_COPY, State.FAILED) and by == PEER and \
@@ -596,19 +616,19 @@ class SourceSide:
                 return pb.ResumeReply(restored=True, detail="it was never frozen and runs")
             if entry.state != State.RESUMING:
                 entry = self.journal.move(migration_id, SOURCE, State.RESUMING, by=by)
-            self._resuming.add(migration_id)
+            u.resuming = True
         try:
             return self._resume(entry, by)
         finally:
             with self._lock:
-                self._resuming.discard(migration_id)
+                u.resuming = False
 
     def _resume(self, entry: j.Entry, by: str) -> pb.ResumeReply:
         migration_id, cid = entry.id, entry.container
         self.stop_serving(migration_id)
         gone = self.runtime.gone(cid)
         state = {} if gone else self.runtime.inspect(cid)["State"]
-        if entry.data.get("paused") and not gone:  # whatever it is now, it takes clients again
+        if entry.at_source.paused and not gone:  # whatever it is now, it takes clients again
             self.take_connections_again(migration_id, cid)
         if gone:
             # removed here meanwhile (by an operator): nothing is left to resume, ever
@@ -624,7 +644,7 @@ class SourceSide:
         else:
             folder = self.staging.root / migration_id / "checkpoints" / FINAL_CHECKPOINT
             try:
-                if entry.data.get("paused"):  # stopped meanwhile (an engine restart?)
+                if entry.at_source.paused:  # stopped meanwhile (an engine restart?)
                     raise FailedPrecondition("its final checkpoint's memory pages went to the "
                                              "destination's page server")
                 if not (folder / "inventory.img").exists():
@@ -639,13 +659,14 @@ class SourceSide:
                 self.runtime.wait_running(cid)
                 reply = pb.ResumeReply(restored=False, detail=f"restore failed ({err}); "
                                        "restarted without its memory")
-        policy = entry.data.get("restart_policy") or {"Name": "no"}
+        policy = entry.at_source.restart_policy or {"Name": "no"}
         if restarts(policy) and not gone:  # it runs again: its policy too
             self.runtime.set_restart_policy(cid, policy)
         self.journal.move(migration_id, SOURCE, State.ROLLED_BACK, data={"resume": reply.detail})
         self.metrics.source_ended(State.ROLLED_BACK, "destination" if by == PEER else "source",
                                   entry.state)
         self.staging.drop(migration_id)
+        self._forget(migration_id)
         return reply
 
     def release(self, entry: j.Entry, completed: bool, remove_container: bool) -> None:
@@ -654,13 +675,10 @@ class SourceSide:
                 raise FailedPrecondition(
                     f"migration {entry.id} was never committed here ({entry.state}); "
                     "refusing to treat the container as moved")
-            if entry.data.get("paused") and not self.runtime.gone(entry.container) and \
+            if entry.at_source.paused and not self.runtime.gone(entry.container) and \
                     self.runtime.inspect(entry.container)["State"].get("Running"):
                 self.runtime.kill(entry.container)  # paused (or not): it now runs there
             self.stop_serving(entry.id)  # ended when the destination had every page
-            with self._lock:
-                self._refusing.pop(entry.id, None)
-                self._lazy_done.pop(entry.id, None)
             try:
                 self.keep_last_snapshots(entry)
             except (MigctlError, OSError) as err:
@@ -678,7 +696,7 @@ class SourceSide:
         else:
             raise FailedPrecondition(f"migration {entry.id} is {entry.state} here: resume it "
                                      "before releasing it")
-        self.forget_offers(entry.id)
+        self._forget(entry.id)
         self.staging.drop(entry.id)
 
     # -- without the destination ------------------------------------------------------------
@@ -694,7 +712,7 @@ class SourceSide:
             remove_netns(netns)
             log.warning("removed the network namespace %s of a lazy checkpoint", netns.name)
         for entry in self.journal.in_flight(SOURCE):
-            self.last_seen[entry.id] = time.monotonic()
+            self.touch(entry.id)
             if entry.state in (State.FROZEN, State.RESUMING):
                 log.warning("migration %s was %s when the agent stopped: resuming %s",
                             entry.id, entry.state, entry.container[:12])
@@ -707,17 +725,18 @@ class SourceSide:
     def expire_leases(self) -> None:
         now = time.monotonic()
         for entry in self.journal.in_flight(SOURCE):
-            idle = now - self.last_seen.setdefault(entry.id, now)
-            if entry.id in self._freezing:
+            u = self.underway(entry.id)
+            idle = now - u.last_seen
+            if u.freezing:
                 continue  # a final checkpoint is being taken: it ends, then the lease counts
             if entry.state == State.FROZEN and idle > self.lease:
                 log.warning("migration %s: no word from %s for %.0f s; resuming %s", entry.id,
                             entry.peer, idle, entry.container[:12])
                 self._resume_quietly(entry.id)
-            elif entry.state == State.RESUMING and entry.id not in self._resuming:
+            elif entry.state == State.RESUMING and not u.resuming:
                 self._resume_quietly(entry.id)  # an earlier attempt failed: try again
             elif entry.state == State.AUTHORIZED and (
-                    time.time() - entry.data.get("authorized_at", 0.0) > AUTHORIZATION_SECONDS):
+                    time.time() - entry.at_source.authorized_at > AUTHORIZATION_SECONDS):
                 self._drop(entry)
             elif entry.state == State.PRE_COPY and idle > ABANDONED_LEASES * self.lease:
                 self._drop(entry)  # abandoned before the freeze: only files to drop
@@ -743,9 +762,10 @@ class SourceSide:
             pass
         with self._lock:  # the freeze moves the state and marks itself under this lock
             now = self.journal.get(entry.id, SOURCE)
-            freezing = entry.id in self._freezing
+            u = self.underway(entry.id)
+            freezing = u.freezing
             if freezing:
-                self._hold_lost.add(entry.id)  # resumed as soon as the checkpoint ends
+                u.hold_lost = True  # resumed as soon as the checkpoint ends
         if freezing:
             self._abort_tunnel(entry.id)  # a dump into a dead tunnel ends now, not in minutes
         if now is None or (now.state != State.FROZEN and not freezing):
@@ -760,7 +780,7 @@ class SourceSide:
         if self.journal.try_move(entry.id, SOURCE, State.FAILED) is not None:
             if entry.state == State.PRE_COPY:  # begun: counted as started
                 self.metrics.source_ended("failed", "source", entry.state)
-            self.forget_offers(entry.id)
+            self._forget(entry.id)
             self.staging.drop(entry.id)
 
     def _resume_quietly(self, migration_id: str) -> None:
