@@ -12,6 +12,7 @@ import pytest
 
 from agent.errors import RuntimeFailure
 from agent.runtime import docker as docker_runtime
+from agent.runtime.base import ContainerState
 from agent.runtime.docker import DockerRuntime
 
 CID = "c" * 64
@@ -156,3 +157,18 @@ def test_a_restarting_container_is_not_running_and_a_gone_process_is_not_waited_
     stuck = _Engine({"Id": CID, "State": {"Running": True, "Pid": 0}})
     with pytest.raises(RuntimeFailure, match="process 0 is gone"):
         stuck.running(CID, settle=0.1)
+
+
+def test_a_containers_state_is_read_from_the_engine_once_and_typed() -> None:
+    engine = _Engine({"Id": CID, "Name": "/db", "State": {"Running": True, "Paused": True,
+                                                          "Pid": 4242},
+                      "Mounts": [{"Type": "volume", "Name": "data"},
+                                 {"Type": "bind", "Source": "/etc/x"}]})
+    assert engine.state("db") == ContainerState(CID, "db", True, True, 4242, ("data",))
+    engine.api.containers = lambda **kw: [  # the engine's list, filtered by volume
+        {"Id": "a" * 64, "Names": ["/web"], "State": "exited",
+         "Mounts": [{"Type": "volume", "Name": "data"}]},
+        {"Id": "b" * 64, "Names": ["/db"], "State": "running", "Mounts": []}]
+    assert engine.volume_users("data") == [
+        ContainerState("a" * 64, "web", volumes=("data",)),
+        ContainerState("b" * 64, "db", running=True)]

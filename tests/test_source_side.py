@@ -18,6 +18,7 @@ from agent.errors import FailedPrecondition
 from agent.migration import journal as j
 from agent.migration.source import FINAL_CHECKPOINT, PRE_CHECKPOINT, SourceSide
 from agent.migration.state import PEER, SOURCE, State
+from agent.runtime.base import ContainerState
 from proto import migctl_pb2 as pb
 
 CID = "c" * 64
@@ -36,8 +37,8 @@ class RecordingRuntime:
     def describe(self, container: str) -> pb.ContainerSpec:
         return pb.ContainerSpec(id=CID, name="toy", image="toy:1", image_id="sha256:" + "1" * 64)
 
-    def inspect(self, container: str) -> dict[str, Any]:
-        return {"Id": CID, "State": {"Running": self.running_now, "Paused": False}}
+    def state(self, container: str) -> ContainerState:
+        return ContainerState(CID, "toy", running=self.running_now)
 
     def checkpoint(self, container: str, name: str, directory: Path, leave_running: bool,
                    page_server: str = "", lazy_in: Path | None = None, *,

@@ -68,7 +68,7 @@ from agent.migration.source import (
 from agent.migration.sourcing import Sourcing
 from agent.migration.state import DESTINATION, SOURCE, State
 from agent.peer import Peer
-from agent.runtime.base import Runtime, restarts
+from agent.runtime.base import ContainerState, Runtime, restarts
 from agent.runtime.criu.images import Confinement, check_images
 from agent.runtime.docker import criu_path, host_listeners
 from agent.runtime.spec import check_description, checkpoint_path, port_protocol, unsupported
@@ -329,10 +329,10 @@ class Migration:
             self.metrics.preflight.labels("nodes").inc()
             raise
         existing = self.existing_container(spec.name)
-        if existing and not self.is_migrated_away(existing["Id"]):
+        if existing and not self.is_migrated_away(existing.id):
             raise AlreadyExists(
                 f"{self.node} already has a container named {spec.name!r} "
-                f"({existing['Id'][:12]}); remove or rename it first")
+                f"({existing.id[:12]}); remove or rename it first")
         for vol in spec.volumes:
             self.check_volume_free(vol)
         self.check_ports_free(spec)
@@ -351,15 +351,15 @@ class Migration:
                 f"{self.node} already uses host port {', '.join(taken)}: the container could "
                 "not publish it here; free it first")
 
-    def existing_container(self, name: str) -> dict | None:
+    def existing_container(self, name: str) -> ContainerState | None:
         try:
-            return self.runtime.inspect(name)
+            return self.runtime.state(name)
         except MigctlError:
             return None
 
     def departed_to(self, volume: str) -> str:
         """The node that the container which left VOLUME here went to ("" if none or several)."""
-        migrations = {self.store.departure(u["Id"]) for u in self.runtime.volume_users(volume)}
+        migrations = {self.store.departure(u.id) for u in self.runtime.volume_users(volume)}
         if not migrations:
             migrations = {self.store.departure(volume=volume)}
         peers = set()
@@ -377,11 +377,11 @@ class Migration:
         if not self.runtime.volume_exists(name):
             return
         users = self.runtime.volume_users(name)
-        if users and all(self.is_migrated_away(u["Id"]) for u in users):
+        if users and all(self.is_migrated_away(u.id) for u in users):
             return
         if not users and self.store.is_departed_volume(name):
             return
-        who = ", ".join(u["Names"][0].lstrip("/") for u in users) or "no container"
+        who = ", ".join(u.name for u in users) or "no container"
         raise AlreadyExists(
             f"{self.node} already has a volume named {name!r} (used by {who}); migrating would "
             "overwrite it: remove it first")
@@ -728,9 +728,8 @@ class Migration:
         until it runs, a rollback removes it (agent/migration/recovery.py)."""
         stale = self.existing_container(spec.name)
         if stale:  # departed (request_phase): its volumes stay replaceable once it is gone
-            self.store.mark_volumes_departed(stale["Id"], [
-                m["Name"] for m in stale.get("Mounts") or [] if m.get("Type") == "volume"])
-            self.runtime.remove(stale["Id"])
+            self.store.mark_volumes_departed(stale.id, list(stale.volumes))
+            self.runtime.remove(stale.id)
         new = self.entry.at_destination.new_container = self.runtime.create_like(
             spec, self.request.allow_privileged)
         self.confine()  # here, before the freeze: the engine is asked outside the downtime
@@ -777,7 +776,7 @@ class Migration:
             self.report.running()
             if pages is not None:  # should the daemon fail, the process stops before it reads
                 # zeros (set as soon as it runs, not after the restore's settle)
-                pages.on_fail = kill_now(self.runtime.inspect(cid)["State"].get("Pid", 0))
+                pages.on_fail = kill_now(self.runtime.state(cid).pid)
                 if pages.proc is not None and pages.proc.poll() not in (None, 0):
                     pages.on_fail()
 

@@ -165,7 +165,7 @@ class SourceSide:
         """A checkpoint of CONTAINER left running, into a scratch folder removed at once: what
         CRIU says of it now (the pre-flight reads /proc; CRIU knows more). Not while a
         migration of it is under way: both would checkpoint it."""
-        cid = self.runtime.inspect(container)["Id"]
+        cid = self.runtime.state(container).id
         if not self.runtime.running(cid):
             raise FailedPrecondition(f"{container!r} does not run: there is nothing to dump")
         scratch = self.staging.root / f"trial-{uuid.uuid4().hex[:16]}"
@@ -519,8 +519,7 @@ class SourceSide:
         """A container paused for a page-server checkpoint must still be paused when its
         changes are read and when it is handed over: run since, its memory is newer than the
         pages sent (someone unpaused it, or its engine stopped it)."""
-        if entry.at_source.paused and not self.runtime.inspect(
-                entry.container)["State"].get("Paused"):
+        if entry.at_source.paused and not self.runtime.state(entry.container).paused:
             raise FailedPrecondition(f"{entry.container[:12]} is no longer paused here since its "
                                      "final checkpoint: its memory moved on")
 
@@ -608,7 +607,7 @@ class SourceSide:
                 raise FailedPrecondition(f"migration {migration_id} is being resumed or "
                                          "checkpointed right now; try again")
             if entry.state in (State.PRE_COPY, State.FAILED) and by == PEER and \
-                    self.runtime.inspect(entry.container)["State"].get("Running"):
+                    self.runtime.state(entry.container).running:
                 # never frozen: the destination's rollback only needs the source to let go
                 if self.journal.try_move(migration_id, SOURCE, State.FAILED, by=PEER):
                     self.metrics.source_ended("failed", "destination", entry.state)
@@ -627,7 +626,7 @@ class SourceSide:
         migration_id, cid = entry.id, entry.container
         self.stop_serving(migration_id)
         gone = self.runtime.gone(cid)
-        state = {} if gone else self.runtime.inspect(cid)["State"]
+        now = None if gone else self.runtime.state(cid)
         if entry.at_source.paused and not gone:  # whatever it is now, it takes clients again
             self.take_connections_again(migration_id, cid)
         if gone:
@@ -635,11 +634,11 @@ class SourceSide:
             reply = pb.ResumeReply(restored=False, detail="the container was removed from "
                                    "this node meanwhile; nothing to resume")
             log.warning("migration %s: %s", migration_id, reply.detail)
-        elif state.get("Paused"):  # a page-server checkpoint: its memory never left it
+        elif now is not None and now.paused:  # a page-server checkpoint: its memory never left it
             self.runtime.unpause(cid)
             reply = pb.ResumeReply(restored=True, detail="unpaused: it goes on where it was "
                                    "paused for the final checkpoint")
-        elif state.get("Running") and self.runtime.running(cid):  # not a stop just taken
+        elif now is not None and now.running and self.runtime.running(cid):  # not a stop just taken
             reply = pb.ResumeReply(restored=True, detail="it was still running")
         else:
             folder = self.staging.root / migration_id / "checkpoints" / FINAL_CHECKPOINT
@@ -676,7 +675,7 @@ class SourceSide:
                     f"migration {entry.id} was never committed here ({entry.state}); "
                     "refusing to treat the container as moved")
             if entry.at_source.paused and not self.runtime.gone(entry.container) and \
-                    self.runtime.inspect(entry.container)["State"].get("Running"):
+                    self.runtime.state(entry.container).running:
                 self.runtime.kill(entry.container)  # paused (or not): it now runs there
             self.stop_serving(entry.id)  # ended when the destination had every page
             try:

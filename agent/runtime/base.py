@@ -9,6 +9,7 @@ flow only sees this protocol.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,6 +21,18 @@ def restarts(policy: dict[str, Any]) -> bool:
     """Whether a restart policy would have the engine start the container again ("no" and the
     engine's own empty default would not)."""
     return (policy.get("Name") or "no") != "no"
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    """A container as a migration reads it (never the engine's inspect dictionary)."""
+
+    id: str
+    name: str
+    running: bool = False
+    paused: bool = False
+    pid: int = 0  # its first process on this host, while it runs
+    volumes: tuple[str, ...] = ()  # the named volumes it mounts
 
 
 class Runtime(Protocol):
@@ -37,6 +50,7 @@ class Runtime(Protocol):
 
     # containers
     def inspect(self, container: str) -> dict[str, Any]: ...
+    def state(self, container: str) -> ContainerState: ...
     def describe(self, container: str) -> pb.ContainerSpec: ...
     def list_containers(self) -> list[pb.ContainerSummary]:
         """Every container, with what keeps each from moving; light enough for a listing
@@ -84,7 +98,7 @@ class Runtime(Protocol):
     def volume_path(self, name: str) -> Path: ...
     def ensure_volume(self, spec: pb.VolumeSpec) -> Path: ...
     def remove_volume(self, name: str) -> None: ...
-    def volume_users(self, name: str) -> list[dict[str, Any]]: ...
+    def volume_users(self, name: str) -> list[ContainerState]: ...
 
     # networks
     def internal_networks(self, names: list[str]) -> list[str]: ...

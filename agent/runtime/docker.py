@@ -28,6 +28,7 @@ import psutil
 
 from agent.errors import FailedPrecondition, MigctlError, NotFound, RuntimeFailure, Unavailable
 from agent.runtime import dumpable, netns
+from agent.runtime.base import ContainerState
 from agent.runtime.spec import create_request, port_protocol, unsupported
 from proto import migctl_pb2 as pb
 
@@ -238,6 +239,14 @@ class DockerRuntime:
         except (docker.errors.DockerException, OSError) as err:
             raise _engine_error(f"inspect container {container!r}", err) from err
 
+    def state(self, container: str) -> ContainerState:
+        c = self.inspect(container)
+        state = c.get("State") or {}
+        return ContainerState(
+            c["Id"], str(c.get("Name") or "").lstrip("/"), bool(state.get("Running")),
+            bool(state.get("Paused")), int(state.get("Pid") or 0),
+            tuple(m["Name"] for m in c.get("Mounts") or [] if m.get("Type") == "volume"))
+
     def describe(self, container: str) -> pb.ContainerSpec:
         c = self.inspect(container)
         image = self._call("inspect image", self.api.inspect_image, c["Image"])
@@ -446,9 +455,14 @@ class DockerRuntime:
     def remove_volume(self, name: str) -> None:
         self._call(f"remove volume {name!r}", self.api.remove_volume, name, force=True)
 
-    def volume_users(self, name: str) -> list[dict[str, Any]]:
-        return self._call("list containers", self.api.containers, all=True,
-                          filters={"volume": name})
+    def volume_users(self, name: str) -> list[ContainerState]:
+        listed = self._call("list containers", self.api.containers, all=True,
+                            filters={"volume": name})
+        return [ContainerState(
+            c["Id"], ((c.get("Names") or [""])[0]).lstrip("/"), c.get("State") == "running",
+            c.get("State") == "paused", 0,
+            tuple(m["Name"] for m in c.get("Mounts") or [] if m.get("Type") == "volume"))
+            for c in listed]
 
     def ensure_volume(self, spec: pb.VolumeSpec) -> Path:
         if not self.volume_exists(spec.name):
