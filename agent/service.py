@@ -37,7 +37,8 @@ from agent.errors import InvalidArgument, MigctlError, NotFound, PermissionDenie
 from agent.metrics import Metrics
 from agent.migration import journal as j
 from agent.migration import plan
-from agent.migration.flow import Migration, preflight_problems
+from agent.migration.flow import Migration
+from agent.migration.phases.request import preflight_problems
 from agent.migration.policy import Links
 from agent.migration.recovery import remove_strays, settle
 from agent.migration.source import (
@@ -596,7 +597,7 @@ class AgentService(rpc.AgentServicer):
                                       journal=self.journal,
                                       local_info=self.node_info, tls=self.tls, store=self.store,
                                       registry=self.registry, links=self.links,
-                                      publish=self.publish, metrics=self.metrics)
+                                      publish=self.publish, metrics=self.metrics).open()
             except MigctlError as err:
                 context.abort(err.code, str(err))
             self._migrating[request.container] = migration.migration_id

@@ -4,10 +4,11 @@ over fake runtimes, for the operator's commands: no engine, no lab."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,7 +60,7 @@ class Agents:
     inventory: api.Inventory
     path: Path  # the inventory file, which the agents read too
     services: dict[str, AgentService]
-    runtimes: dict[str, FakeRuntime]
+    runtimes: dict[str, Any]
 
     def cli(self, *args: str) -> int:
         with pytest.raises(SystemExit) as done:
@@ -68,14 +69,15 @@ class Agents:
 
 
 @contextmanager
-def agents(pki: Path, state: Path, names: tuple[str, ...] = ("nodeA", "nodeB")
-           ) -> Iterator[Agents]:
-    """An agent per node of NAMES (each with a certificate in PKI), their state under STATE."""
+def agents(pki: Path, state: Path, names: tuple[str, ...] = ("nodeA", "nodeB"),
+           runtime: Callable[[str], Any] = lambda name: FakeRuntime()) -> Iterator[Agents]:
+    """An agent per node of NAMES (each with a certificate in PKI), their state under STATE,
+    each over RUNTIME(its name)."""
     path = state / "inventory.json"
     services, runtimes, servers, nodes = {}, {}, [], {}
     for name in names:
         tls = TLSFiles.from_dir(certs.node_dir(pki, name), name)
-        runtimes[name] = FakeRuntime()
+        runtimes[name] = runtime(name)
         services[name] = AgentService(name, runtimes[name], state / name, tls,  # type: ignore
                                       registry="", inventory=path)
         server = agent_server(services[name], NodeHealth(runtimes[name]))  # type: ignore
