@@ -292,7 +292,7 @@ class AgentService(rpc.AgentServicer):
 
     @handler
     def ImageConfig(self, request: pb.ImageRef, context: Any) -> pb.ImageConfigReply:
-        image_id = self.runtime.api.inspect_image(request.image)["Id"]
+        image_id = self.runtime.image_id(request.image)
         config, tags = config_of(self.saved_image(image_id))
         return pb.ImageConfigReply(config=config, repo_tags=tags)
 

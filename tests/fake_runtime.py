@@ -230,6 +230,11 @@ class FakeNode:
 
     # -- images and layers ----------------------------------------------------------------
 
+    def image_id(self, ref: str) -> str:
+        if ref not in (IMAGE_ID, "toy:1") or IMAGE_ID not in self.images:
+            raise NotFound(f"no image {ref!r} on this node")
+        return IMAGE_ID
+
     def has_image(self, image_id: str) -> bool:
         return image_id in self.images
 

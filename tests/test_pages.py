@@ -40,7 +40,8 @@ from agent.migration.policy import (
     Link,
     memory_transfer,
 )
-from agent.runtime.docker import criu_path, refuse_new_connections
+from agent.runtime.docker import refuse_new_connections
+from agent.runtime.host import criu_path
 
 # connects to the port in argv[1], sends "from-criu", prints what comes back
 PEER = ("import socket, sys; s = socket.create_connection(('127.0.0.1', int(sys.argv[1]))); "

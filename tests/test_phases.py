@@ -100,3 +100,20 @@ def test_a_migration_is_journaled_only_when_opened(pki: Path, tmp_path: Path) ->
     m.open()
     assert [e.state for e in journal.history(5)] == [State.REQUESTED]
     m.source.close()
+
+
+def test_the_fake_engine_implements_the_whole_runtime() -> None:
+    """A method added to the runtime's protocol must be added to the fake the phases run on
+    (with the same parameters), or these tests would stop testing what the agent calls."""
+    import inspect
+
+    from agent.runtime import base
+
+    for concern in (base.Node, base.Containers, base.Checkpoints, base.Images, base.Volumes):
+        for name, member in vars(concern).items():
+            if name.startswith("_") or not callable(member):
+                continue
+            fake = getattr(FakeNode, name, None)
+            assert fake is not None, f"FakeNode lacks {concern.__name__}.{name}"
+            assert list(inspect.signature(fake).parameters) == \
+                list(inspect.signature(member).parameters), name

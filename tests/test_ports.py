@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 
 from agent.migration.phases.request import ports_taken
-from agent.runtime.docker import host_listeners
+from agent.runtime.host import host_listeners
 from proto import migctl_pb2 as pb
 
 

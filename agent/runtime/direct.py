@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from agent.errors import RuntimeFailure
-from agent.runtime.docker import DockerRuntime, criu_path
+from agent.runtime.docker import DockerRuntime
+from agent.runtime.host import criu_path
 from agent.runtime.spec import valid_container_id
 from proto import migctl_pb2 as pb
 

@@ -13,9 +13,7 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -29,6 +27,7 @@ import psutil
 from agent.errors import FailedPrecondition, MigctlError, NotFound, RuntimeFailure, Unavailable
 from agent.runtime import dumpable, netns
 from agent.runtime.base import ContainerState
+from agent.runtime.host import criu_path
 from agent.runtime.spec import create_request, port_protocol, unsupported
 from proto import migctl_pb2 as pb
 
@@ -37,7 +36,6 @@ OUR_CHECKPOINTS = tuple(f"{kind}-{'[0-9a-f]' * 16}" for kind in ("migctl", "resu
 """The names of the checkpoints our restores hand the engine: a destination's (migctl-ID) and a
 source's after a rollback (resume-ID)."""
 
-CRIU_BIN = "/opt/migctl/bin"  # where scripts/setup.sh puts the CRIU it probed
 # A checkpoint this soon after one that collected containerd's garbage after itself skips the
 # collection: pre-copy's, then the final one of the same migration (its freeze comes seconds
 # to minutes later); anything older collects again.
@@ -71,35 +69,6 @@ def refuse_new_connections(netns: Path, refuse: bool) -> None:
         raise RuntimeFailure(f"could not make {netns} take new connections again")
 
 
-def host_listeners() -> set[tuple[str, str, int]]:
-    """(protocol, address, port) of every TCP socket listening, and UDP socket bound and not
-    connected, in this node's network namespace: what a container publishing that port would
-    collide with. Read from /proc/net (psutil would walk every process's files for owners
-    this does not need)."""
-    found = set()
-    for proto, table in (("tcp", "tcp"), ("tcp", "tcp6"), ("udp", "udp"), ("udp", "udp6")):
-        try:
-            lines = Path(f"/proc/net/{table}").read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local, remote, state = fields[1], fields[2], fields[3]
-            if (state != "0A") if proto == "tcp" else not remote.endswith(":0000"):
-                continue  # tcp: not listening (0A); udp: a connected (client) socket
-            address, port = local.split(":")
-            found.add((proto, _proc_address(address), int(port, 16)))
-    return found
-
-
-def _proc_address(hexa: str) -> str:
-    """An address as /proc/net prints it: each 32-bit word in the host's byte order."""
-    raw = bytes.fromhex(hexa)
-    if sys.byteorder == "little":
-        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
-
-
 def _alive(pid: int) -> bool:
     """A process that exists and is not a zombie (killed, not yet reaped)."""
     try:
@@ -116,11 +85,6 @@ def _sandbox(info: dict[str, Any]) -> Path | None:
     if info["HostConfig"].get("NetworkMode") == "host" or not sandbox:
         return None
     return Path(sandbox)
-
-
-def criu_path() -> str | None:
-    """The CRIU this node's engine uses, for the agent's own CRIU processes (page servers)."""
-    return shutil.which("criu", path=f"{CRIU_BIN}:{os.environ.get('PATH', '')}")
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:
@@ -378,6 +342,15 @@ class DockerRuntime:
 
     def local_chain_ids(self) -> set[str]:
         return {c for layers in self._image_layers().values() for c in chain_ids(layers)}
+
+    def image_id(self, ref: str) -> str:
+        """The id of the image REF names here; NotFound when none."""
+        try:
+            return str(self.api.inspect_image(ref)["Id"])
+        except docker.errors.ImageNotFound as err:
+            raise NotFound(f"no image {ref!r} on this node") from err
+        except (docker.errors.DockerException, OSError) as err:
+            raise _engine_error("inspect image", err) from err
 
     def has_image(self, image_id: str) -> bool:
         try:

@@ -18,7 +18,7 @@ from agent.migration.source import (
     FINAL_CHECKPOINT,
 )
 from agent.migration.state import State
-from agent.runtime.docker import criu_path
+from agent.runtime.host import criu_path
 from proto import migctl_pb2 as pb
 
 if TYPE_CHECKING:

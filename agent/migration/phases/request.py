@@ -18,7 +18,7 @@ from agent.migration.phases import freeze
 from agent.migration.policy import memory_transfer
 from agent.migration.state import DESTINATION, SOURCE
 from agent.runtime.base import ContainerState
-from agent.runtime.docker import criu_path, host_listeners
+from agent.runtime.host import criu_path, host_listeners
 from agent.runtime.spec import check_description, port_protocol, unsupported
 from agent.version import PROTOCOL_VERSION, version
 from proto import migctl_pb2 as pb
