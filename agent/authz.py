@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from agent.security import NODE, OPERATOR, caller_of
+from migctl.agent.security import NODE, OPERATOR, caller_of
 
 SERVICE = "migctl.v1.Agent"
 

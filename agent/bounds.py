@@ -21,8 +21,8 @@ from typing import Any
 
 import grpc
 
-from agent.authz import SERVICE
-from agent.security import caller_of
+from migctl.agent.authz import SERVICE
+from migctl.agent.security import caller_of
 
 PER_CALLER_RPCS = 48
 """Calls one certificate may have in flight. A destination's migration holds about eight at

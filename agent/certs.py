@@ -24,7 +24,7 @@ Without copying keys: on a new node `request` makes its key and a request (NODE.
 operator's `sign` returns the certificate for it; the node's key never leaves it
 (`migctl certs request` / `migctl certs sign`).
 
-CLI: `python -m agent.certs DIR NODE... [--client NAME]... [--days N] [--force]`.
+CLI: `python -m migctl.agent.certs DIR NODE... [--client NAME]... [--days N] [--force]`.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.errors import FailedPrecondition, InvalidArgument
-from agent.security import NODE_OU, OPERATOR_OU, TARGET_NAME
+from migctl.agent.errors import FailedPrecondition, InvalidArgument
+from migctl.agent.security import NODE_OU, OPERATOR_OU, TARGET_NAME
 
 CA_DAYS = 3650  # the CA outlives the certificates it signs, or they would all expire with it
 _SKEW = dt.timedelta(minutes=5)  # tolerate nodes whose clocks lag the one that issued
@@ -362,7 +362,8 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m agent.certs", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m migctl.agent.certs",
+                                description=__doc__.split("\n")[0])
     p.add_argument("directory", type=Path,
                    help="ca.crt and client files; private/ca.key; nodes/<node>/ per node")
     p.add_argument("nodes", nargs="+", help="node names (server+client certificates)")

@@ -13,8 +13,8 @@ import threading
 from grpc_health.v1 import health
 from grpc_health.v1 import health_pb2 as hpb
 
-from agent.authz import SERVICE
-from agent.runtime.base import Runtime
+from migctl.agent.authz import SERVICE
+from migctl.agent.runtime.base import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import json
 import sys
 from pathlib import Path
 
-from agent.runtime.direct import DIRECT_RUNTIME, WRAPPER
-from agent.version import VersionAction
+from migctl.agent.runtime.direct import DIRECT_RUNTIME, WRAPPER
+from migctl.agent.version import VersionAction
 
 PIPE_MAX = 4 << 20  # fs.pipe-max-size CRIU's lazy page server needs (docs/runtime.md)
 UNIT = Path(__file__).resolve().parent.parent / "packaging" / "migagent.service"

@@ -16,7 +16,7 @@ from wsgiref.simple_server import WSGIServer
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from agent.errors import (
+from migctl.agent.errors import (
     AlreadyExists,
     DeltaError,
     FailedPrecondition,
@@ -28,7 +28,7 @@ from agent.errors import (
     RuntimeFailure,
     Unavailable,
 )
-from proto import migctl_pb2 as pb
+from migctl.proto import migctl_pb2 as pb
 
 DEFAULT_PORT = 9464
 # Downtime is seconds at most in a good migration; total time minutes for large volumes.

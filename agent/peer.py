@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from agent.errors import MigctlError, Unavailable
-from proto import migctl_pb2_grpc as rpc
+from migctl.agent.errors import MigctlError, Unavailable
+from migctl.proto import migctl_pb2_grpc as rpc
 
 UNARY_TIMEOUT = 300.0  # a checkpoint of a large container can take minutes
 

@@ -37,7 +37,7 @@ import grpc
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.errors import FailedPrecondition
+from migctl.agent.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class TLSFiles:
         if missing:
             raise FailedPrecondition(
                 f"TLS file(s) missing: {', '.join(missing)}; create them with "
-                f"`python -m agent.certs DIR <node>... --client <name>` (identity {name!r}; "
+                f"`python -m migctl.agent.certs DIR <node>... --client <name>` (identity {name!r}; "
                 f"an agent's folder is DIR/nodes/<node>, a client's is DIR)")
         return files
 

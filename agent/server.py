@@ -17,19 +17,19 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY
 
-from agent.authz import SERVICE, Authorization
-from agent.bounds import SERVER_RPCS, SERVER_WORKERS, Bounds
-from agent.dataplane.channel import OPTIONS
-from agent.errors import InvalidArgument, MigctlError
-from agent.health import NodeHealth
-from agent.metrics import DEFAULT_PORT, Metrics
-from agent.metrics import serve as serve_metrics
-from agent.migration.policy import PAGE_SERVER_MIN_RATE
-from agent.runtime.base import open_runtime
-from agent.security import ServerIdentity, TLSFiles
-from agent.service import AgentService
-from agent.version import VersionAction
-from proto import migctl_pb2_grpc as rpc
+from migctl.agent.authz import SERVICE, Authorization
+from migctl.agent.bounds import SERVER_RPCS, SERVER_WORKERS, Bounds
+from migctl.agent.dataplane.channel import OPTIONS
+from migctl.agent.errors import InvalidArgument, MigctlError
+from migctl.agent.health import NodeHealth
+from migctl.agent.metrics import DEFAULT_PORT, Metrics
+from migctl.agent.metrics import serve as serve_metrics
+from migctl.agent.migration.policy import PAGE_SERVER_MIN_RATE
+from migctl.agent.runtime.base import open_runtime
+from migctl.agent.security import ServerIdentity, TLSFiles
+from migctl.agent.service import AgentService
+from migctl.agent.version import VersionAction
+from migctl.proto import migctl_pb2_grpc as rpc
 
 
 def agent_server(service: rpc.AgentServicer, node_health: NodeHealth) -> grpc.Server:

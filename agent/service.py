@@ -17,45 +17,51 @@ import grpc
 import psutil
 from google.protobuf.json_format import ParseDict
 
-from agent.catalog.registry import Holding, InventoryRegistry, open_registry
-from agent.catalog.store import Item, Store
-from agent.dataplane import archive, final
-from agent.dataplane.channel import open_channel
-from agent.dataplane.files import digest, iter_file
-from agent.dataplane.image import config_of, iter_layer
-from agent.dataplane.pages import netns_prefix, stop_lazy_leftovers
-from agent.dataplane.rootfs import snapshot_layer
-from agent.dataplane.staging import Staging, valid_migration_id
-from agent.delta import (
+from migctl.agent.catalog.registry import Holding, InventoryRegistry, open_registry
+from migctl.agent.catalog.store import Item, Store
+from migctl.agent.dataplane import archive, final
+from migctl.agent.dataplane.channel import open_channel
+from migctl.agent.dataplane.files import digest, iter_file
+from migctl.agent.dataplane.image import config_of, iter_layer
+from migctl.agent.dataplane.pages import netns_prefix, stop_lazy_leftovers
+from migctl.agent.dataplane.rootfs import snapshot_layer
+from migctl.agent.dataplane.staging import Staging, valid_migration_id
+from migctl.agent.delta import (
     DEFAULT_BLOCK_SIZE,
     Signature,
     agreed_format,
     delta_stream,
     signature_block_cap,
 )
-from agent.errors import InvalidArgument, MigctlError, NotFound, PermissionDenied, Unavailable
-from agent.metrics import Metrics
-from agent.migration import journal as j
-from agent.migration import plan
-from agent.migration.flow import Migration
-from agent.migration.phases.request import preflight_problems
-from agent.migration.policy import Links
-from agent.migration.recovery import remove_strays, settle
-from agent.migration.source import (
+from migctl.agent.errors import (
+    InvalidArgument,
+    MigctlError,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+from migctl.agent.metrics import Metrics
+from migctl.agent.migration import journal as j
+from migctl.agent.migration import plan
+from migctl.agent.migration.flow import Migration
+from migctl.agent.migration.phases.request import preflight_problems
+from migctl.agent.migration.policy import Links
+from migctl.agent.migration.recovery import remove_strays, settle
+from migctl.agent.migration.source import (
     AUTHORIZATION_SECONDS,
     ROOTFS,
     SourceSide,
     manifest_path,
     snapshot_path,
 )
-from agent.migration.state import DESTINATION, PEER, State
-from agent.peer import Peer
-from agent.runtime.base import Runtime
-from agent.runtime.spec import valid_name
-from agent.security import TLSFiles, caller_of
-from agent.version import PROTOCOL_VERSION, version
-from proto import migctl_pb2 as pb
-from proto import migctl_pb2_grpc as rpc
+from migctl.agent.migration.state import DESTINATION, PEER, State
+from migctl.agent.peer import Peer
+from migctl.agent.runtime.base import Runtime
+from migctl.agent.runtime.spec import valid_name
+from migctl.agent.security import TLSFiles, caller_of
+from migctl.agent.version import PROTOCOL_VERSION, version
+from migctl.proto import migctl_pb2 as pb
+from migctl.proto import migctl_pb2_grpc as rpc
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ whose weak sums a hostile receiver set all to one value.  In each of --repeat ro
 and one after the other on a destination freshly copied from the basis (``sync`` before every
 timed step): ``rsync --no-whole-file -I --stats -B 4096 NEW DEST``; then ``migctl-delta
 delta SIG NEW DELTA`` and ``migctl-delta patch DEST DELTA DEST`` (the console script the venv
-installed, run on this worktree's code, bytecode cached; ``python -m agent.delta`` where no
+installed, run on this worktree's code, bytecode cached; ``python -m migctl.agent.delta`` where no
 script is installed); then rdiff's ``delta`` and ``patch``
 into a new file renamed over DEST (rdiff cannot patch in place), if rdiff is installed.  Both
 signatures are made before the timed steps (the engine's before the container freezes).
@@ -63,13 +63,13 @@ import xxhash
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.delta import (  # noqa: E402
+from bench.delta_data import KINDS, basis_of, colliding_signature, edited  # noqa: E402
+from migctl.agent.delta import (  # noqa: E402
     DeltaStats,
     delta_stream,
     make_signature,
     patch_stream,
 )
-from bench.delta_data import KINDS, basis_of, colliding_signature, edited  # noqa: E402
 
 MIB = 1 << 20
 SEED = 20240611
@@ -178,7 +178,7 @@ _MEMORY_CHILD = textwrap.dedent(
     """
     import os, sys
     sys.path.insert(0, sys.argv[1])
-    from agent.delta import Signature, delta_stream
+    from migctl.agent.delta import Signature, delta_stream
 
     def status(key):
         with open("/proc/self/status") as f:
@@ -290,7 +290,7 @@ def socket_throughput(total: int, msg: int = MIB) -> float:
 
 ROOT = Path(__file__).resolve().parents[1]
 _SCRIPT = Path(sys.executable).with_name("migctl-delta")
-ENGINE = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "agent.delta"]
+ENGINE = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "migctl.agent.delta"]
 GNU_TIME = "/usr/bin/time" if os.path.exists("/usr/bin/time") else None
 PROCESS_ROWS = (*KINDS, "colliding-sig")
 """``colliding-sig``: the random pair, with a signature whose weak sums a hostile receiver

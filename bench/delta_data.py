@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.delta.signature import Signature
+from migctl.agent.delta.signature import Signature
 
 PAGE = 4096
 EDIT_BYTES = 100

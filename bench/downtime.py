@@ -62,11 +62,11 @@ import docker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.runtime.direct import DirectRuntime, token  # noqa: E402
-from client import labnet  # noqa: E402
-from client.lab import LAB_DIR, RUN_DIR, Lab  # noqa: E402
-from client.seedmethod import SeedMethod  # noqa: E402
-from client.workloads import (  # noqa: E402
+from migctl.agent.runtime.direct import DirectRuntime, token  # noqa: E402
+from migctl.client import labnet  # noqa: E402
+from migctl.client.lab import LAB_DIR, RUN_DIR, Lab  # noqa: E402
+from migctl.client.seedmethod import SeedMethod  # noqa: E402
+from migctl.client.workloads import (  # noqa: E402
     BASE,
     REDIS_IMAGE,
     SERVER,
@@ -155,8 +155,8 @@ def migctl_cycle(name: str, method: str) -> dict:
     """`migctl migrate --json` as a process; its live events (stderr) give when the freeze
     began on this benchmark's clock."""
     memory, (source, dest) = MIGCTL[method]
-    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "migrate", "--json", "--mode",
-                             "traditional", "--memory-transfer", memory, "--from", source,
+    proc = subprocess.Popen([sys.executable, "-m", "migctl.client.cli", "migrate", "--json",
+                             "--mode", "traditional", "--memory-transfer", memory, "--from", source,
                              "--to", dest, name],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     events: list[tuple[float, str]] = []

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent.runtime.direct import WRAPPER
+from migctl.agent.runtime.direct import WRAPPER
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> float:

@@ -23,11 +23,11 @@ from typing import Any, TypeVar
 
 import grpc
 
-from agent.dataplane.channel import open_channel
-from agent.errors import MigctlError
-from agent.security import TLSFiles
-from proto import migctl_pb2 as pb
-from proto import migctl_pb2_grpc as rpc
+from migctl.agent.dataplane.channel import open_channel
+from migctl.agent.errors import MigctlError
+from migctl.agent.security import TLSFiles
+from migctl.proto import migctl_pb2 as pb
+from migctl.proto import migctl_pb2_grpc as rpc
 
 T = TypeVar("T")
 

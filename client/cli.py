@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, TextIO
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from agent.errors import MigctlError
-from agent.version import VersionAction
-from client import completion
-from client.api import (
+from migctl.agent.errors import MigctlError
+from migctl.agent.version import VersionAction
+from migctl.client import completion
+from migctl.client.api import (
     AgentClient,
     AgentError,
     ClientError,
@@ -28,7 +28,7 @@ from client.api import (
     plan,
     trial,
 )
-from proto import migctl_pb2 as pb
+from migctl.proto import migctl_pb2 as pb
 
 if TYPE_CHECKING:  # rich is imported by a live progress only (~40 ms of start-up)
     from rich.console import Console
@@ -294,7 +294,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_init(args: argparse.Namespace) -> int:
-    from agent import certs
+    from migctl.agent import certs
 
     directory = args.dir or args.tls_dir or default_tls_dir()
     try:
@@ -309,7 +309,7 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_request(args: argparse.Namespace) -> int:
-    from agent import certs
+    from migctl.agent import certs
 
     directory = args.dir or args.tls_dir or default_tls_dir()
     try:
@@ -323,7 +323,7 @@ def cmd_certs_request(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_sign(args: argparse.Namespace) -> int:
-    from agent import certs
+    from migctl.agent import certs
 
     directory = args.dir or args.tls_dir or default_tls_dir()
     try:
@@ -450,8 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("request", type=Path, metavar="NODE.csr")
     cs.set_defaults(func=cmd_certs_sign)
 
-    from client import lab
-    from client.evaluation import cli as bench
+    from migctl.client import lab
+    from migctl.client.evaluation import cli as bench
 
     lab.add_parser(sub)
     bench.add_parser(sub)

@@ -23,9 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from agent import certs
-from agent.security import TLSFiles
-from client.api import MIGCTL_HOME, AgentClient, ClientError, Node, default_inventory
+from migctl.agent import certs
+from migctl.agent.security import TLSFiles
+from migctl.client.api import MIGCTL_HOME, AgentClient, ClientError, Node, default_inventory
 
 LAB_DIR = MIGCTL_HOME / "lab"
 RUN_DIR = Path("/run/migctl")  # exec roots: socket paths must stay short
@@ -162,8 +162,8 @@ class Lab:
     def ensure_dockerd(self, name: str, node: dict) -> None:
         # here, not at the top: every migctl command imports this module, the Docker SDK
         # (under agent.runtime) costs ~0.15 s of start-up
-        from agent.runtime.direct import DIRECT_RUNTIME
-        from agent.runtime.direct import WRAPPER as RUNC_WRAPPER
+        from migctl.agent.runtime.direct import DIRECT_RUNTIME
+        from migctl.agent.runtime.direct import WRAPPER as RUNC_WRAPPER
 
         d = self.node_dir(name)
         config = d / "daemon.json"
@@ -211,9 +211,9 @@ class Lab:
         return res.returncode == 0
 
     def start_agent(self, name: str, node: dict, extra_args: list[str] | None = None,
-                    module: str = "agent.server") -> None:
+                    module: str = "migctl.agent.server") -> None:
         """(Re)start the agent, so a lab always runs the agent code of this checkout. Tests
-        may run it through a MODULE of their own that wraps `agent.server` with hooks."""
+        may run it through a MODULE of their own that wraps `migctl.agent.server` with hooks."""
         d = self.node_dir(name)
         self.stop_pid(node.get("agent_pid"), str(d / "agent"))
         cmd = [sys.executable, "-m", module, "--node", name,
@@ -275,7 +275,7 @@ class Lab:
         return state
 
     def restart_agent(self, name: str, extra_args: list[str] | None = None,
-                      module: str = "agent.server") -> None:
+                      module: str = "migctl.agent.server") -> None:
         state = self.state()
         self.start_agent(name, state["nodes"][name], extra_args, module)
         self.save(state)
@@ -357,7 +357,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_link(args: argparse.Namespace) -> int:
-    from client import labnet
+    from migctl.client import labnet
 
     lab = Lab()
     state = lab.state()
@@ -380,7 +380,7 @@ def cmd_link(args: argparse.Namespace) -> int:
 
 
 def cmd_links(args: argparse.Namespace) -> int:
-    from client import labnet
+    from migctl.client import labnet
 
     print("\n".join(labnet.describe(Lab().state())) or "no link is shaped")
     return 0
@@ -389,7 +389,7 @@ def cmd_links(args: argparse.Namespace) -> int:
 def cmd_toy(args: argparse.Namespace) -> int:
     import docker
 
-    from client import workloads
+    from migctl.client import workloads
 
     nodes = Lab().state().get("nodes", {})
     if args.node not in nodes:

@@ -17,7 +17,7 @@ import re
 import subprocess
 from dataclasses import asdict, dataclass
 
-from client.api import ClientError
+from migctl.client.api import ClientError
 
 CHAIN = "MIGCTL-LINK"
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit|tbit)$")

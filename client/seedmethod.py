@@ -27,9 +27,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.runtime.docker import DockerRuntime
-from client.api import ClientError
-from client.lab import LAB_DIR, RUN_DIR
+from migctl.agent.runtime.docker import DockerRuntime
+from migctl.client.api import ClientError
+from migctl.client.lab import LAB_DIR, RUN_DIR
 
 RSYNC_PORT = 8730
 RSYNC = ("rsync", "-a", "--no-whole-file", "--ignore-times", "--delete", "--stats")

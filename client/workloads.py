@@ -21,7 +21,7 @@ from pathlib import Path
 
 import docker
 
-from client.api import MIGCTL_HOME
+from migctl.client.api import MIGCTL_HOME
 
 BASE = "migctl-busybox:1"
 TOY_IMAGE = "toytsm:1"

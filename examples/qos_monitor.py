@@ -1,4 +1,4 @@
-"""A QoS monitor built on migctl's public Python client only (client.api): it watches every
+"""A QoS monitor built on migctl's public Python client only (migctl.client.api): it watches every
 node's load and, when a node passes a threshold, moves one of its movable running containers
 to the least loaded other node.
 
@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from client import api
+from migctl.client import api
 
 
 @dataclass(frozen=True)

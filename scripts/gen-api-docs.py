@@ -23,7 +23,7 @@ import grpc  # noqa: E402
 from google.protobuf import descriptor_pb2  # noqa: E402
 from grpc_tools import protoc  # noqa: E402
 
-from agent.authz import ROLES  # noqa: E402
+from migctl.agent.authz import ROLES  # noqa: E402
 
 PROTO = "proto/migctl.proto"
 OUT = ROOT / "docs" / "api.md"
@@ -59,10 +59,10 @@ operator authorized it, and only about that migration's container. Besides the e
 per RPC, any call may end in `INTERNAL` (a bug; the agent's log has the trace) or
 `DEADLINE_EXCEEDED` (the caller's deadline).
 
-A service that moves containers uses the Python client, `client.api`, as the CLI does:
+A service that moves containers uses the Python client, `migctl.client.api`, as the CLI does:
 
 ```python
-from client import api
+from migctl.client import api
 
 inventory = api.Inventory.load()  # nodes by name; TLS folder from the config
 try:

@@ -24,9 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agent import server
-from agent.migration.flow import Migration
-from agent.service import AgentService
+from migctl.agent import server
+from migctl.agent.migration.flow import Migration
+from migctl.agent.service import AgentService
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 import docker
 import pytest
 
-from agent import certs
-from client.workloads import CACHE  # noqa: F401 - the tests import it from here
+from migctl.agent import certs
+from migctl.client.workloads import CACHE  # noqa: F401 - the tests import it from here
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +45,7 @@ def migctl(*args: str, check: bool = True, inventory: Path | None = None
            ) -> subprocess.CompletedProcess[str]:
     """Run the real `migctl` command, as a user would."""
     names_its_transfer(args)
-    cmd = [sys.executable, "-m", "client.cli"]
+    cmd = [sys.executable, "-m", "migctl.client.cli"]
     if inventory:
         cmd += ["--inventory", str(inventory)]
     res = subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -84,8 +84,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def session_links(rate: str) -> None:
     """Every pair of lab nodes shaped to RATE, and nothing else; unshaped when RATE is ''."""
-    from client import labnet
-    from client.lab import Lab
+    from migctl.client import labnet
+    from migctl.client.lab import Lab
 
     lab = Lab()
     state = lab.state()
@@ -102,7 +102,7 @@ def session_links(rate: str) -> None:
 def lab(request: pytest.FixtureRequest) -> Iterator[LabHandle]:
     """Starts (or reuses) a 3-node lab; removes it afterwards only if this session made it.
     With --lab-link-rate, its links are shaped for the session."""
-    from client.lab import Lab
+    from migctl.client.lab import Lab
 
     lab = Lab()
     existed = bool(lab.state().get("nodes"))

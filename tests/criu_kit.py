@@ -6,8 +6,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from agent.runtime.criu import images_pb2 as img
-from agent.runtime.criu.imagefile import (
+from migctl.agent.runtime.criu import images_pb2 as img
+from migctl.agent.runtime.criu.imagefile import (
     CORE_MAGIC,
     IDS_MAGIC,
     IMG_COMMON_MAGIC,
@@ -15,9 +15,9 @@ from agent.runtime.criu.imagefile import (
     PSTREE_MAGIC,
     SECCOMP_MAGIC,
 )
-from agent.runtime.criu.images import CAPABILITIES, NAMESPACES
-from agent.runtime.criu.mounts import ENGINE_MASKED, ENGINE_READONLY
-from agent.runtime.criu.seccomp import ABIS, CLONE, CLONE_NAMESPACES, GUARDED
+from migctl.agent.runtime.criu.images import CAPABILITIES, NAMESPACES
+from migctl.agent.runtime.criu.mounts import ENGINE_MASKED, ENGINE_READONLY
+from migctl.agent.runtime.criu.seccomp import ABIS, CLONE, CLONE_NAMESPACES, GUARDED
 
 ALLOW, ERRNO, KILL = 0x7FFF0000, 0x00050001, 0x80000000
 LD_ABS, LD_IMM, JEQ, JSET, RET_K, RET_A = 0x20, 0x00, 0x15, 0x45, 0x06, 0x16

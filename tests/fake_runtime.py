@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.errors import FailedPrecondition, NotFound, RuntimeFailure
-from agent.runtime.base import ContainerState
-from agent.runtime.criu.images import ENGINE_DEFAULT
-from agent.runtime.criu.seccomp import FLAG_TSYNC
-from proto import migctl_pb2 as pb
+from migctl.agent.errors import FailedPrecondition, NotFound, RuntimeFailure
+from migctl.agent.runtime.base import ContainerState
+from migctl.agent.runtime.criu.images import ENGINE_DEFAULT
+from migctl.agent.runtime.criu.seccomp import FLAG_TSYNC
+from migctl.proto import migctl_pb2 as pb
 from tests import criu_kit as kit
 
 IMAGE_ID = "sha256:" + "1" * 64

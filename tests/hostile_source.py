@@ -24,13 +24,13 @@ from typing import Any
 import grpc
 import xxhash
 
-from agent.dataplane.channel import OPTIONS
-from agent.delta import Signature, delta_stream
-from agent.delta.wire import Header, WireWriter
-from agent.security import TLSFiles, server_credentials
-from agent.version import PROTOCOL_VERSION, version
-from proto import migctl_pb2 as pb
-from proto import migctl_pb2_grpc as rpc
+from migctl.agent.dataplane.channel import OPTIONS
+from migctl.agent.delta import Signature, delta_stream
+from migctl.agent.delta.wire import Header, WireWriter
+from migctl.agent.security import TLSFiles, server_credentials
+from migctl.agent.version import PROTOCOL_VERSION, version
+from migctl.proto import migctl_pb2 as pb
+from migctl.proto import migctl_pb2_grpc as rpc
 
 OUTSIDE = "/tmp/migctl-hostile-outside"  # a file outside staging that an attack aims at
 LEAKS = "/tmp/migctl-hostile-leaks"  # what the destination revealed of a cached basis
@@ -133,7 +133,7 @@ def folder_deleting_tar() -> bytes:
 def checkpoint_images(scenario: str) -> list[tuple[str, bytes]]:
     """The CRIU images of one task (pid 1) a scenario sends: each breaks one rule of what a
     checkpoint may give its process (tests/criu_kit.py writes them as CRIU does)."""
-    from agent.runtime.criu.images import CAPABILITIES, ENGINE_DEFAULT
+    from migctl.agent.runtime.criu.images import CAPABILITIES, ENGINE_DEFAULT
     from tests import criu_kit as kit
 
     caps, chain, mounts = ENGINE_DEFAULT, [(kit.deny(), 1)], kit.container_mounts()

@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from agent import certs
-from agent.errors import NotFound
-from agent.health import NodeHealth
-from agent.security import TLSFiles, server_credentials
-from agent.server import agent_server
-from agent.service import AgentService
-from client import api, cli
-from proto import migctl_pb2 as pb
+from migctl.agent import certs
+from migctl.agent.errors import NotFound
+from migctl.agent.health import NodeHealth
+from migctl.agent.security import TLSFiles, server_credentials
+from migctl.agent.server import agent_server
+from migctl.agent.service import AgentService
+from migctl.client import api, cli
+from migctl.proto import migctl_pb2 as pb
 
 
 @dataclass

@@ -12,13 +12,13 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent import certs
-from agent.authz import Authorization
-from agent.metrics import Metrics
-from agent.security import ServerIdentity, TLSFiles, secure_channel
-from agent.server import config_defaults, main
-from proto import migctl_pb2 as pb
-from proto import migctl_pb2_grpc as rpc
+from migctl.agent import certs
+from migctl.agent.authz import Authorization
+from migctl.agent.metrics import Metrics
+from migctl.agent.security import ServerIdentity, TLSFiles, secure_channel
+from migctl.agent.server import config_defaults, main
+from migctl.proto import migctl_pb2 as pb
+from migctl.proto import migctl_pb2_grpc as rpc
 
 
 def parser_of_migagent() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ from types import ModuleType
 
 import pytest
 
-from agent.authz import ROLES
+from migctl.agent.authz import ROLES
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gen-api-docs.py"

@@ -12,11 +12,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent import certs
-from agent.authz import ROLES, Authorization, allowed
-from agent.security import NODE, OPERATOR, TLSFiles, secure_channel, server_credentials
-from proto import migctl_pb2 as pb
-from proto import migctl_pb2_grpc as rpc
+from migctl.agent import certs
+from migctl.agent.authz import ROLES, Authorization, allowed
+from migctl.agent.security import NODE, OPERATOR, TLSFiles, secure_channel, server_credentials
+from migctl.proto import migctl_pb2 as pb
+from migctl.proto import migctl_pb2_grpc as rpc
 
 METHODS = pb.DESCRIPTOR.services_by_name["Agent"].methods_by_name
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-import agent.bounds as bounds
-from agent import certs
-from agent.dataplane.channel import open_channel
-from agent.security import TLSFiles
-from proto import migctl_pb2 as pb
-from proto import migctl_pb2_grpc as rpc
+import migctl.agent.bounds as bounds
+from migctl.agent import certs
+from migctl.agent.dataplane.channel import open_channel
+from migctl.agent.security import TLSFiles
+from migctl.proto import migctl_pb2 as pb
+from migctl.proto import migctl_pb2_grpc as rpc
 from tests.inprocess import agents
 
 SILENT = 60  # more than the 32 workers an agent had, more than one caller's limit

@@ -6,11 +6,11 @@ import os
 import threading
 from pathlib import Path
 
-from agent.catalog.registry import Holding
-from agent.catalog.store import Store
-from agent.migration import journal as j
-from agent.migration.policy import LOCAL, Link, rank
-from agent.migration.state import PEER, SELF, SOURCE, State
+from migctl.agent.catalog.registry import Holding
+from migctl.agent.catalog.store import Store
+from migctl.agent.migration import journal as j
+from migctl.agent.migration.policy import LOCAL, Link, rank
+from migctl.agent.migration.state import PEER, SELF, SOURCE, State
 
 
 def blob(tmp: Path, name: str, size: int) -> Path:

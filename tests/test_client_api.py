@@ -16,12 +16,12 @@ from typing import Any
 import grpc
 import pytest
 
-from agent import certs
-from agent.authz import Authorization
-from agent.security import TLSFiles, server_credentials
-from client import api, cli
-from proto import migctl_pb2 as pb
-from proto import migctl_pb2_grpc as rpc
+from migctl.agent import certs
+from migctl.agent.authz import Authorization
+from migctl.agent.security import TLSFiles, server_credentials
+from migctl.client import api, cli
+from migctl.proto import migctl_pb2 as pb
+from migctl.proto import migctl_pb2_grpc as rpc
 
 EVENTS = [
     pb.MigrationEvent(phase_started=pb.PhaseReport(phase=pb.REQUEST)),

@@ -14,8 +14,8 @@ SUBCOMMANDS = ["migrate", "nodes", "ps", "plan", "history", "certs", "lab", "ben
 
 
 def _script(shell: str) -> str:
-    return subprocess.run([sys.executable, "-m", "client.cli", "completion", shell], cwd=ROOT,
-                          check=True, capture_output=True, text=True).stdout
+    return subprocess.run([sys.executable, "-m", "migctl.client.cli", "completion", shell],
+                          cwd=ROOT, check=True, capture_output=True, text=True).stdout
 
 
 def test_bash_completion_parses_and_names_the_subcommands(tmp_path: Path) -> None:
@@ -43,8 +43,8 @@ def test_zsh_completion_names_the_subcommands(tmp_path: Path) -> None:
 
 
 def test_an_unknown_shell_is_refused() -> None:
-    res = subprocess.run([sys.executable, "-m", "client.cli", "completion", "fish"], cwd=ROOT,
-                         capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "migctl.client.cli", "completion", "fish"],
+                         cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2
     assert "invalid choice: 'fish'" in res.stderr
 

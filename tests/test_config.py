@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from client import api, cli
+from migctl.client import api, cli
 
 
 @pytest.fixture

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import Refused
-from agent.runtime.criu import images_pb2 as img
-from agent.runtime.criu.imagefile import (
+from migctl.agent.errors import Refused
+from migctl.agent.runtime.criu import images_pb2 as img
+from migctl.agent.runtime.criu.imagefile import (
     CGROUP_MAGIC,
     CORE_MAGIC,
     IMG_COMMON_MAGIC,
     SECCOMP_MAGIC,
 )
-from agent.runtime.criu.images import (
+from migctl.agent.runtime.criu.images import (
     CAPABILITIES,
     ENGINE_DEFAULT,
     Confinement,
@@ -26,7 +26,7 @@ from agent.runtime.criu.images import (
     container_capabilities,
     seccomp_expected,
 )
-from agent.runtime.criu.seccomp import FLAG_TSYNC
+from migctl.agent.runtime.criu.seccomp import FLAG_TSYNC
 from tests import criu_kit as kit
 
 

@@ -19,10 +19,11 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import agent.delta.checksum as checksum_module
-import agent.delta.match as match_module
-import agent.delta.patch as patch_module
-from agent.delta import (
+import migctl.agent.delta.checksum as checksum_module
+import migctl.agent.delta.match as match_module
+import migctl.agent.delta.patch as patch_module
+from bench.delta_data import KINDS, basis_of, colliding_signature, edited
+from migctl.agent.delta import (
     DELTA_FORMAT,
     DeltaStats,
     Signature,
@@ -32,13 +33,12 @@ from agent.delta import (
     make_signature,
     patch_stream,
 )
-from agent.delta.checksum import HashThread
-from agent.delta.match import DIRECT_BUDGET, SMALL_GAP_BLOCKS, MatchWork
-from agent.delta.patch import FOLLOW_STEP
-from agent.delta.weak import block_weak, rolling_weak, weak_of
-from agent.delta.wire import CHUNK_MAX, LITERAL_MAX, Header, WireWriter, _varint
-from agent.errors import DeltaError
-from bench.delta_data import KINDS, basis_of, colliding_signature, edited
+from migctl.agent.delta.checksum import HashThread
+from migctl.agent.delta.match import DIRECT_BUDGET, SMALL_GAP_BLOCKS, MatchWork
+from migctl.agent.delta.patch import FOLLOW_STEP
+from migctl.agent.delta.weak import block_weak, rolling_weak, weak_of
+from migctl.agent.delta.wire import CHUNK_MAX, LITERAL_MAX, Header, WireWriter, _varint
+from migctl.agent.errors import DeltaError
 
 ROOT = Path(__file__).resolve().parents[1]
 KIB = 1024
@@ -481,7 +481,7 @@ def test_well_formed_but_inconsistent_deltas_are_rejected(tmp_path: Path) -> Non
 
 def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "agent.delta", *map(str, args)],
+        [sys.executable, "-m", "migctl.agent.delta", *map(str, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -660,7 +660,7 @@ def test_a_moved_block_inside_a_larger_gap_is_still_found_off_the_grid(tmp_path:
 
 _LOADED = """
 import sys
-from agent.delta.__main__ import main
+from migctl.agent.delta.__main__ import main
 code = main(sys.argv[1:])
 print(code, *(name for name in ("grpc", "docker", "numpy", "zstandard") if name in sys.modules))
 """
@@ -712,10 +712,10 @@ def test_delta_error_still_maps_to_failed_precondition() -> None:
 def test_console_script_is_the_rdiff_like_command(tmp_path: Path) -> None:
     import tomllib
 
-    from agent.delta.__main__ import main
+    from migctl.agent.delta.__main__ import main
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["migctl-delta"] == "agent.delta.__main__:run"
+    assert scripts["migctl-delta"] == "migctl.agent.delta.__main__:run"
     (tmp_path / "basis").write_bytes(rand(50 * KIB, 42))
     (tmp_path / "new").write_bytes(rand(50 * KIB, 42) + b"more")
     assert main(["signature", "-b", "1024", str(tmp_path / "basis"), str(tmp_path / "sig")]) == 0
@@ -731,15 +731,15 @@ def test_command_streams_signature_and_delta_through_pipes_like_rdiff(tmp_path: 
     (tmp_path / "basis").write_bytes(basis)
     (tmp_path / "new").write_bytes(new)
     sig = subprocess.run(
-        [sys.executable, "-m", "agent.delta", "signature", str(tmp_path / "basis")],
+        [sys.executable, "-m", "migctl.agent.delta", "signature", str(tmp_path / "basis")],
         cwd=ROOT, capture_output=True, timeout=60, check=True,
     ).stdout
     delta = subprocess.run(
-        [sys.executable, "-m", "agent.delta", "delta", "-", str(tmp_path / "new")],
+        [sys.executable, "-m", "migctl.agent.delta", "delta", "-", str(tmp_path / "new")],
         cwd=ROOT, input=sig, capture_output=True, timeout=60, check=True,
     ).stdout
     r = subprocess.run(
-        [sys.executable, "-m", "agent.delta", "-s", "patch", str(tmp_path / "basis"), "-",
+        [sys.executable, "-m", "migctl.agent.delta", "-s", "patch", str(tmp_path / "basis"), "-",
          str(tmp_path / "out")],
         cwd=ROOT, input=delta, capture_output=True, timeout=60,
     )

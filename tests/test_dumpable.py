@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from agent.runtime import dumpable
-from client.lab import LAB_DIR
-from client.workloads import TOY_IMAGE, ensure_toy_image, remove_everywhere, run_toy
+from migctl.agent.runtime import dumpable
+from migctl.client.lab import LAB_DIR
+from migctl.client.workloads import TOY_IMAGE, ensure_toy_image, remove_everywhere, run_toy
 from tests.conftest import CACHE, DELTA, migctl
 
 
@@ -102,7 +102,7 @@ def test_a_service_of_its_own_user_is_refused_up_front_or_moves(lab) -> None:
 
 
 def test_criu_words_add_the_first_error_of_the_log_the_engine_names(tmp_path) -> None:
-    from agent.migration.source import criu_words
+    from migctl.agent.migration.source import criu_words
 
     log = tmp_path / "dump.log"
     log.write_text("(00.001) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for "

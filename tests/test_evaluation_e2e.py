@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from client import labnet
-from client.evaluation.columns import COLUMNS, MEASURED
-from client.lab import Lab
+from migctl.client import labnet
+from migctl.client.evaluation.columns import COLUMNS, MEASURED
+from migctl.client.lab import Lab
 from tests.conftest import LabHandle, migctl
 
 pytestmark = pytest.mark.lab

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.dataplane import archive
+from migctl.agent.dataplane import archive
 
 ACL = bytes.fromhex("02000000" "0100060000000000" "0200060039300000"  # user::rw- user:12345:rw-
                     "0400040000000000" "1000060000000000" "2000040000000000")  # g, mask, o
@@ -138,7 +138,7 @@ def _fill_layer(root: Path) -> None:
 def test_a_migration_moves_a_volume_and_the_layer_exactly(lab) -> None:
     """The manifest of both sides, after a real migration: the volume (every mode, owners,
     attributes, ACLs, links, holes, a FIFO, times, its own folder) and the writable layer."""
-    from client.workloads import TOY_IMAGE, ensure_toy_image, remove_everywhere
+    from migctl.client.workloads import TOY_IMAGE, ensure_toy_image, remove_everywhere
     from tests.conftest import CACHE, DELTA, migrate_json
 
     a, b = lab.docker["nodeA"], lab.docker["nodeB"]

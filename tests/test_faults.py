@@ -23,8 +23,8 @@ import docker
 import psutil
 import pytest
 
-from client.lab import SWITCH_NS, Lab
-from client.workloads import (
+from migctl.client.lab import SWITCH_NS, Lab
+from migctl.client.workloads import (
     BASE,
     SERVER,
     ensure_base,
@@ -100,7 +100,7 @@ def assert_intact_and_counting(client: docker.DockerClient, node: str = "nodeA")
 def start_migration(extra: list[str]) -> tuple[subprocess.Popen, list[str]]:
     names_its_transfer(["migrate", *extra])
     proc = subprocess.Popen(
-        [sys.executable, "-m", "client.cli", "migrate", "--from", "nodeA", "--to", "nodeB",
+        [sys.executable, "-m", "migctl.client.cli", "migrate", "--from", "nodeA", "--to", "nodeB",
          *extra, "toytsm"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
@@ -338,8 +338,8 @@ def test_five_concurrent_migrations_all_succeed(lab: LabHandle) -> None:
     for i, name in enumerate(names):
         run_toy(a, name=name, rw=f"rw{i}", ro=f"ro{i}")
     time.sleep(3)
-    procs = [subprocess.Popen([sys.executable, "-m", "client.cli", "migrate", *DELTA, "--from",
-                               "nodeA", "--to", "nodeB", "-q", name], cwd=ROOT, text=True,
+    procs = [subprocess.Popen([sys.executable, "-m", "migctl.client.cli", "migrate", *DELTA,
+                               "--from", "nodeA", "--to", "nodeB", "-q", name], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in names]
     for name, p in zip(names, procs, strict=True):
         out, err = p.communicate(timeout=600)
@@ -380,7 +380,7 @@ def test_a_rollback_through_the_engine_leaves_no_copy_of_memory_in_it(lab: LabHa
     """A container on plain runc checkpoints and resumes through the engine, which keeps its
     own copy of the checkpoint under containers/ID/checkpoints/: after a rollback, the memory
     (pages-*.img) stayed there (second red team). It must be gone once the source runs again."""
-    from client.workloads import COUNTER, TOY_IMAGE
+    from migctl.client.workloads import COUNTER, TOY_IMAGE
 
     a = lab.docker["nodeA"]
     remove_everywhere(lab.docker, ["toytsm"], ["testrw", "testro"])

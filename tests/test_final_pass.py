@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.dataplane import final
-from agent.delta import DeltaStats, make_signature
-from agent.errors import DeltaError, Refused
-from proto import migctl_pb2 as pb
+from migctl.agent.dataplane import final
+from migctl.agent.delta import DeltaStats, make_signature
+from migctl.agent.errors import DeltaError, Refused
+from migctl.proto import migctl_pb2 as pb
 
 
 @pytest.fixture
@@ -129,7 +129,7 @@ def test_the_source_agent_writes_the_format_its_receiver_asked_for(
     field) gets format 1; one naming more than this agent knows gets the newest."""
     from types import SimpleNamespace
 
-    from agent.service import AgentService
+    from migctl.agent.service import AgentService
 
     pages = files["checkpoints/final/pages-1.img"]
     offers = {"checkpoints/final/pages-1.img": make_signature(tmp_path / "basis")}

@@ -18,13 +18,13 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from agent import certs
-from agent.authz import SERVICE
-from agent.errors import Unavailable
-from agent.health import NodeHealth, unfit
-from agent.security import NODE_OU, TLSFiles, secure_channel, server_credentials
-from agent.server import agent_server
-from proto import migctl_pb2_grpc as rpc
+from migctl.agent import certs
+from migctl.agent.authz import SERVICE
+from migctl.agent.errors import Unavailable
+from migctl.agent.health import NodeHealth, unfit
+from migctl.agent.security import NODE_OU, TLSFiles, secure_channel, server_credentials
+from migctl.agent.server import agent_server
+from migctl.proto import migctl_pb2_grpc as rpc
 from tests.test_security import CLIENT, _forge
 
 DEADLINE = 30  # only so a broken build fails instead of hanging; no assertion depends on it

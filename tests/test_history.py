@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from google.protobuf.json_format import MessageToDict
 
-from agent.migration import journal as j
-from agent.migration.state import DESTINATION, SOURCE, State
-from client import api
-from proto import migctl_pb2 as pb
+from migctl.agent.migration import journal as j
+from migctl.agent.migration.state import DESTINATION, SOURCE, State
+from migctl.client import api
+from migctl.proto import migctl_pb2 as pb
 from tests.inprocess import agents
 
 MID = "0123456789abcdef"

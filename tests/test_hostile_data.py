@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import agent.delta.match as match_module
-import agent.delta.patch as patch_module
-from agent.dataplane import archive
-from agent.dataplane.files import write_stream
-from agent.dataplane.transfer import fetch_delta, fetch_whole
-from agent.delta import (
+import migctl.agent.delta.match as match_module
+import migctl.agent.delta.patch as patch_module
+from migctl.agent.dataplane import archive
+from migctl.agent.dataplane.files import write_stream
+from migctl.agent.dataplane.transfer import fetch_delta, fetch_whole
+from migctl.agent.delta import (
     DELTA_FORMAT,
     Signature,
     delta_stream,
@@ -26,10 +26,10 @@ from agent.delta import (
     patch_stream,
     signature_block_cap,
 )
-from agent.delta.signature import EMPTY_HASH, HEADER, MAGIC, VERSION
-from agent.delta.wire import CHUNK_MAX, Header, WireWriter
-from agent.errors import DeltaError, Refused
-from proto import migctl_pb2 as pb
+from migctl.agent.delta.signature import EMPTY_HASH, HEADER, MAGIC, VERSION
+from migctl.agent.delta.wire import CHUNK_MAX, Header, WireWriter
+from migctl.agent.errors import DeltaError, Refused
+from migctl.proto import migctl_pb2 as pb
 
 MIB = 1 << 20
 

@@ -24,15 +24,15 @@ import docker
 import grpc
 import pytest
 
-from agent import certs
-from agent.dataplane.channel import open_channel
-from agent.dataplane.pages import netns_prefix
-from agent.delta.signature import HEADER, MAGIC, VERSION
-from agent.security import TLSFiles
-from client.lab import Lab
-from client.workloads import ensure_toy_image, remove_everywhere, run_toy
-from proto import migctl_pb2 as pb
-from proto import migctl_pb2_grpc as rpc
+from migctl.agent import certs
+from migctl.agent.dataplane.channel import open_channel
+from migctl.agent.dataplane.pages import netns_prefix
+from migctl.agent.delta.signature import HEADER, MAGIC, VERSION
+from migctl.agent.security import TLSFiles
+from migctl.client.lab import Lab
+from migctl.client.workloads import ensure_toy_image, remove_everywhere, run_toy
+from migctl.proto import migctl_pb2 as pb
+from migctl.proto import migctl_pb2_grpc as rpc
 from tests.conftest import CACHE, DELTA, ROOT, LabHandle, migctl
 from tests.hostile_source import LEAKS, OUTSIDE
 from tests.test_faults import (

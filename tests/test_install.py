@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.install import main
+from migctl.agent.install import main
 
 OPERATORS = {"log-driver": "journald", "runtimes": {"nvidia": {"path": "/usr/bin/nvidia"}},
              "data-root": "/srv/docker"}

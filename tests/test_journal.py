@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import AlreadyExists
-from agent.migration import journal as j
-from agent.migration.state import (
+from migctl.agent.errors import AlreadyExists
+from migctl.agent.migration import journal as j
+from migctl.agent.migration.state import (
     DESTINATION,
     ENDED,
     PEER,
@@ -20,7 +20,7 @@ from agent.migration.state import (
     State,
     diagram,
 )
-from proto import migctl_pb2 as pb
+from migctl.proto import migctl_pb2 as pb
 
 STATES = list(State)  # every state, PAGING_IN included: none listed by hand
 MOVES = list(itertools.product([SOURCE, DESTINATION], STATES, STATES, [SELF, PEER]))
@@ -146,7 +146,7 @@ def test_ended_states_have_no_moves_and_every_state_a_phase() -> None:
 
 def test_the_architecture_doc_shows_the_table_as_it_is() -> None:
     doc = (Path(__file__).parent.parent / "docs" / "architecture.md").read_text()
-    assert diagram() in doc, "docs/architecture.md is stale: python -m agent.migration.state"
+    assert diagram() in doc, "docs/architecture.md is stale: python -m migctl.agent.migration.state"
 
 
 def test_a_state_read_back_is_the_enum(tmp_path: Path) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from client import labnet
-from client.api import ClientError
-from client.lab import Lab
+from migctl.client import labnet
+from migctl.client.api import ClientError
+from migctl.client.lab import Lab
 from tests.conftest import LabHandle, migctl
 
 pytestmark = pytest.mark.lab

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from client import api
-from proto import migctl_pb2 as pb
+from migctl.client import api
+from migctl.proto import migctl_pb2 as pb
 from tests.inprocess import agents
 
 

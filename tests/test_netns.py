@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from agent.dataplane.pages import PrivateNetns
-from agent.runtime.netns import announce, inside
+from migctl.agent.dataplane.pages import PrivateNetns
+from migctl.agent.runtime.netns import announce, inside
 
 NODE_IP, CTR_IP = "10.77.0.1", "10.77.0.2"
 SERVE = ("import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, "

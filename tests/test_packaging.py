@@ -118,8 +118,14 @@ def test_the_wheel_carries_the_runc_wrapper_and_the_contract(tmp_path) -> None:
                    check=True, capture_output=True, timeout=300)
     [wheel] = tmp_path.glob("migctl-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for want in ("agent/runtime/migctl-runc", "proto/migctl.proto",
-                 "agent/runtime/criu/images.proto"):
+    for want in ("migctl/agent/runtime/migctl-runc", "migctl/proto/migctl.proto",
+                 "migctl/agent/runtime/criu/images.proto"):
         assert want in names, (want, [n for n in names if "runtime" in n][:20])
-    mode = zipfile.ZipFile(wheel).getinfo("agent/runtime/migctl-runc").external_attr >> 16
+    # one namespace: nothing installed as a top-level agent, client or proto
+    info = f"{wheel.name.split('-py3')[0]}.dist-info"
+    assert {n.split("/")[0] for n in names} == {"migctl", info}
+    scripts = zipfile.ZipFile(wheel).read(f"{info}/entry_points.txt").decode()
+    assert "migctl = migctl.client.cli:main" in scripts
+    assert "migagent = migctl.agent.server:main" in scripts
+    mode = zipfile.ZipFile(wheel).getinfo("migctl/agent/runtime/migctl-runc").external_attr >> 16
     assert mode & 0o111, "the engine runs the wrapper: it must stay executable"

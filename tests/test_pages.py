@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.dataplane.pages import (
+from migctl.agent.dataplane.pages import (
     GUARD,
     Listener,
     PageServer,
@@ -25,14 +25,14 @@ from agent.dataplane.pages import (
     stale_netns,
     stop_lazy_leftovers,
 )
-from agent.errors import (
+from migctl.agent.errors import (
     DeltaError,
     FailedPrecondition,
     InvalidArgument,
     RuntimeFailure,
     Unavailable,
 )
-from agent.migration.policy import (
+from migctl.agent.migration.policy import (
     DELTA,
     PAGE_SERVER,
     PAGE_SERVER_MIN_RATE,
@@ -40,8 +40,8 @@ from agent.migration.policy import (
     Link,
     memory_transfer,
 )
-from agent.runtime.docker import refuse_new_connections
-from agent.runtime.host import criu_path
+from migctl.agent.runtime.docker import refuse_new_connections
+from migctl.agent.runtime.host import criu_path
 
 # connects to the port in argv[1], sends "from-criu", prints what comes back
 PEER = ("import socket, sys; s = socket.create_connection(('127.0.0.1', int(sys.argv[1]))); "

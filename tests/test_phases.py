@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.migration import flow
-from agent.migration.source import HOLD_SILENCE
-from agent.migration.state import DESTINATION, SOURCE, State
-from client import api
-from proto import migctl_pb2 as pb
+from migctl.agent.migration import flow
+from migctl.agent.migration.source import HOLD_SILENCE
+from migctl.agent.migration.state import DESTINATION, SOURCE, State
+from migctl.client import api
+from migctl.proto import migctl_pb2 as pb
 from tests.fake_runtime import FakeNode
 from tests.inprocess import agents
 
@@ -82,12 +82,12 @@ def test_a_hold_that_breaks_before_the_commit_rolls_back(cluster, monkeypatch) -
 
 def test_a_migration_is_journaled_only_when_opened(pki: Path, tmp_path: Path) -> None:
     """Constructing the context does nothing (a unit test may build one); `open` journals."""
-    from agent import certs
-    from agent.catalog.store import Store
-    from agent.dataplane.staging import Staging
-    from agent.migration import journal as j
-    from agent.migration.policy import Links
-    from agent.security import TLSFiles
+    from migctl.agent import certs
+    from migctl.agent.catalog.store import Store
+    from migctl.agent.dataplane.staging import Staging
+    from migctl.agent.migration import journal as j
+    from migctl.agent.migration.policy import Links
+    from migctl.agent.security import TLSFiles
 
     journal = j.Journal(tmp_path)
     m = flow.Migration("nodeB", FakeNode(tmp_path / "e"), Staging(tmp_path),  # type: ignore[arg-type]
@@ -107,7 +107,7 @@ def test_the_fake_engine_implements_the_whole_runtime() -> None:
     (with the same parameters), or these tests would stop testing what the agent calls."""
     import inspect
 
-    from agent.runtime import base
+    from migctl.agent.runtime import base
 
     for concern in (base.Node, base.Containers, base.Checkpoints, base.Images, base.Volumes):
         for name, member in vars(concern).items():

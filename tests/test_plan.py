@@ -10,11 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from agent.errors import InvalidArgument
-from agent.migration import plan
-from agent.migration.policy import Link
-from agent.runtime.docker import DockerRuntime, chain_ids
-from proto import migctl_pb2 as pb
+from migctl.agent.errors import InvalidArgument
+from migctl.agent.migration import plan
+from migctl.agent.migration.policy import Link
+from migctl.agent.runtime.docker import DockerRuntime, chain_ids
+from migctl.proto import migctl_pb2 as pb
 from tests.inprocess import agents
 
 BASE, TOY = "sha256:" + "1" * 64, "sha256:" + "2" * 64

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import socket
 
-from agent.migration.phases.request import ports_taken
-from agent.runtime.host import host_listeners
-from proto import migctl_pb2 as pb
+from migctl.agent.migration.phases.request import ports_taken
+from migctl.agent.runtime.host import host_listeners
+from migctl.proto import migctl_pb2 as pb
 
 
 def spec(*ports: tuple[str, str, str]) -> pb.ContainerSpec:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from client import labnet
-from client.lab import Lab
-from client.workloads import REDIS_IMAGE, ensure_redis_image, fill_redis, remove_everywhere
+from migctl.client import labnet
+from migctl.client.lab import Lab
+from migctl.client.workloads import REDIS_IMAGE, ensure_redis_image, fill_redis, remove_everywhere
 from tests.conftest import CACHE, ROOT, LabHandle, migctl, migrate_json, names_its_transfer
 from tests.test_faults import kill_agent, link
 
@@ -106,7 +106,7 @@ def test_post_copy_moves_redis_with_every_key(lab: LabHandle, redis: int) -> Non
 
 def start(args: list[str]) -> tuple[subprocess.Popen, list[str]]:
     names_its_transfer(["migrate", *args])
-    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "migrate", *args],
+    proc = subprocess.Popen([sys.executable, "-m", "migctl.client.cli", "migrate", *args],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     lines: list[str] = []
@@ -168,7 +168,7 @@ def test_a_node_without_post_copy_is_refused_before_the_freeze(lab: LabHandle,
     old = pipe.read_text().strip()
     try:
         pipe.write_text("1048576")
-        from agent.runtime.direct import pipe_size_problem
+        from migctl.agent.runtime.direct import pipe_size_problem
 
         if not pipe_size_problem():
             pytest.skip("this agent has CAP_SYS_RESOURCE: the pipe size is no limit here")

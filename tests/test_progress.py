@@ -11,11 +11,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from agent.dataplane import final
-from agent.dataplane.files import digest
-from agent.migration.report import PROGRESS_EVERY, Meter
-from client.cli import LiveProgress
-from proto import migctl_pb2 as pb
+from migctl.agent.dataplane import final
+from migctl.agent.dataplane.files import digest
+from migctl.agent.migration.report import PROGRESS_EVERY, Meter
+from migctl.client.cli import LiveProgress
+from migctl.proto import migctl_pb2 as pb
 
 
 class Clock:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from agent.runtime.docker import DockerRuntime
-from proto import migctl_pb2 as pb
+from migctl.agent.runtime.docker import DockerRuntime
+from migctl.proto import migctl_pb2 as pb
 from tests.inprocess import agents
 
 WEB = "a" * 64

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from agent import certs
-from agent.dataplane.staging import Staging
-from agent.errors import NotFound, Unavailable
-from agent.migration import journal as j
-from agent.migration import recovery
-from agent.migration.state import DESTINATION, State
-from agent.security import TLSFiles
+from migctl.agent import certs
+from migctl.agent.dataplane.staging import Staging
+from migctl.agent.errors import NotFound, Unavailable
+from migctl.agent.migration import journal as j
+from migctl.agent.migration import recovery
+from migctl.agent.migration.state import DESTINATION, State
+from migctl.agent.security import TLSFiles
 
 
 class Engine:

@@ -15,8 +15,8 @@ import grpc
 import pytest
 import redis
 
-from agent.catalog.redis_registry import RedisRegistry
-from agent.catalog.registry import Holding, open_registry
+from migctl.agent.catalog.redis_registry import RedisRegistry
+from migctl.agent.catalog.registry import Holding, open_registry
 
 REDIS_SERVER = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None,
@@ -211,7 +211,7 @@ def test_open_registry_gives_redis_backend(port: int, raw: redis.Redis) -> None:
 
 
 def assert_degrades(reg: RedisRegistry, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="agent.catalog.redis_registry"):
+    with caplog.at_level(logging.WARNING, logger="migctl.agent.catalog.redis_registry"):
         assert reg.lookup([LAYER, RW]) == {LAYER: [], RW: []}
         reg.publish("a", "a:1", [h(LAYER, "a")])
         reg.withdraw("a", [h(LAYER, "a")])
@@ -255,8 +255,8 @@ def _inventory(tmp_path: Path, nodes: dict) -> Path:
 ])
 def test_an_agent_publishes_an_address_its_peers_can_dial(tmp_path: Path, listen: str,
                                                           nodes: dict, published: str) -> None:
-    from agent.catalog.registry import InventoryRegistry
-    from agent.service import advertised_address
+    from migctl.agent.catalog.registry import InventoryRegistry
+    from migctl.agent.service import advertised_address
 
     inventory = InventoryRegistry(_inventory(tmp_path, nodes), "nodeA", connect=None)  # type: ignore[arg-type]
     assert advertised_address(listen, inventory, "nodeA") == published

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.dataplane.files import digest
-from agent.dataplane.rootfs import (
+from migctl.agent.dataplane.files import digest
+from migctl.agent.dataplane.rootfs import (
     OPAQUE_XATTR,
     XATTR_KEY,
     restore_layer,
     snapshot_layer,
 )
-from agent.errors import Refused
+from migctl.agent.errors import Refused
 
 
 @pytest.fixture

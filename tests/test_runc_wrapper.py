@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import RuntimeFailure
-from agent.runtime import direct
+from migctl.agent.errors import RuntimeFailure
+from migctl.agent.runtime import direct
 
 CID = "a" * 64
 

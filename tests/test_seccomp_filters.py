@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import Refused
-from agent.runtime.criu.images import ENGINE_DEFAULT
-from agent.runtime.criu.seccomp import (
+from migctl.agent.errors import Refused
+from migctl.agent.runtime.criu.images import ENGINE_DEFAULT
+from migctl.agent.runtime.criu.seccomp import (
     AUDIT_ARCH_I386,
     AUDIT_ARCH_X86_64,
     GUARDED,
@@ -21,7 +21,7 @@ from agent.runtime.criu.seccomp import (
     guarded,
     instructions,
 )
-from agent.runtime.criu.seccomp import CLONE as GUARDED_CLONE
+from migctl.agent.runtime.criu.seccomp import CLONE as GUARDED_CLONE
 from tests.criu_kit import ALLOW, ERRNO, JEQ, JSET, KILL, LD_ABS, RET_A, RET_K, deny, insn
 
 MOUNT = GUARDED["mount"][1]

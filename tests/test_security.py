@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent import certs
-from agent.errors import FailedPrecondition, InvalidArgument, MigctlError
-from agent.security import (
+from migctl.agent import certs
+from migctl.agent.errors import FailedPrecondition, InvalidArgument, MigctlError
+from migctl.agent.security import (
     NODE,
     NODE_OU,
     OPERATOR,
@@ -457,7 +457,7 @@ def test_init_rejects_unsafe_names(tmp_path: Path, name: str) -> None:
 def _join(ca: Path, node_dir: Path, node: str, argv_sign: tuple[str, ...] = ()) -> TLSFiles:
     """A node joins without any key travelling: `certs request` on the node, `certs sign` at
     the operator's CA, the certificate and ca.crt back into the node's folder."""
-    from client import cli
+    from migctl.client import cli
 
     def run(*argv: str) -> None:
         with pytest.raises(SystemExit) as done:

@@ -23,8 +23,8 @@ import paho.mqtt.client as mqtt
 import pymysql
 import pytest
 
-from agent.runtime import dumpable
-from client.workloads import (
+from migctl.agent.runtime import dumpable
+from migctl.client.workloads import (
     MARIADB,
     MARIADB_IMAGE,
     MEMCACHED,

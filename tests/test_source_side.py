@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from agent.catalog.store import Store
-from agent.dataplane.staging import Staging
-from agent.errors import FailedPrecondition
-from agent.migration import journal as j
-from agent.migration.source import FINAL_CHECKPOINT, PRE_CHECKPOINT, SourceSide
-from agent.migration.state import PEER, SOURCE, State
-from agent.runtime.base import ContainerState
-from proto import migctl_pb2 as pb
+from migctl.agent.catalog.store import Store
+from migctl.agent.dataplane.staging import Staging
+from migctl.agent.errors import FailedPrecondition
+from migctl.agent.migration import journal as j
+from migctl.agent.migration.source import FINAL_CHECKPOINT, PRE_CHECKPOINT, SourceSide
+from migctl.agent.migration.state import PEER, SOURCE, State
+from migctl.agent.runtime.base import ContainerState
+from migctl.proto import migctl_pb2 as pb
 
 CID = "c" * 64
 

@@ -16,14 +16,14 @@ from typing import Any
 import grpc
 import pytest
 
-from agent.catalog.registry import Holding
-from agent.catalog.store import Store
-from agent.migration import sourcing
-from agent.migration.policy import Choice, Link, Links
-from agent.migration.report import Report
-from agent.peer import Peer
-from proto import migctl_pb2 as pb
-from proto import migctl_pb2_grpc as rpc
+from migctl.agent.catalog.registry import Holding
+from migctl.agent.catalog.store import Store
+from migctl.agent.migration import sourcing
+from migctl.agent.migration.policy import Choice, Link, Links
+from migctl.agent.migration.report import Report
+from migctl.agent.peer import Peer
+from migctl.proto import migctl_pb2 as pb
+from migctl.proto import migctl_pb2_grpc as rpc
 
 LAYER = b"layer bytes " * 1000
 DIFF_ID = "sha256:" + hashlib.sha256(LAYER).hexdigest()

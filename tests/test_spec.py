@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from agent.runtime.spec import create_request, unsupported
-from proto import migctl_pb2 as pb
+from migctl.agent.runtime.spec import create_request, unsupported
+from migctl.proto import migctl_pb2 as pb
 
 
 def described(**host: object) -> pb.ContainerSpec:

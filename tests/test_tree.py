@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.dataplane import archive, tree
-from agent.dataplane.rootfs import apply_layer_changes, restore_layer, snapshot_layer
-from agent.errors import Refused
+from migctl.agent.dataplane import archive, tree
+from migctl.agent.dataplane.rootfs import apply_layer_changes, restore_layer, snapshot_layer
+from migctl.agent.errors import Refused
 
 
 def listing(root: Path) -> dict[str, tuple]:

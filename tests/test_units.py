@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.dataplane import archive
-from agent.dataplane.files import digest, write_stream
-from agent.dataplane.staging import Staging
-from agent.errors import InvalidArgument, NotFound, Refused
-from agent.runtime.docker import chain_ids
-from client.api import ClientError, Inventory
-from client.cli import report_dict
-from proto import migctl_pb2 as pb
+from migctl.agent.dataplane import archive
+from migctl.agent.dataplane.files import digest, write_stream
+from migctl.agent.dataplane.staging import Staging
+from migctl.agent.errors import InvalidArgument, NotFound, Refused
+from migctl.agent.runtime.docker import chain_ids
+from migctl.client.api import ClientError, Inventory
+from migctl.client.cli import report_dict
+from migctl.proto import migctl_pb2 as pb
 
 
 def test_staging_refuses_paths_that_leave_it(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.version import PROTOCOL_VERSION, version
-from client import api
+from migctl.agent.version import PROTOCOL_VERSION, version
+from migctl.client import api
 from tests.inprocess import agents
 
 MID = "0123456789abcdef"

@@ -21,7 +21,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from agent.catalog.registry import Holding
+from migctl.agent.catalog.registry import Holding
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from agent.errors import FailedPrecondition, MigctlError
-from agent.peer import Connect, Peer
-from proto import migctl_pb2 as pb
+from migctl.agent.errors import FailedPrecondition, MigctlError
+from migctl.agent.peer import Connect, Peer
+from migctl.proto import migctl_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def open_registry(spec: str, inventory: Path, me: str,
         return InventoryRegistry(inventory, me, connect)
     if spec.startswith("redis://"):
         try:
-            from agent.catalog.redis_registry import RedisRegistry
+            from migctl.agent.catalog.redis_registry import RedisRegistry
         except ModuleNotFoundError as err:
             raise FailedPrecondition(f"the Redis registry needs the {err.name!r} package: "
                                      "install migctl[registry]") from None

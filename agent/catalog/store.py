@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.dataplane.staging import private_dir
+from migctl.agent.dataplane.staging import private_dir
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS departed (

@@ -20,7 +20,7 @@ import stat
 import tarfile
 from pathlib import Path, PurePosixPath
 
-from agent.dataplane.tree import (
+from migctl.agent.dataplane.tree import (
     DELETED,
     MTIME_NS,
     ROOT,
@@ -31,7 +31,7 @@ from agent.dataplane.tree import (
     copied_xattr,
     pack,
 )
-from agent.errors import Refused
+from migctl.agent.errors import Refused
 
 _MTIME = re.compile(r"-?[0-9]{1,20}")  # nanoseconds, before 1970 too
 MAX_SPARSE_SIZE = 1 << 44  # ext4's largest file: a sparse entry announcing more is refused

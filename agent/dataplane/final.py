@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.dataplane.files import digest, write_stream
-from agent.dataplane.transfer import counted, ignore_bytes
-from agent.delta import DeltaStats, Signature, delta_stream, patch_stream
-from agent.errors import DeltaError, Refused
-from proto import migctl_pb2 as pb
+from migctl.agent.dataplane.files import digest, write_stream
+from migctl.agent.dataplane.transfer import counted, ignore_bytes
+from migctl.agent.delta import DeltaStats, Signature, delta_stream, patch_stream
+from migctl.agent.errors import DeltaError, Refused
+from migctl.proto import migctl_pb2 as pb
 
 CHUNK = 1 << 20
 

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import psutil
 
-from agent.errors import DeltaError, RuntimeFailure, Unavailable
-from agent.runtime.netns import inside
+from migctl.agent.errors import DeltaError, RuntimeFailure, Unavailable
+from migctl.agent.runtime.netns import inside
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import stat
 import tarfile
 from pathlib import Path
 
-from agent.dataplane.archive import apply_changes, open_plain, remove_entry, restore
-from agent.dataplane.tree import (
+from migctl.agent.dataplane.archive import apply_changes, open_plain, remove_entry, restore
+from migctl.agent.dataplane.tree import (
     OPAQUE,
     OPAQUE_XATTR,
     WHITEOUT,
@@ -27,7 +27,7 @@ from agent.dataplane.tree import (
     copied_xattr,
     pack,
 )
-from agent.errors import Refused
+from migctl.agent.errors import Refused
 
 
 def snapshot_layer(upper: Path, archive: Path, since: Manifest | None = None) -> Manifest:

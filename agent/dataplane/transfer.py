@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from agent.dataplane.files import digest, write_stream
-from agent.delta import DELTA_FORMAT, DeltaStats, Signature, patch_stream
-from agent.errors import DeltaError
-from proto import migctl_pb2 as pb
-from proto import migctl_pb2_grpc as rpc
+from migctl.agent.dataplane.files import digest, write_stream
+from migctl.agent.delta import DELTA_FORMAT, DeltaStats, Signature, patch_stream
+from migctl.agent.errors import DeltaError
+from migctl.proto import migctl_pb2 as pb
+from migctl.proto import migctl_pb2_grpc as rpc
 
 
 def counted(chunks: Iterable[bytes], on_bytes: Callable[[int], None]) -> Iterator[bytes]:

@@ -6,24 +6,24 @@ new file plus that signature into delta chunks (``delta_stream``), and the recei
 and verifies the new file (``patch_stream``).
 
 Only making a signature and the delta's vectorised rolling search load numpy, and nothing here
-loads grpc or docker, so ``python -m agent.delta`` starts about as fast as Python does.
+loads grpc or docker, so ``python -m migctl.agent.delta`` starts about as fast as Python does.
 """
 
 from __future__ import annotations
 
 import os
 
-from agent.delta.match import delta_stream
-from agent.delta.patch import patch_stream
-from agent.delta.signature import (
+from migctl.agent.delta.match import delta_stream
+from migctl.agent.delta.patch import patch_stream
+from migctl.agent.delta.signature import (
     DEFAULT_BLOCK_SIZE,
     Signature,
     make_signature,
     signature_block_cap,
 )
-from agent.delta.stats import DeltaStats
-from agent.delta.wire import VERSION as DELTA_FORMAT
-from agent.delta.wire import agreed_format
+from migctl.agent.delta.stats import DeltaStats
+from migctl.agent.delta.wire import VERSION as DELTA_FORMAT
+from migctl.agent.delta.wire import agreed_format
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",

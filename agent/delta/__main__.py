@@ -20,10 +20,10 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 
-from agent.delta import DeltaStats, Signature, delta_stream, make_signature, patch_stream
-from agent.delta.signature import DEFAULT_BLOCK_SIZE
-from agent.errors import DeltaError
-from agent.version import VersionAction
+from migctl.agent.delta import DeltaStats, Signature, delta_stream, make_signature, patch_stream
+from migctl.agent.delta.signature import DEFAULT_BLOCK_SIZE
+from migctl.agent.errors import DeltaError
+from migctl.agent.version import VersionAction
 
 _READ = 1 << 20
 STDIO = "-"

@@ -37,7 +37,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from operator import itemgetter
 
-from agent.delta.checksum import (
+from migctl.agent.delta.checksum import (
     EMPTY_HASH,
     STRONG_SIZE,
     HashThread,
@@ -47,13 +47,13 @@ from agent.delta.checksum import (
     strong_digest,
     strong_hashes,
 )
-from agent.delta.signature import Signature
-from agent.delta.stats import Counters, DeltaStats
-from agent.delta.wire import LITERAL_MAX, VERSION, Header, WireWriter
+from migctl.agent.delta.signature import Signature
+from migctl.agent.delta.stats import Counters, DeltaStats
+from migctl.agent.delta.wire import LITERAL_MAX, VERSION, Header, WireWriter
 
 TYPE_CHECKING = False  # typing costs a delta process ~10 ms to import
 if TYPE_CHECKING:
-    from agent.delta.weak import WeakFilter
+    from migctl.agent.delta.weak import WeakFilter
 
 BATCH_BLOCKS = 1024
 """Most predicted blocks hashed and compared per batch (4 MiB at 4 KiB blocks)."""
@@ -128,7 +128,7 @@ class _Index:
     @property
     def weak(self) -> WeakFilter:
         if self._weak is None:
-            from agent.delta.weak import WeakFilter
+            from migctl.agent.delta.weak import WeakFilter
 
             self._weak = WeakFilter(self._weak_raw, self.full)
         return self._weak
@@ -269,7 +269,7 @@ class _Matcher:
     ) -> tuple[int, int] | None:
         """Weak sums of every offset from ``first`` on (numpy) pick the candidates; the strong
         hash confirms them (``start`` and ``prefer`` as for :meth:`_scan`)."""
-        from agent.delta.weak import rolling_hits
+        from migctl.agent.delta.weak import rolling_hits
 
         assert self._index is not None
         L, work = self.L, self.work

@@ -21,8 +21,14 @@ from collections.abc import Iterable, Iterator
 
 import xxhash
 
-from agent.delta.checksum import EMPTY_HASH, STRONG_SIZE, release, strong_digest, strong_hashes
-from agent.errors import DeltaError
+from migctl.agent.delta.checksum import (
+    EMPTY_HASH,
+    STRONG_SIZE,
+    release,
+    strong_digest,
+    strong_hashes,
+)
+from migctl.agent.errors import DeltaError
 
 TYPE_CHECKING = False  # typing costs a delta process ~10 ms to import
 if TYPE_CHECKING:
@@ -200,7 +206,7 @@ def make_signature(
     """
     import numpy as np
 
-    from agent.delta.weak import block_weak, weak_of
+    from migctl.agent.delta.weak import block_weak, weak_of
 
     check_block_size(block_size)
     L = block_size

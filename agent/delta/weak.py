@@ -13,7 +13,7 @@ import functools
 
 import numpy as np
 
-from agent.delta.checksum import BytesLike
+from migctl.agent.delta.checksum import BytesLike
 
 _U32 = np.uint32
 _MASK16 = _U32(0xFFFF)

@@ -17,33 +17,33 @@ from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
 
-from agent.catalog.registry import Registry, checkpoint_keys
-from agent.catalog.store import Store
-from agent.dataplane import archive
-from agent.dataplane.channel import open_channel
-from agent.dataplane.files import digest
-from agent.dataplane.pages import PageServer
-from agent.dataplane.staging import Staging
-from agent.errors import (
+from migctl.agent.catalog.registry import Registry, checkpoint_keys
+from migctl.agent.catalog.store import Store
+from migctl.agent.dataplane import archive
+from migctl.agent.dataplane.channel import open_channel
+from migctl.agent.dataplane.files import digest
+from migctl.agent.dataplane.pages import PageServer
+from migctl.agent.dataplane.staging import Staging
+from migctl.agent.errors import (
     FailedPrecondition,
     MigctlError,
 )
-from agent.metrics import Metrics
-from agent.migration import journal as j
-from agent.migration.phases import final_sync, freeze, page_in, pre_copy, request, restore
-from agent.migration.policy import Link, Links
-from agent.migration.recovery import settle
-from agent.migration.report import Report
-from agent.migration.source import (
+from migctl.agent.metrics import Metrics
+from migctl.agent.migration import journal as j
+from migctl.agent.migration.phases import final_sync, freeze, page_in, pre_copy, request, restore
+from migctl.agent.migration.policy import Link, Links
+from migctl.agent.migration.recovery import settle
+from migctl.agent.migration.report import Report
+from migctl.agent.migration.source import (
     FINAL_CHECKPOINT,
     snapshot_path,
 )
-from agent.migration.state import DESTINATION, State
-from agent.peer import Connect, Peer
-from agent.runtime.base import Runtime
-from agent.runtime.criu.images import Confinement, check_images
-from agent.security import TLSFiles
-from proto import migctl_pb2 as pb
+from migctl.agent.migration.state import DESTINATION, State
+from migctl.agent.peer import Connect, Peer
+from migctl.agent.runtime.base import Runtime
+from migctl.agent.runtime.criu.images import Confinement, check_images
+from migctl.agent.security import TLSFiles
+from migctl.proto import migctl_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -13,23 +13,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.dataplane.rootfs import apply_layer_changes, restore_layer
-from agent.dataplane.transfer import fetch_delta, fetch_whole
-from agent.delta import (
+from migctl.agent.dataplane.rootfs import apply_layer_changes, restore_layer
+from migctl.agent.dataplane.transfer import fetch_delta, fetch_whole
+from migctl.agent.delta import (
     DEFAULT_BLOCK_SIZE,
     DeltaStats,
     Signature,
     signature_block_cap,
 )
-from agent.errors import (
+from migctl.agent.errors import (
     FailedPrecondition,
     Refused,
 )
-from agent.runtime.spec import checkpoint_path
-from proto import migctl_pb2 as pb
+from migctl.agent.runtime.spec import checkpoint_path
+from migctl.proto import migctl_pb2 as pb
 
 if TYPE_CHECKING:
-    from agent.migration.flow import Migration
+    from migctl.agent.migration.flow import Migration
 
 log = logging.getLogger(__name__)
 

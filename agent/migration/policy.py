@@ -13,10 +13,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from agent.catalog.registry import Holding
-from agent.errors import FailedPrecondition, InvalidArgument, MigctlError
-from agent.peer import Connect, Peer
-from proto import migctl_pb2 as pb
+from migctl.agent.catalog.registry import Holding
+from migctl.agent.errors import FailedPrecondition, InvalidArgument, MigctlError
+from migctl.agent.peer import Connect, Peer
+from migctl.proto import migctl_pb2 as pb
 
 PROBE_BYTES = 1 << 20
 LINK_TTL = 60.0

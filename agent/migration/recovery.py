@@ -14,17 +14,17 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from agent.dataplane.channel import open_channel
-from agent.dataplane.pages import stop_lazy_pages
-from agent.dataplane.staging import Staging
-from agent.errors import MigctlError, NotFound, Unavailable
-from agent.migration import journal as j
-from agent.migration.source import FINAL_CHECKPOINT
-from agent.migration.state import DESTINATION, State
-from agent.peer import Peer
-from agent.runtime.base import Runtime
-from agent.security import TLSFiles
-from proto import migctl_pb2 as pb
+from migctl.agent.dataplane.channel import open_channel
+from migctl.agent.dataplane.pages import stop_lazy_pages
+from migctl.agent.dataplane.staging import Staging
+from migctl.agent.errors import MigctlError, NotFound, Unavailable
+from migctl.agent.migration import journal as j
+from migctl.agent.migration.source import FINAL_CHECKPOINT
+from migctl.agent.migration.state import DESTINATION, State
+from migctl.agent.peer import Peer
+from migctl.agent.runtime.base import Runtime
+from migctl.agent.security import TLSFiles
+from migctl.proto import migctl_pb2 as pb
 
 log = logging.getLogger(__name__)
 

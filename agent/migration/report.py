@@ -6,9 +6,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from agent.delta import DeltaStats
-from agent.metrics import Metrics
-from proto import migctl_pb2 as pb
+from migctl.agent.delta import DeltaStats
+from migctl.agent.metrics import Metrics
+from migctl.proto import migctl_pb2 as pb
 
 PROGRESS_EVERY = 0.5  # seconds between two progress events of one transfer, at least
 

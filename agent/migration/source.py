@@ -22,11 +22,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.catalog.registry import checkpoint_keys
-from agent.catalog.store import Item, Store
-from agent.dataplane import archive
-from agent.dataplane.files import flush_writes
-from agent.dataplane.pages import (
+from migctl.agent.catalog.registry import checkpoint_keys
+from migctl.agent.catalog.store import Item, Store
+from migctl.agent.dataplane import archive
+from migctl.agent.dataplane.files import flush_writes
+from migctl.agent.dataplane.pages import (
     LAZY_PORT,
     Listener,
     PrivateNetns,
@@ -36,11 +36,11 @@ from agent.dataplane.pages import (
     remove_netns,
     stale_netns,
 )
-from agent.dataplane.rootfs import snapshot_layer
-from agent.dataplane.staging import Staging
-from agent.dataplane.tree import Manifest
-from agent.delta import DEFAULT_BLOCK_SIZE, Signature, signature_block_cap
-from agent.errors import (
+from migctl.agent.dataplane.rootfs import snapshot_layer
+from migctl.agent.dataplane.staging import Staging
+from migctl.agent.dataplane.tree import Manifest
+from migctl.agent.delta import DEFAULT_BLOCK_SIZE, Signature, signature_block_cap
+from migctl.agent.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -49,12 +49,12 @@ from agent.errors import (
     PermissionDenied,
     RuntimeFailure,
 )
-from agent.metrics import Metrics
-from agent.migration import journal as j
-from agent.migration.state import PEER, SELF, SOURCE, State
-from agent.runtime.base import Runtime, restarts
-from agent.runtime.spec import checkpoint_path, unsupported
-from proto import migctl_pb2 as pb
+from migctl.agent.metrics import Metrics
+from migctl.agent.migration import journal as j
+from migctl.agent.migration.state import PEER, SELF, SOURCE, State
+from migctl.agent.runtime.base import Runtime, restarts
+from migctl.agent.runtime.spec import checkpoint_path, unsupported
+from migctl.proto import migctl_pb2 as pb
 
 log = logging.getLogger(__name__)
 

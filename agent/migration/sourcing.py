@@ -15,15 +15,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from agent.catalog.registry import Holding, Registry
-from agent.catalog.store import Store
-from agent.dataplane.files import digest, write_stream
-from agent.dataplane.image import verify_sha256
-from agent.errors import MigctlError
-from agent.migration.policy import LOCAL, Choice, Link, Links, rank
-from agent.migration.report import Report
-from agent.peer import Connect, Peer
-from proto import migctl_pb2 as pb
+from migctl.agent.catalog.registry import Holding, Registry
+from migctl.agent.catalog.store import Store
+from migctl.agent.dataplane.files import digest, write_stream
+from migctl.agent.dataplane.image import verify_sha256
+from migctl.agent.errors import MigctlError
+from migctl.agent.migration.policy import LOCAL, Choice, Link, Links, rank
+from migctl.agent.migration.report import Report
+from migctl.agent.peer import Connect, Peer
+from migctl.proto import migctl_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from proto import migctl_pb2 as pb
+from migctl.proto import migctl_pb2 as pb
 
 SOURCE, DESTINATION = "source", "destination"
 SELF, PEER = "self", "peer"  # who moves an entry: this agent, or the node it is bound to
@@ -100,7 +100,7 @@ def legal(role: str, state: State, to: State, by: str) -> bool:
 
 def diagram() -> str:
     """The table and each state's meaning, as docs/architecture.md shows them (a test keeps
-    that copy current: `python -m agent.migration.state` prints it)."""
+    that copy current: `python -m migctl.agent.migration.state` prints it)."""
     out = []
     for role in (SOURCE, DESTINATION):
         out += [f"The {role}'s moves (who may cause each):", "", "```mermaid",

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.errors import MigctlError
-from proto import migctl_pb2 as pb
+from migctl.agent.errors import MigctlError
+from migctl.proto import migctl_pb2 as pb
 
 
 def restarts(policy: dict[str, Any]) -> bool:
@@ -126,8 +126,8 @@ class Runtime(Node, Containers, Checkpoints, Images, Volumes, Protocol):
 
 def open_runtime(docker_host: str, engine_tmp: Path, containerd: Path) -> Runtime:
     """The direct runtime where the engine has migctl-runc registered, else the engine's."""
-    from agent.runtime.direct import DirectRuntime, wrapper_runtime
-    from agent.runtime.docker import DockerRuntime
+    from migctl.agent.runtime.direct import DirectRuntime, wrapper_runtime
+    from migctl.agent.runtime.docker import DockerRuntime
 
     engine = DockerRuntime(docker_host, engine_tmp=engine_tmp, containerd=containerd)
     try:

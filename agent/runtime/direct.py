@@ -24,11 +24,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from agent.errors import RuntimeFailure
-from agent.runtime.docker import DockerRuntime
-from agent.runtime.host import criu_path
-from agent.runtime.spec import valid_container_id
-from proto import migctl_pb2 as pb
+from migctl.agent.errors import RuntimeFailure
+from migctl.agent.runtime.docker import DockerRuntime
+from migctl.agent.runtime.host import criu_path
+from migctl.agent.runtime.spec import valid_container_id
+from migctl.proto import migctl_pb2 as pb
 
 log = logging.getLogger(__name__)
 

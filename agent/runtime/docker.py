@@ -24,12 +24,18 @@ import docker
 import docker.errors
 import psutil
 
-from agent.errors import FailedPrecondition, MigctlError, NotFound, RuntimeFailure, Unavailable
-from agent.runtime import dumpable, netns
-from agent.runtime.base import ContainerState
-from agent.runtime.host import criu_path
-from agent.runtime.spec import create_request, port_protocol, unsupported
-from proto import migctl_pb2 as pb
+from migctl.agent.errors import (
+    FailedPrecondition,
+    MigctlError,
+    NotFound,
+    RuntimeFailure,
+    Unavailable,
+)
+from migctl.agent.runtime import dumpable, netns
+from migctl.agent.runtime.base import ContainerState
+from migctl.agent.runtime.host import criu_path
+from migctl.agent.runtime.spec import create_request, port_protocol, unsupported
+from migctl.proto import migctl_pb2 as pb
 
 log = logging.getLogger(__name__)
 OUR_CHECKPOINTS = tuple(f"{kind}-{'[0-9a-f]' * 16}" for kind in ("migctl", "resume"))

@@ -14,8 +14,8 @@ import posixpath
 import re
 from typing import Any
 
-from agent.errors import InvalidArgument, Refused
-from proto import migctl_pb2 as pb
+from migctl.agent.errors import InvalidArgument, Refused
+from migctl.proto import migctl_pb2 as pb
 
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,254}$")  # the engine's rule for names
 _IMAGE_REF = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._/:@-]{0,254}$")

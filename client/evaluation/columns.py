@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from client.api import ClientError
+from migctl.client.api import ClientError
 
 NODES = ("nodeA", "nodeB", "nodeC")  # grid.MAX_NODES of them
 

@@ -20,12 +20,12 @@ from typing import Protocol
 import docker
 import psutil
 
-from client import workloads
-from client.api import ClientError
-from client.evaluation.columns import MEASURED
-from client.evaluation.grid import Grid, Run
-from client.evaluation.runner import Value
-from client.workloads import CACHE
+from migctl.client import workloads
+from migctl.client.api import ClientError
+from migctl.client.evaluation.columns import MEASURED
+from migctl.client.evaluation.grid import Grid, Run
+from migctl.client.evaluation.runner import Value
+from migctl.client.workloads import CACHE
 
 
 class Driver(Protocol):
@@ -61,7 +61,7 @@ class LabDriver:
         self.grid = grid
 
     def __enter__(self) -> LabDriver:
-        from client.lab import Lab
+        from migctl.client.lab import Lab
 
         self.state = Lab().state()
         self.found_links = dict(self.state.get("links", {}))  # given back at the end
@@ -78,7 +78,7 @@ class LabDriver:
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
                  tb: TracebackType | None) -> None:
-        from client import labnet
+        from migctl.client import labnet
 
         labnet.reset(self.state)
         for name, spec in self.found_links.items():
@@ -88,7 +88,7 @@ class LabDriver:
     # -- one run ------------------------------------------------------------------------------
 
     def run_one(self, run: Run) -> dict[str, Value]:
-        from client import labnet
+        from migctl.client import labnet
 
         labnet.reset(self.state)
         loss = f"{run.link.loss_pct:g}%" if run.link.loss_pct else ""
@@ -125,7 +125,7 @@ class LabDriver:
 
     def _migrate(self, run: Run) -> dict[str, Value]:
         if run.mode == "reference":
-            from client.seedmethod import SeedMethod
+            from migctl.client.seedmethod import SeedMethod
 
             r = SeedMethod(self.state, SOURCE, DESTINATION, compress=True).migrate(NAME)
             return {"total_s": round(r.total, 3), "downtime_s": round(r.downtime, 3),
@@ -133,8 +133,8 @@ class LabDriver:
                     "bytes_total": r.bytes_received, "bytes_from_source": r.bytes_received,
                     "bytes_from_neighbours": 0, "bytes_from_destination": 0,
                     "checkpoint_method": "engine"}
-        res = subprocess.run([sys.executable, "-m", "client.cli", "migrate", "--json", "--mode",
-                              run.mode, "--from", SOURCE, "--to", DESTINATION, NAME],
+        res = subprocess.run([sys.executable, "-m", "migctl.client.cli", "migrate", "--json",
+                              "--mode", run.mode, "--from", SOURCE, "--to", DESTINATION, NAME],
                              capture_output=True, text=True, timeout=1800)
         if res.returncode:
             raise ClientError(res.stderr.strip().splitlines()[-1] if res.stderr.strip()

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.api import ClientError, read_toml
+from migctl.client.api import ClientError, read_toml
 
 MODES = ("traditional", "cooperative", "reference")
 KINDS = ("redis", "memory-writer", "volume-writer", "toy")

@@ -12,9 +12,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from client.api import ClientError
-from client.evaluation.columns import COLUMNS, MEASURED, STATUS_FAILED, STATUS_OK, read_runs
-from client.evaluation.grid import Grid, Run
+from migctl.client.api import ClientError
+from migctl.client.evaluation.columns import COLUMNS, MEASURED, STATUS_FAILED, STATUS_OK, read_runs
+from migctl.client.evaluation.grid import Grid, Run
 
 RUNS_CSV = "runs.csv"
 # Runs failing one after another mean the lab, not the runs, is broken: stop rather than

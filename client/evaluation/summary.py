@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from client.api import ClientError
-from client.evaluation.columns import PARAMS, STATUS_FAILED, STATUS_OK, read_runs
-from client.evaluation.grid import MODES
-from client.evaluation.runner import RUNS_CSV
+from migctl.client.api import ClientError
+from migctl.client.evaluation.columns import PARAMS, STATUS_FAILED, STATUS_OK, read_runs
+from migctl.client.evaluation.grid import MODES
+from migctl.client.evaluation.runner import RUNS_CSV
 
 CONFIDENCE = 0.90
 BOOTSTRAP_RESAMPLES = 10_000

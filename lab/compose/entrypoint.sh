@@ -39,8 +39,8 @@ log() { echo "[migctl-node ${NODE:-?}] $*" >&2; }
 if [[ ${1:-} == health ]]; then
     exec python3 - "$NODE" "$TLS_DIR" "${LISTEN##*:}" <<'PY'
 import sys
-from agent.security import TLSFiles
-from client.api import AgentClient, Node
+from migctl.agent.security import TLSFiles
+from migctl.client.api import AgentClient, Node
 node, tls_dir, port = sys.argv[1:]
 with AgentClient(Node(node, f"127.0.0.1:{port}"), TLSFiles.from_dir(tls_dir, node),
                  timeout=3) as c:

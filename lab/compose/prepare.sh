@@ -3,7 +3,7 @@
 # Idempotent: run it before `docker-compose up` (again after adding nodes; good certs are kept).
 #
 #   lab/compose/tls/                   the lab's CA, a certificate per node and the client's
-#                                      (python -m agent.certs lab/compose/tls nodeA nodeB nodeC):
+#                                      (python -m migctl.agent.certs lab/compose/tls nodeA nodeB nodeC):
 #                                      ca.crt + client.*, private/ca.key, nodes/NODE/ (see certs)
 #   lab/compose/nodes/NODE/etc/        mounted read-only at /etc/migctl in NODE's container:
 #       tls/ca.crt, tls/NODE.crt, tls/NODE.key   (only its own key, not the CA's)
@@ -63,7 +63,7 @@ if [[ -z $password ]]; then
     (umask 077 && printf 'bind 0.0.0.0\nport 6379\nrequirepass %s\nsave ""\nappendonly no\n' \
         "$password" >"$conf.tmp" && mv "$conf.tmp" "$conf")
 fi
-PYTHONPATH=$REPO_ROOT "$PY" -m agent.certs "$HERE/tls" "${NODES[@]}" --client client
+PYTHONPATH=$REPO_ROOT "$PY" -m migctl.agent.certs "$HERE/tls" "${NODES[@]}" --client client
 for n in "${NODES[@]}"; do
     etc=$HERE/nodes/$n/etc
     mkdir -p "$etc/tls" "$HERE/nodes/$n/run"

@@ -9,28 +9,28 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.dataplane import archive
-from agent.dataplane import final as final_pass
-from agent.delta import (
+from migctl.agent.dataplane import archive
+from migctl.agent.dataplane import final as final_pass
+from migctl.agent.delta import (
     DELTA_FORMAT,
     DeltaStats,
 )
-from agent.errors import (
+from migctl.agent.errors import (
     Refused,
 )
-from agent.migration import movers
-from agent.migration.movers import Basis
-from agent.migration.source import (
+from migctl.agent.migration import movers
+from migctl.agent.migration.movers import Basis
+from migctl.agent.migration.source import (
     FINAL_CHECKPOINT,
     ROOTFS_CHANGES,
     changes_path,
 )
-from agent.migration.state import State
-from agent.runtime.spec import checkpoint_path
-from proto import migctl_pb2 as pb
+from migctl.agent.migration.state import State
+from migctl.agent.runtime.spec import checkpoint_path
+from migctl.proto import migctl_pb2 as pb
 
 if TYPE_CHECKING:
-    from agent.migration.flow import Migration
+    from migctl.agent.migration.flow import Migration
 
 log = logging.getLogger(__name__)
 

@@ -12,17 +12,17 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.dataplane.pages import ACCEPT_S, PageServer
-from agent.migration.policy import DELTA, PAGE_SERVER, POST_COPY, memory_transfer
-from agent.migration.source import (
+from migctl.agent.dataplane.pages import ACCEPT_S, PageServer
+from migctl.agent.migration.policy import DELTA, PAGE_SERVER, POST_COPY, memory_transfer
+from migctl.agent.migration.source import (
     FINAL_CHECKPOINT,
 )
-from agent.migration.state import State
-from agent.runtime.host import criu_path
-from proto import migctl_pb2 as pb
+from migctl.agent.migration.state import State
+from migctl.agent.runtime.host import criu_path
+from migctl.proto import migctl_pb2 as pb
 
 if TYPE_CHECKING:
-    from agent.migration.flow import Migration
+    from migctl.agent.migration.flow import Migration
 
 log = logging.getLogger(__name__)
 

@@ -8,15 +8,15 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from agent.dataplane.pages import PageServer
-from agent.migration.source import (
+from migctl.agent.dataplane.pages import PageServer
+from migctl.agent.migration.source import (
     FINAL_CHECKPOINT,
 )
-from agent.migration.state import State
-from proto import migctl_pb2 as pb
+from migctl.agent.migration.state import State
+from migctl.proto import migctl_pb2 as pb
 
 if TYPE_CHECKING:
-    from agent.migration.flow import Migration
+    from migctl.agent.migration.flow import Migration
 
 log = logging.getLogger(__name__)
 

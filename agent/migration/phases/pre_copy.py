@@ -15,21 +15,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.catalog.registry import checkpoint_keys
-from agent.dataplane import archive
-from agent.dataplane.files import digest, flush_writes
-from agent.dataplane.image import assemble
-from agent.delta import (
+from migctl.agent.catalog.registry import checkpoint_keys
+from migctl.agent.dataplane import archive
+from migctl.agent.dataplane.files import digest, flush_writes
+from migctl.agent.dataplane.image import assemble
+from migctl.agent.delta import (
     make_signature,
 )
-from agent.errors import (
+from migctl.agent.errors import (
     DeltaError,
 )
-from agent.migration import movers
-from agent.migration.movers import Basis
-from agent.migration.phases import request
-from agent.migration.policy import POST_COPY
-from agent.migration.source import (
+from migctl.agent.migration import movers
+from migctl.agent.migration.movers import Basis
+from migctl.agent.migration.phases import request
+from migctl.agent.migration.policy import POST_COPY
+from migctl.agent.migration.source import (
     FINAL_CHECKPOINT,
     PRE_CHECKPOINT,
     ROOTFS,
@@ -37,13 +37,13 @@ from agent.migration.source import (
     changes_path,
     snapshot_path,
 )
-from agent.migration.sourcing import Sourcing
-from agent.migration.state import State
-from agent.runtime.base import restarts
-from proto import migctl_pb2 as pb
+from migctl.agent.migration.sourcing import Sourcing
+from migctl.agent.migration.state import State
+from migctl.agent.runtime.base import restarts
+from migctl.proto import migctl_pb2 as pb
 
 if TYPE_CHECKING:
-    from agent.migration.flow import Migration
+    from migctl.agent.migration.flow import Migration
 
 log = logging.getLogger(__name__)
 

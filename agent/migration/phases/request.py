@@ -8,23 +8,23 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from agent.errors import (
+from migctl.agent.errors import (
     AlreadyExists,
     FailedPrecondition,
     MigctlError,
     Refused,
 )
-from agent.migration.phases import freeze
-from agent.migration.policy import memory_transfer
-from agent.migration.state import DESTINATION, SOURCE
-from agent.runtime.base import ContainerState
-from agent.runtime.host import criu_path, host_listeners
-from agent.runtime.spec import check_description, port_protocol, unsupported
-from agent.version import PROTOCOL_VERSION, version
-from proto import migctl_pb2 as pb
+from migctl.agent.migration.phases import freeze
+from migctl.agent.migration.policy import memory_transfer
+from migctl.agent.migration.state import DESTINATION, SOURCE
+from migctl.agent.runtime.base import ContainerState
+from migctl.agent.runtime.host import criu_path, host_listeners
+from migctl.agent.runtime.spec import check_description, port_protocol, unsupported
+from migctl.agent.version import PROTOCOL_VERSION, version
+from migctl.proto import migctl_pb2 as pb
 
 if TYPE_CHECKING:
-    from agent.migration.flow import Migration
+    from migctl.agent.migration.flow import Migration
 
 log = logging.getLogger(__name__)
 

@@ -12,16 +12,16 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from agent.dataplane.pages import PageServer
-from agent.errors import Unavailable
-from agent.migration.source import (
+from migctl.agent.dataplane.pages import PageServer
+from migctl.agent.errors import Unavailable
+from migctl.agent.migration.source import (
     FINAL_CHECKPOINT,
 )
-from agent.migration.state import State
-from proto import migctl_pb2 as pb
+from migctl.agent.migration.state import State
+from migctl.proto import migctl_pb2 as pb
 
 if TYPE_CHECKING:
-    from agent.migration.flow import Migration
+    from migctl.agent.migration.flow import Migration
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import Refused
-from agent.runtime.criu import images_pb2 as img
-from agent.runtime.criu.imagefile import (
+from migctl.agent.errors import Refused
+from migctl.agent.runtime.criu import images_pb2 as img
+from migctl.agent.runtime.criu.imagefile import (
     CGROUP_MAGIC,
     CORE_MAGIC,
     IDS_MAGIC,
@@ -29,9 +29,9 @@ from agent.runtime.criu.imagefile import (
     parse,
     required,
 )
-from agent.runtime.criu.mounts import ENGINE_MASKED, ENGINE_READONLY, check_mounts
-from agent.runtime.criu.seccomp import FLAG_TSYNC, check_chain
-from agent.runtime.criu.tmpfs import DEFAULT_DEVICES, device_nodes, rewrite_archives
+from migctl.agent.runtime.criu.mounts import ENGINE_MASKED, ENGINE_READONLY, check_mounts
+from migctl.agent.runtime.criu.seccomp import FLAG_TSYNC, check_chain
+from migctl.agent.runtime.criu.tmpfs import DEFAULT_DEVICES, device_nodes, rewrite_archives
 
 MAX_TASKS = 1 << 16
 
