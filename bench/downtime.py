@@ -22,7 +22,7 @@ figure is also given as a ratio to the floor measured in the same run, on the sa
            (what migctl believes the link gives it: the issue's 1.2 x target), and the
            client's p99 latency in the 3 s after the restore against its p99 before the
            migration (the page-in's cost to requests)
-  seed     the seed's method (client/seedmethod.py: engine checkpoints, docker save/load, tar
+  seed     the seed's method (lab/seedmethod.py: engine checkpoints, docker save/load, tar
            and rsync)
 
 Each row's details end with its "gap trace": every attempt of the client inside the longest
@@ -63,10 +63,10 @@ import docker
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from migctl.agent.runtime.direct import DirectRuntime, token  # noqa: E402
-from migctl.client import labnet  # noqa: E402
-from migctl.client.lab import LAB_DIR, RUN_DIR, Lab  # noqa: E402
-from migctl.client.seedmethod import SeedMethod  # noqa: E402
-from migctl.client.workloads import (  # noqa: E402
+from migctl.lab import net as labnet  # noqa: E402
+from migctl.lab.nodes import LAB_DIR, RUN_DIR, Lab  # noqa: E402
+from migctl.lab.seedmethod import SeedMethod  # noqa: E402
+from migctl.lab.workloads import (  # noqa: E402
     BASE,
     REDIS_IMAGE,
     SERVER,

@@ -13,7 +13,7 @@ import docker
 import pytest
 
 from migctl.agent import certs
-from migctl.client.workloads import CACHE  # noqa: F401 - the tests import it from here
+from migctl.lab.workloads import CACHE  # noqa: F401 - the tests import it from here
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,8 +84,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def session_links(rate: str) -> None:
     """Every pair of lab nodes shaped to RATE, and nothing else; unshaped when RATE is ''."""
-    from migctl.client import labnet
-    from migctl.client.lab import Lab
+    from migctl.lab import net as labnet
+    from migctl.lab.nodes import Lab
 
     lab = Lab()
     state = lab.state()
@@ -102,7 +102,7 @@ def session_links(rate: str) -> None:
 def lab(request: pytest.FixtureRequest) -> Iterator[LabHandle]:
     """Starts (or reuses) a 3-node lab; removes it afterwards only if this session made it.
     With --lab-link-rate, its links are shaped for the session."""
-    from migctl.client.lab import Lab
+    from migctl.lab.nodes import Lab
 
     lab = Lab()
     existed = bool(lab.state().get("nodes"))

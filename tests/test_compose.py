@@ -28,7 +28,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from migctl.client.workloads import ensure_toy_image, numbers, remove_everywhere, run_toy
+from migctl.lab.workloads import ensure_toy_image, numbers, remove_everywhere, run_toy
 from tests.conftest import DELTA, ROOT, migctl
 
 pytestmark = pytest.mark.compose

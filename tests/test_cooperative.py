@@ -20,9 +20,9 @@ from pathlib import Path
 import docker
 import pytest
 
-from migctl.client.lab import Lab
-from migctl.client.workloads import TOY_IMAGE, ensure_toy_image, numbers, remove_everywhere
-from migctl.client.workloads import run_toy as run_counter
+from migctl.lab.nodes import Lab
+from migctl.lab.workloads import TOY_IMAGE, ensure_toy_image, numbers, remove_everywhere
+from migctl.lab.workloads import run_toy as run_counter
 from tests.conftest import CACHE, DELTA, LabHandle, migrate_json
 
 pytestmark = pytest.mark.lab

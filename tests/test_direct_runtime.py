@@ -11,8 +11,8 @@ import docker
 import pytest
 
 from migctl.agent.runtime import direct
-from migctl.client.lab import Lab
-from migctl.client.workloads import COUNTER, TOY_IMAGE, ensure_toy_image, remove_everywhere, run_toy
+from migctl.lab.nodes import Lab
+from migctl.lab.workloads import COUNTER, TOY_IMAGE, ensure_toy_image, remove_everywhere, run_toy
 from tests.conftest import CACHE, DELTA, LabHandle, migrate_json
 from tests.test_migrate_e2e import check_moved, logs, wait_for_count
 

@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 from migctl.agent.runtime import dumpable
-from migctl.client.lab import LAB_DIR
-from migctl.client.workloads import TOY_IMAGE, ensure_toy_image, remove_everywhere, run_toy
+from migctl.lab.nodes import LAB_DIR
+from migctl.lab.workloads import TOY_IMAGE, ensure_toy_image, remove_everywhere, run_toy
 from tests.conftest import CACHE, DELTA, migctl
 
 

@@ -15,10 +15,10 @@ import pytest
 
 from migctl.client import cli
 from migctl.client.api import ClientError
-from migctl.client.evaluation import columns, grid, runner, summary
-from migctl.client.evaluation.grid import Grid, GridError, Run, load_grid, parse_rate
-from migctl.client.evaluation.plots import write_plots
-from migctl.client.seedmethod import RSYNC
+from migctl.lab.evaluation import columns, grid, runner, summary
+from migctl.lab.evaluation.grid import Grid, GridError, Run, load_grid, parse_rate
+from migctl.lab.evaluation.plots import write_plots
+from migctl.lab.seedmethod import RSYNC
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -474,7 +474,7 @@ def test_migctl_bench_run_summary_and_plots(tmp_path: Path,
 
 @pytest.mark.parametrize(("driver", "expected"), [
     ("no_such_module:X", "cannot import no_such_module"),
-    ("migctl.client.evaluation.driver:Nothing", "migctl.client.evaluation.driver has no Nothing"),
+    ("migctl.lab.evaluation.driver:Nothing", "migctl.lab.evaluation.driver has no Nothing"),
     ("LabDriver", "write MODULE:NAME")])
 def test_migctl_bench_run_names_a_driver_it_cannot_use(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], driver: str, expected: str) -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from migctl.client import labnet
-from migctl.client.evaluation.columns import COLUMNS, MEASURED
-from migctl.client.lab import Lab
+from migctl.lab import net as labnet
+from migctl.lab.evaluation.columns import COLUMNS, MEASURED
+from migctl.lab.nodes import Lab
 from tests.conftest import LabHandle, migctl
 
 pytestmark = pytest.mark.lab

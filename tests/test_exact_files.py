@@ -138,7 +138,7 @@ def _fill_layer(root: Path) -> None:
 def test_a_migration_moves_a_volume_and_the_layer_exactly(lab) -> None:
     """The manifest of both sides, after a real migration: the volume (every mode, owners,
     attributes, ACLs, links, holes, a FIFO, times, its own folder) and the writable layer."""
-    from migctl.client.workloads import TOY_IMAGE, ensure_toy_image, remove_everywhere
+    from migctl.lab.workloads import TOY_IMAGE, ensure_toy_image, remove_everywhere
     from tests.conftest import CACHE, DELTA, migrate_json
 
     a, b = lab.docker["nodeA"], lab.docker["nodeB"]

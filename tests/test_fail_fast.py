@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from migctl.client.lab import Lab
+from migctl.lab.nodes import Lab
 from tests.conftest import DELTA, LabHandle
 from tests.test_faults import (
     HOOKS,

@@ -23,8 +23,8 @@ import docker
 import psutil
 import pytest
 
-from migctl.client.lab import SWITCH_NS, Lab
-from migctl.client.workloads import (
+from migctl.lab.nodes import SWITCH_NS, Lab
+from migctl.lab.workloads import (
     BASE,
     SERVER,
     ensure_base,
@@ -380,7 +380,7 @@ def test_a_rollback_through_the_engine_leaves_no_copy_of_memory_in_it(lab: LabHa
     """A container on plain runc checkpoints and resumes through the engine, which keeps its
     own copy of the checkpoint under containers/ID/checkpoints/: after a rollback, the memory
     (pages-*.img) stayed there (second red team). It must be gone once the source runs again."""
-    from migctl.client.workloads import COUNTER, TOY_IMAGE
+    from migctl.lab.workloads import COUNTER, TOY_IMAGE
 
     a = lab.docker["nodeA"]
     remove_everywhere(lab.docker, ["toytsm"], ["testrw", "testro"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from migctl.client.workloads import TOY_IMAGE, ensure_toy_image, numbers, remove_everywhere
+from migctl.lab.workloads import TOY_IMAGE, ensure_toy_image, numbers, remove_everywhere
 from tests.conftest import CACHE, DELTA, LabHandle, migrate_json
 
 HOLDER = r"""

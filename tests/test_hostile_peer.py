@@ -29,8 +29,8 @@ from migctl.agent.dataplane.channel import open_channel
 from migctl.agent.dataplane.pages import netns_prefix
 from migctl.agent.delta.signature import HEADER, MAGIC, VERSION
 from migctl.agent.security import TLSFiles
-from migctl.client.lab import Lab
-from migctl.client.workloads import ensure_toy_image, remove_everywhere, run_toy
+from migctl.lab.nodes import Lab
+from migctl.lab.workloads import ensure_toy_image, remove_everywhere, run_toy
 from migctl.proto import migctl_pb2 as pb
 from migctl.proto import migctl_pb2_grpc as rpc
 from tests.conftest import CACHE, DELTA, ROOT, LabHandle, migctl

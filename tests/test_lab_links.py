@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from migctl.client import labnet
 from migctl.client.api import ClientError
-from migctl.client.lab import Lab
+from migctl.lab import net as labnet
+from migctl.lab.nodes import Lab
 from tests.conftest import LabHandle, migctl
 
 pytestmark = pytest.mark.lab

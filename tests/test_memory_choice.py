@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from migctl.client import labnet
-from migctl.client.lab import Lab
+from migctl.lab import net as labnet
+from migctl.lab.nodes import Lab
 from tests.conftest import LabHandle, migctl
 from tests.test_faults import toy  # noqa: F401 - the fixture
 from tests.test_migrate_e2e import check_moved

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from migctl.agent.metrics import DEFAULT_PORT
-from migctl.client.workloads import ensure_toy_image, remove_everywhere, run_toy
+from migctl.lab.workloads import ensure_toy_image, remove_everywhere, run_toy
 from tests.conftest import CACHE, DELTA, LabHandle, migctl, migrate_json
 from tests.test_metrics import Samples, scrape
 from tests.test_migrate_e2e import wait_for_count

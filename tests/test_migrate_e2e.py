@@ -10,7 +10,7 @@ import time
 import docker
 import pytest
 
-from migctl.client.workloads import (
+from migctl.lab.workloads import (
     BASE,
     SERVER,
     TOY_IMAGE,
@@ -227,7 +227,7 @@ def test_a_service_that_shrank_migrates_though_the_cached_basis_is_far_larger(
     """The destination caches a service's checkpoint; the next time the service is much
     smaller, that basis's signature is more than the source accepts for the new file
     (signature_block_cap). The file then comes whole: the migration must not fail on it."""
-    from migctl.client.workloads import REDIS_IMAGE, ensure_redis_image, fill_redis, wait_for_redis
+    from migctl.lab.workloads import REDIS_IMAGE, ensure_redis_image, fill_redis, wait_for_redis
 
     a, b = lab.docker["nodeA"], lab.docker["nodeB"]
     host_a, host_b = (lab.address(n).split(":")[0] for n in ("nodeA", "nodeB"))

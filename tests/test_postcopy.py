@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from migctl.client import labnet
-from migctl.client.lab import Lab
-from migctl.client.workloads import REDIS_IMAGE, ensure_redis_image, fill_redis, remove_everywhere
+from migctl.lab import net as labnet
+from migctl.lab.nodes import Lab
+from migctl.lab.workloads import REDIS_IMAGE, ensure_redis_image, fill_redis, remove_everywhere
 from tests.conftest import CACHE, ROOT, LabHandle, migctl, migrate_json, names_its_transfer
 from tests.test_faults import kill_agent, link
 

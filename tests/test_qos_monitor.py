@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from examples.qos_monitor import Move, decide
-from migctl.client.workloads import ensure_toy_image, remove_everywhere, run_toy
+from migctl.lab.workloads import ensure_toy_image, remove_everywhere, run_toy
 from tests.conftest import CACHE, ROOT, LabHandle
 from tests.test_migrate_e2e import wait_for_count
 

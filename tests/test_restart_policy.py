@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from migctl.client.lab import Lab
-from migctl.client.workloads import ensure_toy_image, remove_everywhere, run_toy
+from migctl.lab.nodes import Lab
+from migctl.lab.workloads import ensure_toy_image, remove_everywhere, run_toy
 from tests.conftest import CACHE, DELTA, LabHandle, migctl
 from tests.test_faults import (
     HOOKS,

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from migctl.client.workloads import TOY_IMAGE, ensure_toy_image, numbers, remove_everywhere
+from migctl.lab.workloads import TOY_IMAGE, ensure_toy_image, numbers, remove_everywhere
 from tests.conftest import CACHE, DELTA, LabHandle, migrate_json
 from tests.test_faults import running_copies
 

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from migctl.agent import certs
 from migctl.agent.dataplane.channel import OPTIONS, open_channel
 from migctl.agent.security import TLSFiles
-from migctl.client.lab import Lab
+from migctl.lab.nodes import Lab
 from migctl.proto import migctl_pb2 as pb
 from migctl.proto import migctl_pb2_grpc as rpc
 from tests.conftest import LabHandle
@@ -57,7 +57,7 @@ def test_callers_without_a_valid_certificate_are_refused(lab: LabHandle, tmp_pat
 
 def test_file_serving_stays_in_the_staging_area(lab: LabHandle) -> None:
     """Even the bound destination of an authorized migration reads nothing but its staging."""
-    from migctl.client.workloads import ensure_toy_image, remove_everywhere, run_toy
+    from migctl.lab.workloads import ensure_toy_image, remove_everywhere, run_toy
     from tests.conftest import CACHE
 
     remove_everywhere(lab.docker, ["toytsm"], ["testrw", "testro"])

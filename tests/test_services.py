@@ -24,7 +24,7 @@ import pymysql
 import pytest
 
 from migctl.agent.runtime import dumpable
-from migctl.client.workloads import (
+from migctl.lab.workloads import (
     MARIADB,
     MARIADB_IMAGE,
     MEMCACHED,

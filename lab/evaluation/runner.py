@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TextIO
 
 from migctl.client.api import ClientError
-from migctl.client.evaluation.columns import COLUMNS, MEASURED, STATUS_FAILED, STATUS_OK, read_runs
-from migctl.client.evaluation.grid import Grid, Run
+from migctl.lab.evaluation.columns import COLUMNS, MEASURED, STATUS_FAILED, STATUS_OK, read_runs
+from migctl.lab.evaluation.grid import Grid, Run
 
 RUNS_CSV = "runs.csv"
 # Runs failing one after another mean the lab, not the runs, is broken: stop rather than

@@ -357,7 +357,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_link(args: argparse.Namespace) -> int:
-    from migctl.client import labnet
+    from migctl.lab import net as labnet
 
     lab = Lab()
     state = lab.state()
@@ -380,7 +380,7 @@ def cmd_link(args: argparse.Namespace) -> int:
 
 
 def cmd_links(args: argparse.Namespace) -> int:
-    from migctl.client import labnet
+    from migctl.lab import net as labnet
 
     print("\n".join(labnet.describe(Lab().state())) or "no link is shaped")
     return 0
@@ -389,7 +389,7 @@ def cmd_links(args: argparse.Namespace) -> int:
 def cmd_toy(args: argparse.Namespace) -> int:
     import docker
 
-    from migctl.client import workloads
+    from migctl.lab import workloads
 
     nodes = Lab().state().get("nodes", {})
     if args.node not in nodes:

@@ -20,12 +20,12 @@ from typing import Protocol
 import docker
 import psutil
 
-from migctl.client import workloads
 from migctl.client.api import ClientError
-from migctl.client.evaluation.columns import MEASURED
-from migctl.client.evaluation.grid import Grid, Run
-from migctl.client.evaluation.runner import Value
-from migctl.client.workloads import CACHE
+from migctl.lab import workloads
+from migctl.lab.evaluation.columns import MEASURED
+from migctl.lab.evaluation.grid import Grid, Run
+from migctl.lab.evaluation.runner import Value
+from migctl.lab.workloads import CACHE
 
 
 class Driver(Protocol):
@@ -48,12 +48,12 @@ class LabDriver:
     the destination, nodeC the neighbour, which holds the container's image (the cooperative
     scenario: the service passed through it before).
 
-    Per run: the links are shaped (`client/labnet.py`): nodeA-nodeB at the link's source rate,
+    Per run: the links are shaped (`lab/net.py`): nodeA-nodeB at the link's source rate,
     nodeC-nodeB at its neighbour rate, both with its loss; the workload starts fresh on nodeA
     (nothing of it left on the other nodes); a client outside the container (Redis INCR, or the
     hit server for the writers) sends a request every 10 ms to whichever node answers; the
     migration runs as a `migctl migrate` process (traditional, cooperative) or as the seed's
-    method (`client/seedmethod.py`, reference). The agents' caches persist between runs: what
+    method (`lab/seedmethod.py`, reference). The agents' caches persist between runs: what
     the destination already held is reported as bytes_from_destination, for every mode.
     """
 
@@ -61,7 +61,7 @@ class LabDriver:
         self.grid = grid
 
     def __enter__(self) -> LabDriver:
-        from migctl.client.lab import Lab
+        from migctl.lab.nodes import Lab
 
         self.state = Lab().state()
         self.found_links = dict(self.state.get("links", {}))  # given back at the end
@@ -78,7 +78,7 @@ class LabDriver:
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
                  tb: TracebackType | None) -> None:
-        from migctl.client import labnet
+        from migctl.lab import net as labnet
 
         labnet.reset(self.state)
         for name, spec in self.found_links.items():
@@ -88,7 +88,7 @@ class LabDriver:
     # -- one run ------------------------------------------------------------------------------
 
     def run_one(self, run: Run) -> dict[str, Value]:
-        from migctl.client import labnet
+        from migctl.lab import net as labnet
 
         labnet.reset(self.state)
         loss = f"{run.link.loss_pct:g}%" if run.link.loss_pct else ""
@@ -125,7 +125,7 @@ class LabDriver:
 
     def _migrate(self, run: Run) -> dict[str, Value]:
         if run.mode == "reference":
-            from migctl.client.seedmethod import SeedMethod
+            from migctl.lab.seedmethod import SeedMethod
 
             r = SeedMethod(self.state, SOURCE, DESTINATION, compress=True).migrate(NAME)
             return {"total_s": round(r.total, 3), "downtime_s": round(r.downtime, 3),

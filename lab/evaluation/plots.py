@@ -9,9 +9,9 @@ from pathlib import Path
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
 from migctl.client.api import ClientError
-from migctl.client.evaluation.columns import read_runs
-from migctl.client.evaluation.runner import RUNS_CSV
-from migctl.client.evaluation.summary import CONFIDENCE, MB, Cell, summarize
+from migctl.lab.evaluation.columns import read_runs
+from migctl.lab.evaluation.runner import RUNS_CSV
+from migctl.lab.evaluation.summary import CONFIDENCE, MB, Cell, summarize
 
 TIME_METRICS = (("downtime_s", "downtime (agents)"), ("client_gap_s", "client gap"),
                 ("total_s", "total time"))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from migctl.agent.runtime.docker import DockerRuntime
 from migctl.client.api import ClientError
-from migctl.client.lab import LAB_DIR, RUN_DIR
+from migctl.lab.nodes import LAB_DIR, RUN_DIR
 
 RSYNC_PORT = 8730
 RSYNC = ("rsync", "-a", "--no-whole-file", "--ignore-times", "--delete", "--stats")

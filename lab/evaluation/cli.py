@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 
 from migctl.client import completion
 from migctl.client.api import ClientError
-from migctl.client.evaluation.grid import Grid, load_grid
+from migctl.lab.evaluation.grid import Grid, load_grid
 
 if TYPE_CHECKING:  # the driver imports the Docker SDK: only `bench run` loads it
-    from migctl.client.evaluation.driver import Driver
+    from migctl.lab.evaluation.driver import Driver
 
 DEFAULT_OUT = Path("bench-results")
-DEFAULT_DRIVER = "migctl.client.evaluation.driver:LabDriver"
+DEFAULT_DRIVER = "migctl.lab.evaluation.driver:LabDriver"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -59,7 +59,7 @@ def load_driver(spec: str) -> Callable[[Grid], Driver]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from migctl.client.evaluation.runner import RUNS_CSV, run_grid
+    from migctl.lab.evaluation.runner import RUNS_CSV, run_grid
 
     grid = load_grid(args.grid)
     factory = load_driver(args.driver)
@@ -77,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from migctl.client.evaluation.summary import write_summary
+    from migctl.lab.evaluation.summary import write_summary
 
     csv_path, md_path = write_summary(args.dir)
     print(md_path.read_text(), end="")
@@ -86,7 +86,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_plots(args: argparse.Namespace) -> int:
-    from migctl.client.evaluation.plots import write_plots
+    from migctl.lab.evaluation.plots import write_plots
 
     for path in write_plots(args.dir):
         print(path)
@@ -94,8 +94,8 @@ def cmd_plots(args: argparse.Namespace) -> int:
 
 
 def _report(out: Path) -> int:
-    from migctl.client.evaluation.plots import write_plots
-    from migctl.client.evaluation.summary import write_summary
+    from migctl.lab.evaluation.plots import write_plots
+    from migctl.lab.evaluation.summary import write_summary
 
     paths = list(write_summary(out))
     try:

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from migctl.client.api import ClientError
-from migctl.client.evaluation.columns import PARAMS, STATUS_FAILED, STATUS_OK, read_runs
-from migctl.client.evaluation.grid import MODES
-from migctl.client.evaluation.runner import RUNS_CSV
+from migctl.lab.evaluation.columns import PARAMS, STATUS_FAILED, STATUS_OK, read_runs
+from migctl.lab.evaluation.grid import MODES
+from migctl.lab.evaluation.runner import RUNS_CSV
 
 CONFIDENCE = 0.90
 BOOTSTRAP_RESAMPLES = 10_000
