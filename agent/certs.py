@@ -44,8 +44,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from migctl.agent.errors import FailedPrecondition, InvalidArgument
-from migctl.agent.security import NODE_OU, OPERATOR_OU, TARGET_NAME
+from migctl.agent.security import NODE_OU, OPERATOR_OU
+from migctl.common.errors import FailedPrecondition, InvalidArgument
+from migctl.common.tls import TARGET_NAME
 
 CA_DAYS = 3650  # the CA outlives the certificates it signs, or they would all expire with it
 _SKEW = dt.timedelta(minutes=5)  # tolerate nodes whose clocks lag the one that issued

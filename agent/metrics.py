@@ -16,7 +16,7 @@ from wsgiref.simple_server import WSGIServer
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from migctl.agent.errors import (
+from migctl.common.errors import (
     AlreadyExists,
     DeltaError,
     FailedPrecondition,

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from migctl.agent.errors import MigctlError, Unavailable
+from migctl.common.errors import MigctlError, Unavailable
 from migctl.proto import migctl_pb2_grpc as rpc
 
 UNARY_TIMEOUT = 300.0  # a checkpoint of a large container can take minutes

@@ -20,7 +20,7 @@ and `caller_of` accepts that role only when the EKU and SANs say the same thing 
 and calls and is named ``migctl``; an operator only calls and is never named ``migctl``). A
 certificate whose parts disagree, or one issued before roles existed, yields no role: refuse it.
 
-Nothing here imports `agent.dataplane.channel`, so that module can build on this one.
+What a caller needs too (its identity's files, a verified channel) is in migctl.common.tls.
 """
 
 from __future__ import annotations
@@ -28,65 +28,22 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import grpc
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from migctl.agent.errors import FailedPrecondition
+from migctl.common.errors import FailedPrecondition
+from migctl.common.tls import TARGET_NAME, TLSFiles
 
 log = logging.getLogger(__name__)
-
-TARGET_NAME = "migctl"  # DNS SAN carried by every node certificate (see module docstring)
-_OVERRIDE = "grpc.ssl_target_name_override"
 
 NODE = "node"  # an agent: serves, and calls other agents (pulls)
 OPERATOR = "operator"  # a CLI or other client: calls agents, never serves
 NODE_OU = "migctl-node"  # subject OU that `agent.certs` writes for each role
 OPERATOR_OU = "migctl-operator"
 _PEM_KEY = "x509_pem_cert"  # gRPC's auth-context entry for the verified peer's leaf certificate
-
-
-@dataclass(frozen=True)
-class TLSFiles:
-    """Where one identity's PEM files live: the CA to trust, and its own certificate and key."""
-
-    ca: Path
-    cert: Path
-    key: Path
-
-    @classmethod
-    def from_dir(cls, directory: Path, name: str) -> TLSFiles:
-        """`directory/ca.crt`, `directory/<name>.crt`, `directory/<name>.key` (the `certs` layout).
-
-        Checked here, up front, so a missing file is reported by name at start-up rather than as
-        an opaque handshake failure on the first call.
-        """
-        directory = Path(directory)
-        files = cls(ca=directory / "ca.crt", cert=directory / f"{name}.crt",
-                    key=directory / f"{name}.key")
-        missing = [str(p) for p in (files.ca, files.cert, files.key) if not p.is_file()]
-        if missing:
-            raise FailedPrecondition(
-                f"TLS file(s) missing: {', '.join(missing)}; create them with "
-                f"`python -m migctl.agent.certs DIR <node>... --client <name>` (identity {name!r}; "
-                f"an agent's folder is DIR/nodes/<node>, a client's is DIR)")
-        return files
-
-    def read(self) -> tuple[bytes, bytes, bytes]:
-        """(ca, cert, key) PEM bytes, read now so re-issued files apply to the next channel."""
-        return _read(self.ca), _read(self.cert), _read(self.key)
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise FailedPrecondition(f"cannot read TLS file {path}: {e.strerror or e}") from e
 
 
 def server_credentials(files: TLSFiles) -> grpc.ServerCredentials:
@@ -129,25 +86,6 @@ class ServerIdentity:
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(self._initial, self._fetch,
                                                    require_client_authentication=True)
-
-
-def channel_credentials(files: TLSFiles) -> grpc.ChannelCredentials:
-    """Trust only our CA and present our own certificate (the server requires one)."""
-    ca, cert, key = files.read()
-    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
-                                        certificate_chain=cert)
-
-
-def secure_channel(address: str, files: TLSFiles, options: Sequence[tuple[str, Any]] = (),
-                   server_name: str = TARGET_NAME) -> grpc.Channel:
-    """A mutual-TLS channel to `address` that verifies the server as `server_name`, not its IP.
-
-    `options` are passed through (e.g. `agent.dataplane.channel.OPTIONS`); any target-name
-    override in them is replaced by `server_name`.
-    """
-    opts = [o for o in options if o[0] != _OVERRIDE]
-    opts.append((_OVERRIDE, server_name))
-    return grpc.secure_channel(address, channel_credentials(files), options=opts)
 
 
 def peer_identity(context: grpc.ServicerContext) -> str:

@@ -19,16 +19,17 @@ from prometheus_client import REGISTRY
 
 from migctl.agent.authz import SERVICE, Authorization
 from migctl.agent.bounds import SERVER_RPCS, SERVER_WORKERS, Bounds
-from migctl.agent.dataplane.channel import OPTIONS
-from migctl.agent.errors import InvalidArgument, MigctlError
 from migctl.agent.health import NodeHealth
 from migctl.agent.metrics import DEFAULT_PORT, Metrics
 from migctl.agent.metrics import serve as serve_metrics
 from migctl.agent.migration.policy import PAGE_SERVER_MIN_RATE
 from migctl.agent.runtime.base import open_runtime
-from migctl.agent.security import ServerIdentity, TLSFiles
+from migctl.agent.security import ServerIdentity
 from migctl.agent.service import AgentService
 from migctl.agent.version import VersionAction
+from migctl.common.channel import OPTIONS
+from migctl.common.errors import InvalidArgument, MigctlError
+from migctl.common.tls import TLSFiles
 from migctl.proto import migctl_pb2_grpc as rpc
 
 

@@ -20,7 +20,6 @@ from google.protobuf.json_format import ParseDict
 from migctl.agent.catalog.registry import Holding, InventoryRegistry, open_registry
 from migctl.agent.catalog.store import Item, Store
 from migctl.agent.dataplane import archive, final
-from migctl.agent.dataplane.channel import open_channel
 from migctl.agent.dataplane.files import digest, iter_file
 from migctl.agent.dataplane.image import config_of, iter_layer
 from migctl.agent.dataplane.pages import netns_prefix, stop_lazy_leftovers
@@ -32,13 +31,6 @@ from migctl.agent.delta import (
     agreed_format,
     delta_stream,
     signature_block_cap,
-)
-from migctl.agent.errors import (
-    InvalidArgument,
-    MigctlError,
-    NotFound,
-    PermissionDenied,
-    Unavailable,
 )
 from migctl.agent.metrics import Metrics
 from migctl.agent.migration import journal as j
@@ -58,8 +50,17 @@ from migctl.agent.migration.state import DESTINATION, PEER, State
 from migctl.agent.peer import Peer
 from migctl.agent.runtime.base import Runtime
 from migctl.agent.runtime.spec import valid_name
-from migctl.agent.security import TLSFiles, caller_of
+from migctl.agent.security import caller_of
 from migctl.agent.version import PROTOCOL_VERSION, version
+from migctl.common.channel import open_channel
+from migctl.common.errors import (
+    InvalidArgument,
+    MigctlError,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+from migctl.common.tls import TLSFiles
 from migctl.proto import migctl_pb2 as pb
 from migctl.proto import migctl_pb2_grpc as rpc
 

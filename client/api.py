@@ -1,8 +1,8 @@
 """The façade other services use too: nodes by name, and the Agent API without gRPC noise.
 
 `migrate` returns the report and passes each event to an optional callback; an agent's error
-status arrives as a subclass of `AgentError` (itself a `ClientError`), one per gRPC status,
-with the node that answered and the agent's own message:
+status arrives as the error the agent raised (migctl.common.errors: one hierarchy for both,
+one class per gRPC status), with the node that answered and the agent's own message:
 
     try:
         report = migrate(Inventory.load(), "web", "nodeA", "nodeB", on_event=print)
@@ -23,9 +23,21 @@ from typing import Any, TypeVar
 
 import grpc
 
-from migctl.agent.dataplane.channel import open_channel
-from migctl.agent.errors import MigctlError
-from migctl.agent.security import TLSFiles
+from migctl.common.channel import open_channel
+from migctl.common.errors import (  # noqa: F401 - the client's errors are the agent's, one hierarchy
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    MigctlError,
+    NotFound,
+    PermissionDenied,
+    RuntimeFailure,
+    Unavailable,
+    Unimplemented,
+    from_status,
+)
+from migctl.common.tls import TLSFiles
 from migctl.proto import migctl_pb2 as pb
 from migctl.proto import migctl_pb2_grpc as rpc
 
@@ -36,10 +48,6 @@ MIGCTL_HOME = Path(os.environ.get("MIGCTL_HOME", "/var/lib/migctl"))
 # The settings a config file may hold: key -> (its environment variable, default in MIGCTL_HOME)
 SETTINGS = {"inventory": ("MIGCTL_INVENTORY", "inventory.json"),
             "tls_dir": ("MIGCTL_TLS_DIR", "tls")}
-
-
-class ClientError(Exception):
-    """An error for the operator: what went wrong and what to do."""
 
 
 def config_path() -> Path | None:
@@ -53,9 +61,9 @@ def config_path() -> Path | None:
 
 
 def read_toml(path: Path, what: str, missing: str = "",
-              error: type[ClientError] | None = None) -> dict:
+              error: type[MigctlError] | None = None) -> dict:
     """PATH's TOML; an error names WHAT it is and why it could not be read."""
-    error = error or ClientError
+    error = error or MigctlError
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
@@ -77,10 +85,10 @@ def load_config(path: Path | None = None) -> dict[str, Path]:
     settings = {}
     for key, value in data.items():
         if key not in SETTINGS:
-            raise ClientError(f"config file {path}: unknown key {key!r} (known: "
+            raise MigctlError(f"config file {path}: unknown key {key!r} (known: "
                               f"{', '.join(SETTINGS)})")
         if not isinstance(value, str) or not value.strip():
-            raise ClientError(f"config file {path}: {key} must be a path in quotes, not "
+            raise MigctlError(f"config file {path}: {key} must be a path in quotes, not "
                               f"{value!r}")
         settings[key] = path.parent / Path(value).expanduser()
     return settings
@@ -103,82 +111,15 @@ def default_inventory() -> Path:
     return _setting("inventory")
 
 
-class AgentError(ClientError):
-    """An agent answered with an error status: NODE is the agent that answered, MESSAGE its
-    words (or why it could not be reached)."""
-
-    code = grpc.StatusCode.UNKNOWN
-
-    def __init__(self, node: str, message: str, code: grpc.StatusCode | None = None) -> None:
-        super().__init__(f"{node}: {message}")
-        self.node = node
-        self.message = message
-        self.code = code or type(self).code
-
-
-class InvalidArgument(AgentError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class NotFound(AgentError):
-    code = grpc.StatusCode.NOT_FOUND
-
-
-class AlreadyExists(AgentError):
-    code = grpc.StatusCode.ALREADY_EXISTS
-
-
-class PermissionDenied(AgentError):
-    code = grpc.StatusCode.PERMISSION_DENIED
-
-
-class FailedPrecondition(AgentError):
-    """The agent refused: a pre-flight check, a rule, or the migration's state."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION
-
-
-class Aborted(AgentError):
-    """CRIU or the engine failed a checkpoint, create or restore."""
-
-    code = grpc.StatusCode.ABORTED
-
-
-class Unimplemented(AgentError):
-    """The agent is older than this client."""
-
-    code = grpc.StatusCode.UNIMPLEMENTED
-
-
-class Internal(AgentError):
-    code = grpc.StatusCode.INTERNAL
-
-
-class Unavailable(AgentError):
-    """The agent could not be reached, or it could not reach what it needed (its engine, the
-    source's agent): the message says which."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-
-
-class DeadlineExceeded(Unavailable):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-_BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists,
-                                      PermissionDenied, FailedPrecondition, Aborted,
-                                      Unimplemented, Internal, Unavailable, DeadlineExceeded)}
-
-
-def agent_error(node: Node, err: grpc.RpcError) -> AgentError:
-    """The typed error for an agent's status (AgentError itself for codes without a class)."""
+def agent_error(node: Node, err: grpc.RpcError) -> MigctlError:
+    """The typed error for an agent's status, naming the node that answered."""
     code = err.code()
     message = err.details() or code.name
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and \
             not message.startswith("cannot reach"):
         # the transport's words ("Socket closed") do not say that it was the agent
         message = f"cannot reach the agent of {node.name} at {node.address}: {message}"
-    return _BY_CODE.get(code, AgentError)(node.name, message, code)
+    return from_status(code, message, node.name)
 
 
 @dataclass(frozen=True)
@@ -207,7 +148,7 @@ class Inventory:
         try:
             return TLSFiles.from_dir(self.tls_dir, identity)
         except MigctlError as err:
-            raise ClientError(f"{err} (make them with `migctl certs init`)") from None
+            raise MigctlError(f"{err} (make them with `migctl certs init`)") from None
 
     @classmethod
     def load(cls, path: Path | None = None, tls_dir: Path | None = None) -> Inventory:
@@ -217,10 +158,10 @@ class Inventory:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ClientError(f"no inventory at {path}: start a lab with `migctl lab up`, or "
+            raise MigctlError(f"no inventory at {path}: start a lab with `migctl lab up`, or "
                               "write one (see README, 'Real machines')") from None
         except json.JSONDecodeError as err:
-            raise ClientError(f"inventory {path} is not valid JSON: {err}") from None
+            raise MigctlError(f"inventory {path} is not valid JSON: {err}") from None
         nodes = {name: Node(name, n["address"], n.get("docker_host", ""),
                             n.get("peer_address", ""))
                  for name, n in data.get("nodes", {}).items()}
@@ -231,7 +172,7 @@ class Inventory:
     def node(self, name: str) -> Node:
         if name not in self.nodes:
             known = ", ".join(sorted(self.nodes)) or "none"
-            raise ClientError(f"unknown node {name!r} (inventory {self.path} knows: {known})")
+            raise MigctlError(f"unknown node {name!r} (inventory {self.path} knows: {known})")
         return self.nodes[name]
 
 
@@ -253,7 +194,7 @@ class AgentClient:
 
     def _call(self, method: Callable[..., Any], request: object,
               timeout: float | None = None) -> Any:
-        """A unary call; an error status becomes the typed AgentError naming this node."""
+        """A unary call; an error status becomes the typed error naming this node."""
         try:
             return method(request, timeout=timeout or self.timeout)
         except grpc.RpcError as err:
@@ -307,25 +248,28 @@ class AgentClient:
 
 
 def each_node(inventory: Inventory, ask: Callable[[AgentClient], T], only: str | None = None,
-              timeout: float = 10.0) -> tuple[dict[str, T], list[AgentError]]:
+              timeout: float = 10.0) -> tuple[dict[str, T], list[MigctlError]]:
     """ASK every node of the inventory (or ONLY that one), in parallel: the answers by node
     name, in the inventory's order, and the errors of those that failed (a node that does
-    not answer hides none of the others)."""
+    not answer hides none of the others; an error that is not an agent's, such as a missing
+    TLS file, is raised)."""
     nodes = [inventory.node(only)] if only else list(inventory.nodes.values())
     tls = inventory.tls()
 
-    def one(node: Node) -> T | AgentError:
+    def one(node: Node) -> T | MigctlError:
         try:
             with AgentClient(node, tls, timeout=timeout) as client:
                 return ask(client)
-        except AgentError as err:
+        except MigctlError as err:
+            if not err.node:  # not an agent's answer
+                raise
             return err
 
     with ThreadPoolExecutor(max_workers=max(1, min(len(nodes), 16))) as pool:
         results = list(pool.map(one, nodes))
     answers = {n.name: r for n, r in zip(nodes, results, strict=True)
-               if not isinstance(r, AgentError)}
-    return answers, [r for r in results if isinstance(r, AgentError)]
+               if not isinstance(r, MigctlError)}
+    return answers, [r for r in results if isinstance(r, MigctlError)]
 
 
 def locate(inventory: Inventory, container: str) -> str:
@@ -339,8 +283,8 @@ def locate(inventory: Inventory, container: str) -> str:
         return where[0]
     silent = f" ({', '.join(e.node for e in errors)} did not answer)" if errors else ""
     if not where:
-        raise ClientError(f"no node of the inventory runs a container {container!r}{silent}")
-    raise ClientError(f"{container!r} runs on {' and '.join(where)}: say which with --from")
+        raise MigctlError(f"no node of the inventory runs a container {container!r}{silent}")
+    raise MigctlError(f"{container!r} runs on {' and '.join(where)}: say which with --from")
 
 
 def trial(inventory: Inventory, container: str, source: str) -> pb.TrialReply:
@@ -358,7 +302,7 @@ def plan(inventory: Inventory, container: str, source: str,
     engine's configuration: a plan needs sizes, not secrets."""
     src, dest = inventory.node(source), inventory.node(destination)
     if src == dest:
-        raise ClientError(f"--from and --to are both {src.name}: nothing to plan")
+        raise MigctlError(f"--from and --to are both {src.name}: nothing to plan")
     tls = inventory.tls()
     with AgentClient(src, tls) as source_client:
         spec = source_client.describe(container)
@@ -378,7 +322,7 @@ def migrate(inventory: Inventory, container: str, source: str, destination: str,
     this process dies or ON_EVENT raises."""
     src, dest = inventory.node(source), inventory.node(destination)
     if src == dest:
-        raise ClientError(f"--from and --to are both {src.name}: nothing to migrate")
+        raise MigctlError(f"--from and --to are both {src.name}: nothing to migrate")
     tls = inventory.tls()
     report = None
     with AgentClient(dest, tls) as client:
@@ -394,5 +338,5 @@ def migrate(inventory: Inventory, container: str, source: str, destination: str,
             if event.HasField("done"):
                 report = event.done
     if report is None:
-        raise ClientError(f"{dest.name} ended the migration without a report")
+        raise MigctlError(f"{dest.name} ended the migration without a report")
     return report

@@ -13,13 +13,10 @@ from typing import TYPE_CHECKING, TextIO
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from migctl.agent.errors import MigctlError
 from migctl.agent.version import VersionAction
 from migctl.client import completion
 from migctl.client.api import (
     AgentClient,
-    AgentError,
-    ClientError,
     Inventory,
     default_tls_dir,
     each_node,
@@ -28,6 +25,7 @@ from migctl.client.api import (
     plan,
     trial,
 )
+from migctl.common.errors import MigctlError
 from migctl.proto import migctl_pb2 as pb
 
 if TYPE_CHECKING:  # rich is imported by a live progress only (~40 ms of start-up)
@@ -197,7 +195,9 @@ def cmd_nodes(args: argparse.Namespace) -> int:
             state = (f"up, migctl {info.version or '-'} (protocol {info.protocol_version}), "
                      f"engine {info.engine_version}, CRIU {info.criu_version or '-'}, "
                      f"{info.checkpoint_method or 'engine'} checkpoints")
-        except AgentError as err:
+        except MigctlError as err:
+            if not err.node:  # not the agent's answer: this machine's own trouble
+                raise
             state = f"DOWN: {err.message}"
         print(f"{node.name:<8} {node.address:<22} {state}")
     return 0
@@ -216,7 +216,7 @@ def _dict(message: object) -> dict:
                          always_print_fields_with_no_presence=True)
 
 
-def _unanswered(errors: list[AgentError]) -> int:
+def _unanswered(errors: list[MigctlError]) -> int:
     """Each node that did not answer, on stderr: 1 if any, for the exit status."""
     for err in errors:
         print(f"migctl: error: {err}", file=sys.stderr)
@@ -300,7 +300,7 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
     try:
         certs.init(directory, args.nodes, args.client or ["client"], days=args.days)
     except MigctlError as err:
-        raise ClientError(str(err)) from None
+        raise MigctlError(str(err)) from None
     print(f"certificates in {directory}: ca.crt, " +
           ", ".join(f"{n}.crt" for n in [*args.nodes, *(args.client or ["client"])]) +
           f"; give each agent only its own folder {directory}/nodes/NODE as --tls-dir; "
@@ -315,7 +315,7 @@ def cmd_certs_request(args: argparse.Namespace) -> int:
     try:
         csr = certs.request(directory, args.node)
     except MigctlError as err:
-        raise ClientError(str(err)) from None
+        raise MigctlError(str(err)) from None
     print(f"{args.node}'s key is in {directory}/{args.node}.key (it stays on this node); send "
           f"the request {csr} to the operator, who runs `migctl certs sign {csr.name}`, and "
           f"put the {args.node}.crt and ca.crt it returns in {directory}")
@@ -333,9 +333,9 @@ def cmd_certs_sign(args: argparse.Namespace) -> int:
         (out / f"{node}.crt").write_bytes(pem)
         (out / "ca.crt").write_bytes((directory / "ca.crt").read_bytes())
     except OSError as err:
-        raise ClientError(f"cannot sign {args.request}: {err}") from None
+        raise MigctlError(f"cannot sign {args.request}: {err}") from None
     except MigctlError as err:
-        raise ClientError(f"{args.request}: {err}") from None
+        raise MigctlError(f"{args.request}: {err}") from None
     print(f"signed: {out / (node + '.crt')} (node {node}, {args.days} days) and {out / 'ca.crt'}"
           f"; send both to {node} (no key travels)")
     return 0
@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         sys.exit(args.func(args))
-    except ClientError as err:
+    except MigctlError as err:
         print(f"migctl: error: {err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 report = api.migrate(inventory, move.container, move.source, move.destination)
                 print(f"qos: {move.container} runs on {move.destination} "
                       f"(downtime {report.downtime_seconds:.2f} s)", flush=True)
-            except api.ClientError as err:
+            except api.MigctlError as err:
                 print(f"qos: could not move {move.container}: {err}", file=sys.stderr)
                 if args.once:
                     return 1

@@ -17,7 +17,7 @@ import re
 import subprocess
 from dataclasses import asdict, dataclass
 
-from migctl.client.api import ClientError
+from migctl.common.errors import MigctlError
 
 CHAIN = "MIGCTL-LINK"
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit|tbit)$")
@@ -38,19 +38,19 @@ class LinkSpec:
 
     def __post_init__(self) -> None:
         if self.rate and not _RATE.match(self.rate):
-            raise ClientError(f"--rate {self.rate!r}: give a rate in tc's units, e.g. 100mbit, "
+            raise MigctlError(f"--rate {self.rate!r}: give a rate in tc's units, e.g. 100mbit, "
                               "1gbit, 512kbit")
         if self.loss:
             m = _LOSS.match(self.loss)
             if not m or not 0 <= float(m.group(1)) <= 100:
-                raise ClientError(f"--loss {self.loss!r}: give a percentage from 0% to 100%")
+                raise MigctlError(f"--loss {self.loss!r}: give a percentage from 0% to 100%")
         for name, value in (("--delay", self.delay), ("--jitter", self.jitter)):
             if value and not _TIME.match(value):
-                raise ClientError(f"{name} {value!r}: give a time such as 10ms")
+                raise MigctlError(f"{name} {value!r}: give a time such as 10ms")
         if self.jitter and not self.delay:
-            raise ClientError("--jitter needs --delay")
+            raise MigctlError("--jitter needs --delay")
         if not (self.rate or self.loss or self.delay):
-            raise ClientError("set at least one of --rate, --loss, --delay")
+            raise MigctlError("set at least one of --rate, --loss, --delay")
 
     @property
     def rate_bps(self) -> int:
@@ -65,7 +65,7 @@ class LinkSpec:
 
 def pair(a: str, b: str) -> str:
     if a == b:
-        raise ClientError(f"a link joins two different nodes, not {a} and itself")
+        raise MigctlError(f"a link joins two different nodes, not {a} and itself")
     return "|".join(sorted((a, b)))
 
 
@@ -73,7 +73,7 @@ def in_ns(node: str, *cmd: str, check: bool = True) -> subprocess.CompletedProce
     res = subprocess.run(["ip", "netns", "exec", f"migctl-{node}", *cmd], capture_output=True,
                          text=True)
     if check and res.returncode != 0:
-        raise ClientError(f"{node}: `{' '.join(cmd)}` failed: {res.stderr.strip()}")
+        raise MigctlError(f"{node}: `{' '.join(cmd)}` failed: {res.stderr.strip()}")
     return res
 
 
@@ -90,9 +90,9 @@ def set_link(state: dict, a: str, b: str, spec: LinkSpec) -> None:
     nodes = state.get("nodes", {})
     for n in (a, b):
         if n not in nodes:
-            raise ClientError(f"no lab node {n!r} (lab nodes: {', '.join(nodes) or 'none'})")
+            raise MigctlError(f"no lab node {n!r} (lab nodes: {', '.join(nodes) or 'none'})")
     if spec.delay and not netem_available(a):
-        raise ClientError("this kernel has no netem (sch_netem): delay and jitter cannot be "
+        raise MigctlError("this kernel has no netem (sch_netem): delay and jitter cannot be "
                           "emulated here; rate and loss can")
     state.setdefault("links", {})[pair(a, b)] = asdict(spec)
     for n in (a, b):
@@ -205,7 +205,7 @@ def measure(state: dict, a: str, b: str, size: int, port: int = 5201) -> float:
         out = in_ns(a, sys.executable, "-c", _SOURCE, address, str(port), str(size)).stdout
         got, seconds = out.split()
         if int(got) != size:
-            raise ClientError(f"{b} received {got} of {size} bytes")
+            raise MigctlError(f"{b} received {got} of {size} bytes")
         return size * 8 / float(seconds)
     finally:
         sink.kill()

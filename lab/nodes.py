@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 
 from migctl.agent import certs
-from migctl.agent.security import TLSFiles
-from migctl.client.api import MIGCTL_HOME, AgentClient, ClientError, Node, default_inventory
+from migctl.client.api import MIGCTL_HOME, AgentClient, Node, default_inventory
+from migctl.common.errors import MigctlError
+from migctl.common.tls import TLSFiles
 
 LAB_DIR = MIGCTL_HOME / "lab"
 RUN_DIR = Path("/run/migctl")  # exec roots: socket paths must stay short
@@ -38,14 +39,14 @@ CANDIDATE_SUBNETS = ["10.213.77.0/24", "10.231.19.0/24", "172.29.213.0/24", "192
 
 def node_names(n: int) -> list[str]:
     if not 1 <= n <= 26:
-        raise ClientError(f"--nodes must be between 1 and 26, not {n}")
+        raise MigctlError(f"--nodes must be between 1 and 26, not {n}")
     return [f"node{c}" for c in string.ascii_uppercase[:n]]
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     res = subprocess.run(cmd, capture_output=True, text=True)
     if check and res.returncode != 0:
-        raise ClientError(f"`{' '.join(cmd)}` failed: {res.stderr.strip() or res.stdout.strip()}")
+        raise MigctlError(f"`{' '.join(cmd)}` failed: {res.stderr.strip() or res.stdout.strip()}")
     return res
 
 
@@ -70,7 +71,7 @@ def pick_subnet() -> ipaddress.IPv4Network:
     for cand in map(ipaddress.ip_network, CANDIDATE_SUBNETS):
         if not any(cand.overlaps(r) for r in routes):
             return cand  # type: ignore[return-value]
-    raise ClientError(f"every lab subnet candidate overlaps a host route: {CANDIDATE_SUBNETS}")
+    raise MigctlError(f"every lab subnet candidate overlaps a host route: {CANDIDATE_SUBNETS}")
 
 
 class Lab:
@@ -198,7 +199,7 @@ class Lab:
             if time.monotonic() > deadline or proc.poll() is not None:
                 self.stop_pid(proc.pid, str(config))
                 tail = (d / "dockerd.log").read_text()[-2000:]
-                raise ClientError(f"the Docker engine of {name} did not start:\n{tail}")
+                raise MigctlError(f"the Docker engine of {name} did not start:\n{tail}")
             time.sleep(0.3)
 
     @staticmethod
@@ -233,11 +234,11 @@ class Lab:
                                  TLSFiles.from_dir(self.tls_dir, "client"), timeout=2) as c:
                     c.info()
                 return
-            except ClientError:
+            except MigctlError:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     self.stop_pid(proc.pid, str(d))
                     tail = (d / "agent.log").read_text()[-2000:]
-                    raise ClientError(f"the agent of {name} did not start:\n{tail}") from None
+                    raise MigctlError(f"the agent of {name} did not start:\n{tail}") from None
                 time.sleep(0.3)
 
     @staticmethod
@@ -257,7 +258,7 @@ class Lab:
     def up(self, n: int) -> dict:
         names = node_names(n)
         if not shutil.which("dockerd") or not (CRIU_BIN / "criu").exists():
-            raise ClientError("dockerd or the probed CRIU is missing: run scripts/setup.sh")
+            raise MigctlError("dockerd or the probed CRIU is missing: run scripts/setup.sh")
         state = self.state()
         certs.init(self.tls_dir, sorted({*state.get("nodes", {}), *names}))
         subnet = self.ensure_switch(state)
@@ -362,16 +363,16 @@ def cmd_link(args: argparse.Namespace) -> int:
     lab = Lab()
     state = lab.state()
     if not state.get("nodes"):
-        raise ClientError("the lab is not up: run `migctl lab up` first")
+        raise MigctlError("the lab is not up: run `migctl lab up` first")
     if args.reset:
         if len(args.nodes) not in (0, 2):
-            raise ClientError("--reset takes two nodes, or none for every link")
+            raise MigctlError("--reset takes two nodes, or none for every link")
         cleared = labnet.reset(state, *args.nodes) if args.nodes else labnet.reset(state)
         lab.save(state)
         print("cleared: " + (", ".join(c.replace("|", " <-> ") for c in cleared) or "nothing"))
         return 0
     if len(args.nodes) != 2:
-        raise ClientError("give two nodes: migctl lab link A B --rate 100mbit")
+        raise MigctlError("give two nodes: migctl lab link A B --rate 100mbit")
     spec = labnet.LinkSpec(args.rate, args.loss, args.delay, args.jitter)
     labnet.set_link(state, args.nodes[0], args.nodes[1], spec)
     lab.save(state)
@@ -393,7 +394,7 @@ def cmd_toy(args: argparse.Namespace) -> int:
 
     nodes = Lab().state().get("nodes", {})
     if args.node not in nodes:
-        raise ClientError(f"no lab node {args.node!r} (lab nodes: {', '.join(nodes) or 'none'})")
+        raise MigctlError(f"no lab node {args.node!r} (lab nodes: {', '.join(nodes) or 'none'})")
     client = docker.DockerClient(base_url=nodes[args.node]["docker_host"], timeout=120)
     workloads.ensure_toy_image(client, MIGCTL_HOME / "cache")
     workloads.remove_everywhere({args.node: client}, ["toytsm"], ["testrw", "testro"])
@@ -421,7 +422,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_env(args: argparse.Namespace) -> int:
     nodes = Lab().state().get("nodes", {})
     if args.node not in nodes:
-        raise ClientError(f"no lab node {args.node!r} (lab nodes: {', '.join(nodes) or 'none'})")
+        raise MigctlError(f"no lab node {args.node!r} (lab nodes: {', '.join(nodes) or 'none'})")
     print(f"export DOCKER_HOST={nodes[args.node]['docker_host']}")
     print(f"# run: eval $(migctl lab env {args.node})")
     return 0

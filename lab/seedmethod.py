@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from migctl.agent.runtime.docker import DockerRuntime
-from migctl.client.api import ClientError
+from migctl.common.errors import MigctlError
 from migctl.lab.nodes import LAB_DIR, RUN_DIR
 
 RSYNC_PORT = 8730
@@ -71,7 +71,7 @@ class SeedMethod:
                                  f"rsync://{self.src_ip}:{RSYNC_PORT}/root{remote}", str(local)),
                              capture_output=True, text=True)
         if out.returncode:
-            raise ClientError(f"rsync of {remote} failed: {out.stderr.strip()}")
+            raise MigctlError(f"rsync of {remote} failed: {out.stderr.strip()}")
         m = re.search(r"Total bytes received: ([\d,]+)", out.stdout)
         self.result.bytes_received += int(m.group(1).replace(",", "")) if m else 0
 
@@ -98,7 +98,7 @@ class SeedMethod:
         while subprocess.run(_ns(self.destination, "rsync", f"rsync://{self.src_ip}:"
                                  f"{RSYNC_PORT}/"), capture_output=True).returncode:
             if time.monotonic() > deadline:
-                raise ClientError(f"the rsync daemon on {self.source} does not answer")
+                raise MigctlError(f"the rsync daemon on {self.source} does not answer")
             time.sleep(0.1)
 
     def _migrate(self, container: str) -> Result:

@@ -69,7 +69,7 @@ try:
     report = api.migrate(inventory, "toytsm", "nodeA", "nodeB",
                          on_event=lambda event: print(event))
     print(report.new_container_id, report.downtime_seconds)
-except api.Unavailable as err:    # one class per gRPC status, all ClientError
+except api.Unavailable as err:    # one class per gRPC status, all MigctlError
     print(err.node, err.message)
 ```
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from migctl.agent.errors import FailedPrecondition, NotFound, RuntimeFailure
 from migctl.agent.runtime.base import ContainerState
 from migctl.agent.runtime.criu.images import ENGINE_DEFAULT
 from migctl.agent.runtime.criu.seccomp import FLAG_TSYNC
+from migctl.common.errors import FailedPrecondition, NotFound, RuntimeFailure
 from migctl.proto import migctl_pb2 as pb
 from tests import criu_kit as kit
 

@@ -24,11 +24,12 @@ from typing import Any
 import grpc
 import xxhash
 
-from migctl.agent.dataplane.channel import OPTIONS
 from migctl.agent.delta import Signature, delta_stream
 from migctl.agent.delta.wire import Header, WireWriter
-from migctl.agent.security import TLSFiles, server_credentials
+from migctl.agent.security import server_credentials
 from migctl.agent.version import PROTOCOL_VERSION, version
+from migctl.common.channel import OPTIONS
+from migctl.common.tls import TLSFiles
 from migctl.proto import migctl_pb2 as pb
 from migctl.proto import migctl_pb2_grpc as rpc
 

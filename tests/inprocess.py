@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 
 from migctl.agent import certs
-from migctl.agent.errors import NotFound
 from migctl.agent.health import NodeHealth
-from migctl.agent.security import TLSFiles, server_credentials
+from migctl.agent.security import server_credentials
 from migctl.agent.server import agent_server
 from migctl.agent.service import AgentService
 from migctl.client import api, cli
+from migctl.common.errors import NotFound
+from migctl.common.tls import TLSFiles
 from migctl.proto import migctl_pb2 as pb
 
 

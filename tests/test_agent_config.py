@@ -15,8 +15,9 @@ from prometheus_client import CollectorRegistry
 from migctl.agent import certs
 from migctl.agent.authz import Authorization
 from migctl.agent.metrics import Metrics
-from migctl.agent.security import ServerIdentity, TLSFiles, secure_channel
+from migctl.agent.security import ServerIdentity
 from migctl.agent.server import config_defaults, main
+from migctl.common.tls import TLSFiles, secure_channel
 from migctl.proto import migctl_pb2 as pb
 from migctl.proto import migctl_pb2_grpc as rpc
 

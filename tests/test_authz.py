@@ -14,7 +14,8 @@ import pytest
 
 from migctl.agent import certs
 from migctl.agent.authz import ROLES, Authorization, allowed
-from migctl.agent.security import NODE, OPERATOR, TLSFiles, secure_channel, server_credentials
+from migctl.agent.security import NODE, OPERATOR, server_credentials
+from migctl.common.tls import TLSFiles, secure_channel
 from migctl.proto import migctl_pb2 as pb
 from migctl.proto import migctl_pb2_grpc as rpc
 

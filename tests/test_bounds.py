@@ -13,8 +13,8 @@ import pytest
 
 import migctl.agent.bounds as bounds
 from migctl.agent import certs
-from migctl.agent.dataplane.channel import open_channel
-from migctl.agent.security import TLSFiles
+from migctl.common.channel import open_channel
+from migctl.common.tls import TLSFiles
 from migctl.proto import migctl_pb2 as pb
 from migctl.proto import migctl_pb2_grpc as rpc
 from tests.inprocess import agents

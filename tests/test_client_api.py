@@ -18,8 +18,9 @@ import pytest
 
 from migctl.agent import certs
 from migctl.agent.authz import Authorization
-from migctl.agent.security import TLSFiles, server_credentials
+from migctl.agent.security import server_credentials
 from migctl.client import api, cli
+from migctl.common.tls import TLSFiles
 from migctl.proto import migctl_pb2 as pb
 from migctl.proto import migctl_pb2_grpc as rpc
 
@@ -116,9 +117,11 @@ def test_migrate_without_a_callback(cluster: Cluster) -> None:
     ("nodeB", "Migrate", grpc.StatusCode.PERMISSION_DENIED, api.PermissionDenied),
     ("nodeB", "Migrate", grpc.StatusCode.FAILED_PRECONDITION, api.FailedPrecondition),
     ("nodeB", "Migrate", grpc.StatusCode.INVALID_ARGUMENT, api.InvalidArgument),
-    ("nodeB", "Migrate", grpc.StatusCode.ABORTED, api.Aborted),
-    ("nodeB", "Migrate", grpc.StatusCode.INTERNAL, api.Internal),
-    ("nodeB", "Migrate", grpc.StatusCode.RESOURCE_EXHAUSTED, api.AgentError),
+    ("nodeB", "Migrate", grpc.StatusCode.ABORTED, api.RuntimeFailure),
+    ("nodeB", "Migrate", grpc.StatusCode.INTERNAL, api.MigctlError),
+    ("nodeB", "Migrate", grpc.StatusCode.RESOURCE_EXHAUSTED, api.MigctlError),
+    ("nodeB", "Migrate", grpc.StatusCode.DEADLINE_EXCEEDED, api.DeadlineExceeded),
+    ("nodeB", "Migrate", grpc.StatusCode.UNIMPLEMENTED, api.Unimplemented),
 ])
 def test_an_agent_status_is_a_typed_error_naming_the_node(
         cluster: Cluster, node: str, rpc_name: str, code: grpc.StatusCode, cls: type) -> None:
@@ -127,9 +130,10 @@ def test_an_agent_status_is_a_typed_error_naming_the_node(
     with pytest.raises(cls) as err:
         api.migrate(cluster.inventory, "web", "nodeA", "nodeB", on_event=seen.append)
     assert type(err.value) is cls
-    assert isinstance(err.value, api.ClientError)
+    assert isinstance(err.value, api.MigctlError)
     said = "what the agent said"
-    if code == grpc.StatusCode.UNAVAILABLE:  # the transport's words do not say who
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        # the transport's words do not say who
         said = (f"cannot reach the agent of {node} at "
                 f"{cluster.inventory.nodes[node].address}: {said}")
     assert (err.value.node, err.value.message, err.value.code) == (node, said, code)
@@ -151,7 +155,7 @@ def test_an_agent_that_does_not_answer_is_unavailable(cluster: Cluster, pki: Pat
 
 def test_a_migration_that_ends_without_a_report_is_an_error(cluster: Cluster) -> None:
     cluster.agents["nodeB"].report = False
-    with pytest.raises(api.ClientError, match="nodeB ended the migration without a report"):
+    with pytest.raises(api.MigctlError, match="nodeB ended the migration without a report"):
         api.migrate(cluster.inventory, "web", "nodeA", "nodeB")
 
 
@@ -160,8 +164,18 @@ def test_every_status_but_ok_has_a_class_that_says_it() -> None:
         if code is grpc.StatusCode.OK:
             continue
         error = api.agent_error(api.Node("nodeA", "x:1"), _Status(code, "why"))
-        assert error.code is code and isinstance(error, api.AgentError)
-        assert type(error).code in (code, grpc.StatusCode.UNKNOWN)
+        assert error.code is code and error.node == "nodeA"
+        assert type(error).code in (code, grpc.StatusCode.INTERNAL)  # the base keeps its own
+
+
+def test_the_client_raises_the_agents_own_error_classes() -> None:
+    """One hierarchy: what an agent raises is what a client catches (the same classes)."""
+    from migctl.common import errors
+
+    assert api.Unavailable is errors.Unavailable and api.NotFound is errors.NotFound
+    assert api.RuntimeFailure is errors.RuntimeFailure and api.MigctlError is errors.MigctlError
+    local = errors.FailedPrecondition("a local refusal")
+    assert (local.node, local.message) == ("", "a local refusal")
 
 
 @dataclass

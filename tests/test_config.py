@@ -109,7 +109,7 @@ def test_the_cli_takes_its_flags_first(home: Path, tmp_path: Path,
 def test_a_bad_config_file_names_the_file_and_the_key(home: Path, text: str,
                                                        words: str) -> None:
     config = _write(home / "config.toml", text)
-    with pytest.raises(api.ClientError) as err:
+    with pytest.raises(api.MigctlError) as err:
         api.default_inventory()
     assert f"config file {config}" in str(err.value)
     assert words in str(err.value)
@@ -118,5 +118,5 @@ def test_a_bad_config_file_names_the_file_and_the_key(home: Path, text: str,
 def test_migctl_config_naming_a_missing_file(home: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MIGCTL_CONFIG", str(tmp_path / "nope.toml"))
-    with pytest.raises(api.ClientError, match=r"config file .*nope\.toml does not exist"):
+    with pytest.raises(api.MigctlError, match=r"config file .*nope\.toml does not exist"):
         api.default_tls_dir()

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from migctl.agent.errors import Refused
 from migctl.agent.runtime.criu import images_pb2 as img
 from migctl.agent.runtime.criu.imagefile import (
     CGROUP_MAGIC,
@@ -27,6 +26,7 @@ from migctl.agent.runtime.criu.images import (
     seccomp_expected,
 )
 from migctl.agent.runtime.criu.seccomp import FLAG_TSYNC
+from migctl.common.errors import Refused
 from tests import criu_kit as kit
 
 

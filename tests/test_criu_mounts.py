@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from migctl.agent.errors import Refused
 from migctl.agent.runtime.criu import images_pb2 as img
 from migctl.agent.runtime.criu.images import ENGINE_DEFAULT, Confinement, check_images
 from migctl.agent.runtime.criu.mounts import check_mounts
+from migctl.common.errors import Refused
 from tests import criu_kit as kit
 
 

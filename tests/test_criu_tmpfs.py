@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from migctl.agent.errors import Refused
 from migctl.agent.runtime.criu import images_pb2 as img
 from migctl.agent.runtime.criu import tmpfs
 from migctl.agent.runtime.criu.images import ENGINE_DEFAULT, Confinement, check_images
 from migctl.agent.runtime.criu.seccomp import FLAG_TSYNC
+from migctl.common.errors import Refused
 from tests import criu_kit as kit
 
 DEV = f"tmpfs-dev-{kit.DEV_DEV}.tar.gz.img"

@@ -38,7 +38,7 @@ from migctl.agent.delta.match import DIRECT_BUDGET, SMALL_GAP_BLOCKS, MatchWork
 from migctl.agent.delta.patch import FOLLOW_STEP
 from migctl.agent.delta.weak import block_weak, rolling_weak, weak_of
 from migctl.agent.delta.wire import CHUNK_MAX, LITERAL_MAX, Header, WireWriter, _varint
-from migctl.agent.errors import DeltaError
+from migctl.common.errors import DeltaError
 
 ROOT = Path(__file__).resolve().parents[1]
 KIB = 1024

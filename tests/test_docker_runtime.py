@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from migctl.agent.errors import RuntimeFailure
 from migctl.agent.runtime import docker as docker_runtime
 from migctl.agent.runtime.base import ContainerState
 from migctl.agent.runtime.docker import DockerRuntime
+from migctl.common.errors import RuntimeFailure
 
 CID = "c" * 64
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from migctl.client import cli
-from migctl.client.api import ClientError
+from migctl.common.errors import MigctlError
 from migctl.lab.evaluation import columns, grid, runner, summary
 from migctl.lab.evaluation.grid import Grid, GridError, Run, load_grid, parse_rate
 from migctl.lab.evaluation.plots import write_plots
@@ -319,7 +319,7 @@ def test_resume_skips_finished_runs_and_runs_failed_ones_again(tmp_path: Path) -
         run_tiny(tmp_path, interrupted)
     _, rows = read_csv(tmp_path / "out" / runner.RUNS_CSV)
     assert [r["run_id"] for r in rows] == [r.run_id for r in runs[:7]]
-    with pytest.raises(ClientError, match="exists: go on with --resume"):
+    with pytest.raises(MigctlError, match="exists: go on with --resume"):
         run_tiny(tmp_path)
 
     seen: list[str] = []
@@ -354,14 +354,14 @@ def test_resume_cuts_off_a_row_torn_by_a_crash(tmp_path: Path) -> None:
 
 def test_resume_refuses_another_grids_results(tmp_path: Path) -> None:
     run_tiny(tmp_path, text=BASE.replace("repetitions = 3", "repetitions = 1"))
-    with pytest.raises(ClientError, match="holds runs of grid tiny, not other"):
+    with pytest.raises(MigctlError, match="holds runs of grid tiny, not other"):
         run_tiny(tmp_path, resume=True, text=BASE.replace('name = "tiny"', 'name = "other"'))
 
 
 def test_a_csv_with_other_columns_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "runs.csv"
     path.write_text("run_id,grid,total\n")
-    with pytest.raises(ClientError, match="missing: link, .*unknown: total"):
+    with pytest.raises(MigctlError, match="missing: link, .*unknown: total"):
         columns.read_runs(path)
 
 

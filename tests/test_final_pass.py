@@ -11,7 +11,7 @@ import pytest
 
 from migctl.agent.dataplane import final
 from migctl.agent.delta import DeltaStats, make_signature
-from migctl.agent.errors import DeltaError, Refused
+from migctl.common.errors import DeltaError, Refused
 from migctl.proto import migctl_pb2 as pb
 
 

@@ -20,10 +20,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from migctl.agent import certs
 from migctl.agent.authz import SERVICE
-from migctl.agent.errors import Unavailable
 from migctl.agent.health import NodeHealth, unfit
-from migctl.agent.security import NODE_OU, TLSFiles, secure_channel, server_credentials
+from migctl.agent.security import NODE_OU, server_credentials
 from migctl.agent.server import agent_server
+from migctl.common.errors import Unavailable
+from migctl.common.tls import TLSFiles, secure_channel
 from migctl.proto import migctl_pb2_grpc as rpc
 from tests.test_security import CLIENT, _forge
 

@@ -28,7 +28,7 @@ from migctl.agent.delta import (
 )
 from migctl.agent.delta.signature import EMPTY_HASH, HEADER, MAGIC, VERSION
 from migctl.agent.delta.wire import CHUNK_MAX, Header, WireWriter
-from migctl.agent.errors import DeltaError, Refused
+from migctl.common.errors import DeltaError, Refused
 from migctl.proto import migctl_pb2 as pb
 
 MIB = 1 << 20

@@ -25,10 +25,10 @@ import grpc
 import pytest
 
 from migctl.agent import certs
-from migctl.agent.dataplane.channel import open_channel
 from migctl.agent.dataplane.pages import netns_prefix
 from migctl.agent.delta.signature import HEADER, MAGIC, VERSION
-from migctl.agent.security import TLSFiles
+from migctl.common.channel import open_channel
+from migctl.common.tls import TLSFiles
 from migctl.lab.nodes import Lab
 from migctl.lab.workloads import ensure_toy_image, remove_everywhere, run_toy
 from migctl.proto import migctl_pb2 as pb

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from migctl.agent.errors import AlreadyExists
 from migctl.agent.migration import journal as j
 from migctl.agent.migration.state import (
     DESTINATION,
@@ -20,6 +19,7 @@ from migctl.agent.migration.state import (
     State,
     diagram,
 )
+from migctl.common.errors import AlreadyExists
 from migctl.proto import migctl_pb2 as pb
 
 STATES = list(State)  # every state, PAGING_IN included: none listed by hand

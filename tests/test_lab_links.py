@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from migctl.client.api import ClientError
+from migctl.common.errors import MigctlError
 from migctl.lab import net as labnet
 from migctl.lab.nodes import Lab
 from tests.conftest import LabHandle, migctl
@@ -75,5 +75,5 @@ def test_bad_links_get_a_clear_error(shaped, args: list[str], why: str) -> None:
 def test_a_spec_checks_its_fields() -> None:
     assert labnet.LinkSpec(rate="1.5gbit").rate_bps == 1_500_000_000
     assert labnet.LinkSpec(loss="0.1%").loss_fraction == pytest.approx(0.001)
-    with pytest.raises(ClientError, match="--jitter needs --delay"):
+    with pytest.raises(MigctlError, match="--jitter needs --delay"):
         labnet.LinkSpec(rate="1mbit", jitter="2ms")

@@ -29,9 +29,9 @@ def test_a_name_on_two_nodes_or_on_none_is_refused_by_name(pki: Path, tmp_path: 
     with agents(pki, tmp_path) as cluster:
         for node, cid in (("nodeA", "a" * 64), ("nodeB", "b" * 64)):
             cluster.runtimes[node].containers.append(running("web", cid))
-        with pytest.raises(api.ClientError, match="'web' runs on nodeA and nodeB: say which"):
+        with pytest.raises(api.MigctlError, match="'web' runs on nodeA and nodeB: say which"):
             api.locate(cluster.inventory, "web")
-        with pytest.raises(api.ClientError, match="no node of the inventory runs a container "
+        with pytest.raises(api.MigctlError, match="no node of the inventory runs a container "
                                                   "'db'"):
             api.locate(cluster.inventory, "db")
         assert cluster.cli("migrate", "--to", "nodeB", "web") == 1

@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from migctl.agent import certs, errors
+from migctl.agent import certs
 from migctl.agent.delta import DeltaStats
 from migctl.agent.metrics import REASONS, Metrics, reason_of, serve
 from migctl.agent.migration.report import Report
 from migctl.agent.migration.state import State
-from migctl.agent.security import TLSFiles
 from migctl.agent.server import main as agent_main
 from migctl.agent.service import AgentService
+from migctl.common import errors
+from migctl.common.tls import TLSFiles
 from migctl.proto import migctl_pb2 as pb
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -8,13 +8,14 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TOP = re.compile(r"^\s*(?:from|import)\s+(agent|client|proto|lab)\b", re.M)
-MODULE = re.compile(r"(?:-m[\"',\s]+|python -m )(agent|client|proto|lab)\.")
+TOP = re.compile(r"^\s*(?:from|import)\s+(agent|client|proto|lab|common)\b", re.M)
+MODULE = re.compile(r"(?:-m[\"',\s]+|python -m )(agent|client|proto|lab|common)\.")
 
 
 def sources() -> list[Path]:
     found = []
-    for folder in ("agent", "client", "proto", "tests", "bench", "examples", "scripts", "lab"):
+    for folder in ("agent", "client", "proto", "tests", "bench", "examples", "scripts", "lab",
+                   "common"):
         found += [p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".sh")
                   and p.is_file()]
     return found
@@ -27,7 +28,7 @@ def test_nothing_imports_the_folders_by_their_top_level_names() -> None:
 
 
 def test_the_namespace_links_the_repositorys_folders() -> None:
-    for name in ("agent", "client", "proto", "lab"):
+    for name in ("agent", "client", "proto", "lab", "common"):
         link = ROOT / "migctl" / name
         assert link.is_symlink() and link.resolve() == ROOT / name
 
@@ -37,7 +38,8 @@ def test_the_loaded_modules_are_the_namespaces() -> None:
 
     import migctl.client.cli  # noqa: F401 - loads the client and, through it, the agent's parts
 
-    assert not [m for m in sys.modules if m.split(".")[0] in ("agent", "client", "proto", "lab")]
+    folders = ("agent", "client", "proto", "lab", "common")
+    assert not [m for m in sys.modules if m.split(".")[0] in folders]
 
 
 def test_the_client_proper_reaches_no_tool_and_no_agent_internals() -> None:

@@ -25,13 +25,6 @@ from migctl.agent.dataplane.pages import (
     stale_netns,
     stop_lazy_leftovers,
 )
-from migctl.agent.errors import (
-    DeltaError,
-    FailedPrecondition,
-    InvalidArgument,
-    RuntimeFailure,
-    Unavailable,
-)
 from migctl.agent.migration.policy import (
     DELTA,
     PAGE_SERVER,
@@ -42,6 +35,13 @@ from migctl.agent.migration.policy import (
 )
 from migctl.agent.runtime.docker import refuse_new_connections
 from migctl.agent.runtime.host import criu_path
+from migctl.common.errors import (
+    DeltaError,
+    FailedPrecondition,
+    InvalidArgument,
+    RuntimeFailure,
+    Unavailable,
+)
 
 # connects to the port in argv[1], sends "from-criu", prints what comes back
 PEER = ("import socket, sys; s = socket.create_connection(('127.0.0.1', int(sys.argv[1]))); "

@@ -53,7 +53,7 @@ def test_every_phase_runs_and_moves_memory_volume_and_layer(cluster) -> None:
 def test_a_failed_restore_is_undone_here_and_the_source_resumes(cluster) -> None:
     a, b = cluster.runtimes["nodeA"], cluster.runtimes["nodeB"]
     b.fail_restore = "criu failed: type RESTORE errno 0"
-    with pytest.raises(api.AgentError, match="criu failed"):
+    with pytest.raises(api.RuntimeFailure, match="criu failed"):
         api.migrate(cluster.inventory, "toy", "nodeA", "nodeB")
     # the undo: the created container and the volume made for it are gone here...
     assert b.gone("toy") and not b.volume_exists("data")
@@ -72,7 +72,7 @@ def test_a_hold_that_breaks_before_the_commit_rolls_back(cluster, monkeypatch) -
     a, b = cluster.runtimes["nodeA"], cluster.runtimes["nodeB"]
     monkeypatch.setattr(flow, "HOLD_BEAT", 60.0)
     b.stall_ping = HOLD_SILENCE + 3.0  # the source's own rule, with room for a slow machine
-    with pytest.raises(api.AgentError, match=r"has ended \(rolled-back\)"):
+    with pytest.raises(api.FailedPrecondition, match=r"has ended \(rolled-back\)"):
         api.migrate(cluster.inventory, "toy", "nodeA", "nodeB")
     assert b.gone("toy") and "restore toy" not in b.calls
     assert a.by_name("toy").running and a.by_name("toy").memory == MEMORY
@@ -87,7 +87,7 @@ def test_a_migration_is_journaled_only_when_opened(pki: Path, tmp_path: Path) ->
     from migctl.agent.dataplane.staging import Staging
     from migctl.agent.migration import journal as j
     from migctl.agent.migration.policy import Links
-    from migctl.agent.security import TLSFiles
+    from migctl.common.tls import TLSFiles
 
     journal = j.Journal(tmp_path)
     m = flow.Migration("nodeB", FakeNode(tmp_path / "e"), Staging(tmp_path),  # type: ignore[arg-type]

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from migctl.agent.errors import InvalidArgument
 from migctl.agent.migration import plan
 from migctl.agent.migration.policy import Link
 from migctl.agent.runtime.docker import DockerRuntime, chain_ids
+from migctl.common.errors import InvalidArgument
 from migctl.proto import migctl_pb2 as pb
 from tests.inprocess import agents
 

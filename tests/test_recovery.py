@@ -10,11 +10,11 @@ import pytest
 
 from migctl.agent import certs
 from migctl.agent.dataplane.staging import Staging
-from migctl.agent.errors import NotFound, Unavailable
 from migctl.agent.migration import journal as j
 from migctl.agent.migration import recovery
 from migctl.agent.migration.state import DESTINATION, State
-from migctl.agent.security import TLSFiles
+from migctl.common.errors import NotFound, Unavailable
+from migctl.common.tls import TLSFiles
 
 
 class Engine:

@@ -19,7 +19,7 @@ from migctl.agent.dataplane.rootfs import (
     restore_layer,
     snapshot_layer,
 )
-from migctl.agent.errors import Refused
+from migctl.common.errors import Refused
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from migctl.agent.errors import RuntimeFailure
 from migctl.agent.runtime import direct
+from migctl.common.errors import RuntimeFailure
 
 CID = "a" * 64
 

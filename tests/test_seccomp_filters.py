@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from migctl.agent.errors import Refused
 from migctl.agent.runtime.criu.images import ENGINE_DEFAULT
 from migctl.agent.runtime.criu.seccomp import (
     AUDIT_ARCH_I386,
@@ -22,6 +21,7 @@ from migctl.agent.runtime.criu.seccomp import (
     instructions,
 )
 from migctl.agent.runtime.criu.seccomp import CLONE as GUARDED_CLONE
+from migctl.common.errors import Refused
 from tests.criu_kit import ALLOW, ERRNO, JEQ, JSET, KILL, LD_ABS, RET_A, RET_K, deny, insn
 
 MOUNT = GUARDED["mount"][1]

@@ -23,20 +23,18 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from migctl.agent import certs
-from migctl.agent.errors import FailedPrecondition, InvalidArgument, MigctlError
 from migctl.agent.security import (
     NODE,
     NODE_OU,
     OPERATOR,
     OPERATOR_OU,
     Caller,
-    TLSFiles,
     caller_of,
-    channel_credentials,
     peer_identity,
-    secure_channel,
     server_credentials,
 )
+from migctl.common.errors import FailedPrecondition, InvalidArgument, MigctlError
+from migctl.common.tls import TLSFiles, channel_credentials, secure_channel
 
 METHOD = "/migctl.test.Echo/Identity"
 WHOAMI = "/migctl.test.Echo/Caller"

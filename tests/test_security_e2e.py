@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from migctl.agent import certs
-from migctl.agent.dataplane.channel import OPTIONS, open_channel
-from migctl.agent.security import TLSFiles
+from migctl.common.channel import OPTIONS, open_channel
+from migctl.common.tls import TLSFiles
 from migctl.lab.nodes import Lab
 from migctl.proto import migctl_pb2 as pb
 from migctl.proto import migctl_pb2_grpc as rpc

@@ -14,11 +14,11 @@ import pytest
 
 from migctl.agent.catalog.store import Store
 from migctl.agent.dataplane.staging import Staging
-from migctl.agent.errors import FailedPrecondition
 from migctl.agent.migration import journal as j
 from migctl.agent.migration.source import FINAL_CHECKPOINT, PRE_CHECKPOINT, SourceSide
 from migctl.agent.migration.state import PEER, SOURCE, State
 from migctl.agent.runtime.base import ContainerState
+from migctl.common.errors import FailedPrecondition
 from migctl.proto import migctl_pb2 as pb
 
 CID = "c" * 64

@@ -13,7 +13,7 @@ import pytest
 
 from migctl.agent.dataplane import archive, tree
 from migctl.agent.dataplane.rootfs import apply_layer_changes, restore_layer, snapshot_layer
-from migctl.agent.errors import Refused
+from migctl.common.errors import Refused
 
 
 def listing(root: Path) -> dict[str, tuple]:

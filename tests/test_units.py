@@ -15,10 +15,10 @@ import pytest
 from migctl.agent.dataplane import archive
 from migctl.agent.dataplane.files import digest, write_stream
 from migctl.agent.dataplane.staging import Staging
-from migctl.agent.errors import InvalidArgument, NotFound, Refused
 from migctl.agent.runtime.docker import chain_ids
-from migctl.client.api import ClientError, Inventory
+from migctl.client.api import Inventory
 from migctl.client.cli import report_dict
+from migctl.common.errors import InvalidArgument, MigctlError, NotFound, Refused
 from migctl.proto import migctl_pb2 as pb
 
 
@@ -108,15 +108,15 @@ def test_chain_ids_follow_the_engine() -> None:
 
 
 def test_inventory_errors_name_what_is_wrong(tmp_path: Path) -> None:
-    with pytest.raises(ClientError, match="no inventory at"):
+    with pytest.raises(MigctlError, match="no inventory at"):
         Inventory.load(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text("{nope")
-    with pytest.raises(ClientError, match="not valid JSON"):
+    with pytest.raises(MigctlError, match="not valid JSON"):
         Inventory.load(tmp_path / "bad.json")
     (tmp_path / "inv.json").write_text(json.dumps({"nodes": {"nodeA": {"address": "h:1"}}}))
     inv = Inventory.load(tmp_path / "inv.json")
     assert inv.node("nodeA").address == "h:1"
-    with pytest.raises(ClientError, match="unknown node 'nodeQ'.*knows: nodeA"):
+    with pytest.raises(MigctlError, match="unknown node 'nodeQ'.*knows: nodeA"):
         inv.node("nodeQ")
 
 

@@ -31,7 +31,7 @@ from migctl.agent.dataplane.tree import (
     copied_xattr,
     pack,
 )
-from migctl.agent.errors import Refused
+from migctl.common.errors import Refused
 
 _MTIME = re.compile(r"-?[0-9]{1,20}")  # nanoseconds, before 1970 too
 MAX_SPARSE_SIZE = 1 << 44  # ext4's largest file: a sparse entry announcing more is refused

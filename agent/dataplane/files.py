@@ -8,7 +8,7 @@ from pathlib import Path
 
 import xxhash
 
-from migctl.agent.errors import DeltaError
+from migctl.common.errors import DeltaError
 
 CHUNK = 1 << 20  # 1 MiB messages: large enough for throughput, far below the message limit
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from migctl.agent.dataplane.files import digest, write_stream
 from migctl.agent.dataplane.transfer import counted, ignore_bytes
 from migctl.agent.delta import DeltaStats, Signature, delta_stream, patch_stream
-from migctl.agent.errors import DeltaError, Refused
+from migctl.common.errors import DeltaError, Refused
 from migctl.proto import migctl_pb2 as pb
 
 CHUNK = 1 << 20

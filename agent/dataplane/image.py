@@ -15,7 +15,7 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from migctl.agent.errors import DeltaError, NotFound
+from migctl.common.errors import DeltaError, NotFound
 
 CHUNK = 1 << 20
 

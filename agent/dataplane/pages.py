@@ -34,8 +34,8 @@ from pathlib import Path
 
 import psutil
 
-from migctl.agent.errors import DeltaError, RuntimeFailure, Unavailable
 from migctl.agent.runtime.netns import inside
+from migctl.common.errors import DeltaError, RuntimeFailure, Unavailable
 
 log = logging.getLogger(__name__)
 

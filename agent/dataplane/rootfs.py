@@ -27,7 +27,7 @@ from migctl.agent.dataplane.tree import (
     copied_xattr,
     pack,
 )
-from migctl.agent.errors import Refused
+from migctl.common.errors import Refused
 
 
 def snapshot_layer(upper: Path, archive: Path, since: Manifest | None = None) -> Manifest:

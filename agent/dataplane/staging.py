@@ -13,7 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
-from migctl.agent.errors import InvalidArgument, NotFound
+from migctl.common.errors import InvalidArgument, NotFound
 
 _MIGRATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from migctl.agent.dataplane.files import digest, write_stream
 from migctl.agent.delta import DELTA_FORMAT, DeltaStats, Signature, patch_stream
-from migctl.agent.errors import DeltaError
+from migctl.common.errors import DeltaError
 from migctl.proto import migctl_pb2 as pb
 from migctl.proto import migctl_pb2_grpc as rpc
 

@@ -22,8 +22,8 @@ from collections.abc import Iterable, Iterator
 
 from migctl.agent.delta import DeltaStats, Signature, delta_stream, make_signature, patch_stream
 from migctl.agent.delta.signature import DEFAULT_BLOCK_SIZE
-from migctl.agent.errors import DeltaError
 from migctl.agent.version import VersionAction
+from migctl.common.errors import DeltaError
 
 _READ = 1 << 20
 STDIO = "-"

@@ -23,7 +23,7 @@ from migctl.agent.delta.checksum import HashThread, hash_mapped
 from migctl.agent.delta.signature import EMPTY_HASH
 from migctl.agent.delta.stats import DeltaStats
 from migctl.agent.delta.wire import Copy, End, Header, Literal, WireReader
-from migctl.agent.errors import DeltaError
+from migctl.common.errors import DeltaError
 
 FOLLOW_STEP = 4 << 20
 """The result is written, and handed to the hashing thread, in pieces of about this much."""

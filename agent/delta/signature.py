@@ -28,7 +28,7 @@ from migctl.agent.delta.checksum import (
     strong_digest,
     strong_hashes,
 )
-from migctl.agent.errors import DeltaError
+from migctl.common.errors import DeltaError
 
 TYPE_CHECKING = False  # typing costs a delta process ~10 ms to import
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ import struct
 from collections import namedtuple
 from collections.abc import Iterable, Iterator
 
-from migctl.agent.errors import DeltaError
+from migctl.common.errors import DeltaError
 
 MAGIC = b"MGDL"
 VERSION = 2

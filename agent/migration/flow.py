@@ -20,14 +20,9 @@ from google.protobuf.json_format import MessageToDict
 from migctl.agent.catalog.registry import Registry, checkpoint_keys
 from migctl.agent.catalog.store import Store
 from migctl.agent.dataplane import archive
-from migctl.agent.dataplane.channel import open_channel
 from migctl.agent.dataplane.files import digest
 from migctl.agent.dataplane.pages import PageServer
 from migctl.agent.dataplane.staging import Staging
-from migctl.agent.errors import (
-    FailedPrecondition,
-    MigctlError,
-)
 from migctl.agent.metrics import Metrics
 from migctl.agent.migration import journal as j
 from migctl.agent.migration.phases import final_sync, freeze, page_in, pre_copy, request, restore
@@ -42,7 +37,12 @@ from migctl.agent.migration.state import DESTINATION, State
 from migctl.agent.peer import Connect, Peer
 from migctl.agent.runtime.base import Runtime
 from migctl.agent.runtime.criu.images import Confinement, check_images
-from migctl.agent.security import TLSFiles
+from migctl.common.channel import open_channel
+from migctl.common.errors import (
+    FailedPrecondition,
+    MigctlError,
+)
+from migctl.common.tls import TLSFiles
 from migctl.proto import migctl_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from migctl.agent.errors import AlreadyExists, FailedPrecondition
 from migctl.agent.migration.state import DESTINATION, ENDED, PEER, SELF, SOURCE, State, legal
+from migctl.common.errors import AlreadyExists, FailedPrecondition
 
 
 class IllegalTransition(FailedPrecondition):

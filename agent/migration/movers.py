@@ -21,11 +21,11 @@ from migctl.agent.delta import (
     Signature,
     signature_block_cap,
 )
-from migctl.agent.errors import (
+from migctl.agent.runtime.spec import checkpoint_path
+from migctl.common.errors import (
     FailedPrecondition,
     Refused,
 )
-from migctl.agent.runtime.spec import checkpoint_path
 from migctl.proto import migctl_pb2 as pb
 
 if TYPE_CHECKING:

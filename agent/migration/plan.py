@@ -10,9 +10,9 @@ pre-copy's transfers, one after the other.
 
 from __future__ import annotations
 
-from migctl.agent.errors import InvalidArgument, Refused
 from migctl.agent.migration.policy import Link
 from migctl.agent.runtime.spec import check_description
+from migctl.common.errors import InvalidArgument, Refused
 from migctl.proto import migctl_pb2 as pb
 
 MAX_PIECES = 256   # layers, or volumes, of one description

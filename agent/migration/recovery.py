@@ -14,16 +14,16 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from migctl.agent.dataplane.channel import open_channel
 from migctl.agent.dataplane.pages import stop_lazy_pages
 from migctl.agent.dataplane.staging import Staging
-from migctl.agent.errors import MigctlError, NotFound, Unavailable
 from migctl.agent.migration import journal as j
 from migctl.agent.migration.source import FINAL_CHECKPOINT
 from migctl.agent.migration.state import DESTINATION, State
 from migctl.agent.peer import Peer
 from migctl.agent.runtime.base import Runtime
-from migctl.agent.security import TLSFiles
+from migctl.common.channel import open_channel
+from migctl.common.errors import MigctlError, NotFound, Unavailable
+from migctl.common.tls import TLSFiles
 from migctl.proto import migctl_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -40,7 +40,12 @@ from migctl.agent.dataplane.rootfs import snapshot_layer
 from migctl.agent.dataplane.staging import Staging
 from migctl.agent.dataplane.tree import Manifest
 from migctl.agent.delta import DEFAULT_BLOCK_SIZE, Signature, signature_block_cap
-from migctl.agent.errors import (
+from migctl.agent.metrics import Metrics
+from migctl.agent.migration import journal as j
+from migctl.agent.migration.state import PEER, SELF, SOURCE, State
+from migctl.agent.runtime.base import Runtime, restarts
+from migctl.agent.runtime.spec import checkpoint_path, unsupported
+from migctl.common.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -49,11 +54,6 @@ from migctl.agent.errors import (
     PermissionDenied,
     RuntimeFailure,
 )
-from migctl.agent.metrics import Metrics
-from migctl.agent.migration import journal as j
-from migctl.agent.migration.state import PEER, SELF, SOURCE, State
-from migctl.agent.runtime.base import Runtime, restarts
-from migctl.agent.runtime.spec import checkpoint_path, unsupported
 from migctl.proto import migctl_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -19,10 +19,10 @@ from migctl.agent.catalog.registry import Holding, Registry
 from migctl.agent.catalog.store import Store
 from migctl.agent.dataplane.files import digest, write_stream
 from migctl.agent.dataplane.image import verify_sha256
-from migctl.agent.errors import MigctlError
 from migctl.agent.migration.policy import LOCAL, Choice, Link, Links, rank
 from migctl.agent.migration.report import Report
 from migctl.agent.peer import Connect, Peer
+from migctl.common.errors import MigctlError
 from migctl.proto import migctl_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from migctl.agent.errors import MigctlError
+from migctl.common.errors import MigctlError
 from migctl.proto import migctl_pb2 as pb
 
 

@@ -24,10 +24,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from migctl.agent.errors import RuntimeFailure
 from migctl.agent.runtime.docker import DockerRuntime
 from migctl.agent.runtime.host import criu_path
 from migctl.agent.runtime.spec import valid_container_id
+from migctl.common.errors import RuntimeFailure
 from migctl.proto import migctl_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -24,17 +24,17 @@ import docker
 import docker.errors
 import psutil
 
-from migctl.agent.errors import (
+from migctl.agent.runtime import dumpable, netns
+from migctl.agent.runtime.base import ContainerState
+from migctl.agent.runtime.host import criu_path
+from migctl.agent.runtime.spec import create_request, port_protocol, unsupported
+from migctl.common.errors import (
     FailedPrecondition,
     MigctlError,
     NotFound,
     RuntimeFailure,
     Unavailable,
 )
-from migctl.agent.runtime import dumpable, netns
-from migctl.agent.runtime.base import ContainerState
-from migctl.agent.runtime.host import criu_path
-from migctl.agent.runtime.spec import create_request, port_protocol, unsupported
 from migctl.proto import migctl_pb2 as pb
 
 log = logging.getLogger(__name__)

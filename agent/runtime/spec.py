@@ -14,7 +14,7 @@ import posixpath
 import re
 from typing import Any
 
-from migctl.agent.errors import InvalidArgument, Refused
+from migctl.common.errors import InvalidArgument, Refused
 from migctl.proto import migctl_pb2 as pb
 
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,254}$")  # the engine's rule for names

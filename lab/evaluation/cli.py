@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from migctl.client import completion
-from migctl.client.api import ClientError
+from migctl.common.errors import MigctlError
 from migctl.lab.evaluation.grid import Grid, load_grid
 
 if TYPE_CHECKING:  # the driver imports the Docker SDK: only `bench run` loads it
@@ -49,13 +49,13 @@ def load_driver(spec: str) -> Callable[[Grid], Driver]:
     """MODULE:NAME, imported; a clear error for a spec that names nothing."""
     module, _, name = spec.partition(":")
     if not module or not name:
-        raise ClientError(f"--driver {spec!r}: write MODULE:NAME, e.g. {DEFAULT_DRIVER}")
+        raise MigctlError(f"--driver {spec!r}: write MODULE:NAME, e.g. {DEFAULT_DRIVER}")
     try:
         return getattr(importlib.import_module(module), name)
     except ImportError as err:
-        raise ClientError(f"--driver {spec!r}: cannot import {module}: {err}") from None
+        raise MigctlError(f"--driver {spec!r}: cannot import {module}: {err}") from None
     except AttributeError:
-        raise ClientError(f"--driver {spec!r}: {module} has no {name}") from None
+        raise MigctlError(f"--driver {spec!r}: {module} has no {name}") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -72,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"`migctl bench run {args.grid} --out {out} --resume`", file=sys.stderr)
         return 130
     except NotImplementedError as err:
-        raise ClientError(f"driver {args.driver}: {err}") from None
+        raise MigctlError(f"driver {args.driver}: {err}") from None
     return _report(out)
 
 
@@ -100,7 +100,7 @@ def _report(out: Path) -> int:
     paths = list(write_summary(out))
     try:
         paths += write_plots(out)
-    except ClientError as err:  # every run failed: the summary says so, nothing to draw
+    except MigctlError as err:  # every run failed: the summary says so, nothing to draw
         print(f"migctl bench: no plots: {err}", file=sys.stderr)
     print(f"written: {', '.join(str(p) for p in paths)}", file=sys.stderr)
     return 0

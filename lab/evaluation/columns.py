@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from migctl.client.api import ClientError
+from migctl.common.errors import MigctlError
 
 NODES = ("nodeA", "nodeB", "nodeC")  # grid.MAX_NODES of them
 
@@ -70,13 +70,13 @@ def read_runs(path: Path) -> list[dict[str, str]]:
             rows = list(reader)
             header = tuple(reader.fieldnames or ())
     except FileNotFoundError:
-        raise ClientError(f"no {path}: run a grid with `migctl bench run` first") from None
+        raise MigctlError(f"no {path}: run a grid with `migctl bench run` first") from None
     except OSError as err:
-        raise ClientError(f"cannot read {path}: {err.strerror}") from None
+        raise MigctlError(f"cannot read {path}: {err.strerror}") from None
     if header != COLUMNS:
         missing = [c for c in COLUMNS if c not in header]
         extra = [c for c in header if c not in COLUMNS]
-        raise ClientError(f"{path} has other columns than this migctl writes (missing: "
+        raise MigctlError(f"{path} has other columns than this migctl writes (missing: "
                           f"{', '.join(missing) or '-'}; unknown: {', '.join(extra) or '-'}"
                           f"{'' if missing or extra else '; in another order'})")
     return rows

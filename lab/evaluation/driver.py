@@ -20,7 +20,7 @@ from typing import Protocol
 import docker
 import psutil
 
-from migctl.client.api import ClientError
+from migctl.common.errors import MigctlError
 from migctl.lab import workloads
 from migctl.lab.evaluation.columns import MEASURED
 from migctl.lab.evaluation.grid import Grid, Run
@@ -68,10 +68,10 @@ class LabDriver:
         missing = [n for n in (SOURCE, DESTINATION, NEIGHBOUR) if n not in
                    self.state.get("nodes", {})]
         if missing:
-            raise ClientError(f"the lab lacks {', '.join(missing)}: run `migctl lab up "
+            raise MigctlError(f"the lab lacks {', '.join(missing)}: run `migctl lab up "
                               "--nodes 3` first")
         if self.grid.compression != "zstd":
-            raise ClientError(f"compression {self.grid.compression!r}: migctl's agents always "
+            raise MigctlError(f"compression {self.grid.compression!r}: migctl's agents always "
                               "send literals zstd-compressed, so only 'zstd' is measured "
                               "fairly (the reference then uses rsync's zstd)")
         return self
@@ -111,7 +111,7 @@ class LabDriver:
                 time.sleep(2.0)
                 out["client_gap_s"] = round(client.gap(start, end), 3)
                 if client.forgotten():
-                    raise ClientError(f"the container forgot its state: {client.forgotten()} "
+                    raise MigctlError(f"the container forgot its state: {client.forgotten()} "
                                       "answers were not above the one before")
         finally:
             if client:
@@ -137,7 +137,7 @@ class LabDriver:
                               "--mode", run.mode, "--from", SOURCE, "--to", DESTINATION, NAME],
                              capture_output=True, text=True, timeout=1800)
         if res.returncode:
-            raise ClientError(res.stderr.strip().splitlines()[-1] if res.stderr.strip()
+            raise MigctlError(res.stderr.strip().splitlines()[-1] if res.stderr.strip()
                               else f"migctl exited with {res.returncode}")
         report = json.loads(res.stdout)
         phases = {p["phase"].lower(): p["seconds"] for p in report["phases"]}

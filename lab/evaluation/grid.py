@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from migctl.client.api import ClientError, read_toml
+from migctl.client.api import read_toml
+from migctl.common.errors import MigctlError
 
 MODES = ("traditional", "cooperative", "reference")
 KINDS = ("redis", "memory-writer", "volume-writer", "toy")
@@ -55,7 +56,7 @@ LINK_KEYS = {"name", "source_rate", "neighbour_rate", "loss"}
 WORKLOAD_KEYS = {"kind", "sizes_mb", "dirty_rate_mb_s", "name"}
 
 
-class GridError(ClientError):
+class GridError(MigctlError):
     """A grid file that cannot be run as written."""
 
 

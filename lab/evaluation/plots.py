@@ -8,7 +8,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
-from migctl.client.api import ClientError
+from migctl.common.errors import MigctlError
 from migctl.lab.evaluation.columns import read_runs
 from migctl.lab.evaluation.runner import RUNS_CSV
 from migctl.lab.evaluation.summary import CONFIDENCE, MB, Cell, summarize
@@ -25,7 +25,7 @@ def write_plots(out: Path) -> list[Path]:
     """OUT/time-WORKLOAD-SIZE.png and OUT/bytes-WORKLOAD-SIZE.png from OUT/runs.csv."""
     cells = [c for c in summarize(read_runs(out / RUNS_CSV)) if c.n]
     if not cells:
-        raise ClientError(f"{out / RUNS_CSV} holds no finished run to plot")
+        raise MigctlError(f"{out / RUNS_CSV} holds no finished run to plot")
     panels: dict[tuple[str, str], list[Cell]] = {}
     for cell in cells:
         panels.setdefault((cell.key["workload"], cell.key["size_mb"]), []).append(cell)

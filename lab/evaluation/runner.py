@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from migctl.client.api import ClientError
+from migctl.common.errors import MigctlError
 from migctl.lab.evaluation.columns import COLUMNS, MEASURED, STATUS_FAILED, STATUS_OK, read_runs
 from migctl.lab.evaluation.grid import Grid, Run
 
@@ -25,7 +25,7 @@ Value = float | int | str | None
 RunOne = Callable[[Run], Mapping[str, Value]]
 
 
-class GridAborted(ClientError):
+class GridAborted(MigctlError):
     """The grid stopped before its end; the finished runs are in the CSV."""
 
 
@@ -73,12 +73,12 @@ def _done_ids(path: Path, grid: Grid, runs: list[Run], resume: bool,
     if not path.exists():
         return set()
     if not resume:
-        raise ClientError(f"{path} exists: go on with --resume, or choose another --out")
+        raise MigctlError(f"{path} exists: go on with --resume, or choose another --out")
     _drop_torn_row(path)
     rows = read_runs(path)
     others = {r["grid"] for r in rows} - {grid.name}
     if others:
-        raise ClientError(f"{path} holds runs of grid {', '.join(sorted(others))}, not "
+        raise MigctlError(f"{path} holds runs of grid {', '.join(sorted(others))}, not "
                           f"{grid.name}: choose another --out")
     ids = {r.run_id for r in runs}
     stale = sum(r["run_id"] not in ids for r in rows)

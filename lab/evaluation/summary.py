@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from migctl.client.api import ClientError
+from migctl.common.errors import MigctlError
 from migctl.lab.evaluation.columns import PARAMS, STATUS_FAILED, STATUS_OK, read_runs
 from migctl.lab.evaluation.grid import MODES
 from migctl.lab.evaluation.runner import RUNS_CSV
@@ -90,7 +90,7 @@ def write_summary(out: Path) -> tuple[Path, Path]:
     """OUT/summary.csv (every figure) and OUT/summary.md (the table to read) from runs.csv."""
     cells = summarize(read_runs(out / RUNS_CSV))
     if not cells:
-        raise ClientError(f"{out / RUNS_CSV} holds no runs yet")
+        raise MigctlError(f"{out / RUNS_CSV} holds no runs yet")
     csv_path, md_path = out / SUMMARY_CSV, out / SUMMARY_MD
     fields = [*CELL_KEYS, "n", "n_failed"]
     for m in METRICS:
@@ -141,10 +141,10 @@ def _number(row: dict[str, str], column: str) -> float:
     try:
         value = float(row[column])
     except ValueError:
-        raise ClientError(f"run {row['run_id']}: {column} = {row[column]!r} is not a "
+        raise MigctlError(f"run {row['run_id']}: {column} = {row[column]!r} is not a "
                           "number") from None
     if not math.isfinite(value):
-        raise ClientError(f"run {row['run_id']}: {column} = {row[column]!r} is not finite")
+        raise MigctlError(f"run {row['run_id']}: {column} = {row[column]!r} is not finite")
     return value
 
 

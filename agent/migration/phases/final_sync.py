@@ -15,9 +15,6 @@ from migctl.agent.delta import (
     DELTA_FORMAT,
     DeltaStats,
 )
-from migctl.agent.errors import (
-    Refused,
-)
 from migctl.agent.migration import movers
 from migctl.agent.migration.movers import Basis
 from migctl.agent.migration.source import (
@@ -27,6 +24,9 @@ from migctl.agent.migration.source import (
 )
 from migctl.agent.migration.state import State
 from migctl.agent.runtime.spec import checkpoint_path
+from migctl.common.errors import (
+    Refused,
+)
 from migctl.proto import migctl_pb2 as pb
 
 if TYPE_CHECKING:

@@ -22,9 +22,6 @@ from migctl.agent.dataplane.image import assemble
 from migctl.agent.delta import (
     make_signature,
 )
-from migctl.agent.errors import (
-    DeltaError,
-)
 from migctl.agent.migration import movers
 from migctl.agent.migration.movers import Basis
 from migctl.agent.migration.phases import request
@@ -40,6 +37,9 @@ from migctl.agent.migration.source import (
 from migctl.agent.migration.sourcing import Sourcing
 from migctl.agent.migration.state import State
 from migctl.agent.runtime.base import restarts
+from migctl.common.errors import (
+    DeltaError,
+)
 from migctl.proto import migctl_pb2 as pb
 
 if TYPE_CHECKING:

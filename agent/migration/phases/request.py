@@ -8,12 +8,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from migctl.agent.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    MigctlError,
-    Refused,
-)
 from migctl.agent.migration.phases import freeze
 from migctl.agent.migration.policy import memory_transfer
 from migctl.agent.migration.state import DESTINATION, SOURCE
@@ -21,6 +15,12 @@ from migctl.agent.runtime.base import ContainerState
 from migctl.agent.runtime.host import criu_path, host_listeners
 from migctl.agent.runtime.spec import check_description, port_protocol, unsupported
 from migctl.agent.version import PROTOCOL_VERSION, version
+from migctl.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    MigctlError,
+    Refused,
+)
 from migctl.proto import migctl_pb2 as pb
 
 if TYPE_CHECKING:

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 import psutil
 
 from migctl.agent.dataplane.pages import PageServer
-from migctl.agent.errors import Unavailable
 from migctl.agent.migration.source import (
     FINAL_CHECKPOINT,
 )
 from migctl.agent.migration.state import State
+from migctl.common.errors import Unavailable
 from migctl.proto import migctl_pb2 as pb
 
 if TYPE_CHECKING:

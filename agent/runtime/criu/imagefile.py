@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from google.protobuf.message import Message
 
-from migctl.agent.errors import Refused
+from migctl.common.errors import Refused
 
 IMG_COMMON_MAGIC = 0x54564319
 CORE_MAGIC = 0x55053847

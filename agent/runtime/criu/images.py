@@ -16,7 +16,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from migctl.agent.errors import Refused
 from migctl.agent.runtime.criu import images_pb2 as img
 from migctl.agent.runtime.criu.imagefile import (
     CGROUP_MAGIC,
@@ -32,6 +31,7 @@ from migctl.agent.runtime.criu.imagefile import (
 from migctl.agent.runtime.criu.mounts import ENGINE_MASKED, ENGINE_READONLY, check_mounts
 from migctl.agent.runtime.criu.seccomp import FLAG_TSYNC, check_chain
 from migctl.agent.runtime.criu.tmpfs import DEFAULT_DEVICES, device_nodes, rewrite_archives
+from migctl.common.errors import Refused
 
 MAX_TASKS = 1 << 16
 

@@ -27,9 +27,9 @@ import posixpath
 from collections.abc import Iterator
 from pathlib import Path
 
-from migctl.agent.errors import Refused
 from migctl.agent.runtime.criu import images_pb2 as img
 from migctl.agent.runtime.criu.imagefile import MNTS_MAGIC, entries, parse
+from migctl.common.errors import Refused
 
 PROC, SYSFS, DEVTMPFS, TMPFS, DEVPTS, CGROUP, MQUEUE, CGROUP2 = 1, 2, 3, 5, 6, 12, 14, 23
 SAFE_TYPES = {PROC: "proc", SYSFS: "sysfs", TMPFS: "tmpfs", DEVPTS: "devpts",

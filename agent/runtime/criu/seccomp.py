@@ -25,7 +25,7 @@ import platform
 import struct
 from collections.abc import Iterable
 
-from migctl.agent.errors import Refused
+from migctl.common.errors import Refused
 
 # syscall: (capabilities any of which lets the engine's profile allow it, its number on
 #           x86_64, x32 (without the x32 bit), i386, aarch64 (asm-generic)); None: not there

@@ -27,8 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from migctl.agent.errors import Refused
 from migctl.agent.runtime.criu.mounts import TMPFS, namespaces
+from migctl.common.errors import Refused
 
 MAX_TMPFS_BYTES = 1 << 30
 """The most one checkpoint's tmpfs archives may unpack to (files, plus a mount's own size

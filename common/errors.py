@@ -1,4 +1,5 @@
-"""One error hierarchy for the agent; each maps to a gRPC status so clients see the same words.
+"""One error hierarchy for the agent and the client: each error is a gRPC status, so that what
+an agent raises is what a client catches, with the agent's words and the node that answered.
 
 grpc is imported only when a status code is read, so tools that merely raise these errors (the
 ``migctl-delta`` command) start without it.
@@ -24,9 +25,15 @@ class _Code:
 
 
 class MigctlError(Exception):
-    """Base class: the message is written for an operator and says what to do."""
+    """Base class: the message is written for an operator and says what to do. NODE: the node
+    whose agent answered with it ("" when raised where it is caught); MESSAGE: its own words."""
 
     code = _Code("INTERNAL")
+    node = ""
+
+    @property
+    def message(self) -> str:
+        return str(self).removeprefix(f"{self.node}: ") if self.node else str(self)
 
 
 class NotFound(MigctlError):
@@ -45,6 +52,16 @@ class Unavailable(MigctlError):
     """A peer agent or engine could not be reached."""
 
     code = _Code("UNAVAILABLE")
+
+
+class DeadlineExceeded(Unavailable):
+    code = _Code("DEADLINE_EXCEEDED")
+
+
+class Unimplemented(MigctlError):
+    """The agent is older than its caller."""
+
+    code = _Code("UNIMPLEMENTED")
 
 
 class FailedPrecondition(MigctlError):
@@ -72,3 +89,15 @@ class PermissionDenied(MigctlError):
     """The caller's certificate is valid, but its role or its part in the migration is not."""
 
     code = _Code("PERMISSION_DENIED")
+
+
+def from_status(code: grpc.StatusCode, message: str, node: str) -> MigctlError:
+    """The error an agent's status stands for, as NODE answered it."""
+    kinds = [MigctlError, NotFound, InvalidArgument, AlreadyExists, Unavailable,
+             DeadlineExceeded, Unimplemented, FailedPrecondition, RuntimeFailure,
+             PermissionDenied]
+    kind = next((k for k in reversed(kinds) if k.code == code), MigctlError)
+    err = kind(f"{node}: {message}")
+    err.node = node
+    err.code = code  # type: ignore[misc]  # an unmapped status keeps its own code
+    return err

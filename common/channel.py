@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from migctl.agent.security import TARGET_NAME, TLSFiles, secure_channel
+from migctl.common.tls import TARGET_NAME, TLSFiles, secure_channel
 
 MAX_MESSAGE = 16 << 20  # signature and delta messages stay near 1 MiB; this leaves headroom
 
