@@ -61,7 +61,7 @@ docker version --format '{{.Server.Version}}' >/dev/null 2>&1 ||
     die "no Docker engine answers at ${DOCKER_HOST:-the default socket} (see lab/compose/hostd.sh)"
 [[ -e $CRIU_WRAPPER ]] || die "$CRIU_WRAPPER is missing: run scripts/setup.sh first (it picks a CRIU that works here)"
 
-CODE=(pyproject.toml requirements-agent.lock LICENSE migctl agent client proto)
+CODE=(pyproject.toml requirements-agent.lock LICENSE migctl agent client common proto)
 HOST_PY=$REPO_ROOT/.venv/bin/python
 [[ -x $HOST_PY ]] || HOST_PY=$(command -v python3)
 inputs_digest() { # what the image is made of, as one sha256 (the code without caches)
