@@ -62,7 +62,8 @@ import docker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from migctl.agent.runtime.direct import DirectRuntime, token  # noqa: E402
+from migctl.agent.runtime.direct import WrapperPath, token  # noqa: E402
+from migctl.agent.runtime.docker import DockerRuntime  # noqa: E402
 from migctl.lab import net as labnet  # noqa: E402
 from migctl.lab.nodes import LAB_DIR, RUN_DIR, Lab  # noqa: E402
 from migctl.lab.seedmethod import SeedMethod  # noqa: E402
@@ -107,19 +108,20 @@ def start(kind: str, size_mb: int, client: docker.DockerClient, host: str) -> st
     return "bench-volume"
 
 
-def runtime(state: dict, node: str) -> DirectRuntime:
-    return DirectRuntime(state["nodes"][node]["docker_host"], engine_tmp=LAB_DIR / node / "tmp",
-                         containerd=RUN_DIR / node / "containerd" / "containerd.sock")
+def runtime(state: dict, node: str) -> DockerRuntime:
+    return DockerRuntime(state["nodes"][node]["docker_host"], engine_tmp=LAB_DIR / node / "tmp",
+                         containerd=RUN_DIR / node / "containerd" / "containerd.sock",
+                         direct=WrapperPath())
 
 
-def running_at(rt: DirectRuntime, cid: str) -> float:
+def running_at(rt: DockerRuntime, cid: str) -> float:
     """When CID was first seen running (as the agents mark the end of a downtime)."""
     seen: list[float] = []
     rt.wait_running(cid, on_running=lambda: seen.append(time.monotonic()))
     return seen[0]
 
 
-def floor_cycle(rt: DirectRuntime, name: str) -> dict:
+def floor_cycle(rt: DockerRuntime, name: str) -> dict:
     """Checkpoint (the container stops) and restore where it runs, the images in a local
     folder: the CRIU floor (agent/runtime/direct.py)."""
     cid = rt.inspect(name)["Id"]
@@ -132,7 +134,7 @@ def floor_cycle(rt: DirectRuntime, name: str) -> dict:
     return {"downtime": t2 - t0, "checkpoint": t1 - t0, "restore": t2 - t1}
 
 
-def engine_cycle(rt: DirectRuntime, name: str) -> dict:
+def engine_cycle(rt: DockerRuntime, name: str) -> dict:
     """The engine's own checkpoint + restore, images through containerd."""
     api = rt.api
     cid = rt.inspect(name)["Id"]

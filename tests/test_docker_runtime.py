@@ -13,7 +13,7 @@ import pytest
 from migctl.agent.runtime import docker as docker_runtime
 from migctl.agent.runtime.base import ContainerState
 from migctl.agent.runtime.docker import DockerRuntime
-from migctl.common.errors import RuntimeFailure
+from migctl.common.errors import FailedPrecondition, RuntimeFailure
 
 CID = "c" * 64
 
@@ -22,7 +22,8 @@ class _Engine(DockerRuntime):
     """Only inspect, as a restored container answers it."""
 
     def __init__(self, info: dict | None = None) -> None:  # noqa: D107 - no engine behind it
-        self.info = info or {"Id": CID}
+        self.info = info or {"Id": CID, "HostConfig": {}}
+        self.direct = None  # the engine's own checkpoint path
         self.engine_tmp = Path("/nonexistent")
         self._collected: dict[str, float] = {}
         self._collected_lock = threading.Lock()
@@ -109,7 +110,8 @@ def test_a_final_checkpoint_collects_unless_the_last_one_collected_after_itself(
 
 def test_a_lazy_checkpoint_never_runs_the_collector_while_frozen(tmp_path) -> None:
     engine = _Engine()
-    engine.checkpoint(CID, "final", tmp_path, leave_running=True, serving=True)
+    # a lazy checkpoint (the wrapper's path) serves its pages through the engine's call
+    engine.engine_checkpoint(CID, "final", tmp_path, leave_running=True, serving=True)
     assert engine.calls == ["checkpoint leave running"]
 
 
@@ -172,3 +174,25 @@ def test_a_containers_state_is_read_from_the_engine_once_and_typed() -> None:
     assert engine.volume_users("data") == [
         ContainerState("a" * 64, "web", volumes=("data",)),
         ContainerState("b" * 64, "db", running=True)]
+
+
+def test_each_container_s_checkpoints_take_its_own_way(tmp_path, monkeypatch) -> None:
+    """The wrapper's way for a container the engine runs through migctl-runc, the engine's
+    for any other (created on plain runc before the wrapper was installed)."""
+    from migctl.agent.runtime.direct import WrapperPath
+
+    taken: list[str] = []
+    monkeypatch.setattr(WrapperPath, "checkpoint", lambda self, engine, cid, *a, **k:
+                        taken.append(f"direct {cid[:4]}") or tmp_path)
+    wrapped = _Engine({"Id": CID, "HostConfig": {"Runtime": "migctl"}})
+    wrapped.direct = WrapperPath("migctl")
+    plain = _Engine({"Id": CID, "HostConfig": {"Runtime": "runc"}})
+    plain.direct = WrapperPath("migctl")
+    assert (wrapped.method, wrapped.method_for(CID), plain.method_for(CID)) == \
+        ("direct", "direct", "engine")
+    wrapped.checkpoint(CID, "final", tmp_path, leave_running=False)
+    plain.checkpoint(CID, "final", tmp_path, leave_running=False)
+    assert taken == ["direct cccc"] and plain.calls[-1] == "checkpoint stop"
+    assert wrapped.calls == []  # the engine's checkpoint call was not made for it
+    with pytest.raises(FailedPrecondition, match="cannot send its pages to a page server"):
+        plain.checkpoint(CID, "final", tmp_path, leave_running=False, page_server="x:1")

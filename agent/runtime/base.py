@@ -1,9 +1,9 @@
 """What the migration asks of a node's container runtime, and which runtime a node gets.
 
-Two implementations: `DockerRuntime` (agent/runtime/docker.py) checkpoints and restores
-through the Engine API, and `DirectRuntime` (agent/runtime/direct.py) does the same with the
-CRIU images kept out of the engine's copies, where the engine runs migctl-runc. The migration
-flow only sees this protocol.
+One implementation, `DockerRuntime` (agent/runtime/docker.py), with two ways for checkpoints
+composed into it: through the Engine API, or `WrapperPath` (agent/runtime/direct.py), which
+keeps CRIU's images out of the engine's copies where the engine runs migctl-runc. The
+migration flow only sees this protocol.
 """
 
 from __future__ import annotations
@@ -125,8 +125,8 @@ class Runtime(Node, Containers, Checkpoints, Images, Volumes, Protocol):
 
 
 def open_runtime(docker_host: str, engine_tmp: Path, containerd: Path) -> Runtime:
-    """The direct runtime where the engine has migctl-runc registered, else the engine's."""
-    from migctl.agent.runtime.direct import DirectRuntime, wrapper_runtime
+    """The node's engine, with the direct checkpoint path where it runs migctl-runc."""
+    from migctl.agent.runtime.direct import WrapperPath, wrapper_runtime
     from migctl.agent.runtime.docker import DockerRuntime
 
     engine = DockerRuntime(docker_host, engine_tmp=engine_tmp, containerd=containerd)
@@ -135,9 +135,7 @@ def open_runtime(docker_host: str, engine_tmp: Path, containerd: Path) -> Runtim
     except MigctlError:  # an engine not up yet: the agent runs, checkpoints go the long way
         name = ""
     engine.sweep_checkpoints()
-    if not name:
-        return engine
-    direct = DirectRuntime(docker_host, engine_tmp=engine_tmp, containerd=containerd,
-                           runtime_name=name)
-    direct.sweep_requests()
-    return direct
+    if name:
+        engine.direct = WrapperPath(name)
+        engine.direct.sweep_requests(engine)
+    return engine

@@ -23,12 +23,14 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from migctl.agent.runtime.docker import DockerRuntime
 from migctl.agent.runtime.host import criu_path
 from migctl.agent.runtime.spec import valid_container_id
 from migctl.common.errors import RuntimeFailure
-from migctl.proto import migctl_pb2 as pb
+
+if TYPE_CHECKING:
+    from migctl.agent.runtime.docker import DockerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -106,22 +108,27 @@ def token() -> str:
     return uuid.uuid4().hex
 
 
-class DirectRuntime(DockerRuntime):
-    """The engine's runtime is migctl-runc: checkpoints and restores go straight to staging."""
+class WrapperPath:
+    """How checkpoints travel where the engine runs a container with migctl-runc: straight to
+    staging. Composed into the node's DockerRuntime (its `direct`), which asks it for the
+    containers it runs and takes the engine's path for the others."""
 
     method = "direct"
 
-    def __init__(self, *args: object, runtime_name: str = DIRECT_RUNTIME, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, runtime_name: str = DIRECT_RUNTIME) -> None:
         self.runtime_name = runtime_name
 
-    def sweep_requests(self) -> int:
+    def runs(self, inspected: dict) -> bool:
+        """Whether the engine runs this container through the wrapper."""
+        return inspected["HostConfig"].get("Runtime") == self.runtime_name
+
+    def sweep_requests(self, engine: DockerRuntime) -> int:
         """Remove the requests an agent killed mid-call left for this engine's containers:
         one would send a later checkpoint of the container (an operator's own) to an old
         folder, or its memory to a loopback port anyone may hold by now. Other engines'
         requests (nodes of a lab share the folder) are theirs."""
         removed = 0
-        for c in self._call("list containers", self.api.containers, all=True, quiet=True):
+        for c in engine._call("list containers", engine.api.containers, all=True, quiet=True):
             for action in ("checkpoint", "restore"):
                 request = REQUEST_DIR / f"{c['Id']}.{action}"
                 if request.exists():
@@ -132,28 +139,17 @@ class DirectRuntime(DockerRuntime):
                         REQUEST_DIR)
         return removed
 
-    def method_for(self, container: str) -> str:
-        return self._method_of(self.inspect(container))
-
-    def post_copy_problem(self) -> str:
+    @staticmethod
+    def post_copy_problem() -> str:
         return uffd_problem() or pipe_size_problem()
 
-    def _method_of(self, inspected: dict) -> str:
-        runs_with = inspected["HostConfig"].get("Runtime")
-        return self.method if runs_with == self.runtime_name else DockerRuntime.method
-
-    def checkpoint(self, container: str, name: str, directory: Path, leave_running: bool,
-                   page_server: str = "", lazy_in: Path | None = None, *,
-                   serving: bool = False, before_final: bool = False) -> Path:
+    def checkpoint(self, engine: DockerRuntime, cid: str, name: str, directory: Path,
+                   leave_running: bool, page_server: str = "", lazy_in: Path | None = None,
+                   *, before_final: bool = False) -> Path:
         """With PAGE_SERVER (HOST:PORT), CRIU sends the memory pages there, and the folder
         holds every other image. With LAZY_IN (a network namespace's file), CRIU instead keeps
         the pages and serves them from PAGE_SERVER's port in that namespace, and this returns
         only once they were all served (post-copy: the images are complete before that)."""
-        inspected = self.inspect(container)  # once: this runs in the frozen window
-        cid = inspected["Id"]
-        if self._method_of(inspected) != self.method:
-            return super().checkpoint(cid, name, directory, leave_running, page_server, lazy_in,
-                                      before_final=before_final)
         target = directory / name
         if target.exists():
             shutil.rmtree(target)
@@ -162,8 +158,9 @@ class DirectRuntime(DockerRuntime):
         shutil.rmtree(engine_dir, ignore_errors=True)
         try:
             with staged(cid, "checkpoint", target, page_server, lazy_in is not None, lazy_in):
-                super().checkpoint(cid, name, engine_dir, leave_running,
-                                   serving=lazy_in is not None, before_final=before_final)
+                engine.engine_checkpoint(cid, name, engine_dir, leave_running,
+                                         serving=lazy_in is not None,
+                                         before_final=before_final)
             if not (target / INVENTORY).exists():
                 if page_server:  # the pages went nowhere: the checkpoint is no use
                     raise RuntimeFailure(f"{WRAPPER.name} did not take the checkpoint of "
@@ -178,26 +175,19 @@ class DirectRuntime(DockerRuntime):
             shutil.rmtree(engine_dir, ignore_errors=True)
         return target
 
-    def start_from_checkpoint(self, cid: str, checkpoint_dir: Path, name: str,
-                              lazy_in: Path | None = None) -> None:
+    def start_from_checkpoint(self, engine: DockerRuntime, cid: str, checkpoint_dir: Path,
+                              name: str, lazy_in: Path | None = None) -> None:
         """LAZY_IN: a lazy-pages daemon waits in that folder (agent/dataplane/pages.py), and
         the process starts before its memory arrived."""
-        if self.method_for(cid) != self.method:
-            super().start_from_checkpoint(cid, checkpoint_dir, name, lazy_in)
-            return
         # The engine wants a checkpoint folder of its own to exist; the images stay where they
         # were staged and are read by CRIU from there.
-        target = self.root_dir() / "containers" / cid / "checkpoints" / name
+        target = engine.root_dir() / "containers" / cid / "checkpoints" / name
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
         (target / "migctl-direct").write_text(token())  # content of its own (migctl-runc)
         try:
             with staged(cid, "restore", checkpoint_dir.resolve(), lazy=lazy_in is not None,
                         place=lazy_in):
-                self.engine_start_checkpoint(cid, name)
+                engine.engine_start_checkpoint(cid, name)
         finally:
             shutil.rmtree(target, ignore_errors=True)
-
-    def create_like(self, spec: pb.ContainerSpec, allow_privileged: bool = False,
-                    runtime: str = "") -> str:
-        return super().create_like(spec, allow_privileged, runtime or self.runtime_name)

@@ -26,6 +26,7 @@ import psutil
 
 from migctl.agent.runtime import dumpable, netns
 from migctl.agent.runtime.base import ContainerState
+from migctl.agent.runtime.direct import WrapperPath
 from migctl.agent.runtime.host import criu_path
 from migctl.agent.runtime.spec import create_request, port_protocol, unsupported
 from migctl.common.errors import (
@@ -38,6 +39,7 @@ from migctl.common.errors import (
 from migctl.proto import migctl_pb2 as pb
 
 log = logging.getLogger(__name__)
+ENGINE = "engine"  # checkpoints through the Engine API (the other way: WrapperPath.method)
 OUR_CHECKPOINTS = tuple(f"{kind}-{'[0-9a-f]' * 16}" for kind in ("migctl", "resume"))
 """The names of the checkpoints our restores hand the engine: a destination's (migctl-ID) and a
 source's after a rollback (resume-ID)."""
@@ -123,13 +125,14 @@ def _engine_error(action: str, err: Exception) -> MigctlError:
 
 class DockerRuntime:
     """One node's Docker engine (with CRIU through runc) and its files on disk. Checkpoints
-    and restores go through the Engine API, images and all (agent/runtime/direct.py skips
-    those copies where the node allows it)."""
-
-    method = "engine"
+    and restores go one of two ways, each container its own: through the Engine API, images
+    and all, or, where the engine runs the container with migctl-runc, DIRECT (a
+    WrapperPath, agent/runtime/direct.py), which skips those copies."""
 
     def __init__(self, docker_host: str, engine_tmp: Path = Path("/tmp"),
-                 containerd: Path = Path("/run/containerd/containerd.sock")) -> None:
+                 containerd: Path = Path("/run/containerd/containerd.sock"),
+                 direct: WrapperPath | None = None) -> None:
+        self.direct = direct
         self.docker_host = docker_host
         self.engine_tmp = engine_tmp
         self.containerd = containerd
@@ -474,13 +477,25 @@ class DockerRuntime:
 
     # -- checkpoint / restore ----------------------------------------------------------------
 
+    @property
+    def method(self) -> str:
+        """How this node's new containers' checkpoints move: "direct" or "engine"."""
+        return self.direct.method if self.direct else ENGINE
+
     def post_copy_problem(self) -> str:
         """Why this node cannot take part in post-copy; empty when it can."""
+        if self.direct:
+            return self.direct.post_copy_problem()
         return "it checkpoints and restores through its engine, which has no lazy pages"
 
     def method_for(self, container: str) -> str:
         """How CONTAINER's checkpoints and restores move: "engine" or "direct"."""
-        return self.method
+        if self.direct is not None and self._direct_for(self.inspect(container)):
+            return self.direct.method
+        return ENGINE
+
+    def _direct_for(self, inspected: dict) -> bool:
+        return self.direct is not None and self.direct.runs(inspected)
 
     def _engine_temp(self) -> set[Path]:
         return set(self.engine_tmp.glob("ctrd-checkpoint*"))
@@ -514,18 +529,27 @@ class DockerRuntime:
 
     def checkpoint(self, container: str, name: str, directory: Path, leave_running: bool,
                    page_server: str = "", lazy_in: Path | None = None, *,
-                   serving: bool = False, before_final: bool = False) -> Path:
-        """Checkpoint into DIRECTORY/NAME and return that folder. The engine passes CRIU no
-        page server: PAGE_SERVER needs the direct path (agent/runtime/direct.py). SERVING: a
+                   before_final: bool = False) -> Path:
+        """Checkpoint into DIRECTORY/NAME and return that folder, the container's way."""
+        inspected = self.inspect(container)  # once: this runs in the frozen window
+        if self.direct is not None and self._direct_for(inspected):
+            return self.direct.checkpoint(self, inspected["Id"], name, directory,
+                                          leave_running, page_server, lazy_in,
+                                          before_final=before_final)
+        if page_server or lazy_in:
+            raise FailedPrecondition(f"the checkpoint of {container!r} goes through the engine, "
+                                     "which cannot send its pages to a page server")
+        return self.engine_checkpoint(inspected["Id"], name, directory, leave_running,
+                                      before_final=before_final)
+
+    def engine_checkpoint(self, cid: str, name: str, directory: Path, leave_running: bool,
+                          *, serving: bool = False, before_final: bool = False) -> Path:
+        """`docker checkpoint create` into DIRECTORY/NAME. SERVING: a
         lazy checkpoint (through migctl-runc), which lasts as long as its pages take to go: no
         client timeout, and no garbage collection first (off the frozen window: a collision
         in containerd's store can only fail the call once every page was served).
         BEFORE_FINAL: pre-copy's, which a final checkpoint follows: it collects after itself,
         so that the final one, in the frozen window, need not (~50 ms)."""
-        if page_server or lazy_in:
-            raise FailedPrecondition(f"the checkpoint of {container!r} goes through the engine, "
-                                     "which cannot send its pages to a page server")
-        cid = self.inspect(container)["Id"]
         directory.mkdir(parents=True, exist_ok=True)
         with self._collected_lock:
             fresh = time.monotonic() - self._collected.pop(cid, -COLLECTED_FRESH_S) \
@@ -542,7 +566,7 @@ class DockerRuntime:
             )
             self.api._raise_for_status(res)
         except docker.errors.APIError as err:
-            raise RuntimeFailure(f"checkpoint of {container!r} failed (CRIU): "
+            raise RuntimeFailure(f"checkpoint of {cid[:12]!r} failed (CRIU): "
                                  f"{err.explanation or err}") from err
         finally:
             self._drop_engine_temp(before)
@@ -555,7 +579,10 @@ class DockerRuntime:
                     runtime: str = "") -> str:
         """Create (not start) a container like SPEC, from the allow-listed configuration only
         (agent.runtime.spec), with its name and volumes."""
-        config = create_request(spec, allow_privileged, runtime)
+        # new containers run with the wrapper where the engine has it: their checkpoints skip
+        # the engine's copies
+        config = create_request(spec, allow_privileged,
+                                runtime or (self.direct.runtime_name if self.direct else ""))
         networks = list(spec.networks) or ["bridge"]
         self.ensure_networks(networks)
         try:
@@ -577,6 +604,9 @@ class DockerRuntime:
         The engine refuses a custom checkpoint dir on start, so the files go where it looks
         for its own checkpoints: <DockerRootDir>/containers/<id>/checkpoints/<name>/.
         """
+        if self.direct is not None and self._direct_for(self.inspect(cid)):
+            self.direct.start_from_checkpoint(self, cid, checkpoint_dir, name, lazy_in)
+            return
         if lazy_in is not None:
             raise FailedPrecondition(f"{cid[:12]} is restored through the engine, which cannot "
                                      "restore memory pages lazily")
