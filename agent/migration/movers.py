@@ -62,8 +62,8 @@ def fetch_checkpoint(m: Migration, name: str, ckpt: pb.CheckpointReply, bases: d
         basis = usable(m, bases.get(f.path), f.size, f.path)
         meter = m.report.meter("checkpoint", f"{name}: {Path(f.path).name}",
                                0 if basis else f.size)
-        got = m.source.guarded(lambda f=f, basis=basis, meter=meter: get(m,
-            f.path, m.area / f.path, f, basis, meter))
+        got = m.source.guarded(lambda f=f, basis=basis, meter=meter: get(
+            m, f.path, m.area / f.path, f, basis, meter))
         add_transfer(total, got)
     m.report.transfer("checkpoint", f"{name} ({len(ckpt.files)} files)", m.source_name,
                       phase, total, time.monotonic() - start,
@@ -99,7 +99,7 @@ def fetch(m: Migration, rel: str, dest: Path, expect: pb.FileInfo, basis: Basis 
     basis = usable(m, basis, expect.size, rel)
     meter = m.report.meter(kind, item, 0 if basis else expect.size)
     pull(m, kind, item, phase, lambda: get(m, rel, dest, expect, basis, meter),
-              "whole" if basis is None else "delta")
+         "whole" if basis is None else "delta")
 
 
 def apply_rootfs(m: Migration, cid: str, layer: Path, changes: bool = False) -> None:

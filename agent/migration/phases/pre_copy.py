@@ -25,7 +25,7 @@ from migctl.agent.delta import (
 from migctl.agent.migration import movers
 from migctl.agent.migration.movers import Basis
 from migctl.agent.migration.phases import request
-from migctl.agent.migration.policy import POST_COPY
+from migctl.agent.migration.policy import POST_COPY, Choice
 from migctl.agent.migration.source import (
     FINAL_CHECKPOINT,
     PRE_CHECKPOINT,
@@ -84,65 +84,29 @@ def transfer(m: Migration, spec: pb.ContainerSpec) -> dict[str, Basis]:
         + [f"rw:{v.volume_id}" for v in spec.volumes if not v.read_only and v.volume_id]
         + [svc, app])
     (m.area / "basis").mkdir(parents=True, exist_ok=True)
-    whole: set[str] = set()          # volumes whose content came whole from a holder
-    held_basis: dict[str, Path] = {}  # volume -> a holder's older snapshot of it
-    ckpt_basis = m.area / "basis" / "checkpoint"
-
-    def image() -> None:
-        if not missing and m.runtime.has_image(spec.image_id):
-            spec.image = m.runtime.ensure_tag(spec.image_id, spec.image)
-            return
-        (m.area / "layers").mkdir(exist_ok=True)
-        files = {d: m.area / "layers" / f"{d[7:]}.tar" for d in missing}
-        for d, dest in files.items():
-            m.source.guarded(lambda d=d, dest=dest: sourcing.fetch_layer(
-                d, plan[f"layer:{d}"], m.source, dest))
-        cfg = m.source.call("ImageConfig", pb.ImageRef(image=spec.image_id))
-        if "sha256:" + hashlib.sha256(cfg.config).hexdigest() != spec.image_id:
-            raise DeltaError("the source sent an image config that is not the image's")
-        if json.loads(cfg.config).get("rootfs", {}).get("diff_ids") != list(spec.diff_ids):
-            raise DeltaError("the image's config lists other layers than the source said")
-        # No tags from the archive: a peer's tags would move this node's own.
-        assemble(cfg.config, [], files, m.area / "image.tar")
-        m.runtime.load_image(m.area / "image.tar")
-        spec.image = m.runtime.ensure_tag(spec.image_id, spec.image)
-
-    def read_only(vol: pb.VolumeSpec) -> None:
-        want = snaps[vol.name].digest
-        if sourcing.fetch_held("volume", vol.name, plan[f"ro:{want}"],
-                               m.area / snapshot_path(vol.name),
-                               verify=lambda p: expect_digest(p, want)):
-            whole.add(vol.name)
-
-    def snapshot_basis(vol: pb.VolumeSpec) -> None:
-        dest = m.area / "basis" / f"{vol.name}.held.tar"
-        if sourcing.fetch_held("volume snapshot basis", vol.name,
-                               plan.get(f"rw:{vol.volume_id}", []), dest):
-            held_basis[vol.name] = dest
-
-    def checkpoint_basis() -> None:
-        dest = m.area / "basis" / "checkpoint.tar"
-        if sourcing.fetch_held("checkpoint basis", svc, plan[svc] + plan[app], dest):
-            ckpt_basis.mkdir()
-            archive.restore(dest, ckpt_basis)
-
     (m.area / "volumes").mkdir(exist_ok=True)
-    jobs = [image, checkpoint_basis] + [
-        (lambda v=v: read_only(v)) if v.read_only else (lambda v=v: snapshot_basis(v))
-        for v in spec.volumes]
+    # each mechanism's pieces from holders other than the source, fetched in parallel; each
+    # job returns what it got (nothing is shared between them)
     with ThreadPoolExecutor(max_workers=4) as pool:
-        for fut in [pool.submit(job) for job in jobs]:
-            fut.result()
+        image_ref = pool.submit(image, m, spec, missing, plan, sourcing)
+        ckpt_job = pool.submit(checkpoint_basis, m, sourcing, plan[svc] + plan[app], svc)
+        held_jobs = {v.name: pool.submit(read_only_content if v.read_only else snapshot_basis,
+                                         m, sourcing, plan, v, snaps[v.name])
+                     for v in spec.volumes}
+        spec.image = image_ref.result()
+        ckpt_basis = ckpt_job.result()
+        held = {name: job.result() for name, job in held_jobs.items()}
 
     bases: dict[str, Basis] = {}
     for vol in spec.volumes:
         rel = snapshot_path(vol.name)
         local = m.area / rel
-        if vol.name not in whole:
-            basis = (movers.Basis(held_basis[vol.name], make_signature(held_basis[vol.name]))
-                     if vol.name in held_basis else local_volume_basis(m, vol.name))
+        got = held[vol.name]
+        if got != local:  # not the content itself, whole from a holder: from the source
+            basis = (movers.Basis(got, make_signature(got)) if got is not None
+                     else local_volume_basis(m, vol.name))
             movers.fetch(m, rel, local, snaps[vol.name], basis, "volume snapshot", vol.name,
-                       pb.PRE_COPY)
+                         pb.PRE_COPY)
         if not m.runtime.volume_exists(vol.name):
             m.entry.at_destination.created_volumes.append(vol.name)
             m.journal.save(m.entry)
@@ -157,7 +121,7 @@ def transfer(m: Migration, spec: pb.ContainerSpec) -> dict[str, Basis]:
         migration_id=m.migration_id))
     m.room(info.size, "the root filesystem's changes")
     movers.fetch(m, ROOTFS, m.area / ROOTFS, info, None, "root filesystem", spec.name,
-               pb.PRE_COPY)
+                 pb.PRE_COPY)
     bases[ROOTFS_CHANGES] = movers.Basis(m.area / ROOTFS, make_signature(m.area / ROOTFS))
 
     if m.request.memory_transfer == POST_COPY:
@@ -169,10 +133,11 @@ def transfer(m: Migration, spec: pb.ContainerSpec) -> dict[str, Basis]:
         migration_id=m.migration_id, container=spec.id, name=PRE_CHECKPOINT,
         leave_running=True)), PRE_CHECKPOINT)
     m.pre_checkpoint = ckpt
-    held = {f.path: movers.Basis(ckpt_basis / Path(f.path).name,
-                          make_signature(ckpt_basis / Path(f.path).name))
-            for f in ckpt.files if plain_file(ckpt_basis / Path(f.path).name)}
-    movers.fetch_checkpoint(m, PRE_CHECKPOINT, ckpt, held, pb.PRE_COPY)
+    folder = ckpt_basis or m.area / "basis" / "checkpoint"  # none: no file is plain there
+    ckpt_bases = {f.path: movers.Basis(folder / Path(f.path).name,
+                                       make_signature(folder / Path(f.path).name))
+                  for f in ckpt.files if plain_file(folder / Path(f.path).name)}
+    movers.fetch_checkpoint(m, PRE_CHECKPOINT, ckpt, ckpt_bases, pb.PRE_COPY)
     for f in ckpt.files:
         final_rel = f.path.replace(f"/{PRE_CHECKPOINT}/", f"/{FINAL_CHECKPOINT}/", 1)
         local = m.area / f.path
@@ -183,6 +148,63 @@ def transfer(m: Migration, spec: pb.ContainerSpec) -> dict[str, Basis]:
     m.check_images(PRE_CHECKPOINT)
     offer(m, bases)
     return bases
+
+
+def image(m: Migration, spec: pb.ContainerSpec, missing: list[str],
+          plan: dict[str, list[Choice]], sourcing: Sourcing) -> str:
+    """The container's image here (its missing layers from their best holders, its config
+    from the source, each checked against the image id); returns the reference to create
+    the container from."""
+    if not missing and m.runtime.has_image(spec.image_id):
+        return m.runtime.ensure_tag(spec.image_id, spec.image)
+    (m.area / "layers").mkdir(exist_ok=True)
+    files = {d: m.area / "layers" / f"{d[7:]}.tar" for d in missing}
+    for d, dest in files.items():
+        m.source.guarded(lambda d=d, dest=dest: sourcing.fetch_layer(
+            d, plan[f"layer:{d}"], m.source, dest))
+    cfg = m.source.call("ImageConfig", pb.ImageRef(image=spec.image_id))
+    if "sha256:" + hashlib.sha256(cfg.config).hexdigest() != spec.image_id:
+        raise DeltaError("the source sent an image config that is not the image's")
+    if json.loads(cfg.config).get("rootfs", {}).get("diff_ids") != list(spec.diff_ids):
+        raise DeltaError("the image's config lists other layers than the source said")
+    # No tags from the archive: a peer's tags would move this node's own.
+    assemble(cfg.config, [], files, m.area / "image.tar")
+    m.runtime.load_image(m.area / "image.tar")
+    return m.runtime.ensure_tag(spec.image_id, spec.image)
+
+
+def read_only_content(m: Migration, sourcing: Sourcing, plan: dict[str, list[Choice]],
+                      vol: pb.VolumeSpec, snap: pb.FileInfo) -> Path | None:
+    """A read-only volume's snapshot whole from a holder, checked against the source's
+    digest: its local path, or None (it comes from the source)."""
+    local = m.area / snapshot_path(vol.name)
+    if sourcing.fetch_held("volume", vol.name, plan[f"ro:{snap.digest}"], local,
+                           verify=lambda p: expect_digest(p, snap.digest)):
+        return local
+    return None
+
+
+def snapshot_basis(m: Migration, sourcing: Sourcing, plan: dict[str, list[Choice]],
+                   vol: pb.VolumeSpec, snap: pb.FileInfo) -> Path | None:
+    """A holder's older snapshot of a writable volume, a basis for the source's delta."""
+    dest = m.area / "basis" / f"{vol.name}.held.tar"
+    if sourcing.fetch_held("volume snapshot basis", vol.name,
+                           plan.get(f"rw:{vol.volume_id}", []), dest):
+        return dest
+    return None
+
+
+def checkpoint_basis(m: Migration, sourcing: Sourcing, choices: list[Choice],
+                     key: str) -> Path | None:
+    """A holder's earlier checkpoint of the service (or of its application), unpacked: the
+    bases of the pre-copy checkpoint's files."""
+    dest = m.area / "basis" / "checkpoint.tar"
+    if not sourcing.fetch_held("checkpoint basis", key, choices, dest):
+        return None
+    folder = m.area / "basis" / "checkpoint"
+    folder.mkdir()
+    archive.restore(dest, folder)
+    return folder
 
 
 def offer(m: Migration, bases: dict[str, Basis]) -> None:
