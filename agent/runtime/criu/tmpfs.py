@@ -17,6 +17,7 @@ attributes. tar then reads what was checked: no two parsers of one hostile archi
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import posixpath
@@ -109,12 +110,13 @@ def rewrite(path: Path, point: str, limit: int,
     others: set[str] = set()  # every name that is not a folder: nothing goes below it
     files: set[str] = set()
     try:
-        with gzip.open(path, "rb") as raw, \
-                tarfile.open(fileobj=_Bounded(raw, limit + HEADER_ROOM, path.name),  # type: ignore[arg-type]
-                             mode="r|") as src, \
-                tarfile.open(fresh if write else None, "w:gz", compresslevel=1,
-                             format=tarfile.GNU_FORMAT,
-                             fileobj=None if write else _Discard()) as out:
+        with contextlib.ExitStack() as stack:
+            raw = stack.enter_context(gzip.open(path, "rb"))
+            src = stack.enter_context(tarfile.open(
+                fileobj=_Bounded(raw, limit + HEADER_ROOM, path.name),  # type: ignore[arg-type]
+                mode="r|"))
+            out = stack.enter_context(tarfile.open(
+                fresh, "w:gz", compresslevel=1, format=tarfile.GNU_FORMAT)) if write else None
             for m in src:
                 count += 1
                 if count > MAX_MEMBERS:
@@ -168,7 +170,7 @@ def rewrite(path: Path, point: str, limit: int,
                     raise Refused(f"{where} has {rel!r} of tar type {m.type!r}")
                 if not m.isdir():
                     others.add(rel)
-                if write:
+                if out is not None:
                     out.addfile(info, data)
     except Refused:
         fresh.unlink(missing_ok=True)
@@ -180,16 +182,6 @@ def rewrite(path: Path, point: str, limit: int,
         os.chmod(fresh, stat.S_IMODE(path.stat().st_mode))
         os.replace(fresh, path)
     return total
-
-
-class _Discard:
-    """Where a check that writes nothing sends its archive."""
-
-    def write(self, data: bytes) -> int:
-        return len(data)
-
-    def close(self) -> None:
-        pass
 
 
 def rewrite_archives(images: Path, devices: frozenset[tuple[str, int, int]] | None,
