@@ -8,6 +8,7 @@ final checkpoint; any failure after FREEZE ends with the source resumed from it 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import threading
@@ -115,9 +116,16 @@ class Migration:
         self.source = Peer(self.source_name, self.source_address, self.connect)
         return self
 
-    def step(self, state: str, **data: object) -> None:
+    def step(self, state: State, **data: object) -> None:
         """Journal the step about to be taken, before taking it."""
         self.entry = self.journal.move(self.migration_id, DESTINATION, state, data=data)
+
+    @contextlib.contextmanager
+    def enter(self, state: State) -> Iterator[None]:
+        """Journal STATE, then report the phase it is part of (State.phase) while inside."""
+        self.step(state)
+        with self.report.phase(state.phase):
+            yield
 
     @property
     def new_container(self) -> str:

@@ -37,8 +37,7 @@ log = logging.getLogger(__name__)
 
 def run(m: Migration, spec: pb.ContainerSpec, final: pb.CheckpointReply,
         bases: dict[str, Basis]) -> None:
-    m.step(State.TRANSFERRING_FINAL)
-    with m.report.phase(pb.FINAL_SYNC):
+    with m.enter(State.TRANSFERRING_FINAL):
         receive(m, spec, final, bases)
 
 

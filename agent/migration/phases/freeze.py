@@ -34,9 +34,8 @@ PAGE_LIMIT_SLACK = 256 << 20  # ...or this much more: beyond, a page server stop
 def run(m: Migration, spec: pb.ContainerSpec, pages: PageServer | None) -> pb.CheckpointReply:
     """The source's final checkpoint (the downtime starts): its files' list."""
     lazy = pages is not None and pages.lazy
-    m.step(State.FROZEN)
-    m.take_hold()
-    with m.report.phase(pb.FREEZE):
+    with m.enter(State.FROZEN):
+        m.take_hold()
         m.report.freeze_started()
         m.frozen_at = time.time()
         final = m.source.call("Checkpoint", pb.CheckpointRequest(

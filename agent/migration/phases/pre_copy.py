@@ -49,8 +49,7 @@ log = logging.getLogger(__name__)
 
 
 def run(m: Migration, spec: pb.ContainerSpec) -> dict[str, Basis]:
-    m.step(State.PRE_COPY)
-    with m.report.phase(pb.PRE_COPY):
+    with m.enter(State.PRE_COPY):
         bases = transfer(m, spec)
         flush_writes()
         request.check_ports_free(m, spec)  # again: pre-copy takes time
