@@ -47,7 +47,6 @@ from migctl.agent.migration.source import (
     snapshot_path,
 )
 from migctl.agent.migration.state import DESTINATION, PEER, State
-from migctl.agent.peer import Peer
 from migctl.agent.runtime.base import Runtime
 from migctl.agent.runtime.spec import valid_name
 from migctl.agent.security import caller_of
@@ -60,6 +59,7 @@ from migctl.common.errors import (
     PermissionDenied,
     Unavailable,
 )
+from migctl.common.peer import Peer
 from migctl.common.tls import TLSFiles
 from migctl.proto import migctl_pb2 as pb
 from migctl.proto import migctl_pb2_grpc as rpc

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc
-
 from migctl.common.channel import open_channel
 from migctl.common.errors import (  # noqa: F401 - the client's errors are the agent's, one hierarchy
     AlreadyExists,
@@ -37,9 +35,9 @@ from migctl.common.errors import (  # noqa: F401 - the client's errors are the a
     Unimplemented,
     from_status,
 )
+from migctl.common.peer import Peer
 from migctl.common.tls import TLSFiles
 from migctl.proto import migctl_pb2 as pb
-from migctl.proto import migctl_pb2_grpc as rpc
 
 T = TypeVar("T")
 
@@ -111,17 +109,6 @@ def default_inventory() -> Path:
     return _setting("inventory")
 
 
-def agent_error(node: Node, err: grpc.RpcError) -> MigctlError:
-    """The typed error for an agent's status, naming the node that answered."""
-    code = err.code()
-    message = err.details() or code.name
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and \
-            not message.startswith("cannot reach"):
-        # the transport's words ("Socket closed") do not say that it was the agent
-        message = f"cannot reach the agent of {node.name} at {node.address}: {message}"
-    return from_status(code, message, node.name)
-
-
 @dataclass(frozen=True)
 class Node:
     name: str
@@ -177,14 +164,17 @@ class Inventory:
 
 
 class AgentClient:
+    """One node's agent, as the client calls it: a Peer (common/peer.py) pinned to the node's
+    name, whose statuses are the project's errors naming the node."""
+
     def __init__(self, node: Node, tls: TLSFiles, timeout: float = 10.0) -> None:
         self.node = node
         self.timeout = timeout
-        self.channel = open_channel(node.address, tls, server_name=node.name)  # pin the node
-        self.stub = rpc.AgentStub(self.channel)
+        self.peer = Peer(node.name, node.address,
+                         lambda address, *name: open_channel(address, tls, *name))
 
     def close(self) -> None:
-        self.channel.close()
+        self.peer.close()
 
     def __enter__(self) -> AgentClient:
         return self
@@ -192,44 +182,39 @@ class AgentClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: Callable[..., Any], request: object,
-              timeout: float | None = None) -> Any:
-        """A unary call; an error status becomes the typed error naming this node."""
-        try:
-            return method(request, timeout=timeout or self.timeout)
-        except grpc.RpcError as err:
-            raise agent_error(self.node, err) from None
+    def _call(self, method: str, request: object, timeout: float | None = None) -> Any:
+        return self.peer.call(method, request, timeout=timeout or self.timeout)
 
     def info(self) -> pb.NodeInfo:
-        return self._call(self.stub.GetNode, pb.GetNodeRequest())
+        return self._call("GetNode", pb.GetNodeRequest())
 
     def authorize(self, container: str, destination: Node) -> pb.AuthorizeReply:
         """At the source: the operator's consent to move CONTAINER to DESTINATION."""
-        return self._call(self.stub.Authorize, pb.AuthorizeRequest(
+        return self._call("Authorize", pb.AuthorizeRequest(
             container=container, destination_node=destination.name), timeout=30)
 
     def history(self, limit: int = 0) -> list[pb.HistoryEntry]:
         """The node's migrations, newest first (LIMIT of them; 0: the agent's default)."""
-        return list(self._call(self.stub.History, pb.HistoryRequest(limit=limit)).entries)
+        return list(self._call("History", pb.HistoryRequest(limit=limit)).entries)
 
     def describe(self, container: str) -> pb.ContainerSpec:
         """CONTAINER's full description (its environment too: secrets)."""
-        return self._call(self.stub.DescribeContainer, pb.ContainerRef(container=container),
+        return self._call("DescribeContainer", pb.ContainerRef(container=container),
                           timeout=60)
 
     def trial(self, container: str) -> pb.TrialReply:
         """Ask CRIU at this node whether it can dump CONTAINER now (it pauses for the dump)."""
-        return self._call(self.stub.TrialCheckpoint, pb.ContainerRef(container=container),
+        return self._call("TrialCheckpoint", pb.ContainerRef(container=container),
                           timeout=300)
 
     def plan(self, spec: pb.ContainerSpec, source: Node) -> pb.PlanReply:
         """At the destination: the dry run of moving SPEC (DescribeContainer at SOURCE) here."""
-        return self._call(self.stub.Plan, pb.PlanRequest(source_node=source.name, spec=spec),
+        return self._call("Plan", pb.PlanRequest(source_node=source.name, spec=spec),
                           timeout=60)
 
     def containers(self) -> list[pb.ContainerSummary]:
         """The node's containers, each with what keeps it from moving (empty: movable)."""
-        return list(self._call(self.stub.ListContainers, pb.ListContainersRequest()).containers)
+        return list(self._call("ListContainers", pb.ListContainersRequest()).containers)
 
     def migrate(self, container: str, source: Node, migration_id: str,
                 remove_source: bool = False, mode: str = "cooperative",
@@ -241,10 +226,7 @@ class AgentClient:
                                     mode=pb.Mode.Value(mode.upper()),
                                     allow_privileged=allow_privileged,
                                     memory_transfer=memory_transfer)
-        try:
-            yield from self.stub.Migrate(request, wait_for_ready=False)
-        except grpc.RpcError as err:
-            raise agent_error(self.node, err) from None
+        yield from self.peer.stream("Migrate", request, timeout=None)
 
 
 def each_node(inventory: Inventory, ask: Callable[[AgentClient], T], only: str | None = None,

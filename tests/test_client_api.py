@@ -20,6 +20,7 @@ from migctl.agent import certs
 from migctl.agent.authz import Authorization
 from migctl.agent.security import server_credentials
 from migctl.client import api, cli
+from migctl.common.peer import status_error
 from migctl.common.tls import TLSFiles
 from migctl.proto import migctl_pb2 as pb
 from migctl.proto import migctl_pb2_grpc as rpc
@@ -135,7 +136,7 @@ def test_an_agent_status_is_a_typed_error_naming_the_node(
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         # the transport's words do not say who
         said = (f"cannot reach the agent of {node} at "
-                f"{cluster.inventory.nodes[node].address}: {said}")
+                f"{cluster.inventory.nodes[node].address} ({code.name}): {said}")
     assert (err.value.node, err.value.message, err.value.code) == (node, said, code)
     assert str(err.value) == f"{node}: {said}"
     # an error that ends the stream comes after the events that came before it
@@ -163,7 +164,7 @@ def test_every_status_but_ok_has_a_class_that_says_it() -> None:
     for code in grpc.StatusCode:
         if code is grpc.StatusCode.OK:
             continue
-        error = api.agent_error(api.Node("nodeA", "x:1"), _Status(code, "why"))
+        error = status_error("nodeA", "x:1", _Status(code, "why"))
         assert error.code is code and error.node == "nodeA"
         assert type(error).code in (code, grpc.StatusCode.INTERNAL)  # the base keeps its own
 

@@ -21,7 +21,7 @@ from migctl.agent.catalog.store import Store
 from migctl.agent.migration import sourcing
 from migctl.agent.migration.policy import Choice, Link, Links
 from migctl.agent.migration.report import Report
-from migctl.agent.peer import Peer
+from migctl.common.peer import Peer
 from migctl.proto import migctl_pb2 as pb
 from migctl.proto import migctl_pb2_grpc as rpc
 
@@ -108,5 +108,5 @@ def test_a_held_file_holder_that_is_slow_is_cut_off(holder: str, tmp_path: Path,
     got = s.fetch_held("volume snapshot basis", "vol1", [choice], tmp_path / "basis.tar")
     assert got is None
     assert not (tmp_path / "basis.tar").exists()
-    assert any("nodeC failed (cannot reach the agent of nodeC" in line and
+    assert any("nodeC failed (nodeC: cannot reach the agent of nodeC" in line and
                "(DEADLINE_EXCEEDED)" in line for line in logs), logs

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from migctl.agent.peer import Connect, Peer
 from migctl.common.errors import FailedPrecondition, MigctlError
+from migctl.common.peer import Connect, Peer
 from migctl.proto import migctl_pb2 as pb
 
 log = logging.getLogger(__name__)

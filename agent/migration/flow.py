@@ -35,7 +35,6 @@ from migctl.agent.migration.source import (
     snapshot_path,
 )
 from migctl.agent.migration.state import DESTINATION, State
-from migctl.agent.peer import Connect, Peer
 from migctl.agent.runtime.base import Runtime
 from migctl.agent.runtime.criu.images import Confinement, check_images
 from migctl.common.channel import open_channel
@@ -43,6 +42,7 @@ from migctl.common.errors import (
     FailedPrecondition,
     MigctlError,
 )
+from migctl.common.peer import Connect, Peer
 from migctl.common.tls import TLSFiles
 from migctl.proto import migctl_pb2 as pb
 

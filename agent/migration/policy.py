@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 
 from migctl.agent.catalog.registry import Holding
-from migctl.agent.peer import Connect, Peer
 from migctl.common.errors import FailedPrecondition, InvalidArgument, MigctlError
+from migctl.common.peer import Connect, Peer
 from migctl.proto import migctl_pb2 as pb
 
 PROBE_BYTES = 1 << 20

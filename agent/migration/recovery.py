@@ -19,10 +19,10 @@ from migctl.agent.dataplane.staging import Staging
 from migctl.agent.migration import journal as j
 from migctl.agent.migration.source import FINAL_CHECKPOINT
 from migctl.agent.migration.state import DESTINATION, State
-from migctl.agent.peer import Peer
 from migctl.agent.runtime.base import Runtime
 from migctl.common.channel import open_channel
 from migctl.common.errors import MigctlError, NotFound, Unavailable
+from migctl.common.peer import Peer
 from migctl.common.tls import TLSFiles
 from migctl.proto import migctl_pb2 as pb
 

@@ -21,8 +21,8 @@ from migctl.agent.dataplane.files import digest, write_stream
 from migctl.agent.dataplane.image import verify_sha256
 from migctl.agent.migration.policy import LOCAL, Choice, Link, Links, rank
 from migctl.agent.migration.report import Report
-from migctl.agent.peer import Connect, Peer
 from migctl.common.errors import MigctlError
+from migctl.common.peer import Connect, Peer
 from migctl.proto import migctl_pb2 as pb
 
 log = logging.getLogger(__name__)

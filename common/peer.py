@@ -1,6 +1,7 @@
-"""The nodes an agent calls: a migration's source, the neighbours that hold pieces of it, the
-source a rollback asks to resume. A Peer owns its channel, its stub and the deadline of every
-call, and turns gRPC's errors into the project's, naming the node, in this one place.
+"""The agents a caller talks to: a client's node, a migration's source, the neighbours that hold
+pieces of it, the source a rollback asks to resume. A Peer owns its channel, its stub and the
+deadline of every call, and turns gRPC's statuses into the project's errors (common/errors.py),
+naming the node, in this one place for the agent and the client alike.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from migctl.common.errors import MigctlError, Unavailable
+from migctl.common.errors import MigctlError, from_status
 from migctl.proto import migctl_pb2_grpc as rpc
 
 UNARY_TIMEOUT = 300.0  # a checkpoint of a large container can take minutes
@@ -20,15 +21,15 @@ Connect = Callable[..., grpc.Channel]
 """open_channel(address, tls, server_name) with this agent's TLS: (address, *node name)."""
 
 
-def peer_error(node: str, address: str, err: grpc.RpcError) -> MigctlError:
-    """A peer's gRPC status as the project's error, naming the peer; its status code is kept
-    (`code`) for the caller's own reply."""
-    if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return Unavailable(f"cannot reach the agent of {node} at {address} "
-                           f"({err.code().name}): {err.details()}")
-    mapped = MigctlError(f"{node}: {err.details()}")
-    mapped.code = err.code()
-    return mapped
+def status_error(node: str, address: str, err: grpc.RpcError) -> MigctlError:
+    """NODE's gRPC status as the project's error class for it, naming NODE (`err.node`)."""
+    code = err.code()
+    message = err.details() or code.name
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and \
+            not message.startswith("cannot reach"):
+        # the transport's words ("Socket closed") do not say that it was the agent
+        message = f"cannot reach the agent of {node} at {address} ({code.name}): {message}"
+    return from_status(code, message, node)
 
 
 class Peer:
@@ -52,13 +53,13 @@ class Peer:
         try:
             return fn()
         except grpc.RpcError as err:
-            raise peer_error(self.name or "the peer", self.address, err) from err
+            raise status_error(self.name or "the peer", self.address, err) from err
 
     def guarded_iter(self, items: Iterable[T]) -> Iterator[T]:
         try:
             yield from items
         except grpc.RpcError as err:
-            raise peer_error(self.name or "the peer", self.address, err) from err
+            raise status_error(self.name or "the peer", self.address, err) from err
 
     def close(self) -> None:
         self.channel.close()
