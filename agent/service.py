@@ -332,6 +332,7 @@ class AgentService(rpc.AgentServicer):
             load=psutil.getloadavg()[0] / (psutil.cpu_count() or 1),
             checkpoint_method=self.runtime.method,
             no_post_copy=self.runtime.post_copy_problem(),
+            no_kept_connections=self.runtime.kept_connections_problem(),
             version=self.version, protocol_version=PROTOCOL_VERSION)
 
     @handler

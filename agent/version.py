@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """Raised whenever agents of the old and the new code could not migrate between them (2:
-Vouch answers only the keys it is asked about, and cached items carry their entitled nodes)."""
+Vouch answers only the keys it is asked about, and cached items carry their entitled nodes;
+3: a final checkpoint may keep the TCP connections, which an older source would close)."""
 
 
 def version() -> str:

@@ -218,14 +218,14 @@ class AgentClient:
 
     def migrate(self, container: str, source: Node, migration_id: str,
                 remove_source: bool = False, mode: str = "cooperative",
-                allow_privileged: bool = False, memory_transfer: str = ""
-                ) -> Iterator[pb.MigrationEvent]:
+                allow_privileged: bool = False, memory_transfer: str = "",
+                connections: str = "") -> Iterator[pb.MigrationEvent]:
         """Run a migration with this node as destination; yields its events as they happen."""
         request = pb.MigrateRequest(container=container, source_node=source.name,
                                     migration_id=migration_id, remove_source=remove_source,
                                     mode=pb.Mode.Value(mode.upper()),
                                     allow_privileged=allow_privileged,
-                                    memory_transfer=memory_transfer)
+                                    memory_transfer=memory_transfer, connections=connections)
         yield from self.peer.stream("Migrate", request, timeout=None)
 
 
@@ -297,7 +297,8 @@ def plan(inventory: Inventory, container: str, source: str,
 def migrate(inventory: Inventory, container: str, source: str, destination: str, *,
             on_event: Callable[[pb.MigrationEvent], None] | None = None,
             remove_source: bool = False, mode: str = "cooperative",
-            allow_privileged: bool = False, memory_transfer: str = "") -> pb.MigrationReport:
+            allow_privileged: bool = False, memory_transfer: str = "",
+            connections: str = "") -> pb.MigrationReport:
     """Move CONTAINER from SOURCE to DESTINATION (node names): authorize it at the source, run
     it at the destination, and return its report. ON_EVENT gets every event in order (the
     report last). Once started, the migration goes on in the destination's agent even if
@@ -314,7 +315,8 @@ def migrate(inventory: Inventory, container: str, source: str, destination: str,
         for event in client.migrate(container, src, grant.migration_id,
                                     remove_source=remove_source, mode=mode,
                                     allow_privileged=allow_privileged,
-                                    memory_transfer=memory_transfer):
+                                    memory_transfer=memory_transfer,
+                                    connections=connections):
             if on_event is not None:
                 on_event(event)
             if event.HasField("done"):

@@ -126,7 +126,7 @@ def render_report(r: pb.MigrationReport, out=sys.stdout) -> None:
              if r.memory_transfer == "post-copy" else ""), file=out)
     print(f"checkpoint {r.checkpoint_method or '-'} on {r.source_node}, memory by "
           f"{r.memory_transfer or '-'}, restore {r.restore_method or '-'} on "
-          f"{r.destination_node}", file=out)
+          f"{r.destination_node}, connections {r.connections or '-'}", file=out)
     for p in r.phases:
         print(f"  {_phase(p.phase):<11} {p.seconds:7.2f} s  {_mb(p.bytes):>12}", file=out)
     print(f"by origin ({pb.Mode.Name(r.mode).lower()}):", file=out)
@@ -177,7 +177,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                          on_event=None if args.quiet else live or render_event,
                          remove_source=args.remove_source, mode=args.mode,
                          allow_privileged=args.allow_privileged,
-                         memory_transfer=MEMORY_TRANSFER[args.memory_transfer])
+                         memory_transfer=MEMORY_TRANSFER[args.memory_transfer],
+                         connections=args.connections or "")
     if args.json:
         print(json.dumps(report_dict(report)))
     else:
@@ -376,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let the destination recreate a container with privileged mode, added "
                         "capabilities or security options (they give it power over the node); "
                         "refused without this")
+    m.add_argument("--connections", choices=["keep", "close"], default=None,
+                   help="the container's established TCP connections: keep (its address moves "
+                        "with it, on a macvlan or ipvlan network; what prevents it is refused "
+                        "before anything moves) or close (clients reconnect); default: kept "
+                        "when they can be, else closed, as the report says")
     m.add_argument("--memory-transfer", choices=list(MEMORY_TRANSFER), default="auto",
                    help="how the final checkpoint's memory pages travel: page-server (straight "
                         "from CRIU, for fast links; needs the direct checkpoint path at the "

@@ -6,6 +6,11 @@ Layout (all names are the lab's own, so `down` removes exactly them):
   namespace migctl-nodeX     eth0 (LAB.1x), lo; dockerd + containerd + agent run here
   host                       migctl-host (LAB.1), the only address the lab adds to the host
 The host's only new route is the lab subnet, chosen so that it overlaps no existing route.
+
+Every node's engine also has the Docker network `lan` (LAN_NETWORK): macvlan over the node's
+eth0, the lab subnet, containers' addresses from its upper half (LAB.128/25, apart from the
+nodes' and the host's). It is one segment across the nodes, so a container on it keeps its
+address when it moves, and with it its established connections (docs/real-machines.md).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ SWITCH_NS = "migctl-sw"
 HOST_IF = "migctl-host"
 AGENT_PORT = 50051
 CRIU_BIN = Path("/opt/migctl/bin")
+LAN_NETWORK = "lan"
 CANDIDATE_SUBNETS = ["10.213.77.0/24", "10.231.19.0/24", "172.29.213.0/24", "192.168.213.0/24"]
 
 
@@ -203,6 +209,31 @@ class Lab:
             time.sleep(0.3)
 
     @staticmethod
+    def ensure_lan(name: str, node: dict, subnet: ipaddress.IPv4Network) -> None:
+        """The node's network `lan` (LAN_NETWORK), the same at every node; one of an earlier
+        lab that differs is made anew, unless a container is on it."""
+        host = ["docker", "-H", node["docker_host"]]
+        ip_range = list(subnet.subnets(prefixlen_diff=1))[-1]
+        wanted = {"Driver": "macvlan", "Subnet": str(subnet), "Gateway": str(subnet[1]),
+                  "IPRange": str(ip_range), "parent": "eth0"}
+        res = sh(*host, "network", "inspect", LAN_NETWORK, check=False)
+        if res.returncode == 0:
+            info = json.loads(res.stdout)[0]
+            ipam = ((info.get("IPAM") or {}).get("Config") or [{}])[0]
+            have = {"Driver": info.get("Driver"), "Subnet": ipam.get("Subnet"),
+                    "Gateway": ipam.get("Gateway"), "IPRange": ipam.get("IPRange"),
+                    "parent": (info.get("Options") or {}).get("parent")}
+            if have == wanted:
+                return
+            if info.get("Containers"):
+                raise MigctlError(f"{name}: network {LAN_NETWORK!r} is {have}, not {wanted}, "
+                                  "and containers are on it: remove them, or `lab down`")
+            sh(*host, "network", "rm", LAN_NETWORK)
+        sh(*host, "network", "create", "-d", "macvlan", "--subnet", wanted["Subnet"],
+           "--gateway", wanted["Gateway"], "--ip-range", wanted["IPRange"],
+           "-o", "parent=eth0", LAN_NETWORK)
+
+    @staticmethod
     def engine_answers(node: dict) -> bool:
         if not node.get("docker_host"):
             return False
@@ -271,6 +302,7 @@ class Lab:
             self.save(state)
             self.ensure_dockerd(name, node)
             self.save(state)
+            self.ensure_lan(name, node, subnet)
             self.start_agent(name, node)
             self.save(state)
         return state

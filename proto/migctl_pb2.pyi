@@ -38,7 +38,7 @@ class GetNodeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node", "engine_version", "criu_version", "docker_root_dir", "checkpoints_enabled", "staging_free_bytes", "engine_free_bytes", "memory_available_bytes", "load", "checkpoint_method", "no_post_copy", "version", "protocol_version")
+    __slots__ = ("node", "engine_version", "criu_version", "docker_root_dir", "checkpoints_enabled", "staging_free_bytes", "engine_free_bytes", "memory_available_bytes", "load", "checkpoint_method", "no_post_copy", "version", "protocol_version", "no_kept_connections")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
     CRIU_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class NodeInfo(_message.Message):
     NO_POST_COPY_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NO_KEPT_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
     node: str
     engine_version: str
     criu_version: str
@@ -65,7 +66,8 @@ class NodeInfo(_message.Message):
     no_post_copy: str
     version: str
     protocol_version: int
-    def __init__(self, node: _Optional[str] = ..., engine_version: _Optional[str] = ..., criu_version: _Optional[str] = ..., docker_root_dir: _Optional[str] = ..., checkpoints_enabled: _Optional[bool] = ..., staging_free_bytes: _Optional[int] = ..., engine_free_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., load: _Optional[float] = ..., checkpoint_method: _Optional[str] = ..., no_post_copy: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+    no_kept_connections: str
+    def __init__(self, node: _Optional[str] = ..., engine_version: _Optional[str] = ..., criu_version: _Optional[str] = ..., docker_root_dir: _Optional[str] = ..., checkpoints_enabled: _Optional[bool] = ..., staging_free_bytes: _Optional[int] = ..., engine_free_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., load: _Optional[float] = ..., checkpoint_method: _Optional[str] = ..., no_post_copy: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., no_kept_connections: _Optional[str] = ...) -> None: ...
 
 class AuthorizeRequest(_message.Message):
     __slots__ = ("container", "destination_node")
@@ -154,7 +156,7 @@ class VolumeSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., destination: _Optional[str] = ..., read_only: _Optional[bool] = ..., driver: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., driver_options: _Optional[_Mapping[str, str]] = ..., size_bytes: _Optional[int] = ..., volume_id: _Optional[str] = ...) -> None: ...
 
 class ContainerSpec(_message.Message):
-    __slots__ = ("id", "name", "image", "image_id", "image_tags", "diff_ids", "command", "entrypoint", "env", "labels", "working_dir", "user", "hostname", "restart_policy", "ports", "volumes", "networks", "running", "engine_config_json", "memory_bytes", "unsupported", "layer_sizes")
+    __slots__ = ("id", "name", "image", "image_id", "image_tags", "diff_ids", "command", "entrypoint", "env", "labels", "working_dir", "user", "hostname", "restart_policy", "ports", "volumes", "networks", "running", "engine_config_json", "memory_bytes", "unsupported", "layer_sizes", "endpoints")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +186,7 @@ class ContainerSpec(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     UNSUPPORTED_FIELD_NUMBER: _ClassVar[int]
     LAYER_SIZES_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     image: str
@@ -206,7 +209,22 @@ class ContainerSpec(_message.Message):
     memory_bytes: int
     unsupported: _containers.RepeatedScalarFieldContainer[str]
     layer_sizes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., image: _Optional[str] = ..., image_id: _Optional[str] = ..., image_tags: _Optional[_Iterable[str]] = ..., diff_ids: _Optional[_Iterable[str]] = ..., command: _Optional[_Iterable[str]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., user: _Optional[str] = ..., hostname: _Optional[str] = ..., restart_policy: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[PortBinding, _Mapping]]] = ..., volumes: _Optional[_Iterable[_Union[VolumeSpec, _Mapping]]] = ..., networks: _Optional[_Iterable[str]] = ..., running: _Optional[bool] = ..., engine_config_json: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., unsupported: _Optional[_Iterable[str]] = ..., layer_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
+    endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., image: _Optional[str] = ..., image_id: _Optional[str] = ..., image_tags: _Optional[_Iterable[str]] = ..., diff_ids: _Optional[_Iterable[str]] = ..., command: _Optional[_Iterable[str]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., user: _Optional[str] = ..., hostname: _Optional[str] = ..., restart_policy: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[PortBinding, _Mapping]]] = ..., volumes: _Optional[_Iterable[_Union[VolumeSpec, _Mapping]]] = ..., networks: _Optional[_Iterable[str]] = ..., running: _Optional[bool] = ..., engine_config_json: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., unsupported: _Optional[_Iterable[str]] = ..., layer_sizes: _Optional[_Iterable[int]] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ...) -> None: ...
+
+class Endpoint(_message.Message):
+    __slots__ = ("network", "driver", "subnet", "ipv4", "mac")
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
+    DRIVER_FIELD_NUMBER: _ClassVar[int]
+    SUBNET_FIELD_NUMBER: _ClassVar[int]
+    IPV4_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    network: str
+    driver: str
+    subnet: str
+    ipv4: str
+    mac: str
+    def __init__(self, network: _Optional[str] = ..., driver: _Optional[str] = ..., subnet: _Optional[str] = ..., ipv4: _Optional[str] = ..., mac: _Optional[str] = ...) -> None: ...
 
 class ListContainersRequest(_message.Message):
     __slots__ = ()
@@ -479,20 +497,22 @@ class FileInfo(_message.Message):
     def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ("migration_id", "container", "name", "leave_running", "page_server", "lazy_pages")
+    __slots__ = ("migration_id", "container", "name", "leave_running", "page_server", "lazy_pages", "keep_connections")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     LEAVE_RUNNING_FIELD_NUMBER: _ClassVar[int]
     PAGE_SERVER_FIELD_NUMBER: _ClassVar[int]
     LAZY_PAGES_FIELD_NUMBER: _ClassVar[int]
+    KEEP_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     container: str
     name: str
     leave_running: bool
     page_server: bool
     lazy_pages: bool
-    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., name: _Optional[str] = ..., leave_running: _Optional[bool] = ..., page_server: _Optional[bool] = ..., lazy_pages: _Optional[bool] = ...) -> None: ...
+    keep_connections: bool
+    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., name: _Optional[str] = ..., leave_running: _Optional[bool] = ..., page_server: _Optional[bool] = ..., lazy_pages: _Optional[bool] = ..., keep_connections: _Optional[bool] = ...) -> None: ...
 
 class PageBytes(_message.Message):
     __slots__ = ("migration_id", "data", "lazy")
@@ -577,7 +597,7 @@ class ReleaseReply(_message.Message):
     def __init__(self) -> None: ...
 
 class MigrateRequest(_message.Message):
-    __slots__ = ("container", "source_node", "remove_source", "mode", "migration_id", "allow_privileged", "memory_transfer")
+    __slots__ = ("container", "source_node", "remove_source", "mode", "migration_id", "allow_privileged", "memory_transfer", "connections")
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
     REMOVE_SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -585,6 +605,7 @@ class MigrateRequest(_message.Message):
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     ALLOW_PRIVILEGED_FIELD_NUMBER: _ClassVar[int]
     MEMORY_TRANSFER_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
     container: str
     source_node: str
     remove_source: bool
@@ -592,7 +613,8 @@ class MigrateRequest(_message.Message):
     migration_id: str
     allow_privileged: bool
     memory_transfer: str
-    def __init__(self, container: _Optional[str] = ..., source_node: _Optional[str] = ..., remove_source: _Optional[bool] = ..., mode: _Optional[_Union[Mode, str]] = ..., migration_id: _Optional[str] = ..., allow_privileged: _Optional[bool] = ..., memory_transfer: _Optional[str] = ...) -> None: ...
+    connections: str
+    def __init__(self, container: _Optional[str] = ..., source_node: _Optional[str] = ..., remove_source: _Optional[bool] = ..., mode: _Optional[_Union[Mode, str]] = ..., migration_id: _Optional[str] = ..., allow_privileged: _Optional[bool] = ..., memory_transfer: _Optional[str] = ..., connections: _Optional[str] = ...) -> None: ...
 
 class PhaseReport(_message.Message):
     __slots__ = ("phase", "seconds", "bytes", "literal_bytes", "matched_bytes")
@@ -639,7 +661,7 @@ class OriginReport(_message.Message):
     def __init__(self, node: _Optional[str] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class MigrationReport(_message.Message):
-    __slots__ = ("migration_id", "container", "source_node", "destination_node", "new_container_id", "total_seconds", "downtime_seconds", "phases", "transfers", "origins", "mode", "checkpoint_method", "restore_method", "memory_transfer", "pages_seconds")
+    __slots__ = ("migration_id", "container", "source_node", "destination_node", "new_container_id", "total_seconds", "downtime_seconds", "phases", "transfers", "origins", "mode", "checkpoint_method", "restore_method", "memory_transfer", "pages_seconds", "connections")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
@@ -655,6 +677,7 @@ class MigrationReport(_message.Message):
     RESTORE_METHOD_FIELD_NUMBER: _ClassVar[int]
     MEMORY_TRANSFER_FIELD_NUMBER: _ClassVar[int]
     PAGES_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     container: str
     source_node: str
@@ -670,7 +693,8 @@ class MigrationReport(_message.Message):
     restore_method: str
     memory_transfer: str
     pages_seconds: float
-    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., source_node: _Optional[str] = ..., destination_node: _Optional[str] = ..., new_container_id: _Optional[str] = ..., total_seconds: _Optional[float] = ..., downtime_seconds: _Optional[float] = ..., phases: _Optional[_Iterable[_Union[PhaseReport, _Mapping]]] = ..., transfers: _Optional[_Iterable[_Union[TransferReport, _Mapping]]] = ..., origins: _Optional[_Iterable[_Union[OriginReport, _Mapping]]] = ..., mode: _Optional[_Union[Mode, str]] = ..., checkpoint_method: _Optional[str] = ..., restore_method: _Optional[str] = ..., memory_transfer: _Optional[str] = ..., pages_seconds: _Optional[float] = ...) -> None: ...
+    connections: str
+    def __init__(self, migration_id: _Optional[str] = ..., container: _Optional[str] = ..., source_node: _Optional[str] = ..., destination_node: _Optional[str] = ..., new_container_id: _Optional[str] = ..., total_seconds: _Optional[float] = ..., downtime_seconds: _Optional[float] = ..., phases: _Optional[_Iterable[_Union[PhaseReport, _Mapping]]] = ..., transfers: _Optional[_Iterable[_Union[TransferReport, _Mapping]]] = ..., origins: _Optional[_Iterable[_Union[OriginReport, _Mapping]]] = ..., mode: _Optional[_Union[Mode, str]] = ..., checkpoint_method: _Optional[str] = ..., restore_method: _Optional[str] = ..., memory_transfer: _Optional[str] = ..., pages_seconds: _Optional[float] = ..., connections: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("kind", "item", "bytes_done", "bytes_total")

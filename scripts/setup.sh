@@ -9,7 +9,8 @@
 #        /opt/migctl/bin/criu  (wrapper or symlink; put /opt/migctl/bin first on
 #                               dockerd's PATH so runc finds it)
 #        /opt/migctl/criu/     (private prefix when CRIU comes from Debian sid)
-#   3. /etc/criu/runc.conf with tcp-established, tcp-close, skip-in-flight and file-locks, and the runc wrapper
+#   3. /etc/criu/runc.conf with tcp-established, skip-in-flight and file-locks (tcp-close is the
+#      wrapper's, per call), and the runc wrapper
 #      /opt/migctl/bin/migctl-runc (the direct checkpoint path); fs.pipe-max-size of at least
 #      4 MiB (post-copy)
 #   4. .venv in the repo root: requirements.lock (exact versions and hashes; scripts/lock.sh
@@ -439,11 +440,12 @@ step_runc_conf() {
     local opt added=()
     mkdir -p "$(dirname "$RUNC_CONF")"
     [[ -e "$RUNC_CONF" ]] || : >"$RUNC_CONF"
+    # tcp-established: containers with connected clients can be checkpointed at all.
     # skip-in-flight: a server that clients keep connecting to has connections not yet
     # accepted at any moment, and CRIU refuses to dump those; they are dropped, clients retry.
     # file-locks: services hold flock, POSIX and OFD locks (MariaDB, SQLite); CRIU refuses to
     # dump them without it, and with it they are taken again at the restore
-    for opt in tcp-established tcp-close skip-in-flight file-locks; do
+    for opt in tcp-established skip-in-flight file-locks; do
         if ! grep -qxE "[[:space:]]*$opt[[:space:]]*" "$RUNC_CONF"; then
             # make sure the file ends with a newline before appending
             [[ -s "$RUNC_CONF" && -n "$(tail -c1 "$RUNC_CONF")" ]] && echo >>"$RUNC_CONF"
@@ -451,8 +453,15 @@ step_runc_conf() {
             added+=("$opt")
         fi
     done
+    # tcp-close is migctl-runc's, per call (it closes connections unless a migration keeps
+    # them): here it would hold for every call, as runc has CRIU read this file last. Earlier
+    # versions of this script put it here.
+    if grep -qxE "[[:space:]]*tcp-close[[:space:]]*" "$RUNC_CONF"; then
+        sed -i -E '/^[[:space:]]*tcp-close[[:space:]]*$/d' "$RUNC_CONF"
+        say "runc.conf: removed tcp-close from $RUNC_CONF (migctl-runc gives it per call)"
+    fi
     if [[ ${#added[@]} -eq 0 ]]; then
-        say "runc.conf: already has tcp-established, tcp-close, skip-in-flight and file-locks ($RUNC_CONF)"
+        say "runc.conf: has tcp-established, skip-in-flight and file-locks ($RUNC_CONF)"
     else
         say "runc.conf: added ${added[*]} to $RUNC_CONF"
     fi

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from migctl.agent.runtime.base import ContainerState
+from migctl.agent.runtime.base import ContainerState, Network
 from migctl.agent.runtime.criu.images import ENGINE_DEFAULT
 from migctl.agent.runtime.criu.seccomp import FLAG_TSYNC
 from migctl.common.errors import FailedPrecondition, NotFound, RuntimeFailure
@@ -44,7 +44,9 @@ class FakeNode:
     method: str = "engine"
     containers: dict[str, Container] = field(default_factory=dict)  # by id
     images: set[str] = field(default_factory=lambda: {IMAGE_ID})
+    networks: dict[str, Network] = field(default_factory=dict)  # by name
     fail_restore: str = ""  # a restore fails with this message
+    no_kept_connections: str = ""  # why it cannot keep connections ("": it can)
     stall_ping: float = 0.0  # the engine answers a ping this many seconds late (once)
     calls: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -76,7 +78,9 @@ class FakeNode:
         spec = pb.ContainerSpec(id=cid, name=spec.name, image=spec.image,
                                 image_id=spec.image_id, diff_ids=spec.diff_ids,
                                 running=spec.running, memory_bytes=spec.memory_bytes,
-                                volumes=spec.volumes)
+                                volumes=spec.volumes, networks=spec.networks,
+                                endpoints=spec.endpoints,
+                                engine_config_json=spec.engine_config_json)
         upper = self.root / "layers" / cid
         upper.mkdir(parents=True)
         c = self.containers[cid] = Container(cid, spec, upper)
@@ -185,11 +189,15 @@ class FakeNode:
     def post_copy_problem(self) -> str:
         return "its engine cannot restore memory pages lazily"
 
+    def kept_connections_problem(self) -> str:
+        return self.no_kept_connections
+
     def checkpoint(self, container: str, name: str, directory: Path, leave_running: bool,
                    page_server: str = "", lazy_in: Path | None = None, *,
-                   before_final: bool = False) -> Path:
+                   before_final: bool = False, keep_connections: bool = False) -> Path:
         c = self._get(container)
-        self.calls.append(f"checkpoint {name}")
+        self.calls.append(f"checkpoint {name}" + (" keeping connections" if keep_connections
+                                                  else ""))
         folder = directory / name
         folder.mkdir(parents=True, exist_ok=True)
         core = kit.core_entry(set(ENGINE_DEFAULT), 2, 0, "toy", leader=True)
@@ -213,6 +221,10 @@ class FakeNode:
     def refuse_connections(self, container: str, refuse: bool) -> None:
         pass
 
+    def isolate(self, container: str, isolated: bool) -> None:
+        self.calls.append(f"{'isolate' if isolated else 'reconnect'} "
+                          f"{self._get(container).spec.name}")
+
     def freeze(self, container: str) -> None:
         self._get(container).paused = True
 
@@ -220,9 +232,11 @@ class FakeNode:
         self._get(container).running = False
 
     def start_from_checkpoint(self, cid: str, checkpoint_dir: Path, name: str,
-                              lazy_in: Path | None = None) -> None:
+                              lazy_in: Path | None = None,
+                              keep_connections: bool = False) -> None:
         c = self._get(cid)
-        self.calls.append(f"restore {c.spec.name}")
+        self.calls.append(f"restore {c.spec.name}" + (" keeping connections"
+                                                      if keep_connections else ""))
         if self.fail_restore:
             raise RuntimeFailure(self.fail_restore)
         c.memory = json.loads((checkpoint_dir / "pages-1.img").read_text())
@@ -286,5 +300,14 @@ class FakeNode:
 
     # -- networks -------------------------------------------------------------------------
 
+    def network(self, name: str) -> Network | None:
+        net = self.networks.get(name)
+        if net is None:
+            return None
+        used = tuple(e.ipv4 for c in self.containers.values() for e in c.spec.endpoints
+                     if e.network == name)
+        return Network(net.name, net.driver, net.subnets, net.ip_ranges, net.gateways,
+                       net.reserved, used, net.internal)
+
     def internal_networks(self, names: list[str]) -> list[str]:
-        return []
+        return [n for n in names if n in self.networks and self.networks[n].internal]

@@ -44,6 +44,9 @@ class FakeRuntime:
     def post_copy_problem(self) -> str:
         return "its engine has no lazy pages" if self.method == "engine" else ""
 
+    def kept_connections_problem(self) -> str:
+        return "its engine's CRIU options are the machine's" if self.method == "engine" else ""
+
     def describe(self, container: str) -> pb.ContainerSpec:
         if container not in self.specs:
             raise NotFound(f"no container named {container!r} on this node")

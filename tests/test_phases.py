@@ -5,6 +5,7 @@ the hold broke are tested without a lab. The lab's tests drive real engines and 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,14 @@ import pytest
 from migctl.agent.migration import flow
 from migctl.agent.migration.source import HOLD_SILENCE
 from migctl.agent.migration.state import DESTINATION, SOURCE, State
+from migctl.agent.runtime.base import Network
 from migctl.client import api
 from migctl.proto import migctl_pb2 as pb
 from tests.fake_runtime import FakeNode
 from tests.inprocess import agents
 
 MEMORY = {"count": 41, "note": "in memory only"}
+DELTA = "delta"  # the fakes have no page server: named, never left to the measured link
 
 
 @pytest.fixture
@@ -117,3 +120,156 @@ def test_the_fake_engine_implements_the_whole_runtime() -> None:
             assert fake is not None, f"FakeNode lacks {concern.__name__}.{name}"
             assert list(inspect.signature(fake).parameters) == \
                 list(inspect.signature(member).parameters), name
+
+
+LAN = Network("lan", "macvlan", ("10.9.0.0/24",), ("10.9.0.128/25",), ("10.9.0.1",),
+              ("10.9.0.200",))
+ADDRESS, MAC = "10.9.0.130", "02:42:0a:09:00:82"
+
+
+def _on_lan(cluster, ipv4: str = ADDRESS, mac: str = MAC) -> None:
+    """Both nodes have the segment's network `lan`; the toy has ADDRESS on it (the source's
+    description says so: a hostile source may say anything)."""
+    for node in ("nodeA", "nodeB"):
+        cluster.runtimes[node].networks["lan"] = LAN
+    spec = cluster.runtimes["nodeA"].by_name("toy").spec
+    spec.networks[:] = ["lan"]
+    spec.engine_config_json = json.dumps({"Config": {}, "HostConfig": {"NetworkMode": "lan"}})
+    spec.endpoints.add(network="lan", driver="macvlan", subnet="10.9.0.0/24", ipv4=ipv4,
+                       mac=mac)
+
+
+def test_a_container_keeps_its_address_on_a_network_whose_addresses_move(cluster) -> None:
+    _on_lan(cluster)
+    api.migrate(cluster.inventory, "toy", "nodeA", "nodeB")
+    moved = cluster.runtimes["nodeB"].by_name("toy")
+    assert moved.running and list(moved.spec.networks) == ["lan"]
+    assert [(e.network, e.ipv4, e.mac) for e in moved.spec.endpoints] == [("lan", ADDRESS, MAC)]
+
+
+@pytest.mark.parametrize("change, said", [
+    (lambda b: b.networks.pop("lan"), "nodeB has no network of that name; create it as the "
+     "source's, on the same segment (docker network create -d macvlan --subnet 10.9.0.0/24"),
+    (lambda b: b.networks.update(lan=Network("lan", "bridge", ("10.9.0.0/24",))),
+     "is a bridge network on nodeB"),
+    (lambda b: b.networks.update(lan=Network("lan", "macvlan", ("10.7.0.0/24",))),
+     "is macvlan 10.7.0.0/24 on nodeB, macvlan 10.9.0.0/24 at the source"),
+    (lambda b: b.run("other", {}, {}, {}).spec.endpoints.add(network="lan", ipv4=ADDRESS),
+     f"{ADDRESS} is already used by a container on nodeB"),
+])
+def test_an_address_the_destination_cannot_give_is_refused_before_anything_moves(
+        cluster, change, said) -> None:
+    _on_lan(cluster)
+    b = cluster.runtimes["nodeB"]
+    change(b)
+    b.calls.clear()
+    with pytest.raises(api.FailedPrecondition, match="cannot keep its addresses on nodeB") as err:
+        api.migrate(cluster.inventory, "toy", "nodeA", "nodeB")
+    assert said in str(err.value)
+    assert b.calls == [] and cluster.runtimes["nodeA"].by_name("toy").running
+    assert cluster.runtimes["nodeA"].calls == []  # not even a pre-copy checkpoint
+
+
+@pytest.mark.parametrize("ipv4, mac, said", [
+    ("10.9.0.1", MAC, "is the segment's gateway or an address nodeB's engine keeps reserved"),
+    ("10.9.0.200", MAC, "is the segment's gateway or an address nodeB's engine keeps reserved"),
+    ("10.9.0.12", MAC, "outside the range nodeB gives containers (10.9.0.128/25)"),  # a node's
+    ("10.8.0.130", MAC, "10.8.0.130 is outside its subnet on nodeB"),
+    ("10.9.0.300", MAC, "'10.9.0.300' is not an IPv4 address"),
+    (ADDRESS, "03:42:0a:09:00:82", "is not a unicast MAC address"),
+    (ADDRESS, "02:42:0a:09:00:82; rm", "is not a unicast MAC address"),
+])
+def test_a_hostile_source_cannot_take_an_address_of_the_segment(cluster, ipv4, mac,
+                                                                 said) -> None:
+    """The source describes its container with an address of the segment's gateway, of another
+    node, or of nothing it may have: refused, whatever the source says of its own network."""
+    _on_lan(cluster, ipv4, mac)
+    b = cluster.runtimes["nodeB"]
+    with pytest.raises(api.FailedPrecondition, match="cannot keep its addresses on nodeB") as err:
+        api.migrate(cluster.inventory, "toy", "nodeA", "nodeB")
+    assert said in str(err.value)
+    assert b.calls == [] and cluster.runtimes["nodeA"].by_name("toy").running
+
+
+def _move(cluster, **options) -> pb.MigrationReport:
+    return api.migrate(cluster.inventory, "toy", "nodeA", "nodeB", memory_transfer=DELTA,
+                       **options)
+
+
+def test_connections_are_kept_when_the_address_moves_and_both_nodes_can(cluster) -> None:
+    a, b = cluster.runtimes["nodeA"], cluster.runtimes["nodeB"]
+    _on_lan(cluster)
+    a.method = b.method = "direct"
+    report = _move(cluster)
+    assert report.connections == "kept"
+    assert a.calls == ["checkpoint pre", "checkpoint final keeping connections"]
+    assert b.calls == ["create toy", "restore toy keeping connections"]
+
+
+def test_connections_are_closed_by_default_where_they_cannot_be_kept(cluster) -> None:
+    a, b = cluster.runtimes["nodeA"], cluster.runtimes["nodeB"]
+    a.method = b.method = "direct"  # the nodes could; its address cannot move (a bridge)
+    events: list[pb.MigrationEvent] = []
+    report = _move(cluster, on_event=events.append)
+    assert report.connections == "closed"
+    assert "connections: closed (it is on network 'bridge', whose addresses are nodeA's own" \
+        in "\n".join(e.log for e in events)
+    assert a.calls == ["checkpoint pre", "checkpoint final"]
+    assert b.calls == ["create toy", "restore toy"]
+
+
+def test_connections_close_when_asked_even_where_they_could_be_kept(cluster) -> None:
+    a, b = cluster.runtimes["nodeA"], cluster.runtimes["nodeB"]
+    _on_lan(cluster)
+    a.method = b.method = "direct"
+    report = _move(cluster, connections="close")
+    assert report.connections == "closed"
+    assert a.calls[-1] == "checkpoint final" and b.calls[-1] == "restore toy"
+    # the address moved all the same
+    assert b.by_name("toy").spec.endpoints[0].ipv4 == ADDRESS
+
+
+@pytest.mark.parametrize("setup, said", [
+    (lambda a, b: None, "it is on network 'bridge', whose addresses are nodeA's own"),
+    (lambda a, b: setattr(b, "no_kept_connections", "the kernel refuses TCP repair mode"),
+     "nodeB: the kernel refuses TCP repair mode"),
+    (lambda a, b: setattr(a, "no_kept_connections", "/etc/criu/runc.conf has tcp-close"),
+     "nodeA: /etc/criu/runc.conf has tcp-close"),
+])
+def test_keeping_what_cannot_be_kept_is_refused_before_anything_moves(cluster, setup,
+                                                                      said) -> None:
+    a, b = cluster.runtimes["nodeA"], cluster.runtimes["nodeB"]
+    if "bridge" not in said:
+        _on_lan(cluster)
+    a.method = b.method = "direct"
+    setup(a, b)
+    with pytest.raises(api.FailedPrecondition, match="cannot be kept") as err:
+        _move(cluster, connections="keep")
+    assert said in str(err.value) and "with connections 'close' it moves" in str(err.value)
+    assert a.calls == [] and b.calls == [] and a.by_name("toy").running
+
+
+def test_a_source_that_checkpoints_through_its_engine_closes_them_or_refuses_before_the_freeze(
+        cluster) -> None:
+    """Known only from the pre-copy checkpoint: plain runc at the source (the machine's CRIU
+    options); keep is refused before the freeze, and the source was never stopped."""
+    a, b = cluster.runtimes["nodeA"], cluster.runtimes["nodeB"]
+    _on_lan(cluster)
+    b.method = "direct"  # nodeA: "engine"
+    with pytest.raises(api.FailedPrecondition, match="nodeA checkpoints 'toy' through its engine"):
+        _move(cluster, connections="keep")
+    assert a.calls == ["checkpoint pre"] and a.by_name("toy").running and b.gone("toy")
+    report = _move(cluster)
+    assert report.connections == "closed" and a.calls[-1] == "checkpoint final"
+
+
+def test_a_rollback_after_the_freeze_restores_the_source_with_its_connections(cluster) -> None:
+    a, b = cluster.runtimes["nodeA"], cluster.runtimes["nodeB"]
+    _on_lan(cluster)
+    a.method = b.method = "direct"
+    b.fail_restore = "criu failed: type RESTORE errno 0"
+    with pytest.raises(api.RuntimeFailure, match="criu failed"):
+        _move(cluster)
+    assert a.calls == ["checkpoint pre", "checkpoint final keeping connections",
+                       "restore toy keeping connections"]
+    assert a.by_name("toy").running and b.gone("toy")

@@ -19,7 +19,10 @@ CID = "a" * 64
 def run(tmp_path: Path):
     """Run the wrapper with a fake runc that prints its arguments as JSON."""
     fake = tmp_path / "runc"
-    fake.write_text("#!/usr/bin/env python3\nimport json, sys; print(json.dumps(sys.argv[1:]))\n")
+    fake.write_text("#!/usr/bin/env python3\nimport json, os, sys\n"
+                    "print(json.dumps(sys.argv[1:]))\n"
+                    f"open({str(tmp_path / 'criu-config')!r}, 'w').write("
+                    "os.environ.get('CRIU_CONFIG_FILE', ''))\n")
     fake.chmod(0o755)
     requests = tmp_path / "requests"
     requests.mkdir()
@@ -40,6 +43,7 @@ def run(tmp_path: Path):
         return json.loads(out.stdout)
 
     call.requests = requests  # type: ignore[attr-defined]
+    call.criu_config = lambda: (tmp_path / "criu-config").read_text()  # type: ignore[attr-defined]
     return call
 
 
@@ -130,7 +134,7 @@ def test_a_request_lives_only_while_staged(tmp_path: Path, monkeypatch) -> None:
         assert (tmp_path / "rq" / f"{CID}.restore").read_text().startswith("/s/img\n\n")
     with direct.staged(CID, "checkpoint", Path("/s/img"), "127.0.0.1:1", True, Path("/n")):
         lines = (tmp_path / "rq" / f"{CID}.checkpoint").read_text().splitlines()
-        assert lines[1] == "127.0.0.1:1" and lines[3:] == ["lazy", "/n"]
+        assert lines[1] == "127.0.0.1:1" and lines[3:] == ["lazy", "/n", ""]
         assert (tmp_path / "rq").stat().st_mode & 0o077 == 0
     assert not (tmp_path / "rq" / f"{CID}.restore").exists()
 
@@ -147,3 +151,48 @@ def test_the_probe_finds_the_wrapper_under_any_name() -> None:
                          "fast": {"path": "/opt/migctl/bin/migctl-runc"}}}
     assert direct.wrapper_runtime(info) == "fast"
     assert direct.wrapper_runtime({"Runtimes": {"runc": {"path": "runc"}}}) == ""
+
+
+@pytest.mark.parametrize("args", ORDINARY)
+def test_every_checkpoint_and_restore_closes_connections_unless_staged_to_keep_them(
+        run, args: list[str]) -> None:
+    """runc has CRIU read /etc/criu/runc.conf last, so tcp-close there would close every
+    connection: the wrapper gives it per call instead, through CRIU_CONFIG_FILE."""
+    run(*args)
+    if "checkpoint" not in args and "restore" not in args:
+        assert run.criu_config() == ""  # anything else is runc's alone
+        return
+    conf = Path(run.criu_config())
+    assert conf == run.requests / "criu-tcp-close.conf"
+    assert conf.read_text() == "tcp-close\n"
+
+
+@pytest.mark.parametrize("action", ["checkpoint", "restore"])
+@pytest.mark.parametrize("connections, closed", [("keep", False), ("", True), ("kept", True)])
+def test_a_staged_call_keeps_connections_only_when_asked(run, action: str, connections: str,
+                                                         closed: bool) -> None:
+    (run.requests / f"{CID}.{action}").write_text(f"/staging/m1\n\ntok\n\n\n{connections}\n")
+    run("--root", "/r", action, "--image-path", "/engine/img", CID)
+    assert bool(run.criu_config()) is closed
+
+
+def test_the_staged_request_says_keep_as_the_wrapper_reads_it(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    monkeypatch.setattr(direct, "REQUEST_DIR", tmp_path)
+    with direct.staged(CID, "restore", Path("/i"), keep_connections=True):
+        assert (tmp_path / f"{CID}.restore").read_text().splitlines()[5] == "keep"
+    with direct.staged(CID, "restore", Path("/i")):
+        assert (tmp_path / f"{CID}.restore").read_text().splitlines()[5] == ""
+
+
+@pytest.mark.parametrize("conf, said", [
+    ("tcp-established\ntcp-close\nfile-locks\n", "has tcp-close, which closes every"),
+    ("file-locks\n", "has no tcp-established"),
+    ("tcp-established\n skip-in-flight\nfile-locks\n", ""),
+])
+def test_runc_conf_must_leave_connections_to_each_call(tmp_path: Path, conf: str,
+                                                       said: str) -> None:
+    path = tmp_path / "runc.conf"
+    path.write_text(conf)
+    problem = direct.runc_conf_problem(path)
+    assert (said in problem) if said else problem == ""

@@ -42,7 +42,7 @@ class RecordingRuntime:
 
     def checkpoint(self, container: str, name: str, directory: Path, leave_running: bool,
                    page_server: str = "", lazy_in: Path | None = None, *,
-                   before_final: bool = False) -> Path:
+                   before_final: bool = False, keep_connections: bool = False) -> Path:
         self.calls.append(f"checkpoint {name}")
         if not leave_running:
             self.in_final.set()
@@ -61,7 +61,8 @@ class RecordingRuntime:
         self.calls.append(f"policy {policy['Name']}")
 
     def start_from_checkpoint(self, cid: str, checkpoint_dir: Path, name: str,
-                              lazy_in: Path | None = None) -> None:
+                              lazy_in: Path | None = None,
+                              keep_connections: bool = False) -> None:
         self.calls.append(f"restore {checkpoint_dir.name}")
         self.running_now = True
 

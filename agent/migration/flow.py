@@ -78,6 +78,7 @@ class Migration:
     # what the phases learn, each set once by the phase named
     source_info: pb.NodeInfo = field(default_factory=pb.NodeInfo)  # request
     link: Link | None = None  # to the source, measured in the request phase
+    keep_connections: bool = False  # request: CRIU carries its TCP connections
     snapshots_at: float = 0.0  # pre-copy: when the volume snapshots were taken
     pre_checkpoint: pb.CheckpointReply = field(default_factory=pb.CheckpointReply)  # pre-copy
     confinement: Confinement | None = None  # pre-copy: what the created container was given

@@ -55,6 +55,7 @@ class SourceData:
     restart_policy: dict[str, Any] = field(default_factory=dict)  # put back by a resume
     paused: bool = False  # frozen by a pause (page server): its memory never left it
     lazy: bool = False  # post-copy: its lazy checkpoint serves the pages
+    keep_connections: bool = False  # its final checkpoint carries its TCP connections
     resume: str = ""  # what the resume did
 
 

@@ -352,6 +352,9 @@ class SourceSide:
         if request.page_server and request.lazy_pages:
             raise InvalidArgument("a final checkpoint sends its pages to a page server or serves "
                                   "them lazily, not both")
+        keep = request.keep_connections
+        if keep and request.name != FINAL_CHECKPOINT:
+            raise InvalidArgument("only the final checkpoint carries the TCP connections")
         if request.leave_running:
             if entry.state != State.PRE_COPY:
                 raise j.IllegalTransition(f"migration {entry.id} is {entry.state}: no "
@@ -368,7 +371,7 @@ class SourceSide:
                 with self._lock:
                     self.journal.move(entry.id, SOURCE, State.FROZEN, by=PEER,
                                       data={"restart_policy": policy, "paused": bool(tunnel),
-                                            "lazy": lazy})
+                                            "lazy": lazy, "keep_connections": keep})
                     self.underway(entry.id).freezing = True
             except BaseException:
                 if tunnel is not None:
@@ -380,20 +383,27 @@ class SourceSide:
                     self.runtime.set_restart_policy(entry.container, {"Name": "no"})
                 if tunnel is None:
                     return self.runtime.checkpoint(entry.container, request.name,
-                                                   area / "checkpoints", False)
+                                                   area / "checkpoints", False,
+                                                   keep_connections=keep)
                 self.runtime.pause(entry.container)
+                if keep:  # what its kernel took from now on would never reach the destination
+                    self.runtime.isolate(entry.container, True)
                 if lazy:
                     serving = True  # the checkpoint's thread releases the tunnel
-                    folder = self._lazy_checkpoint(entry, tunnel, area / "checkpoints")
+                    folder = self._lazy_checkpoint(entry, tunnel, area / "checkpoints", keep)
                 else:
                     folder = self.runtime.checkpoint(entry.container, request.name,
-                                                     area / "checkpoints", True, tunnel.address)
-                # after the images (never in them), and off the frozen window
-                refusing = threading.Thread(target=self._refuse, args=(entry.container, True),
-                                            name=f"refuse-{entry.id}", daemon=True)
-                with self._lock:
-                    self.underway(entry.id).refusing = refusing
-                refusing.start()
+                                                     area / "checkpoints", True, tunnel.address,
+                                                     keep_connections=keep)
+                if not keep:
+                    # its clients' connections are reset: they fail over at once. After the
+                    # images (never in them), and off the frozen window
+                    refusing = threading.Thread(target=self._refuse,
+                                                args=(entry.container, True),
+                                                name=f"refuse-{entry.id}", daemon=True)
+                    with self._lock:
+                        self.underway(entry.id).refusing = refusing
+                    refusing.start()
                 return folder
             finally:
                 if tunnel is not None and not serving:
@@ -425,7 +435,8 @@ class SourceSide:
                                          "page server")
         return tunnel
 
-    def _lazy_checkpoint(self, entry: j.Entry, tunnel: Listener, directory: Path) -> Path:
+    def _lazy_checkpoint(self, entry: j.Entry, tunnel: Listener, directory: Path,
+                         keep_connections: bool = False) -> Path:
         """Post-copy: CRIU dumps all but the memory pages, then serves those from its page server
         in a network namespace of this checkpoint's own, until the destination's lazy-pages
         daemon has them all. Returns once the other images are written (the page server then
@@ -440,7 +451,8 @@ class SourceSide:
         def serve() -> None:
             try:
                 self.runtime.checkpoint(entry.container, FINAL_CHECKPOINT, directory, True,
-                                        f"127.0.0.1:{LAZY_PORT}", netns)
+                                        f"127.0.0.1:{LAZY_PORT}", netns,
+                                        keep_connections=keep_connections)
             except BaseException as err:  # noqa: BLE001 - said by the caller, or logged
                 failed.append(err)
                 log.warning("migration %s: the lazy checkpoint ended: %s", entry.id, err)
@@ -629,6 +641,8 @@ class SourceSide:
         now = None if gone else self.runtime.state(cid)
         if entry.at_source.paused and not gone:  # whatever it is now, it takes clients again
             self.take_connections_again(migration_id, cid)
+            if entry.at_source.keep_connections:  # and answers for its addresses
+                self.runtime.isolate(cid, False)
         if gone:
             # removed here meanwhile (by an operator): nothing is left to resume, ever
             reply = pb.ResumeReply(restored=False, detail="the container was removed from "
@@ -648,7 +662,9 @@ class SourceSide:
                                              "destination's page server")
                 if not (folder / "inventory.img").exists():
                     raise FailedPrecondition("the final checkpoint was never completed")
-                self.runtime.start_from_checkpoint(cid, folder, f"resume-{migration_id}")
+                self.runtime.start_from_checkpoint(
+                    cid, folder, f"resume-{migration_id}",
+                    keep_connections=entry.at_source.keep_connections)
                 self.runtime.wait_running(cid)
                 reply = pb.ResumeReply(restored=True,
                                        detail="restored from its final checkpoint")

@@ -35,6 +35,29 @@ class ContainerState:
     volumes: tuple[str, ...] = ()  # the named volumes it mounts
 
 
+MOVING_DRIVERS = ("macvlan", "ipvlan")
+"""Network drivers whose addresses can move between nodes: every node's network of that name
+is the same segment (a parent interface on one LAN), not a bridge of its own."""
+
+
+@dataclass(frozen=True)
+class Network:
+    """A network of this node's engine, as a migration reads it."""
+
+    name: str
+    driver: str
+    subnets: tuple[str, ...] = ()  # IPv4 CIDRs
+    ip_ranges: tuple[str, ...] = ()  # where the engine gives addresses out; () the whole subnet
+    gateways: tuple[str, ...] = ()
+    reserved: tuple[str, ...] = ()  # the engine's auxiliary addresses: not for containers
+    used: tuple[str, ...] = ()  # the IPv4 addresses its containers have here
+    internal: bool = False
+
+    @property
+    def moves_addresses(self) -> bool:
+        return self.driver in MOVING_DRIVERS
+
+
 class Node(Protocol):
     """Facts of the node's engine."""
 
@@ -45,6 +68,12 @@ class Node(Protocol):
     def confines_with_seccomp(self) -> bool:
         """Whether the engine gives its containers a seccomp filter by default."""
         ...
+
+
+class Networks(Protocol):
+    """The engine's networks."""
+
+    def network(self, name: str) -> Network | None: ...
     def internal_networks(self, names: list[str]) -> list[str]: ...
 
 
@@ -77,6 +106,7 @@ class Containers(Protocol):
     def pause(self, container: str) -> None: ...
     def unpause(self, container: str) -> None: ...
     def refuse_connections(self, container: str, refuse: bool) -> None: ...
+    def isolate(self, container: str, isolated: bool) -> None: ...
     def freeze(self, container: str) -> None: ...
     def kill(self, container: str) -> None: ...
 
@@ -89,11 +119,14 @@ class Checkpoints(Protocol):
 
     def method_for(self, container: str) -> str: ...
     def post_copy_problem(self) -> str: ...
+    def kept_connections_problem(self) -> str: ...
     def checkpoint(self, container: str, name: str, directory: Path,
                    leave_running: bool, page_server: str = "",
-                   lazy_in: Path | None = None, *, before_final: bool = False) -> Path: ...
+                   lazy_in: Path | None = None, *, before_final: bool = False,
+                   keep_connections: bool = False) -> Path: ...
     def start_from_checkpoint(self, cid: str, checkpoint_dir: Path, name: str,
-                              lazy_in: Path | None = None) -> None: ...
+                              lazy_in: Path | None = None,
+                              keep_connections: bool = False) -> None: ...
 
 
 class Images(Protocol):
@@ -119,7 +152,7 @@ class Volumes(Protocol):
     def volume_users(self, name: str) -> list[ContainerState]: ...
 
 
-class Runtime(Node, Containers, Checkpoints, Images, Volumes, Protocol):
+class Runtime(Node, Networks, Containers, Checkpoints, Images, Volumes, Protocol):
     """Everything a node's runtime does, each concern its own protocol above: a caller that
     needs one asks for that one."""
 

@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -52,18 +53,20 @@ def wrapper_runtime(info: dict) -> str:
 
 @contextlib.contextmanager
 def staged(container_id: str, action: str, images: Path, page_server: str = "",
-           lazy: bool = False, place: Path | None = None) -> Iterator[None]:
+           lazy: bool = False, place: Path | None = None,
+           keep_connections: bool = False) -> Iterator[None]:
     """While inside, the wrapper sends CONTAINER_ID's ACTION (checkpoint/restore) to IMAGES;
     LAZY keeps (or fetches) the memory pages through CRIU's lazy pages; PLACE is, for a lazy
     checkpoint, the network namespace runc and CRIU run in (its page server listens there),
-    for a lazy restore its work folder (the lazy-pages daemon's socket is there)."""
+    for a lazy restore its work folder (the lazy-pages daemon's socket is there);
+    KEEP_CONNECTIONS has CRIU carry established TCP connections instead of closing them."""
     if not valid_container_id(container_id):
         raise RuntimeFailure(f"not a container id: {container_id!r}")
     REQUEST_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
     request = REQUEST_DIR / f"{container_id}.{action}"
     tmp = request.with_suffix(".part")
     tmp.write_text(f"{images}\n{page_server}\n{token()}\n{'lazy' if lazy else ''}\n"
-                   f"{place or ''}\n")
+                   f"{place or ''}\n{'keep' if keep_connections else ''}\n")
     os.replace(tmp, request)
     try:
         yield
@@ -101,6 +104,41 @@ def uffd_problem() -> str:
     if out.returncode:
         return "CRIU finds no non-cooperative userfaultfd in this kernel"
     return ""
+
+
+RUNC_CONF = Path("/etc/criu/runc.conf")
+"""runc's CRIU configuration, read after every option runc gives CRIU: an option there holds
+for every checkpoint and restore of the machine."""
+
+
+def runc_conf_problem(conf: Path = RUNC_CONF) -> str:
+    """Why the machine's CRIU configuration keeps a call from carrying TCP connections: the
+    wrapper gives CRIU `tcp-close` per call (CRIU_CONFIG_FILE), which runc.conf would
+    override for all; without `tcp-established` there, no connection is dumped at all."""
+    try:
+        lines = {line.strip() for line in conf.read_text().splitlines()}
+    except OSError:
+        lines = set()
+    if "tcp-close" in lines:
+        return (f"{conf} has tcp-close, which closes every container's connections at every "
+                "restore (scripts/setup.sh moves it into migctl-runc, per call)")
+    if "tcp-established" not in lines:
+        return f"{conf} has no tcp-established: CRIU refuses to dump a connection"
+    return ""
+
+
+@functools.cache
+def tcp_repair_problem() -> str:
+    """Whether this kernel lets CRIU put a TCP socket in repair mode (checked once)."""
+    with socket.socket() as sock:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+        except OSError as err:
+            return f"the kernel refuses TCP repair mode ({err.strerror})"
+    return ""
+
+
+TCP_REPAIR = 19  # linux/tcp.h
 
 
 def token() -> str:
@@ -143,9 +181,13 @@ class WrapperPath:
     def post_copy_problem() -> str:
         return uffd_problem() or pipe_size_problem()
 
+    @staticmethod
+    def kept_connections_problem() -> str:
+        return tcp_repair_problem() or runc_conf_problem()
+
     def checkpoint(self, engine: DockerRuntime, cid: str, name: str, directory: Path,
                    leave_running: bool, page_server: str = "", lazy_in: Path | None = None,
-                   *, before_final: bool = False) -> Path:
+                   *, before_final: bool = False, keep_connections: bool = False) -> Path:
         """With PAGE_SERVER (HOST:PORT), CRIU sends the memory pages there, and the folder
         holds every other image. With LAZY_IN (a network namespace's file), CRIU instead keeps
         the pages and serves them from PAGE_SERVER's port in that namespace, and this returns
@@ -157,12 +199,14 @@ class WrapperPath:
         engine_dir = directory / f".engine-{name}"
         shutil.rmtree(engine_dir, ignore_errors=True)
         try:
-            with staged(cid, "checkpoint", target, page_server, lazy_in is not None, lazy_in):
+            with staged(cid, "checkpoint", target, page_server, lazy_in is not None, lazy_in,
+                        keep_connections):
                 engine.engine_checkpoint(cid, name, engine_dir, leave_running,
                                          serving=lazy_in is not None,
                                          before_final=before_final)
             if not (target / INVENTORY).exists():
-                if page_server:  # the pages went nowhere: the checkpoint is no use
+                if page_server or keep_connections:  # the pages went nowhere, or CRIU
+                    # closed the connections: the checkpoint is no use
                     raise RuntimeFailure(f"{WRAPPER.name} did not take the checkpoint of "
                                          f"{cid[:12]}: is its request folder {REQUEST_DIR}?")
                 # the wrapper did not see the request (another MIGCTL_RUNC_DIR?): the images
@@ -176,7 +220,8 @@ class WrapperPath:
         return target
 
     def start_from_checkpoint(self, engine: DockerRuntime, cid: str, checkpoint_dir: Path,
-                              name: str, lazy_in: Path | None = None) -> None:
+                              name: str, lazy_in: Path | None = None,
+                              keep_connections: bool = False) -> None:
         """LAZY_IN: a lazy-pages daemon waits in that folder (agent/dataplane/pages.py), and
         the process starts before its memory arrived."""
         # The engine wants a checkpoint folder of its own to exist; the images stay where they
@@ -187,7 +232,7 @@ class WrapperPath:
         (target / "migctl-direct").write_text(token())  # content of its own (migctl-runc)
         try:
             with staged(cid, "restore", checkpoint_dir.resolve(), lazy=lazy_in is not None,
-                        place=lazy_in):
+                        place=lazy_in, keep_connections=keep_connections):
                 engine.engine_start_checkpoint(cid, name)
         finally:
             shutil.rmtree(target, ignore_errors=True)

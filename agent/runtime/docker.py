@@ -25,7 +25,7 @@ import docker.errors
 import psutil
 
 from migctl.agent.runtime import dumpable, netns
-from migctl.agent.runtime.base import ContainerState
+from migctl.agent.runtime.base import ContainerState, Network
 from migctl.agent.runtime.direct import WrapperPath
 from migctl.agent.runtime.host import criu_path
 from migctl.agent.runtime.spec import create_request, port_protocol, unsupported
@@ -75,6 +75,46 @@ def refuse_new_connections(netns: Path, refuse: bool) -> None:
         present = iptables("-C", *REFUSE_RULE)
     if not refuse and present:
         raise RuntimeFailure(f"could not make {netns} take new connections again")
+
+
+ISOLATE_RULES = [("PREROUTING", "-i"), ("OUTPUT", "-o")]  # in iptables' raw table: before all
+ISOLATE_MARK = ["-m", "comment", "--comment", "migctl: moved away", "-j", "DROP"]
+
+
+def isolate_network(netns: Path, isolated: bool) -> None:
+    """Nothing but loopback in or out of NETNS, and no ARP from its interfaces (ISOLATED), or
+    as before; idempotent. Its links stay up, so that its routes are kept for a rollback."""
+    def run(*cmd: str) -> bool:
+        try:
+            out = subprocess.run(["nsenter", f"--net={netns}", *cmd], capture_output=True,
+                                 text=True, check=False, timeout=10)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise RuntimeFailure(f"{cmd[0]} in {netns}: {err}") from err
+        return out.returncode == 0
+
+    for chain, way in ISOLATE_RULES:
+        def rule(op: str, chain: str = chain, way: str = way) -> bool:
+            return run("iptables", "-w", "2", "-t", "raw", op, chain, "!", way, "lo",
+                       *ISOLATE_MARK)
+
+        present = rule("-C")
+        if isolated and not present and not rule("-I"):
+            raise RuntimeFailure(f"could not cut {netns} off its network")
+        while not isolated and present:
+            if not rule("-D"):
+                raise RuntimeFailure(f"could not give {netns} its network back")
+            present = rule("-C")
+    try:
+        names = [line.split(":")[1].strip().partition("@")[0] for line in subprocess.run(
+            ["nsenter", f"--net={netns}", "ip", "-o", "link", "show"], capture_output=True,
+            text=True, check=True, timeout=10).stdout.splitlines()]
+    except (OSError, subprocess.SubprocessError) as err:
+        raise RuntimeFailure(f"ip link in {netns}: {err}") from err
+    for name in names:
+        if name != "lo" and not run("ip", "link", "set", "dev", name, "arp",
+                                    "off" if isolated else "on"):
+            raise RuntimeFailure(f"could not turn ARP {'off' if isolated else 'on'} on "
+                                 f"{name} in {netns}")
 
 
 def _alive(pid: int) -> bool:
@@ -224,7 +264,7 @@ class DockerRuntime:
         c = self.inspect(container)
         image = self._call("inspect image", self.api.inspect_image, c["Image"])
         spec = self._spec(c, lambda name: self._call("inspect volume", self.api.inspect_volume,
-                                                     name), tree_size)
+                                                     name), tree_size, self.network)
         spec.image_tags.extend(image.get("RepoTags") or [])
         spec.diff_ids.extend(image["RootFS"].get("Layers") or [])
         spec.layer_sizes.extend(self.layer_sizes(list(spec.diff_ids)))
@@ -271,9 +311,11 @@ class DockerRuntime:
 
     @staticmethod
     def _spec(c: dict[str, Any], volume: Callable[[str], dict[str, Any]],
-              size: Callable[[str], int]) -> pb.ContainerSpec:
+              size: Callable[[str], int],
+              network: Callable[[str], Network | None] = lambda _: None) -> pb.ContainerSpec:
         """The description of inspected container C, but its image's layers and its memory;
-        VOLUME inspects a volume by name, SIZE measures one by its mount source."""
+        VOLUME inspects a volume by name, SIZE measures one by its mount source, NETWORK reads
+        one by name (its addresses move with it where the network's driver moves them)."""
         cfg, host = c["Config"], c["HostConfig"]
         spec = pb.ContainerSpec(
             id=c["Id"],
@@ -292,6 +334,14 @@ class DockerRuntime:
             running=bool(c["State"].get("Running")),
             engine_config_json=json.dumps({"Config": cfg, "HostConfig": host}),
         )
+        for name, settings in sorted(((c.get("NetworkSettings") or {}).get("Networks")
+                                      or {}).items()):
+            net = network(name)
+            if net is not None and net.moves_addresses and settings.get("IPAddress"):
+                spec.endpoints.add(network=name, driver=net.driver,
+                                   subnet=(net.subnets or ("",))[0],
+                                   ipv4=settings["IPAddress"],
+                                   mac=settings.get("MacAddress") or "")
         for port, bindings in (host.get("PortBindings") or {}).items():
             for b in bindings or [{}]:
                 spec.ports.add(container_port=port, host_ip=b.get("HostIp", ""),
@@ -467,6 +517,26 @@ class DockerRuntime:
                 out.append(name)
         return out
 
+    def network(self, name: str) -> Network | None:
+        """Network NAME of this engine, or None when it has none of that exact name."""
+        found = [n for n in self._call("list networks", self.api.networks, names=[name])
+                 if n.get("Name") == name]
+        if not found:
+            return None
+        info = self._call(f"inspect network {name!r}", self.api.inspect_network, found[0]["Id"])
+        ipam = [c for c in (info.get("IPAM") or {}).get("Config") or []
+                if ":" not in (c.get("Subnet") or ":")]
+        return Network(
+            name, str(info.get("Driver") or ""),
+            subnets=tuple(c["Subnet"] for c in ipam),
+            ip_ranges=tuple(c["IPRange"] for c in ipam if c.get("IPRange")),
+            gateways=tuple(c["Gateway"] for c in ipam if c.get("Gateway")),
+            reserved=tuple(a for c in ipam for a in (c.get("AuxiliaryAddresses") or {}).values()),
+            used=tuple(e["IPv4Address"].partition("/")[0]
+                       for e in (info.get("Containers") or {}).values()
+                       if e.get("IPv4Address")),
+            internal=bool(info.get("Internal")))
+
     def ensure_networks(self, names: list[str]) -> None:
         for name in names:
             if name in ("bridge", "host", "none"):
@@ -481,6 +551,13 @@ class DockerRuntime:
     def method(self) -> str:
         """How this node's new containers' checkpoints move: "direct" or "engine"."""
         return self.direct.method if self.direct else ENGINE
+
+    def kept_connections_problem(self) -> str:
+        """Why this node cannot keep a container's TCP connections; empty when it can."""
+        if self.direct:
+            return self.direct.kept_connections_problem()
+        return ("it checkpoints and restores through its engine (no migctl-runc), whose CRIU "
+                "options are the machine's for every call")
 
     def post_copy_problem(self) -> str:
         """Why this node cannot take part in post-copy; empty when it can."""
@@ -529,16 +606,21 @@ class DockerRuntime:
 
     def checkpoint(self, container: str, name: str, directory: Path, leave_running: bool,
                    page_server: str = "", lazy_in: Path | None = None, *,
-                   before_final: bool = False) -> Path:
+                   before_final: bool = False, keep_connections: bool = False) -> Path:
         """Checkpoint into DIRECTORY/NAME and return that folder, the container's way."""
         inspected = self.inspect(container)  # once: this runs in the frozen window
         if self.direct is not None and self._direct_for(inspected):
             return self.direct.checkpoint(self, inspected["Id"], name, directory,
                                           leave_running, page_server, lazy_in,
-                                          before_final=before_final)
+                                          before_final=before_final,
+                                          keep_connections=keep_connections)
         if page_server or lazy_in:
             raise FailedPrecondition(f"the checkpoint of {container!r} goes through the engine, "
                                      "which cannot send its pages to a page server")
+        if keep_connections:
+            raise FailedPrecondition(f"the checkpoint of {container!r} goes through the engine, "
+                                     "whose CRIU options are the machine's: it cannot choose to "
+                                     "keep connections")
         return self.engine_checkpoint(inspected["Id"], name, directory, leave_running,
                                       before_final=before_final)
 
@@ -584,7 +666,15 @@ class DockerRuntime:
         config = create_request(spec, allow_privileged,
                                 runtime or (self.direct.runtime_name if self.direct else ""))
         networks = list(spec.networks) or ["bridge"]
-        self.ensure_networks(networks)
+        # a network whose addresses move exists here already (the request phase checked it)
+        fixed = {e.network: e for e in spec.endpoints}
+        self.ensure_networks([n for n in networks if n not in fixed])
+        if networks[0] in fixed:  # the first network's endpoint is given with the create
+            first = fixed[networks[0]]
+            config["NetworkingConfig"] = {"EndpointsConfig": {first.network: {
+                "IPAMConfig": {"IPv4Address": first.ipv4}}}}
+            if first.mac:
+                config["MacAddress"] = first.mac
         try:
             res = self.api._post_json(self.api._url("/containers/create"), data=config,
                                       params={"name": spec.name})
@@ -594,22 +684,27 @@ class DockerRuntime:
                                  f"{err.explanation or err}") from err
         for net in networks[1:]:
             self._call(f"connect to network {net!r}", self.api.connect_container_to_network,
-                       cid, net)
+                       cid, net, ipv4_address=fixed[net].ipv4 if net in fixed else None)
         return cid
 
     def start_from_checkpoint(self, cid: str, checkpoint_dir: Path, name: str,
-                              lazy_in: Path | None = None) -> None:
+                              lazy_in: Path | None = None,
+                              keep_connections: bool = False) -> None:
         """Start CID from the checkpoint files in CHECKPOINT_DIR.
 
         The engine refuses a custom checkpoint dir on start, so the files go where it looks
         for its own checkpoints: <DockerRootDir>/containers/<id>/checkpoints/<name>/.
         """
         if self.direct is not None and self._direct_for(self.inspect(cid)):
-            self.direct.start_from_checkpoint(self, cid, checkpoint_dir, name, lazy_in)
+            self.direct.start_from_checkpoint(self, cid, checkpoint_dir, name, lazy_in,
+                                              keep_connections)
             return
         if lazy_in is not None:
             raise FailedPrecondition(f"{cid[:12]} is restored through the engine, which cannot "
                                      "restore memory pages lazily")
+        if keep_connections:
+            raise FailedPrecondition(f"{cid[:12]} is restored through the engine, which cannot "
+                                     "choose to keep connections")
         target = self.root_dir() / "containers" / cid / "checkpoints" / name
         if target.exists():
             shutil.rmtree(target)
@@ -768,6 +863,18 @@ class DockerRuntime:
         sandbox = _sandbox(self.inspect(container))
         if sandbox is not None:
             refuse_new_connections(sandbox, refuse)
+
+    def isolate(self, container: str, isolated: bool) -> None:
+        """A paused copy whose connections the destination carries must not answer for its
+        addresses: from before its final checkpoint (what its kernel acknowledged after it
+        would be lost) until a rollback, nothing of its network goes in or out, and it answers
+        no ARP. Off again for a rollback."""
+        info = self.inspect(container)
+        sandbox = _sandbox(info)
+        if sandbox is not None:
+            isolate_network(sandbox, isolated)
+            if not isolated:  # the segment learns again where its addresses are
+                self.announce(info)
 
     def kill(self, container: str) -> None:
         self._call(f"kill {container[:12]!r}", self.api.kill, container)

@@ -9,11 +9,13 @@ this migration.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import posixpath
 import re
 from typing import Any
 
+from migctl.agent.runtime.base import Network
 from migctl.common.errors import InvalidArgument, Refused
 from migctl.proto import migctl_pb2 as pb
 
@@ -23,6 +25,7 @@ _CHECKPOINT_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _CONTAINER_ID = re.compile(r"^[0-9a-f]{64}$")
 _NETWORK_ID = re.compile(r"^[0-9a-f]{12,64}$")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 # Copied as they are: none of them reaches outside the container's own namespaces and cgroup.
 SAFE_CONFIG = ("Hostname", "Domainname", "User", "ExposedPorts", "Env", "Cmd", "Entrypoint",
@@ -186,6 +189,58 @@ def create_request(spec: pb.ContainerSpec, allow_privileged: bool,
     if runtime:
         new_host["Runtime"] = runtime
     out["HostConfig"] = new_host
+    return out
+
+
+def endpoint_problems(spec: pb.ContainerSpec, networks: dict[str, Network | None],
+                      node: str) -> list[str]:
+    """Why SPEC's addresses cannot be its addresses here, each in words: NETWORKS are this
+    node's networks of the names its endpoints give (None: none of that name). The source's
+    word on its network is only compared; what decides is this node's network, and an address
+    must be one it gives containers: never its gateway, a reserved address, one outside its
+    range (a node's or another host's on the segment), or one a container here already has."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for e in spec.endpoints:
+        where = f"network {e.network!r}"
+        if e.network not in spec.networks or e.network in seen:
+            out.append(f"{where}: an address on a network the container is not on, or a "
+                       "second one")
+            continue
+        seen.add(e.network)
+        try:
+            address = ipaddress.IPv4Address(e.ipv4)
+        except ValueError:
+            out.append(f"{where}: {e.ipv4!r} is not an IPv4 address")
+            continue
+        if e.mac and (not _MAC.match(e.mac) or int(e.mac[:2], 16) & 1 or
+                      e.mac == "00:00:00:00:00:00"):
+            out.append(f"{where}: {e.mac!r} is not a unicast MAC address")
+        net = networks.get(e.network)
+        if net is None:
+            out.append(f"{where}: {node} has no network of that name; create it as the "
+                       f"source's, on the same segment (docker network create -d {e.driver} "
+                       f"--subnet {e.subnet} -o parent=<the node's interface> {e.network})")
+            continue
+        if not net.moves_addresses:
+            out.append(f"{where} is a {net.driver} network on {node}: its addresses are "
+                       f"{node}'s own, not the source's segment ({e.driver} at the source)")
+            continue
+        if net.driver != e.driver or e.subnet not in net.subnets:
+            out.append(f"{where} is {net.driver} {', '.join(net.subnets) or 'without a subnet'} "
+                       f"on {node}, {e.driver} {e.subnet} at the source: not the same segment")
+            continue
+        if not any(address in ipaddress.ip_network(s, strict=False) for s in net.subnets):
+            out.append(f"{where}: {address} is outside its subnet on {node}")
+        elif e.ipv4 in net.gateways or e.ipv4 in net.reserved:
+            out.append(f"{where}: {address} is the segment's gateway or an address {node}'s "
+                       "engine keeps reserved, never a container's")
+        elif net.ip_ranges and not any(address in ipaddress.ip_network(r, strict=False)
+                                       for r in net.ip_ranges):
+            out.append(f"{where}: {address} is outside the range {node} gives containers "
+                       f"({', '.join(net.ip_ranges)}): it may be a node's or another host's")
+        elif e.ipv4 in net.used:
+            out.append(f"{where}: {address} is already used by a container on {node}")
     return out
 
 

@@ -16,7 +16,7 @@
 #   - the CRIU this host uses (scripts/setup.sh): /opt/migctl/bin/criu and, when that is the
 #     wrapper around CRIU from Debian sid, its private prefix /opt/migctl/criu, copied as is;
 #     when it is the distribution's CRIU, the image gets Debian's `criu` package instead
-#   - /etc/criu/runc.conf (tcp-established, tcp-close, skip-in-flight, file-locks), /etc/docker/daemon.json (experimental,
+#   - /etc/criu/runc.conf (tcp-established, skip-in-flight, file-locks; tcp-close is migctl-runc's), /etc/docker/daemon.json (experimental,
 #     migctl-runc as the default runtime)
 #   - this checkout's code (working tree, or --git-rev REV) installed with its dependencies
 #     into /opt/migctl/venv (pip, from PyPI: requirements-agent.lock's versions) -> /opt/migctl/venv/bin/migagent
@@ -166,7 +166,7 @@ fi
 in_root /opt/migctl/bin/criu --version >"$WORK/criu.log" 2>&1 ||
     { cat "$WORK/criu.log" >&2; die "criu does not run in the image root"; }
 say "$(head -n1 "$WORK/criu.log") in the image"
-printf 'tcp-established\ntcp-close\nskip-in-flight\nfile-locks\n' >"$ROOT/etc/criu/runc.conf"
+printf 'tcp-established\nskip-in-flight\nfile-locks\n' >"$ROOT/etc/criu/runc.conf"
 # the direct checkpoint path (agent/runtime/direct.py): runc behind migctl-runc
 install -m 0755 "$REPO_ROOT/agent/runtime/migctl-runc" "$ROOT/opt/migctl/bin/migctl-runc"
 cat >"$ROOT/etc/docker/daemon.json" <<'JSON'

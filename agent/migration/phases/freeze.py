@@ -19,6 +19,7 @@ from migctl.agent.migration.source import (
 )
 from migctl.agent.migration.state import State
 from migctl.agent.runtime.host import criu_path
+from migctl.common.errors import FailedPrecondition
 from migctl.proto import migctl_pb2 as pb
 
 if TYPE_CHECKING:
@@ -40,7 +41,8 @@ def run(m: Migration, spec: pb.ContainerSpec, pages: PageServer | None) -> pb.Ch
         m.frozen_at = time.time()
         final = m.source.call("Checkpoint", pb.CheckpointRequest(
             migration_id=m.migration_id, container=spec.id, name=FINAL_CHECKPOINT,
-            leave_running=False, page_server=pages is not None and not lazy, lazy_pages=lazy))
+            leave_running=False, page_server=pages is not None and not lazy, lazy_pages=lazy,
+            keep_connections=m.keep_connections))
         m.report.msg.checkpoint_method = final.method
         m.report.log(f"final checkpoint on {m.source_name}: {final.seconds:.2f} s "
                      f"({final.method})")
@@ -63,6 +65,16 @@ def prepare(m: Migration, spec: pb.ContainerSpec) -> PageServer | None:
     tunnel, when the link is fast enough (agent.migration.policy), or a lazy-pages daemon
     when post-copy was asked for (launched once the images are here); None: the pages go
     in the final pass as deltas."""
+    if m.keep_connections and m.pre_checkpoint.method != "direct":
+        # known from the pre-copy checkpoint: the engine's path has the machine's options
+        why = (f"{m.source_name} checkpoints {spec.name!r} through its engine (it runs with "
+               "plain runc, not migctl-runc)")
+        if m.request.connections == "keep":
+            raise FailedPrecondition(f"the TCP connections of container {spec.name!r} cannot "
+                                     f"be kept: {why}")
+        m.keep_connections = False
+        m.report.msg.connections = "closed"
+        m.report.log(f"connections: closed ({why})")
     criu = criu_path()
     asked = m.request.memory_transfer
     how, why = memory_transfer(m.link, m.pre_checkpoint.method, criu, asked,

@@ -13,11 +13,17 @@ from migctl.agent.migration.policy import memory_transfer
 from migctl.agent.migration.state import DESTINATION, SOURCE
 from migctl.agent.runtime.base import ContainerState
 from migctl.agent.runtime.host import criu_path, host_listeners
-from migctl.agent.runtime.spec import check_description, port_protocol, unsupported
+from migctl.agent.runtime.spec import (
+    check_description,
+    endpoint_problems,
+    port_protocol,
+    unsupported,
+)
 from migctl.agent.version import PROTOCOL_VERSION, version
 from migctl.common.errors import (
     AlreadyExists,
     FailedPrecondition,
+    InvalidArgument,
     MigctlError,
     Refused,
 )
@@ -69,6 +75,7 @@ def describe(m: Migration) -> pb.ContainerSpec:
         m.metrics.preflight.labels("unsupported").inc()
         raise FailedPrecondition(
             f"container {spec.name!r} cannot be migrated: " + "; ".join(problems))
+    check_endpoints(m, spec)
     internal = m.runtime.internal_networks(list(spec.networks))
     if internal and not m.request.allow_privileged:
         m.metrics.preflight.labels("unsupported").inc()
@@ -86,6 +93,7 @@ def describe(m: Migration) -> pb.ContainerSpec:
     except FailedPrecondition:
         m.metrics.preflight.labels("nodes").inc()
         raise
+    choose_connections(m, spec)
     existing = existing_container(m, spec.name)
     if existing and not m.is_migrated_away(existing.id):
         raise AlreadyExists(
@@ -95,6 +103,56 @@ def describe(m: Migration) -> pb.ContainerSpec:
         check_volume_free(m, vol)
     check_ports_free(m, spec)
     return spec
+
+
+def check_endpoints(m: Migration, spec: pb.ContainerSpec) -> None:
+    """The container's addresses that move (on macvlan or ipvlan networks) can be its
+    addresses here: refused before anything moves otherwise, naming what is missing."""
+    if not spec.endpoints:
+        return
+    networks = {e.network: m.runtime.network(e.network) for e in spec.endpoints}
+    if problems := endpoint_problems(spec, networks, m.node):
+        m.metrics.preflight.labels("network").inc()
+        raise FailedPrecondition(f"container {spec.name!r} cannot keep its addresses on "
+                                 f"{m.node}: " + "; ".join(problems))
+
+
+KEEP, CLOSE = "keep", "close"  # MigrateRequest.connections; "": keep them when they can be
+
+
+def choose_connections(m: Migration, spec: pb.ContainerSpec) -> None:
+    """Whether CRIU carries the container's established TCP connections (its addresses move
+    with it, and both nodes can) or closes them at the restore. Asked to keep them, what
+    keeps them from it is refused here, before anything moves, never closed silently."""
+    asked = m.request.connections
+    if asked not in ("", KEEP, CLOSE):
+        raise InvalidArgument(f"connections {asked!r}: give {KEEP!r} or {CLOSE!r}")
+    problems = [] if asked == CLOSE else kept_connections_problems(m, spec)
+    if asked == KEEP and problems:
+        m.metrics.preflight.labels("connections").inc()
+        raise FailedPrecondition(
+            f"the TCP connections of container {spec.name!r} cannot be kept: "
+            + "; ".join(problems) + f" (with connections {CLOSE!r} it moves, and its "
+            "clients reconnect)")
+    m.keep_connections = asked != CLOSE and not problems
+    m.report.msg.connections = "kept" if m.keep_connections else "closed"
+    m.report.log("connections: kept" if m.keep_connections else
+                 "connections: closed (" + ("asked" if asked == CLOSE else
+                                            "; ".join(problems)) + ")")
+
+
+def kept_connections_problems(m: Migration, spec: pb.ContainerSpec) -> list[str]:
+    """What keeps the container's connections from being carried, in words (none: they can
+    be): every network of its own must move its address, and both nodes must be able to."""
+    moving = {e.network for e in spec.endpoints}
+    out = [f"it is on network {n!r}, whose addresses are {m.source_name}'s own (only "
+           "macvlan and ipvlan networks move an address)"
+           for n in (list(spec.networks) or ["bridge"]) if n not in moving]
+    if there := m.source_info.no_kept_connections:
+        out.append(f"{m.source_name}: {there}")
+    if here := m.runtime.kept_connections_problem():
+        out.append(f"{m.node}: {here}")
+    return out
 
 
 def check_ports_free(m: Migration, spec: pb.ContainerSpec) -> None:

@@ -51,7 +51,8 @@ def start(m: Migration, spec: pb.ContainerSpec, pages: PageServer | None = None)
         m.report.log(f"lazy-pages daemon ready in {time.monotonic() - start:.2f} s")
     m.runtime.start_from_checkpoint(
         cid, m.area / "checkpoints" / FINAL_CHECKPOINT, f"migctl-{m.migration_id}",
-        lazy_in=pages.work if pages is not None else None)
+        lazy_in=pages.work if pages is not None else None,
+        keep_connections=m.keep_connections)
 
     def running() -> None:
         m.report.running()
