@@ -5,6 +5,7 @@ them. Enough for the phases to run end to end in one process, without a lab."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -306,8 +307,7 @@ class FakeNode:
             return None
         used = tuple(e.ipv4 for c in self.containers.values() for e in c.spec.endpoints
                      if e.network == name)
-        return Network(net.name, net.driver, net.subnets, net.ip_ranges, net.gateways,
-                       net.reserved, used, net.internal)
+        return dataclasses.replace(net, used=used)
 
     def internal_networks(self, names: list[str]) -> list[str]:
         return [n for n in names if n in self.networks and self.networks[n].internal]

@@ -13,7 +13,8 @@ import time
 import pytest
 
 from migctl.agent.dataplane.pages import PrivateNetns
-from migctl.agent.runtime.netns import announce, inside
+from migctl.agent.runtime.docker import isolate_network, refuse_new_connections
+from migctl.agent.runtime.netns import announce, inside, probe
 
 NODE_IP, CTR_IP = "10.77.0.1", "10.77.0.2"
 SERVE = ("import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, "
@@ -117,3 +118,65 @@ def test_only_the_addresses_the_engine_assigned_are_announced(pair) -> None:
     assert announce(ctr.path, {CTR_IP}) == []
     time.sleep(0.2)
     assert "02:00:00:00:00:99" in ip("-n", node.name, "neigh", "show", "10.77.0.9")
+
+
+def test_a_probe_finds_who_answers_for_an_address_and_nobody_for_a_free_one(pair) -> None:
+    """The destination's check after the freeze (freeze.probe_addresses): an address another
+    host answers for on the segment is named with that host's MAC; a free one is ""."""
+    node, ctr = pair
+    assert inside(node.path, lambda: probe("veth-ctr", CTR_IP, 0.5)) == mac_of(ctr, "eth0")
+    assert inside(node.path, lambda: probe("veth-ctr", "10.77.0.3", 0.2)) == ""
+
+
+def test_a_probe_hears_no_answer_from_a_copy_cut_off_its_network(pair) -> None:
+    """The paused source's copy is isolated (no ARP, nothing in or out) before its final
+    checkpoint: it no longer answers for its address, and answers again once given back."""
+    node, ctr = pair
+    isolate_network(ctr.path, True)
+    isolate_network(ctr.path, True)  # idempotent
+    try:
+        assert inside(node.path, lambda: probe("veth-ctr", CTR_IP, 0.3)) == ""
+        with pytest.raises(TimeoutError):  # not even refused: nothing answers
+            inside(node.path, lambda: socket.create_connection((CTR_IP, 9), timeout=0.5))
+    finally:
+        isolate_network(ctr.path, False)
+    with pytest.raises(ConnectionRefusedError):  # its kernel answers again
+        inside(node.path, lambda: socket.create_connection((CTR_IP, 9), timeout=5))
+    assert inside(node.path, lambda: probe("veth-ctr", CTR_IP, 0.5)) == mac_of(ctr, "eth0")
+    assert "DROP" not in subprocess.run(["nsenter", f"--net={ctr.path}", "iptables", "-t",
+                                         "raw", "-S"], capture_output=True, text=True).stdout
+
+
+def test_a_paused_copy_that_closes_its_connections_resets_them_at_once(pair) -> None:
+    """Its clients' open connections are reset (they fail over now, not when the copy is
+    released), and new ones too until a rollback takes them again."""
+    node, ctr = pair
+    server = subprocess.Popen(["nsenter", f"--net={ctr.path}", sys.executable, "-c",
+                               SERVE.replace("c.sendall(b'hi'); c.close()",
+                                             "import time; time.sleep(30)")])
+    try:
+        for _ in range(200):
+            if "8099" in subprocess.run(["nsenter", f"--net={ctr.path}", "ss", "-ltn"],
+                                        capture_output=True, text=True).stdout:
+                break
+            time.sleep(0.02)
+
+        def held_then_reset() -> str:
+            with socket.create_connection((CTR_IP, 8099), timeout=5) as s:
+                time.sleep(0.2)  # accepted by now
+                refuse_new_connections(ctr.path, True)
+                s.settimeout(5)
+                try:
+                    s.recv(1)
+                except OSError as err:
+                    return type(err).__name__  # (inside raises what it is given)
+            return "nothing"
+
+        assert inside(node.path, held_then_reset) == "ConnectionResetError"
+        with pytest.raises(ConnectionRefusedError):  # a new one: reset, not left waiting
+            inside(node.path, lambda: socket.create_connection((CTR_IP, 8099), timeout=5))
+        refuse_new_connections(ctr.path, False)
+        inside(node.path, lambda: socket.create_connection((CTR_IP, 8099), timeout=5).close())
+    finally:
+        server.kill()
+        server.wait()

@@ -5,6 +5,7 @@ the hold broke are tested without a lab. The lab's tests drive real engines and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from migctl.agent.migration import flow
 from migctl.agent.migration.source import HOLD_SILENCE
 from migctl.agent.migration.state import DESTINATION, SOURCE, State
+from migctl.agent.runtime import netns
 from migctl.agent.runtime.base import Network
 from migctl.client import api
 from migctl.proto import migctl_pb2 as pb
@@ -273,3 +275,27 @@ def test_a_rollback_after_the_freeze_restores_the_source_with_its_connections(cl
     assert a.calls == ["checkpoint pre", "checkpoint final keeping connections",
                        "restore toy keeping connections"]
     assert a.by_name("toy").running and b.gone("toy")
+
+
+def test_an_address_another_host_answers_for_after_the_freeze_is_not_taken(
+        cluster, monkeypatch) -> None:
+    """A source may describe its container with a neighbour's address: once the source's copy
+    is stopped, the segment is probed, and an answer rolls the migration back."""
+    a, b = cluster.runtimes["nodeA"], cluster.runtimes["nodeB"]
+    _on_lan(cluster)
+    b.networks["lan"] = dataclasses.replace(LAN, parent="eth0")
+    asked: list[tuple[str, str]] = []
+
+    def answers(interface: str, address: str, timeout: float) -> str:
+        asked.append((interface, address))
+        return "02:00:00:00:00:99"
+
+    monkeypatch.setattr(netns, "probe", answers)
+    with pytest.raises(api.FailedPrecondition, match="another host on the segment holds an "
+                       f"address the container would take here: {ADDRESS} answers from "
+                       "02:00:00:00:00:99 on eth0"):
+        _move(cluster)
+    assert asked == [("eth0", ADDRESS)]
+    assert "restore toy" not in b.calls and b.gone("toy")
+    assert a.by_name("toy").running  # rolled back
+    assert _states(cluster, ("nodeB", DESTINATION)) == [State.ROLLED_BACK]

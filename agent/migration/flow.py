@@ -13,6 +13,7 @@ import logging
 import shutil
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +80,7 @@ class Migration:
     source_info: pb.NodeInfo = field(default_factory=pb.NodeInfo)  # request
     link: Link | None = None  # to the source, measured in the request phase
     keep_connections: bool = False  # request: CRIU carries its TCP connections
+    probing: Future[list[str]] | None = None  # freeze: who else answers for its addresses
     snapshots_at: float = 0.0  # pre-copy: when the volume snapshots were taken
     pre_checkpoint: pb.CheckpointReply = field(default_factory=pb.CheckpointReply)  # pre-copy
     confinement: Confinement | None = None  # pre-copy: what the created container was given

@@ -52,6 +52,7 @@ class Network:
     reserved: tuple[str, ...] = ()  # the engine's auxiliary addresses: not for containers
     used: tuple[str, ...] = ()  # the IPv4 addresses its containers have here
     internal: bool = False
+    parent: str = ""  # macvlan, ipvlan: the node's interface on the segment
 
     @property
     def moves_addresses(self) -> bool:

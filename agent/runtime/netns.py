@@ -1,5 +1,6 @@
-"""Work inside a network namespace from a thread of the agent, and the announcement a restored
-container's addresses need.
+"""Work inside a network namespace from a thread of the agent, the announcement a restored
+container's addresses need, and the probe that finds an address already answering on a
+segment.
 
 A thread that enters a namespace with setns(2) stays in it, and sockets it makes belong to it;
 the rest of the agent is untouched. That is cheaper than a process, and it needs nothing in the
@@ -21,6 +22,7 @@ import fcntl
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -102,3 +104,43 @@ def announce(netns: Path, addresses: set[str]) -> list[str]:
         return done
 
     return inside(netns, send, name="announce", timeout=ANNOUNCE_S)
+
+
+def arp_frame(mac: bytes, sender: bytes, target: bytes) -> bytes:
+    """An ARP request from MAC, as SENDER, for TARGET, to everyone on the segment (a probe, as
+    RFC 5227's, has the sender 0.0.0.0: no neighbour learns anything from it)."""
+    return (b"\xff" * 6 + mac + struct.pack("!H", ETH_P_ARP)
+            + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + sender + b"\x00" * 6 + target)
+
+
+def probe(interface: str, address: str, timeout: float, tries: int = 2) -> str:
+    """The MAC of whoever answers for ADDRESS on INTERFACE's segment (this namespace's), by ARP
+    probes sent TRIES times within TIMEOUT seconds; "" when nobody did."""
+    target = socket.inet_aton(address)
+    got = _addresses(interface)
+    mac = got[0] if got is not None else _hwaddr(interface)
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as raw:
+        raw.bind((interface, ETH_P_ARP))
+        deadline = time.monotonic() + timeout
+        for i in range(tries):
+            raw.send(arp_frame(mac, b"\x00" * 4, target))
+            until = deadline - (tries - 1 - i) * timeout / tries
+            while (left := until - time.monotonic()) > 0:
+                raw.settimeout(left)
+                try:
+                    frame = raw.recv(128)
+                except TimeoutError:
+                    break
+                if len(frame) < 42 or frame[12:14] != struct.pack("!H", ETH_P_ARP):
+                    continue
+                op, sender_mac, sender_ip = struct.unpack_from("!H", frame, 20)[0], \
+                    frame[22:28], frame[28:32]
+                if op in (1, 2) and sender_ip == target and sender_mac != mac:
+                    return ":".join(f"{b:02x}" for b in sender_mac)
+    return ""
+
+
+def _hwaddr(name: str) -> bytes:
+    request = struct.pack("256s", name.encode()[:15])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        return fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, request)[18:24]

@@ -8,7 +8,9 @@ from __future__ import annotations
 import itertools
 import logging
 import shutil
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +20,7 @@ from migctl.agent.migration.source import (
     FINAL_CHECKPOINT,
 )
 from migctl.agent.migration.state import State
+from migctl.agent.runtime import netns
 from migctl.agent.runtime.host import criu_path
 from migctl.common.errors import FailedPrecondition
 from migctl.proto import migctl_pb2 as pb
@@ -46,11 +49,40 @@ def run(m: Migration, spec: pb.ContainerSpec, pages: PageServer | None) -> pb.Ch
         m.report.msg.checkpoint_method = final.method
         m.report.log(f"final checkpoint on {m.source_name}: {final.seconds:.2f} s "
                      f"({final.method})")
+        probe_addresses(m, spec)
         if pages is not None and not lazy:
             m.report.transfer("checkpoint", f"{FINAL_CHECKPOINT}: memory pages", m.source_name,
                               pb.FREEZE, pages.finish(), final.seconds, "whole",
                               "through the page server")
     return final
+
+
+ADDRESS_PROBE_S = 0.2
+"""How long the segment is asked whether anything still answers for an address the container
+takes here (two ARP probes): a LAN answers within milliseconds. It runs beside the final
+sync, so it adds to the downtime only what the sync does not cover."""
+
+
+def probe_addresses(m: Migration, spec: pb.ContainerSpec) -> None:
+    """From the freeze on, the source's copy answers for none of its addresses (stopped, or
+    cut off): whoever answers now holds one of them on the segment, and the destination
+    must not take it (a source may describe a container with a neighbour's address). The
+    answer is awaited before the commit (restore.addresses_free)."""
+    probes = [(e.ipv4, m.runtime.network(e.network)) for e in spec.endpoints]
+    if not probes:
+        return
+    future: Future[list[str]] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result([f"{ip} answers from {mac} on {net.parent}"
+                               for ip, net in probes if net is not None and net.parent
+                               if (mac := netns.probe(net.parent, ip, ADDRESS_PROBE_S))])
+        except BaseException as err:  # noqa: BLE001 - raised where it is awaited
+            future.set_exception(err)
+
+    m.probing = future
+    threading.Thread(target=run, name=f"probe-{m.migration_id}", daemon=True).start()
 
 
 def no_post_copy(m: Migration) -> str:

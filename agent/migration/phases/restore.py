@@ -17,7 +17,7 @@ from migctl.agent.migration.source import (
     FINAL_CHECKPOINT,
 )
 from migctl.agent.migration.state import State
-from migctl.common.errors import Unavailable
+from migctl.common.errors import Refused, RuntimeFailure, Unavailable
 from migctl.proto import migctl_pb2 as pb
 
 if TYPE_CHECKING:
@@ -31,12 +31,28 @@ def run(m: Migration, spec: pb.ContainerSpec, pages: PageServer | None) -> None:
     with m.report.phase(pb.RESTORE):
         m.runtime.ping()  # no commit while this node's engine cannot restore
         m.check_images()  # nor for images that would give the process more
+        addresses_free(m)  # nor for an address another host answers for
         if lazy and pages is not None and pages.ended:
             # the tunnel ended: no page would come after the commit
             raise pages.error or Unavailable("the page tunnel ended before the commit")
         m.source.call("Commit", pb.CommitRequest(migration_id=m.migration_id))
         m.release_hold()
         start(m, spec, pages if lazy else None)
+
+
+def addresses_free(m: Migration) -> None:
+    """What the segment answered to the probes of the container's addresses since the freeze
+    (freeze.probe_addresses): an answer is another host's, and the container is not restored
+    here (the source resumes it)."""
+    if m.probing is None:
+        return
+    try:
+        taken = m.probing.result(timeout=30)
+    except OSError as err:
+        raise RuntimeFailure(f"could not probe the container's addresses: {err}") from err
+    if taken:
+        raise Refused("another host on the segment holds an address the container would "
+                      f"take here: {'; '.join(taken)}")
 
 
 def start(m: Migration, spec: pb.ContainerSpec, pages: PageServer | None = None) -> None:
