@@ -195,7 +195,9 @@ def cmd_nodes(args: argparse.Namespace) -> int:
                 info = c.info()
             state = (f"up, migctl {info.version or '-'} (protocol {info.protocol_version}), "
                      f"engine {info.engine_version}, CRIU {info.criu_version or '-'}, "
-                     f"{info.checkpoint_method or 'engine'} checkpoints")
+                     f"{info.checkpoint_method or 'engine'} checkpoints, connections "
+                     + (f"closed ({info.no_kept_connections})" if info.no_kept_connections
+                        else "kept"))
         except MigctlError as err:
             if not err.node:  # not the agent's answer: this machine's own trouble
                 raise

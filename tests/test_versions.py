@@ -43,3 +43,5 @@ def test_agents_of_another_protocol_refuse_before_anything_moves(pki: Path, tmp_
     assert f"nodeB migctl {version()} (protocol {PROTOCOL_VERSION})" in message, message
     out = capsys.readouterr().out
     assert "nodeA    " in out and f"migctl 0.0.9 (protocol {PROTOCOL_VERSION - 1})" in out, out
+    # and whether each can keep a container's connections, or why not
+    assert "connections closed (its engine's CRIU options are the machine's)" in out, out

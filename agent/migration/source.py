@@ -381,13 +381,17 @@ class SourceSide:
             try:
                 if restarts(policy):
                     self.runtime.set_restart_policy(entry.container, {"Name": "no"})
+                if tunnel is not None:
+                    self.runtime.pause(entry.container)
+                if keep:
+                    # What its kernel takes from now on would never reach the destination, and
+                    # its network namespace outlives the checkpoint that stops it (the engine
+                    # removes it a moment later): it answers for its addresses no longer.
+                    self.runtime.isolate(entry.container, True)
                 if tunnel is None:
                     return self.runtime.checkpoint(entry.container, request.name,
                                                    area / "checkpoints", False,
                                                    keep_connections=keep)
-                self.runtime.pause(entry.container)
-                if keep:  # what its kernel took from now on would never reach the destination
-                    self.runtime.isolate(entry.container, True)
                 if lazy:
                     serving = True  # the checkpoint's thread releases the tunnel
                     folder = self._lazy_checkpoint(entry, tunnel, area / "checkpoints", keep)
@@ -641,8 +645,11 @@ class SourceSide:
         now = None if gone else self.runtime.state(cid)
         if entry.at_source.paused and not gone:  # whatever it is now, it takes clients again
             self.take_connections_again(migration_id, cid)
-            if entry.at_source.keep_connections:  # and answers for its addresses
-                self.runtime.isolate(cid, False)
+        if entry.at_source.keep_connections and now is not None and (now.running or
+                                                                     now.paused):
+            # it answers for its addresses again (a stopped one is restored into a new network
+            # namespace, and its old one is gone)
+            self.runtime.isolate(cid, False)
         if gone:
             # removed here meanwhile (by an operator): nothing is left to resume, ever
             reply = pb.ResumeReply(restored=False, detail="the container was removed from "

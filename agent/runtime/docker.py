@@ -885,7 +885,8 @@ class DockerRuntime:
         no ARP. Off again for a rollback."""
         info = self.inspect(container)
         sandbox = _sandbox(info)
-        if sandbox is not None:
+        state = info.get("State") or {}
+        if sandbox is not None and (state.get("Running") or state.get("Paused")):
             isolate_network(sandbox, isolated)
             if not isolated:  # the segment learns again where its addresses are
                 self.announce(info)
