@@ -140,6 +140,16 @@ def test_agents_answer_at_the_inventory_addresses(compose_lab: dict) -> None:
         assert "up, migctl " in line and "(protocol " in line and ", engine " in line, out
 
 
+def test_every_node_has_the_same_segment_network_lan(compose_lab: dict) -> None:
+    """Where addresses move with their containers (and connections with them)."""
+    seen = set()
+    for client in compose_lab.values():
+        lan = client.networks.get("lan").attrs
+        ipam = lan["IPAM"]["Config"][0]
+        seen.add((lan["Driver"], lan["Options"].get("parent"), ipam["Subnet"], ipam["IPRange"]))
+    assert len(seen) == 1 and next(iter(seen))[:2] == ("macvlan", "eth0"), seen
+
+
 def hop(nodes: dict[str, docker.DockerClient], source: str, destination: str) -> dict:
     """One migration as a user runs it; afterwards exactly one toytsm runs, on DESTINATION, and
     its count went on from where it was frozen."""

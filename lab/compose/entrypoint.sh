@@ -89,6 +89,17 @@ docker -H "unix://$SOCK" version --format '{{.Server.Version}}' >/dev/null 2>&1 
     { tail -n 30 "$RUN_DIR/dockerd.log" >&2; log "dockerd did not answer within 60 s"; stop 1; }
 log "dockerd $(docker -H "unix://$SOCK" version --format '{{.Server.Version}}') up, experimental=$(docker -H "unix://$SOCK" version --format '{{.Server.Experimental}}'), criu: $(criu --version | head -n1)"
 
+# `lan`: macvlan over this node's eth0 on the compose network, the same at every node, so that
+# a container on it keeps its address and its connections when it moves (docs/labs.md); its
+# addresses come from the upper half, above the nodes' and the registry's
+ipv4=$(ip -4 -o addr show dev eth0 | awk '{print $4}' | head -n1)
+net=${ipv4%.*}
+if [[ -n $ipv4 ]] && ! docker -H "unix://$SOCK" network inspect lan >/dev/null 2>&1; then
+    docker -H "unix://$SOCK" network create -d macvlan -o parent=eth0 --subnet "$net.0/24" \
+        --gateway "$net.1" --ip-range "$net.128/25" lan >/dev/null &&
+        log "network lan: macvlan on eth0, $net.0/24, containers from $net.128/25"
+fi
+
 args=(--node "$NODE" --listen "$LISTEN" --docker-host "unix://$SOCK" --state-dir "$STATE/agent"
     --engine-tmp "$ENGINE_TMP" --containerd "$CONTAINERD" --tls-dir "$TLS_DIR")
 # agents that know the other nodes themselves take the lab's inventory (its addresses work
