@@ -10,6 +10,9 @@ an agent needs, recording each change in RECORD so that `--uninstall` takes back
   a value the operator set otherwise is refused, naming it, unless `--force`;
 - /etc/sysctl.d/60-migctl.conf: fs.pipe-max-size for CRIU's lazy pages (post-copy), kept
   across reboots;
+- in /etc/criu/runc.conf, added to what is there: tcp-established, skip-in-flight, file-locks
+  (never tcp-close: the wrapper gives it per call; one the operator put there is left, and
+  named, as it closes every container's connections);
 - the systemd unit (/etc/systemd/system/migagent.service) and /etc/migctl/agent.toml (each
   key the agent's flag of the same name), the latter only when absent.
 
@@ -29,6 +32,7 @@ from pathlib import Path
 from migctl.agent.runtime.direct import DIRECT_RUNTIME, WRAPPER
 from migctl.agent.version import VersionAction
 
+RUNC_OPTIONS = ("tcp-established", "skip-in-flight", "file-locks")  # docs/real-machines.md
 PIPE_MAX = 4 << 20  # fs.pipe-max-size CRIU's lazy page server needs (docs/runtime.md)
 UNIT = Path(__file__).resolve().parent.parent / "packaging" / "migagent.service"
 AGENT_TOML = """\
@@ -48,6 +52,7 @@ class Installer:
         self.record_path = self.at("/var/lib/migctl/install.json")
         self.record: dict = json.loads(self.record_path.read_text()) \
             if self.record_path.exists() else {"files": [], "daemon_json": {}}
+        self.record.setdefault("runc_conf", [])
         self.changed: list[str] = []
 
     def at(self, path: str) -> Path:
@@ -104,6 +109,23 @@ class Installer:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(merged, indent=2) + "\n")
 
+    def runc_conf(self) -> None:
+        """runc's CRIU options, added line by line to the operator's file."""
+        path = self.at("/etc/criu/runc.conf")
+        lines = path.read_text().splitlines() if path.exists() else []
+        have = {line.strip() for line in lines}
+        if "tcp-close" in have:
+            print("note: /etc/criu/runc.conf has tcp-close, which closes every container's "
+                  "connections at every restore: remove it for migrations to keep them")
+        missing = [o for o in RUNC_OPTIONS if o not in have]
+        if not missing:
+            return
+        self.say(f"add {', '.join(missing)} to /etc/criu/runc.conf")
+        if not self.dry_run:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(f"{line}\n" for line in [*lines, *missing]))
+            self.record["runc_conf"] += missing
+
     def install(self) -> None:
         if not (self.at("/usr/bin/dockerd").exists() or self.at("/usr/sbin/dockerd").exists()
                 or self.at("/var/run/docker.sock").exists()):
@@ -112,6 +134,7 @@ class Installer:
         wrapper = "/usr/local/lib/migctl/migctl-runc"
         self.file(wrapper, WRAPPER.read_bytes(), 0o755)
         self.daemon_json(wrapper)
+        self.runc_conf()
         self.file("/etc/sysctl.d/60-migctl.conf",
                   f"# CRIU's lazy page server (post-copy), migctl\nfs.pipe-max-size = "
                   f"{PIPE_MAX}\n".encode(), 0o644)
@@ -133,6 +156,17 @@ class Installer:
                 self.say(f"remove {path}")
                 if not self.dry_run:
                     self.at(path).unlink()
+        conf = self.at("/etc/criu/runc.conf")
+        if self.record["runc_conf"] and conf.exists():
+            ours = set(self.record["runc_conf"])
+            self.say(f"take {', '.join(sorted(ours))} back out of /etc/criu/runc.conf")
+            if not self.dry_run:
+                kept = [line for line in conf.read_text().splitlines()
+                        if line.strip() not in ours]
+                if kept:
+                    conf.write_text("".join(f"{line}\n" for line in kept))
+                else:
+                    conf.unlink()
         path = self.at("/etc/docker/daemon.json")
         if self.record["daemon_json"] and path.exists():
             current = json.loads(path.read_text() or "{}")
@@ -153,7 +187,7 @@ class Installer:
             if not self.dry_run:
                 path.write_text(json.dumps(current, indent=2) + "\n")
         if not self.dry_run:
-            self.record = {"files": [], "daemon_json": {}}
+            self.record = {"files": [], "daemon_json": {}, "runc_conf": []}
             self.record_path.unlink(missing_ok=True)
 
     def save(self) -> None:

@@ -53,6 +53,8 @@ def test_install_merges_and_uninstall_takes_back_exactly_what_it_added(
     assert "fs.pipe-max-size = 4194304" in (root / "etc/sysctl.d/60-migctl.conf").read_text()
     assert (root / "etc/systemd/system/migagent.service").read_text().startswith("# The migctl")
     assert (root / "etc/migctl/agent.toml").exists()
+    assert (root / "etc/criu/runc.conf").read_text().split() == [
+        "tcp-established", "skip-in-flight", "file-locks"]  # never tcp-close
     capsys.readouterr()
     installed = tree(root)
     run(root)
@@ -92,3 +94,19 @@ def test_a_node_without_docker_is_told_so(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no Docker engine on this node"):
         run(tmp_path)
     assert tree(tmp_path) == {}
+
+
+def test_the_operators_runc_conf_is_added_to_and_given_back_as_it_was(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = stock_node(tmp_path)
+    conf = root / "etc/criu/runc.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text("tcp-established\ntcp-close\nlog-file /var/log/criu.log\n")
+    run(root)
+    assert conf.read_text().splitlines() == ["tcp-established", "tcp-close",
+                                             "log-file /var/log/criu.log", "skip-in-flight",
+                                             "file-locks"]
+    assert "runc.conf has tcp-close, which closes every container's connections" in \
+        capsys.readouterr().out  # the operator's: named, not removed
+    run(root, "--uninstall")
+    assert conf.read_text() == "tcp-established\ntcp-close\nlog-file /var/log/criu.log\n"
