@@ -382,8 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--connections", choices=["keep", "close"], default=None,
                    help="the container's established TCP connections: keep (its address moves "
                         "with it, on a macvlan or ipvlan network; what prevents it is refused "
-                        "before anything moves) or close (clients reconnect); default: kept "
-                        "when they can be, else closed, as the report says")
+                        "before anything moves) or close (clients reconnect); default: keep "
+                        "for a container whose address moves, close for one on a bridge")
     m.add_argument("--memory-transfer", choices=list(MEMORY_TRANSFER), default="auto",
                    help="how the final checkpoint's memory pages travel: page-server (straight "
                         "from CRIU, for fast links; needs the direct checkpoint path at the "

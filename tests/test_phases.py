@@ -142,8 +142,8 @@ def _on_lan(cluster, ipv4: str = ADDRESS, mac: str = MAC) -> None:
 
 
 def test_a_container_keeps_its_address_on_a_network_whose_addresses_move(cluster) -> None:
-    _on_lan(cluster)
-    api.migrate(cluster.inventory, "toy", "nodeA", "nodeB")
+    _on_lan(cluster)  # the engine's checkpoints: the address moves, its connections close
+    api.migrate(cluster.inventory, "toy", "nodeA", "nodeB", connections="close")
     moved = cluster.runtimes["nodeB"].by_name("toy")
     assert moved.running and list(moved.spec.networks) == ["lan"]
     assert [(e.network, e.ipv4, e.mac) for e in moved.spec.endpoints] == [("lan", ADDRESS, MAC)]
@@ -209,13 +209,13 @@ def test_connections_are_kept_when_the_address_moves_and_both_nodes_can(cluster)
     assert b.calls == ["create toy", "restore toy keeping connections"]
 
 
-def test_connections_are_closed_by_default_where_they_cannot_be_kept(cluster) -> None:
+def test_a_container_on_a_bridge_closes_them_as_before(cluster) -> None:
     a, b = cluster.runtimes["nodeA"], cluster.runtimes["nodeB"]
     a.method = b.method = "direct"  # the nodes could; its address cannot move (a bridge)
     events: list[pb.MigrationEvent] = []
     report = _move(cluster, on_event=events.append)
     assert report.connections == "closed"
-    assert "connections: closed (it is on network 'bridge', whose addresses are nodeA's own" \
+    assert "connections: closed (its addresses are its node's own: bridge networks)" \
         in "\n".join(e.log for e in events)
     assert a.calls == ["checkpoint pre", "checkpoint final"]
     assert b.calls == ["create toy", "restore toy"]
@@ -232,6 +232,7 @@ def test_connections_close_when_asked_even_where_they_could_be_kept(cluster) -> 
     assert b.by_name("toy").spec.endpoints[0].ipv4 == ADDRESS
 
 
+@pytest.mark.parametrize("asked", ["keep", ""])  # "": a container whose address moves
 @pytest.mark.parametrize("setup, said", [
     (lambda a, b: None, "it is on network 'bridge', whose addresses are nodeA's own"),
     (lambda a, b: setattr(b, "no_kept_connections", "the kernel refuses TCP repair mode"),
@@ -240,29 +241,32 @@ def test_connections_close_when_asked_even_where_they_could_be_kept(cluster) -> 
      "nodeA: /etc/criu/runc.conf has tcp-close"),
 ])
 def test_keeping_what_cannot_be_kept_is_refused_before_anything_moves(cluster, setup,
-                                                                      said) -> None:
+                                                                      said, asked) -> None:
+    """Never a silent fall back to closing them: only `--connections close` closes them."""
     a, b = cluster.runtimes["nodeA"], cluster.runtimes["nodeB"]
-    if "bridge" not in said:
-        _on_lan(cluster)
+    _on_lan(cluster)
+    if "bridge" in said:  # on the segment and on a bridge: the bridge's address stays
+        spec = a.by_name("toy").spec
+        spec.networks[:] = ["lan", "bridge"]
     a.method = b.method = "direct"
     setup(a, b)
     with pytest.raises(api.FailedPrecondition, match="cannot be kept") as err:
-        _move(cluster, connections="keep")
+        _move(cluster, connections=asked)
     assert said in str(err.value) and "with connections 'close' it moves" in str(err.value)
     assert a.calls == [] and b.calls == [] and a.by_name("toy").running
 
 
-def test_a_source_that_checkpoints_through_its_engine_closes_them_or_refuses_before_the_freeze(
+def test_a_source_that_checkpoints_through_its_engine_refuses_before_the_freeze(
         cluster) -> None:
     """Known only from the pre-copy checkpoint: plain runc at the source (the machine's CRIU
-    options); keep is refused before the freeze, and the source was never stopped."""
+    options); keeping is refused before the freeze, and the source was never stopped."""
     a, b = cluster.runtimes["nodeA"], cluster.runtimes["nodeB"]
     _on_lan(cluster)
     b.method = "direct"  # nodeA: "engine"
-    with pytest.raises(api.FailedPrecondition, match="nodeA checkpoints 'toy' through its engine"):
-        _move(cluster, connections="keep")
+    with pytest.raises(api.FailedPrecondition, match="nodeA checkpoints it through its engine"):
+        _move(cluster)
     assert a.calls == ["checkpoint pre"] and a.by_name("toy").running and b.gone("toy")
-    report = _move(cluster)
+    report = _move(cluster, connections="close")
     assert report.connections == "closed" and a.calls[-1] == "checkpoint final"
 
 
@@ -296,7 +300,7 @@ def test_an_address_another_host_answers_for_after_the_freeze_is_not_taken(
     with pytest.raises(api.FailedPrecondition, match="another host on the segment holds an "
                        f"address the container would take here: {ADDRESS} answers from "
                        "02:00:00:00:00:99 on eth0"):
-        _move(cluster)
+        _move(cluster, connections="close")
     assert asked == [("eth0", ADDRESS)]
     assert "restore toy" not in b.calls and b.gone("toy")
     assert a.by_name("toy").running  # rolled back

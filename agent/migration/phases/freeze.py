@@ -99,14 +99,10 @@ def prepare(m: Migration, spec: pb.ContainerSpec) -> PageServer | None:
     in the final pass as deltas."""
     if m.keep_connections and m.pre_checkpoint.method != "direct":
         # known from the pre-copy checkpoint: the engine's path has the machine's options
-        why = (f"{m.source_name} checkpoints {spec.name!r} through its engine (it runs with "
-               "plain runc, not migctl-runc)")
-        if m.request.connections == "keep":
-            raise FailedPrecondition(f"the TCP connections of container {spec.name!r} cannot "
-                                     f"be kept: {why}")
-        m.keep_connections = False
-        m.report.msg.connections = "closed"
-        m.report.log(f"connections: closed ({why})")
+        raise FailedPrecondition(
+            f"the TCP connections of container {spec.name!r} cannot be kept: {m.source_name} "
+            "checkpoints it through its engine (it runs with plain runc, not migctl-runc; "
+            "with connections 'close' it moves, and its clients reconnect)")
     criu = criu_path()
     asked = m.request.memory_transfer
     how, why = memory_transfer(m.link, m.pre_checkpoint.method, criu, asked,

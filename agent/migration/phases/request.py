@@ -117,28 +117,31 @@ def check_endpoints(m: Migration, spec: pb.ContainerSpec) -> None:
                                  f"{m.node}: " + "; ".join(problems))
 
 
-KEEP, CLOSE = "keep", "close"  # MigrateRequest.connections; "": keep them when they can be
+KEEP, CLOSE = "keep", "close"  # MigrateRequest.connections ("": KEEP where an address moves)
 
 
 def choose_connections(m: Migration, spec: pb.ContainerSpec) -> None:
-    """Whether CRIU carries the container's established TCP connections (its addresses move
-    with it, and both nodes can) or closes them at the restore. Asked to keep them, what
-    keeps them from it is refused here, before anything moves, never closed silently."""
+    """Whether CRIU carries the container's established TCP connections or closes them at the
+    restore. A container with an address that moves (macvlan, ipvlan) keeps them unless asked
+    to close them: what keeps them from it is refused here, before anything moves, never
+    closed silently. One whose addresses are its node's own (bridge) closes them, as asked or
+    not asked."""
     asked = m.request.connections
     if asked not in ("", KEEP, CLOSE):
         raise InvalidArgument(f"connections {asked!r}: give {KEEP!r} or {CLOSE!r}")
-    problems = [] if asked == CLOSE else kept_connections_problems(m, spec)
-    if asked == KEEP and problems:
+    keep = asked == KEEP or (not asked and bool(spec.endpoints))
+    problems = kept_connections_problems(m, spec) if keep else []
+    if problems:
         m.metrics.preflight.labels("connections").inc()
         raise FailedPrecondition(
             f"the TCP connections of container {spec.name!r} cannot be kept: "
             + "; ".join(problems) + f" (with connections {CLOSE!r} it moves, and its "
             "clients reconnect)")
-    m.keep_connections = asked != CLOSE and not problems
-    m.report.msg.connections = "kept" if m.keep_connections else "closed"
-    m.report.log("connections: kept" if m.keep_connections else
-                 "connections: closed (" + ("asked" if asked == CLOSE else
-                                            "; ".join(problems)) + ")")
+    m.keep_connections = keep
+    m.report.msg.connections = "kept" if keep else "closed"
+    m.report.log("connections: kept" if keep else "connections: closed (" + (
+        "asked" if asked == CLOSE else "its addresses are its node's own: bridge networks")
+        + ")")
 
 
 def kept_connections_problems(m: Migration, spec: pb.ContainerSpec) -> list[str]:
