@@ -8,6 +8,9 @@ an agent needs, recording each change in RECORD so that `--uninstall` takes back
 - in /etc/docker/daemon.json, merged, never overwritten: `"experimental": true` and the
   wrapper as the runtime `migctl` (`--default-runtime` also makes it the engine's default);
   a value the operator set otherwise is refused, naming it, unless `--force`;
+- /etc/migctl/criu-tcp-close.conf and the engine's drop-in
+  /etc/systemd/system/docker.service.d/migctl.conf naming it (and the probed CRIU first on
+  PATH): containers the engine runs with plain runc close their connections, as before;
 - /etc/sysctl.d/60-migctl.conf: fs.pipe-max-size for CRIU's lazy pages (post-copy), kept
   across reboots;
 - in /etc/criu/runc.conf, added to what is there: tcp-established, skip-in-flight, file-locks
@@ -35,6 +38,13 @@ from migctl.agent.version import VersionAction
 RUNC_OPTIONS = ("tcp-established", "skip-in-flight", "file-locks")  # docs/real-machines.md
 PIPE_MAX = 4 << 20  # fs.pipe-max-size CRIU's lazy page server needs (docs/runtime.md)
 UNIT = Path(__file__).resolve().parent.parent / "packaging" / "migagent.service"
+DOCKER_DROPIN = """\
+# migctl: the engine's runc finds the probed CRIU, and containers run with plain runc close
+# their connections at a checkpoint or a restore (migctl-runc chooses per call)
+[Service]
+Environment=PATH=/opt/migctl/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+Environment=CRIU_CONFIG_FILE=/etc/migctl/criu-tcp-close.conf
+"""
 AGENT_TOML = """\
 # The migctl agent's configuration: each key is the migagent flag of the same name.
 # node = "nodeA"
@@ -135,6 +145,10 @@ class Installer:
         self.file(wrapper, WRAPPER.read_bytes(), 0o755)
         self.daemon_json(wrapper)
         self.runc_conf()
+        # plain runc's calls close connections, as before; migctl-runc chooses per call
+        self.file("/etc/migctl/criu-tcp-close.conf", b"tcp-close\n", 0o644)
+        self.file("/etc/systemd/system/docker.service.d/migctl.conf", DOCKER_DROPIN.encode(),
+                  0o644)
         self.file("/etc/sysctl.d/60-migctl.conf",
                   f"# CRIU's lazy page server (post-copy), migctl\nfs.pipe-max-size = "
                   f"{PIPE_MAX}\n".encode(), 0o644)
@@ -147,7 +161,8 @@ class Installer:
         if not self.changed:
             print("install: nothing to change; migctl's files are in place")
         elif not self.dry_run:
-            print("then: sysctl --system; systemctl restart docker (for daemon.json); edit "
+            print("then: sysctl --system; systemctl daemon-reload; systemctl restart docker "
+                  "(for daemon.json and its drop-in); edit "
                   "/etc/migctl/agent.toml; systemctl enable --now migagent")
 
     def uninstall(self) -> None:

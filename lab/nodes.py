@@ -184,8 +184,10 @@ class Lab:
             "runtimes": {DIRECT_RUNTIME: {"path": str(RUNC_WRAPPER)}},
             "default-runtime": DIRECT_RUNTIME,
         }, indent=2)
+        close = d / "criu-tcp-close.conf"
         if self.alive(node.get("dockerd_pid"), str(config)) and self.engine_answers(node):
-            if config.read_text() == wanted:
+            if config.read_text() == wanted and \
+                    f"CRIU_CONFIG_FILE={close}".encode() in self.environ(node["dockerd_pid"]):
                 return
             # an engine of an older checkout: it restarts with this one's configuration
             self._remove_containers(node)
@@ -194,7 +196,10 @@ class Lab:
             (d / sub).mkdir(parents=True, exist_ok=True)
         exec_root.mkdir(parents=True, exist_ok=True)
         config.write_text(wanted)
-        env = dict(os.environ, TMPDIR=str(d / "tmp"),
+        # containers the engine runs with plain runc close their connections at a checkpoint
+        # or a restore, as before (migctl-runc chooses per call; docs/real-machines.md)
+        close.write_text("tcp-close\n")
+        env = dict(os.environ, TMPDIR=str(d / "tmp"), CRIU_CONFIG_FILE=str(close),
                    PATH=f"{CRIU_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
         proc = self.spawn(f"migctl-{name}", ["dockerd", "--config-file", str(config)],
                           d / "dockerd.log", env)
@@ -207,6 +212,13 @@ class Lab:
                 tail = (d / "dockerd.log").read_text()[-2000:]
                 raise MigctlError(f"the Docker engine of {name} did not start:\n{tail}")
             time.sleep(0.3)
+
+    @staticmethod
+    def environ(pid: int) -> bytes:
+        try:
+            return Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            return b""
 
     @staticmethod
     def ensure_lan(name: str, node: dict, subnet: ipaddress.IPv4Network) -> None:

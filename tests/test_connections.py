@@ -128,7 +128,7 @@ def move(*options: str, to: str = "nodeB") -> dict:
     return migrate_json("--connections", "keep", *options, "--from", "nodeA", "--to", to, NAME)
 
 
-@pytest.mark.parametrize("memory", ["delta", "page-server"])
+@pytest.mark.parametrize("memory", ["delta", "page-server", "post-copy"])
 def test_a_client_sending_every_10ms_sees_no_error(lab: LabHandle, redis_on_lan: str,
                                                    memory: str) -> None:
     pinger = Pinger(redis_on_lan).start()
@@ -338,3 +338,66 @@ def wait_for_paused(lab: LabHandle, node: str, timeout: float = 60) -> None:
         assert time.monotonic() < deadline, "the migration never froze the source"
         time.sleep(0.05)
     time.sleep(1.0)  # the checkpoint is done: the destination pauses before its next step
+
+
+def test_a_paused_source_resets_its_clients_connections_at_the_freeze(lab: LabHandle) -> None:
+    """On a bridge, connections are closed: a client holding one to a source paused for the
+    page server is reset right after the final checkpoint (it fails over at once), not left
+    hanging until the source is released. The destination pauses after the freeze (a test
+    hook) so that the reset is seen while the migration still waits."""
+    name = "bridgeredis"
+    remove_everywhere(lab.docker, [name], [])
+    a = lab.docker["nodeA"]
+    ensure_redis_image(a, CACHE)
+    a.containers.run(REDIS_IMAGE, name=name, detach=True, ports={f"{PORT}/tcp": 16379})
+    host = lab.address("nodeA").split(":")[0]
+    lab_ctl = Lab()
+    lab_ctl.restart_agent("nodeB", ["--test-pause", "transferring-final=10"], HOOKS)
+    try:
+        wait_for_redis(host, 16379)
+        with socket.create_connection((host, 16379), timeout=60) as sock:
+            buf = bytearray()
+            assert incr(sock, buf, "held") == 1
+            proc = subprocess.Popen(
+                [*migctl_argv(), "migrate", "--memory-transfer", "page-server", "--from",
+                 "nodeA", "--to", "nodeB", name], stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True)
+            with pytest.raises(ConnectionResetError):
+                sock.recv(1)  # nothing comes but the reset
+            still = proc.poll() is None
+            paused = a.containers.get(name).attrs["State"].get("Paused")
+            out, _ = proc.communicate(timeout=300)
+        assert still and paused, "the reset came only once the migration ended"
+        assert proc.returncode == 0, out
+        assert "connections: closed" in out, out
+    finally:
+        lab_ctl.restart_agent("nodeB")
+        remove_everywhere(lab.docker, [name], [])
+
+
+def test_a_container_run_with_plain_runc_still_closes_its_connections(lab: LabHandle) -> None:
+    """runc.conf no longer has tcp-close (migctl-runc gives it per call): the engine's
+    environment gives it to the CRIU of containers run with plain runc, whose clients then
+    see their connection end at the checkpoint instead of hanging on a dead one."""
+    name = "plainredis"
+    remove_everywhere(lab.docker, [name], [])
+    a = lab.docker["nodeA"]
+    ensure_redis_image(a, CACHE)
+    a.containers.run(REDIS_IMAGE, name=name, detach=True, runtime="runc",
+                     ports={f"{PORT}/tcp": 16380})
+    host = lab.address("nodeA").split(":")[0]
+    try:
+        wait_for_redis(host, 16380)
+        with socket.create_connection((host, 16380), timeout=60) as sock:
+            buf = bytearray()
+            assert incr(sock, buf, "plain") == 1
+            report = migrate_json("--memory-transfer", "delta", "--from", "nodeA", "--to",
+                                  "nodeB", name)
+            assert report["connections"] == "closed"
+            try:
+                ended = sock.recv(1) == b""
+            except ConnectionResetError:
+                ended = True
+            assert ended, "the client's connection was left open to a container gone"
+    finally:
+        remove_everywhere(lab.docker, [name], [])

@@ -55,6 +55,10 @@ def test_install_merges_and_uninstall_takes_back_exactly_what_it_added(
     assert (root / "etc/migctl/agent.toml").exists()
     assert (root / "etc/criu/runc.conf").read_text().split() == [
         "tcp-established", "skip-in-flight", "file-locks"]  # never tcp-close
+    # ...which plain runc's calls get from the engine's environment instead
+    dropin = (root / "etc/systemd/system/docker.service.d/migctl.conf").read_text()
+    assert "Environment=CRIU_CONFIG_FILE=/etc/migctl/criu-tcp-close.conf" in dropin
+    assert (root / "etc/migctl/criu-tcp-close.conf").read_text() == "tcp-close\n"
     capsys.readouterr()
     installed = tree(root)
     run(root)

@@ -62,7 +62,11 @@ rm -f /var/run/docker.pid # left by an engine killed with its container (the vol
 hosts=(-H "unix://$SOCK")
 [[ -d $RUN_DIR ]] && hosts+=(-H "unix://$RUN_DIR/docker.sock") # the host's way in
 log "starting dockerd (log $RUN_DIR/dockerd.log)"
-TMPDIR=$ENGINE_TMP dockerd "${hosts[@]}" >>"$RUN_DIR/dockerd.log" 2>&1 </dev/null &
+# containers the engine runs with plain runc close their connections (migctl-runc chooses
+# per call; docs/real-machines.md)
+printf 'tcp-close\n' >/run/criu-tcp-close.conf
+CRIU_CONFIG_FILE=/run/criu-tcp-close.conf TMPDIR=$ENGINE_TMP dockerd "${hosts[@]}" \
+    >>"$RUN_DIR/dockerd.log" 2>&1 </dev/null &
 dockerd_pid=$!
 agent_pid=""
 
