@@ -210,6 +210,33 @@ def test_a_leader_listed_after_its_threads_is_still_read_first(tmp_path: Path) -
         check_images(tmp_path, confined())
 
 
+def zombie_core(folder: Path, pid: int, state: int) -> None:
+    """core-PID.img as CRIU writes it for a zombie: the task part alone, its state dead."""
+    entry = img.core_entry()
+    entry.tc.task_state, entry.tc.comm = state, "sleep"
+    (folder / f"core-{pid}.img").write_bytes(kit.core_image(entry.SerializeToString()))
+
+
+def test_a_zombie_is_restored_dead_and_not_checked_as_a_process(tmp_path: Path) -> None:
+    """CRIU lists a zombie (a child exiting as the dump froze it: a shell's `sleep`) without
+    its thread's id, and writes no thread part for it: its restore runs nothing of it."""
+    core(tmp_path, 1, set(ENGINE_DEFAULT))
+    TASKS[tmp_path][40] = [0]
+    pstree(tmp_path, TASKS[tmp_path])
+    zombie_core(tmp_path, 40, 2)
+    assert check_images(tmp_path, confined()) == 1
+
+
+def test_only_a_dead_state_excuses_a_task_from_its_checks(tmp_path: Path) -> None:
+    """A task listed as a zombie but alive in its core is restored alive: refused."""
+    core(tmp_path, 1, set(ENGINE_DEFAULT))
+    TASKS[tmp_path][40] = [0]
+    pstree(tmp_path, TASKS[tmp_path])
+    zombie_core(tmp_path, 40, 1)  # TASK_ALIVE
+    with pytest.raises(Refused, match="lists task 40 without itself among its threads"):
+        check_images(tmp_path, confined())
+
+
 @pytest.mark.parametrize("chain,why", [
     ([(kit.allow_all(), FLAG_TSYNC)], "let kexec_load through"),
     ([(kit.deny(), 0), (kit.allow_all(), FLAG_TSYNC)], None),  # the strictest answer wins

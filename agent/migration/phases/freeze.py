@@ -97,8 +97,9 @@ def prepare(m: Migration, spec: pb.ContainerSpec) -> PageServer | None:
     tunnel, when the link is fast enough (agent.migration.policy), or a lazy-pages daemon
     when post-copy was asked for (launched once the images are here); None: the pages go
     in the final pass as deltas."""
-    if m.keep_connections and m.pre_checkpoint.method != "direct":
+    if m.keep_connections and m.pre_checkpoint.method not in ("direct", ""):
         # known from the pre-copy checkpoint: the engine's path has the machine's options
+        # (post-copy takes none, and its lazy checkpoint is the direct path's alone)
         raise FailedPrecondition(
             f"the TCP connections of container {spec.name!r} cannot be kept: {m.source_name} "
             "checkpoints it through its engine (it runs with plain runc, not migctl-runc; "

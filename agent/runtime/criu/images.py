@@ -83,10 +83,13 @@ def seccomp_expected(host: dict, engine_has_seccomp: bool) -> bool:
     return "seccomp=unconfined" not in security_opts(host)
 
 
+TASK_DEAD = 2  # a core image's task_state for a zombie (CRIU's compel/include/uapi/task-state.h)
+
+
 def tasks(images: Path) -> list[tuple[int, list[int]]]:
-    """Every task CRIU restores from IMAGES, as (pid, its threads with the pid first): those
-    pstree.img lists (a core image of no listed thread is never read by CRIU, and a stale one
-    may lie beside them)."""
+    """Every task CRIU restores alive from IMAGES, as (pid, its threads with the pid first):
+    those pstree.img lists (a core image of no listed thread is never read by CRIU, and a
+    stale one may lie beside them), but zombies."""
     pstree = images / "pstree.img"
     if not pstree.is_file():
         raise Refused(f"checkpoint {images.name} holds no process tree (pstree.img)")
@@ -94,6 +97,12 @@ def tasks(images: Path) -> list[tuple[int, list[int]]]:
     for data in entries(pstree, PSTREE_MAGIC, MAX_TASKS):
         entry = parse(img.pstree_entry(), data, pstree.name)
         tids = list(entry.threads) or [entry.pid]
+        leader = required(images, f"core-{entry.pid}.img", CORE_MAGIC, img.core_entry(),
+                          f"task {entry.pid}")
+        if leader.tc.task_state == TASK_DEAD:
+            # a zombie (CRIU lists it without its thread's id): its restore forks a process
+            # that exits at once, as CRIU reads this same state; nothing of it ever runs
+            continue
         if entry.pid not in tids:
             raise Refused(f"checkpoint image {pstree.name} lists task {entry.pid} without "
                           "itself among its threads")

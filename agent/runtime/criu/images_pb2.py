@@ -24,37 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&migctl/agent/runtime/criu/images.proto\x12\x0bmigctl.criu\"\x9e\x02\n\x0b\x63reds_entry\x12\x0b\n\x03uid\x18\x01 \x01(\r\x12\x0b\n\x03gid\x18\x02 \x01(\r\x12\x0c\n\x04\x65uid\x18\x03 \x01(\r\x12\x0c\n\x04\x65gid\x18\x04 \x01(\r\x12\x0c\n\x04suid\x18\x05 \x01(\r\x12\x0c\n\x04sgid\x18\x06 \x01(\r\x12\r\n\x05\x66suid\x18\x07 \x01(\r\x12\r\n\x05\x66sgid\x18\x08 \x01(\r\x12\x0f\n\x07\x63\x61p_inh\x18\t \x03(\r\x12\x0f\n\x07\x63\x61p_prm\x18\n \x03(\r\x12\x0f\n\x07\x63\x61p_eff\x18\x0b \x03(\r\x12\x0f\n\x07\x63\x61p_bnd\x18\x0c \x03(\r\x12\x0f\n\x07secbits\x18\r \x01(\r\x12\x0e\n\x06groups\x18\x0e \x03(\r\x12\x13\n\x0blsm_profile\x18\x0f \x01(\t\x12\x14\n\x0cno_new_privs\x18\x12 \x01(\r\x12\x0f\n\x07\x63\x61p_amb\x18\x13 \x03(\r\"p\n\x0ftask_core_entry\x12\x0c\n\x04\x63omm\x18\x06 \x01(\t\x12\x33\n\x10old_seccomp_mode\x18\x0b \x01(\x0e\x32\x19.migctl.criu.seccomp_mode\x12\x1a\n\x12old_seccomp_filter\x18\x0c \x01(\r\"\x93\x01\n\x11thread_core_entry\x12\'\n\x05\x63reds\x18\n \x01(\x0b\x32\x18.migctl.criu.creds_entry\x12/\n\x0cseccomp_mode\x18\x0b \x01(\x0e\x32\x19.migctl.criu.seccomp_mode\x12\x16\n\x0eseccomp_filter\x18\x0c \x01(\r\x12\x0c\n\x04\x63omm\x18\r \x01(\t\":\n\x0cpstree_entry\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04ppid\x18\x02 \x01(\r\x12\x0f\n\x07threads\x18\x05 \x03(\r\"k\n\ncore_entry\x12(\n\x02tc\x18\x03 \x01(\x0b\x32\x1c.migctl.criu.task_core_entry\x12\x33\n\x0bthread_core\x18\x05 \x01(\x0b\x32\x1e.migctl.criu.thread_core_entry\"=\n\x0eseccomp_filter\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\x0c\x12\x0c\n\x04prev\x18\x02 \x01(\r\x12\r\n\x05\x66lags\x18\x03 \x01(\r\"E\n\rseccomp_entry\x12\x34\n\x0fseccomp_filters\x18\x01 \x03(\x0b\x32\x1b.migctl.criu.seccomp_filter\"\xd2\x02\n\tmnt_entry\x12\x0e\n\x06\x66stype\x18\x01 \x01(\r\x12\x0e\n\x06mnt_id\x18\x02 \x01(\r\x12\x10\n\x08root_dev\x18\x03 \x01(\r\x12\x15\n\rparent_mnt_id\x18\x04 \x01(\r\x12\r\n\x05\x66lags\x18\x05 \x01(\r\x12\x0c\n\x04root\x18\x06 \x01(\t\x12\x12\n\nmountpoint\x18\x07 \x01(\t\x12\x0e\n\x06source\x18\x08 \x01(\t\x12\x0f\n\x07options\x18\t \x01(\t\x12\x11\n\tshared_id\x18\n \x01(\r\x12\x11\n\tmaster_id\x18\x0b \x01(\r\x12\x13\n\x0bwith_plugin\x18\x0c \x01(\x08\x12\x11\n\text_mount\x18\r \x01(\x08\x12\x0e\n\x06\x66sname\x18\x0e \x01(\t\x12\x18\n\x10internal_sharing\x18\x0f \x01(\x08\x12\x0f\n\x07\x64\x65leted\x18\x10 \x01(\x08\x12\x10\n\x08sb_flags\x18\x11 \x01(\r\x12\x0f\n\x07\x65xt_key\x18\x12 \x01(\t\"B\n\x0f\x63g_member_entry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x13\n\x0b\x63gns_prefix\x18\x03 \x01(\r\"F\n\x0c\x63g_set_entry\x12\n\n\x02id\x18\x01 \x01(\r\x12*\n\x04\x63tls\x18\x02 \x03(\x0b\x32\x1c.migctl.criu.cg_member_entry\"7\n\x0c\x63group_entry\x12\'\n\x04sets\x18\x01 \x03(\x0b\x32\x19.migctl.criu.cg_set_entry\"\xb2\x01\n\x13task_kobj_ids_entry\x12\x11\n\tpid_ns_id\x18\x05 \x01(\r\x12\x11\n\tnet_ns_id\x18\x06 \x01(\r\x12\x11\n\tipc_ns_id\x18\x07 \x01(\r\x12\x11\n\tuts_ns_id\x18\x08 \x01(\r\x12\x11\n\tmnt_ns_id\x18\t \x01(\r\x12\x12\n\nuser_ns_id\x18\n \x01(\r\x12\x14\n\x0c\x63group_ns_id\x18\x0b \x01(\r\x12\x12\n\ntime_ns_id\x18\x0c \x01(\r*4\n\x0cseccomp_mode\x12\x0c\n\x08\x64isabled\x10\x00\x12\n\n\x06strict\x10\x01\x12\n\n\x06\x66ilter\x10\x02')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&migctl/agent/runtime/criu/images.proto\x12\x0bmigctl.criu\"\x9e\x02\n\x0b\x63reds_entry\x12\x0b\n\x03uid\x18\x01 \x01(\r\x12\x0b\n\x03gid\x18\x02 \x01(\r\x12\x0c\n\x04\x65uid\x18\x03 \x01(\r\x12\x0c\n\x04\x65gid\x18\x04 \x01(\r\x12\x0c\n\x04suid\x18\x05 \x01(\r\x12\x0c\n\x04sgid\x18\x06 \x01(\r\x12\r\n\x05\x66suid\x18\x07 \x01(\r\x12\r\n\x05\x66sgid\x18\x08 \x01(\r\x12\x0f\n\x07\x63\x61p_inh\x18\t \x03(\r\x12\x0f\n\x07\x63\x61p_prm\x18\n \x03(\r\x12\x0f\n\x07\x63\x61p_eff\x18\x0b \x03(\r\x12\x0f\n\x07\x63\x61p_bnd\x18\x0c \x03(\r\x12\x0f\n\x07secbits\x18\r \x01(\r\x12\x0e\n\x06groups\x18\x0e \x03(\r\x12\x13\n\x0blsm_profile\x18\x0f \x01(\t\x12\x14\n\x0cno_new_privs\x18\x12 \x01(\r\x12\x0f\n\x07\x63\x61p_amb\x18\x13 \x03(\r\"\x84\x01\n\x0ftask_core_entry\x12\x12\n\ntask_state\x18\x01 \x01(\r\x12\x0c\n\x04\x63omm\x18\x06 \x01(\t\x12\x33\n\x10old_seccomp_mode\x18\x0b \x01(\x0e\x32\x19.migctl.criu.seccomp_mode\x12\x1a\n\x12old_seccomp_filter\x18\x0c \x01(\r\"\x93\x01\n\x11thread_core_entry\x12\'\n\x05\x63reds\x18\n \x01(\x0b\x32\x18.migctl.criu.creds_entry\x12/\n\x0cseccomp_mode\x18\x0b \x01(\x0e\x32\x19.migctl.criu.seccomp_mode\x12\x16\n\x0eseccomp_filter\x18\x0c \x01(\r\x12\x0c\n\x04\x63omm\x18\r \x01(\t\":\n\x0cpstree_entry\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04ppid\x18\x02 \x01(\r\x12\x0f\n\x07threads\x18\x05 \x03(\r\"k\n\ncore_entry\x12(\n\x02tc\x18\x03 \x01(\x0b\x32\x1c.migctl.criu.task_core_entry\x12\x33\n\x0bthread_core\x18\x05 \x01(\x0b\x32\x1e.migctl.criu.thread_core_entry\"=\n\x0eseccomp_filter\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\x0c\x12\x0c\n\x04prev\x18\x02 \x01(\r\x12\r\n\x05\x66lags\x18\x03 \x01(\r\"E\n\rseccomp_entry\x12\x34\n\x0fseccomp_filters\x18\x01 \x03(\x0b\x32\x1b.migctl.criu.seccomp_filter\"\xd2\x02\n\tmnt_entry\x12\x0e\n\x06\x66stype\x18\x01 \x01(\r\x12\x0e\n\x06mnt_id\x18\x02 \x01(\r\x12\x10\n\x08root_dev\x18\x03 \x01(\r\x12\x15\n\rparent_mnt_id\x18\x04 \x01(\r\x12\r\n\x05\x66lags\x18\x05 \x01(\r\x12\x0c\n\x04root\x18\x06 \x01(\t\x12\x12\n\nmountpoint\x18\x07 \x01(\t\x12\x0e\n\x06source\x18\x08 \x01(\t\x12\x0f\n\x07options\x18\t \x01(\t\x12\x11\n\tshared_id\x18\n \x01(\r\x12\x11\n\tmaster_id\x18\x0b \x01(\r\x12\x13\n\x0bwith_plugin\x18\x0c \x01(\x08\x12\x11\n\text_mount\x18\r \x01(\x08\x12\x0e\n\x06\x66sname\x18\x0e \x01(\t\x12\x18\n\x10internal_sharing\x18\x0f \x01(\x08\x12\x0f\n\x07\x64\x65leted\x18\x10 \x01(\x08\x12\x10\n\x08sb_flags\x18\x11 \x01(\r\x12\x0f\n\x07\x65xt_key\x18\x12 \x01(\t\"B\n\x0f\x63g_member_entry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x13\n\x0b\x63gns_prefix\x18\x03 \x01(\r\"F\n\x0c\x63g_set_entry\x12\n\n\x02id\x18\x01 \x01(\r\x12*\n\x04\x63tls\x18\x02 \x03(\x0b\x32\x1c.migctl.criu.cg_member_entry\"7\n\x0c\x63group_entry\x12\'\n\x04sets\x18\x01 \x03(\x0b\x32\x19.migctl.criu.cg_set_entry\"\xb2\x01\n\x13task_kobj_ids_entry\x12\x11\n\tpid_ns_id\x18\x05 \x01(\r\x12\x11\n\tnet_ns_id\x18\x06 \x01(\r\x12\x11\n\tipc_ns_id\x18\x07 \x01(\r\x12\x11\n\tuts_ns_id\x18\x08 \x01(\r\x12\x11\n\tmnt_ns_id\x18\t \x01(\r\x12\x12\n\nuser_ns_id\x18\n \x01(\r\x12\x14\n\x0c\x63group_ns_id\x18\x0b \x01(\r\x12\x12\n\ntime_ns_id\x18\x0c \x01(\r*4\n\x0cseccomp_mode\x12\x0c\n\x08\x64isabled\x10\x00\x12\n\n\x06strict\x10\x01\x12\n\n\x06\x66ilter\x10\x02')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'migctl.agent.runtime.criu.images_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SECCOMP_MODE']._serialized_start=1630
-  _globals['_SECCOMP_MODE']._serialized_end=1682
+  _globals['_SECCOMP_MODE']._serialized_start=1651
+  _globals['_SECCOMP_MODE']._serialized_end=1703
   _globals['_CREDS_ENTRY']._serialized_start=56
   _globals['_CREDS_ENTRY']._serialized_end=342
-  _globals['_TASK_CORE_ENTRY']._serialized_start=344
-  _globals['_TASK_CORE_ENTRY']._serialized_end=456
-  _globals['_THREAD_CORE_ENTRY']._serialized_start=459
-  _globals['_THREAD_CORE_ENTRY']._serialized_end=606
-  _globals['_PSTREE_ENTRY']._serialized_start=608
-  _globals['_PSTREE_ENTRY']._serialized_end=666
-  _globals['_CORE_ENTRY']._serialized_start=668
-  _globals['_CORE_ENTRY']._serialized_end=775
-  _globals['_SECCOMP_FILTER']._serialized_start=777
-  _globals['_SECCOMP_FILTER']._serialized_end=838
-  _globals['_SECCOMP_ENTRY']._serialized_start=840
-  _globals['_SECCOMP_ENTRY']._serialized_end=909
-  _globals['_MNT_ENTRY']._serialized_start=912
-  _globals['_MNT_ENTRY']._serialized_end=1250
-  _globals['_CG_MEMBER_ENTRY']._serialized_start=1252
-  _globals['_CG_MEMBER_ENTRY']._serialized_end=1318
-  _globals['_CG_SET_ENTRY']._serialized_start=1320
-  _globals['_CG_SET_ENTRY']._serialized_end=1390
-  _globals['_CGROUP_ENTRY']._serialized_start=1392
-  _globals['_CGROUP_ENTRY']._serialized_end=1447
-  _globals['_TASK_KOBJ_IDS_ENTRY']._serialized_start=1450
-  _globals['_TASK_KOBJ_IDS_ENTRY']._serialized_end=1628
+  _globals['_TASK_CORE_ENTRY']._serialized_start=345
+  _globals['_TASK_CORE_ENTRY']._serialized_end=477
+  _globals['_THREAD_CORE_ENTRY']._serialized_start=480
+  _globals['_THREAD_CORE_ENTRY']._serialized_end=627
+  _globals['_PSTREE_ENTRY']._serialized_start=629
+  _globals['_PSTREE_ENTRY']._serialized_end=687
+  _globals['_CORE_ENTRY']._serialized_start=689
+  _globals['_CORE_ENTRY']._serialized_end=796
+  _globals['_SECCOMP_FILTER']._serialized_start=798
+  _globals['_SECCOMP_FILTER']._serialized_end=859
+  _globals['_SECCOMP_ENTRY']._serialized_start=861
+  _globals['_SECCOMP_ENTRY']._serialized_end=930
+  _globals['_MNT_ENTRY']._serialized_start=933
+  _globals['_MNT_ENTRY']._serialized_end=1271
+  _globals['_CG_MEMBER_ENTRY']._serialized_start=1273
+  _globals['_CG_MEMBER_ENTRY']._serialized_end=1339
+  _globals['_CG_SET_ENTRY']._serialized_start=1341
+  _globals['_CG_SET_ENTRY']._serialized_end=1411
+  _globals['_CGROUP_ENTRY']._serialized_start=1413
+  _globals['_CGROUP_ENTRY']._serialized_end=1468
+  _globals['_TASK_KOBJ_IDS_ENTRY']._serialized_start=1471
+  _globals['_TASK_KOBJ_IDS_ENTRY']._serialized_end=1649
 # @@protoc_insertion_point(module_scope)

@@ -55,14 +55,16 @@ class creds_entry(_message.Message):
     def __init__(self, uid: _Optional[int] = ..., gid: _Optional[int] = ..., euid: _Optional[int] = ..., egid: _Optional[int] = ..., suid: _Optional[int] = ..., sgid: _Optional[int] = ..., fsuid: _Optional[int] = ..., fsgid: _Optional[int] = ..., cap_inh: _Optional[_Iterable[int]] = ..., cap_prm: _Optional[_Iterable[int]] = ..., cap_eff: _Optional[_Iterable[int]] = ..., cap_bnd: _Optional[_Iterable[int]] = ..., secbits: _Optional[int] = ..., groups: _Optional[_Iterable[int]] = ..., lsm_profile: _Optional[str] = ..., no_new_privs: _Optional[int] = ..., cap_amb: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class task_core_entry(_message.Message):
-    __slots__ = ("comm", "old_seccomp_mode", "old_seccomp_filter")
+    __slots__ = ("task_state", "comm", "old_seccomp_mode", "old_seccomp_filter")
+    TASK_STATE_FIELD_NUMBER: _ClassVar[int]
     COMM_FIELD_NUMBER: _ClassVar[int]
     OLD_SECCOMP_MODE_FIELD_NUMBER: _ClassVar[int]
     OLD_SECCOMP_FILTER_FIELD_NUMBER: _ClassVar[int]
+    task_state: int
     comm: str
     old_seccomp_mode: seccomp_mode
     old_seccomp_filter: int
-    def __init__(self, comm: _Optional[str] = ..., old_seccomp_mode: _Optional[_Union[seccomp_mode, str]] = ..., old_seccomp_filter: _Optional[int] = ...) -> None: ...
+    def __init__(self, task_state: _Optional[int] = ..., comm: _Optional[str] = ..., old_seccomp_mode: _Optional[_Union[seccomp_mode, str]] = ..., old_seccomp_filter: _Optional[int] = ...) -> None: ...
 
 class thread_core_entry(_message.Message):
     __slots__ = ("creds", "seccomp_mode", "seccomp_filter", "comm")
