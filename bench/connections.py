@@ -105,7 +105,11 @@ def start(kind: str, client: docker.DockerClient, redis_mb: int) -> str:
         c = client.containers.run(BASE, ["sh", "-c", TOY], name=NAME, detach=True,
                                   network=LAN_NETWORK)
     c.reload()
-    address = c.attrs["NetworkSettings"]["Networks"][LAN_NETWORK]["IPAddress"]
+    lan = c.attrs["NetworkSettings"]["Networks"][LAN_NETWORK]
+    address = lan["IPAddress"]
+    # a run before left this address (and the MAC the engine derives from it) on another
+    # node's port of the lab's switch: the container speaks first, so the switch learns it
+    c.exec_run(["ping", "-c", "1", "-W", "1", lan["Gateway"]])
     if kind == "redis":
         fill_redis(address, redis_mb)
         wait_for_redis(address)

@@ -112,7 +112,11 @@ def redis_on_lan(lab: LabHandle) -> Iterator[str]:
     ensure_redis_image(a, CACHE)
     c = a.containers.run(REDIS_IMAGE, name=NAME, detach=True, network=LAN_NETWORK)
     c.reload()
-    address = c.attrs["NetworkSettings"]["Networks"][LAN_NETWORK]["IPAddress"]
+    lan = c.attrs["NetworkSettings"]["Networks"][LAN_NETWORK]
+    address = lan["IPAddress"]
+    # an earlier test left this address (and the MAC the engine derives from it) on another
+    # node's port of the lab's switch: the container speaks first, so the switch learns it
+    c.exec_run(["ping", "-c", "1", "-W", "1", lan["Gateway"]])
     wait_for_redis(address, PORT)
     yield address
     remove_everywhere(lab.docker, [NAME], [])
