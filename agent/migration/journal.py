@@ -56,6 +56,8 @@ class SourceData:
     paused: bool = False  # frozen by a pause (page server): its memory never left it
     lazy: bool = False  # post-copy: its lazy checkpoint serves the pages
     keep_connections: bool = False  # its final checkpoint carries its TCP connections
+    moves_address: bool = False  # it has an address that moves (macvlan, ipvlan)
+    isolated: bool = False  # cut off its network from before its final checkpoint
     resume: str = ""  # what the resume did
 
 

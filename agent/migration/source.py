@@ -241,7 +241,8 @@ class SourceSide:
             raise FailedPrecondition(f"migration {entry.id} was authorized {age:.0f} s ago "
                                      f"and has expired ({AUTHORIZATION_SECONDS:.0f} s)")
         spec = self.runtime.describe(entry.container)
-        self.journal.move(entry.id, SOURCE, State.PRE_COPY, by=PEER)  # a replay fails here
+        self.journal.move(entry.id, SOURCE, State.PRE_COPY, by=PEER,  # a replay fails here
+                          data={"moves_address": bool(spec.endpoints)})
         self.metrics.started.labels(SOURCE).inc()
         return spec
 
@@ -355,6 +356,8 @@ class SourceSide:
         keep = request.keep_connections
         if keep and request.name != FINAL_CHECKPOINT:
             raise InvalidArgument("only the final checkpoint carries the TCP connections")
+        # its copy here must not answer for an address the destination's copy takes over
+        isolate = keep or entry.at_source.moves_address
         if request.leave_running:
             if entry.state != State.PRE_COPY:
                 raise j.IllegalTransition(f"migration {entry.id} is {entry.state}: no "
@@ -371,7 +374,8 @@ class SourceSide:
                 with self._lock:
                     self.journal.move(entry.id, SOURCE, State.FROZEN, by=PEER,
                                       data={"restart_policy": policy, "paused": bool(tunnel),
-                                            "lazy": lazy, "keep_connections": keep})
+                                            "lazy": lazy, "keep_connections": keep,
+                                            "isolated": isolate})
                     self.underway(entry.id).freezing = True
             except BaseException:
                 if tunnel is not None:
@@ -383,10 +387,11 @@ class SourceSide:
                     self.runtime.set_restart_policy(entry.container, {"Name": "no"})
                 if tunnel is not None:
                     self.runtime.pause(entry.container)
-                if keep:
-                    # What its kernel takes from now on would never reach the destination, and
-                    # its network namespace outlives the checkpoint that stops it (the engine
-                    # removes it a moment later): it answers for its addresses no longer.
+                if isolate:
+                    # The destination takes its address over: its network namespace outlives
+                    # the checkpoint that stops it (the engine removes it a moment later), and
+                    # what its kernel took from now on would never reach the destination. It
+                    # answers for its addresses no longer.
                     self.runtime.isolate(entry.container, True)
                 if tunnel is None:
                     return self.runtime.checkpoint(entry.container, request.name,
@@ -399,9 +404,9 @@ class SourceSide:
                     folder = self.runtime.checkpoint(entry.container, request.name,
                                                      area / "checkpoints", True, tunnel.address,
                                                      keep_connections=keep)
-                if not keep:
-                    # its clients' connections are reset: they fail over at once. After the
-                    # images (never in them), and off the frozen window
+                if not isolate:
+                    # its clients' connections are reset: they fail over at once (to its new
+                    # address). After the images (never in them), and off the frozen window
                     refusing = threading.Thread(target=self._refuse,
                                                 args=(entry.container, True),
                                                 name=f"refuse-{entry.id}", daemon=True)
@@ -645,8 +650,7 @@ class SourceSide:
         now = None if gone else self.runtime.state(cid)
         if entry.at_source.paused and not gone:  # whatever it is now, it takes clients again
             self.take_connections_again(migration_id, cid)
-        if entry.at_source.keep_connections and now is not None and (now.running or
-                                                                     now.paused):
+        if entry.at_source.isolated and now is not None and (now.running or now.paused):
             # it answers for its addresses again (a stopped one is restored into a new network
             # namespace, and its old one is gone)
             self.runtime.isolate(cid, False)
