@@ -54,28 +54,28 @@ REFUSE_RULE = ["INPUT", "-p", "tcp", "--syn", "-m", "comment", "--comment",
                "migctl: paused for a migration", "-j", "REJECT", "--reject-with", "tcp-reset"]
 
 
+def in_netns(netns: Path, *cmd: str) -> subprocess.CompletedProcess[str]:
+    """CMD run in network namespace NETNS (its output kept, its status not checked); a
+    command that cannot run, or runs over 10 s, raises RuntimeFailure."""
+    try:
+        return subprocess.run(["nsenter", f"--net={netns}", *cmd], capture_output=True,
+                              text=True, check=False, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise RuntimeFailure(f"{cmd[0]} in {netns}: {err}") from err
+
+
 def refuse_new_connections(netns: Path, refuse: bool) -> None:
     """Reset new TCP connections in NETNS (REFUSE), and the established ones once, or stop
     resetting new ones; idempotent. Raises RuntimeFailure when it cannot (the xtables lock is
     waited for 2 s at most)."""
     def iptables(*args: str) -> bool:
-        try:
-            out = subprocess.run(["nsenter", f"--net={netns}", "iptables", "-w", "2", *args],
-                                 capture_output=True, text=True, check=False, timeout=10)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            raise RuntimeFailure(f"iptables in {netns}: {err}") from err
-        return out.returncode == 0
+        return in_netns(netns, "iptables", "-w", "2", *args).returncode == 0
 
     present = iptables("-C", *REFUSE_RULE)
     if refuse and not present and not iptables("-I", *REFUSE_RULE):
         raise RuntimeFailure(f"could not make {netns} reset new connections")
     if refuse:  # their clients learn at once, not when the copy is released
-        try:
-            out = subprocess.run(["nsenter", f"--net={netns}", "ss", "-K", "-t", "state",
-                                  "established"], capture_output=True, text=True, check=False,
-                                 timeout=10)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            raise RuntimeFailure(f"ss -K in {netns}: {err}") from err
+        out = in_netns(netns, "ss", "-K", "-t", "state", "established")
         if out.returncode:
             raise RuntimeFailure(f"could not reset the connections in {netns}: "
                                  f"{out.stderr.strip()}")
@@ -95,18 +95,10 @@ ISOLATE_MARK = ["-m", "comment", "--comment", "migctl: moved away", "-j", "DROP"
 def isolate_network(netns: Path, isolated: bool) -> None:
     """Nothing but loopback in or out of NETNS, and no ARP from its interfaces (ISOLATED), or
     as before; idempotent. Its links stay up, so that its routes are kept for a rollback."""
-    def run(*cmd: str) -> bool:
-        try:
-            out = subprocess.run(["nsenter", f"--net={netns}", *cmd], capture_output=True,
-                                 text=True, check=False, timeout=10)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            raise RuntimeFailure(f"{cmd[0]} in {netns}: {err}") from err
-        return out.returncode == 0
-
     for chain, way in ISOLATE_RULES:
         def rule(op: str, chain: str = chain, way: str = way) -> bool:
-            return run("iptables", "-w", "2", "-t", "raw", op, chain, "!", way, "lo",
-                       *ISOLATE_MARK)
+            return in_netns(netns, "iptables", "-w", "2", "-t", "raw", op, chain, "!", way,
+                            "lo", *ISOLATE_MARK).returncode == 0
 
         present = rule("-C")
         if isolated and not present and not rule("-I"):
@@ -115,15 +107,13 @@ def isolate_network(netns: Path, isolated: bool) -> None:
             if not rule("-D"):
                 raise RuntimeFailure(f"could not give {netns} its network back")
             present = rule("-C")
-    try:
-        names = [line.split(":")[1].strip().partition("@")[0] for line in subprocess.run(
-            ["nsenter", f"--net={netns}", "ip", "-o", "link", "show"], capture_output=True,
-            text=True, check=True, timeout=10).stdout.splitlines()]
-    except (OSError, subprocess.SubprocessError) as err:
-        raise RuntimeFailure(f"ip link in {netns}: {err}") from err
-    for name in names:
-        if name != "lo" and not run("ip", "link", "set", "dev", name, "arp",
-                                    "off" if isolated else "on"):
+    links = in_netns(netns, "ip", "-o", "link", "show")
+    if links.returncode:
+        raise RuntimeFailure(f"ip link in {netns}: {links.stderr.strip()}")
+    for name in (line.split(":")[1].strip().partition("@")[0]
+                 for line in links.stdout.splitlines()):
+        if name != "lo" and in_netns(netns, "ip", "link", "set", "dev", name, "arp",
+                                     "off" if isolated else "on").returncode:
             raise RuntimeFailure(f"could not turn ARP {'off' if isolated else 'on'} on "
                                  f"{name} in {netns}")
 
@@ -879,10 +869,11 @@ class DockerRuntime:
             refuse_new_connections(sandbox, refuse)
 
     def isolate(self, container: str, isolated: bool) -> None:
-        """A paused copy whose connections the destination carries must not answer for its
-        addresses: from before its final checkpoint (what its kernel acknowledged after it
-        would be lost) until a rollback, nothing of its network goes in or out, and it answers
-        no ARP. Off again for a rollback."""
+        """A copy whose address the destination takes over must not answer for it: from
+        before its final checkpoint (its network namespace outlives a checkpoint that stops
+        it; what its kernel acknowledged after it would be lost) until a rollback, nothing of
+        its network goes in or out, and it answers no ARP. Off again for a rollback, which
+        announces its addresses. A stopped copy has no namespace left: nothing to do."""
         info = self.inspect(container)
         sandbox = _sandbox(info)
         state = info.get("State") or {}
