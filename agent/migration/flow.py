@@ -36,7 +36,7 @@ from migctl.agent.migration.source import (
     snapshot_path,
 )
 from migctl.agent.migration.state import DESTINATION, State
-from migctl.agent.runtime.base import Runtime
+from migctl.agent.runtime.base import Network, Runtime
 from migctl.agent.runtime.criu.images import Confinement, check_images
 from migctl.common.channel import open_channel
 from migctl.common.errors import (
@@ -80,6 +80,7 @@ class Migration:
     source_info: pb.NodeInfo = field(default_factory=pb.NodeInfo)  # request
     link: Link | None = None  # to the source, measured in the request phase
     keep_connections: bool = False  # request: CRIU carries its TCP connections
+    segments: dict[str, Network] = field(default_factory=dict)  # request: its moving networks
     probing: Future[list[str]] | None = None  # freeze: who else answers for its addresses
     snapshots_at: float = 0.0  # pre-copy: when the volume snapshots were taken
     pre_checkpoint: pb.CheckpointReply = field(default_factory=pb.CheckpointReply)  # pre-copy

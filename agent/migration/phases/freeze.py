@@ -68,16 +68,16 @@ def probe_addresses(m: Migration, spec: pb.ContainerSpec) -> None:
     cut off): whoever answers now holds one of them on the segment, and the destination
     must not take it (a source may describe a container with a neighbour's address). The
     answer is awaited before the commit (restore.addresses_free)."""
-    probes = [(e.ipv4, m.runtime.network(e.network)) for e in spec.endpoints]
+    probes = [(e.ipv4, m.segments[e.network].parent) for e in spec.endpoints
+              if e.network in m.segments and m.segments[e.network].parent]
     if not probes:
         return
     future: Future[list[str]] = Future()
 
     def run() -> None:
         try:
-            future.set_result([f"{ip} answers from {mac} on {net.parent}"
-                               for ip, net in probes if net is not None and net.parent
-                               if (mac := netns.probe(net.parent, ip, ADDRESS_PROBE_S))])
+            future.set_result([f"{ip} answers from {mac} on {parent}" for ip, parent in probes
+                               if (mac := netns.probe(parent, ip, ADDRESS_PROBE_S))])
         except BaseException as err:  # noqa: BLE001 - raised where it is awaited
             future.set_exception(err)
 

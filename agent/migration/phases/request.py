@@ -115,6 +115,8 @@ def check_endpoints(m: Migration, spec: pb.ContainerSpec) -> None:
         m.metrics.preflight.labels("network").inc()
         raise FailedPrecondition(f"container {spec.name!r} cannot keep its addresses on "
                                  f"{m.node}: " + "; ".join(problems))
+    # kept for the probe after the freeze (freeze.probe_addresses), off the frozen window
+    m.segments = {name: net for name, net in networks.items() if net is not None}
 
 
 KEEP, CLOSE = "keep", "close"  # MigrateRequest.connections ("": KEEP where an address moves)
