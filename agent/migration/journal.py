@@ -57,8 +57,13 @@ class SourceData:
     lazy: bool = False  # post-copy: its lazy checkpoint serves the pages
     keep_connections: bool = False  # its final checkpoint carries its TCP connections
     moves_address: bool = False  # it has an address that moves (macvlan, ipvlan)
-    isolated: bool = False  # cut off its network from before its final checkpoint
     resume: str = ""  # what the resume did
+
+    @property
+    def isolated(self) -> bool:
+        """Cut off its network from before its final checkpoint: the destination takes its
+        address over, or carries its connections."""
+        return self.keep_connections or self.moves_address
 
 
 @dataclass

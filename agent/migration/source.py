@@ -12,6 +12,7 @@ concern that container (`bound`), and every state change goes through the journa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import shutil
@@ -357,7 +358,7 @@ class SourceSide:
         if keep and request.name != FINAL_CHECKPOINT:
             raise InvalidArgument("only the final checkpoint carries the TCP connections")
         # its copy here must not answer for an address the destination's copy takes over
-        isolate = keep or entry.at_source.moves_address
+        isolate = dataclasses.replace(entry.at_source, keep_connections=keep).isolated
         if request.leave_running:
             if entry.state != State.PRE_COPY:
                 raise j.IllegalTransition(f"migration {entry.id} is {entry.state}: no "
@@ -374,8 +375,7 @@ class SourceSide:
                 with self._lock:
                     self.journal.move(entry.id, SOURCE, State.FROZEN, by=PEER,
                                       data={"restart_policy": policy, "paused": bool(tunnel),
-                                            "lazy": lazy, "keep_connections": keep,
-                                            "isolated": isolate})
+                                            "lazy": lazy, "keep_connections": keep})
                     self.underway(entry.id).freezing = True
             except BaseException:
                 if tunnel is not None:
