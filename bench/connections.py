@@ -12,10 +12,11 @@ the one before plus one on a kept connection; a closed one starts its count agai
 goes on (Redis, whose INCR counts in the server).
 
     .venv/bin/python bench/connections.py [--runs 3] [--redis-mb 115] [--workload toy
-        --workload redis] [--memory-transfer delta]
+        --workload toytsm --workload redis] [--memory-transfer delta]
 
 Workloads:
-  toy    a busybox server (`nc -ll -e`): every connection gets its own shell, which answers
+  toytsm the seed's toy (its image, its two volumes, its counter writing one every second),
+         serving with busybox `nc -ll -e`: every connection gets its own shell, which answers
          each line with the next integer (its state is the connection's own)
   redis  Redis with --redis-mb of data (keys of 1000 random bytes); the request is INCR
 """
@@ -36,11 +37,12 @@ import docker
 
 from migctl.lab.nodes import LAN_NETWORK, Lab
 from migctl.lab.workloads import (
-    BASE,
     CACHE,
+    COUNTER,
     REDIS_IMAGE,
-    ensure_base,
+    TOY_IMAGE,
     ensure_redis_image,
+    ensure_toy_image,
     fill_redis,
     remove_everywhere,
     wait_for_redis,
@@ -49,9 +51,10 @@ from migctl.lab.workloads import (
 TICK = 0.01
 NAME = "connbench"
 TOY = ("printf '%s\\n' 'i=0; while read l; do i=$((i+1)); echo $i; done' >/srv.sh; "
-       "exec nc -ll -p 8080 -e sh /srv.sh")
-PORTS = {"toy": 8080, "redis": 6379}
-REQUEST = {"toy": b"x\n", "redis": b"*2\r\n$4\r\nINCR\r\n$1\r\nn\r\n"}
+       f"nc -ll -p 8080 -e sh /srv.sh & {COUNTER}")
+VOLUMES = [f"{NAME}-rw", f"{NAME}-ro"]
+PORTS = {"toytsm": 8080, "redis": 6379}
+REQUEST = {"toytsm": b"x\n", "redis": b"*2\r\n$4\r\nINCR\r\n$1\r\nn\r\n"}
 
 
 class Client(threading.Thread):
@@ -101,9 +104,14 @@ def start(kind: str, client: docker.DockerClient, redis_mb: int) -> str:
         ensure_redis_image(client, CACHE)
         c = client.containers.run(REDIS_IMAGE, name=NAME, detach=True, network=LAN_NETWORK)
     else:
-        ensure_base(client, CACHE)
-        c = client.containers.run(BASE, ["sh", "-c", TOY], name=NAME, detach=True,
-                                  network=LAN_NETWORK)
+        ensure_toy_image(client, CACHE)
+        rw, ro = VOLUMES
+        client.volumes.create(rw, labels={"rw-guid": f"guid-{rw}-{time.time_ns()}"})
+        client.volumes.create(ro)
+        c = client.containers.run(TOY_IMAGE, ["sh", "-c", TOY], name=NAME, detach=True,
+                                  network=LAN_NETWORK,
+                                  volumes={rw: {"bind": "/testrw", "mode": "rw"},
+                                           ro: {"bind": "/testro", "mode": "ro"}})
     c.reload()
     lan = c.attrs["NetworkSettings"]["Networks"][LAN_NETWORK]
     address = lan["IPAddress"]
@@ -128,7 +136,7 @@ def start(kind: str, client: docker.DockerClient, redis_mb: int) -> str:
 
 def one_run(kind: str, connections: str, memory: str, clients: dict[str, docker.DockerClient],
             redis_mb: int) -> dict:
-    remove_everywhere(clients, [NAME], [])
+    remove_everywhere(clients, [NAME], VOLUMES)
     address = start(kind, clients["nodeA"], redis_mb)
     client = Client(kind, address)
     client.start()
@@ -144,7 +152,7 @@ def one_run(kind: str, connections: str, memory: str, clients: dict[str, docker.
     time.sleep(3.0)
     client.stop.set()
     client.join(60)
-    remove_everywhere(clients, [NAME], [])
+    remove_everywhere(clients, [NAME], VOLUMES)
     return {"downtime": report["downtime_seconds"], "stall": client.longest_stall(begun),
             "failures": client.failures, "lost": client.lost(),
             "connections": report.get("connections", "")}
@@ -167,7 +175,7 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     print(f"{'workload':<12} {'connections':<11} {'downtime s':>10} {'stall s':>8} "
           f"{'stall/downtime':>14} {'client failures':>15} {'lost':>5}")
-    for kind in args.workload or ["toy", "redis"]:
+    for kind in args.workload or ["toytsm", "redis"]:
         label = f"redis {args.redis_mb}MB" if kind == "redis" else kind
         for connections in ("keep", "close"):
             runs = [one_run(kind, connections, args.memory_transfer, clients, args.redis_mb)

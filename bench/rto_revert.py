@@ -1,4 +1,4 @@
-"""An experiment for issue 26's "no backoff stall" (not a test, not yet a feature): does an
+"""The experiment behind the nudge of kept connections' peers (agent/runtime/netns.py): does an
 ICMP host-unreachable that quotes a client's unacknowledged segment make a backed-off Linux
 client retransmit at once (RFC 6069, the kernel's tcp_ld_RTO_revert)?
 
@@ -25,6 +25,8 @@ import subprocess
 import threading
 import time
 
+from migctl.agent.runtime.netns import unreachable
+
 CLIENT, SERVER = "migctl-x-cli", "migctl-x-srv"
 CLIENT_IP, SERVER_IP, PORT = "10.88.0.1", "10.88.0.2", 9000
 TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_RECV_QUEUE = 19, 20, 21, 1
@@ -41,22 +43,6 @@ def enter(ns: str) -> None:
         ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000)
     finally:
         os.close(fd)
-
-
-def checksum(data: bytes) -> int:
-    data += b"\0" * (len(data) % 2)
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    return ~(total + (total >> 16)) & 0xFFFF
-
-
-def unreachable(client_port: int, seq: int) -> bytes:
-    """ICMP host unreachable quoting the client's segment (its IP header, ports and SEQ)."""
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, 6, 0,
-                     socket.inet_aton(CLIENT_IP), socket.inet_aton(SERVER_IP))
-    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
-    body = struct.pack("!BBHI", 3, 1, 0, 0) + ip + struct.pack("!HHI", client_port, PORT, seq)
-    return body[:2] + struct.pack("!H", checksum(body)) + body[4:]
 
 
 def rcv_nxt(sock: socket.socket) -> int:
@@ -129,7 +115,8 @@ def run(down: float, icmp: int) -> None:
         def revert() -> None:
             enter(SERVER)
             conn = state["server"]
-            frame = unreachable(conn.getpeername()[1], rcv_nxt(conn))
+            frame = unreachable((CLIENT_IP, conn.getpeername()[1]), (SERVER_IP, PORT),
+                                rcv_nxt(conn))
             with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as raw:
                 for _ in range(icmp):
                     raw.sendto(frame, (CLIENT_IP, 0))

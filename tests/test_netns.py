@@ -5,6 +5,7 @@ Two namespaces joined by a veth pair play the node (its bridge side) and the con
 from __future__ import annotations
 
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -13,8 +14,9 @@ import time
 import pytest
 
 from migctl.agent.dataplane.pages import PrivateNetns
+from migctl.agent.runtime.criu.sockets import Connection
 from migctl.agent.runtime.docker import isolate_network, refuse_new_connections
-from migctl.agent.runtime.netns import announce, inside, probe
+from migctl.agent.runtime.netns import announce, inside, nudge, probe
 
 NODE_IP, CTR_IP = "10.77.0.1", "10.77.0.2"
 SERVE = ("import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, "
@@ -180,3 +182,67 @@ def test_a_paused_copy_that_closes_its_connections_resets_them_at_once(pair) -> 
     finally:
         server.kill()
         server.wait()
+
+
+def tcp_backoff(s: socket.socket) -> int:
+    """tcpi_backoff of S's TCP_INFO: how many times its retransmission timer has doubled."""
+    return s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[4]
+
+
+def rcv_nxt(s: socket.socket) -> int:
+    """What a restored socket's CRIU image says (tcp_stream_entry.inq_seq), read as CRIU does."""
+    s.setsockopt(socket.IPPROTO_TCP, 19, 1)  # TCP_REPAIR
+    s.setsockopt(socket.IPPROTO_TCP, 20, 1)  # TCP_REPAIR_QUEUE: the receive queue
+    seq = struct.unpack("I", s.getsockopt(socket.IPPROTO_TCP, 21, 4))[0]  # TCP_QUEUE_SEQ
+    s.setsockopt(socket.IPPROTO_TCP, 19, 0)
+    return seq
+
+
+@pytest.fixture
+def backed_off(pair):
+    """A client (in the node's namespace) whose byte to the container was dropped until its
+    retransmission timer doubled three times, as in a migration's downtime; the path is back.
+    Yields (client socket, the container's end as its image would name it)."""
+    node, ctr = pair
+    server = inside(ctr.path, lambda: socket.create_server((CTR_IP, 8099)))
+    client = inside(node.path, lambda: socket.create_connection((CTR_IP, 8099), timeout=5))
+    conn, peer = server.accept()
+    drop = ["ip", "netns", "exec", ctr.name, "iptables", "-w", "5"]
+    rule = ["INPUT", "-p", "tcp", "--dport", "8099", "-j", "DROP"]
+    try:
+        subprocess.run([*drop, "-I", *rule], check=True)
+        client.sendall(b"b")
+        for _ in range(1000):
+            if tcp_backoff(client) >= 3:
+                break
+            time.sleep(0.01)
+        assert tcp_backoff(client) >= 3
+        subprocess.run([*drop, "-D", *rule], check=True)
+        yield client, Connection((CTR_IP, 8099), peer, rcv_nxt(conn))
+    finally:
+        for s in (client, conn, server):
+            s.close()
+
+
+def test_a_nudge_makes_a_backed_off_peer_retransmit_at_once(pair, backed_off) -> None:
+    """RFC 6069's revert: every doubling is taken off the client's timer, and it sends its byte
+    again now (its backoff reads 0, or 1 after that retransmission)."""
+    _, ctr = pair
+    client, kept = backed_off
+    assert nudge(ctr.path, [kept]) == [f"{NODE_IP}:{kept.peer[1]}"]
+    assert tcp_backoff(client) <= 1
+
+
+@pytest.mark.parametrize("claim", ["another peer", "another port", "a peer inside"])
+def test_a_connection_the_container_does_not_hold_is_never_nudged(pair, backed_off,
+                                                                  claim: str) -> None:
+    """The images name the connections; only those the restored container's own socket table
+    holds, to a peer outside it, get a message (a hostile source cannot aim them elsewhere)."""
+    _, ctr = pair
+    client, kept = backed_off
+    made_up = {"another peer": Connection(kept.local, ("10.77.0.3", kept.peer[1]), kept.rcv_nxt),
+               "another port": Connection(kept.local, (NODE_IP, kept.peer[1] + 1), kept.rcv_nxt),
+               "a peer inside": Connection(kept.local, ("127.0.0.1", kept.peer[1]),
+                                           kept.rcv_nxt)}[claim]
+    assert nudge(ctr.path, [made_up]) == []
+    assert tcp_backoff(client) >= 3

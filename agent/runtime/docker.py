@@ -26,6 +26,7 @@ import psutil
 
 from migctl.agent.runtime import dumpable, netns
 from migctl.agent.runtime.base import ContainerState, Network
+from migctl.agent.runtime.criu.sockets import Connection, connections
 from migctl.agent.runtime.direct import WrapperPath
 from migctl.agent.runtime.host import criu_path
 from migctl.agent.runtime.spec import create_request, port_protocol, unsupported
@@ -127,6 +128,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def kept_connections(images: Path) -> list[Connection]:
+    """The connections a checkpoint restores, for their nudge; none when its images cannot be
+    read (the restore's own checks refuse what matters; the nudge only saves time)."""
+    try:
+        return connections(images)
+    except (MigctlError, OSError) as err:
+        log.warning("could not read the connections of checkpoint %s: %s", images.name, err)
+        return []
+
+
 def _sandbox(info: dict[str, Any]) -> Path | None:
     """The container's own network namespace; None for the host's (not the container's to
     change) or none at all."""
@@ -185,6 +196,7 @@ class DockerRuntime:
         self._collected: dict[str, float] = {}
         self._collected_lock = threading.Lock()
         self._uppers: dict[str, Path | None] = {}  # by container ID, for its whole life
+        self._kept: dict[str, list[Connection]] = {}  # restored with them, until they run
         self._seccomp: bool | None = None  # whether the engine confines with seccomp
         self._sys_resource: bool | None = None  # whether the agent holds CAP_SYS_RESOURCE
         self.client = docker.DockerClient(base_url=docker_host, timeout=300)
@@ -696,7 +708,10 @@ class DockerRuntime:
 
         The engine refuses a custom checkpoint dir on start, so the files go where it looks
         for its own checkpoints: <DockerRootDir>/containers/<id>/checkpoints/<name>/.
+        KEEP_CONNECTIONS: the connections restored are nudged once it runs (wait_running).
         """
+        if keep_connections:
+            self._kept[cid] = kept_connections(checkpoint_dir)
         if self.direct is not None and self._direct_for(self.inspect(cid)):
             self.direct.start_from_checkpoint(self, cid, checkpoint_dir, name, lazy_in,
                                               keep_connections)
@@ -770,6 +785,7 @@ class DockerRuntime:
             if state.get("Running"):
                 on_running()  # first: post-copy arms its kill of a copy missing pages there
                 self.announce(info)
+                self.nudge(info)
                 time.sleep(settle)
                 state = self.inspect(cid)["State"]
                 if state.get("Running"):
@@ -857,6 +873,20 @@ class DockerRuntime:
         except OSError as err:
             log.warning("could not announce %s's addresses: %s", info["Id"][:12], err)
 
+    def nudge(self, info: dict[str, Any]) -> None:
+        """Make the peers of the connections it kept retransmit now, not after their backed-off
+        timers (agent/runtime/netns.py). Best effort, as the announcement."""
+        kept = self._kept.pop(info["Id"], [])
+        sandbox = _sandbox(info)
+        if sandbox is None or not kept:
+            return
+        try:
+            nudged = netns.nudge(sandbox, kept)
+            log.info("nudged %d of %d kept connection(s) of %s: %s", len(nudged), len(kept),
+                     info["Id"][:12], ", ".join(nudged[:8]) or "none")
+        except OSError as err:
+            log.warning("could not nudge %s's connections: %s", info["Id"][:12], err)
+
     def refuse_connections(self, container: str, refuse: bool) -> None:
         """While a paused copy waits at the source, its network stack still accepts new
         connections that nothing answers, and its clients' open connections hang until it is
@@ -887,6 +917,7 @@ class DockerRuntime:
 
     def remove(self, container: str) -> None:
         self._uppers.pop(container, None)
+        self._kept.pop(container, None)
         with contextlib.suppress(NotFound):
             self._call(f"remove {container!r}", self.api.remove_container, container, force=True)
 

@@ -195,3 +195,39 @@ class task_kobj_ids_entry(_message.Message):
     cgroup_ns_id: int
     time_ns_id: int
     def __init__(self, pid_ns_id: _Optional[int] = ..., net_ns_id: _Optional[int] = ..., ipc_ns_id: _Optional[int] = ..., uts_ns_id: _Optional[int] = ..., mnt_ns_id: _Optional[int] = ..., user_ns_id: _Optional[int] = ..., cgroup_ns_id: _Optional[int] = ..., time_ns_id: _Optional[int] = ...) -> None: ...
+
+class inet_sk_entry(_message.Message):
+    __slots__ = ("ino", "family", "proto", "state", "src_port", "dst_port", "src_addr", "dst_addr")
+    INO_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    PROTO_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SRC_PORT_FIELD_NUMBER: _ClassVar[int]
+    DST_PORT_FIELD_NUMBER: _ClassVar[int]
+    SRC_ADDR_FIELD_NUMBER: _ClassVar[int]
+    DST_ADDR_FIELD_NUMBER: _ClassVar[int]
+    ino: int
+    family: int
+    proto: int
+    state: int
+    src_port: int
+    dst_port: int
+    src_addr: _containers.RepeatedScalarFieldContainer[int]
+    dst_addr: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ino: _Optional[int] = ..., family: _Optional[int] = ..., proto: _Optional[int] = ..., state: _Optional[int] = ..., src_port: _Optional[int] = ..., dst_port: _Optional[int] = ..., src_addr: _Optional[_Iterable[int]] = ..., dst_addr: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class file_entry(_message.Message):
+    __slots__ = ("type", "isk")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    ISK_FIELD_NUMBER: _ClassVar[int]
+    type: int
+    isk: inet_sk_entry
+    def __init__(self, type: _Optional[int] = ..., isk: _Optional[_Union[inet_sk_entry, _Mapping]] = ...) -> None: ...
+
+class tcp_stream_entry(_message.Message):
+    __slots__ = ("inq_len", "inq_seq")
+    INQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    INQ_SEQ_FIELD_NUMBER: _ClassVar[int]
+    inq_len: int
+    inq_seq: int
+    def __init__(self, inq_len: _Optional[int] = ..., inq_seq: _Optional[int] = ...) -> None: ...
