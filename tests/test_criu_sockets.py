@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 from pathlib import Path
@@ -22,20 +23,26 @@ from tests.criu_kit import write as image
 LISTEN, CLOSE_WAIT = 10, 8
 
 
-def word(address: str) -> int:
-    return struct.unpack("=I", socket.inet_aton(address))[0]
+def words(address: str) -> list[int]:
+    """The address as CRIU's host writes it: its bytes read into words."""
+    raw = ipaddress.ip_address(address).packed
+    return list(struct.unpack(f"={len(raw) // 4}I", raw))
 
 
 def inet(ino: int, src: tuple[str, int], dst: tuple[str, int], state: int = 1,
-         family: int = socket.AF_INET, proto: int = socket.IPPROTO_TCP) -> bytes:
+         proto: int = socket.IPPROTO_TCP) -> bytes:
+    family = socket.AF_INET6 if ":" in src[0] else socket.AF_INET
     return img.file_entry(type=4, isk=img.inet_sk_entry(
         ino=ino, family=family, proto=proto, state=state, src_port=src[1], dst_port=dst[1],
-        src_addr=[word(src[0])], dst_addr=[word(dst[0])])).SerializeToString()
+        src_addr=words(src[0]), dst_addr=words(dst[0]))).SerializeToString()
 
 
-def stream(folder: Path, ino: int, seq: int) -> None:
-    image(folder / f"tcp-stream-{ino:x}.img", TCP_STREAM_MAGIC,
-          img.tcp_stream_entry(inq_len=0, inq_seq=seq).SerializeToString())
+def stream(folder: Path, ino: int, seq: int, queued: bytes = b"") -> None:
+    """Its entry, then the bytes of its queues, raw (as CRIU writes them)."""
+    path = image(folder / f"tcp-stream-{ino:x}.img", TCP_STREAM_MAGIC,
+                 img.tcp_stream_entry(inq_len=len(queued), inq_seq=seq).SerializeToString())
+    with path.open("ab") as f:
+        f.write(queued)
 
 
 def test_only_established_ipv4_tcp_connections_with_their_stream_are_read(tmp_path) -> None:
@@ -47,12 +54,17 @@ def test_only_established_ipv4_tcp_connections_with_their_stream_are_read(tmp_pa
           inet(0x13, ctr, client, proto=socket.IPPROTO_UDP),
           inet(0x14, ctr, ("192.168.50.8", 1), state=CLOSE_WAIT),
           inet(0x15, ctr, ("192.168.50.9", 2)),  # no stream image: CRIU would not restore it
-          inet(0x1ab, ctr, ("192.168.50.10", 3)))
-    for ino, seq in ((0x11, 0xFFFFFFF0), (0x12, 1), (0x13, 1), (0x14, 1), (0x1ab, 77)):
+          inet(0x1ab, ctr, ("192.168.50.10", 3)),
+          inet(0x16, ("::ffff:192.168.50.130", 8080), ("::ffff:192.168.50.11", 4)),  # on "::"
+          inet(0x17, ("fd00::2", 8080), ("fd00::3", 5)))  # IPv6 itself: not nudged
+    for ino, seq in ((0x11, 0xFFFFFFF0), (0x12, 1), (0x13, 1), (0x14, 1), (0x1ab, 77),
+                     (0x16, 5), (0x17, 6)):
         stream(tmp_path, ino, seq)
+    stream(tmp_path, 0x1ab, 77, queued=b"*2\r\n$4\r\nINCR\r\n$1\r\nn\r\n" * 1000)
     assert connections(tmp_path) == [
         Connection(ctr, client, 0xFFFFFFF0),
-        Connection(ctr, ("192.168.50.10", 3), 77)]
+        Connection(ctr, ("192.168.50.10", 3), 77),
+        Connection(("192.168.50.130", 8080), ("192.168.50.11", 4), 5)]
 
 
 def test_a_checkpoint_without_sockets_has_no_connections(tmp_path) -> None:

@@ -198,15 +198,20 @@ def rcv_nxt(s: socket.socket) -> int:
     return seq
 
 
-@pytest.fixture
-def backed_off(pair):
+@pytest.fixture(params=["ipv4", "dual-stack"])
+def backed_off(pair, request):
     """A client (in the node's namespace) whose byte to the container was dropped until its
     retransmission timer doubled three times, as in a migration's downtime; the path is back.
-    Yields (client socket, the container's end as its image would name it)."""
+    Yields (client socket, the container's end as its image would name it). The server listens
+    on IPv4, or on "::" and takes the IPv4 client on an IPv6 socket (busybox nc does)."""
     node, ctr = pair
-    server = inside(ctr.path, lambda: socket.create_server((CTR_IP, 8099)))
+    server = inside(ctr.path, lambda: socket.create_server((CTR_IP, 8099))
+                    if request.param == "ipv4" else
+                    socket.create_server(("::", 8099), family=socket.AF_INET6,
+                                         dualstack_ipv6=True))
     client = inside(node.path, lambda: socket.create_connection((CTR_IP, 8099), timeout=5))
-    conn, peer = server.accept()
+    conn, (address, port, *_) = server.accept()
+    peer = (address.removeprefix("::ffff:"), port)
     drop = ["ip", "netns", "exec", ctr.name, "iptables", "-w", "5"]
     rule = ["INPUT", "-p", "tcp", "--dport", "8099", "-j", "DROP"]
     try:

@@ -876,9 +876,9 @@ class DockerRuntime:
     def nudge(self, info: dict[str, Any]) -> None:
         """Make the peers of the connections it kept retransmit now, not after their backed-off
         timers (agent/runtime/netns.py). Best effort, as the announcement."""
-        kept = self._kept.pop(info["Id"], [])
+        kept = self._kept.pop(info["Id"], None)
         sandbox = _sandbox(info)
-        if sandbox is None or not kept:
+        if sandbox is None or kept is None:
             return
         try:
             nudged = netns.nudge(sandbox, kept)

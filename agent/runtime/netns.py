@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-from migctl.agent.runtime.criu.sockets import Connection
+from migctl.agent.runtime.criu.sockets import Connection, ipv4
 
 CLONE_NEWNET = 0x40000000
 SIOCGIFADDR = 0x8915
@@ -178,16 +178,20 @@ def unreachable(src: tuple[str, int], dst: tuple[str, int], seq: int) -> bytes:
 
 
 def established(table: str) -> set[tuple[tuple[str, int], tuple[str, int]]]:
-    """(local, peer) of each established connection of a /proc/net/tcp TABLE."""
-    def endpoint(field: str) -> tuple[str, int]:
+    """(local, peer) of each established IPv4 connection of a /proc/net/tcp or tcp6 TABLE
+    (in tcp6, those with IPv4-mapped addresses)."""
+    def endpoint(field: str) -> tuple[str | None, int]:
         address, port = field.split(":")
-        return socket.inet_ntoa(struct.pack("=I", int(address, 16))), int(port, 16)
+        words = [int(address[i:i + 8], 16) for i in range(0, len(address), 8)]
+        return ipv4(words), int(port, 16)
 
     found = set()
     for line in table.splitlines()[1:]:
         fields = line.split()
         if len(fields) > 3 and fields[3] == TCP_ESTABLISHED:
-            found.add((endpoint(fields[1]), endpoint(fields[2])))
+            (la, lp), (pa, pp) = endpoint(fields[1]), endpoint(fields[2])
+            if la is not None and pa is not None:
+                found.add(((la, lp), (pa, pp)))
     return found
 
 
@@ -196,7 +200,10 @@ def nudge(netns: Path, connections: Iterable[Connection]) -> list[str]:
     now (see above); returns "peer" of those nudged. A connection the socket table does not
     hold (the images claimed it), or whose peer is in the container, gets nothing."""
     def send() -> list[str]:
-        live = established(Path("/proc/thread-self/net/tcp").read_text())
+        net = Path("/proc/thread-self/net")
+        live = established((net / "tcp").read_text())
+        if (net / "tcp6").exists():
+            live |= established((net / "tcp6").read_text())
         ours = {local[0] for local, _ in live} | {"0.0.0.0"}
         done = []
         with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as raw:

@@ -1,19 +1,20 @@
-"""The established TCP connections a checkpoint restores, read from its images for the nudge of
-their peers after a restore (netns.nudge): the addresses and ports of each IPv4 socket in
-files.img, and where its receive queue stands in tcp-stream-<ino>.img.
+"""The established TCP connections over IPv4 a checkpoint restores, read from its images for
+the nudge of their peers after a restore (netns.nudge): the addresses and ports of each inet
+socket in files.img, and where its receive queue stands in tcp-stream-<ino>.img.
 
 The images come from the source: what they say is a claim. The nudge sends only to connections
 the restored container's own socket table holds, so a made-up entry is never acted on."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from migctl.agent.runtime.criu import images_pb2 as img
-from migctl.agent.runtime.criu.imagefile import entries, first, parse
+from migctl.agent.runtime.criu.imagefile import entries, parse
 
 FILES_MAGIC = 0x56303138
 TCP_STREAM_MAGIC = 0x51465506
@@ -29,9 +30,17 @@ class Connection:
     rcv_nxt: int  # the next byte the container expects: the first its peer has not seen acked
 
 
-def _address(words: list[int]) -> str:
-    """An IPv4 address from CRIU's words: the address's bytes, read into a word on its host."""
-    return socket.inet_ntoa(struct.pack("=I", words[0]))
+def ipv4(words: list[int]) -> str | None:
+    """The IPv4 address in CRIU's words (the address's bytes, read into words on its host):
+    one word, or an IPv6 socket's four holding an IPv4-mapped address (servers that listen on
+    "::" take IPv4 clients so, busybox nc for one); None for any other."""
+    raw = struct.pack(f"={len(words)}I", *words)
+    if len(raw) == 4:
+        return socket.inet_ntoa(raw)
+    if len(raw) == 16:
+        mapped = ipaddress.IPv6Address(raw).ipv4_mapped
+        return str(mapped) if mapped is not None else None
+    return None
 
 
 def connections(images: Path) -> list[Connection]:
@@ -44,15 +53,18 @@ def connections(images: Path) -> list[Connection]:
     for data in entries(files, FILES_MAGIC, MAX_FILES):
         entry = parse(img.file_entry(), data, files.name)
         isk = entry.isk
-        if (entry.type != FD_INETSK or isk.family != socket.AF_INET
-                or isk.proto != socket.IPPROTO_TCP or isk.state != TCP_ESTABLISHED
-                or len(isk.src_addr) != 1 or len(isk.dst_addr) != 1):
+        if (entry.type != FD_INETSK or isk.family not in (socket.AF_INET, socket.AF_INET6)
+                or isk.proto != socket.IPPROTO_TCP or isk.state != TCP_ESTABLISHED):
+            continue
+        local, peer = ipv4(list(isk.src_addr)), ipv4(list(isk.dst_addr))
+        if local is None or peer is None:
             continue
         stream = images / f"tcp-stream-{isk.ino:x}.img"
-        got = first(stream, TCP_STREAM_MAGIC, img.tcp_stream_entry()) if stream.is_file() \
-            else None
+        # its one entry is followed by the queues' bytes, raw: only the entry is read
+        head = next(entries(stream, TCP_STREAM_MAGIC, 1), None) if stream.is_file() else None
+        got = parse(img.tcp_stream_entry(), head, stream.name) if head is not None else None
         if got is None or not got.HasField("inq_seq"):
             continue
-        found.append(Connection((_address(isk.src_addr), isk.src_port & 0xFFFF),
-                                (_address(isk.dst_addr), isk.dst_port & 0xFFFF), got.inq_seq))
+        found.append(Connection((local, isk.src_port & 0xFFFF), (peer, isk.dst_port & 0xFFFF),
+                                got.inq_seq))
     return found
