@@ -81,8 +81,8 @@ def init(directory: Path, nodes: Sequence[str], clients: Sequence[str] = ("clien
     if force or not ca_crt.exists():
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_cert = _make_ca(ca_key, max(days, CA_DAYS))
-        _write(ca_key_path, _key_pem(ca_key), 0o600)  # key first: a cert never lacks its key
-        _write(ca_crt, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write(ca_key_path, _key_pem(ca_key), 0o600)  # key first: a cert never lacks its key
+        write(ca_crt, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
     else:
         try:
             ca_cert = x509.load_pem_x509_certificate(ca_crt.read_bytes())
@@ -102,10 +102,10 @@ def init(directory: Path, nodes: Sequence[str], clients: Sequence[str] = ("clien
                 ca_key = _load_ca_key(ca_key_path)
             key = ec.generate_private_key(ec.SECP256R1())
             cert = _make_leaf(name, ou, sans, eku, key, ca_cert, ca_key, days)
-            _write(key_path, _key_pem(key), 0o600)
-            _write(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+            write(key_path, _key_pem(key), 0o600)
+            write(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         if folder != directory and _read_or_none(folder / "ca.crt") != ca_pem:
-            _write(folder / "ca.crt", ca_pem, 0o644)
+            write(folder / "ca.crt", ca_pem, 0o644)
 
 
 def request(directory: Path, node: str) -> Path:
@@ -123,10 +123,10 @@ def request(directory: Path, node: str) -> Path:
             raise FailedPrecondition(f"{key_path} is not an EC key: remove it to make a new one")
     else:
         key = ec.generate_private_key(ec.SECP256R1())
-        _write(key_path, _key_pem(key), 0o600)
+        write(key_path, _key_pem(key), 0o600)
     csr = x509.CertificateSigningRequestBuilder().subject_name(
         _subject(node, NODE_OU)).sign(key, hashes.SHA256())
-    _write(csr_path, csr.public_bytes(serialization.Encoding.PEM), 0o644)
+    write(csr_path, csr.public_bytes(serialization.Encoding.PEM), 0o644)
     return csr_path
 
 
@@ -191,7 +191,7 @@ def _migrate(directory: Path, nodes: Sequence[str], clients: Sequence[str]) -> N
         _move(directory / f"{n}.crt", folder / f"{n}.crt", 0o644, drop_stale=True)
         if n not in nodes and (directory / "ca.crt").is_file() \
                 and not (folder / "ca.crt").exists():
-            _write(folder / "ca.crt", (directory / "ca.crt").read_bytes(), 0o644)
+            write(folder / "ca.crt", (directory / "ca.crt").read_bytes(), 0o644)
 
 
 def _move(old: Path, new: Path, mode: int, drop_stale: bool) -> None:
@@ -210,6 +210,11 @@ def _move(old: Path, new: Path, mode: int, drop_stale: bool) -> None:
     else:
         raise FailedPrecondition(f"{old} (old layout) and {new} both exist and differ: put the "
                                  f"key of {old.parent / 'ca.crt'} at {new}, remove {old}")
+
+
+def check_node_name(node: str) -> None:
+    """InvalidArgument unless NODE can name a node's files and certificate."""
+    _check_names([node], [])
 
 
 def _check_names(nodes: Sequence[str], clients: Sequence[str]) -> None:
@@ -347,7 +352,7 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
+def write(path: Path, data: bytes, mode: int) -> None:
     """Atomic replace; the mode is set before any byte lands, so a key is never world-readable."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -325,6 +326,40 @@ def cmd_certs_request(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs_token(args: argparse.Namespace) -> int:
+    from migctl.agent import join
+
+    directory = args.dir or args.tls_dir or default_tls_dir()
+    print(join.mint(directory, args.node, args.server, ttl=args.ttl))
+    return 0
+
+
+def cmd_certs_serve(args: argparse.Namespace) -> int:
+    from migctl.agent import join
+
+    directory = args.dir or args.tls_dir or default_tls_dir()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    print(f"join service on {args.listen} for the CA in {directory} (Ctrl-C stops it)",
+          flush=True)
+    try:
+        join.serve(args.listen, directory, args.days)
+    except KeyboardInterrupt:
+        pass
+    except OSError as err:
+        raise MigctlError(f"cannot serve joins on {args.listen}: {err}") from None
+    return 0
+
+
+def cmd_certs_join(args: argparse.Namespace) -> int:
+    from migctl.agent import join
+
+    directory = args.dir or args.tls_dir or default_tls_dir()
+    token = args.token if args.token != "-" else sys.stdin.readline()
+    crt = join.join(token, directory)
+    print(f"joined: {crt} and {directory}/ca.crt (the key stayed in {directory})")
+    return 0
+
+
 def cmd_certs_sign(args: argparse.Namespace) -> int:
     from migctl.agent import certs
 
@@ -457,6 +492,31 @@ def build_parser() -> argparse.ArgumentParser:
                     "request's folder)")
     cs.add_argument("request", type=Path, metavar="NODE.csr")
     cs.set_defaults(func=cmd_certs_sign)
+    ct = csub.add_parser("token", help="at the operator's CA (DIR, default as for init): a "
+                         "one-time token for NODE to get its certificate from `certs serve`")
+    ct.add_argument("--dir", type=Path, default=None
+                    ).complete = completion.DIRECTORY  # type: ignore[attr-defined]
+    ct.add_argument("--server", required=True, metavar="HOST:PORT",
+                    help="where the node reaches `migctl certs serve`")
+    ct.add_argument("--ttl", type=float, default=3600.0, metavar="SECONDS",
+                    help="how long the token may be used (default 3600)")
+    ct.add_argument("node", metavar="NODE")
+    ct.set_defaults(func=cmd_certs_token)
+    cv = csub.add_parser("serve", help="at the operator's CA (DIR): sign the requests of nodes "
+                         "that hold a token, until interrupted")
+    cv.add_argument("--dir", type=Path, default=None
+                    ).complete = completion.DIRECTORY  # type: ignore[attr-defined]
+    cv.add_argument("--listen", default="0.0.0.0:50050", metavar="HOST:PORT")
+    cv.add_argument("--days", type=int, default=825, help="validity (default 825)")
+    cv.set_defaults(func=cmd_certs_serve)
+    cj = csub.add_parser("join", help="on a new node: its key (kept here) and its certificate "
+                         "from the operator's join service, with a token; in DIR (default as "
+                         "for init)")
+    cj.add_argument("--dir", type=Path, default=None
+                    ).complete = completion.DIRECTORY  # type: ignore[attr-defined]
+    cj.add_argument("token", metavar="TOKEN", help="the token (- reads it from stdin, which "
+                    "keeps it out of the process list)")
+    cj.set_defaults(func=cmd_certs_join)
 
     # the lab's and the evaluation's commands are theirs (migctl.lab), registered where it is
     # installed (a node's image built without lab/ has neither)
