@@ -37,7 +37,7 @@ from migctl.agent.version import VersionAction
 
 RUNC_OPTIONS = ("tcp-established", "skip-in-flight", "file-locks")  # docs/real-machines.md
 PIPE_MAX = 4 << 20  # fs.pipe-max-size CRIU's lazy page server needs (docs/runtime.md)
-UNIT = Path(__file__).resolve().parent.parent / "packaging" / "migagent.service"
+UNIT = Path(__file__).resolve().parent / "packaging" / "migagent.service"
 DOCKER_DROPIN = """\
 # migctl: the engine's runc finds the probed CRIU, and containers run with plain runc close
 # their connections at a checkpoint or a restore (migctl-runc chooses per call)
@@ -153,8 +153,7 @@ class Installer:
                   f"# CRIU's lazy page server (post-copy), migctl\nfs.pipe-max-size = "
                   f"{PIPE_MAX}\n".encode(), 0o644)
         if not UNIT.is_file():
-            raise SystemExit(f"install: {UNIT} is missing: run the installer from a checkout "
-                             "(the unit is not in the wheel yet)")
+            raise SystemExit(f"install: {UNIT} is missing: a damaged installation")
         self.file("/etc/systemd/system/migagent.service", UNIT.read_bytes(), 0o644)
         self.file("/etc/migctl/agent.toml", AGENT_TOML.encode(), 0o644, keep=True)
         self.save()

@@ -1,4 +1,4 @@
-"""The systemd unit of the agent (packaging/migagent.service) is one systemd accepts, and its
+"""The systemd unit of the agent (agent/packaging/migagent.service) is one systemd accepts, and its
 flags come from the environment file the guide (docs/real-machines.md) installs."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-UNIT = ROOT / "packaging" / "migagent.service"
+UNIT = ROOT / "agent" / "packaging" / "migagent.service"
 MIGAGENT = "/opt/migctl/src/.venv/bin/migagent"
 
 
@@ -34,7 +34,7 @@ def test_the_unit_runs_migagent_with_flags_from_the_environment_file() -> None:
     assert command[1:3] == ["--node", "${MIGCTL_NODE}"]
     assert unit["Install"]["WantedBy"] == "multi-user.target"
     # every variable the command uses is one the example environment file documents
-    env = (ROOT / "packaging" / "migagent.env").read_text()
+    env = (ROOT / "agent" / "packaging" / "migagent.env").read_text()
     for word in command:
         if "MIGCTL_" in word:
             name = word.strip("${}")
@@ -106,7 +106,8 @@ def test_the_agents_lock_pins_what_the_full_lock_pins() -> None:
 
 def test_the_wheel_carries_the_runc_wrapper_and_the_contract(tmp_path) -> None:
     """A node installed from the wheel finds migctl-runc beside the module that registers it,
-    and an integrator finds the .proto (the real-nodes issue)."""
+    and the systemd unit its installer writes; an integrator finds the .proto (the real-nodes
+    issue)."""
     import subprocess
     import sys
     import zipfile
@@ -119,7 +120,8 @@ def test_the_wheel_carries_the_runc_wrapper_and_the_contract(tmp_path) -> None:
     [wheel] = tmp_path.glob("migctl-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for want in ("migctl/agent/runtime/migctl-runc", "migctl/proto/migctl.proto",
-                 "migctl/agent/runtime/criu/images.proto"):
+                 "migctl/agent/runtime/criu/images.proto",
+                 "migctl/agent/packaging/migagent.service"):  # the node installer writes it
         assert want in names, (want, [n for n in names if "runtime" in n][:20])
     # one namespace: nothing installed as a top-level agent, client or proto
     info = f"{wheel.name.split('-py3')[0]}.dist-info"
