@@ -46,12 +46,15 @@ Environment=PATH=/opt/migctl/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/b
 Environment=CRIU_CONFIG_FILE=/etc/migctl/criu-tcp-close.conf
 """
 AGENT_TOML = """\
-# The migctl agent's configuration: each key is the migagent flag of the same name.
+# The migctl agent's configuration: each key is the migagent flag of the same name
+# (`migagent --help`); the commented values are the defaults. Set node, then
+# `systemctl enable --now migagent`.
 # node = "nodeA"
 # listen = "0.0.0.0:50051"
-# tls_dir = "/etc/migctl/tls"
+# tls-dir = "/etc/migctl/tls"
 # inventory = "/etc/migctl/inventory.json"
-# state_dir = "/var/lib/migctl/agent"
+# state-dir = "/var/lib/migctl/agent"
+# registry = "redis://10.0.0.5:6379/0"
 """
 
 
@@ -154,15 +157,18 @@ class Installer:
                   f"{PIPE_MAX}\n".encode(), 0o644)
         if not UNIT.is_file():
             raise SystemExit(f"install: {UNIT} is missing: a damaged installation")
-        self.file("/etc/systemd/system/migagent.service", UNIT.read_bytes(), 0o644)
+        # the agent of the environment this installer runs from (a venv's, or the system's)
+        migagent = Path(sys.executable).parent / "migagent"
+        self.file("/etc/systemd/system/migagent.service",
+                  UNIT.read_text().replace("@MIGAGENT@", str(migagent)).encode(), 0o644)
         self.file("/etc/migctl/agent.toml", AGENT_TOML.encode(), 0o644, keep=True)
         self.save()
         if not self.changed:
             print("install: nothing to change; migctl's files are in place")
         elif not self.dry_run:
             print("then: sysctl --system; systemctl daemon-reload; systemctl restart docker "
-                  "(for daemon.json and its drop-in); edit "
-                  "/etc/migctl/agent.toml; systemctl enable --now migagent")
+                  "(for daemon.json and its drop-in); set node in /etc/migctl/agent.toml; "
+                  "systemctl enable --now migagent")
 
     def uninstall(self) -> None:
         for path in reversed(self.record["files"]):

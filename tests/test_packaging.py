@@ -1,5 +1,6 @@
-"""The systemd unit of the agent (agent/packaging/migagent.service) is one systemd accepts, and its
-flags come from the environment file the guide (docs/real-machines.md) installs."""
+"""The systemd unit of the agent (agent/packaging/migagent.service) is one systemd accepts and
+runs the agent with the config file the node installer writes; the wheel carries what a node
+needs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "agent" / "packaging" / "migagent.service"
-MIGAGENT = "/opt/migctl/src/.venv/bin/migagent"
+MIGAGENT = "@MIGAGENT@"  # the installer writes its own environment's migagent there
 
 
 def _unit() -> configparser.ConfigParser:
@@ -22,29 +23,40 @@ def _unit() -> configparser.ConfigParser:
     return parser
 
 
-def test_the_unit_runs_migagent_with_flags_from_the_environment_file() -> None:
+def test_the_unit_runs_migagent_with_the_config_file_and_its_own_folders() -> None:
     unit = _unit()
     assert unit.sections() == ["Unit", "Service", "Install"]
     assert "docker.service" in unit["Unit"]["After"].split()
     service = unit["Service"]
     assert service["Restart"] == "on-failure"
-    assert service["EnvironmentFile"] == "/etc/migctl/migagent.env"
-    command = service["ExecStart"].replace("\\\n", " ").split()
-    assert command[0] == MIGAGENT
-    assert command[1:3] == ["--node", "${MIGCTL_NODE}"]
+    assert service["ExecStart"].split() == [MIGAGENT, "--config", "/etc/migctl/agent.toml"]
+    assert service["ExecReload"].split()[-2:] == ["-HUP", "$MAINPID"]
+    assert (service["StateDirectory"], service["RuntimeDirectory"]) == ("migctl", "migctl")
+    assert service["KillMode"] == "process"  # post-copy's lazy-pages daemon outlives it
     assert unit["Install"]["WantedBy"] == "multi-user.target"
-    # every variable the command uses is one the example environment file documents
-    env = (ROOT / "agent" / "packaging" / "migagent.env").read_text()
-    for word in command:
-        if "MIGCTL_" in word:
-            name = word.strip("${}")
-            assert f"{name}=" in env, name
+
+
+def test_the_agent_config_the_installer_writes_names_only_migagent_flags(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every key its comments show, uncommented, is one the agent takes (it named two with
+    underscores, which the agent refused)."""
+    import migctl.agent.server as server
+    from migctl.agent.install import AGENT_TOML
+
+    lines = [line.removeprefix("# ") for line in AGENT_TOML.splitlines() if " = " in line]
+    assert {line.split(" = ")[0] for line in lines} >= {"node", "listen", "tls-dir"}
+    config = tmp_path / "agent.toml"
+    config.write_text("\n".join(lines) + "\n")
+    read: dict = {}  # what the agent would serve with (it is not started here)
+    monkeypatch.setattr(server, "serve", lambda *a, **k: read.update(args=a))
+    server.main(["--config", str(config)])
+    assert read["args"][0] == "nodeA" and Path("/etc/migctl/tls") in read["args"]
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="no systemd-analyze here")
 def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
     # verify checks that ExecStart's program exists: point it at a stand-in
-    stand_in = tmp_path / "migagent"
+    stand_in = tmp_path / "migagent"  # (the installer does the same with the real one)
     stand_in.write_text("#!/bin/sh\n")
     stand_in.chmod(0o755)
     unit = tmp_path / "migagent.service"
