@@ -140,7 +140,8 @@ class Inventory:
     @classmethod
     def load(cls, path: Path | None = None, tls_dir: Path | None = None) -> Inventory:
         """PATH and TLS_DIR come from flags; without them, from `default_inventory` and the
-        inventory's own "tls_dir" (the labs write one), else `default_tls_dir`."""
+        inventory's own "tls_dir" (the labs write one; a relative one is the inventory file's
+        neighbour, wherever the command runs), else `default_tls_dir`."""
         path = path or default_inventory()
         try:
             data = json.loads(path.read_text())
@@ -153,7 +154,7 @@ class Inventory:
                             n.get("peer_address", ""))
                  for name, n in data.get("nodes", {}).items()}
         if tls_dir is None and data.get("tls_dir"):
-            tls_dir = Path(data["tls_dir"])
+            tls_dir = path.resolve().parent / data["tls_dir"]
         return cls(nodes, path, tls_dir)
 
     def node(self, name: str) -> Node:

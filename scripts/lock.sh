@@ -11,7 +11,7 @@ UV=${UV:-.venv/bin/uv}
     --generate-hashes --index-url https://pypi.org/simple \
     --custom-compile-command "bash scripts/lock.sh" -o requirements.lock "$@"
 # what a node's agent needs, with the Redis registry and the build backend
-# (lab/compose/build-node-image.sh)
+# (the compose lab's node image, lab/compose/Dockerfile)
 "$UV" pip compile pyproject.toml --extra registry --extra build --universal --python-version 3.11 \
     --generate-hashes --index-url https://pypi.org/simple \
     --custom-compile-command "bash scripts/lock.sh" -o requirements-agent.lock "$@"

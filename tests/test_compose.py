@@ -1,17 +1,19 @@
-"""The compose lab (docker-compose.yml, lab/compose/) end to end: build the node image (or reuse
-it when its inputs have not changed), start the registry and nodeA, nodeB and nodeC as
-containers, move the seed's toy container A -> B -> C -> A, the last hop taking a basis from
-nodeB through the Redis registry, and tear the lab down.
+"""The compose lab (docker-compose.yml, lab/compose/) end to end, as a user starts it: the base
+image and wheels (lab/compose/build-base-image.sh, skipped when up to date), then one
+`docker-compose up -d --build`: the node image is built by pip and the node installer, the
+operator mints a token per node, each node joins with its own key, and the agents answer. Then
+the seed's toy container moves A -> B -> C -> A, the last hop taking a basis from nodeB through
+the Redis registry, and the lab is torn down.
 
     .venv/bin/pytest -v -p no:cacheprovider tests/test_compose.py
 
-Needs root and scripts/setup.sh done (CRIU in /opt/migctl, .venv, docker-compose and
-debootstrap), and PyPI reachable for the image's venv. The first build takes about 2-3 minutes
-(debootstrap ~35 s, apt ~20 s, pip ~25 s, import ~10 s); later runs with the same inputs reuse
-the image (lab/compose/build-node-image.sh labels it with a digest of its inputs).
+Needs root and scripts/setup.sh done (CRIU in /opt/migctl, .venv, .venv-system,
+docker-compose and debootstrap), and PyPI (or the machine's pip index) reachable for the
+wheels. The first base build takes about a minute (debootstrap, apt, import); the node image's
+build about 30 s.
 
 The Docker engine: $DOCKER_HOST if it answers; otherwise a private one (lab/compose/hostd.sh:
-its own data root, exec root and socket), stopped afterwards but kept on disk with the image.
+its own data root, exec root and socket), stopped afterwards but kept on disk with the images.
 MIGCTL_COMPOSE_KEEP=1 leaves the lab (and a private engine) up.
 """
 
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import docker
 import pytest
+from cryptography import x509
 
 from migctl.lab.workloads import ensure_toy_image, numbers, remove_everywhere, run_toy
 from tests.conftest import DELTA, ROOT, migctl
@@ -34,9 +37,11 @@ from tests.conftest import DELTA, ROOT, migctl
 pytestmark = pytest.mark.compose
 
 COMPOSE = ROOT / "lab" / "compose"
-INVENTORY = COMPOSE / "inventory.json"
+STATE = COMPOSE / "state"
+INVENTORY = COMPOSE / "inventory.json"  # a link to the operator's state/inventory.json
 NODES = ["nodeA", "nodeB", "nodeC"]
 REGISTRY = "migctl-registry"
+OPERATOR = "migctl-operator"
 PRIVATE_ENGINE = "unix:///run/migctl-compose/docker.sock"
 
 
@@ -84,7 +89,7 @@ def engine() -> Iterator[dict[str, str]]:
 def compose_lab(engine: dict[str, str]) -> Iterator[dict[str, docker.DockerClient]]:
     """The three nodes up and their agents answering; the nodes' engines, by node name."""
     compose = ["docker-compose", "-f", str(ROOT / "docker-compose.yml")]
-    names = [*NODES, REGISTRY]
+    names = [*NODES, REGISTRY, OPERATOR]
     existing = subprocess.run(["docker", "ps", "-aq", *[f"--filter=name=^{n}$" for n in names]],
                               capture_output=True, text=True, env=engine).stdout.split()
     if existing and engine.get("DOCKER_HOST") != PRIVATE_ENGINE:
@@ -93,11 +98,10 @@ def compose_lab(engine: dict[str, str]) -> Iterator[dict[str, docker.DockerClien
     if existing:  # a lab left on our own engine by an earlier run: ours to clean
         run(*compose, "down", "-v", "-t", "30", env=engine, timeout=300)
     t0 = time.monotonic()
-    run("bash", str(COMPOSE / "build-node-image.sh"), env=engine)  # skipped when up to date
+    run("bash", str(COMPOSE / "build-base-image.sh"), env=engine)  # skipped when up to date
     t_build = time.monotonic() - t0
-    run("bash", str(COMPOSE / "prepare.sh"), env=engine)
     try:
-        run(*compose, "up", "-d", env=engine, timeout=300)
+        run(*compose, "up", "-d", "--build", env=engine, timeout=900)
         deadline = time.monotonic() + 120
         while True:
             health = run("docker", "inspect", "-f", "{{.State.Health.Status}}", *NODES,
@@ -108,10 +112,9 @@ def compose_lab(engine: dict[str, str]) -> Iterator[dict[str, docker.DockerClien
                 logs = run(*compose, "logs", "--tail", "30", env=engine)
                 raise AssertionError(f"nodes not healthy ({health}):\n{logs}")
             time.sleep(1)
-        print(f"compose lab: image {t_build:.0f} s, up and healthy after "
+        print(f"compose lab: base image {t_build:.0f} s, built, up and healthy after "
               f"{time.monotonic() - t0 - t_build:.0f} s")
-        inventory = json.loads(INVENTORY.read_text())
-        yield {name: docker.DockerClient(base_url=inventory["nodes"][name]["docker_host"],
+        yield {name: docker.DockerClient(base_url=f"unix://{STATE}/run/{name}/docker.sock",
                                          timeout=120) for name in NODES}
     finally:
         if not os.environ.get("MIGCTL_COMPOSE_KEEP"):
@@ -138,6 +141,29 @@ def test_agents_answer_at_the_inventory_addresses(compose_lab: dict) -> None:
     for name in NODES:
         line = next(line for line in out.splitlines() if line.startswith(name))
         assert "up, migctl " in line and "(protocol " in line and ", engine " in line, out
+
+
+def test_every_node_joined_with_its_own_key_and_the_installers_files(
+        compose_lab: dict, engine: dict[str, str]) -> None:
+    """No node's key is in the operator's state; each node's certificate is the operator's CA's
+    for that node's own key, and its token is spent. The image is the node installer's: its
+    wrapper is in daemon.json, and the engine runs containers through it."""
+    assert not [p for p in STATE.rglob("*.key") if p.name not in ("client.key", "ca.key")], \
+        "a node's key is in the operator's folder"
+    ca = x509.load_pem_x509_certificate((STATE / "tls" / "ca.crt").read_bytes())
+    for name in NODES:
+        pem = run("docker", "exec", name, "cat", f"/var/lib/migctl/tls/{name}.crt", env=engine)
+        cert = x509.load_pem_x509_certificate(pem.encode())
+        cert.verify_directly_issued_by(ca)
+        assert cert.subject.rfc4514_string().startswith(f"CN={name}"), cert.subject
+        assert not (STATE / "tls" / "private" / "joins" / f"{name}.json").exists()
+        spent = run("docker", "exec", name, "sh", "-c", "migctl certs join --dir /tmp/again - "
+                    "</etc/migctl/lab/join.token; echo rc=$?", env=engine)
+        assert "rc=0" not in spent, f"{name}'s token joined twice: {spent}"
+        daemon = json.loads(run("docker", "exec", name, "cat", "/etc/docker/daemon.json",
+                                env=engine))
+        assert daemon["runtimes"]["migctl"]["path"] == "/usr/local/lib/migctl/migctl-runc"
+        assert compose_lab[name].info()["DefaultRuntime"] == "migctl"
 
 
 def test_every_node_has_the_same_segment_network_lan(compose_lab: dict) -> None:
@@ -169,7 +195,7 @@ def hop(nodes: dict[str, docker.DockerClient], source: str, destination: str) ->
 
 def registry_nodes(engine: dict[str, str]) -> set[str]:
     """The nodes that published their address in the registry service's Redis."""
-    conf = (COMPOSE / "registry" / "redis.conf").read_text().split()
+    conf = (STATE / "registry" / "redis.conf").read_text().split()
     password = conf[conf.index("requirepass") + 1]
     out = run("docker", "exec", REGISTRY, "redis-cli", "-a", password, "--no-auth-warning",
               "hkeys", "migctl:nodes", env=engine)

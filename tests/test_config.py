@@ -120,3 +120,16 @@ def test_migctl_config_naming_a_missing_file(home: Path, tmp_path: Path,
     monkeypatch.setenv("MIGCTL_CONFIG", str(tmp_path / "nope.toml"))
     with pytest.raises(api.MigctlError, match=r"config file .*nope\.toml does not exist"):
         api.default_tls_dir()
+
+
+def test_an_inventorys_relative_tls_dir_is_beside_it_wherever_the_command_runs(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compose lab's inventory says "tls"; it is read through a link in another folder
+    (lab/compose/inventory.json -> state/inventory.json) from any working directory."""
+    state = tmp_path / "lab" / "state"
+    _write(state / "inventory.json", json.dumps({"tls_dir": "tls", "nodes": {}}))
+    (tmp_path / "lab" / "inventory.json").symlink_to("state/inventory.json")
+    monkeypatch.chdir(home)
+    assert api.Inventory.load(tmp_path / "lab" / "inventory.json").tls_dir == state / "tls"
+    _write(state / "inventory.json", json.dumps({"tls_dir": "/abs/tls", "nodes": {}}))
+    assert api.Inventory.load(state / "inventory.json").tls_dir == Path("/abs/tls")

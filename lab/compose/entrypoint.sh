@@ -11,24 +11,28 @@
 #
 # Environment:
 #   MIGCTL_NODE         this node's name (nodeA ...), required
-#   MIGCTL_TLS_DIR      ca.crt, NODE.crt, NODE.key              (default /etc/migctl/tls)
-#   MIGCTL_INVENTORY    the lab's nodes, given to agents that accept --inventory
-#                                                              (default /etc/migctl/inventory.json)
+#   MIGCTL_TLS_DIR      its key, certificate and the CA's     (default /var/lib/migctl/tls: the
+#                       node's volume). Without a certificate there, the node joins first with
+#                       the token in $MIGCTL_LAB_DIR/join.token (`migctl certs join`): its key
+#                       is made here and never leaves it
+#   MIGCTL_LAB_DIR      what the operator handed this node, read-only (default /etc/migctl/lab):
+#                       join.token, inventory.json (the other nodes, given to agents that take
+#                       --inventory), registry.url (redis://:PASSWORD@HOST:PORT/DB; when it
+#                       exists the agent publishes and looks up holdings there)
 #   MIGCTL_LISTEN       the agent's address                      (default 0.0.0.0:50051)
 #   MIGCTL_RUN_DIR      an extra engine socket and the logs, for the host (default /run/migctl-node)
-#   MIGCTL_REGISTRY     a file holding the registry's URL (redis://:PASSWORD@HOST:PORT/DB); when
-#                       it exists the agent publishes and looks up holdings there
-#                                                              (default /etc/migctl/registry.url)
 #   MIGCTL_AGENT_ARGS   more migagent arguments (split on spaces)
 set -euo pipefail
 
 NODE=${MIGCTL_NODE:-}
-TLS_DIR=${MIGCTL_TLS_DIR:-/etc/migctl/tls}
-INVENTORY=${MIGCTL_INVENTORY:-/etc/migctl/inventory.json}
+STATE=/var/lib/migctl # a named volume: the agent's catalog, journal and key outlive the container
+TLS_DIR=${MIGCTL_TLS_DIR:-$STATE/tls}
+LAB_DIR=${MIGCTL_LAB_DIR:-/etc/migctl/lab}
+INVENTORY=$LAB_DIR/inventory.json
+REGISTRY=$LAB_DIR/registry.url
 LISTEN=${MIGCTL_LISTEN:-0.0.0.0:50051}
 RUN_DIR=${MIGCTL_RUN_DIR:-/run/migctl-node}
-REGISTRY=${MIGCTL_REGISTRY:-/etc/migctl/registry.url}
-STATE=/var/lib/migctl # a named volume: the agent's catalog and journal outlive the container
+TCP_CLOSE=/etc/migctl/criu-tcp-close.conf # the node installer's
 ENGINE_TMP=$STATE/tmp # the engine's TMPDIR, where containerd leaves checkpoint copies
 SOCK=/var/run/docker.sock
 CONTAINERD=/var/run/docker/containerd/containerd.sock # dockerd's own containerd (exec root)
@@ -49,9 +53,16 @@ PY
 fi
 [[ $# -eq 0 ]] || exec "$@" # any other command (a shell to look around) instead of the node
 [[ -n $NODE ]] || { log "set MIGCTL_NODE to this node's name"; exit 2; }
-for f in ca.crt "$NODE.crt" "$NODE.key"; do
-    [[ -f $TLS_DIR/$f ]] || { log "missing $TLS_DIR/$f: run lab/compose/prepare.sh on the host"; exit 2; }
-done
+if [[ ! -f $TLS_DIR/$NODE.crt ]]; then
+    [[ -f $LAB_DIR/join.token ]] || { log "no certificate in $TLS_DIR and no $LAB_DIR/join.token to join with"; exit 2; }
+    for ((i = 0; ; i++)); do # the join service may still be starting
+        if migctl certs join --dir "$TLS_DIR" - <"$LAB_DIR/join.token"; then
+            break
+        fi
+        ((i < 30)) || { log "could not join"; exit 2; }
+        sleep 1
+    done
+fi
 
 # CRIU's restore writes /proc/sys (ns_last_pid, ...), which the engine mounts read-only in any
 # container that is not privileged
@@ -63,9 +74,8 @@ hosts=(-H "unix://$SOCK")
 [[ -d $RUN_DIR ]] && hosts+=(-H "unix://$RUN_DIR/docker.sock") # the host's way in
 log "starting dockerd (log $RUN_DIR/dockerd.log)"
 # containers the engine runs with plain runc close their connections (migctl-runc chooses
-# per call; docs/real-machines.md)
-printf 'tcp-close\n' >/run/criu-tcp-close.conf
-CRIU_CONFIG_FILE=/run/criu-tcp-close.conf TMPDIR=$ENGINE_TMP dockerd "${hosts[@]}" \
+# per call; docs/real-machines.md): the node installer's file, as its docker drop-in says
+CRIU_CONFIG_FILE=$TCP_CLOSE TMPDIR=$ENGINE_TMP dockerd "${hosts[@]}" \
     >>"$RUN_DIR/dockerd.log" 2>&1 </dev/null &
 dockerd_pid=$!
 agent_pid=""
@@ -106,9 +116,9 @@ fi
 
 args=(--node "$NODE" --listen "$LISTEN" --docker-host "unix://$SOCK" --state-dir "$STATE/agent"
     --engine-tmp "$ENGINE_TMP" --containerd "$CONTAINERD" --tls-dir "$TLS_DIR")
-# agents that know the other nodes themselves take the lab's inventory (its addresses work
-# inside the compose network too)
-if [[ -f $INVENTORY ]] && migagent --help 2>/dev/null | grep -q -- '--inventory'; then
+# the agent knows the other nodes from the operator's inventory (its addresses work inside the
+# compose network too)
+if [[ -f $INVENTORY ]]; then
     args+=(--inventory "$INVENTORY")
 fi
 # shellcheck disable=SC2206
