@@ -12,6 +12,7 @@ import pytest
 
 from migctl.agent.runtime import docker as docker_runtime
 from migctl.agent.runtime.base import ContainerState
+from migctl.agent.runtime.criu.sockets import Connection
 from migctl.agent.runtime.docker import DockerRuntime
 from migctl.common.errors import FailedPrecondition, RuntimeFailure
 
@@ -29,6 +30,7 @@ class _Engine(DockerRuntime):
         self._collected_lock = threading.Lock()
         self.collects = True
         self._uppers: dict[str, Path | None] = {}
+        self._kept: dict = {}
         self.calls: list[str] = []
         self.api = SimpleNamespace(
             _url=lambda *a: "url", _raise_for_status=lambda res: None,
@@ -58,6 +60,38 @@ def test_a_container_seen_running_is_announced_before_its_downtime_ends(monkeypa
     engine.info["HostConfig"]["NetworkMode"] = "host"  # the host's network: not its to speak for
     engine.wait_running(CID, on_running=lambda: order.append("running"), settle=0)
     assert order == ["running"]
+
+
+def test_kept_connections_are_nudged_once_it_runs_after_its_announcement(monkeypatch) -> None:
+    """The restore read them from the checkpoint; the nudge follows the announcement (the
+    segment knows where the address is before peers retransmit to it), once, and a failing
+    one does not fail the restore."""
+    order: list[str] = []
+    kept = [Connection(("192.168.50.130", 6379), ("192.168.50.7", 40112), 5)]
+    monkeypatch.setattr(docker_runtime, "connections", lambda images: kept)
+    monkeypatch.setattr(docker_runtime.netns, "announce",
+                        lambda path, addresses: order.append("announce") or [])
+    monkeypatch.setattr(docker_runtime.netns, "nudge",
+                        lambda path, conns: order.append(f"nudge {conns}") or ["x"])
+    engine = _Engine({"Id": CID, "State": {"Running": True},
+                      "HostConfig": {"NetworkMode": "lan"},
+                      "NetworkSettings": {"SandboxKey": "/var/run/docker/netns/abc",
+                                          "Networks": {"lan": {"IPAddress": "192.168.50.130"}}}})
+    engine.direct = SimpleNamespace(start_from_checkpoint=lambda *a: order.append("restore"))
+    monkeypatch.setattr(_Engine, "_direct_for", lambda self, info: True)
+    engine.start_from_checkpoint(CID, Path("/nonexistent"), "final", keep_connections=True)
+    engine.wait_running(CID, on_running=lambda: order.append("running"), settle=0)
+    assert order == ["restore", "running", "announce", f"nudge {kept}"]
+    order.clear()
+    engine.wait_running(CID, on_running=lambda: order.append("running"), settle=0)
+    assert order == ["running", "announce"]  # nudged once, not at every later start
+
+    def broken(path: Path, conns: list) -> list[str]:
+        raise OSError("no such namespace")
+
+    monkeypatch.setattr(docker_runtime.netns, "nudge", broken)
+    engine.start_from_checkpoint(CID, Path("/nonexistent"), "final", keep_connections=True)
+    engine.wait_running(CID, settle=0)  # it runs: the nudge only saves time
 
 
 def test_an_announcement_that_fails_does_not_fail_the_restore(monkeypatch) -> None:

@@ -710,9 +710,9 @@ class DockerRuntime:
         for its own checkpoints: <DockerRootDir>/containers/<id>/checkpoints/<name>/.
         KEEP_CONNECTIONS: the connections restored are nudged once it runs (wait_running).
         """
-        if keep_connections:
-            self._kept[cid] = kept_connections(checkpoint_dir)
         if self.direct is not None and self._direct_for(self.inspect(cid)):
+            if keep_connections:  # read before the restore, which may consume the folder
+                self._kept[cid] = kept_connections(checkpoint_dir)
             self.direct.start_from_checkpoint(self, cid, checkpoint_dir, name, lazy_in,
                                               keep_connections)
             return
