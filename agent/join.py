@@ -20,6 +20,8 @@ One JSON line each way over TCP: {"node", "csr", "mac"} -> {"crt", "ca", "mac"} 
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -27,7 +29,9 @@ import logging
 import secrets
 import socket
 import socketserver
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +47,8 @@ log = logging.getLogger(__name__)
 PREFIX = "migctl-join1:"
 TOKEN_TTL_S = 3600.0  # a token not used within the hour is refused
 MAX_LINE = 64 << 10  # a request or reply is a few KB
-IO_TIMEOUT_S = 10.0
+IO_TIMEOUT_S = 10.0  # for a whole request or reply
+MAX_HANDLERS = 16  # requests served at once; more are told to try again
 PENDING = "joins"  # the CA folder's tokens not spent yet, one file per node (0600)
 
 
@@ -94,11 +99,21 @@ def mint(ca_dir: Path, node: str, server: str, ttl: float = TOKEN_TTL_S) -> str:
         raise InvalidArgument(f"a token's lifetime must be positive, not {ttl}")
     ca_pem = _ca_pem(ca_dir)
     token = Token(node, server, secrets.token_bytes(32), fingerprint(ca_pem))
+    record = {"secret": token.secret.hex(), "expires": time.time() + ttl}
+    with _pending(ca_dir) as pending:
+        certs.write(pending / f"{node}.json", json.dumps(record).encode(), 0o600)
+    return token.encode()
+
+
+@contextlib.contextmanager
+def _pending(ca_dir: Path) -> Iterator[Path]:
+    """The folder of pending tokens, locked: a token minted again while a request for the one
+    before is signed waits, so that the old one is never spent on the new one's file."""
     pending = Path(ca_dir) / "private" / PENDING
     pending.mkdir(mode=0o700, parents=True, exist_ok=True)
-    record = {"secret": token.secret.hex(), "expires": time.time() + ttl}
-    certs.write(pending / f"{node}.json", json.dumps(record).encode(), 0o600)
-    return token.encode()
+    with open(pending / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield pending
 
 
 def _ca_pem(ca_dir: Path) -> bytes:
@@ -115,64 +130,89 @@ def answer(ca_dir: Path, line: bytes, days: int) -> dict[str, str]:
     try:
         req = json.loads(line)
         node, csr, mac = str(req["node"]), str(req["csr"]), str(req["mac"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return {"error": "the request is not a join request"}
     try:
         certs.check_node_name(node)
     except MigctlError as err:
         return {"error": str(err)}
-    record_path = Path(ca_dir) / "private" / PENDING / f"{node}.json"
-    try:
-        record = json.loads(record_path.read_bytes())
-        secret = bytes.fromhex(record["secret"])
-    except (OSError, ValueError, KeyError):
-        return {"error": f"no token is pending for {node} (never minted, or spent)"}
-    if not hmac.compare_digest(_mac(secret, "request", node, csr), mac):
-        return {"error": f"the request for {node} is not signed by its token"}
-    if time.time() > float(record.get("expires", 0)):
-        record_path.unlink(missing_ok=True)
-        return {"error": f"{node}'s token expired: mint another"}
-    try:
-        signed_node, crt = certs.sign(ca_dir, csr.encode(), days=days)
-    except MigctlError as err:
-        return {"error": f"the request for {node}: {err}"}
-    if signed_node != node:  # the token names the node: it cannot be spent on another name
-        return {"error": f"the token is {node}'s, the request is for {signed_node}"}
-    try:
-        record_path.unlink()  # spent: one certificate per token, even with requests racing
-    except FileNotFoundError:
-        return {"error": f"{node}'s token was spent by another request"}
+    with _pending(ca_dir) as pending:
+        record_path = pending / f"{node}.json"
+        try:
+            record = json.loads(record_path.read_bytes())
+            secret = bytes.fromhex(record["secret"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return {"error": f"no token is pending for {node} (never minted, or spent)"}
+        if not hmac.compare_digest(_mac(secret, "request", node, csr), mac):
+            return {"error": f"the request for {node} is not signed by its token"}
+        if time.time() > float(record.get("expires", 0)):
+            record_path.unlink(missing_ok=True)
+            return {"error": f"{node}'s token expired: mint another"}
+        try:
+            signed_node, crt = certs.sign(ca_dir, csr.encode(), days=days)
+        except MigctlError as err:
+            return {"error": f"the request for {node}: {err}"}
+        if signed_node != node:  # the token names the node: not to be spent on another name
+            return {"error": f"the token is {node}'s, the request is for {signed_node}"}
+        record_path.unlink()  # spent: one certificate per token
     ca = _ca_pem(ca_dir).decode()
     log.info("join: signed a certificate for %s (%d days)", node, days)
     return {"crt": crt.decode(), "ca": ca, "mac": _mac(secret, "reply", node, crt.decode(), ca)}
 
 
 class Service(socketserver.ThreadingTCPServer):
-    """The operator's join service: one request per connection."""
+    """The operator's join service: one request per connection, at most MAX_HANDLERS at once,
+    each within IO_TIMEOUT_S (a slow or silent client holds nothing longer)."""
 
     daemon_threads = True
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], ca_dir: Path, days: int = 825) -> None:
         self.ca_dir, self.days = Path(ca_dir), days
+        self.handlers = threading.BoundedSemaphore(MAX_HANDLERS)
         super().__init__(address, _Handler)
 
 
-class _Handler(socketserver.StreamRequestHandler):
-    timeout = IO_TIMEOUT_S
-
+class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         server = self.server
         assert isinstance(server, Service)
-        try:
-            line = self.rfile.readline(MAX_LINE + 1)
-        except OSError:
+        if not server.handlers.acquire(blocking=False):
+            self._send({"error": "the join service is busy: try again"})
             return
-        reply = ({"error": "the request is too long"} if len(line) > MAX_LINE
-                 else answer(server.ca_dir, line, server.days))
+        try:
+            line = self._line(time.monotonic() + IO_TIMEOUT_S)
+            reply = (answer(server.ca_dir, line, server.days) if line is not None
+                     else {"error": f"no complete request within {IO_TIMEOUT_S:.0f} s and "
+                                    f"{MAX_LINE} bytes"})
+        finally:
+            server.handlers.release()
         if "error" in reply:
             log.warning("join from %s refused: %s", self.client_address[0], reply["error"])
-        self.wfile.write(json.dumps(reply).encode() + b"\n")
+        self._send(reply)
+
+    def _line(self, deadline: float) -> bytes | None:
+        """One line, read before DEADLINE and within MAX_LINE; None otherwise."""
+        data = b""
+        while b"\n" not in data:
+            left = deadline - time.monotonic()
+            if left <= 0 or len(data) > MAX_LINE:
+                return None
+            self.request.settimeout(left)
+            try:
+                chunk = self.request.recv(16 << 10)
+            except OSError:
+                return None
+            if not chunk:
+                return None
+            data += chunk
+        line = data.split(b"\n", 1)[0]
+        return line if len(line) <= MAX_LINE else None
+
+    def _send(self, reply: dict[str, str]) -> None:
+        with contextlib.suppress(OSError):
+            self.request.settimeout(IO_TIMEOUT_S)
+            self.request.sendall(json.dumps(reply).encode() + b"\n")
 
 
 def join(token_text: str, tls_dir: Path) -> Path:
@@ -198,23 +238,32 @@ def join(token_text: str, tls_dir: Path) -> Path:
                                  f"{err}") from None
     try:
         reply = json.loads(line)
-    except ValueError:
-        raise Refused(f"the join service at {token.server} did not answer a join") from None
+    except (ValueError, RecursionError):
+        reply = None
+    if not isinstance(reply, dict):
+        raise Refused(f"the join service at {token.server} did not answer a join")
     if "error" in reply:
-        raise Refused(f"the join service refused: {reply['error']}")
+        raise Refused(f"the join service refused: {str(reply['error'])[:500]}")
     crt, ca = str(reply.get("crt", "")), str(reply.get("ca", ""))
     if not hmac.compare_digest(_mac(token.secret, "reply", token.node, crt, ca),
                                str(reply.get("mac", ""))):
         raise Refused(f"the reply from {token.server} is not signed by the token: not the "
                       "operator's join service")
-    try:
-        ca_ok = fingerprint(ca.encode()) == token.ca_sha256
-        cert = x509.load_pem_x509_certificate(crt.encode())
-        ca_cert = x509.load_pem_x509_certificate(ca.encode())
+    try:  # exactly one certificate each: a second CA in ca.crt would be trusted too
+        cas = x509.load_pem_x509_certificates(ca.encode())
+        certificates = x509.load_pem_x509_certificates(crt.encode())
     except ValueError as err:
         raise Refused(f"the join service returned no certificate: {err}") from None
-    if not ca_ok:
+    if len(cas) != 1 or len(certificates) != 1:
+        raise Refused(f"the join service returned {len(cas)} CA and {len(certificates)} node "
+                      "certificates: one of each is a join's answer")
+    ca_cert, cert = cas[0], certificates[0]
+    if hashlib.sha256(ca_cert.public_bytes(serialization.Encoding.DER)).hexdigest() != \
+            token.ca_sha256:
         raise Refused("the CA the join service returned is not the one the token names")
+    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    if [n.value for n in names] != [token.node]:
+        raise Refused(f"the certificate returned is not {token.node}'s")
     key = serialization.load_pem_private_key((tls_dir / f"{token.node}.key").read_bytes(),
                                              password=None)
     try:
@@ -226,8 +275,10 @@ def join(token_text: str, tls_dir: Path) -> Path:
             key.public_key().public_bytes(serialization.Encoding.DER,
                                           serialization.PublicFormat.SubjectPublicKeyInfo):
         raise Refused("the certificate returned is not for this node's key")
-    certs.write(tls_dir / "ca.crt", ca.encode(), 0o644)
-    certs.write(tls_dir / f"{token.node}.crt", crt.encode(), 0o644)
+    # what was checked is written, re-encoded: nothing else the reply held
+    certs.write(tls_dir / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    certs.write(tls_dir / f"{token.node}.crt", cert.public_bytes(serialization.Encoding.PEM),
+                0o644)
     (tls_dir / f"{token.node}.csr").unlink(missing_ok=True)
     return tls_dir / f"{token.node}.crt"
 

@@ -77,3 +77,36 @@ def test_a_malformed_socket_image_is_refused(tmp_path, content: bytes) -> None:
     (tmp_path / "files.img").write_bytes(content)
     with pytest.raises(Refused, match="files.img"):
         connections(tmp_path)
+
+
+def test_a_connection_named_again_and_again_is_read_once_and_only_its_streams_head(
+        tmp_path, monkeypatch) -> None:
+    """A hostile source names one socket thousands of times, its stream image carrying 8 MiB
+    of queue: it is one connection, and the queue is never read (it was, once per entry, 16 GB
+    in all, before the restore)."""
+    entry = inet(0x11, ("10.0.0.2", 80), ("10.0.0.9", 4000))
+    image(tmp_path / "files.img", FILES_MAGIC, *[entry] * 2000)
+    stream(tmp_path, 0x11, 1, queued=b"q" * (8 << 20))
+    read = 0
+    real_read = Path.read_bytes
+
+    def counting(self: Path) -> bytes:
+        nonlocal read
+        data = real_read(self)
+        read += len(data)
+        return data
+
+    monkeypatch.setattr(Path, "read_bytes", counting)
+    assert connections(tmp_path) == [Connection(("10.0.0.2", 80), ("10.0.0.9", 4000), 1)]
+    assert read < 1 << 20, f"{read} bytes read"
+
+
+def test_a_stream_image_whose_head_lies_is_refused(tmp_path) -> None:
+    image(tmp_path / "files.img", FILES_MAGIC, inet(0x11, ("10.0.0.2", 80), ("10.0.0.9", 1)))
+    head = struct.pack("<III", 0x54564319, TCP_STREAM_MAGIC, 1 << 20)
+    (tmp_path / "tcp-stream-11.img").write_bytes(head + b"x" * 100)
+    with pytest.raises(Refused, match="tcp-stream-11.img announces an entry"):
+        connections(tmp_path)
+    (tmp_path / "tcp-stream-11.img").write_bytes(head[:8] + struct.pack("<I", 50) + b"x")
+    with pytest.raises(Refused, match="truncated"):
+        connections(tmp_path)

@@ -123,7 +123,7 @@ def test_an_oversized_request_is_refused(ca: Path) -> None:
         host, port = address.split(":")
         with socket.create_connection((host, int(port)), timeout=5) as s:
             s.sendall(b"x" * (join.MAX_LINE + 10) + b"\n")
-            assert b"too long" in s.makefile("rb").readline()
+            assert b"65536 bytes" in s.makefile("rb").readline()
 
 
 def impostor(reply: dict) -> tuple[str, threading.Thread]:
@@ -199,3 +199,116 @@ def test_the_commands_as_processes(ca: Path, tmp_path: Path) -> None:
     finally:
         served.terminate()
         served.wait(10)
+
+
+def test_a_thief_in_the_middle_cannot_add_its_ca(ca: Path, tmp_path: Path) -> None:
+    """With the token's secret (a stolen token), a party between the node and the service
+    passes the request on and appends its own CA to the reply, MAC recomputed: the node trusts
+    only the token's CA, or nothing."""
+    rogue = tmp_path / "rogue"
+    certs.init(rogue, [], ["client"])
+    with service(ca) as real:
+        token = join.Token.decode(join.mint(ca, "nodeD", real))
+        host, port = real.split(":")
+
+        def relay(line: bytes) -> dict:
+            with socket.create_connection((host, int(port)), timeout=5) as s:
+                s.sendall(line)
+                reply = json.loads(s.makefile("rb").readline())
+            reply["ca"] += (rogue / "ca.crt").read_text()
+            reply["mac"] = join._mac(token.secret, "reply", "nodeD", reply["crt"], reply["ca"])
+            return reply
+
+        srv = socket.create_server(("127.0.0.1", 0))
+
+        def middle() -> None:
+            conn, _ = srv.accept()
+            with conn, srv:
+                conn.sendall(json.dumps(relay(conn.makefile("rb").readline())).encode() + b"\n")
+
+        threading.Thread(target=middle, daemon=True).start()
+        via = join.Token(token.node, f"127.0.0.1:{srv.getsockname()[1]}", token.secret,
+                         token.ca_sha256)
+        with pytest.raises(Refused, match="2 CA"):
+            join.join(via.encode(), tmp_path / "n")
+    assert not (tmp_path / "n" / "ca.crt").exists()
+
+
+def test_a_token_minted_again_while_a_request_is_signed_waits_for_it(
+        ca: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The old token's request, begun before, is answered; the new token is not spent by it."""
+    old = join.Token.decode(join.mint(ca, "nodeD", "127.0.0.1:1"))
+    minted: list[str] = []
+    real_sign = certs.sign
+
+    def sign_while_minting(*args, **kwargs):
+        again = threading.Thread(target=lambda: minted.append(
+            join.mint(ca, "nodeD", "127.0.0.1:1")))
+        again.start()
+        again.join(0.3)
+        assert again.is_alive(), "minting did not wait for the request being signed"
+        sign_while_minting.thread = again  # type: ignore[attr-defined]
+        return real_sign(*args, **kwargs)
+
+    monkeypatch.setattr(join.certs, "sign", sign_while_minting)
+    csr = certs.request(tmp_path / "d", "nodeD").read_text()
+    assert "crt" in join.answer(ca, request_line(old, csr), days=1)
+    sign_while_minting.thread.join(5)  # type: ignore[attr-defined]
+    monkeypatch.setattr(join.certs, "sign", real_sign)
+    new = join.Token.decode(minted[0])
+    assert "crt" in join.answer(ca, request_line(new, csr), days=1)
+
+
+@pytest.mark.parametrize("reply", [[], "x", 1, None, "[" * 100000])
+def test_an_impostors_odd_reply_is_a_refusal(tmp_path: Path, reply) -> None:
+    address, t = impostor(reply) if not isinstance(reply, str) or len(reply) < 10 else \
+        raw_impostor(reply.encode())
+    token = join.Token("nodeD", address, bytes(32), "0" * 64)
+    with pytest.raises(Refused):
+        join.join(token.encode(), tmp_path)
+    t.join(5)
+
+
+def raw_impostor(line: bytes) -> tuple[str, threading.Thread]:
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def run() -> None:
+        conn, _ = srv.accept()
+        with conn, srv:
+            conn.makefile("rb").readline()
+            conn.sendall(line + b"\n")
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return f"127.0.0.1:{srv.getsockname()[1]}", t
+
+
+def test_a_slow_or_silent_client_is_cut_off_and_many_are_turned_away(
+        ca: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole request has IO_TIMEOUT_S, however the bytes drip; past MAX_HANDLERS clients
+    at once, the next is told the service is busy rather than given a thread."""
+    monkeypatch.setattr(join, "IO_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(join, "MAX_HANDLERS", 2)
+    with service(ca) as address:
+        host, port = address.split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            got = b""
+            for _ in range(30):  # a byte every 0.1 s: each within any per-read timeout
+                try:
+                    s.sendall(b" ")
+                except OSError:
+                    break
+                s.settimeout(0.1)
+                with contextlib.suppress(TimeoutError):
+                    got += s.recv(4096)
+                if got:
+                    break
+            assert b"no complete request" in got
+        silent = [socket.create_connection((host, int(port)), timeout=5) for _ in range(2)]
+        try:
+            time.sleep(0.1)  # both are being handled
+            with socket.create_connection((host, int(port)), timeout=5) as third:
+                assert b"busy" in third.makefile("rb").readline()
+        finally:
+            for s in silent:
+                s.close()

@@ -133,7 +133,7 @@ def kept_connections(images: Path) -> list[Connection]:
     read (the restore's own checks refuse what matters; the nudge only saves time)."""
     try:
         return connections(images)
-    except (MigctlError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - the nudge only saves time: never fails a restore
         log.warning("could not read the connections of checkpoint %s: %s", images.name, err)
         return []
 
@@ -884,7 +884,7 @@ class DockerRuntime:
             nudged = netns.nudge(sandbox, kept)
             log.info("nudged %d of %d kept connection(s) of %s: %s", len(nudged), len(kept),
                      info["Id"][:12], ", ".join(nudged[:8]) or "none")
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001 - best effort, as the announcement
             log.warning("could not nudge %s's connections: %s", info["Id"][:12], err)
 
     def refuse_connections(self, container: str, refuse: bool) -> None:

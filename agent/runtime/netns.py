@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-from migctl.agent.runtime.criu.sockets import Connection, ipv4
+from migctl.agent.runtime.criu.sockets import MAX_CONNECTIONS, Connection, ipv4
 
 CLONE_NEWNET = 0x40000000
 SIOCGIFADDR = 0x8915
@@ -44,7 +44,6 @@ ETH_P_ARP = 0x0806
 ARPHRD_ETHER = 1
 ANNOUNCE_S = 1.0  # the most an announcement may hold up a restored container's report
 RTO_REVERTS = 10  # ICMP messages per connection, one per doubling: 0.2 s grown to 200 s
-MAX_NUDGED = 4096  # connections nudged at most (each costs RTO_REVERTS small packets)
 TCP_ESTABLISHED = "01"
 
 T = TypeVar("T")
@@ -207,9 +206,9 @@ def nudge(netns: Path, connections: Iterable[Connection]) -> list[str]:
         ours = {local[0] for local, _ in live} | {"0.0.0.0"}
         done = []
         with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as raw:
-            for c in connections:
+            for c in dict.fromkeys(connections):  # each once, whatever the images repeat
                 if ((c.local, c.peer) not in live or c.peer[0] in ours
-                        or c.peer[0].startswith("127.") or len(done) >= MAX_NUDGED):
+                        or c.peer[0].startswith("127.") or len(done) >= MAX_CONNECTIONS):
                     continue
                 frame = unreachable(c.peer, c.local, c.rcv_nxt)
                 try:

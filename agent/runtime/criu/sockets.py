@@ -14,13 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from migctl.agent.runtime.criu import images_pb2 as img
-from migctl.agent.runtime.criu.imagefile import entries, parse
+from migctl.agent.runtime.criu.imagefile import IMG_COMMON_MAGIC, entries, parse
+from migctl.common.errors import Refused
 
 FILES_MAGIC = 0x56303138
 TCP_STREAM_MAGIC = 0x51465506
 FD_INETSK = 4
 TCP_ESTABLISHED = 1
 MAX_FILES = 1 << 20  # one entry per open file of the container's processes
+MAX_CONNECTIONS = 4096  # what the nudge acts on at most (each costs a few small packets)
+MAX_STREAM_ENTRY = 4096  # a stream entry is a few dozen bytes
 
 
 @dataclass(frozen=True)
@@ -44,27 +47,50 @@ def ipv4(words: list[int]) -> str | None:
 
 
 def connections(images: Path) -> list[Connection]:
-    """The established IPv4 TCP connections in IMAGES (Refused when an image cannot be read);
-    one without its stream image is left out (CRIU would not restore it either)."""
+    """The established IPv4 TCP connections in IMAGES, each once, at most MAX_CONNECTIONS
+    (Refused when an image cannot be read); one without its stream image is left out (CRIU
+    would not restore it either)."""
     files = images / "files.img"
     if not files.is_file():
         return []
-    found = []
+    found: dict[int, Connection] = {}
     for data in entries(files, FILES_MAGIC, MAX_FILES):
         entry = parse(img.file_entry(), data, files.name)
         isk = entry.isk
         if (entry.type != FD_INETSK or isk.family not in (socket.AF_INET, socket.AF_INET6)
-                or isk.proto != socket.IPPROTO_TCP or isk.state != TCP_ESTABLISHED):
+                or isk.proto != socket.IPPROTO_TCP or isk.state != TCP_ESTABLISHED
+                or isk.ino in found):
             continue
         local, peer = ipv4(list(isk.src_addr)), ipv4(list(isk.dst_addr))
         if local is None or peer is None:
             continue
-        stream = images / f"tcp-stream-{isk.ino:x}.img"
-        # its one entry is followed by the queues' bytes, raw: only the entry is read
-        head = next(entries(stream, TCP_STREAM_MAGIC, 1), None) if stream.is_file() else None
-        got = parse(img.tcp_stream_entry(), head, stream.name) if head is not None else None
+        got = stream_entry(images / f"tcp-stream-{isk.ino:x}.img")
         if got is None or not got.HasField("inq_seq"):
             continue
-        found.append(Connection((local, isk.src_port & 0xFFFF), (peer, isk.dst_port & 0xFFFF),
-                                got.inq_seq))
-    return found
+        found[isk.ino] = Connection((local, isk.src_port & 0xFFFF), (peer, isk.dst_port & 0xFFFF),
+                                    got.inq_seq)
+        if len(found) >= MAX_CONNECTIONS:
+            break
+    return list(found.values())
+
+
+def stream_entry(path: Path) -> img.tcp_stream_entry | None:
+    """The entry at the head of a stream image, read alone: the queues' bytes follow it raw,
+    as much as the socket held, and are not read."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or struct.unpack_from("<II", head) != (IMG_COMMON_MAGIC,
+                                                                      TCP_STREAM_MAGIC):
+                raise Refused(f"checkpoint image {path.name} is not the CRIU image it is "
+                              "named for")
+            (size,) = struct.unpack_from("<I", head, 8)
+            if size > MAX_STREAM_ENTRY:
+                raise Refused(f"checkpoint image {path.name} announces an entry of {size} "
+                              "bytes")
+            data = f.read(size)
+    except FileNotFoundError:
+        return None
+    if len(data) < size:
+        raise Refused(f"checkpoint image {path.name} is truncated")
+    return parse(img.tcp_stream_entry(), data, path.name)
