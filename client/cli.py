@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -185,6 +186,81 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     else:
         render_report(report)
     return 0
+
+
+def cmd_evacuate(args: argparse.Namespace) -> int:
+    from migctl.client import fleet
+
+    inv = Inventory.load(args.inventory, args.tls_dir)
+    moves = fleet.plan(inv, args.node, args.to or ())
+    parallel = args.parallel or fleet.default_parallel(moves)
+    if args.dry_run:
+        if args.json:
+            print(json.dumps([_move_dict(m) for m in moves]))
+        else:
+            print(f"plan for {args.node} ({parallel} at once):")
+            _table(["container", "to", "why"],
+                   [[m.container, m.destination or "stays", m.reason] for m in moves])
+        return 0 if all(m.destination for m in moves) else 1
+    live = EvacuationTable(moves) if not args.json and sys.stderr.isatty() else None
+    lines = not args.json and live is None
+
+    def changed(m: fleet.Move) -> None:
+        if live is not None:
+            live.draw()
+        elif lines:
+            print(f"{m.container}: {m.state}{' ' + m.phase if m.phase else ''}"
+                  f"{' -> ' + m.destination if m.destination else ''}", file=sys.stderr,
+                  flush=True)
+
+    if lines:
+        for m in moves:
+            if m.state == "stays":
+                print(f"{m.container}: stays on {args.node}: {m.reason}", file=sys.stderr)
+    fleet.run(inv, args.node, moves, parallel, on_change=changed,
+              memory_transfer=MEMORY_TRANSFER[args.memory_transfer],
+              connections=args.connections or "")
+    if live is not None:
+        live.draw(final=True)
+    if args.json:
+        print(json.dumps([_move_dict(m) for m in moves]))
+    else:
+        _table(["container", "result", "on", "detail"],
+               [[m.container, m.state, m.destination if m.moved else args.node,
+                 f"downtime {m.report.downtime_seconds:.2f} s, {m.report.total_seconds:.1f} s"
+                 if m.moved and m.report is not None else m.reason] for m in moves])
+        moved = sum(m.moved for m in moves)
+        print(f"{moved} of {len(moves)} moved off {args.node}"
+              + ("" if moved == len(moves) else "; the others run there still"))
+    return 0 if all(m.moved for m in moves) else 1
+
+
+def _move_dict(m: object) -> dict:
+    from migctl.client import fleet
+
+    assert isinstance(m, fleet.Move)
+    return {"container": m.container, "destination": m.destination, "state": m.state,
+            "reason": m.reason, "plan_seconds": m.seconds, "plan_bytes": m.bytes,
+            "report": report_dict(m.report) if m.report is not None else None}
+
+
+class EvacuationTable:
+    """The moves as a table redrawn in place on a terminal (stderr)."""
+
+    def __init__(self, moves: list) -> None:
+        self.moves, self.drawn = moves, 0
+        self.lock = threading.Lock()
+
+    def draw(self, final: bool = False) -> None:
+        with self.lock:
+            out = sys.stderr
+            if self.drawn:
+                out.write(f"\x1b[{self.drawn}F\x1b[J")
+            for m in self.moves:
+                where = f" -> {m.destination}" if m.destination else ""
+                out.write(f"{m.container:<24} {m.state:<8} {m.phase:<11}{where}\n")
+            self.drawn = 0 if final else len(self.moves)
+            out.flush()
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
@@ -432,6 +508,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "with the source gone, the container; never chosen by auto")
     m.add_argument("container")
     m.set_defaults(func=cmd_migrate)
+
+    e = sub.add_parser("evacuate", help="move every container that can move off NODE (the "
+                       "others stay, each with its reason); exit 0 only if all moved")
+    e.add_argument("node", metavar="NODE")
+    e.add_argument("--to", nargs="+", metavar="NODE", default=None,
+                   help="only these destinations (default: every other node)")
+    e.add_argument("--parallel", type=int, default=0, metavar="N",
+                   help="migrations at once (default: one per destination the plan uses; "
+                        "docs/benchmarks.md says why)")
+    e.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
+    e.add_argument("--json", action="store_true", help="the moves as one JSON list")
+    e.add_argument("--memory-transfer", choices=list(MEMORY_TRANSFER), default="auto",
+                   help="as for migrate")
+    e.add_argument("--connections", choices=["keep", "close"], default=None,
+                   help="as for migrate")
+    e.set_defaults(func=cmd_evacuate)
 
     n = sub.add_parser("nodes", help="list the inventory's nodes and whether their agents answer")
     n.set_defaults(func=cmd_nodes)

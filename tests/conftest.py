@@ -36,7 +36,8 @@ def names_its_transfer(args: tuple[str, ...] | list[str]) -> None:
     """A lab migration names how its memory travels: left to the measured link, the transfer
     differs between machines, and between runs on one (tests of the automatic choice pass
     `--memory-transfer auto` and set the link and the threshold themselves)."""
-    if args and args[0] == "migrate" and "--memory-transfer" not in args:
+    if args and args[0] in ("migrate", "evacuate") and "--memory-transfer" not in args \
+            and "--dry-run" not in args:
         raise AssertionError(f"`migctl {' '.join(args)}`: name the memory transfer the test "
                              f"needs (--memory-transfer {' | '.join(MEMORY_TRANSFERS)})")
 
