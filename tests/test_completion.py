@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SUBCOMMANDS = ["migrate", "nodes", "ps", "plan", "history", "certs", "lab", "bench",
+SUBCOMMANDS = ["migrate", "evacuate", "nodes", "ps", "plan", "history", "certs", "lab", "bench",
                "completion"]
 
 
