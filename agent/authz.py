@@ -31,6 +31,7 @@ ROLES: dict[str, frozenset[str]] = {
     "Plan": _OPERATOR,  # a dry run: nothing is authorized, so no node may ask for one
     "Authorize": _OPERATOR,
     "Migrate": _OPERATOR,
+    "Cancel": _OPERATOR,
     # the catalog and images, for cooperative migration
     "MissingLayers": _NODE,
     "ImageConfig": _NODE,

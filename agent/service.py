@@ -53,6 +53,7 @@ from migctl.agent.security import caller_of
 from migctl.agent.version import PROTOCOL_VERSION, version
 from migctl.common.channel import open_channel
 from migctl.common.errors import (
+    FailedPrecondition,
     InvalidArgument,
     MigctlError,
     NotFound,
@@ -148,6 +149,7 @@ class AgentService(rpc.AgentServicer):
         self.source = SourceSide(runtime, self.staging, self.journal, self.store, lease_seconds,
                                  self.publish, self.metrics, netns_prefix=netns_prefix(node))
         self._migrating: dict[str, str] = {}  # container -> migration id, at this destination
+        self._running: dict[str, Migration] = {}  # migration id -> its flow, at this destination
         self._vouched: dict[tuple[str, str, str, str], tuple[float, frozenset[str]]] = {}
         self._lock = threading.Lock()
 
@@ -347,6 +349,23 @@ class AgentService(rpc.AgentServicer):
     @handler
     def TrialCheckpoint(self, request: pb.ContainerRef, context: Any) -> pb.TrialReply:
         return self.source.trial(valid_name("container", request.container))
+
+    @handler
+    def Cancel(self, request: pb.CancelRequest, context: Any) -> pb.CancelReply:
+        valid_migration_id(request.migration_id)
+        with self._lock:
+            migration = self._running.get(request.migration_id)
+        if migration is None:
+            entry = self.journal.get(request.migration_id, DESTINATION)
+            if entry is not None and entry.state.ended:
+                raise FailedPrecondition(f"migration {request.migration_id} has ended "
+                                         f"({entry.state}): nothing to cancel")
+            raise NotFound(f"no migration {request.migration_id} runs at {self.node} (cancel "
+                           "it at its destination)")
+        outcome = migration.cancel()
+        log.info("migration %s cancelled by %s (%s)", request.migration_id, caller(context),
+                 outcome)
+        return pb.CancelReply(outcome=outcome, state=str(migration.entry.state))
 
     @handler
     def History(self, request: pb.HistoryRequest, context: Any) -> pb.HistoryReply:
@@ -609,6 +628,7 @@ class AgentService(rpc.AgentServicer):
             except MigctlError as err:
                 context.abort(err.code, str(err))
             self._migrating[request.container] = migration.migration_id
+            self._running[migration.migration_id] = migration
 
         def work() -> None:
             try:
@@ -627,6 +647,7 @@ class AgentService(rpc.AgentServicer):
             finally:
                 with self._lock:
                     self._migrating.pop(request.container, None)
+                    self._running.pop(migration.migration_id, None)
 
         threading.Thread(target=work, name=f"migrate-{request.container}", daemon=True).start()
         while (item := events.get()) is not None:

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from migctl.common.channel import open_channel
 from migctl.common.errors import (  # noqa: F401 - the client's errors are the agent's, one hierarchy
     AlreadyExists,
+    Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -198,6 +199,10 @@ class AgentClient:
         """The node's migrations, newest first (LIMIT of them; 0: the agent's default)."""
         return list(self._call("History", pb.HistoryRequest(limit=limit)).entries)
 
+    def cancel(self, migration_id: str) -> pb.CancelReply:
+        """At a migration's destination: abort it, or roll it back (the reply says which)."""
+        return self._call("Cancel", pb.CancelRequest(migration_id=migration_id))
+
     def describe(self, container: str) -> pb.ContainerSpec:
         """CONTAINER's full description (its environment too: secrets)."""
         return self._call("DescribeContainer", pb.ContainerRef(container=container),
@@ -268,6 +273,35 @@ def locate(inventory: Inventory, container: str) -> str:
     if not where:
         raise MigctlError(f"no node of the inventory runs a container {container!r}{silent}")
     raise MigctlError(f"{container!r} runs on {' and '.join(where)}: say which with --from")
+
+
+HISTORY_SCAN = 200  # the latest migrations of each node where one is looked for
+
+
+def ends(inventory: Inventory, migration_id: str) -> dict[str, pb.HistoryEntry]:
+    """The journal entries of MIGRATION_ID at the nodes that know it (its source and its
+    destination), by node name; NotFound when none does."""
+    found, errors = each_node(inventory, lambda c: [
+        e for e in c.history(HISTORY_SCAN) if e.migration_id == migration_id])
+    out = {node: entries[0] for node, entries in found.items() if entries}
+    if not out:
+        silent = f" ({', '.join(e.node for e in errors)} did not answer)" if errors else ""
+        raise NotFound(f"no node of the inventory knows migration {migration_id!r} among its "
+                       f"latest {HISTORY_SCAN}{silent}")
+    return out
+
+
+def cancel(inventory: Inventory, migration_id: str) -> tuple[str, pb.CancelReply]:
+    """Cancel MIGRATION_ID at its destination: (that node, its reply)."""
+    known = ends(inventory, migration_id)
+    destination = next((n for n, e in known.items() if e.role == "destination"), None)
+    if destination is None:
+        source, entry = next(iter(known.items()))
+        raise FailedPrecondition(f"migration {migration_id} has not begun at a destination "
+                                 f"({source} says {entry.state}): an authorization not begun "
+                                 "expires by itself")
+    with AgentClient(inventory.node(destination), inventory.tls()) as client:
+        return destination, client.cancel(migration_id)
 
 
 def trial(inventory: Inventory, container: str, source: str) -> pb.TrialReply:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import sys
@@ -233,6 +234,66 @@ def cmd_evacuate(args: argparse.Namespace) -> int:
         print(f"{moved} of {len(moves)} moved off {args.node}"
               + ("" if moved == len(moves) else "; the others run there still"))
     return 0 if all(m.moved for m in moves) else 1
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from migctl.client import api
+
+    inv = Inventory.load(args.inventory, args.tls_dir)
+    node, reply = api.cancel(inv, args.migration_id)
+    said = {"aborted": "aborted: nothing stays at the destination, the source's container "
+                       "never stopped",
+            "rolling back": "rolling back: the source resumes its container"}
+    print(f"migration {args.migration_id} at {node} ({reply.state}): "
+          f"{said.get(reply.outcome, reply.outcome)}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from migctl.client import api
+
+    inv = Inventory.load(args.inventory, args.tls_dir)
+    known = api.ends(inv, args.migration_id)
+    if args.json:
+        print(json.dumps({node: report_dict(e) for node, e in known.items()}))
+        return 0
+    for node, e in known.items():
+        when = time.strftime("%H:%M:%S", time.localtime(e.updated))
+        print(f"{node:<8} {e.role:<12} {e.container:<20} {e.state:<18} {when}"
+              + (f"  {e.error}" if e.error else ""))
+        if e.role == "destination" and e.report.downtime_seconds:
+            print(f"{'':<8} downtime {e.report.downtime_seconds:.2f} s, total "
+                  f"{e.report.total_seconds:.1f} s")
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Every node's migrations under way, and those that ended in the last minute."""
+    from migctl.client.fleet import ENDED
+
+    inv = Inventory.load(args.inventory, args.tls_dir)
+    drawn = 0
+    while True:
+        found, errors = each_node(inv, lambda c: c.history(50))
+        now = time.time()
+        rows = sorted(([e.migration_id, node, e.role, e.container, e.peer, e.state,
+                        f"{now - e.updated:.0f} s ago"]
+                       for node, entries in found.items() for e in entries
+                       if e.state not in ENDED or now - e.updated < 60),
+                      key=lambda r: (r[0], r[2]))
+        lines = [f"{time.strftime('%H:%M:%S')}  {len(rows)} entries"
+                 + (f"; no answer from {', '.join(e.node for e in errors)}" if errors else "")]
+        buffer = io.StringIO()
+        _table(["migration", "node", "role", "container", "peer", "state", "updated"], rows,
+               out=buffer)
+        lines += buffer.getvalue().splitlines()
+        if drawn and sys.stdout.isatty():
+            sys.stdout.write(f"\x1b[{drawn}F\x1b[J")
+        print("\n".join(lines), flush=True)
+        drawn = len(lines)
+        if args.once:
+            return 0
+        time.sleep(args.interval)
 
 
 def _move_dict(m: object) -> dict:
@@ -524,6 +585,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--connections", choices=["keep", "close"], default=None,
                    help="as for migrate")
     e.set_defaults(func=cmd_evacuate)
+
+    st = sub.add_parser("status", help="one migration, as its source and destination journal it")
+    st.add_argument("migration_id", metavar="ID")
+    st.add_argument("--json", action="store_true", help="each end's entry, by node")
+    st.set_defaults(func=cmd_status)
+    w = sub.add_parser("watch", help="the migrations under way on every node, redrawn")
+    w.add_argument("--interval", type=float, default=1.0, metavar="SECONDS")
+    w.add_argument("--once", action="store_true", help="draw once and exit")
+    w.set_defaults(func=cmd_watch)
+    cn = sub.add_parser("cancel", help="cancel a migration: aborted before its freeze, rolled "
+                        "back after it, refused once the source committed")
+    cn.add_argument("migration_id", metavar="ID")
+    cn.set_defaults(func=cmd_cancel)
 
     n = sub.add_parser("nodes", help="list the inventory's nodes and whether their agents answer")
     n.set_defaults(func=cmd_nodes)

@@ -85,6 +85,13 @@ class Refused(FailedPrecondition):
     refused before anything was written for it."""
 
 
+class Cancelled(MigctlError):
+    """The operator cancelled the migration (`migctl cancel`): before the freeze it ends with
+    nothing left at the destination, after it the source resumes its container."""
+
+    code = _Code("CANCELLED")
+
+
 class PermissionDenied(MigctlError):
     """The caller's certificate is valid, but its role or its part in the migration is not."""
 
@@ -95,7 +102,7 @@ def from_status(code: grpc.StatusCode, message: str, node: str) -> MigctlError:
     """The error an agent's status stands for, as NODE answered it."""
     kinds = [MigctlError, NotFound, InvalidArgument, AlreadyExists, Unavailable,
              DeadlineExceeded, Unimplemented, FailedPrecondition, RuntimeFailure,
-             PermissionDenied]
+             PermissionDenied, Cancelled]
     kind = next((k for k in reversed(kinds) if k.code == code), MigctlError)
     err = kind(f"{node}: {message}")
     err.node = node

@@ -33,6 +33,20 @@ RESTORE: Phase
 ROLLBACK: Phase
 PAGE_IN: Phase
 
+class CancelRequest(_message.Message):
+    __slots__ = ("migration_id",)
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    def __init__(self, migration_id: _Optional[str] = ...) -> None: ...
+
+class CancelReply(_message.Message):
+    __slots__ = ("outcome", "state")
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    outcome: str
+    state: str
+    def __init__(self, outcome: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+
 class GetNodeRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

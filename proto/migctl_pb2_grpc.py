@@ -175,6 +175,11 @@ class AgentStub:
                 request_serializer=migctl_dot_proto_dot_migctl__pb2.MigrateRequest.SerializeToString,
                 response_deserializer=migctl_dot_proto_dot_migctl__pb2.MigrationEvent.FromString,
                 _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/migctl.v1.Agent/Cancel',
+                request_serializer=migctl_dot_proto_dot_migctl__pb2.CancelRequest.SerializeToString,
+                response_deserializer=migctl_dot_proto_dot_migctl__pb2.CancelReply.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -535,6 +540,21 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Cancel(self, request, context):
+        """Cancels a migration running at this node (its destination). Before the freeze it is
+        aborted: it ends failed, with nothing left here, and the source's container never
+        stopped. From the freeze until the source commits, it rolls back: the source resumes its
+        container. Once the source committed, it is refused: the container runs here from then
+        on, and the migration completes. The reply says which applied; the migration's own
+        stream (Migrate) then ends with CANCELLED.
+        Callers: operator.
+        Errors: INVALID_ARGUMENT: a malformed migration id; NOT_FOUND: no migration of that id
+        is running here; FAILED_PRECONDITION: it has committed, or has ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -677,6 +697,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Migrate,
                     request_deserializer=migctl_dot_proto_dot_migctl__pb2.MigrateRequest.FromString,
                     response_serializer=migctl_dot_proto_dot_migctl__pb2.MigrationEvent.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=migctl_dot_proto_dot_migctl__pb2.CancelRequest.FromString,
+                    response_serializer=migctl_dot_proto_dot_migctl__pb2.CancelReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1436,6 +1461,33 @@ class Agent:
             '/migctl.v1.Agent/Migrate',
             migctl_dot_proto_dot_migctl__pb2.MigrateRequest.SerializeToString,
             migctl_dot_proto_dot_migctl__pb2.MigrationEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migctl.v1.Agent/Cancel',
+            migctl_dot_proto_dot_migctl__pb2.CancelRequest.SerializeToString,
+            migctl_dot_proto_dot_migctl__pb2.CancelReply.FromString,
             options,
             channel_credentials,
             insecure,

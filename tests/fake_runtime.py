@@ -49,6 +49,7 @@ class FakeNode:
     fail_restore: str = ""  # a restore fails with this message
     no_kept_connections: str = ""  # why it cannot keep connections ("": it can)
     stall_ping: float = 0.0  # the engine answers a ping this many seconds late (once)
+    hook: Callable[[str], None] = lambda call: None  # sees each checkpoint and restore call
     calls: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -199,6 +200,7 @@ class FakeNode:
         c = self._get(container)
         self.calls.append(f"checkpoint {name}" + (" keeping connections" if keep_connections
                                                   else ""))
+        self.hook(f"checkpoint {name}")
         folder = directory / name
         folder.mkdir(parents=True, exist_ok=True)
         core = kit.core_entry(set(ENGINE_DEFAULT), 2, 0, "toy", leader=True)
@@ -238,6 +240,7 @@ class FakeNode:
         c = self._get(cid)
         self.calls.append(f"restore {c.spec.name}" + (" keeping connections"
                                                       if keep_connections else ""))
+        self.hook(f"restore {c.spec.name}")
         if self.fail_restore:
             raise RuntimeFailure(self.fail_restore)
         c.memory = json.loads((checkpoint_dir / "pages-1.img").read_text())

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SUBCOMMANDS = ["migrate", "evacuate", "nodes", "ps", "plan", "history", "certs", "lab", "bench",
-               "completion"]
+SUBCOMMANDS = ["migrate", "evacuate", "status", "watch", "cancel", "nodes", "ps", "plan",
+               "history", "certs", "lab", "bench", "completion"]
 
 
 def _script(shell: str) -> str:

@@ -309,3 +309,67 @@ def test_an_address_another_host_answers_for_after_the_freeze_is_not_taken(
     assert "restore toy" not in b.calls and b.gone("toy")
     assert a.by_name("toy").running  # rolled back
     assert _states(cluster, ("nodeB", DESTINATION)) == [State.ROLLED_BACK]
+
+
+def _cancel_at(cluster, node: str, call: str) -> dict:
+    """Cancel the migration under way when NODE's engine is asked for CALL (as an operator
+    would, through the API: its destination is found from the journals)."""
+    said: dict = {}
+
+    def hook(seen: str) -> None:
+        if seen != call or said:
+            return
+        [entry] = cluster.services["nodeB"].journal.in_flight(DESTINATION)
+        try:
+            said["node"], said["reply"] = api.cancel(cluster.inventory, entry.id)
+        except api.MigctlError as err:
+            said["error"] = err
+
+    cluster.runtimes[node].hook = hook
+    return said
+
+
+def test_a_cancel_before_the_freeze_aborts_with_nothing_left_at_the_destination(
+        cluster) -> None:
+    a, b = cluster.runtimes["nodeA"], cluster.runtimes["nodeB"]
+    said = _cancel_at(cluster, "nodeA", "checkpoint pre")
+    with pytest.raises(api.Cancelled, match="cancelled by the operator"):
+        _move(cluster)
+    assert said["node"] == "nodeB" and said["reply"].outcome == "aborted"
+    assert b.gone("toy") and not b.volume_exists("data")
+    assert a.calls == ["checkpoint pre"]  # never frozen
+    assert a.by_name("toy").running and a.by_name("toy").memory == MEMORY
+    assert _states(cluster, ("nodeB", DESTINATION)) == [State.FAILED]
+
+
+def test_a_cancel_after_the_freeze_rolls_back_and_the_source_resumes(cluster) -> None:
+    a, b = cluster.runtimes["nodeA"], cluster.runtimes["nodeB"]
+    said = _cancel_at(cluster, "nodeA", "checkpoint final")
+    with pytest.raises(api.Cancelled):
+        _move(cluster)
+    assert said["reply"].outcome == "rolling back"
+    assert b.gone("toy") and "restore toy" not in b.calls
+    back = a.by_name("toy")
+    assert back.running and back.memory == MEMORY  # one copy, its memory
+    assert _states(cluster, ("nodeB", DESTINATION)) == [State.ROLLED_BACK]
+    assert _states(cluster, ("nodeA", SOURCE)) == [State.ROLLED_BACK]
+
+
+def test_a_cancel_after_the_commit_is_refused_and_the_migration_completes(cluster) -> None:
+    said = _cancel_at(cluster, "nodeB", "restore toy")
+    report = _move(cluster)
+    assert isinstance(said["error"], api.FailedPrecondition)
+    assert "has committed" in str(said["error"])
+    assert report.downtime_seconds > 0 and cluster.runtimes["nodeB"].by_name("toy").running
+    assert _states(cluster, ("nodeB", DESTINATION)) == [State.DONE]
+
+
+def test_a_cancel_of_what_is_not_running_here_is_named(cluster) -> None:
+    report = _move(cluster)
+    with pytest.raises(api.FailedPrecondition, match="has ended \\(done\\)"):
+        api.cancel(cluster.inventory, report.migration_id)
+    with pytest.raises(api.NotFound, match="no node of the inventory knows"):
+        api.cancel(cluster.inventory, "0123456789abcdef")
+    with api.AgentClient(cluster.inventory.node("nodeA"), cluster.inventory.tls()) as a, \
+            pytest.raises(api.NotFound, match="cancel it at its destination"):
+        a.cancel(report.migration_id)  # the source: the flow runs at the destination

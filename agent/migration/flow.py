@@ -40,6 +40,7 @@ from migctl.agent.runtime.base import Network, Runtime
 from migctl.agent.runtime.criu.images import Confinement, check_images
 from migctl.common.channel import open_channel
 from migctl.common.errors import (
+    Cancelled,
     FailedPrecondition,
     MigctlError,
 )
@@ -88,6 +89,10 @@ class Migration:
     pages: PageServer | None = None  # the final checkpoint's page server, if any (freeze)
     frozen_at: float = 0.0  # freeze: wall clock, the cached checkpoint's time
     _holding: threading.Event | None = None  # set: the hold on the source ends
+    # the operator's cancel (`cancel`), and the commit, after which it is refused
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+    _commit_lock: threading.Lock = field(default_factory=threading.Lock)
+    committing: bool = False
     # made by `open`
     entry: j.Entry = field(init=False)  # this migration's journal entry, as last written
     report: Report = field(init=False)
@@ -121,8 +126,32 @@ class Migration:
         return self
 
     def step(self, state: State, **data: object) -> None:
-        """Journal the step about to be taken, before taking it."""
+        """Journal the step about to be taken, before taking it. Every step forward is where a
+        cancel takes effect (the failure that follows undoes what the state says was done)."""
+        if not state.ended:
+            self.check_cancelled()
         self.entry = self.journal.move(self.migration_id, DESTINATION, state, data=data)
+
+    def cancel(self) -> str:
+        """The operator's cancel, taken at the next step: "aborted" before the freeze,
+        "rolling back" after it; refused once the source may have committed."""
+        with self._commit_lock:
+            if self.committing:
+                raise FailedPrecondition(
+                    f"migration {self.migration_id} has committed: the container runs at "
+                    f"{self.node} from now on, and the migration completes")
+            self._cancelled.set()
+            return "rolling back" if self.entry.state.frozen else "aborted"
+
+    def check_cancelled(self) -> None:
+        if self._cancelled.is_set() and not self.committing:
+            raise Cancelled(f"migration {self.migration_id} was cancelled by the operator")
+
+    def commit_point(self) -> None:
+        """The last moment a cancel is taken: from here the source is asked to commit."""
+        with self._commit_lock:
+            self.check_cancelled()
+            self.committing = True
 
     @contextlib.contextmanager
     def enter(self, state: State) -> Iterator[None]:
@@ -166,7 +195,9 @@ class Migration:
 
     def room(self, size: int, what: str) -> None:
         """Refuse before fetching what the staging disk cannot hold (the size is the source's
-        announcement, which the transfer then holds it to)."""
+        announcement, which the transfer then holds it to). A cancel is taken here too, between
+        one fetch and the next."""
+        self.check_cancelled()
         free = shutil.disk_usage(self.area).free
         if size > free:
             raise FailedPrecondition(f"{what} is announced as {size / 1e6:.1f} MB but {self.node} "

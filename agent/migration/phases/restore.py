@@ -35,6 +35,7 @@ def run(m: Migration, spec: pb.ContainerSpec, pages: PageServer | None) -> None:
         if lazy and pages is not None and pages.ended:
             # the tunnel ended: no page would come after the commit
             raise pages.error or Unavailable("the page tunnel ended before the commit")
+        m.commit_point()  # a cancel is refused from here on
         m.source.call("Commit", pb.CommitRequest(migration_id=m.migration_id))
         m.release_hold()
         start(m, spec, pages if lazy else None)
