@@ -32,6 +32,7 @@ ROLES: dict[str, frozenset[str]] = {
     "Authorize": _OPERATOR,
     "Migrate": _OPERATOR,
     "Cancel": _OPERATOR,
+    "Events": _OPERATOR,
     # the catalog and images, for cooperative migration
     "MissingLayers": _NODE,
     "ImageConfig": _NODE,

@@ -122,6 +122,19 @@ def advertised_address(listen: str, inventory: InventoryRegistry, node: str) -> 
     return listen
 
 
+STARTS = (State.AUTHORIZED, State.REQUESTED)  # a migration's first state at each end
+
+
+def _said(entry: j.Entry) -> tuple[str, pb.MigrationReport, str]:
+    """What History and Events say of an entry: the container's name, the destination's
+    report, why it failed."""
+    mine = entry.data
+    here = mine if isinstance(mine, j.DestinationData) else j.DestinationData()
+    report = ParseDict(here.report, pb.MigrationReport(), ignore_unknown_fields=True)
+    name = mine.name if isinstance(mine, j.SourceData) else ""
+    return name or report.container or entry.container, report, here.error
+
+
 class AgentService(rpc.AgentServicer):
     def __init__(self, node: str, runtime: Runtime, state_dir: Path, tls: TLSFiles,
                  lease_seconds: float = 60.0, registry: str = "inventory",
@@ -374,15 +387,39 @@ class AgentService(rpc.AgentServicer):
                                   f"{MAX_HISTORY}")
         reply = pb.HistoryReply()
         for entry in self.journal.history(request.limit or DEFAULT_HISTORY):
-            mine = entry.data
-            here = mine if isinstance(mine, j.DestinationData) else j.DestinationData()
-            report = ParseDict(here.report, pb.MigrationReport(), ignore_unknown_fields=True)
-            name = mine.name if isinstance(mine, j.SourceData) else ""
-            reply.entries.add(migration_id=entry.id, role=entry.role,
-                              container=name or report.container or entry.container,
+            name, report, error = _said(entry)
+            reply.entries.add(migration_id=entry.id, role=entry.role, container=name,
                               peer=entry.peer, state=entry.state, updated=entry.updated,
-                              error=here.error, report=report)
+                              error=error, report=report)
         return reply
+
+    def Events(self, request: pb.EventsRequest, context: Any) -> Iterator[pb.NodeEvent]:
+        """The journal's events after the token, then (follow) new ones as they are written;
+        the stream ends when the caller goes away or the agent stops."""
+        after = request.after or "0"
+        if not after.isdigit() or len(after) > 18:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"Events: {request.after[:40]!r} is not a token of {self.node}")
+        last = int(after)
+        gap = last + 1 < self.journal.oldest_event() and last > 0
+        while context.is_active():
+            events = self.journal.events(last)
+            for e in events:
+                entry = self.journal.get(e.id, e.role)
+                name, report, _ = _said(entry) if entry is not None else ("", None, "")
+                ended = e.state.ended
+                yield pb.NodeEvent(
+                    token=str(e.seq), node=self.node, migration_id=e.id, role=e.role,
+                    kind="ended" if ended else "started" if e.state in STARTS else "phase",
+                    container=name or (entry.container if entry else ""),
+                    peer=entry.peer if entry else "", state=e.state, phase=e.state.phase,
+                    at=e.at, gap=gap,
+                    report=report if ended and report is not None else None)
+                gap, last = False, e.seq
+            if not events:
+                if not request.follow:
+                    return
+                self.journal.wait_for_event(last, timeout=1.0)
 
     @handler
     def Plan(self, request: pb.PlanRequest, context: Any) -> pb.PlanReply:

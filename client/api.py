@@ -199,6 +199,12 @@ class AgentClient:
         """The node's migrations, newest first (LIMIT of them; 0: the agent's default)."""
         return list(self._call("History", pb.HistoryRequest(limit=limit)).entries)
 
+    def events(self, after: str = "", follow: bool = True) -> Iterator[pb.NodeEvent]:
+        """The node's migration events after the token AFTER, oldest first; with FOLLOW the
+        stream stays open for new ones (close the client to end it)."""
+        yield from self.peer.stream("Events", pb.EventsRequest(after=after, follow=follow),
+                                    timeout=None)
+
     def cancel(self, migration_id: str) -> pb.CancelReply:
         """At a migration's destination: abort it, or roll it back (the reply says which)."""
         return self._call("Cancel", pb.CancelRequest(migration_id=migration_id))

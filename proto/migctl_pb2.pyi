@@ -33,6 +33,42 @@ RESTORE: Phase
 ROLLBACK: Phase
 PAGE_IN: Phase
 
+class EventsRequest(_message.Message):
+    __slots__ = ("after", "follow")
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    after: str
+    follow: bool
+    def __init__(self, after: _Optional[str] = ..., follow: _Optional[bool] = ...) -> None: ...
+
+class NodeEvent(_message.Message):
+    __slots__ = ("token", "kind", "node", "migration_id", "role", "container", "peer", "state", "phase", "at", "report", "gap")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    GAP_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    kind: str
+    node: str
+    migration_id: str
+    role: str
+    container: str
+    peer: str
+    state: str
+    phase: Phase
+    at: float
+    report: MigrationReport
+    gap: bool
+    def __init__(self, token: _Optional[str] = ..., kind: _Optional[str] = ..., node: _Optional[str] = ..., migration_id: _Optional[str] = ..., role: _Optional[str] = ..., container: _Optional[str] = ..., peer: _Optional[str] = ..., state: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., at: _Optional[float] = ..., report: _Optional[_Union[MigrationReport, _Mapping]] = ..., gap: _Optional[bool] = ...) -> None: ...
+
 class CancelRequest(_message.Message):
     __slots__ = ("migration_id",)
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -180,6 +180,11 @@ class AgentStub:
                 request_serializer=migctl_dot_proto_dot_migctl__pb2.CancelRequest.SerializeToString,
                 response_deserializer=migctl_dot_proto_dot_migctl__pb2.CancelReply.FromString,
                 _registered_method=True)
+        self.Events = channel.unary_stream(
+                '/migctl.v1.Agent/Events',
+                request_serializer=migctl_dot_proto_dot_migctl__pb2.EventsRequest.SerializeToString,
+                response_deserializer=migctl_dot_proto_dot_migctl__pb2.NodeEvent.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -555,6 +560,19 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Events(self, request, context):
+        """This node's migrations as they change, for integrators: an event for every state its
+        journal writes (started, each phase, ended with the report), oldest first, numbered in
+        the order they were written. Each carries a token: a consumer that reconnects with the
+        last token it handled (after) misses nothing still journaled, across restarts of the
+        agent. With follow, the stream then stays open for new events.
+        Callers: operator.
+        Errors: INVALID_ARGUMENT: a token that is not this node's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -702,6 +720,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=migctl_dot_proto_dot_migctl__pb2.CancelRequest.FromString,
                     response_serializer=migctl_dot_proto_dot_migctl__pb2.CancelReply.SerializeToString,
+            ),
+            'Events': grpc.unary_stream_rpc_method_handler(
+                    servicer.Events,
+                    request_deserializer=migctl_dot_proto_dot_migctl__pb2.EventsRequest.FromString,
+                    response_serializer=migctl_dot_proto_dot_migctl__pb2.NodeEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1488,6 +1511,33 @@ class Agent:
             '/migctl.v1.Agent/Cancel',
             migctl_dot_proto_dot_migctl__pb2.CancelRequest.SerializeToString,
             migctl_dot_proto_dot_migctl__pb2.CancelReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Events(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/migctl.v1.Agent/Events',
+            migctl_dot_proto_dot_migctl__pb2.EventsRequest.SerializeToString,
+            migctl_dot_proto_dot_migctl__pb2.NodeEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -65,6 +65,7 @@ class Agents:
     path: Path  # the inventory file, which the agents read too
     services: dict[str, AgentService]
     runtimes: dict[str, Any]
+    servers: dict[str, Any] = field(default_factory=dict)  # grpc servers, by node
 
     def cli(self, *args: str) -> int:
         with pytest.raises(SystemExit) as done:
@@ -78,7 +79,7 @@ def agents(pki: Path, state: Path, names: tuple[str, ...] = ("nodeA", "nodeB"),
     """An agent per node of NAMES (each with a certificate in PKI), their state under STATE,
     each over RUNTIME(its name)."""
     path = state / "inventory.json"
-    services, runtimes, servers, nodes = {}, {}, [], {}
+    services, runtimes, servers, nodes = {}, {}, {}, {}
     for name in names:
         tls = TLSFiles.from_dir(certs.node_dir(pki, name), name)
         runtimes[name] = runtime(name)
@@ -87,12 +88,13 @@ def agents(pki: Path, state: Path, names: tuple[str, ...] = ("nodeA", "nodeB"),
         server = agent_server(services[name], NodeHealth(runtimes[name]))  # type: ignore
         port = server.add_secure_port("127.0.0.1:0", server_credentials(tls))
         server.start()
-        servers.append(server)
+        servers[name] = server
         nodes[name] = api.Node(name, f"127.0.0.1:{port}")
     path.write_text(json.dumps({"tls_dir": str(pki), "nodes": {
         n.name: {"address": n.address} for n in nodes.values()}}))
     try:
-        yield Agents(api.Inventory(nodes, path, pki), path, services, runtimes)
+        agents = Agents(api.Inventory(nodes, path, pki), path, services, runtimes, servers)
+        yield agents
     finally:
-        for server in servers:
+        for server in agents.servers.values() if "agents" in locals() else servers.values():
             server.stop(grace=None)

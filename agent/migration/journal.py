@@ -12,10 +12,12 @@ entry's data and never its state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,27 @@ CREATE TABLE IF NOT EXISTS migrations (
     updated REAL NOT NULL,
     PRIMARY KEY (id, role)
 );
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    state TEXT NOT NULL
+);
 """
+MAX_EVENTS = 100_000  # the events kept for consumers that resume (the oldest go first)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One journaled state of one migration, numbered in the order this node wrote them."""
+
+    seq: int
+    at: float
+    id: str
+    role: str
+    state: State
+
 
 
 @dataclass
@@ -142,11 +164,12 @@ class Journal:
         self._db.execute("PRAGMA synchronous=FULL")  # a state must survive a crash
         self._db.executescript(_SCHEMA)
         self._lock = threading.RLock()
+        self._written = threading.Condition(self._lock)  # an event was written
 
     def create(self, entry: Entry) -> None:
         """A new migration; an id seen before (in any state) is refused: no replays."""
         entry.updated = time.time()
-        with self._lock:
+        with self._lock, self._transaction():
             try:
                 self._db.execute(
                     "INSERT INTO migrations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -155,6 +178,7 @@ class Journal:
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"migration id {entry.id} was used before on this node; "
                                     "every migration needs a new id") from None
+            self._event(entry)
 
     def save(self, entry: Entry) -> None:
         """Write ENTRY's data (container, peer address, data); its state only moves by `move`."""
@@ -181,10 +205,51 @@ class Journal:
             entry.state = to
             entry.update(data or {})
             entry.updated = time.time()
-            self._db.execute(
-                "UPDATE migrations SET state = ?, data = ?, updated = ? WHERE id = ? AND role = ?",
-                (to.value, entry.dumps(), entry.updated, migration_id, role))
+            with self._transaction():
+                self._db.execute(
+                    "UPDATE migrations SET state = ?, data = ?, updated = ? "
+                    "WHERE id = ? AND role = ?",
+                    (to.value, entry.dumps(), entry.updated, migration_id, role))
+                self._event(entry)
             return entry
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """A state and its event are written together, or neither."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _event(self, entry: Entry) -> None:
+        seq = self._db.execute(
+            "INSERT INTO events (at, id, role, state) VALUES (?, ?, ?, ?)",
+            (entry.updated, entry.id, entry.role, entry.state.value)).lastrowid or 0
+        if seq % 1000 == 0:
+            self._db.execute("DELETE FROM events WHERE seq <= ?", (seq - MAX_EVENTS,))
+        self._written.notify_all()
+
+    def events(self, after: int, limit: int = 500) -> list[Event]:
+        """The events written after the one numbered AFTER, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                                    (after, limit)).fetchall()
+        return [Event(r[0], r[1], r[2], r[3], State(r[4])) for r in rows]
+
+    def oldest_event(self) -> int:
+        """The number of the oldest event kept (0: none yet)."""
+        with self._lock:
+            row = self._db.execute("SELECT MIN(seq) FROM events").fetchone()
+        return row[0] or 0
+
+    def wait_for_event(self, after: int, timeout: float) -> None:
+        """Return when an event after AFTER was written, or after TIMEOUT seconds."""
+        with self._written:
+            if not self.events(after, 1):
+                self._written.wait(timeout)
 
     def try_move(self, migration_id: str, role: str, to: State, by: str = SELF
                  ) -> Entry | None:
