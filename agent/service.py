@@ -122,6 +122,8 @@ def advertised_address(listen: str, inventory: InventoryRegistry, node: str) -> 
     return listen
 
 
+ANNOUNCE_S = 10.0  # how often a node announces itself to a pushed registry (Redis)
+NODE_TTL_S = 30.0  # and how long its card outlives its last announcement
 STARTS = (State.AUTHORIZED, State.REQUESTED)  # a migration's first state at each end
 
 
@@ -182,6 +184,8 @@ class AgentService(rpc.AgentServicer):
                     remove_strays(self.runtime, self.journal)
                     if rounds % 15 == 0:
                         self.sync_layers()
+                    if rounds % max(1, round(ANNOUNCE_S / interval)) == 0:
+                        self.announce()
                     rounds += 1
                 except Exception:  # noqa: BLE001 - keep the loop alive, the log says why
                     log.exception("background recovery failed")
@@ -207,6 +211,20 @@ class AgentService(rpc.AgentServicer):
         self.metrics.evictions.inc(len(items))
         if self.registry is not None and items:
             self.registry.withdraw(self.node, self._holdings(items))
+
+    def announce(self) -> None:
+        """The node's card in the registry (Redis): its address, versions and room, expiring
+        after NODE_TTL_S, so that a node that stops answering drops out of the inventory the
+        CLI reads there."""
+        if self.registry is None or not self.registry.pushed or not self.address:
+            return
+        info = self.node_info()
+        self.registry.announce(self.node, {
+            "address": self.address, "version": info.version,
+            "protocol_version": info.protocol_version,
+            "memory_available_bytes": info.memory_available_bytes,
+            "engine_free_bytes": info.engine_free_bytes, "load": info.load,
+            "checkpoints_enabled": info.checkpoints_enabled}, NODE_TTL_S)
 
     def sync_layers(self) -> None:
         """Tell the registry which layers the engine holds now (Redis needs to be told; the

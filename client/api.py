@@ -110,6 +110,27 @@ def default_inventory() -> Path:
     return _setting("inventory")
 
 
+def registry_nodes(url: str) -> dict[str, Node]:
+    """The nodes whose agents announced themselves in the registry at URL (Redis) within its
+    time to live: a node that stopped answering has dropped out."""
+    try:
+        from migctl.agent.catalog.redis_registry import RedisRegistry
+    except ModuleNotFoundError as err:
+        raise MigctlError(f"an inventory read from a registry needs the {err.name!r} package: "
+                          "install migctl[registry]") from None
+    import redis
+
+    registry = RedisRegistry(url, timeout=5.0)
+    try:
+        cards = registry.cards()
+    except redis.RedisError as err:
+        raise Unavailable(f"cannot read the nodes from the registry {registry.where()}: "
+                          f"{err}") from None
+    finally:
+        registry.close()
+    return {name: Node(name, card["address"]) for name, card in sorted(cards.items())}
+
+
 @dataclass(frozen=True)
 class Node:
     name: str
@@ -151,9 +172,12 @@ class Inventory:
                               "write one (see README, 'Real machines')") from None
         except json.JSONDecodeError as err:
             raise MigctlError(f"inventory {path} is not valid JSON: {err}") from None
-        nodes = {name: Node(name, n["address"], n.get("docker_host", ""),
-                            n.get("peer_address", ""))
-                 for name, n in data.get("nodes", {}).items()}
+        if data.get("registry"):  # the nodes announce themselves there (agents' --registry)
+            nodes = registry_nodes(str(data["registry"]))
+        else:
+            nodes = {name: Node(name, n["address"], n.get("docker_host", ""),
+                                n.get("peer_address", ""))
+                     for name, n in data.get("nodes", {}).items()}
         if tls_dir is None and data.get("tls_dir"):
             tls_dir = path.resolve().parent / data["tls_dir"]
         return cls(nodes, path, tls_dir)

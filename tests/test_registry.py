@@ -260,3 +260,44 @@ def test_an_agent_publishes_an_address_its_peers_can_dial(tmp_path: Path, listen
 
     inventory = InventoryRegistry(_inventory(tmp_path, nodes), "nodeA", connect=None)  # type: ignore[arg-type]
     assert advertised_address(listen, inventory, "nodeA") == published
+
+
+def test_nodes_announce_themselves_and_one_that_stops_drops_out(
+        reg: RedisRegistry, raw: redis.Redis, port: int, tmp_path: Path) -> None:
+    """The inventory the CLI reads from the registry: each announced node, until its card
+    expires (the agent announces every ANNOUNCE_S, for NODE_TTL_S)."""
+    import json
+
+    from migctl.client import api
+
+    reg.announce("nodeA", {"address": "10.0.0.11:50051", "version": "0.1.0"}, ttl=60)
+    reg.announce("nodeB", {"address": "10.0.0.12:50051", "version": "0.1.0"}, ttl=1)
+    raw.set("migctl:node:junk", "not json")  # a shared database: not a node
+    inventory = tmp_path / "inventory.json"
+    inventory.write_text(json.dumps({"registry": f"redis://127.0.0.1:{port}/{DB}",
+                                     "tls_dir": "tls"}))
+    nodes = api.Inventory.load(inventory).nodes
+    assert {n: v.address for n, v in nodes.items()} == {"nodeA": "10.0.0.11:50051",
+                                                        "nodeB": "10.0.0.12:50051"}
+    time.sleep(2.1)  # nodeB stopped announcing: its card expired
+    assert list(api.Inventory.load(inventory).nodes) == ["nodeA"]
+
+
+def test_an_agent_announces_its_address_version_and_room(port: int, tmp_path: Path) -> None:
+    from migctl.agent import certs
+    from migctl.agent.service import NODE_TTL_S, AgentService
+    from migctl.common.tls import TLSFiles
+    from tests.inprocess import FakeRuntime
+
+    certs.init(tmp_path / "pki", ["nodeA"])
+    tls = TLSFiles.from_dir(certs.node_dir(tmp_path / "pki", "nodeA"), "nodeA")
+    url = f"redis://127.0.0.1:{port}/{DB}"
+    service = AgentService("nodeA", FakeRuntime(), tmp_path / "state", tls,  # type: ignore[arg-type]
+                           registry=url, inventory=tmp_path / "none.json")
+    service.address = "10.0.0.11:50051"
+    service.announce()
+    card = RedisRegistry(url).cards()["nodeA"]
+    assert card["address"] == "10.0.0.11:50051" and card["protocol_version"] > 0
+    assert card["checkpoints_enabled"] is True and card["engine_free_bytes"] > 0
+    ttl = redis.Redis(port=port, db=DB).ttl("migctl:node:nodeA")
+    assert 0 < ttl <= NODE_TTL_S

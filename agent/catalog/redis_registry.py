@@ -5,6 +5,8 @@ Layout (all under the `migctl:` prefix, so the database can be shared):
   node may hold several timestamped snapshots of an rw volume (content-addressed keys: 0).
 - `migctl:holding:<KEY>:<NODE>|<TIMESTAMP>`: hash with `size` and `digest` of that copy.
 - `migctl:nodes`: hash NODE -> agent address, refreshed by every publish.
+- `migctl:node:<NODE>`: the node's card (JSON: address, version, protocol, room), set with a
+  short expiry by the agent's beat: a node that stops answering drops out of `cards`.
 
 KEY may contain `:` and `|`; NODE matches [A-Za-z0-9_.-], so neither separator is ambiguous.
 The registry is an optimisation: when Redis is unreachable a lookup finds nothing and the
@@ -13,6 +15,7 @@ migration takes everything from the source, so no method lets a Redis error esca
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -101,7 +104,7 @@ class RedisRegistry:
                                 args=[holding_key(k, "") for k in keys])
         except redis.RedisError as err:
             log.warning("registry: redis %s unreachable, assuming nobody holds %d key(s): %s",
-                        self._where(), len(keys), err)
+                        self.where(), len(keys), err)
             return found
         for key, flat in zip(keys, rows, strict=True):
             for i in range(0, len(flat), 3):
@@ -116,7 +119,7 @@ class RedisRegistry:
             addr = self.client.hget(NODES, node)
         except redis.RedisError as err:
             log.warning("registry: redis %s unreachable, no address for %s: %s",
-                        self._where(), node, err)
+                        self.where(), node, err)
             raise KeyError(node) from err
         if addr is None:
             raise KeyError(node)
@@ -155,13 +158,34 @@ class RedisRegistry:
                 raise ValueError(f"{node} cannot publish or withdraw {h.node}'s copy of {h.key}")
         return [member(node, h.timestamp) for h in holdings]
 
+    def announce(self, node: str, card: dict, ttl: float) -> None:
+        try:
+            self.client.set(f"{PREFIX}node:{node}", json.dumps(card), ex=max(1, round(ttl)))
+        except redis.RedisError as err:
+            log.warning("registry: redis %s unreachable, %s not announced: %s", self.where(),
+                        node, err)
+
+    def cards(self) -> dict[str, dict]:
+        """The nodes announced and not expired, by name (a card that is not JSON is left out:
+        the database may be shared)."""
+        names = sorted(self.client.scan_iter(match=f"{PREFIX}node:*", count=500))
+        out = {}
+        for key, raw in zip(names, self.client.mget(names) if names else [], strict=True):
+            try:
+                card = json.loads(raw) if raw else None
+            except ValueError:
+                card = None
+            if isinstance(card, dict) and isinstance(card.get("address"), str):
+                out[key[len(f"{PREFIX}node:"):]] = card
+        return out
+
     def _execute(self, pipe: redis.client.Pipeline, what: str, node: str, n: int) -> None:
         try:
             pipe.execute()
         except redis.RedisError as err:
             log.warning("registry: redis %s unreachable, %s of %d holding(s) of %s lost: %s",
-                        self._where(), what, n, node, err)
+                        self.where(), what, n, node, err)
 
-    def _where(self) -> str:
+    def where(self) -> str:
         kw = self.client.connection_pool.connection_kwargs
         return f"{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"

@@ -54,6 +54,10 @@ class Registry(Protocol):
     def withdraw(self, node: str, holdings: list[Holding]) -> None:
         """NODE dropped these copies."""
 
+    def announce(self, node: str, card: dict, ttl: float) -> None:
+        """NODE is up: its address, version and room, forgotten after TTL seconds unless
+        announced again (no-op for backends that ask the agents)."""
+
 
 def checkpoint_keys(spec: pb.ContainerSpec) -> tuple[str, str]:
     """Checkpoints are cached by application (image tag) and by service (tag + user: the
@@ -119,6 +123,9 @@ class InventoryRegistry:
         pass
 
     def withdraw(self, node: str, holdings: list[Holding]) -> None:
+        pass
+
+    def announce(self, node: str, card: dict, ttl: float) -> None:
         pass
 
 
