@@ -391,3 +391,33 @@ def fill_redis(host: str, size_mb: float, port: int = CLIENT_PORTS["redis"]) -> 
         for i in range(first, min(first + 1000, keys)):
             pipe.set(f"key:{i}", os.urandom(1000))
         pipe.execute()
+
+
+def run_crowd(client: docker.DockerClient, cache: Path, counters: list[str], toys: list[str],
+              redis: list[str], redis_mb: float = 0.0, network: str = "") -> dict[str, str]:
+    """A node's crowd for evacuations: busybox COUNTERS and TOYS (the seed's toy image), each
+    counting into its own volume NAME-data, and REDIS servers on NETWORK (its address moves
+    with it) holding the key "evacuated" and REDIS_MB of data. Returns each Redis's address."""
+    ensure_toy_image(client, cache)
+    if redis:
+        ensure_redis_image(client, cache)
+    for name in [*counters, *toys]:
+        client.containers.run(BASE if name in counters else TOY_IMAGE, ["sh", "-c", COUNTER],
+                              name=name, detach=True,
+                              volumes={f"{name}-data": {"bind": "/testrw", "mode": "rw"}})
+    addresses = {}
+    for name in redis:
+        c = client.containers.run(REDIS_IMAGE, name=name, detach=True, network=network or None)
+        c.reload()
+        net = c.attrs["NetworkSettings"]["Networks"][network]
+        c.exec_run(["ping", "-c", "1", "-W", "1", net["Gateway"]])  # the lab's switch learns it
+        db = wait_for_redis(net["IPAddress"])
+        db.set("evacuated", "with its state")
+        if redis_mb:
+            fill_redis(net["IPAddress"], redis_mb)
+        addresses[name] = net["IPAddress"]
+    return addresses
+
+
+def crowd_volumes(counters: list[str], toys: list[str]) -> list[str]:
+    return [f"{n}-data" for n in [*counters, *toys]]
