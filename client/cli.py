@@ -434,6 +434,12 @@ def cmd_history(args: argparse.Namespace) -> int:
     return _unanswered(errors)
 
 
+def _dir_flag(parser: argparse.ArgumentParser) -> None:
+    """The certificates' folder of a `certs` command (default: as for init)."""
+    parser.add_argument("--dir", type=Path, default=None
+                        ).complete = completion.DIRECTORY  # type: ignore[attr-defined]
+
+
 def cmd_certs_init(args: argparse.Namespace) -> int:
     from migctl.agent import certs
 
@@ -634,8 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     ci = csub.add_parser("init", help="a CA (kept if present) and a certificate per node and "
                          "client, in DIR (default: --tls-dir, else $MIGCTL_TLS_DIR, else the "
                          "config file's tls_dir, else $MIGCTL_HOME/tls)")
-    ci.add_argument("--dir", type=Path, default=None
-                    ).complete = completion.DIRECTORY  # type: ignore[attr-defined]
+    _dir_flag(ci)
     ci.add_argument("--client", action="append", default=None, metavar="NAME",
                     help="client certificate names (default: client)")
     ci.add_argument("--days", type=int, default=825,
@@ -645,14 +650,12 @@ def build_parser() -> argparse.ArgumentParser:
     ci.set_defaults(func=cmd_certs_init)
     cr = csub.add_parser("request", help="on a new node: its key (kept here) and a request "
                          "NODE.csr for the operator to sign, in DIR (default as for init)")
-    cr.add_argument("--dir", type=Path, default=None
-                    ).complete = completion.DIRECTORY  # type: ignore[attr-defined]
+    _dir_flag(cr)
     cr.add_argument("node", metavar="NODE")
     cr.set_defaults(func=cmd_certs_request)
     cs = csub.add_parser("sign", help="at the operator's CA (DIR, default as for init): a node "
                          "certificate for a request; writes NODE.crt and ca.crt beside it")
-    cs.add_argument("--dir", type=Path, default=None
-                    ).complete = completion.DIRECTORY  # type: ignore[attr-defined]
+    _dir_flag(cs)
     cs.add_argument("--days", type=int, default=825, help="validity (default 825)")
     cs.add_argument("--out", type=Path, default=None, help="where to write (default: the "
                     "request's folder)")
@@ -660,8 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     cs.set_defaults(func=cmd_certs_sign)
     ct = csub.add_parser("token", help="at the operator's CA (DIR, default as for init): a "
                          "one-time token for NODE to get its certificate from `certs serve`")
-    ct.add_argument("--dir", type=Path, default=None
-                    ).complete = completion.DIRECTORY  # type: ignore[attr-defined]
+    _dir_flag(ct)
     ct.add_argument("--server", required=True, metavar="HOST:PORT",
                     help="where the node reaches `migctl certs serve`")
     ct.add_argument("--ttl", type=float, default=3600.0, metavar="SECONDS",
@@ -670,16 +672,14 @@ def build_parser() -> argparse.ArgumentParser:
     ct.set_defaults(func=cmd_certs_token)
     cv = csub.add_parser("serve", help="at the operator's CA (DIR): sign the requests of nodes "
                          "that hold a token, until interrupted")
-    cv.add_argument("--dir", type=Path, default=None
-                    ).complete = completion.DIRECTORY  # type: ignore[attr-defined]
+    _dir_flag(cv)
     cv.add_argument("--listen", default="0.0.0.0:50050", metavar="HOST:PORT")
     cv.add_argument("--days", type=int, default=825, help="validity (default 825)")
     cv.set_defaults(func=cmd_certs_serve)
     cj = csub.add_parser("join", help="on a new node: its key (kept here) and its certificate "
                          "from the operator's join service, with a token; in DIR (default as "
                          "for init)")
-    cj.add_argument("--dir", type=Path, default=None
-                    ).complete = completion.DIRECTORY  # type: ignore[attr-defined]
+    _dir_flag(cj)
     cj.add_argument("token", metavar="TOKEN", help="the token (- reads it from stdin, which "
                     "keeps it out of the process list)")
     cj.set_defaults(func=cmd_certs_join)

@@ -126,15 +126,19 @@ def test_an_oversized_request_is_refused(ca: Path) -> None:
             assert b"65536 bytes" in s.makefile("rb").readline()
 
 
-def impostor(reply: dict) -> tuple[str, threading.Thread]:
+def impostor(reply: object) -> tuple[str, threading.Thread]:
     """A service at an address the token names that answers REPLY to anything."""
+    return raw_impostor(json.dumps(reply).encode())
+
+
+def raw_impostor(line: bytes) -> tuple[str, threading.Thread]:
     srv = socket.create_server(("127.0.0.1", 0))
 
     def run() -> None:
         conn, _ = srv.accept()
         with conn, srv:
             conn.makefile("rb").readline()
-            conn.sendall(json.dumps(reply).encode() + b"\n")
+            conn.sendall(line + b"\n")
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
@@ -267,20 +271,6 @@ def test_an_impostors_odd_reply_is_a_refusal(tmp_path: Path, reply) -> None:
     with pytest.raises(Refused):
         join.join(token.encode(), tmp_path)
     t.join(5)
-
-
-def raw_impostor(line: bytes) -> tuple[str, threading.Thread]:
-    srv = socket.create_server(("127.0.0.1", 0))
-
-    def run() -> None:
-        conn, _ = srv.accept()
-        with conn, srv:
-            conn.makefile("rb").readline()
-            conn.sendall(line + b"\n")
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return f"127.0.0.1:{srv.getsockname()[1]}", t
 
 
 def test_a_slow_or_silent_client_is_cut_off_and_many_are_turned_away(
