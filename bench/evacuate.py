@@ -77,6 +77,16 @@ def evacuate(parallel: int) -> tuple[float, list[float]]:
     return took, [m["report"]["downtime_seconds"] for m in moves if m["state"] == "moved"]
 
 
+def check(clients: dict[str, docker.DockerClient], names: list[str]) -> None:
+    """Every container moved runs once, on nodeB or nodeC; the bind one still on nodeA."""
+    for name in [*names, BIND]:
+        where = [n for n, c in clients.items()
+                 if any(k.name == name for k in c.containers.list(filters={"name": name}))]
+        want = ["nodeA"] if name == BIND else None
+        if (where != want) if want else (len(where) != 1 or where[0] == "nodeA"):
+            raise SystemExit(f"{name} runs on {where} after the run")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--counters", type=int, default=12)
@@ -102,6 +112,7 @@ def main() -> None:
         for label, parallel in runs:
             names = crowd(clients, args, host_dir)
             took, downtimes = one_by_one(names) if not parallel else evacuate(parallel)
+            check(clients, names)
             reference = reference or took
             print(f"{label:<12} {took:>8.1f} {took / reference:>6.2f} "
                   f"{statistics.median(downtimes):>18.2f} {max(downtimes):>15.2f}", flush=True)

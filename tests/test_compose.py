@@ -166,6 +166,27 @@ def test_every_node_joined_with_its_own_key_and_the_installers_files(
         assert compose_lab[name].info()["DefaultRuntime"] == "migctl"
 
 
+def test_the_node_image_is_a_plain_install_on_debians_own_python(
+        compose_lab: dict, engine: dict[str, str]) -> None:
+    """pip install of the clone (not editable) into a venv of Debian 12's python3 (3.11.2):
+    one `migctl` namespace, the runc wrapper inside it, every command the same version."""
+    probe = ("import importlib.util, pathlib, sys, migctl; "
+             "print(sys.version.split()[0]); "
+             "print(pathlib.Path(migctl.__file__).parent); "
+             "print([n for n in ('agent', 'client', 'proto') if importlib.util.find_spec(n)]); "
+             "print((pathlib.Path(migctl.__file__).parent / 'agent/runtime/migctl-runc')"
+             ".is_file())")
+    version, where, top_level, wrapper = run(
+        "docker", "exec", "nodeA", "/opt/migctl/venv/bin/python", "-c", probe,
+        env=engine).split("\n")[:4]
+    assert version == "3.11.2", version
+    assert "site-packages" in where and not where.startswith("/opt/migctl/src"), where
+    assert (top_level, wrapper) == ("[]", "True")
+    said = {run("docker", "exec", "nodeA", c, "--version", env=engine).split()[1]
+            for c in ("migctl", "migagent", "migctl-delta")}
+    assert len(said) == 1, said
+
+
 def test_every_node_has_the_same_segment_network_lan(compose_lab: dict) -> None:
     """Where addresses move with their containers (and connections with them)."""
     seen = set()
