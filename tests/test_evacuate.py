@@ -123,3 +123,34 @@ def test_an_interrupted_evacuation_is_finished_by_the_next_run(lab: LabHandle,
     moved, listed = int(said[1]), int(said[2])
     assert moved == listed - 1 >= len(left), again.stdout  # all but the bind one
     check_moved(lab, crowded)
+
+
+def test_a_cancel_during_pre_copy_leaves_the_container_where_it_was(lab: LabHandle) -> None:
+    """On real engines and CRIU: a migration of a Redis with 200 MB, cancelled while its
+    pre-copy runs, is aborted; it runs on nodeA only, with its data, and nothing of it stays on
+    nodeB."""
+    name = "cancel-redis"
+    remove_everywhere(lab.docker, [name], [])
+    addresses = run_crowd(lab.docker["nodeA"], CACHE, [], [], [name], 200, LAN_NETWORK)
+    try:
+        cmd = [sys.executable, "-m", "migctl.client.cli", "migrate", "--json", *DELTA,
+               "--from", "nodeA", "--to", "nodeB", name]
+        moving = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        said, deadline = "", time.monotonic() + 120
+        while time.monotonic() < deadline and not said:
+            watch = migctl("watch", "--once").stdout.split("\n")
+            row = next((line.split() for line in watch
+                        if " nodeB " in f" {line} " and "destination" in line
+                        and "pre-copy" in line), None)
+            if row:
+                said = migctl("cancel", row[0]).stdout
+            time.sleep(0.1)
+        _, err = moving.communicate(timeout=120)
+        assert "aborted" in said, said
+        assert moving.returncode != 0 and "cancelled by the operator" in err, err
+        assert running_on(lab, name) == ["nodeA"]
+        assert not lab.docker["nodeB"].containers.list(all=True, filters={"name": name})
+        assert wait_for_redis(addresses[name]).get("evacuated") == b"with its state"
+    finally:
+        remove_everywhere(lab.docker, [name], [])

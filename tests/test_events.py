@@ -149,3 +149,20 @@ def test_the_example_webhook_posts_every_event_once_posted_and_resumes(
     keys = [(e["node"], e["token"]) for e in posted]
     assert len(keys) == len(set(keys)) == 2 * (len(SOURCE_STATES) + len(DESTINATION_STATES))
     assert sum(e["kind"] == "ended" for e in posted) == 4
+
+
+def test_status_and_watch_show_both_ends(cluster, capsys) -> None:  # noqa: F811
+    """`migctl status ID` prints each end's journal entry; `migctl watch --once` every node's
+    migrations under way or ended in the last minute."""
+    report = move(cluster, "nodeA", "nodeB")
+    assert cluster.cli("status", report.migration_id) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert any(line.split()[:4] == ["nodeA", "source", "toy", "done"] for line in out), out
+    assert any(line.split()[:4] == ["nodeB", "destination", "toy", "done"] for line in out)
+    assert any("downtime" in line for line in out)
+    assert cluster.cli("watch", "--once") == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [report.migration_id, "nodeA", "source", "toy", "nodeB", "done"] in \
+        [r[:6] for r in rows]
+    assert cluster.cli("status", "0123456789abcdef") == 1
+    assert "no node of the inventory knows" in capsys.readouterr().err
