@@ -128,10 +128,17 @@ def test_an_interrupted_evacuation_is_finished_by_the_next_run(lab: LabHandle,
 def test_a_cancel_during_pre_copy_leaves_the_container_where_it_was(lab: LabHandle) -> None:
     """On real engines and CRIU: a migration of a Redis with 200 MB, cancelled while its
     pre-copy runs, is aborted; it runs on nodeA only, with its data, and nothing of it stays on
-    nodeB."""
+    nodeB. The link is shaped to 100 Mbit/s for it, so that the pre-copy lasts seconds on any
+    machine (the session's shaping is put back after the test)."""
+    from migctl.lab import net as labnet
+    from migctl.lab.nodes import Lab
+
     name = "cancel-redis"
     remove_everywhere(lab.docker, [name], [])
     addresses = run_crowd(lab.docker["nodeA"], CACHE, [], [], [name], 200, LAN_NETWORK)
+    state = Lab().state()
+    labnet.set_link(state, "nodeA", "nodeB", labnet.LinkSpec(rate="100mbit"))
+    Lab().save(state)
     try:
         cmd = [sys.executable, "-m", "migctl.client.cli", "migrate", "--json", *DELTA,
                "--from", "nodeA", "--to", "nodeB", name]
