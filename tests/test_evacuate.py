@@ -27,7 +27,7 @@ from migctl.lab.workloads import (
     run_crowd,
     wait_for_redis,
 )
-from tests.conftest import CACHE, DELTA, ROOT, LabHandle, migctl
+from tests.conftest import CACHE, DELTA, ROOT, LabHandle, migctl, session_links
 
 COUNTERS = [f"evac-count{i}" for i in range(5)]  # busybox, each counting into its volume
 TOYS = [f"evac-toy{i}" for i in range(3)]  # the seed's toy image, counting the same way
@@ -125,7 +125,8 @@ def test_an_interrupted_evacuation_is_finished_by_the_next_run(lab: LabHandle,
     check_moved(lab, crowded)
 
 
-def test_a_cancel_during_pre_copy_leaves_the_container_where_it_was(lab: LabHandle) -> None:
+def test_a_cancel_during_pre_copy_leaves_the_container_where_it_was(
+        lab: LabHandle, request: pytest.FixtureRequest) -> None:
     """On real engines and CRIU: a migration of a Redis with 200 MB, cancelled while its
     pre-copy runs, is aborted; it runs on nodeA only, with its data, and nothing of it stays on
     nodeB. The link is shaped to 100 Mbit/s for it, so that the pre-copy lasts seconds on any
@@ -160,4 +161,5 @@ def test_a_cancel_during_pre_copy_leaves_the_container_where_it_was(lab: LabHand
         assert not lab.docker["nodeB"].containers.list(all=True, filters={"name": name})
         assert wait_for_redis(addresses[name]).get("evacuated") == b"with its state"
     finally:
+        session_links(request.config.getoption("--lab-link-rate"))
         remove_everywhere(lab.docker, [name], [])
