@@ -125,6 +125,8 @@ def advertised_address(listen: str, inventory: InventoryRegistry, node: str) -> 
 ANNOUNCE_S = 10.0  # how often a node announces itself to a pushed registry (Redis)
 NODE_TTL_S = 30.0  # and how long its card outlives its last announcement
 STARTS = (State.AUTHORIZED, State.REQUESTED)  # a migration's first state at each end
+MAX_FOLLOWERS = 16  # Events streams that follow at once (each holds a server worker)
+REPORT_WAIT_S = 90.0  # the longest an ended event waits for its report (Release's 60 s, ...)
 
 
 def _said(entry: j.Entry) -> tuple[str, pb.MigrationReport, str]:
@@ -133,8 +135,7 @@ def _said(entry: j.Entry) -> tuple[str, pb.MigrationReport, str]:
     mine = entry.data
     here = mine if isinstance(mine, j.DestinationData) else j.DestinationData()
     report = ParseDict(here.report, pb.MigrationReport(), ignore_unknown_fields=True)
-    name = mine.name if isinstance(mine, j.SourceData) else ""
-    return name or report.container or entry.container, report, here.error
+    return mine.name or report.container or entry.container, report, here.error
 
 
 class AgentService(rpc.AgentServicer):
@@ -165,6 +166,7 @@ class AgentService(rpc.AgentServicer):
                                  self.publish, self.metrics, netns_prefix=netns_prefix(node))
         self._migrating: dict[str, str] = {}  # container -> migration id, at this destination
         self._running: dict[str, Migration] = {}  # migration id -> its flow, at this destination
+        self._followers = 0  # Events streams following
         self._vouched: dict[tuple[str, str, str, str], tuple[float, frozenset[str]]] = {}
         self._lock = threading.Lock()
 
@@ -184,14 +186,22 @@ class AgentService(rpc.AgentServicer):
                     remove_strays(self.runtime, self.journal)
                     if rounds % 15 == 0:
                         self.sync_layers()
-                    if rounds % max(1, round(ANNOUNCE_S / interval)) == 0:
-                        self.announce()
                     rounds += 1
                 except Exception:  # noqa: BLE001 - keep the loop alive, the log says why
                     log.exception("background recovery failed")
                 time.sleep(interval)
 
+        def beat() -> None:  # apart: a wedged engine must not hold up leases and rollbacks
+            while True:
+                try:
+                    self.announce()
+                except Exception:  # noqa: BLE001 - keep announcing, the log says why
+                    log.exception("announcing to the registry failed")
+                time.sleep(ANNOUNCE_S)
+
         threading.Thread(target=loop, name="recovery", daemon=True).start()
+        if self.registry is not None and self.registry.pushed:
+            threading.Thread(target=beat, name="announce", daemon=True).start()
 
     def settle_orphans(self) -> None:
         """Destination entries in flight that no migration thread owns: the agent restarted,
@@ -413,31 +423,57 @@ class AgentService(rpc.AgentServicer):
 
     def Events(self, request: pb.EventsRequest, context: Any) -> Iterator[pb.NodeEvent]:
         """The journal's events after the token, then (follow) new ones as they are written;
-        the stream ends when the caller goes away or the agent stops."""
+        the stream ends when the caller goes away. At most MAX_FOLLOWERS follow at once: each
+        holds a worker of the server."""
         after = request.after or "0"
-        if not after.isdigit() or len(after) > 18:
+        newest = self.journal.last_event()
+        if not (after.isascii() and after.isdigit() and len(after) <= 18) or int(after) > newest:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"Events: {request.after[:40]!r} is not a token of {self.node}")
-        last = int(after)
-        gap = last + 1 < self.journal.oldest_event() and last > 0
+                          f"Events: {request.after[:40]!r} is not a token of {self.node} (its "
+                          f"newest event is {newest})")
+        if request.follow:
+            with self._lock:
+                if self._followers >= MAX_FOLLOWERS:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"{self.node} has {MAX_FOLLOWERS} event followers already")
+                self._followers += 1
+        try:
+            yield from self._events(int(after), request.follow, context)
+        finally:
+            if request.follow:
+                with self._lock:
+                    self._followers -= 1
+
+    def _events(self, last: int, follow: bool, context: Any) -> Iterator[pb.NodeEvent]:
         while context.is_active():
             events = self.journal.events(last)
             for e in events:
                 entry = self.journal.get(e.id, e.role)
+                if entry is not None and e.state.ended and e.role == DESTINATION:
+                    entry = self._with_report(entry, e.at, context)
                 name, report, _ = _said(entry) if entry is not None else ("", None, "")
-                ended = e.state.ended
                 yield pb.NodeEvent(
                     token=str(e.seq), node=self.node, migration_id=e.id, role=e.role,
-                    kind="ended" if ended else "started" if e.state in STARTS else "phase",
-                    container=name or (entry.container if entry else ""),
-                    peer=entry.peer if entry else "", state=e.state, phase=e.state.phase,
-                    at=e.at, gap=gap,
-                    report=report if ended and report is not None else None)
-                gap, last = False, e.seq
+                    kind="ended" if e.state.ended else
+                    "started" if e.state in STARTS else "phase",
+                    container=name, peer=entry.peer if entry else "", state=e.state,
+                    phase=e.state.phase, at=e.at, gap=e.seq > last + 1 and last > 0,
+                    report=report if e.state.ended and report is not None else None)
+                last = e.seq
             if not events:
-                if not request.follow:
+                if not follow:
                     return
                 self.journal.wait_for_event(last, timeout=1.0)
+
+    def _with_report(self, entry: j.Entry, ended_at: float, context: Any) -> j.Entry:
+        """A destination's entry that just ended, once its report is journaled: the flow
+        writes the end first, then releases the source and keeps what it received (up to
+        REPORT_WAIT_S), then the report."""
+        while (not entry.at_destination.report and time.time() < ended_at + REPORT_WAIT_S
+               and context.is_active()):
+            time.sleep(0.1)
+            entry = self.journal.get(entry.id, entry.role) or entry
+        return entry
 
     @handler
     def Plan(self, request: pb.PlanRequest, context: Any) -> pb.PlanReply:

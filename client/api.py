@@ -128,7 +128,17 @@ def registry_nodes(url: str) -> dict[str, Node]:
                           f"{err}") from None
     finally:
         registry.close()
-    return {name: Node(name, card["address"]) for name, card in sorted(cards.items())}
+    from migctl.agent.certs import check_node_name
+
+    def valid(name: str) -> bool:  # anyone with the database may write a card: not "migctl"
+        try:  # (every node's certificate carries that name), not "", not a terminal escape
+            check_node_name(name)
+            return True
+        except InvalidArgument:
+            return False
+
+    return {name: Node(name, card["address"]) for name, card in sorted(cards.items())
+            if valid(name)}
 
 
 @dataclass(frozen=True)

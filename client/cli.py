@@ -292,7 +292,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         print("\n".join(lines), flush=True)
         drawn = len(lines)
         if args.once:
-            return 0
+            return _unanswered(errors)
         time.sleep(args.interval)
 
 

@@ -12,7 +12,6 @@ under way goes on in its destination's agent, and its source refuses a second on
 from __future__ import annotations
 
 import contextlib
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -82,13 +81,15 @@ def plan(inventory: Inventory, node: str, to: Iterable[str] = ()) -> list[Move]:
         listed = [c for c in client.containers() if c.state == "running"]
         under_way = {e.container: e for e in client.history(HISTORY)
                      if e.role == "source" and e.state not in ENDED}
-        moves, specs = [], {}
+        # an earlier run's, going on in its destination's agent: followed, whether the
+        # container still runs here, is paused or was stopped by its final checkpoint
+        moves = [Move(e.container, destination=e.peer, state="under way",
+                      migration_id=e.migration_id,
+                      reason=f"being moved by an earlier run ({e.migration_id})")
+                 for e in under_way.values()]
+        specs = {}
         for c in listed:
-            if c.name in under_way:  # an earlier run's, going on in its destination's agent
-                e = under_way[c.name]
-                moves.append(Move(c.name, destination=e.peer, state="under way",
-                                  migration_id=e.migration_id,
-                                  reason=f"being moved by an earlier run ({e.migration_id})"))
+            if c.name in under_way:
                 continue
             if c.unsupported:
                 moves.append(Move(c.name, reason="; ".join(c.unsupported), state="stays"))
@@ -197,18 +198,33 @@ def run(inventory: Inventory, node: str, moves: list[Move], parallel: int,
             move.state, move.reason = "failed", str(err)
         on_change(move)
 
-    todo = queue.SimpleQueue[Move]()
-    for m in moves:
-        if m.state == "planned":
-            todo.put(m)
+    # each destination takes at most its share of PARALLEL at once: one queue for all would
+    # send two to one destination while another idles
+    destinations = sorted({m.destination for m in moves if m.state == "planned"})
+    share = max(1, -(-parallel // max(1, len(destinations))))  # ceil
+    pending = [m for m in moves if m.state == "planned"]
+    busy = dict.fromkeys(destinations, 0)
+    turn = threading.Condition()
+
+    def take() -> Move | None:
+        with turn:
+            while pending and not stop.is_set():
+                move = next((m for m in pending if busy[m.destination] < share), None)
+                if move is not None:
+                    pending.remove(move)
+                    busy[move.destination] += 1
+                    return move
+                turn.wait(0.5)
+            return None
 
     def worker() -> None:
-        while not stop.is_set():
+        while (move := take()) is not None:
             try:
-                move = todo.get_nowait()
-            except queue.Empty:
-                return
-            one(move)
+                one(move)
+            finally:
+                with turn:
+                    busy[move.destination] -= 1
+                    turn.notify_all()
 
     earlier = [m for m in moves if m.state == "under way"]
     # daemon threads: an interrupted run ends now, not after the migrations under way
@@ -234,6 +250,8 @@ def _wait_earlier(inventory: Inventory, node: str, moves: list[Move],
     """Follow an earlier run's migrations in the source's journal until they end: moved
     (with the destination's report), or moved again now (AGAIN) when it ended without
     moving the container (an authorization never begun expires)."""
+    if not moves:
+        return
     deadline = time.monotonic() + WAIT_S
     tls = inventory.tls()
     pending = list(moves)

@@ -90,14 +90,20 @@ def test_a_follower_gets_the_events_as_they_are_written(cluster) -> None:  # noq
     reader = threading.Thread(target=follow, daemon=True)
     reader.start()
     ready.wait(5)
-    move(cluster, "nodeA", "nodeB")
+    report = move(cluster, "nodeA", "nodeB")
     reader.join(30)
     client.close()
     assert [e.state for e in got] == DESTINATION_STATES
+    # live as in a replay: the container's name, and the ended event's report (the flow
+    # journals the end before the report)
+    assert {e.container for e in got} == {"toy"}
+    assert got[-1].report.downtime_seconds == report.downtime_seconds > 0
 
 
-@pytest.mark.parametrize("token", ["-1", "abc", "1" * 40])
+@pytest.mark.parametrize("token", ["-1", "abc", "1" * 40, "\u00b2", "999999"])
 def test_a_token_that_is_not_the_nodes_is_refused(cluster, token: str) -> None:  # noqa: F811
+    """Not a number, or beyond the newest event this node wrote (another node's token, or a
+    journal wiped since): refused, not silently empty."""
     with pytest.raises(api.InvalidArgument, match="is not a token of nodeB"):
         events(cluster, "nodeB", token)
 

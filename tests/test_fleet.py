@@ -68,3 +68,65 @@ def test_a_container_every_destination_refuses_stays_with_each_reason() -> None:
 
 def test_nothing_planned_still_runs_one_at_a_time() -> None:
     assert fleet.default_parallel([fleet.Move("x", state="stays")]) == 1
+
+
+def test_each_destination_takes_its_share_of_the_parallel_moves(monkeypatch) -> None:
+    """--parallel 2 over two destinations: never two at once to one of them, though three of
+    the four go to nodeB (one queue for all sent two there while nodeC idled)."""
+    import threading
+    import time
+
+    lock, now, most = threading.Lock(), {"nodeB": 0, "nodeC": 0}, {"nodeB": 0, "nodeC": 0}
+
+    def migrate(inventory, container, source, destination, **kwargs):
+        with lock:
+            now[destination] += 1
+            most[destination] = max(most[destination], now[destination])
+        time.sleep(0.1)
+        with lock:
+            now[destination] -= 1
+        return pb.MigrationReport(downtime_seconds=0.1)
+
+    monkeypatch.setattr(fleet, "migrate", migrate)
+    moves = [fleet.Move(n, destination=d) for n, d in
+             (("a", "nodeB"), ("b", "nodeB"), ("c", "nodeB"), ("d", "nodeC"))]
+    fleet.run(None, "nodeA", moves, parallel=2)  # type: ignore[arg-type]
+    assert all(m.moved for m in moves)
+    assert most == {"nodeB": 1, "nodeC": 1}
+
+
+def test_an_earlier_runs_migration_is_followed_whatever_its_containers_state(
+        monkeypatch) -> None:
+    """A re-run during the earlier run's freeze: the container no longer runs here (its final
+    checkpoint stopped it), and is still followed to its end, not forgotten."""
+    from migctl.client import api
+
+    inv = api.Inventory({"nodeA": api.Node("nodeA", "a:1"), "nodeB": api.Node("nodeB", "b:1")})
+    monkeypatch.setattr(api.Inventory, "tls", lambda self: None)
+    monkeypatch.setattr(fleet, "each_node", lambda inv, ask: (
+        {n: pb.NodeInfo(memory_available_bytes=1 << 40, engine_free_bytes=1 << 40,
+                        checkpoints_enabled=True) for n in inv.nodes}, []))
+
+    class Source:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def __enter__(self) -> Source:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        info = None  # each_node is replaced above
+
+        def containers(self) -> list[pb.ContainerSummary]:
+            return [pb.ContainerSummary(name="web", state="exited")]
+
+        def history(self, limit: int) -> list[pb.HistoryEntry]:
+            return [pb.HistoryEntry(migration_id="0123456789abcdef", role="source",
+                                    container="web", peer="nodeB", state="frozen")]
+
+    monkeypatch.setattr(fleet, "AgentClient", Source)
+    moves = fleet.plan(inv, "nodeA")
+    assert [(m.container, m.state, m.destination) for m in moves] == [
+        ("web", "under way", "nodeB")]

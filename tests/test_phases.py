@@ -373,3 +373,40 @@ def test_a_cancel_of_what_is_not_running_here_is_named(cluster) -> None:
     with api.AgentClient(cluster.inventory.node("nodeA"), cluster.inventory.tls()) as a, \
             pytest.raises(api.NotFound, match="cancel it at its destination"):
         a.cancel(report.migration_id)  # the source: the flow runs at the destination
+
+
+def test_a_cancel_during_a_step_answers_for_the_state_after_it() -> None:
+    """A cancel that arrives while the flow journals its freeze waits for that step, so that
+    it never answers "aborted" (the source untouched) for a source about to be frozen."""
+    import threading
+    import time
+
+    from migctl.agent.migration import journal as j
+
+    m = object.__new__(flow.Migration)
+    m._cancelled, m._commit_lock, m.committing = threading.Event(), threading.Lock(), False
+    m.request = pb.MigrateRequest(migration_id="0123456789abcdef")
+    m.entry = j.Entry("0123456789abcdef", DESTINATION, "toy", State.PRE_COPY)
+    writing, written = threading.Event(), threading.Event()
+
+    class Journal:
+        def move(self, mid: str, role: str, to: State, data: dict | None = None) -> j.Entry:
+            writing.set()
+            written.wait(5)
+            return j.Entry(mid, role, "toy", to)
+
+    m.journal = Journal()  # type: ignore[assignment]
+    stepping = threading.Thread(target=m.step, args=(State.FROZEN,))
+    stepping.start()
+    assert writing.wait(5)
+    said: list[str] = []
+    cancelling = threading.Thread(target=lambda: said.append(m.cancel()))
+    cancelling.start()
+    time.sleep(0.2)
+    assert said == []  # it waits for the step being journaled
+    written.set()
+    stepping.join(5)
+    cancelling.join(5)
+    assert said == ["rolling back"]
+    with pytest.raises(flow.Cancelled):
+        m.step(State.TRANSFERRING_FINAL)

@@ -273,6 +273,8 @@ def test_nodes_announce_themselves_and_one_that_stops_drops_out(
     reg.announce("nodeA", {"address": "10.0.0.11:50051", "version": "0.1.0"}, ttl=60)
     reg.announce("nodeB", {"address": "10.0.0.12:50051", "version": "0.1.0"}, ttl=1)
     raw.set("migctl:node:junk", "not json")  # a shared database: not a node
+    for name in ("migctl", "", "evil\x1b[2J"):  # every node's certificate carries "migctl";
+        raw.set(f"migctl:node:{name}", '{"address": "10.0.0.66:50051"}')  # "" pins none
     inventory = tmp_path / "inventory.json"
     inventory.write_text(json.dumps({"registry": f"redis://127.0.0.1:{port}/{DB}",
                                      "tls_dir": "tls"}))

@@ -128,9 +128,10 @@ class Migration:
     def step(self, state: State, **data: object) -> None:
         """Journal the step about to be taken, before taking it. Every step forward is where a
         cancel takes effect (the failure that follows undoes what the state says was done)."""
-        if not state.ended:
-            self.check_cancelled()
-        self.entry = self.journal.move(self.migration_id, DESTINATION, state, data=data)
+        with self._commit_lock:  # a cancel sees the state before this step or after it
+            if not state.ended:
+                self.check_cancelled()
+            self.entry = self.journal.move(self.migration_id, DESTINATION, state, data=data)
 
     def cancel(self) -> str:
         """The operator's cancel, taken at the next step: "aborted" before the freeze,

@@ -92,6 +92,7 @@ class SourceData:
 class DestinationData:
     """What the destination journals of a migration besides its state."""
 
+    name: str = ""  # the container's name, as its source described it
     new_container: str = ""  # created here; a rollback removes it
     created_volumes: list[str] = field(default_factory=list)  # made here; a rollback too
     stray_container: str = ""  # never started, left by a rollback whose engine was silent
@@ -238,6 +239,13 @@ class Journal:
             rows = self._db.execute("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
                                     (after, limit)).fetchall()
         return [Event(r[0], r[1], r[2], r[3], State(r[4])) for r in rows]
+
+    def last_event(self) -> int:
+        """The number of the newest event ever written here (0: none)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        return row[0] if row else 0
 
     def oldest_event(self) -> int:
         """The number of the oldest event kept (0: none yet)."""

@@ -60,6 +60,7 @@ def describe(m: Migration) -> pb.ContainerSpec:
                       "asked for")
     check_description(spec)
     m.entry.container = spec.id
+    m.entry.at_destination.name = spec.name
     m.journal.save(m.entry)
     if not spec.running:
         m.metrics.preflight.labels("not_running").inc()
