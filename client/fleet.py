@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from migctl.client.api import AgentClient, Inventory, Node, each_node, migrate
-from migctl.common.errors import MigctlError
+from migctl.common.errors import MigctlError, Unavailable
 from migctl.proto import migctl_pb2 as pb
 
 # --parallel's default: this many migrations at once per destination the plan uses (each keeps
@@ -118,9 +118,15 @@ def _plans(inventory: Inventory, source: Node, rooms: dict[str, _Room],
 
     def ask(dest: str) -> None:
         with AgentClient(inventory.node(dest), tls, timeout=60) as client:
+            silent = ""  # a destination that stopped answering is not asked again
             for name, spec in specs.items():
+                if silent:
+                    failures[name][dest] = silent
+                    continue
                 try:
                     out[name][dest] = client.plan(spec, source)
+                except Unavailable as err:
+                    failures[name][dest] = silent = err.message
                 except MigctlError as err:
                     failures[name][dest] = err.message
 

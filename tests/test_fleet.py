@@ -130,3 +130,36 @@ def test_an_earlier_runs_migration_is_followed_whatever_its_containers_state(
     moves = fleet.plan(inv, "nodeA")
     assert [(m.container, m.state, m.destination) for m in moves] == [
         ("web", "under way", "nodeB")]
+
+
+def test_a_destination_that_stops_answering_is_asked_once(monkeypatch) -> None:
+    """Its first plan times out: the other containers are not each given another minute."""
+    from migctl.client import api
+    from migctl.common.errors import Unavailable
+
+    asked: list[str] = []
+
+    class Dest:
+        def __init__(self, node: api.Node, *args: object, **kwargs: object) -> None:
+            self.node = node
+
+        def __enter__(self) -> Dest:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def plan(self, spec: pb.ContainerSpec, source: api.Node) -> pb.PlanReply:
+            asked.append(f"{self.node.name} {spec.name}")
+            if self.node.name == "nodeC":
+                raise Unavailable("nodeC: cannot reach the agent of nodeC")
+            return reply(1)
+
+    inv = api.Inventory({n: api.Node(n, f"{n}:1") for n in ("nodeA", "nodeB", "nodeC")})
+    monkeypatch.setattr(api.Inventory, "tls", lambda self: None)
+    monkeypatch.setattr(fleet, "AgentClient", Dest)
+    specs = {n: pb.ContainerSpec(name=n) for n in ("a", "b", "c")}
+    plans = fleet._plans(inv, inv.node("nodeA"), rooms(nodeB=0, nodeC=0), specs)
+    assert sorted(a for a in asked if a.startswith("nodeC")) == ["nodeC a"]
+    assert all(plans[n]["nodeC"].problems for n in specs)
+    assert all(not plans[n]["nodeB"].problems for n in specs)
