@@ -88,7 +88,7 @@ def test_a_connection_named_again_and_again_is_read_once_and_only_its_streams_he
     image(tmp_path / "files.img", FILES_MAGIC, *[entry] * 2000)
     stream(tmp_path, 0x11, 1, queued=b"q" * (8 << 20))
     read = 0
-    real_read = Path.read_bytes
+    real_read, real_open = Path.read_bytes, Path.open
 
     def counting(self: Path) -> bytes:
         nonlocal read
@@ -96,7 +96,24 @@ def test_a_connection_named_again_and_again_is_read_once_and_only_its_streams_he
         read += len(data)
         return data
 
+    class Counted:  # a file the images are read from, its bytes counted
+        def __init__(self, f) -> None:
+            self.f = f
+
+        def __enter__(self) -> Counted:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+        def read(self, n: int = -1) -> bytes:
+            nonlocal read
+            data = self.f.read(n)
+            read += len(data)
+            return data
+
     monkeypatch.setattr(Path, "read_bytes", counting)
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: Counted(real_open(self, *a, **k)))
     assert connections(tmp_path) == [Connection(("10.0.0.2", 80), ("10.0.0.9", 4000), 1)]
     assert read < 1 << 20, f"{read} bytes read"
 

@@ -22,24 +22,31 @@ CGROUP_MAGIC = 0x59383330
 MAX_ENTRY = 1 << 20  # a core entry is a few KB, a seccomp image a few filters of 32 KB
 
 
-def entries(path: Path, magic: int, limit: int) -> Iterator[bytes]:
+def entries(path: Path, magic: int, limit: int, max_entry: int = MAX_ENTRY
+            ) -> Iterator[bytes]:
     """The entries of a CRIU image (after its two magics: a little-endian size, then that
-    many bytes), at most LIMIT of them."""
-    data = path.read_bytes()
-    if len(data) < 8 or struct.unpack_from("<II", data) != (IMG_COMMON_MAGIC, magic):
-        raise Refused(f"checkpoint image {path.name} is not the CRIU image it is named for")
-    pos, count = 8, 0
-    while pos < len(data):
-        if pos + 4 > len(data):
-            raise Refused(f"checkpoint image {path.name} is truncated")
-        (size,) = struct.unpack_from("<I", data, pos)
-        if size > MAX_ENTRY or pos + 4 + size > len(data):
-            raise Refused(f"checkpoint image {path.name} announces an entry of {size} bytes")
-        count += 1
-        if count > limit:
-            raise Refused(f"checkpoint image {path.name} holds more than {limit} entries")
-        yield data[pos + 4:pos + 4 + size]
-        pos += 4 + size
+    many bytes), at most LIMIT of them, each of MAX_ENTRY bytes at most. Read as they are
+    taken: what follows the entries a caller takes is not read (a stream image's queues)."""
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8 or struct.unpack("<II", head) != (IMG_COMMON_MAGIC, magic):
+            raise Refused(f"checkpoint image {path.name} is not the CRIU image it is named for")
+        count = 0
+        while prefix := f.read(4):
+            if len(prefix) < 4:
+                raise Refused(f"checkpoint image {path.name} is truncated")
+            (size,) = struct.unpack("<I", prefix)
+            if size > max_entry:
+                raise Refused(f"checkpoint image {path.name} announces an entry of {size} "
+                              "bytes")
+            data = f.read(size)
+            if len(data) < size:
+                raise Refused(f"checkpoint image {path.name} is truncated: it announces an "
+                              f"entry of {size} bytes")
+            count += 1
+            if count > limit:
+                raise Refused(f"checkpoint image {path.name} holds more than {limit} entries")
+            yield data
 
 
 def parse(message: Message, data: bytes, name: str) -> Message:

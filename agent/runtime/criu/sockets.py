@@ -7,6 +7,7 @@ the restored container's own socket table holds, so a made-up entry is never act
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import struct
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from migctl.agent.runtime.criu import images_pb2 as img
-from migctl.agent.runtime.criu.imagefile import IMG_COMMON_MAGIC, entries, parse
+from migctl.agent.runtime.criu.imagefile import entries, parse
 from migctl.common.errors import Refused
 
 FILES_MAGIC = 0x56303138
@@ -77,20 +78,10 @@ def connections(images: Path) -> list[Connection]:
 def stream_entry(path: Path) -> img.tcp_stream_entry | None:
     """The entry at the head of a stream image, read alone: the queues' bytes follow it raw,
     as much as the socket held, and are not read."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(12)
-            if len(head) < 12 or struct.unpack_from("<II", head) != (IMG_COMMON_MAGIC,
-                                                                      TCP_STREAM_MAGIC):
-                raise Refused(f"checkpoint image {path.name} is not the CRIU image it is "
-                              "named for")
-            (size,) = struct.unpack_from("<I", head, 8)
-            if size > MAX_STREAM_ENTRY:
-                raise Refused(f"checkpoint image {path.name} announces an entry of {size} "
-                              "bytes")
-            data = f.read(size)
-    except FileNotFoundError:
+    if not path.is_file():
         return None
-    if len(data) < size:
-        raise Refused(f"checkpoint image {path.name} is truncated")
+    with contextlib.closing(entries(path, TCP_STREAM_MAGIC, 1, MAX_STREAM_ENTRY)) as found:
+        data = next(found, None)
+    if data is None:
+        raise Refused(f"checkpoint image {path.name} holds no entry")
     return parse(img.tcp_stream_entry(), data, path.name)
