@@ -164,7 +164,6 @@ class AgentService(rpc.AgentServicer):
         self.journal = j.Journal(state_dir)
         self.source = SourceSide(runtime, self.staging, self.journal, self.store, lease_seconds,
                                  self.publish, self.metrics, netns_prefix=netns_prefix(node))
-        self._migrating: dict[str, str] = {}  # container -> migration id, at this destination
         self._running: dict[str, Migration] = {}  # migration id -> its flow, at this destination
         self._followers = 0  # Events streams following
         self._vouched: dict[tuple[str, str, str, str], tuple[float, frozenset[str]]] = {}
@@ -207,7 +206,7 @@ class AgentService(rpc.AgentServicer):
         """Destination entries in flight that no migration thread owns: the agent restarted,
         or a rollback could not reach the source yet."""
         with self._lock:
-            owned = set(self._migrating.values())
+            owned = set(self._running)
         for entry in self.journal.in_flight(DESTINATION):
             if entry.id not in owned:
                 settle(entry, self.runtime, self.journal, self.staging, self.tls,
@@ -703,7 +702,7 @@ class AgentService(rpc.AgentServicer):
         except MigctlError as err:
             context.abort(err.code, str(err))
         with self._lock:
-            if request.container in self._migrating:
+            if any(m.request.container == request.container for m in self._running.values()):
                 context.abort(grpc.StatusCode.ALREADY_EXISTS,
                               f"{request.container!r} is already being migrated to {self.node}")
             events: queue.Queue[pb.MigrationEvent | MigctlError | None] = queue.Queue()
@@ -718,7 +717,6 @@ class AgentService(rpc.AgentServicer):
                                       publish=self.publish, metrics=self.metrics).open()
             except MigctlError as err:
                 context.abort(err.code, str(err))
-            self._migrating[request.container] = migration.migration_id
             self._running[migration.migration_id] = migration
 
         def work() -> None:
@@ -737,7 +735,6 @@ class AgentService(rpc.AgentServicer):
                 events.put(MigctlError(f"internal error: {err}"))
             finally:
                 with self._lock:
-                    self._migrating.pop(request.container, None)
                     self._running.pop(migration.migration_id, None)
 
         threading.Thread(target=work, name=f"migrate-{request.container}", daemon=True).start()

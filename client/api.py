@@ -351,6 +351,14 @@ def trial(inventory: Inventory, container: str, source: str) -> pb.TrialReply:
         return client.trial(container)
 
 
+def without_secrets(spec: pb.ContainerSpec) -> pb.ContainerSpec:
+    """SPEC as a destination plans it: a plan needs sizes, not the environment or the
+    engine's configuration."""
+    del spec.env[:]
+    spec.engine_config_json = ""
+    return spec
+
+
 def plan(inventory: Inventory, container: str, source: str,
          destination: str) -> pb.PlanReply:
     """What moving CONTAINER from SOURCE to DESTINATION would move, and how long it would take:
@@ -362,9 +370,7 @@ def plan(inventory: Inventory, container: str, source: str,
         raise MigctlError(f"--from and --to are both {src.name}: nothing to plan")
     tls = inventory.tls()
     with AgentClient(src, tls) as source_client:
-        spec = source_client.describe(container)
-    del spec.env[:]
-    spec.engine_config_json = ""
+        spec = without_secrets(source_client.describe(container))
     with AgentClient(dest, tls) as client:
         return client.plan(spec, src)
 

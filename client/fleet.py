@@ -16,9 +16,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from migctl.client.api import AgentClient, Inventory, Node, each_node, migrate
+from migctl.client.api import (
+    AgentClient,
+    Inventory,
+    Node,
+    each_node,
+    migrate,
+    without_secrets,
+)
 from migctl.common.errors import MigctlError, Unavailable
 from migctl.proto import migctl_pb2 as pb
 
@@ -59,7 +66,6 @@ class _Room:
     disk: int
     load: float
     taken_seconds: float = 0.0
-    reasons: list[str] = field(default_factory=list)
 
 
 def plan(inventory: Inventory, node: str, to: Iterable[str] = ()) -> list[Move]:
@@ -94,10 +100,7 @@ def plan(inventory: Inventory, node: str, to: Iterable[str] = ()) -> list[Move]:
             if c.unsupported:
                 moves.append(Move(c.name, reason="; ".join(c.unsupported), state="stays"))
                 continue
-            spec = client.describe(c.name)
-            del spec.env[:]  # a plan needs sizes, not secrets
-            spec.engine_config_json = ""
-            specs[c.name] = spec
+            specs[c.name] = without_secrets(client.describe(c.name))
             moves.append(Move(c.name))
     plans = _plans(inventory, source, rooms, specs)
     todo = sorted((m for m in moves if m.state == "planned"),
@@ -139,10 +142,14 @@ def _plans(inventory: Inventory, source: Node, rooms: dict[str, _Room],
                     failures[name].setdefault(err.node or "?", err.message)
     for name, why in failures.items():
         for dest, message in why.items():
-            if dest in rooms:
-                rooms[dest].reasons.append(f"{name}: {message}")
             out[name].setdefault(dest, pb.PlanReply(problems=[message]))
     return out
+
+
+def _needs(p: pb.PlanReply) -> tuple[int, int]:
+    """(memory, disk) a plan takes at its destination: its checkpoint, and the rest."""
+    memory = sum(i.bytes for i in p.items if i.kind == "checkpoint")
+    return memory, p.bytes - memory
 
 
 def _place(move: Move, plans: dict[str, pb.PlanReply], rooms: dict[str, _Room]) -> None:
@@ -151,8 +158,7 @@ def _place(move: Move, plans: dict[str, pb.PlanReply], rooms: dict[str, _Room]) 
     best, score, why = None, 0.0, []
     for dest, p in plans.items():
         room = rooms[dest]
-        memory = sum(i.bytes for i in p.items if i.kind == "checkpoint")
-        disk = p.bytes - memory
+        memory, disk = _needs(p)
         if p.problems:
             why.append(f"{dest}: {'; '.join(p.problems)}")
         elif memory * ROOM_MARGIN > room.memory:
@@ -167,9 +173,9 @@ def _place(move: Move, plans: dict[str, pb.PlanReply], rooms: dict[str, _Room]) 
         move.state, move.reason = "stays", "no destination can take it: " + " | ".join(why)
         return
     p, room = plans[best], rooms[best]
-    memory = sum(i.bytes for i in p.items if i.kind == "checkpoint")
+    memory, disk = _needs(p)
     room.memory -= memory
-    room.disk -= p.bytes - memory
+    room.disk -= disk
     room.taken_seconds = score
     move.destination, move.seconds, move.bytes = best, p.seconds, p.bytes
     move.reason = f"done soonest there (plan {p.seconds:.1f} s, {p.bytes >> 20} MiB)"
