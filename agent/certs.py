@@ -154,16 +154,21 @@ def sign(directory: Path, csr_pem: bytes, days: int = 825) -> tuple[str, bytes]:
     node = names[0].value
     _check_names([node], [])
     directory = Path(directory)
-    ca_crt = directory / "ca.crt"
-    try:
-        ca_cert = x509.load_pem_x509_certificate(ca_crt.read_bytes())
-    except (OSError, ValueError) as err:
-        raise FailedPrecondition(f"no CA certificate at {ca_crt} ({err}): run `migctl certs "
-                                 "init` there first") from None
+    ca_cert = ca_certificate(directory)
     ca_key = _load_ca_key(directory / "private" / "ca.key")
     cert = _make_leaf_for(node, NODE_OU, [node, TARGET_NAME], _NODE_EKU, key, ca_cert, ca_key,
                           days)
     return node, cert.public_bytes(serialization.Encoding.PEM)
+
+
+def ca_certificate(directory: Path) -> x509.Certificate:
+    """The operator's CA certificate in DIRECTORY (what signs, and what nodes are given)."""
+    ca_crt = Path(directory) / "ca.crt"
+    try:
+        return x509.load_pem_x509_certificate(ca_crt.read_bytes())
+    except (OSError, ValueError) as err:
+        raise FailedPrecondition(f"no CA certificate at {ca_crt} ({err}): run `migctl certs "
+                                 "init` there first") from None
 
 
 def _private_dir(path: Path) -> None:

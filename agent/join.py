@@ -81,9 +81,8 @@ class Token:
         return token
 
 
-def fingerprint(pem: bytes) -> str:
+def fingerprint(cert: x509.Certificate) -> str:
     """SHA-256 of a certificate's DER (what `openssl x509 -fingerprint -sha256` shows)."""
-    cert = x509.load_pem_x509_certificate(pem)
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
@@ -97,8 +96,8 @@ def mint(ca_dir: Path, node: str, server: str, ttl: float = TOKEN_TTL_S) -> str:
     certs.check_node_name(node)
     if ttl <= 0:
         raise InvalidArgument(f"a token's lifetime must be positive, not {ttl}")
-    ca_pem = _ca_pem(ca_dir)
-    token = Token(node, server, secrets.token_bytes(32), fingerprint(ca_pem))
+    token = Token(node, server, secrets.token_bytes(32),
+                  fingerprint(certs.ca_certificate(ca_dir)))
     record = {"secret": token.secret.hex(), "expires": time.time() + ttl}
     with _pending(ca_dir) as pending:
         certs.write(pending / f"{node}.json", json.dumps(record).encode(), 0o600)
@@ -114,15 +113,6 @@ def _pending(ca_dir: Path) -> Iterator[Path]:
     with open(pending / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield pending
-
-
-def _ca_pem(ca_dir: Path) -> bytes:
-    path = Path(ca_dir) / "ca.crt"
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise FailedPrecondition(f"no CA certificate at {path} ({err}): run `migctl certs "
-                                 "init` there first") from None
 
 
 def answer(ca_dir: Path, line: bytes, days: int) -> dict[str, str]:
@@ -155,7 +145,7 @@ def answer(ca_dir: Path, line: bytes, days: int) -> dict[str, str]:
         if signed_node != node:  # the token names the node: not to be spent on another name
             return {"error": f"the token is {node}'s, the request is for {signed_node}"}
         record_path.unlink()  # spent: one certificate per token
-    ca = _ca_pem(ca_dir).decode()
+    ca = certs.ca_certificate(ca_dir).public_bytes(serialization.Encoding.PEM).decode()
     log.info("join: signed a certificate for %s (%d days)", node, days)
     return {"crt": crt.decode(), "ca": ca, "mac": _mac(secret, "reply", node, crt.decode(), ca)}
 
@@ -258,8 +248,7 @@ def join(token_text: str, tls_dir: Path) -> Path:
         raise Refused(f"the join service returned {len(cas)} CA and {len(certificates)} node "
                       "certificates: one of each is a join's answer")
     ca_cert, cert = cas[0], certificates[0]
-    if hashlib.sha256(ca_cert.public_bytes(serialization.Encoding.DER)).hexdigest() != \
-            token.ca_sha256:
+    if fingerprint(ca_cert) != token.ca_sha256:
         raise Refused("the CA the join service returned is not the one the token names")
     names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     if [n.value for n in names] != [token.node]:
@@ -270,10 +259,7 @@ def join(token_text: str, tls_dir: Path) -> Path:
         cert.verify_directly_issued_by(ca_cert)
     except (ValueError, TypeError, InvalidSignature) as err:
         raise Refused(f"the certificate returned is not the CA's: {err}") from None
-    if cert.public_key().public_bytes(serialization.Encoding.DER,
-                                      serialization.PublicFormat.SubjectPublicKeyInfo) != \
-            key.public_key().public_bytes(serialization.Encoding.DER,
-                                          serialization.PublicFormat.SubjectPublicKeyInfo):
+    if cert.public_key() != key.public_key():
         raise Refused("the certificate returned is not for this node's key")
     # what was checked is written, re-encoded: nothing else the reply held
     certs.write(tls_dir / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)

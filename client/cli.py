@@ -434,6 +434,11 @@ def cmd_history(args: argparse.Namespace) -> int:
     return _unanswered(errors)
 
 
+def _certs_dir(args: argparse.Namespace) -> Path:
+    """A `certs` command's folder: --dir, else --tls-dir, else the configured one."""
+    return args.dir or args.tls_dir or default_tls_dir()
+
+
 def _dir_flag(parser: argparse.ArgumentParser) -> None:
     """The certificates' folder of a `certs` command (default: as for init)."""
     parser.add_argument("--dir", type=Path, default=None
@@ -443,7 +448,7 @@ def _dir_flag(parser: argparse.ArgumentParser) -> None:
 def cmd_certs_init(args: argparse.Namespace) -> int:
     from migctl.agent import certs
 
-    directory = args.dir or args.tls_dir or default_tls_dir()
+    directory = _certs_dir(args)
     try:
         certs.init(directory, args.nodes, args.client or ["client"], days=args.days)
     except MigctlError as err:
@@ -458,7 +463,7 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 def cmd_certs_request(args: argparse.Namespace) -> int:
     from migctl.agent import certs
 
-    directory = args.dir or args.tls_dir or default_tls_dir()
+    directory = _certs_dir(args)
     try:
         csr = certs.request(directory, args.node)
     except MigctlError as err:
@@ -472,7 +477,7 @@ def cmd_certs_request(args: argparse.Namespace) -> int:
 def cmd_certs_token(args: argparse.Namespace) -> int:
     from migctl.agent import join
 
-    directory = args.dir or args.tls_dir or default_tls_dir()
+    directory = _certs_dir(args)
     print(join.mint(directory, args.node, args.server, ttl=args.ttl))
     return 0
 
@@ -480,7 +485,7 @@ def cmd_certs_token(args: argparse.Namespace) -> int:
 def cmd_certs_serve(args: argparse.Namespace) -> int:
     from migctl.agent import join
 
-    directory = args.dir or args.tls_dir or default_tls_dir()
+    directory = _certs_dir(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     print(f"join service on {args.listen} for the CA in {directory} (Ctrl-C stops it)",
           flush=True)
@@ -496,7 +501,7 @@ def cmd_certs_serve(args: argparse.Namespace) -> int:
 def cmd_certs_join(args: argparse.Namespace) -> int:
     from migctl.agent import join
 
-    directory = args.dir or args.tls_dir or default_tls_dir()
+    directory = _certs_dir(args)
     token = args.token if args.token != "-" else sys.stdin.readline()
     crt = join.join(token, directory)
     print(f"joined: {crt} and {directory}/ca.crt (the key stayed in {directory})")
@@ -506,7 +511,7 @@ def cmd_certs_join(args: argparse.Namespace) -> int:
 def cmd_certs_sign(args: argparse.Namespace) -> int:
     from migctl.agent import certs
 
-    directory = args.dir or args.tls_dir or default_tls_dir()
+    directory = _certs_dir(args)
     try:
         node, pem = certs.sign(directory, args.request.read_bytes(), days=args.days)
         out = args.out or args.request.parent
