@@ -44,6 +44,7 @@ from migctl.lab.workloads import (
     ensure_redis_image,
     ensure_toy_image,
     fill_redis,
+    on_segment,
     remove_everywhere,
     wait_for_redis,
 )
@@ -112,12 +113,7 @@ def start(kind: str, client: docker.DockerClient, redis_mb: int) -> str:
                                   network=LAN_NETWORK,
                                   volumes={rw: {"bind": "/testrw", "mode": "rw"},
                                            ro: {"bind": "/testro", "mode": "ro"}})
-    c.reload()
-    lan = c.attrs["NetworkSettings"]["Networks"][LAN_NETWORK]
-    address = lan["IPAddress"]
-    # a run before left this address (and the MAC the engine derives from it) on another
-    # node's port of the lab's switch: the container speaks first, so the switch learns it
-    c.exec_run(["ping", "-c", "1", "-W", "1", lan["Gateway"]])
+    address = on_segment(c, LAN_NETWORK)
     if kind == "redis":
         fill_redis(address, redis_mb)
         wait_for_redis(address)

@@ -393,8 +393,18 @@ def fill_redis(host: str, size_mb: float, port: int = CLIENT_PORTS["redis"]) -> 
         pipe.execute()
 
 
+def on_segment(container: docker.models.containers.Container, network: str) -> str:
+    """CONTAINER's address on NETWORK (the lab's `lan`), once it spoke first there: a run
+    before may have left this address, and the MAC the engine derives from it, on another
+    node's port of the lab's switch, which learns it anew from this ping."""
+    container.reload()
+    net = container.attrs["NetworkSettings"]["Networks"][network]
+    container.exec_run(["ping", "-c", "1", "-W", "1", net["Gateway"]])
+    return net["IPAddress"]
+
+
 def run_crowd(client: docker.DockerClient, cache: Path, counters: list[str], toys: list[str],
-              redis: list[str], redis_mb: float = 0.0, network: str = "") -> dict[str, str]:
+              redis: list[str], redis_mb: float, network: str) -> dict[str, str]:
     """A node's crowd for evacuations: busybox COUNTERS and TOYS (the seed's toy image), each
     counting into its own volume NAME-data, and REDIS servers on NETWORK (its address moves
     with it) holding the key "evacuated" and REDIS_MB of data. Returns each Redis's address."""
@@ -407,15 +417,12 @@ def run_crowd(client: docker.DockerClient, cache: Path, counters: list[str], toy
                               volumes={f"{name}-data": {"bind": "/testrw", "mode": "rw"}})
     addresses = {}
     for name in redis:
-        c = client.containers.run(REDIS_IMAGE, name=name, detach=True, network=network or None)
-        c.reload()
-        net = c.attrs["NetworkSettings"]["Networks"][network]
-        c.exec_run(["ping", "-c", "1", "-W", "1", net["Gateway"]])  # the lab's switch learns it
-        db = wait_for_redis(net["IPAddress"])
-        db.set("evacuated", "with its state")
+        address = on_segment(client.containers.run(REDIS_IMAGE, name=name, detach=True,
+                                                   network=network), network)
+        wait_for_redis(address).set("evacuated", "with its state")
         if redis_mb:
-            fill_redis(net["IPAddress"], redis_mb)
-        addresses[name] = net["IPAddress"]
+            fill_redis(address, redis_mb)
+        addresses[name] = address
     return addresses
 
 

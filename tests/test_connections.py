@@ -25,7 +25,13 @@ import pytest
 
 from migctl.agent.runtime.netns import inside
 from migctl.lab.nodes import LAN_NETWORK, SWITCH_NS, Lab
-from migctl.lab.workloads import REDIS_IMAGE, ensure_redis_image, remove_everywhere, wait_for_redis
+from migctl.lab.workloads import (
+    REDIS_IMAGE,
+    ensure_redis_image,
+    on_segment,
+    remove_everywhere,
+    wait_for_redis,
+)
 from tests.conftest import CACHE, LabHandle, migctl, migrate_json
 from tests.test_faults import agent_log, agent_log_size
 
@@ -111,13 +117,8 @@ def redis_on_lan(lab: LabHandle) -> Iterator[str]:
     remove_everywhere(lab.docker, [NAME], [])
     a = lab.docker["nodeA"]
     ensure_redis_image(a, CACHE)
-    c = a.containers.run(REDIS_IMAGE, name=NAME, detach=True, network=LAN_NETWORK)
-    c.reload()
-    lan = c.attrs["NetworkSettings"]["Networks"][LAN_NETWORK]
-    address = lan["IPAddress"]
-    # an earlier test left this address (and the MAC the engine derives from it) on another
-    # node's port of the lab's switch: the container speaks first, so the switch learns it
-    c.exec_run(["ping", "-c", "1", "-W", "1", lan["Gateway"]])
+    address = on_segment(a.containers.run(REDIS_IMAGE, name=NAME, detach=True,
+                                          network=LAN_NETWORK), LAN_NETWORK)
     wait_for_redis(address, PORT)
     yield address
     remove_everywhere(lab.docker, [NAME], [])

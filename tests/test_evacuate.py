@@ -43,7 +43,7 @@ def crowded(lab: LabHandle) -> Iterator[dict]:
     names = [*MOVABLE, BIND]
     remove_everywhere(lab.docker, names, VOLUMES)
     a = lab.docker["nodeA"]
-    addresses = run_crowd(a, CACHE, COUNTERS, TOYS, [REDIS], network=LAN_NETWORK)
+    addresses = run_crowd(a, CACHE, COUNTERS, TOYS, [REDIS], 0, LAN_NETWORK)
     with tempfile.TemporaryDirectory() as host_dir:
         a.containers.run(BASE, ["sh", "-c", "while true; do date >> /host/log; sleep 1; done"],
                          name=BIND, detach=True, volumes={host_dir: {"bind": "/host",
